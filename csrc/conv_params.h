@@ -1,0 +1,211 @@
+// Argument checks and output-size arithmetic shared by the CPU and CUDA kernels.
+// Messages name the problem and print what was got, the way ATen's own checks do.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <string>
+#include <vector>
+
+namespace fastconv {
+
+// Everything a conv2d kernel needs to know about its problem, checked once.
+struct Conv2dParams {
+  int64_t batch, in_channels, in_h, in_w;
+  int64_t out_channels, kernel_h, kernel_w;
+  int64_t out_h, out_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t groups;
+  int64_t in_channels_per_group() const { return in_channels / groups; }
+  int64_t out_channels_per_group() const { return out_channels / groups; }
+  // rows of one group's column matrix: (C/groups) * KH * KW
+  int64_t col_rows_per_group() const { return in_channels_per_group() * kernel_h * kernel_w; }
+  int64_t out_plane() const { return out_h * out_w; }
+  int64_t in_plane() const { return in_h * in_w; }
+};
+
+struct Pool2dParams {
+  int64_t batch, channels, in_h, in_w, out_h, out_w;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  bool ceil_mode;
+};
+
+namespace detail {
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (const auto i : c10::irange(s.size())) {
+    out += (i ? ", " : "") + std::to_string(s[i]);
+  }
+  return out + "]";
+}
+
+inline void check_pair(at::IntArrayRef v, const char* op, const char* name) {
+  TORCH_CHECK(v.size() == 2, op, ": expected ", name, " to have 2 elements, got ", v.size());
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
+              " to be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+              t.scalar_type());
+}
+
+}  // namespace detail
+
+// The output-size formula of a convolution: (H + 2P - dilation*(K-1) - 1) // S + 1.
+inline int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
+// torch's pooling_output_shape: floor or ceil division, and with ceil_mode the last window must
+// start inside the input or its left padding.
+inline int64_t pool_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
+                             bool ceil_mode) {
+  const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+  int64_t out = (span >= 0 ? span / stride : -((-span + stride - 1) / stride)) + 1;
+  if (ceil_mode && (out - 1) * stride >= in + pad) {
+    --out;
+  }
+  return out;
+}
+
+inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                 const char* op = "fastconv.conv2d") {
+  using detail::shape_str;
+  detail::check_float_tensor(input, op, "input");
+  detail::check_float_tensor(weight, op, "weight");
+  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(),
+              "-D input of size ", shape_str(input.sizes()));
+  TORCH_CHECK(weight.dim() == 4, op, ": expected a 4-D weight (out_channels, in_channels/groups, kH, kW), got ",
+              weight.dim(), "-D weight of size ", shape_str(weight.sizes()));
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), op, ": input (", input.scalar_type(),
+              ") and weight (", weight.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(input.device() == weight.device(), op, ": input is on ", input.device(), " but weight is on ",
+              weight.device(), "; move them to the same device");
+  detail::check_pair(stride, op, "stride");
+  detail::check_pair(padding, op, "padding");
+  detail::check_pair(dilation, op, "dilation");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
+  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+
+  Conv2dParams p;
+  p.batch = input.size(0);
+  p.in_channels = input.size(1);
+  p.in_h = input.size(2);
+  p.in_w = input.size(3);
+  p.out_channels = weight.size(0);
+  p.kernel_h = weight.size(2);
+  p.kernel_w = weight.size(3);
+  p.stride_h = stride[0];
+  p.stride_w = stride[1];
+  p.pad_h = padding[0];
+  p.pad_w = padding[1];
+  p.dilation_h = dilation[0];
+  p.dilation_w = dilation[1];
+  p.groups = groups;
+
+  TORCH_CHECK(p.out_channels > 0 && p.kernel_h > 0 && p.kernel_w > 0 && weight.size(1) > 0, op,
+              ": weight must have no zero-size dimension, got ", shape_str(weight.sizes()));
+  TORCH_CHECK(p.in_channels % groups == 0, op, ": in_channels (", p.in_channels,
+              ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(p.out_channels % groups == 0, op, ": out_channels (", p.out_channels,
+              ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(weight.size(1) * groups == p.in_channels, op, ": weight of size ", shape_str(weight.sizes()),
+              " with groups=", groups, " expects ", weight.size(1) * groups, " input channels, but got input of size ",
+              shape_str(input.sizes()), " with ", p.in_channels, " channels");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.out_channels, op, ": expected bias of size [",
+                p.out_channels, "], got ", shape_str(bias->sizes()));
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias (", bias->scalar_type(),
+                ") must have the input's dtype (", input.scalar_type(), ")");
+    TORCH_CHECK(bias->device() == input.device(), op, ": bias is on ", bias->device(), " but input is on ",
+                input.device());
+  }
+  const int64_t eff_kh = p.dilation_h * (p.kernel_h - 1) + 1;
+  const int64_t eff_kw = p.dilation_w * (p.kernel_w - 1) + 1;
+  TORCH_CHECK(p.in_h + 2 * p.pad_h >= eff_kh && p.in_w + 2 * p.pad_w >= eff_kw, op,
+              ": kernel size (", eff_kh, " x ", eff_kw, ", dilation included) can't be greater than the padded input size (",
+              p.in_h + 2 * p.pad_h, " x ", p.in_w + 2 * p.pad_w, ")");
+  p.out_h = conv_out_size(p.in_h, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h);
+  p.out_w = conv_out_size(p.in_w, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w);
+  TORCH_CHECK(p.out_h > 0 && p.out_w > 0, op, ": output size is too small: ", p.out_h, " x ", p.out_w);
+  return p;
+}
+
+inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,
+                                     const char* op = "fastconv.max_pool2d") {
+  using detail::shape_str;
+  detail::check_float_tensor(input, op, "input");
+  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(),
+              "-D input of size ", shape_str(input.sizes()));
+  detail::check_pair(kernel_size, op, "kernel_size");
+  detail::check_pair(stride, op, "stride");
+  detail::check_pair(padding, op, "padding");
+  detail::check_pair(dilation, op, "dilation");
+  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op, ": kernel_size must be positive, got ", kernel_size);
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
+  Pool2dParams p;
+  p.batch = input.size(0);
+  p.channels = input.size(1);
+  p.in_h = input.size(2);
+  p.in_w = input.size(3);
+  p.kernel_h = kernel_size[0];
+  p.kernel_w = kernel_size[1];
+  p.stride_h = stride[0];
+  p.stride_w = stride[1];
+  p.pad_h = padding[0];
+  p.pad_w = padding[1];
+  p.dilation_h = dilation[0];
+  p.dilation_w = dilation[1];
+  p.ceil_mode = ceil_mode;
+  TORCH_CHECK(p.channels > 0 && p.in_h > 0 && p.in_w > 0, op,
+              ": expected input with non-zero channels, height and width, got ", shape_str(input.sizes()));
+  // torch: "pad should be at most half of effective kernel size"
+  const int64_t eff_kh = p.dilation_h * (p.kernel_h - 1) + 1;
+  const int64_t eff_kw = p.dilation_w * (p.kernel_w - 1) + 1;
+  TORCH_CHECK(p.pad_h <= eff_kh / 2 && p.pad_w <= eff_kw / 2, op,
+              ": pad should be at most half of effective kernel size, but got pad=", padding,
+              ", kernel_size=", kernel_size, " and dilation=", dilation);
+  p.out_h = pool_out_size(p.in_h, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h, ceil_mode);
+  p.out_w = pool_out_size(p.in_w, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w, ceil_mode);
+  TORCH_CHECK(p.out_h > 0 && p.out_w > 0, op, ": given input size ", shape_str(input.sizes()),
+              ", the calculated output size (", p.out_h, " x ", p.out_w, ") is too small");
+  return p;
+}
+
+inline void check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const at::Tensor& indices, const Pool2dParams& p,
+                                      const char* op = "fastconv._max_pool2d_backward") {
+  const std::vector<int64_t> expect{p.batch, p.channels, p.out_h, p.out_w};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": expected grad_output of size ",
+              detail::shape_str(expect), ", got ", detail::shape_str(grad_output.sizes()));
+  TORCH_CHECK(indices.sizes() == at::IntArrayRef(expect), op, ": expected indices of size ",
+              detail::shape_str(expect), ", got ", detail::shape_str(indices.sizes()));
+  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": expected int64 indices, got ", indices.scalar_type());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output (", grad_output.scalar_type(),
+              ") and input (", input.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(grad_output.device() == input.device() && indices.device() == input.device(), op,
+              ": grad_output, input and indices must be on one device");
+}
+
+inline void check_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dParams& p,
+                                  const char* op = "fastconv._conv2d_backward") {
+  const std::vector<int64_t> expect{p.batch, p.out_channels, p.out_h, p.out_w};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": expected grad_output of size ",
+              detail::shape_str(expect), ", got ", detail::shape_str(grad_output.sizes()));
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output (", grad_output.scalar_type(),
+              ") and input (", input.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output is on ", grad_output.device(),
+              " but input is on ", input.device());
+}
+
+}  // namespace fastconv

@@ -1,0 +1,94 @@
+// im2col / col2im on the CPU, for a band of output rows of one image.
+//
+// The column matrix of an image has one row per (channel, kh, kw) and one column per output
+// position (oh, ow): col[(c*KH + kh)*KW + kw][oh*OW + ow] = im[c][oh*sH - pH + kh*dH][ow*sW - pW + kw*dW]
+// (zero where that falls in the padding). Working on a band [oh0, oh1) of output rows keeps the
+// column tile small enough to stay in cache between im2col and the GEMM that consumes it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "conv_params.h"
+
+namespace fastconv {
+namespace cpu {
+
+// First and one-past-last output position o in [0, out) whose input position o*stride + offset
+// lies in [0, in).
+inline void valid_range(int64_t offset, int64_t stride, int64_t in, int64_t out, int64_t& lo, int64_t& hi) {
+  lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  hi = in - offset <= 0 ? 0 : (in - offset + stride - 1) / stride;
+  lo = std::min(lo, out);
+  hi = std::max(lo, std::min(hi, out));
+}
+
+// im: C x H x W (contiguous), col: (C*KH*KW) x ((oh1-oh0)*OW), row-major, rows `ld` apart.
+template <typename T>
+void im2col_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t oh0, int64_t oh1, T* col,
+                 int64_t ld) {
+  const int64_t OW = p.out_w, W = p.in_w, H = p.in_h;
+  const int64_t band = oh1 - oh0;
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* im_c = im + c * H * W;
+    for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+        T* dst = col + ((c * p.kernel_h + kh) * p.kernel_w + kw) * ld;
+        const int64_t off_w = kw * p.dilation_w - p.pad_w;
+        int64_t ow_lo, ow_hi;
+        valid_range(off_w, p.stride_w, W, OW, ow_lo, ow_hi);
+        for (int64_t r = 0; r < band; ++r) {
+          T* d = dst + r * OW;
+          const int64_t ih = (oh0 + r) * p.stride_h - p.pad_h + kh * p.dilation_h;
+          if (ih < 0 || ih >= H) {
+            std::fill(d, d + OW, T(0));
+            continue;
+          }
+          std::fill(d, d + ow_lo, T(0));
+          const T* src = im_c + ih * W + off_w;
+          if (p.stride_w == 1) {
+            std::memcpy(d + ow_lo, src + ow_lo, sizeof(T) * (ow_hi - ow_lo));
+          } else {
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow] = src[ow * p.stride_w];
+          }
+          std::fill(d + ow_hi, d + OW, T(0));
+        }
+      }
+    }
+  }
+}
+
+// Adds the column tile of output rows [oh0, oh1) back into the image it came from (the adjoint of
+// im2col_band). im must be zeroed by the caller before the first band.
+template <typename T>
+void col2im_band_add(const T* col, int64_t ld, int64_t channels, const Conv2dParams& p, int64_t oh0, int64_t oh1,
+                     T* im) {
+  const int64_t OW = p.out_w, W = p.in_w, H = p.in_h;
+  const int64_t band = oh1 - oh0;
+  for (int64_t c = 0; c < channels; ++c) {
+    T* im_c = im + c * H * W;
+    for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+        const T* src = col + ((c * p.kernel_h + kh) * p.kernel_w + kw) * ld;
+        const int64_t off_w = kw * p.dilation_w - p.pad_w;
+        int64_t ow_lo, ow_hi;
+        valid_range(off_w, p.stride_w, W, OW, ow_lo, ow_hi);
+        for (int64_t r = 0; r < band; ++r) {
+          const int64_t ih = (oh0 + r) * p.stride_h - p.pad_h + kh * p.dilation_h;
+          if (ih < 0 || ih >= H) continue;
+          const T* s = src + r * OW;
+          T* d = im_c + ih * W + off_w;
+          if (p.stride_w == 1) {
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow] += s[ow];
+          } else {
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow * p.stride_w] += s[ow];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastconv

@@ -1,0 +1,43 @@
+// The op schemas of fastconv and the Python module init. Kernels register themselves per backend
+// in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(fastconv, CPU, m)) and csrc/cuda/*.cu (..., CUDA, m);
+// autograd and fake (meta) kernels are registered from Python, in fastconv/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifdef FASTCONV_WITH_CUDA
+#include <cuda.h>
+#endif
+
+namespace fastconv {
+
+// CUDA version the extension was compiled with (major*1000 + minor*10), -1 for a CPU-only build.
+int64_t cuda_version() {
+#ifdef FASTCONV_WITH_CUDA
+  return CUDA_VERSION;
+#else
+  return -1;
+#endif
+}
+
+TORCH_LIBRARY(fastconv, m) {
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  // Returns (grad_input, grad_weight, grad_bias); an entry whose output_mask is false is an empty tensor.
+  m.def("_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Returns (output, indices): indices are flat positions within each input plane, as torch's.
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("_max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def("_cuda_version() -> int", &cuda_version);
+}
+
+}  // namespace fastconv
+
+// `import fastconv._C` loads this library, which runs the registrations above. No Python
+// functions live here: everything is reached through torch.ops.fastconv.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

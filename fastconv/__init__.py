@@ -1,0 +1,26 @@
+"""fastconv: im2col+GEMM ``conv2d`` and ``max_pool2d`` kernels for PyTorch (C++ on the CPU, CUDA on the GPU).
+
+Swap ``nn.Conv2d``/``nn.MaxPool2d`` for :class:`fastconv.Conv2d`/:class:`fastconv.MaxPool2d`, or call
+:func:`fastconv.convert` on a model. The kernels are registered torch ops (``torch.ops.fastconv.*``)
+with autograd and fake kernels, so they work with ``torch.compile`` and ``torch.library.opcheck``.
+"""
+import torch  # torch first: the extension links against its libraries
+
+from ._extension import cuda_version, has_cuda_kernels  # loads fastconv._C, registering the ops
+from . import _ops  # noqa: F401  (autograd and fake kernels of the ops)
+from . import functional
+from .functional import Conv2dFunction, MaxPool2dFunction
+from .modules import Conv2d, MaxPool2d, convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Conv2d",
+    "MaxPool2d",
+    "convert",
+    "functional",
+    "Conv2dFunction",
+    "MaxPool2dFunction",
+    "has_cuda_kernels",
+    "cuda_version",
+]

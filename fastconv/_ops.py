@@ -1,0 +1,177 @@
+"""Fake (meta) kernels and autograd formulas of the registered ops ``torch.ops.fastconv.*``.
+
+The C++/CUDA kernels compute; this file tells torch.compile the output shapes (fake kernels) and
+tells autograd how to differentiate each op, including the backward ops themselves, so double
+backward works through either path (the ops or :class:`fastconv.Conv2dFunction`).
+"""
+import torch
+
+from ._extension import has_cuda_kernels
+
+ops = torch.ops.fastconv
+
+
+def conv_out_size(size, kernel, stride, pad, dilation):
+    """The output-size formula of a convolution: (H + 2P - dilation*(K-1) - 1) // S + 1."""
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pool_out_size(size, kernel, stride, pad, dilation, ceil_mode):
+    """torch's pooling output size: floor or ceil division; with ceil_mode the last window must start inside."""
+    span = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out = out - 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing
+# ---------------------------------------------------------------------------------------------
+@torch.library.register_fake("fastconv::conv2d")
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
+    torch._check(input.dim() == 4, lambda: f"fastconv.conv2d: expected a 4-D input, got {input.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"fastconv.conv2d: expected a 4-D weight, got {weight.dim()}-D")
+    torch._check(input.shape[1] == weight.shape[1] * groups, lambda: "fastconv.conv2d: channel mismatch")
+    oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return input.new_empty((input.shape[0], weight.shape[0], oh, ow))
+
+
+@torch.library.register_fake("fastconv::_conv2d_backward")
+def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    gi = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
+    gw = weight.new_empty(weight.shape) if output_mask[1] else input.new_empty((0,))
+    gb = input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,))
+    return gi, gw, gb
+
+
+@torch.library.register_fake("fastconv::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    torch._check(input.dim() == 4, lambda: f"fastconv.max_pool2d: expected a 4-D input, got {input.dim()}-D")
+    oh = pool_out_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    ow = pool_out_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    shape = (input.shape[0], input.shape[1], oh, ow)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
+
+
+@torch.library.register_fake("fastconv::_max_pool2d_backward")
+def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    return input.new_empty(input.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------
+def _given(t):
+    # an unused output's gradient may arrive as None or as the op's empty placeholder
+    return t is not None and t.numel() > 0
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+    ctx.conv_args = (stride, padding, dilation, groups)
+
+
+def _conv2d_backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if not any(mask):
+        return (None,) * 7
+    gi, gw, gb = ops._conv2d_backward(grad_output.contiguous(), input, weight, *ctx.conv_args, mask)
+    return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
+
+
+def _conv2d_backward_setup_context(ctx, inputs, output):
+    grad_output, input, weight, stride, padding, dilation, groups, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, weight)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.output_mask = list(output_mask)
+
+
+def _conv2d_double_backward(ctx, ggi, ggw, ggb):
+    # grad_input, grad_weight and grad_bias are bilinear in (grad_output, weight) and
+    # (grad_output, input): each term below is one of the two partial derivatives, written with
+    # the same ops, so it is differentiable again.
+    go, input, weight = ctx.saved_tensors
+    args = ctx.conv_args
+    has_gi = ctx.output_mask[0] and _given(ggi)
+    has_gw = ctx.output_mask[1] and _given(ggw)
+    has_gb = ctx.output_mask[2] and _given(ggb)
+    g_go = g_input = g_weight = None
+    if ctx.needs_input_grad[0]:
+        g_go = torch.zeros_like(go)
+        if has_gi:
+            g_go = g_go + ops.conv2d(ggi, weight, None, *args)
+        if has_gw:
+            g_go = g_go + ops.conv2d(input, ggw, None, *args)
+        if has_gb:
+            g_go = g_go + ggb.view(1, -1, 1, 1)
+    if ctx.needs_input_grad[1] and has_gw:
+        g_input = ops._conv2d_backward(go, input, ggw, *args, [True, False, False])[0]
+    if ctx.needs_input_grad[2] and has_gi:
+        g_weight = ops._conv2d_backward(go, ggi, weight, *args, [False, True, False])[1]
+    return g_go, g_input, g_weight, None, None, None, None, None
+
+
+def _max_pool2d_setup_context(ctx, inputs, output):
+    input, kernel_size, stride, padding, dilation, ceil_mode = inputs
+    _, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(input, indices)
+    ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _max_pool2d_backward(ctx, grad_output, _grad_indices):
+    input, indices = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    gi = ops._max_pool2d_backward(grad_output.contiguous(), input, indices, *ctx.pool_args)
+    return gi, None, None, None, None, None
+
+
+def _max_pool2d_backward_setup_context(ctx, inputs, output):
+    grad_output, input, indices, *_ = inputs
+    ctx.save_for_backward(indices)
+    ctx.out_shape = grad_output.shape
+
+
+def _max_pool2d_double_backward(ctx, ggi):
+    # grad_input scatters grad_output to the argmax positions: its adjoint gathers from them.
+    (indices,) = ctx.saved_tensors
+    g_go = None
+    if ctx.needs_input_grad[0] and _given(ggi):
+        g_go = ggi.flatten(2).gather(2, indices.flatten(2)).view(ctx.out_shape)
+    return g_go, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastconv::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
+torch.library.register_autograd("fastconv::_conv2d_backward", _conv2d_double_backward,
+                                setup_context=_conv2d_backward_setup_context)
+torch.library.register_autograd("fastconv::max_pool2d", _max_pool2d_backward, setup_context=_max_pool2d_setup_context)
+torch.library.register_autograd("fastconv::_max_pool2d_backward", _max_pool2d_double_backward,
+                                setup_context=_max_pool2d_backward_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# a CPU-only build still gets a clear message for CUDA tensors
+# ---------------------------------------------------------------------------------------------
+def _no_cuda_kernels(name):
+    def kernel(*args, **kwargs):
+        raise RuntimeError(
+            f"fastconv.{name.lstrip('_')}: this build of fastconv has no CUDA kernels, but got CUDA tensors. "
+            "Rebuild with a CUDA build of torch and the CUDA toolkit (nvcc) available: "
+            "`pip install --no-build-isolation -e .` (set FASTCONV_FORCE_CUDA=1 to make the build fail "
+            "instead of silently skipping CUDA), or move the tensors to the CPU."
+        )
+
+    return kernel
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key("fastconv::conv2d", "CUDA"):
+    for _name in ("conv2d", "_conv2d_backward", "max_pool2d", "_max_pool2d_backward"):
+        torch.library.impl(f"fastconv::{_name}", "CUDA")(_no_cuda_kernels(_name))
+
+__all__ = ["conv_out_size", "pool_out_size", "has_cuda_kernels"]

@@ -1,0 +1,75 @@
+"""Drop-in replacements for torch.nn.Conv2d and torch.nn.MaxPool2d, and convert().
+
+The classes subclass torch.nn's, so constructor signatures, parameter names, initialisation,
+``reset_parameters``, ``extra_repr`` and state_dict keys are torch.nn's own; only ``forward``
+differs, running fastconv's kernels. A state_dict moves between fastconv and torch.nn both ways.
+"""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from . import functional as FC
+
+__all__ = ["Conv2d", "MaxPool2d", "convert"]
+
+
+class Conv2d(nn.Conv2d):
+    """:class:`torch.nn.Conv2d` computed by fastconv's im2col+GEMM kernels.
+
+    Same arguments as torch.nn.Conv2d: ``in_channels, out_channels, kernel_size, stride=1,
+    padding=0, dilation=1, groups=1, bias=True, padding_mode='zeros', device=None, dtype=None``.
+    """
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return FC.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return FC.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """:class:`torch.nn.MaxPool2d` computed by fastconv's kernels.
+
+    Same arguments as torch.nn.MaxPool2d: ``kernel_size, stride=None, padding=0, dilation=1,
+    return_indices=False, ceil_mode=False``.
+    """
+
+    def forward(self, input):
+        return FC.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+def _convert_conv(m):
+    new = Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                 dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
+                 device="meta", dtype=m.weight.dtype)
+    # share the Parameter objects: weights, device, dtype and any optimizer holding them stay valid
+    new.weight = m.weight
+    new.bias = m.bias
+    return new
+
+
+def _convert_pool(m):
+    return MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, return_indices=m.return_indices,
+                     ceil_mode=m.ceil_mode)
+
+
+def convert(model):
+    """Replaces every ``nn.Conv2d`` and ``nn.MaxPool2d`` in ``model`` (nested too) by fastconv's.
+
+    Parameters are kept (the same Parameter objects, so device, dtype and optimizer state stay),
+    and so are training/eval mode. Returns the model; a bare ``nn.Conv2d``/``nn.MaxPool2d`` passed
+    in is returned converted.
+    """
+    if type(model) is nn.Conv2d:
+        new = _convert_conv(model)
+    elif type(model) is nn.MaxPool2d:
+        new = _convert_pool(model)
+    else:
+        for name, child in model.named_children():
+            converted = convert(child)
+            if converted is not child:
+                setattr(model, name, converted)
+        return model
+    new.train(model.training)
+    return new
