@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""One training step (forward, cross-entropy, backward, Adam) of the seed models, fastconv vs torch.nn.
+
+    python benchmarks/bench_train.py --quick     # short timing
+    python benchmarks/bench_train.py             # MNIST CNN at batch 100, AlexNet 224x224 at batch 32
+
+Both sides are the same model from fastconv.models.build_model (impl="fastconv" or "torch"), with
+the same weights, input batch and optimiser. Before timing, one forward+backward of the two (in eval
+mode, so dropout does not differ) is compared: logits, loss and every parameter's gradient. On a GPU
+the step is also captured whole in a CUDA graph (torch.cuda.graph, Adam(capturable=True)) and the
+replay is timed, for both sides. Timing uses torch.utils.benchmark (Timer.blocked_autorange).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+import bench_ops  # noqa: E402  (environment, TF32 and output helpers; also puts the repo on sys.path)
+
+# name -> (batch, in_channels, image size, build_model kwargs); --tiny shrinks batch and image.
+MODELS = {
+    "mnist_cnn": {"batch": 100, "in_channels": 1, "size": 28, "tiny": (4, 28)},
+    "alexnet": {"batch": 32, "in_channels": 3, "size": 224, "tiny": (2, 63)},  # 63: AlexNet.MIN_SIZE
+}
+NUM_CLASSES = 10
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-8}
+TOLERANCE_TF32 = 2e-2
+
+
+def load_builders(standin=False):
+    """{impl: build(name, **kw)}; fastconv.models.build_model for both impls."""
+    try:
+        import fastconv  # noqa: F401
+        from fastconv.models import build_model
+    except Exception as exc:
+        if not standin:
+            raise SystemExit(
+                f"bench_train: cannot use fastconv.models ({type(exc).__name__}: {exc}).\n"
+                "Build it first: pip install --no-build-isolation -e .  (or pass --standin: torch models on both "
+                "sides, for developing the script only)")
+        return None, {"available": False, "standin": True, "error": f"{type(exc).__name__}: {exc}"}
+    return build_model, {"available": True, "standin": False, "file": sys.modules["fastconv"].__file__}
+
+
+def build_pair(build_model, name, in_channels, seed, device, dtype):
+    """Twin models: fastconv's gets the torch model's exact weights."""
+    torch.manual_seed(seed)
+    ref = build_model(name, impl="torch", num_classes=NUM_CLASSES, in_channels=in_channels)
+    torch.manual_seed(seed)
+    fc = build_model(name, impl="fastconv" if build_model.__module__ != "_standin" else "torch",
+                     num_classes=NUM_CLASSES, in_channels=in_channels)
+    fc.load_state_dict(ref.state_dict())
+    return fc.to(device=device, dtype=dtype), ref.to(device=device, dtype=dtype)
+
+
+def rel_err(a, b):
+    return bench_ops.rel_err(a, b)
+
+
+def check_pair(fc, ref, x, y, tol):
+    """Forward + backward of both in eval mode (no dropout); max relative error per tensor."""
+    errs = {}
+    outs = {}
+    for tag, m in (("fastconv", fc), ("torch", ref)):
+        m.eval()
+        m.zero_grad(set_to_none=True)
+        logits = m(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        outs[tag] = (logits.detach(), loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters()})
+        m.zero_grad(set_to_none=True)
+        m.train()
+    errs["logits"] = rel_err(outs["fastconv"][0], outs["torch"][0])
+    errs["loss"] = rel_err(outs["fastconv"][1], outs["torch"][1])
+    for k, g in outs["torch"][2].items():
+        errs[f"grad.{k}"] = rel_err(outs["fastconv"][2].get(k), g)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    return not bad, errs, bad
+
+
+def eager_step(model, opt, x, y):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def graphed_step(model, x, y, lr, warmup=3):
+    """Capture forward, backward and Adam in one CUDA graph (the recipe of the CUDA-graphs docs,
+    "whole network capture"); returns the replay callable."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
+    step = eager_step(model, opt, x, y)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(g):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+    return g.replay
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short timing (min run time 0.1 s per measurement)")
+    p.add_argument("--tiny", action="store_true", help="batch 4 / 2 and AlexNet at 63x63 (for tests; same row names)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 in cuBLAS/cuDNN (off by default on both sides)")
+    p.add_argument("--no-graph", action="store_true", help="on GPU, skip the CUDA-graph rows")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement (default 1.0; 0.1 with --quick)")
+    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/bench_train[-quick]-<device>-<date>.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--standin", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.min_run_time is None:
+        args.min_run_time = 0.1 if args.quick else 1.0
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_train: --device cuda but torch.cuda.is_available() is False")
+    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    gpu = device.type == "cuda"
+    dtype = bench_ops.DTYPES[args.dtype]
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    tf32 = bench_ops.set_tf32(args.tf32)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    tol = TOLERANCE_TF32 if (args.tf32 and gpu and dtype == torch.float32) else TOLERANCE[dtype]
+
+    build_model, fc_info = load_builders(args.standin)
+    if build_model is None:
+        from torch import nn
+
+        def build_model(name, impl="torch", num_classes=10, in_channels=1):  # stand-in: no fastconv.models
+            if name == "mnist_cnn":
+                return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                     nn.Linear(64 * 7 * 7, num_classes))
+            return nn.Sequential(nn.Conv2d(in_channels, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
+                                 nn.AdaptiveAvgPool2d(6), nn.Flatten(), nn.Linear(64 * 36, num_classes))
+        build_model.__module__ = "_standin"
+
+    names = [n for n in args.models.split(",") if n]
+    for n in names:
+        if n not in MODELS:
+            raise SystemExit(f"bench_train: unknown model {n!r}; choose from {','.join(MODELS)}")
+    modes = ["eager"] + (["cuda-graph"] if gpu and not args.no_graph else [])
+
+    env = bench_ops.env_info(device, threads)
+    settings = {"quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32, "tf32_flags": tf32,
+                "optimizer": f"Adam(lr={args.lr})", "loss": "cross_entropy", "num_classes": NUM_CLASSES,
+                "min_run_time_s": args.min_run_time, "seed": args.seed, "tolerance_max_rel_err": tol,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None, "modes": modes,
+                "step": "zero_grad(set_to_none) + forward + cross_entropy + backward + Adam.step",
+                "cuda_graph": "torch.cuda.graph capture of the whole step, Adam(capturable=True), static input"}
+    print(f"bench_train: {', '.join(names)}; modes {', '.join(modes)}{' (quick)' if args.quick else ''}"
+          f"{' (tiny)' if args.tiny else ''}")
+    print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
+          f"threads {threads}; git {env['git_commit']}")
+    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; min_run_time {args.min_run_time}s")
+    if not gpu and env["loadavg_start"] and env["loadavg_start"][0] > 0.5:
+        print(f"WARNING: 1-minute load average is {env['loadavg_start'][0]:.2f}: other processes are using the CPU; "
+              "timings will be noisy")
+    if fc_info.get("standin"):
+        print("WARNING: fastconv is NOT importable; torch models stand in on both sides. These are not fastconv numbers.")
+    sys.stdout.flush()
+
+    records, measurements, failures = [], [], []
+    t0 = time.time()
+    for name in names:
+        spec = MODELS[name]
+        batch, size = spec["tiny"] if args.tiny else (spec["batch"], spec["size"])
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(batch, spec["in_channels"], size, size, generator=g).to(device=device, dtype=dtype)
+        y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
+        fc_model, t_model = build_pair(build_model, name, spec["in_channels"], args.seed, device, dtype)
+        nparams = sum(p.numel() for p in t_model.parameters())
+        ok, errs, bad = check_pair(fc_model, t_model, x, y, tol)
+        shape = f"({batch},{spec['in_channels']},{size},{size})"
+        if not ok:
+            print(f"CHECK FAILED {name} {shape}: {bad}")
+        for mode in modes:
+            rec = {"id": f"{name}/{mode}", "name": f"{name} {shape} {mode}", "model": name, "mode": mode,
+                   "batch": batch, "input_shape": [batch, spec["in_channels"], size, size], "params": nparams,
+                   "check": {"ok": ok, "max_rel_err": errs, "tolerance": tol}, "times": {}, "errors": {}}
+            if not ok:
+                failures.append(rec["id"])
+                records.append(rec)
+                continue
+            for impl, base in (("fastconv", fc_model), ("torch", t_model)):
+                model = copy.deepcopy(base)  # every mode starts from the same weights
+                model.train()
+                try:
+                    if mode == "eager":
+                        fn = eager_step(model, torch.optim.Adam(model.parameters(), lr=args.lr), x, y)
+                        fn()  # warmup: Adam state, oneDNN primitives / cuDNN algorithm search
+                    else:
+                        fn = graphed_step(model, x, y, args.lr)
+                    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=f"training step ({args.dtype})",
+                                            sub_label=f"{name} {shape}", description=f"{impl} {mode}", num_threads=threads)
+                    m = timer.blocked_autorange(min_run_time=args.min_run_time)
+                except Exception as exc:
+                    rec["errors"][impl] = f"{type(exc).__name__}: {exc}"
+                    print(f"note: {impl} {mode} failed on {name}: {rec['errors'][impl]}")
+                    continue
+                measurements.append(m)
+                rec["times"][impl] = {"median": m.median, "iqr": m.iqr, "mean": m.mean, "runs": len(m.times),
+                                      "number_per_run": m.number_per_run, "images_per_s": batch / m.median}
+            f_t = rec["times"].get("fastconv", {}).get("median")
+            t_t = rec["times"].get("torch", {}).get("median")
+            if f_t and t_t:
+                rec["ratio"] = f_t / t_t
+            records.append(rec)
+            print(f"{rec['name']}: fastconv {bench_ops.fmt_time(f_t)}  torch {bench_ops.fmt_time(t_t)}"
+                  + (f"  fc/torch {rec['ratio']:.2f}" if "ratio" in rec else ""), flush=True)
+        del fc_model, t_model
+
+    elapsed = time.time() - t0
+    env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print()
+    if measurements:
+        cmp = benchmark.Compare(measurements)
+        cmp.trim_significant_figures()
+        cmp.print()
+    cols = ["row", "fastconv", "torch", "fc/torch", "fc img/s", "torch img/s"]
+    lines = []
+    for r in records:
+        f, t = r["times"].get("fastconv", {}), r["times"].get("torch", {})
+        lines.append([r["name"], bench_ops.fmt_time(f.get("median")), bench_ops.fmt_time(t.get("median")),
+                      f"{r['ratio']:.2f}" if "ratio" in r else "-",
+                      f"{f['images_per_s']:.1f}" if f else "-", f"{t['images_per_s']:.1f}" if t else "-"])
+    widths = [max(len(c[i]) for c in [cols] + lines) for i in range(len(cols))]
+    fmt = lambda cells: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))  # noqa: E731
+    print(fmt(cols))
+    print("  ".join("-" * w for w in widths))
+    for c in lines:
+        print(fmt(c))
+    geo = bench_ops.geomean([r.get("ratio") for r in records])
+    if geo is not None:
+        print(f"\nGEOMEAN fastconv/torch training-step time ratio over {sum('ratio' in r for r in records)} rows: {geo:.3f}")
+    if failures:
+        print(f"CORRECTNESS FAILED (not timed): {', '.join(failures)}")
+    print(f"elapsed {elapsed:.1f} s")
+
+    tag = ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
+    out_json = args.json or bench_ops.default_output("bench_train", tag, device)
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    with open(out_json, "w") as f:
+        json.dump({"benchmark": "bench_train", "argv": list(argv if argv is not None else sys.argv[1:]), "env": env,
+                   "fastconv": fc_info, "settings": settings, "elapsed_s": elapsed, "geomean": geo,
+                   "failures": failures, "rows": records}, f, indent=1, default=str)
+    print(f"wrote {out_json}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
