@@ -515,7 +515,7 @@ def test_max_pool2d_noncontiguous_and_channels_last():
         go = torch.randn(vals.shape, dtype=vals.dtype, device="cuda").to(memory_format=torch.channels_last)
         gi = ops._max_pool2d_backward(go, x2, idx.transpose(2, 3).contiguous().transpose(2, 3),
                                       [3, 3], [2, 2], [1, 1], [1, 1], True)
-        xr = x.cpu().requires_grad_()
+        xr = x.detach().cpu().clone().requires_grad_()
         F.max_pool2d(xr, 3, 2, 1, ceil_mode=True).backward(go.cpu())
         torch.testing.assert_close(gi.cpu(), xr.grad)
 

@@ -174,7 +174,8 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
 
   const int64_t nb = images_per_chunk(p.batch, (col_rows + OC) * L * input.element_size());
   at::Tensor cols_buf = at::empty({col_rows * nb * L}, input_c.options());
-  at::Tensor tmp_buf = at::empty({OC * nb * L}, input_c.options());
+  // The GEMM-layout output buffer is only needed when a chunk holds more than one image.
+  at::Tensor tmp_buf = nb > 1 ? at::empty({OC * nb * L}, input_c.options()) : at::Tensor();
   const at::Tensor w3 = weight_c.view({G, OCg, CKKg});
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t in_image = p.in_channels * p.in_plane();
@@ -189,6 +190,15 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
       const int64_t n_cols = cur * L;
       im2col_cuda<scalar_t>(in_ptr + n0 * in_image, col_shape(p, cur), cols_buf.mutable_data_ptr<scalar_t>(), stream);
       const at::Tensor cols = cols_buf.narrow(0, 0, col_rows * n_cols).view({G, CKKg, n_cols});
+      if (cur == 1) {
+        // One image: the GEMM's [OC, L] layout is already out[n0]'s NCHW layout.
+        const at::Tensor out_n = out.narrow(0, n0, 1).view({G, OCg, L});
+        grouped_gemm(out_n, w3, cols, /*accumulate=*/false);
+        if (has_bias) {
+          out_n.add_(bias_c.view({G, OCg, 1}));
+        }
+        continue;
+      }
       const at::Tensor tmp = tmp_buf.narrow(0, 0, OC * n_cols).view({G, OCg, n_cols});
       grouped_gemm(tmp, w3, cols, /*accumulate=*/false);
       gemm_to_nchw<scalar_t>(tmp.const_data_ptr<scalar_t>(), bias_ptr, OC, L, cur, out_ptr + n0 * out_image, stream);
@@ -263,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   const int64_t nb = images_per_chunk(p.batch, (col_rows + OC) * L * input.element_size());
   const int64_t n_chunks = (p.batch + nb - 1) / nb;
   at::Tensor cols_buf = at::empty({col_rows * nb * L}, input_c.options());
-  at::Tensor go_t_buf = at::empty({OC * nb * L}, input_c.options());
+  at::Tensor go_t_buf = nb > 1 ? at::empty({OC * nb * L}, input_c.options()) : at::Tensor();
   const at::Tensor w3 = weight_c.view({G, OCg, CKKg});
   const at::Tensor w3_t = w3.transpose(1, 2);
   // fp16/bf16 grad_weight summed over several chunks: accumulate the per-chunk GEMM results in
@@ -283,8 +293,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     for (int64_t n0 = 0; n0 < p.batch; n0 += nb) {
       const int64_t cur = std::min(nb, p.batch - n0);
       const int64_t n_cols = cur * L;
-      nchw_to_gemm<scalar_t>(go_ptr + n0 * out_image, OC, L, cur, go_t_buf.mutable_data_ptr<scalar_t>(), stream);
-      const at::Tensor go_t = go_t_buf.narrow(0, 0, OC * n_cols).view({G, OCg, n_cols});
+      at::Tensor go_t;
+      if (cur == 1) {
+        // One image: grad_output[n0] viewed [OC, L] is already in the GEMM layout.
+        go_t = go_c.narrow(0, n0, 1).view({G, OCg, L});
+      } else {
+        nchw_to_gemm<scalar_t>(go_ptr + n0 * out_image, OC, L, cur, go_t_buf.mutable_data_ptr<scalar_t>(), stream);
+        go_t = go_t_buf.narrow(0, 0, OC * n_cols).view({G, OCg, n_cols});
+      }
       const at::Tensor cols = cols_buf.narrow(0, 0, col_rows * n_cols).view({G, CKKg, n_cols});
       if (need_cols) {
         // grad_weight[g] += go_t[g] @ cols[g]^T
