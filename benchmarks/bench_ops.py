@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -131,9 +132,13 @@ def cudnn_disabled(tf32):
     return torch.backends.cudnn.flags(enabled=False, benchmark=False, deterministic=False, allow_tf32=tf32)
 
 
+@contextlib.contextmanager
 def onednn_disabled():
     # ATen's own CPU path (im2col + MKL/BLAS GEMM, "slow_conv2d") is what torch runs with oneDNN off.
-    return torch.backends.mkldnn.flags(enabled=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "TF32 on top of oneDNN is for Intel GPUs"
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 # --------------------------------------------------------------------------------------------------
