@@ -468,6 +468,14 @@ def save_plot(path: str, runs: Dict[str, Dict], title: str) -> None:
     plt.close(fig)
 
 
+def _loadavg() -> Optional[float]:
+    """The 1-minute load average: other work on the machine skews the timings, so the log keeps it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _write_json(path: str, payload: Dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -491,8 +499,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if info.is_main:
             print(msg, flush=True)
 
+    load_start = _loadavg()
     try:
-        train_data, test_data, source = _load_data(args, info)
+        try:
+            train_data, test_data, source = _load_data(args, info)
+        except (fc_data.DatasetNotFoundError, ValueError) as e:
+            raise SystemExit(f"fastconv.train: {type(e).__name__}: {e}") from None
         log(f"fastconv.train: {args.model} on {args.dataset} ({source}): {train_data[1].numel():,} train / "
             f"{test_data[1].numel():,} test images; impl {args.impl}; {args.epochs} epoch(s), batch {args.batch_size}, "
             f"{args.optimizer} lr {args.lr:g}; device {info.device}"
@@ -550,10 +562,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if info.is_main:
                 _write_json(_log_path(args, "json"), payload)
 
+        payload["loadavg"] = {"start": load_start, "end": _loadavg()}
         log()
         log(f"Side by side: {args.model} on {args.dataset}, {payload['train_images']:,} train images, "
             f"{args.epochs} epoch(s), batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, {info.device}"
-            + (f" x {info.world_size}" if info.enabled else f", {torch.get_num_threads()} threads"))
+            + (f" x {info.world_size}" if info.enabled else f", {torch.get_num_threads()} threads")
+            + (f"; 1-min load average {load_start:.2f} at start, {payload['loadavg']['end']:.2f} at end"
+               f" on {os.cpu_count()} cores" if load_start is not None else ""))
         log(comparison_table(runs))
         if info.is_main:
             _write_json(_log_path(args, "json"), payload)

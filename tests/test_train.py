@@ -163,7 +163,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_cli_missing_dataset_names_the_three_ways(tmp_path):
     proc = run_cli("--dataset", "kmnist", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path))
     assert proc.returncode != 0
-    assert "DatasetNotFoundError" in proc.stderr
+    assert "DatasetNotFoundError: could not find the kmnist dataset" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert "--data-dir" in proc.stderr and "dataset-fashion-mnist" in proc.stderr and "codh.rois.ac.jp" in proc.stderr
 
 
