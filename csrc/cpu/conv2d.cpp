@@ -2,9 +2,11 @@
 //
 // Work is split into (image, band of output rows) items run in parallel with at::parallel_for.
 // Each item builds the column tile of its band in a per-thread buffer small enough to stay in
-// cache, and multiplies it at once with the weight (at::mm_out, ATen's BLAS). Per-item GEMMs are
-// single-threaded; the parallelism is ours. This keeps the column buffer bounded at any batch size
-// (one tile per thread) and writes the output in NCHW directly, with no transpose pass.
+// cache and multiplies it at once with the weight (cpu/gemm.h for float32 on AVX-512, else
+// at::mm through ATen's BLAS). Per-item GEMMs are single-threaded; the parallelism is ours. This
+// keeps the column buffer bounded at any batch size (one tile per thread) and writes the output in
+// NCHW directly, with no transpose pass. Backward runs per image: grad_weight accumulates into one
+// partial per thread (summed in a fixed order), grad_input goes through col2im band by band.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,8 +14,11 @@
 #include <algorithm>
 #include <array>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "conv_params.h"
+#include "cpu/gemm.h"
 #include "cpu/im2col.h"
 
 namespace fastconv {
@@ -35,102 +40,119 @@ int64_t band_rows(const Conv2dParams& p, int64_t elem_size) {
   return std::clamp<int64_t>(kColTileBytes / std::max<int64_t>(row_bytes, 1), 1, p.out_h);
 }
 
-// The column tile of rows [oh0, oh1) of image n, viewed [G, CKK/G, band*OW].
+// C[M][N] (rows ldc apart) = init + sum_k A(m, k) * B[k][n]: A(m, k) = a[m*a_rs + k*a_cs], B rows ldb
+// apart; init is C when accumulate, else bias[m] (or 0).
 template <typename T>
-at::Tensor column_tile(const at::Tensor& input, const at::Tensor& buffer, const Conv2dParams& p, int64_t n,
-                       int64_t oh0, int64_t oh1) {
-  const int64_t G = p.groups, width = (oh1 - oh0) * p.out_w;
-  if (is_pointwise(p)) {
-    return input[n].view({G, p.in_channels_per_group(), p.in_plane()}).narrow(2, oh0 * p.out_w, width);
-  }
-  const int64_t rows = p.col_rows_per_group() * G;
-  T* col = buffer.data_ptr<T>();
-  cpu::im2col_band(input.const_data_ptr<T>() + n * p.in_channels * p.in_plane(), p.in_channels, p, oh0, oh1, col,
-                   width);
-  return buffer.view(-1).narrow(0, 0, rows * width).view({G, p.col_rows_per_group(), width});
-}
-
-template <typename T>
-void conv2d_forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                           const at::Tensor& output, const Conv2dParams& p) {
-  const int64_t G = p.groups, L = p.out_plane();
-  const int64_t rows = band_rows(p, sizeof(T));
-  const int64_t bands = (p.out_h + rows - 1) / rows;
-  const at::Tensor w3 = weight.view({G, p.out_channels_per_group(), p.col_rows_per_group()});
-  const at::Tensor out4 = output.view({p.batch, G, p.out_channels_per_group(), L});
-  const at::Tensor bias3 = bias.defined() ? bias.view({G, p.out_channels_per_group(), 1}) : at::Tensor();
-
-  at::parallel_for(0, p.batch * bands, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor buffer = is_pointwise(p)
-        ? at::Tensor()
-        : at::empty({p.col_rows_per_group() * G * rows * p.out_w}, input.options());
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / bands, oh0 = (item % bands) * rows, oh1 = std::min(p.out_h, oh0 + rows);
-      const at::Tensor col = column_tile<T>(input, buffer, p, n, oh0, oh1);
-      for (int64_t g = 0; g < G; ++g) {
-        at::Tensor out = out4[n][g].narrow(1, oh0 * p.out_w, (oh1 - oh0) * p.out_w);
-        if (bias3.defined()) {
-          at::addmm_out(out, bias3[g], w3[g], col[g]);
-        } else {
-          at::mm_out(out, w3[g], col[g]);
-        }
-      }
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
+             T* c, int64_t ldc, const T* bias, bool accumulate) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::has_avx512()) {
+      cpu::gemm_nn_avx512(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, bias, accumulate);
+      return;
     }
-  });
+  }
+#endif
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor A = at::from_blob(const_cast<T*>(a), {M, K}, {a_rs, a_cs}, opts);
+  const at::Tensor B = at::from_blob(const_cast<T*>(b), {K, N}, {ldb, 1}, opts);
+  at::Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, opts);
+  if (!accumulate) {
+    if (bias) {
+      C.copy_(at::from_blob(const_cast<T*>(bias), {M, 1}, opts).expand({M, N}));
+    } else {
+      C.zero_();
+    }
+  }
+  C.addmm_(A, B);
+}
+
+// The column tile of output rows [oh0, oh1) of image n: returns its first row and sets ld, the
+// distance between its rows. Row r of group g is at (result + (g*CKK/G + r) * ld).
+template <typename T>
+const T* column_tile(const T* input, T* buffer, const Conv2dParams& p, int64_t n, int64_t oh0, int64_t oh1,
+                     int64_t& ld) {
+  const T* image = input + n * p.in_channels * p.in_plane();
+  if (is_pointwise(p)) {
+    ld = p.in_plane();
+    return image + oh0 * p.out_w;
+  }
+  ld = (oh1 - oh0) * p.out_w;
+  cpu::im2col_band(image, p.in_channels, p, oh0, oh1, buffer, ld);
+  return buffer;
 }
 
 template <typename T>
-void conv2d_backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                            const at::Tensor& grad_input, const at::Tensor& grad_weight, const Conv2dParams& p) {
+void conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
   const int64_t G = p.groups, L = p.out_plane();
   const int64_t OCg = p.out_channels_per_group(), CKKg = p.col_rows_per_group();
   const int64_t rows = band_rows(p, sizeof(T));
-  const bool want_input = grad_input.defined(), want_weight = grad_weight.defined();
-  const at::Tensor w3 = weight.view({G, OCg, CKKg});
-  const at::Tensor go4 = grad_output.view({p.batch, G, OCg, L});
+  const int64_t bands = (p.out_h + rows - 1) / rows;
+  at::parallel_for(0, p.batch * bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(is_pointwise(p) ? 0 : CKKg * G * rows * p.out_w);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / bands, oh0 = (item % bands) * rows, oh1 = std::min(p.out_h, oh0 + rows);
+      int64_t ld;
+      const T* col = column_tile(input, buffer.data(), p, n, oh0, oh1, ld);
+      for (int64_t g = 0; g < G; ++g) {
+        T* out = output + (n * p.out_channels + g * OCg) * L + oh0 * p.out_w;
+        gemm_nn<T>(OCg, (oh1 - oh0) * p.out_w, CKKg, weight + g * OCg * CKKg, CKKg, 1, col + g * CKKg * ld, ld, out, L,
+                   bias ? bias + g * OCg : nullptr, false);
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weight, T* grad_input, T* grad_weight,
+                            const Conv2dParams& p) {
+  const int64_t G = p.groups, L = p.out_plane(), C = p.in_channels;
+  const int64_t OCg = p.out_channels_per_group(), CKKg = p.col_rows_per_group();
+  const int64_t rows = band_rows(p, sizeof(T));
+  const bool pointwise = is_pointwise(p);
+  const int64_t weight_numel = p.out_channels * CKKg;
   // One partial grad_weight per thread, summed at the end: no races, and a fixed order.
   const int64_t slots = at::get_num_threads();
-  const at::Tensor weight_parts = want_weight ? at::zeros({slots, G, OCg, CKKg}, weight.options()) : at::Tensor();
+  std::vector<T> weight_parts(grad_weight ? slots * weight_numel : 0, T(0));
 
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     const int64_t slot = std::min<int64_t>(at::get_thread_num(), slots - 1);
-    const int64_t tile = CKKg * G * rows * p.out_w;
-    const bool pointwise = is_pointwise(p);
-    const at::Tensor col_buf = (want_weight && !pointwise) ? at::empty({tile}, input.options()) : at::Tensor();
-    const at::Tensor gcol_buf = (want_input && !pointwise) ? at::empty({tile}, input.options()) : at::Tensor();
+    const int64_t tile = pointwise ? 0 : CKKg * G * rows * p.out_w;
+    std::vector<T> colT_buf(grad_weight ? CKKg * G * rows * p.out_w : 0), gcol_buf(grad_input ? tile : 0);
+    T* gw = grad_weight ? weight_parts.data() + slot * weight_numel : nullptr;
     for (int64_t n = begin; n < end; ++n) {
-      T* gi = want_input ? grad_input.data_ptr<T>() + n * p.in_channels * p.in_plane() : nullptr;
-      if (want_input && !pointwise) std::fill(gi, gi + p.in_channels * p.in_plane(), T(0));
+      T* gi = grad_input ? grad_input + n * C * p.in_plane() : nullptr;
+      if (gi && !pointwise) std::fill(gi, gi + C * p.in_plane(), T(0));
       for (int64_t oh0 = 0; oh0 < p.out_h; oh0 += rows) {
         const int64_t oh1 = std::min(p.out_h, oh0 + rows), width = (oh1 - oh0) * p.out_w;
-        const at::Tensor go = go4[n].narrow(2, oh0 * p.out_w, width);  // [G, OCg, width]
-        if (want_weight) {
-          const at::Tensor col = column_tile<T>(input, col_buf, p, n, oh0, oh1);
+        const T* go = grad_output + n * p.out_channels * L + oh0 * p.out_w;  // rows L apart
+        if (gw) {
+          // grad_weight[g] += grad_output tile [OCg x width] @ colT [width x CKKg]
+          cpu::im2row_band(input + n * C * p.in_plane(), C, p, oh0, oh1, colT_buf.data(), CKKg * G);
           for (int64_t g = 0; g < G; ++g) {
-            weight_parts[slot][g].addmm_(go[g], col[g].t());
+            gemm_nn<T>(OCg, CKKg, width, go + g * OCg * L, L, 1, colT_buf.data() + g * CKKg, CKKg * G,
+                       gw + g * OCg * CKKg, CKKg, nullptr, true);
           }
         }
-        if (want_input) {
-          if (pointwise) {
-            const at::Tensor gi3 = grad_input[n].view({G, CKKg, p.in_plane()});
-            for (int64_t g = 0; g < G; ++g) {
-              at::Tensor dst = gi3[g].narrow(1, oh0 * p.out_w, width);
-              at::mm_out(dst, w3[g].t(), go[g]);
-            }
-          } else {
-            const at::Tensor gcol = gcol_buf.view(-1).narrow(0, 0, CKKg * G * width).view({G, CKKg, width});
-            for (int64_t g = 0; g < G; ++g) {
-              at::Tensor dst = gcol[g];
-              at::mm_out(dst, w3[g].t(), go[g]);
-            }
-            cpu::col2im_band_add(gcol_buf.const_data_ptr<T>(), width, p.in_channels, p, oh0, oh1, gi);
+        if (gi) {
+          // grad of the column tile = W^T @ grad_output tile, written in place when the image is its own column matrix
+          T* gcol = pointwise ? gi + oh0 * p.out_w : gcol_buf.data();
+          const int64_t ldc = pointwise ? p.in_plane() : width;
+          for (int64_t g = 0; g < G; ++g) {
+            gemm_nn<T>(CKKg, width, OCg, weight + g * OCg * CKKg, 1, CKKg, go + g * OCg * L, L, gcol + g * CKKg * ldc,
+                       ldc, nullptr, false);
           }
+          if (!pointwise) cpu::col2im_band_add(gcol, width, C, p, oh0, oh1, gi);
         }
       }
     }
   });
-  if (want_weight) {
-    grad_weight.view({G, OCg, CKKg}).copy_(weight_parts.sum(0));
+  if (grad_weight) {
+    std::copy(weight_parts.begin(), weight_parts.begin() + weight_numel, grad_weight);
+    for (int64_t s = 1; s < slots; ++s) {
+      const T* part = weight_parts.data() + s * weight_numel;
+      for (int64_t i = 0; i < weight_numel; ++i) grad_weight[i] += part[i];
+    }
   }
 }
 
@@ -152,7 +174,9 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c
   at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, input.options());
   if (p.batch == 0) return output;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastconv_conv2d_cpu", [&] {
-    conv2d_forward_kernel<scalar_t>(input_c, weight_c, bias_c, output, p);
+    conv2d_forward_kernel<scalar_t>(input_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(),
+                                    has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr,
+                                    output.data_ptr<scalar_t>(), p);
   });
   return output;
 }
@@ -179,7 +203,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const at::Tensor input_c = input.contiguous();
     const at::Tensor weight_c = weight.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastconv_conv2d_backward_cpu", [&] {
-      conv2d_backward_kernel<scalar_t>(go_c, input_c, weight_c, grad_input, grad_weight, p);
+      conv2d_backward_kernel<scalar_t>(go_c.const_data_ptr<scalar_t>(), input_c.const_data_ptr<scalar_t>(),
+                                       weight_c.const_data_ptr<scalar_t>(),
+                                       output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                       output_mask[1] ? grad_weight.data_ptr<scalar_t>() : nullptr, p);
     });
   }
   return {output_mask[0] ? grad_input : empty, output_mask[1] ? grad_weight : empty, grad_bias};

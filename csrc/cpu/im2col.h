@@ -59,6 +59,36 @@ void im2col_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t o
   }
 }
 
+// The transpose of im2col_band: colT[(oh - oh0)*OW + ow][(c*KH + kh)*KW + kw], rows `ld` apart. The
+// grad_weight GEMM (grad_output tile @ colT) reads its column tile this way, as a row-major right-hand side.
+template <typename T>
+void im2row_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t oh0, int64_t oh1, T* colT,
+                 int64_t ld) {
+  const int64_t W = p.in_w, H = p.in_h, KH = p.kernel_h, KW = p.kernel_w;
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    for (int64_t ow = 0; ow < p.out_w; ++ow) {
+      T* dst = colT + ((oh - oh0) * p.out_w + ow) * ld;
+      const int64_t ih0 = oh * p.stride_h - p.pad_h, iw0 = ow * p.stride_w - p.pad_w;
+      for (int64_t c = 0; c < channels; ++c) {
+        const T* im_c = im + c * H * W;
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const int64_t ih = ih0 + kh * p.dilation_h;
+          T* d = dst + (c * KH + kh) * KW;
+          if (ih < 0 || ih >= H) {
+            std::fill(d, d + KW, T(0));
+            continue;
+          }
+          const T* row = im_c + ih * W;
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            const int64_t iw = iw0 + kw * p.dilation_w;
+            d[kw] = (iw >= 0 && iw < W) ? row[iw] : T(0);
+          }
+        }
+      }
+    }
+  }
+}
+
 // Adds the column tile of output rows [oh0, oh1) back into the image it came from (the adjoint of
 // im2col_band). im must be zeroed by the caller before the first band.
 template <typename T>
