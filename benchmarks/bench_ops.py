@@ -729,9 +729,16 @@ def plot(records, peers, path, title):
     for j, p in enumerate(peers):
         ys = [i + (j - (len(peers) - 1) / 2) * bar_h for i in range(len(rows))]
         vals = [r["ratios"].get(p) or float("nan") for r in rows]
-        ax.barh(ys, vals, height=bar_h, label=f"fastconv / {p}")
+        # Bars grow from parity (1) so faster and slower read left and right of the line.
+        ax.barh(ys, [v - 1 for v in vals], left=1, height=bar_h, label=f"fastconv / {p}")
+        for yv, v in zip(ys, vals):
+            if math.isfinite(v):
+                ax.text(v, yv, f" {v:.2f} ", va="center", ha="left" if v >= 1 else "right", fontsize=6)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
+    finite = [r["ratios"][p] for r in rows for p in peers if r["ratios"].get(p)]
+    if finite:
+        ax.set_xlim(min(min(finite), 1) / 2, max(max(finite), 1) * 2)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r["name"] for r in rows], fontsize=7)
     ax.invert_yaxis()
@@ -739,8 +746,7 @@ def plot(records, peers, path, title):
     ax.set_title(title, fontsize=9)
     ax.legend(loc="best", fontsize=8)
     ax.grid(axis="x", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -753,7 +759,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("core", "full"), default=None,
                    help="core: the issue #2 gate rows (fwd+bwd); full: every layer and pass (default; core with --quick)")
-    p.add_argument("--quick", action="store_true", help="short timing (min run time 0.1 s per measurement); implies --suite core")
+    p.add_argument("--quick", action="store_true", help="short timing (0.2 s per row and peer); implies --suite core")
     p.add_argument("--tiny", action="store_true", help="shrink batches and images (for tests; same row names)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
@@ -763,7 +769,9 @@ def parse_args(argv):
                    help="comma-separated peers: torch, numpy (CPU, float32/64), torch-no-cudnn (GPU), torch-no-onednn (CPU). "
                         "Default: torch,numpy on CPU; torch,torch-no-cudnn on GPU")
     p.add_argument("--filter", default=None, help="regex; only rows whose name matches")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement (default 0.5; 0.1 with --quick)")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per row and peer (default 0.6; 0.2 with --quick)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timing rounds per row, alternating the peers; min-run-time is split across them (default 3; 2 with --quick)")
     p.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/bench_ops[-suite]-<device>-<date>.json)")
     p.add_argument("--png", default=None, help="output chart path (default: the JSON path with .png)")
     p.add_argument("--no-png", action="store_true")
@@ -774,7 +782,10 @@ def parse_args(argv):
     if args.suite is None:
         args.suite = "core" if args.quick else "full"
     if args.min_run_time is None:
-        args.min_run_time = 0.1 if args.quick else 0.5
+        args.min_run_time = 0.2 if args.quick else 0.6
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
+    args.rounds = max(1, args.rounds)
     return args
 
 
@@ -835,7 +846,7 @@ def main(argv=None):
     settings = {"suite": args.suite, "quick": args.quick, "tiny": args.tiny, "dtype": args.dtype,
                 "tf32": args.tf32, "tf32_flags": tf32, "min_run_time_s": args.min_run_time, "seed": args.seed,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None,
-                "tolerance_max_rel_err": tol, "peers": peers,
+                "tolerance_max_rel_err": tol, "peers": peers, "rounds": args.rounds,
                 "peer_notes": {k: v.note for k, v in impls.items()},
                 "numpy_note": f"NumPy im2col+GEMM (tutorial algorithm) in {args.dtype}, BLAS: {env['numpy_blas']}",
                 "forward_rows": "inputs do not require grad (inference)",
@@ -850,7 +861,7 @@ def main(argv=None):
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
           f"oneDNN {env['onednn']}; threads {threads}; git {env['git_commit']}")
     print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'} ({', '.join(f'{k}={v}' for k, v in tf32.items())}); "
-          f"min_run_time {args.min_run_time}s per measurement; check: max|a-b|/max|b| <= {tol:g}")
+          f"{args.min_run_time}s timing per row and peer in {args.rounds} alternating rounds; check: max|a-b|/max|b| <= {tol:g}")
     if use_numpy:
         print(f"numpy peer: {settings['numpy_note']}, {env['numpy_blas_threads']} BLAS threads")
     for k, v in impls.items():
@@ -935,21 +946,32 @@ def main(argv=None):
             stmts[pname] = (impl, timed_statements(impl, case, inp))
         if npin is not None and "numpy" not in status["peer_errors"]:
             stmts["numpy"] = (None, numpy_statements(case, npin))
-        for pname, (impl, st) in stmts.items():
-            fn = st[row.pass_]
-            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=row.label, sub_label=row.sub_label,
-                                    description=pname, num_threads=threads)
-            ctx = impl.context() if impl is not None else contextlib.nullcontext()
-            try:
-                with ctx:
-                    m = timer.blocked_autorange(min_run_time=args.min_run_time)
-            except Exception as exc:
-                rec["errors"][pname] = f"{type(exc).__name__}: {exc}"
-                print(f"note: {pname} failed timing {name}: {rec['errors'][pname]}")
+        # Rounds alternate the peers (order reversed every other round) and the rounds' blocks are
+        # merged, so a slow drift of machine load hits every peer alike.
+        timers = {pname: (impl, benchmark.Timer(stmt="fn()", globals={"fn": st[row.pass_]}, label=row.label,
+                                                sub_label=row.sub_label, description=pname, num_threads=threads))
+                  for pname, (impl, st) in stmts.items()}
+        per_round = {pname: [] for pname in timers}
+        for rnd in range(args.rounds):
+            order = list(timers) if rnd % 2 == 0 else list(reversed(timers))
+            for pname in order:
+                if pname in rec["errors"]:
+                    continue
+                impl, timer = timers[pname]
+                try:
+                    with impl.context() if impl is not None else contextlib.nullcontext():
+                        per_round[pname].append(timer.blocked_autorange(min_run_time=args.min_run_time / args.rounds))
+                except Exception as exc:
+                    rec["errors"][pname] = f"{type(exc).__name__}: {exc}"
+                    print(f"note: {pname} failed timing {name}: {rec['errors'][pname]}")
+        for pname, ms in per_round.items():
+            if pname in rec["errors"] or not ms:
                 continue
+            m = benchmark.Measurement.merge(ms)[0]
             measurements.append(m)
-            rec["times"][pname] = {"median": m.median, "iqr": m.iqr, "mean": m.mean, "runs": len(m.times),
-                                   "number_per_run": m.number_per_run}
+            rec["times"][pname] = {"median": m.median, "iqr": m.iqr, "mean": m.mean, "blocks": len(m.times),
+                                   "calls": sum(x.number_per_run * len(x.raw_times) for x in ms),
+                                   "calls_per_block": [x.number_per_run for x in ms]}
             if flops:
                 rec.setdefault("gflops", {})[pname] = flops / m.median / 1e9
             rec.setdefault("gbps", {})[pname] = nbytes / m.median / 1e9

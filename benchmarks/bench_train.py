@@ -121,7 +121,7 @@ def graphed_step(model, x, y, lr, warmup=3):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short timing (min run time 0.1 s per measurement)")
+    p.add_argument("--quick", action="store_true", help="short timing (0.2 s per row and side instead of 2 s)")
     p.add_argument("--tiny", action="store_true", help="batch 4 / 2 and AlexNet at 63x63 (for tests; same row names)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
@@ -130,13 +130,15 @@ def parse_args(argv):
     p.add_argument("--tf32", action="store_true", help="allow TF32 in cuBLAS/cuDNN (off by default on both sides)")
     p.add_argument("--no-graph", action="store_true", help="on GPU, skip the CUDA-graph rows")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement (default 1.0; 0.1 with --quick)")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per row and side (default 2.0; 0.2 with --quick)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; min-run-time is split across them")
     p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/bench_train[-quick]-<device>-<date>.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--standin", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.min_run_time is None:
-        args.min_run_time = 0.1 if args.quick else 1.0
+        args.min_run_time = 0.2 if args.quick else 2.0
+    args.rounds = max(1, args.rounds)
     return args
 
 
@@ -178,7 +180,7 @@ def main(argv=None):
     env = bench_ops.env_info(device, threads)
     settings = {"quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32, "tf32_flags": tf32,
                 "optimizer": f"Adam(lr={args.lr})", "loss": "cross_entropy", "num_classes": NUM_CLASSES,
-                "min_run_time_s": args.min_run_time, "seed": args.seed, "tolerance_max_rel_err": tol,
+                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "seed": args.seed, "tolerance_max_rel_err": tol,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None, "modes": modes,
                 "step": "zero_grad(set_to_none) + forward + cross_entropy + backward + Adam.step",
                 "cuda_graph": "torch.cuda.graph capture of the whole step, Adam(capturable=True), static input"}
@@ -186,7 +188,7 @@ def main(argv=None):
           f"{' (tiny)' if args.tiny else ''}")
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
           f"threads {threads}; git {env['git_commit']}")
-    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; min_run_time {args.min_run_time}s")
+    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing per row and side in {args.rounds} alternating rounds")
     if not gpu and env["loadavg_start"] and env["loadavg_start"][0] > 0.5:
         print(f"WARNING: 1-minute load average is {env['loadavg_start'][0]:.2f}: other processes are using the CPU; "
               "timings will be noisy")
@@ -216,6 +218,7 @@ def main(argv=None):
                 failures.append(rec["id"])
                 records.append(rec)
                 continue
+            fns = {}
             for impl, base in (("fastconv", fc_model), ("torch", t_model)):
                 model = copy.deepcopy(base)  # every mode starts from the same weights
                 model.train()
@@ -225,16 +228,31 @@ def main(argv=None):
                         fn()  # warmup: Adam state, oneDNN primitives / cuDNN algorithm search
                     else:
                         fn = graphed_step(model, x, y, args.lr)
-                    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=f"training step ({args.dtype})",
-                                            sub_label=f"{name} {shape}", description=f"{impl} {mode}", num_threads=threads)
-                    m = timer.blocked_autorange(min_run_time=args.min_run_time)
+                    fns[impl] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=f"training step ({args.dtype})",
+                                                sub_label=f"{name} {shape}", description=f"{impl} {mode}",
+                                                num_threads=threads)
                 except Exception as exc:
                     rec["errors"][impl] = f"{type(exc).__name__}: {exc}"
                     print(f"note: {impl} {mode} failed on {name}: {rec['errors'][impl]}")
+            # Alternating rounds (fastconv, torch, torch, fastconv, ...) merged, as in bench_ops.
+            per_round = {impl: [] for impl in fns}
+            for rnd in range(args.rounds):
+                for impl in (list(fns) if rnd % 2 == 0 else list(reversed(fns))):
+                    if impl in rec["errors"]:
+                        continue
+                    try:
+                        per_round[impl].append(fns[impl].blocked_autorange(min_run_time=args.min_run_time / args.rounds))
+                    except Exception as exc:
+                        rec["errors"][impl] = f"{type(exc).__name__}: {exc}"
+                        print(f"note: {impl} {mode} failed on {name}: {rec['errors'][impl]}")
+            for impl, ms in per_round.items():
+                if impl in rec["errors"] or not ms:
                     continue
+                m = benchmark.Measurement.merge(ms)[0]
                 measurements.append(m)
-                rec["times"][impl] = {"median": m.median, "iqr": m.iqr, "mean": m.mean, "runs": len(m.times),
-                                      "number_per_run": m.number_per_run, "images_per_s": batch / m.median}
+                rec["times"][impl] = {"median": m.median, "iqr": m.iqr, "mean": m.mean, "blocks": len(m.times),
+                                      "calls": sum(x.number_per_run * len(x.raw_times) for x in ms),
+                                      "images_per_s": batch / m.median}
             f_t = rec["times"].get("fastconv", {}).get("median")
             t_t = rec["times"].get("torch", {}).get("median")
             if f_t and t_t:

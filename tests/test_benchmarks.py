@@ -51,7 +51,7 @@ def check_ops_json(path, suite, tiny, peers):
         want |= {p for p in peers if p.startswith("torch-") and r["op"] == "conv2d"}
         assert set(r["times"]) == want, (r["id"], r["times"].keys(), r["errors"])
         for t in r["times"].values():
-            assert t["median"] > 0 and t["iqr"] >= 0 and t["runs"] >= 1
+            assert t["median"] > 0 and t["iqr"] >= 0 and t["blocks"] >= 1 and t["calls"] >= 1
         assert set(r["ratios"]) == want - {"fastconv"}
     for p in peers:
         assert res["geomean"][p] > 0
