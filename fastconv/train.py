@@ -60,30 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastconv.train",
         description="Train a tutorial CNN with fastconv's Conv2d/MaxPool2d and/or torch.nn's, side by side.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="mnist_cnn", choices=sorted(MODELS))
+    p.add_argument("--model", default="mnist_cnn", choices=sorted(MODELS), help="default: mnist_cnn")
     p.add_argument("--model-arg", action="append", default=[], type=_model_arg, metavar="KEY=VALUE",
                    help="extra model constructor argument, e.g. batch_norm=true or resize=224 (repeatable)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(fc_data.DATASETS))
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(fc_data.DATASETS), help="default: fashion-mnist")
     p.add_argument("--data-dir", default=None,
                    help="directory with the IDX files (else the Debian package, else a download into ./data)")
     p.add_argument("--no-download", action="store_true", help="never download the dataset")
-    p.add_argument("--impl", default="both", choices=list(IMPLS) + ["both"])
-    p.add_argument("--epochs", type=int, default=1, help="total epochs (a resumed run trains the rest)")
-    p.add_argument("--batch-size", type=int, default=100, help="global batch size (split over DDP processes)")
+    p.add_argument("--impl", default="both", choices=list(IMPLS) + ["both"],
+                   help="fastconv's layers, torch.nn's, or both from the same initial weights (default: both)")
+    p.add_argument("--epochs", type=int, default=1, help="total epochs; a resumed run trains the rest (default: 1)")
+    p.add_argument("--batch-size", type=int, default=100, help="global batch size, split over DDP processes (default: 100)")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"],
                    help="default: the model's tutorial optimiser (adam, or sgd for lenet and alexnet)")
     p.add_argument("--lr", type=float, default=None, help="default: the model's tutorial learning rate")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--limit", type=int, default=10000,
-                   help="train on the first N training images only (0: all of them)")
-    p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+                   help="train on the first N training images only; 0: all of them (default: 10000)")
+    p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images; 0: all (default: 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when available (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and dropout (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", default="runs", help="directory for the JSON log, PNG plot and checkpoints")
+    p.add_argument("--out", default="runs", help="directory for the JSON log, PNG plot and checkpoints (default: runs)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint: without a value, each implementation's own in --out")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
@@ -171,7 +172,12 @@ def _all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
 
 def _short_type(m: nn.Module) -> str:
     mod = type(m).__module__
-    prefix = "nn" if mod.startswith("torch.nn") else mod.split(".")[0]
+    if mod.startswith("torch.nn"):
+        prefix = "nn"
+    elif mod == __name__.rsplit(".", 1)[0] + ".models":
+        prefix = "models"  # helpers such as models.Resize, not fastconv's kernels
+    else:
+        prefix = mod.split(".")[0]
     return f"{prefix}.{type(m).__name__}"
 
 
