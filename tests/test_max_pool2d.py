@@ -1,0 +1,116 @@
+"""max_pool2d values, int64 indices and gradients against torch.nn.functional.max_pool2d."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+import fastconv.functional as FC
+from conftest import cpu_and_cuda
+
+# (N, C, H, W, kernel, stride, padding, dilation, ceil_mode)
+CASES = [
+    (2, 3, 8, 8, 2, None, 0, 1, False),  # MNIST CNN 2x2
+    (2, 4, 13, 13, 3, 2, 0, 1, False),  # AlexNet: overlapping 3x3 stride 2
+    (3, 2, 11, 10, 3, 2, 1, 1, True),  # padding and ceil_mode
+    (2, 3, 9, 12, (2, 3), (1, 2), (1, 0), (2, 1), False),  # asymmetric, dilation
+    (1, 2, 7, 6, 3, 3, 1, 1, True),  # ceil_mode where the last window would start in the padding
+    (0, 3, 8, 8, 2, 2, 0, 1, False),  # empty batch
+    (2, 2, 5, 5, 1, 1, 0, 1, False),  # kernel 1
+    (2, 3, 10, 10, 4, 3, 2, 1, True),
+    (2, 5, 1, 9, (1, 3), (1, 2), 0, 1, False),
+]
+IDS = [f"n{c[0]}c{c[1]}h{c[2]}w{c[3]}k{c[4]}s{c[5]}p{c[6]}d{c[7]}ceil{int(c[8])}" for c in CASES]
+
+
+def distinct_input(n, c, h, w, dtype, device):
+    # distinct values: no ties, so the argmax (and so the gradient) is unique
+    return (torch.randperm(n * c * h * w, dtype=torch.float64) / 7.0 - 3.0).view(n, c, h, w).to(device, dtype)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_values_indices_and_gradient_match_torch(case, dtype, device, poison):
+    n, c, h, w, k, s, p, d, ceil = case
+    x = distinct_input(n, c, h, w, dtype, device).requires_grad_()
+    out, idx = FC.max_pool2d(x, k, s, p, d, ceil_mode=ceil, return_indices=True)
+    xr = x.detach().cpu().double().requires_grad_()
+    ref, ref_idx = F.max_pool2d(xr, k, s, p, d, ceil_mode=ceil, return_indices=True)
+    assert out.shape == ref.shape and idx.dtype == torch.int64
+    assert torch.equal(out.detach().cpu().double(), ref.detach())
+    assert torch.equal(idx.cpu(), ref_idx)
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad_out.to(device, dtype))
+    ref.backward(grad_out)
+    torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_overlapping_windows_sum_gradients(device):
+    # a single large value sits in four overlapping 3x3/stride-2 windows: its gradient is their sum
+    x = torch.zeros(1, 1, 5, 5, dtype=torch.float64, device=device) - torch.arange(25, device=device).view(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 100.0
+    x.requires_grad_()
+    out = FC.max_pool2d(x, 3, 2)
+    out.backward(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64, device=device))
+    assert x.grad[0, 0, 2, 2].item() == 10.0
+    assert x.grad.sum().item() == 10.0
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_and_inf_like_torch(device):
+    x = torch.randn(2, 3, 6, 6, device=device)
+    x[0, 1, 2, 3] = math.nan
+    x[1, 2, 0, 0] = -math.inf
+    x[1, 0] = -math.inf
+    out, idx = FC.max_pool2d(x, 2, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x, 2, return_indices=True)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert torch.equal(idx, ref_idx)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_unbatched_channels_last_noncontiguous(device):
+    x = distinct_input(2, 3, 9, 9, torch.float64, device)
+    for inp in (x[0], x.contiguous(memory_format=torch.channels_last), x[..., ::2]):
+        out, idx = FC.max_pool2d(inp, 3, 2, 1, return_indices=True)
+        ref, ref_idx = F.max_pool2d(inp, 3, 2, 1, return_indices=True)
+        assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+        assert out.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
+            memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types(dtype, device):
+    x = torch.randn(2, 3, 8, 8, device=device).to(dtype)
+    out, idx = FC.max_pool2d(x, 3, 2, 1, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x.float(), 3, 2, 1, return_indices=True)
+    assert out.dtype == dtype
+    assert torch.equal(out.float(), ref)  # max picks an element: exact
+    assert torch.equal(idx, ref_idx)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_gradcheck_and_gradgradcheck(device):
+    x = distinct_input(2, 2, 7, 6, torch.float64, device).requires_grad_()
+    for args in ((3, 2, 1, 1, True), ((2, 3), (1, 2), (1, 0), (2, 1), False)):
+        fn = lambda t: FC.max_pool2d(t, *args[:4], ceil_mode=args[4])  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+        assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_registered_op_and_function_agree(device):
+    x = distinct_input(2, 3, 9, 9, torch.float64, device)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], False)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    oa, ia = torch.ops.fastconv.max_pool2d(xa, *args)
+    ob, ib = fastconv.MaxPool2dFunction.apply(xb, *args)
+    assert torch.equal(oa, ob) and torch.equal(ia, ib) and not ia.requires_grad
+    g = torch.randn_like(oa)
+    oa.backward(g)
+    ob.backward(g)
+    assert torch.equal(xa.grad, xb.grad)
