@@ -125,6 +125,7 @@ def test_bench_ops_quick_tiny_cpu(tmp_path):
     assert (tmp_path / "ops.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_bench_ops_full_tiny_cpu(tmp_path):
     out = tmp_path / "full.json"
     run_script("bench_ops.py", "--suite", "full", "--tiny", "--device", "cpu", "--min-run-time", "0.001",
@@ -145,6 +146,7 @@ def check_train_json(path, modes):
     return res
 
 
+@pytest.mark.slow
 def test_bench_train_quick_tiny_cpu(tmp_path):
     out = tmp_path / "train.json"
     run_script("bench_train.py", "--quick", "--tiny", "--device", "cpu", "--min-run-time", "0.01", "--json", str(out))
@@ -161,6 +163,7 @@ def test_bench_ops_quick_tiny_cuda(tmp_path):
     assert all("peak_fraction" in r["fastconv_rate"] for r in conv) or bench_ops.gpu_peaks(res["env"]["device_name"]) is None
 
 
+@pytest.mark.slow
 @pytest.mark.cuda
 @needs_cuda
 def test_bench_train_quick_tiny_cuda(tmp_path):
