@@ -37,9 +37,11 @@ inline bool fits_int32(int64_t numel) {
 }
 
 // Grid-stride loop over [0, n) with an index of type index_t.
-#define FASTCONV_KERNEL_LOOP(index_t, i, n)                                                      \
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);        \
-       i += static_cast<index_t>(blockDim.x) * gridDim.x)
+// Every operand is cast first so that the arithmetic happens in index_t, not in unsigned int.
+#define FASTCONV_KERNEL_LOOP(index_t, i, n)                                                              \
+  for (index_t i = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) +                 \
+                   static_cast<index_t>(threadIdx.x);                                                    \
+       i < (n); i += static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x))
 
 // One thread per (c, n, oh, ow) of the chunk, ow fastest, so that consecutive threads write
 // consecutive column entries (coalesced stores); each thread writes its KH * KW rows.
