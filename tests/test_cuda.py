@@ -38,6 +38,15 @@ def _no_tf32():
     torch.set_float32_matmul_precision(old)
 
 
+@pytest.fixture
+def poison_cuda(monkeypatch, poison):
+    """conftest's `poison` (every at::empty starts as NaN, so an output element a kernel forgot to
+    write fails the test) on CUDA: deterministic mode also requires the cuBLAS workspace setting
+    that makes cuBLAS deterministic, which torch checks on every GEMM call."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    yield
+
+
 def assert_close_scaled(actual, expected, dtype, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if expected.numel() == 0:
@@ -102,6 +111,7 @@ def reference_conv(x, w, b, stride, padding, dilation, groups, grad_output=None)
 # ----------------------------------------------------------------------------- conv2d: raw ops
 
 
+@pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
 def test_conv2d_forward_matches_torch(case, dtype):
@@ -112,6 +122,7 @@ def test_conv2d_forward_matches_torch(case, dtype):
     assert_close_scaled(out, ref, dtype, "output")
 
 
+@pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
 def test_conv2d_backward_matches_torch(case, dtype):
@@ -127,6 +138,7 @@ def test_conv2d_backward_matches_torch(case, dtype):
     assert_close_scaled(gb, rgb, dtype, "grad_bias")
 
 
+@pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
                                   (True, True, False), (False, True, True), (False, False, False)])
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[4], CONV_CASES[7]], ids=["mnist", "groups2", "1x1"])
@@ -144,6 +156,7 @@ def test_conv2d_backward_output_mask(case, mask):
             assert got.numel() == 0 and got.shape == (0,), f"{name} not asked for, got shape {tuple(got.shape)}"
 
 
+@pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_conv2d_chunked_batch(dtype):
     # Column buffer of one image > the workspace bound: every image is its own chunk, which runs
@@ -162,6 +175,7 @@ def test_conv2d_chunked_batch(dtype):
     assert_close_scaled(gb, rgb, dtype, "grad_bias")
 
 
+@pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("layout", ["channels_last", "permuted", "sliced"])
 def test_conv2d_noncontiguous_inputs(layout):
     dtype = torch.float64
@@ -186,6 +200,7 @@ def test_conv2d_noncontiguous_inputs(layout):
     assert_close_scaled(gb, rgb, dtype, "grad_bias")
 
 
+@pytest.mark.usefixtures("poison_cuda")
 def test_conv2d_batch0_backward_shapes():
     x, w, b, stride, padding, dilation, groups = make_conv(CONV_CASES[-1], torch.float32)
     out = ops.conv2d(x, w, b, stride, padding, dilation, groups)
@@ -446,6 +461,7 @@ def _perm_input(shape, dtype=torch.float64, seed=0):
     return (torch.randperm(n, generator=g).to(dtype) - n / 2).reshape(shape)
 
 
+@pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("shape", POOL_SHAPES)
 @pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", POOL_CASES, ids=POOL_IDS)
 def test_max_pool2d_matches_torch(kernel, stride, padding, dilation, ceil_mode, shape):
@@ -489,6 +505,7 @@ def test_max_pool2d_ties_first_max_wins():
     assert torch.equal(vals.cpu(), rvals) and torch.equal(idx.cpu(), ridx)
 
 
+@pytest.mark.usefixtures("poison_cuda")
 def test_max_pool2d_nan_and_inf():
     x = _perm_input((2, 2, 9, 9))
     x[0, 0, 1, 1] = float("nan")
@@ -504,6 +521,7 @@ def test_max_pool2d_nan_and_inf():
         assert torch.isnan(vals[0, 0]).any()
 
 
+@pytest.mark.usefixtures("poison_cuda")
 def test_max_pool2d_noncontiguous_and_channels_last():
     x = _perm_input((2, 4, 10, 9)).cuda()
     for x2 in (x.to(memory_format=torch.channels_last), x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
@@ -520,6 +538,7 @@ def test_max_pool2d_noncontiguous_and_channels_last():
         torch.testing.assert_close(gi.cpu(), xr.grad)
 
 
+@pytest.mark.usefixtures("poison_cuda")
 def test_max_pool2d_batch0():
     x = torch.randn(0, 3, 8, 8, device="cuda")
     vals, idx = ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
