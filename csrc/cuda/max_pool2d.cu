@@ -1,6 +1,7 @@
 // max_pool2d forward (values + int64 indices) and backward on CUDA, matching
 // torch.nn.functional.max_pool2d(..., return_indices=True) exactly: indices are flat positions
 // h * W + w within the input plane, padding never wins, NaN propagates, the first maximum wins.
+// Both kernels are gathers (one thread per element written): no atomics, deterministic results.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/NumericUtils.h>
