@@ -169,12 +169,11 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
   p.ceil_mode = ceil_mode;
   TORCH_CHECK(p.channels > 0 && p.in_h > 0 && p.in_w > 0, op,
               ": expected input with non-zero channels, height and width, got ", shape_str(input.sizes()));
-  // torch: "pad should be at most half of effective kernel size"
-  const int64_t eff_kh = p.dilation_h * (p.kernel_h - 1) + 1;
-  const int64_t eff_kw = p.dilation_w * (p.kernel_w - 1) + 1;
-  TORCH_CHECK(p.pad_h <= eff_kh / 2 && p.pad_w <= eff_kw / 2, op,
-              ": pad should be at most half of effective kernel size, but got pad=", padding,
-              ", kernel_size=", kernel_size, " and dilation=", dilation);
+  // torch's max_pool2d_with_indices requires pad <= kernel/2 (dilation not counted), the stricter of
+  // its two checks (the no-indices path allows half the effective kernel); mirror the stricter one.
+  TORCH_CHECK(p.pad_h <= p.kernel_h / 2 && p.pad_w <= p.kernel_w / 2, op,
+              ": pad should be at most half of kernel size, but got pad=", padding, ", kernel_size=", kernel_size,
+              " and dilation=", dilation);
   p.out_h = pool_out_size(p.in_h, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h, ceil_mode);
   p.out_w = pool_out_size(p.in_w, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w, ceil_mode);
   TORCH_CHECK(p.out_h > 0 && p.out_w > 0, op, ": given input size ", shape_str(input.sizes()),

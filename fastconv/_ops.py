@@ -33,6 +33,10 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
     torch._check(input.dim() == 4, lambda: f"fastconv.conv2d: expected a 4-D input, got {input.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"fastconv.conv2d: expected a 4-D weight, got {weight.dim()}-D")
     torch._check(input.shape[1] == weight.shape[1] * groups, lambda: "fastconv.conv2d: channel mismatch")
+    torch._check(input.device == weight.device,
+                 lambda: f"fastconv.conv2d: input is on {input.device} but weight is on {weight.device}")
+    torch._check(input.dtype == weight.dtype,
+                 lambda: f"fastconv.conv2d: input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
     oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     return input.new_empty((input.shape[0], weight.shape[0], oh, ow))

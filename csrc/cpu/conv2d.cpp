@@ -194,11 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const auto t = input.scalar_type();
     return {gi.to(t), gw.to(t), gb.to(t)};
   }
-  const at::Tensor empty = at::empty({0}, input.options());
+  // masked-out gradients are empty tensors, each its own (outputs must not alias)
+  const auto empty = [&] { return at::empty({0}, input.options()); };
   const at::Tensor go_c = grad_output.contiguous();
   at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : at::Tensor();
   at::Tensor grad_weight = output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : at::Tensor();  // zeros: N may be 0
-  at::Tensor grad_bias = output_mask[2] ? go_c.sum({0, 2, 3}) : empty;
+  at::Tensor grad_bias = output_mask[2] ? go_c.sum({0, 2, 3}) : empty();
   if (p.batch > 0 && (output_mask[0] || output_mask[1])) {
     const at::Tensor input_c = input.contiguous();
     const at::Tensor weight_c = weight.contiguous();
@@ -209,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                                        output_mask[1] ? grad_weight.data_ptr<scalar_t>() : nullptr, p);
     });
   }
-  return {output_mask[0] ? grad_input : empty, output_mask[1] ? grad_weight : empty, grad_bias};
+  return {output_mask[0] ? grad_input : empty(), output_mask[1] ? grad_weight : empty(), grad_bias};
 }
 
 }  // namespace

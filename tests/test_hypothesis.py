@@ -1,0 +1,73 @@
+"""Property-based: random conv2d/max_pool2d configurations agree with torch in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import fastconv.functional as FC
+from fastconv._ops import conv_out_size, pool_out_size
+
+
+@st.composite
+def conv_configs(draw):
+    groups = draw(st.integers(1, 3))
+    cin = groups * draw(st.integers(1, 3))
+    cout = groups * draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 14))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 14))
+    n = draw(st.integers(0, 3))
+    bias = draw(st.booleans())
+    return n, cin, h, w, cout, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, bias
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_configs(), st.integers(0, 2**31 - 1))
+def test_conv2d_random_configs(cfg, seed):
+    n, cin, h, w, cout, k, s, p, d, g, bias = cfg
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64, generator=gen, requires_grad=True)
+    wt = torch.randn(cout, cin // g, *k, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(cout, dtype=torch.float64, generator=gen, requires_grad=True) if bias else None
+    out = FC.conv2d(x, wt, b, s, p, d, g)
+    ref = F.conv2d(x, wt, b, s, p, d, g)
+    assert out.shape[2:] == (conv_out_size(h, k[0], s[0], p[0], d[0]), conv_out_size(w, k[1], s[1], p[1], d[1]))
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    go = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    inputs = [t for t in (x, wt, b) if t is not None]
+    for a, e in zip(torch.autograd.grad(out, inputs, go), torch.autograd.grad(ref, inputs, go)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+@st.composite
+def pool_configs(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph = draw(st.integers(0, kh // 2))
+    pw = draw(st.integers(0, kw // 2))
+    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 13))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 13))
+    return draw(st.integers(0, 3)), draw(st.integers(1, 3)), h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw), draw(
+        st.booleans())
+
+
+@settings(max_examples=80, deadline=None)
+@given(pool_configs(), st.integers(0, 2**31 - 1))
+def test_max_pool2d_random_configs(cfg, seed):
+    n, c, h, w, k, s, p, d, ceil = cfg
+    if min(pool_out_size(h, k[0], s[0], p[0], d[0], ceil), pool_out_size(w, k[1], s[1], p[1], d[1], ceil)) < 1:
+        with pytest.raises(RuntimeError):
+            FC.max_pool2d(torch.randn(n, c, h, w), k, s, p, d, ceil)
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randperm(max(1, n * c * h * w), generator=gen)[: n * c * h * w].double().view(n, c, h, w)
+         .requires_grad_())
+    out, idx = FC.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+    go = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(out, x, go)[0], torch.autograd.grad(ref, x, go)[0])

@@ -1,0 +1,93 @@
+"""The registered ops: opcheck, CPU-only build messages, torch.compile with no graph break."""
+import pytest
+import torch
+from torch import nn
+
+import fastconv
+from conftest import cpu_and_cuda
+
+ops = torch.ops.fastconv
+
+
+def _samples(device):
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    conv_args = ([2, 1], [1, 0], [1, 2], 2)
+    out = ops.conv2d(x, w, b, *conv_args)
+    go = torch.randn_like(out)
+    xp = torch.randperm(2 * 3 * 9 * 9, dtype=torch.float64).view(2, 3, 9, 9).to(device).requires_grad_()
+    pool_args = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    pout, pidx = ops.max_pool2d(xp, *pool_args)
+    return [
+        (ops.conv2d.default, (x, w, b, *conv_args)),
+        (ops.conv2d.default, (x, w, None, *conv_args)),
+        (ops._conv2d_backward.default, (go, x.detach(), w.detach(), *conv_args, [True, True, True])),
+        (ops._conv2d_backward.default, (go, x.detach(), w.detach(), *conv_args, [False, True, False])),
+        (ops.max_pool2d.default, (xp, *pool_args)),
+        (ops._max_pool2d_backward.default, (torch.randn_like(pout), xp.detach(), pidx, *pool_args)),
+    ]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_opcheck(device):
+    for op, args in _samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_build_reports_cuda_consistently():
+    built = fastconv.cuda_version()
+    assert fastconv.has_cuda_kernels() == (built is not None)
+    if built is not None:
+        assert str(built[0]) == torch.version.cuda.split(".")[0]
+
+
+@pytest.mark.skipif(fastconv.has_cuda_kernels(), reason="this build has CUDA kernels")
+def test_cpu_only_build_explains_cuda_tensors():
+    # the dispatcher routes CUDA tensors to fastconv's stand-in kernel, whatever their contents
+    with pytest.raises(RuntimeError, match="no CUDA kernels.*pip install --no-build-isolation"):
+        _call_cuda_stand_in()
+
+
+def _call_cuda_stand_in():
+    # no GPU here: call the CUDA kernel of the op directly through the dispatcher
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    x = torch.randn(1, 1, 3, 3)
+    w = torch.randn(1, 1, 1, 1)
+    ops.conv2d.default.redispatch(ks, x, w, None, [1, 1], [0, 0], [1, 1], 1)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = fastconv.Conv2d(1, 4, 3, padding=1)
+        self.pool = fastconv.MaxPool2d(2)
+        self.conv2 = fastconv.Conv2d(4, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.head(x.flatten(1))
+
+
+def test_torch_compile_fullgraph_training_step():
+    torch.manual_seed(0)
+    eager = Tiny()
+    compiled_model = Tiny()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)  # raises on any graph break
+    x = torch.randn(6, 1, 12, 12)
+    y = torch.randint(0, 5, (6,))
+    losses = []
+    for model, fwd in ((eager, eager), (compiled_model, compiled)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(fwd(x), y)
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
