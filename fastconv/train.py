@@ -541,7 +541,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         runs: Dict[str, Dict] = {}
         payload = {
-            "command": "python -m fastconv.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": " ".join(["python -m fastconv.train", *(argv if argv is not None else sys.argv[1:])]),
             "args": {k: v for k, v in vars(args).items() if k != "model_arg"},
             "dataset_source": source, "train_images": int(train_data[1].numel()),
             "test_images": int(test_data[1].numel()), "device": str(info.device), "world_size": info.world_size,
