@@ -69,6 +69,7 @@ void im2row_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t o
     for (int64_t ow = 0; ow < p.out_w; ++ow) {
       T* dst = colT + ((oh - oh0) * p.out_w + ow) * ld;
       const int64_t ih0 = oh * p.stride_h - p.pad_h, iw0 = ow * p.stride_w - p.pad_w;
+      const bool inside_w = iw0 >= 0 && iw0 + (KW - 1) * p.dilation_w < W;
       for (int64_t c = 0; c < channels; ++c) {
         const T* im_c = im + c * H * W;
         for (int64_t kh = 0; kh < KH; ++kh) {
@@ -79,9 +80,13 @@ void im2row_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t o
             continue;
           }
           const T* row = im_c + ih * W;
-          for (int64_t kw = 0; kw < KW; ++kw) {
-            const int64_t iw = iw0 + kw * p.dilation_w;
-            d[kw] = (iw >= 0 && iw < W) ? row[iw] : T(0);
+          if (inside_w) {  // the common case: no bounds checks
+            for (int64_t kw = 0; kw < KW; ++kw) d[kw] = row[iw0 + kw * p.dilation_w];
+          } else {
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const int64_t iw = iw0 + kw * p.dilation_w;
+              d[kw] = (iw >= 0 && iw < W) ? row[iw] : T(0);
+            }
           }
         }
       }

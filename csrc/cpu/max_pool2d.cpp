@@ -7,45 +7,63 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "conv_params.h"
+#include "cpu/im2col.h"  // valid_range
 
 namespace fastconv {
 namespace {
 
+// One output row at a time, window offset (kh, kw) outer and output column inner: the inner loop
+// is a branch-free running max over contiguous (or strided) input, which the compiler vectorises;
+// a data-dependent branch here mispredicts on every other element of random data. Each window
+// still visits its elements in torch's order (row by row), so ties (first wins), NaN (last NaN
+// wins) and all -inf windows (first in-range element) give torch's exact indices.
 template <typename T>
 void max_pool2d_forward_kernel(const T* in, T* out, int64_t* idx, const Pool2dParams& p) {
   const int64_t planes = p.batch * p.channels, in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
+  const int64_t OW = p.out_w;
   using acc_t = at::opmath_type<T>;
   at::parallel_for(0, planes, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> best(OW);
+    std::vector<int64_t> where(OW);
     for (int64_t pl = begin; pl < end; ++pl) {
       const T* src = in + pl * in_plane;
-      T* dst = out + pl * out_plane;
-      int64_t* ind = idx + pl * out_plane;
       for (int64_t oh = 0; oh < p.out_h; ++oh) {
-        // Mirrors ATen: the window is clipped to the input, and its first in-range element is
-        // the index reported when nothing beats -inf.
-        int64_t ih0 = oh * p.stride_h - p.pad_h;
-        const int64_t ih1 = std::min(ih0 + (p.kernel_h - 1) * p.dilation_h + 1, p.in_h);
-        while (ih0 < 0) ih0 += p.dilation_h;
-        for (int64_t ow = 0; ow < p.out_w; ++ow) {
-          int64_t iw0 = ow * p.stride_w - p.pad_w;
-          const int64_t iw1 = std::min(iw0 + (p.kernel_w - 1) * p.dilation_w + 1, p.in_w);
-          while (iw0 < 0) iw0 += p.dilation_w;
-          int64_t best = ih0 * p.in_w + iw0;
-          acc_t best_val = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t ih = ih0; ih < ih1; ih += p.dilation_h) {
-            for (int64_t iw = iw0; iw < iw1; iw += p.dilation_w) {
-              const int64_t at = ih * p.in_w + iw;
-              const acc_t v = static_cast<acc_t>(src[at]);
-              if (v > best_val || std::isnan(v)) {  // NaN propagates, as in torch
-                best_val = v;
-                best = at;
-              }
+        const int64_t ih_start = oh * p.stride_h - p.pad_h;
+        int64_t ih_first = ih_start;
+        while (ih_first < 0) ih_first += p.dilation_h;
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          int64_t iw_first = ow * p.stride_w - p.pad_w;
+          while (iw_first < 0) iw_first += p.dilation_w;
+          best[ow] = -std::numeric_limits<acc_t>::infinity();
+          where[ow] = ih_first * p.in_w + iw_first;
+        }
+        for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+          const int64_t ih = ih_start + kh * p.dilation_h;
+          if (ih < 0 || ih >= p.in_h) continue;
+          for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+            const int64_t off = kw * p.dilation_w - p.pad_w;
+            int64_t lo, hi;
+            cpu::valid_range(off, p.stride_w, p.in_w, OW, lo, hi);
+            const T* row = src + ih * p.in_w + off;
+            const int64_t base = ih * p.in_w + off;
+            acc_t* b = best.data();
+            int64_t* w = where.data();
+            for (int64_t ow = lo; ow < hi; ++ow) {
+              const acc_t v = static_cast<acc_t>(row[ow * p.stride_w]);
+              const bool take = (v > b[ow]) | (v != v);  // NaN propagates, as in torch
+              b[ow] = take ? v : b[ow];
+              w[ow] = take ? base + ow * p.stride_w : w[ow];
             }
           }
-          dst[oh * p.out_w + ow] = static_cast<T>(best_val);
-          ind[oh * p.out_w + ow] = best;
+        }
+        T* dst = out + pl * out_plane + oh * OW;
+        int64_t* ind = idx + pl * out_plane + oh * OW;
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          dst[ow] = static_cast<T>(best[ow]);
+          ind[ow] = where[ow];
         }
       }
     }
