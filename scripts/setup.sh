@@ -26,8 +26,17 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
-echo "== building fastconv (pip install --no-build-isolation -e .)"
-# --no-build-isolation: compile against the torch installed above, not a fresh one in an isolated env
-python -m pip install -q --disable-pip-version-check --no-build-isolation -e . 2>&1 | tail -n 20
+# The build is skipped when the extension is there, imports, and no source is newer than it.
+so=$(ls fastconv/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -type f | head -n 1)" ] \
+   && python -c "import fastconv" >/dev/null 2>&1 && python -m pip show -q fastconv >/dev/null 2>&1; then
+  echo "== fastconv is built and up to date ($so)"
+else
+  echo "== building fastconv (pip install --no-build-isolation -e .; the CUDA kernels take several minutes)"
+  # --no-build-isolation: compile against the torch installed above, not a fresh one in an isolated env
+  python -m pip install --disable-pip-version-check --no-build-isolation -v -e . > build.log 2>&1 \
+    || { tail -n 60 build.log; echo "build failed; full log in build.log" >&2; exit 1; }
+  grep -A8 "^fastconv build configuration" build.log || true
+fi
 python -c "import fastconv, torch; print('fastconv', fastconv.__version__, '| torch', torch.__version__, \
 '| CUDA kernels:', 'yes (CUDA %d.%d)' % fastconv.cuda_version() if fastconv.has_cuda_kernels() else 'no')"
