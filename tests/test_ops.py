@@ -1,4 +1,6 @@
 """The registered ops: opcheck, CPU-only build messages, torch.compile with no graph break."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -33,6 +35,15 @@ def _samples(device):
 def test_opcheck(device):
     for op, args in _samples(device):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(os.environ.get("FASTCONV_FORCE_CUDA") != "1", reason="only when the build must have CUDA kernels")
+def test_cuda_kernels_registered_for_every_op():
+    # CI builds with FASTCONV_FORCE_CUDA=1 on a GPU-less machine: the kernels must be there anyway
+    assert fastconv.cuda_version() is not None
+    for name in ("conv2d", "_conv2d_backward", "max_pool2d", "_max_pool2d_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastconv::{name}", "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastconv::{name}", "CPU"), name
 
 
 def test_build_reports_cuda_consistently():
