@@ -648,6 +648,17 @@ def env_info(device, threads):
     return info
 
 
+def pick_clock(kind, gpu, threads):
+    """The Timer's clock. thread-cpu counts only this thread's CPU time, so it is exact for one-thread
+    CPU work (torch, fastconv, OpenBLAS and CPU autograd all run on the calling thread then) and
+    blind to other processes taking the core; with more threads it would miss the workers' time."""
+    if kind == "wall":
+        return benchmark.utils.timer.timer  # Timer's default: synchronises the accelerator, then wall clock
+    if gpu or threads != 1:
+        raise SystemExit("--timer thread-cpu needs --device cpu and --threads 1")
+    return time.thread_time
+
+
 def set_tf32(enabled):
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
@@ -775,6 +786,10 @@ def parse_args(argv):
     p.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/bench_ops[-suite]-<device>-<date>.json)")
     p.add_argument("--png", default=None, help="output chart path (default: the JSON path with .png)")
     p.add_argument("--no-png", action="store_true")
+    p.add_argument("--timer", choices=("wall", "thread-cpu"), default="wall",
+                   help="wall: wall-clock time (default; synchronises the GPU). thread-cpu: CPU time of the calling "
+                        "thread (time.thread_time), only with --device cpu --threads 1: immune to other processes "
+                        "preempting the benchmark on a shared machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--standin", action="store_true",
                    help="if fastconv is not importable, let torch stand in for it (developing the scripts only)")
@@ -802,6 +817,7 @@ def main(argv=None):
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     numpy_im2col.set_num_threads(threads)
+    clock = pick_clock(args.timer, gpu, threads)
     tf32 = set_tf32(args.tf32)
     if gpu:
         torch.backends.cudnn.benchmark = True  # torch's best cuDNN algorithm per shape, chosen in warmup
@@ -846,7 +862,7 @@ def main(argv=None):
     settings = {"suite": args.suite, "quick": args.quick, "tiny": args.tiny, "dtype": args.dtype,
                 "tf32": args.tf32, "tf32_flags": tf32, "min_run_time_s": args.min_run_time, "seed": args.seed,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None,
-                "tolerance_max_rel_err": tol, "peers": peers, "rounds": args.rounds,
+                "tolerance_max_rel_err": tol, "peers": peers, "rounds": args.rounds, "timer": args.timer,
                 "peer_notes": {k: v.note for k, v in impls.items()},
                 "numpy_note": f"NumPy im2col+GEMM (tutorial algorithm) in {args.dtype}, BLAS: {env['numpy_blas']}",
                 "forward_rows": "inputs do not require grad (inference)",
@@ -861,7 +877,7 @@ def main(argv=None):
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
           f"oneDNN {env['onednn']}; threads {threads}; git {env['git_commit']}")
     print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'} ({', '.join(f'{k}={v}' for k, v in tf32.items())}); "
-          f"{args.min_run_time}s timing per row and peer in {args.rounds} alternating rounds; check: max|a-b|/max|b| <= {tol:g}")
+          f"{args.min_run_time}s timing per row and peer in {args.rounds} alternating rounds, {args.timer} clock; check: max|a-b|/max|b| <= {tol:g}")
     if use_numpy:
         print(f"numpy peer: {settings['numpy_note']}, {env['numpy_blas_threads']} BLAS threads")
     for k, v in impls.items():
@@ -949,7 +965,8 @@ def main(argv=None):
         # Rounds alternate the peers (order reversed every other round) and the rounds' blocks are
         # merged, so a slow drift of machine load hits every peer alike.
         timers = {pname: (impl, benchmark.Timer(stmt="fn()", globals={"fn": st[row.pass_]}, label=row.label,
-                                                sub_label=row.sub_label, description=pname, num_threads=threads))
+                                                sub_label=row.sub_label, description=pname, num_threads=threads,
+                                                timer=clock))
                   for pname, (impl, st) in stmts.items()}
         per_round = {pname: [] for pname in timers}
         for rnd in range(args.rounds):
@@ -1016,9 +1033,13 @@ def main(argv=None):
         print(f"CORRECTNESS FAILED on {len(failures)} rows (not timed): {', '.join(failures)}")
     print(f"elapsed {elapsed:.1f} s")
 
-    out_json = args.json or default_output("bench_ops", "" if args.suite == "full" and not args.quick and not args.tiny
-                                           else f"-{args.suite}" + ("-quick" if args.quick else "") + ("-tiny" if args.tiny else ""),
-                                           device)
+    tag = "" if args.suite == "full" else f"-{args.suite}"
+    tag += ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
+    tag += f"-{threads}thread" if args.threads and not gpu else ""
+    tag += "-cputime" if args.timer == "thread-cpu" else ""
+    tag += f"-{args.dtype}" if args.dtype != "float32" else ""
+    tag += "-tf32" if args.tf32 else ""
+    out_json = args.json or default_output("bench_ops", tag, device)
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     result = {"benchmark": "bench_ops", "argv": list(argv if argv is not None else sys.argv[1:]),
               "env": env, "fastconv": fc_info, "settings": settings, "elapsed_s": elapsed,

@@ -133,6 +133,8 @@ def parse_args(argv):
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per row and side (default 2.0; 0.2 with --quick)")
     p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; min-run-time is split across them")
     p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/bench_train[-quick]-<device>-<date>.json)")
+    p.add_argument("--timer", choices=("wall", "thread-cpu"), default="wall",
+                   help="thread-cpu: CPU time of the calling thread, only with --device cpu --threads 1 (see bench_ops.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--standin", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -153,6 +155,7 @@ def main(argv=None):
     dtype = bench_ops.DTYPES[args.dtype]
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    clock = bench_ops.pick_clock(args.timer, gpu, threads)
     tf32 = bench_ops.set_tf32(args.tf32)
     if gpu:
         torch.backends.cudnn.benchmark = True
@@ -180,7 +183,7 @@ def main(argv=None):
     env = bench_ops.env_info(device, threads)
     settings = {"quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32, "tf32_flags": tf32,
                 "optimizer": f"Adam(lr={args.lr})", "loss": "cross_entropy", "num_classes": NUM_CLASSES,
-                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "seed": args.seed, "tolerance_max_rel_err": tol,
+                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "timer": args.timer, "seed": args.seed, "tolerance_max_rel_err": tol,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None, "modes": modes,
                 "step": "zero_grad(set_to_none) + forward + cross_entropy + backward + Adam.step",
                 "cuda_graph": "torch.cuda.graph capture of the whole step, Adam(capturable=True), static input"}
@@ -188,7 +191,7 @@ def main(argv=None):
           f"{' (tiny)' if args.tiny else ''}")
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
           f"threads {threads}; git {env['git_commit']}")
-    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing per row and side in {args.rounds} alternating rounds")
+    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing per row and side in {args.rounds} alternating rounds, {args.timer} clock")
     if not gpu and env["loadavg_start"] and env["loadavg_start"][0] > 0.5:
         print(f"WARNING: 1-minute load average is {env['loadavg_start'][0]:.2f}: other processes are using the CPU; "
               "timings will be noisy")
@@ -230,7 +233,7 @@ def main(argv=None):
                         fn = graphed_step(model, x, y, args.lr)
                     fns[impl] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=f"training step ({args.dtype})",
                                                 sub_label=f"{name} {shape}", description=f"{impl} {mode}",
-                                                num_threads=threads)
+                                                num_threads=threads, timer=clock)
                 except Exception as exc:
                     rec["errors"][impl] = f"{type(exc).__name__}: {exc}"
                     print(f"note: {impl} {mode} failed on {name}: {rec['errors'][impl]}")
@@ -290,6 +293,7 @@ def main(argv=None):
     print(f"elapsed {elapsed:.1f} s")
 
     tag = ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
+    tag += (f"-{threads}thread" if args.threads and not gpu else "") + ("-cputime" if args.timer == "thread-cpu" else "")
     out_json = args.json or bench_ops.default_output("bench_train", tag, device)
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, "w") as f:
