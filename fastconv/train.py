@@ -7,6 +7,9 @@
 The default run trains the MNIST CNN on 10,000 Fashion-MNIST images for one epoch with fastconv's
 layers and with torch.nn's, both from the same initial weights, the same data order and the same
 dropout masks, and ends with a side-by-side table of loss, test accuracy and seconds per epoch.
+By default the two are stepped in turn on every batch (``--schedule interleaved``) and each is timed
+only over its own forward/backward/optimiser work, so both timings see the same machine load;
+``--schedule sequential`` trains one after the other instead.
 Into ``--out`` (default ``runs/``) it writes ``<model>_<dataset>.json`` (the log),
 ``<model>_<dataset>.png`` (loss and accuracy curves) and one checkpoint per implementation,
 ``<model>_<dataset>_<impl>.pt``, whose ``"model"`` entry is a state_dict that loads into either
@@ -36,7 +39,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from . import data as fc_data
 from .models import IMPLS, MODELS, TRAINING_DEFAULTS, build_model
 
-__all__ = ["DistInfo", "init_distributed", "main", "model_summary", "parse_args"]
+__all__ = ["DistInfo", "comparison_table", "evaluate", "init_distributed", "main", "model_summary", "parse_args",
+           "train_runs"]
 
 CHECKPOINT_FORMAT = "fastconv-checkpoint/1"
 
@@ -87,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="directory for the JSON log, PNG plot and checkpoints (default: runs)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint: without a value, each implementation's own in --out")
+    p.add_argument("--schedule", default="interleaved", choices=["interleaved", "sequential"],
+                   help="with several implementations: step them in turn on each batch, so the timings share "
+                        "the machine's load, or train one after the other (default: interleaved)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--no-warmup", action="store_true",
                    help="do not run one untimed step on a copy of each model before timing")
@@ -340,72 +347,127 @@ def _load_checkpoint(path: str, args) -> Dict:
     return ckpt
 
 
-def train_one(impl: str, model: nn.Module, args, train_data, test_data, info: DistInfo, start_epoch: int,
-              history: Dict, optimizer_state: Optional[Dict], log) -> Dict:
-    """Train ``model`` from ``start_epoch`` to ``args.epochs``; returns its history."""
-    model.to(info.device)
-    net = model
-    if info.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    optimizer = _make_optimizer(args, model.parameters())
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    x_train, y_train = train_data
-    local_batch = args.batch_size // info.world_size
-    if not args.no_warmup:
-        _warmup(model, x_train, info, local_batch)
+class _Run:
+    """One implementation's training state: model (DDP-wrapped when distributed), optimiser, history,
+    and its own RNG state so that interleaved runs still draw the same dropout masks."""
 
-    for epoch in range(start_epoch, args.epochs):
-        # Dropout masks depend only on (seed, epoch): equal for both implementations and on resume.
-        torch.manual_seed(args.seed + epoch)
-        loader = _train_loader(x_train, y_train, local_batch, args.seed, epoch, info)
-        n_local = len(loader.sampler.sampler) if hasattr(loader.sampler, "sampler") else y_train.numel()
-        from tqdm import tqdm
+    def __init__(self, impl: str, model: nn.Module, args, info: DistInfo, start_epoch: int, history: Dict,
+                 optimizer_state: Optional[Dict]):
+        self.impl, self.model, self.args, self.info = impl, model.to(info.device), args, info
+        self.start_epoch, self.history = start_epoch, history
+        self.net = model
+        if info.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        self.optimizer = _make_optimizer(args, model.parameters())
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
 
-        bar = tqdm(total=n_local * info.world_size, desc=f"{impl:>8} epoch {epoch + 1}/{args.epochs}",
-                   unit="img", disable=args.no_progress or not info.is_main, leave=False,
-                   mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
-        net.train()
-        loss_sum, seen, window = 0.0, 0, []
-        steps = []
-        _sync(info.device)
+    def _rng_state(self):
+        cuda = torch.cuda.get_rng_state(self.info.device) if self.info.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng_state(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.info.device)
+
+    def begin_epoch(self, epoch: int, n_local: int) -> None:
+        # Dropout masks depend only on (seed, epoch): equal for every implementation and on resume.
+        torch.manual_seed(self.args.seed + epoch)
+        self.rng = self._rng_state()
+        self.epoch, self.n_local = epoch, n_local
+        self.loss_sum, self.seen, self.window, self.steps, self.train_s = 0.0, 0, [], [], 0.0
+        self.net.train()
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, last: bool) -> None:
+        """One optimiser step; only its own compute counts towards train_s."""
+        self._set_rng_state(self.rng)
+        _sync(self.info.device)
         t0 = time.perf_counter()
-        for step, (xb, yb) in enumerate(loader):
-            xb = xb.to(info.device, non_blocking=True)
-            yb = yb.to(info.device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(xb), yb)
-            loss.backward()
-            optimizer.step()
-            batch_loss = loss.item()
-            loss_sum += batch_loss * yb.numel()
-            seen += yb.numel()
-            window.append(batch_loss)
-            if len(window) == 10 or step == len(loader) - 1:
-                steps.append({"epoch": epoch + seen / n_local, "loss": sum(window) / len(window)})
-                window = []
-            elapsed = time.perf_counter() - t0
-            bar.update(yb.numel() * info.world_size)
-            bar.set_postfix_str(f"loss {loss_sum / seen:.4f}, {seen * info.world_size / elapsed:,.0f} img/s",
-                                refresh=False)
-        _sync(info.device)
-        train_s = time.perf_counter() - t0
-        bar.close()
-        loss_sum, seen = _all_reduce_sum([loss_sum, float(seen)], info)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.net(xb), yb)
+        loss.backward()
+        self.optimizer.step()
+        batch_loss = loss.item()  # waits for the device
+        _sync(self.info.device)
+        self.train_s += time.perf_counter() - t0
+        self.rng = self._rng_state()
+        self.loss_sum += batch_loss * yb.numel()
+        self.seen += yb.numel()
+        self.window.append(batch_loss)
+        if len(self.window) == 10 or last:
+            self.steps.append({"epoch": self.epoch + self.seen / self.n_local,
+                               "loss": sum(self.window) / len(self.window)})
+            self.window = []
+
+    def progress(self) -> str:
+        rate = self.seen * self.info.world_size / max(self.train_s, 1e-9)
+        return f"{self.impl} loss {self.loss_sum / max(self.seen, 1):.4f} {rate:,.0f} img/s"
+
+    def end_epoch(self, test_data, log) -> Dict:
+        args, info = self.args, self.info
+        loss_sum, seen = _all_reduce_sum([self.loss_sum, float(self.seen)], info)
+        train_s = max(_all_reduce_sum([self.train_s], info)[0] / info.world_size, 1e-9)  # mean over ranks
         t1 = time.perf_counter()
-        test_loss, test_acc = evaluate(model, *test_data, info)
+        test_loss, test_acc = evaluate(self.model, *test_data, info)
         eval_s = time.perf_counter() - t1
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "test_loss": test_loss, "test_acc": test_acc,
-                  "train_s": train_s, "eval_s": eval_s, "img_per_s": seen / train_s, "images": int(seen)}
-        history["epochs"].append(record)
-        history["steps"].extend(steps)
-        log(f"[{impl}] epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f}, "
+        record = {"epoch": self.epoch + 1, "train_loss": loss_sum / seen, "test_loss": test_loss,
+                  "test_acc": test_acc, "train_s": train_s, "eval_s": eval_s, "img_per_s": seen / train_s,
+                  "images": int(seen)}
+        self.history["epochs"].append(record)
+        self.history["steps"].extend(self.steps)
+        log(f"[{self.impl}] epoch {self.epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f}, "
             f"test loss {test_loss:.4f}, test acc {test_acc:.2f}%, train {train_s:.1f} s "
             f"({record['img_per_s']:,.0f} img/s), eval {eval_s:.1f} s")
         if info.is_main:
-            _save_checkpoint(_checkpoint_path(args, impl), args, impl, model, optimizer, epoch + 1, history)
-    return history
+            _save_checkpoint(_checkpoint_path(args, self.impl), args, self.impl, self.model, self.optimizer,
+                             self.epoch + 1, self.history)
+        return record
+
+
+def _train_epoch(runs: Sequence[_Run], epoch: int, args, train_data, test_data, info: DistInfo, log) -> None:
+    """One epoch of every run in ``runs`` over the same batches; with several runs each batch goes
+    through all of them in turn (interleaved), so they share whatever else the machine is doing."""
+    x_train, y_train = train_data
+    loader = _train_loader(x_train, y_train, args.batch_size // info.world_size, args.seed, epoch, info)
+    n_local = len(loader.sampler.sampler)
+    from tqdm import tqdm
+
+    name = "+".join(r.impl for r in runs)
+    bar = tqdm(total=n_local * info.world_size, desc=f"{name} epoch {epoch + 1}/{args.epochs}", unit="img",
+               disable=args.no_progress or not info.is_main, leave=False, mininterval=0.5, file=sys.stderr,
+               dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                              "[{elapsed}<{remaining}] {postfix}")
+    for r in runs:
+        r.begin_epoch(epoch, n_local)
+    n_batches = len(loader)
+    for i, (xb, yb) in enumerate(loader):
+        xb = xb.to(info.device, non_blocking=True)
+        yb = yb.to(info.device, non_blocking=True)
+        for r in runs:
+            r.step(xb, yb, last=i == n_batches - 1)
+        bar.update(yb.numel() * info.world_size)
+        bar.set_postfix_str(" | ".join(r.progress() for r in runs), refresh=False)
+    bar.close()
+    for r in runs:
+        r.end_epoch(test_data, log)
+
+
+def train_runs(runs: Sequence[_Run], args, train_data, test_data, info: DistInfo, log) -> None:
+    """Train every run to ``args.epochs``: interleaved batch by batch (``--schedule interleaved``,
+    fair timings on a shared machine) or one implementation after the other (``sequential``)."""
+    if not args.no_warmup:
+        for r in runs:
+            _warmup(r.model, train_data[0], info, args.batch_size // info.world_size)
+    if args.schedule == "interleaved":
+        for epoch in range(min(r.start_epoch for r in runs), args.epochs):
+            active = [r for r in runs if r.start_epoch <= epoch]
+            _train_epoch(active, epoch, args, train_data, test_data, info, log)
+    else:
+        for r in runs:
+            for epoch in range(r.start_epoch, args.epochs):
+                _train_epoch([r], epoch, args, train_data, test_data, info, log)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,6 +611,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "machine": platform.machine(), "parameters": sum(p.numel() for p in models[first].parameters()),
             "summary": rows, "runs": runs,
         }
+        runs_state: List[_Run] = []
         for impl in args.impls:
             history = {"epochs": [], "steps": []}
             start_epoch, opt_state = 0, None
@@ -564,9 +627,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if start_epoch >= args.epochs:
                     log(f"[{impl}] already trained {start_epoch} epoch(s), --epochs {args.epochs}: nothing to do")
             runs[impl] = history
-            train_one(impl, models[impl], args, train_data, test_data, info, start_epoch, history, opt_state, log)
-            if info.is_main:
-                _write_json(_log_path(args, "json"), payload)
+            runs_state.append(_Run(impl, models[impl], args, info, start_epoch, history, opt_state))
+        train_runs(runs_state, args, train_data, test_data, info, log)
 
         payload["loadavg"] = {"start": load_start, "end": _loadavg()}
         log()
