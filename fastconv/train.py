@@ -437,8 +437,7 @@ def _train_epoch(runs: Sequence[_Run], epoch: int, args, train_data, test_data, 
     name = "+".join(r.impl for r in runs)
     bar = tqdm(total=n_local * info.world_size, desc=f"{name} epoch {epoch + 1}/{args.epochs}", unit="img",
                disable=args.no_progress or not info.is_main, leave=False, mininterval=0.5, file=sys.stderr,
-               dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                              "[{elapsed}<{remaining}] {postfix}")
+               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     for r in runs:
         r.begin_epoch(epoch, n_local)
     n_batches = len(loader)
