@@ -12,15 +12,14 @@ the same initialisation: built after the same ``torch.manual_seed`` they hold eq
 
 Models (all take 1x28x28 inputs by default; ``in_channels`` and ``num_classes`` are arguments):
 
-=================== ==========================================================================
-``mnist_cnn``       :class:`MNISTCNN`, conv32-pool-conv64-pool-fc (50,186 params); Adam 1e-3
-``lenet``           :class:`LeNet`, conv6(5x5)-pool-conv16(5x5)-pool-fc64-fc; SGD 0.01
-``simple_convnet``  :class:`SimpleConvNet`, conv30(5x5)-pool-fc100-fc; Adam 1e-3
+==================== ==============================================================================
+``mnist_cnn``        :class:`MNISTCNN`, conv32-pool-conv64-pool-fc (50,186 params); Adam 1e-3
+``lenet``            :class:`LeNet`, conv6(5x5)-pool-conv16(5x5)-pool-fc64-fc; SGD 0.01
+``simple_convnet``   :class:`SimpleConvNet`, conv30(5x5)-pool-fc100-fc; Adam 1e-3
 ``configurable_cnn`` :class:`ConfigurableCNN`, 'same' convs, optional BatchNorm, Dropout2d
-``alexnet``         :class:`AlexNet`, the torchvision layout; 28x28 inputs are resized (see class)
-=================== ==========================================================================
+``alexnet``          :class:`AlexNet`, the torchvision layout; 28x28 inputs are resized (see class)
+==================== ==============================================================================
 """
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch

@@ -1,6 +1,6 @@
 """Train the tutorial CNNs on MNIST-family images with fastconv, side by side with torch.nn.
 
-    python -m fastconv.train                       # the quick main job (a few minutes on 2 CPU cores)
+    python -m fastconv.train                       # the quick main job (about a minute on 2 CPU cores)
     python -m fastconv.train --limit 0 --epochs 2  # full Fashion-MNIST, both implementations
     torchrun --nproc_per_node=2 -m fastconv.train  # the same, DistributedDataParallel over 2 processes
 
