@@ -178,6 +178,25 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
   p.out_w = pool_out_size(p.in_w, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w, ceil_mode);
   TORCH_CHECK(p.out_h > 0 && p.out_w > 0, op, ": given input size ", shape_str(input.sizes()),
               ", the calculated output size (", p.out_h, " x ", p.out_w, ") is too small");
+  // With dilation and padding a window can miss the input altogether; torch then returns -inf and
+  // an index outside the input plane (which its backward writes through). Refuse it instead.
+  const auto empty_window = [](int64_t out, int64_t in, int64_t k, int64_t s, int64_t pad, int64_t d) {
+    for (int64_t o = 0; o < out; ++o) {
+      bool hit = false;
+      for (int64_t i = 0; i < k && !hit; ++i) {
+        const int64_t x = o * s - pad + i * d;
+        hit = x >= 0 && x < in;
+      }
+      if (!hit) return o;
+    }
+    return int64_t(-1);
+  };
+  const int64_t bad_h = empty_window(p.out_h, p.in_h, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h);
+  const int64_t bad_w = empty_window(p.out_w, p.in_w, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w);
+  TORCH_CHECK(bad_h < 0 && bad_w < 0, op, ": with input size ", shape_str(input.sizes()), ", kernel_size=",
+              kernel_size, ", stride=", stride, ", padding=", padding, " and dilation=", dilation,
+              " the pooling window of output ", bad_h >= 0 ? "row " : "column ", bad_h >= 0 ? bad_h : bad_w,
+              " lies entirely in the padding");
   return p;
 }
 

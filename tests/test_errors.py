@@ -51,6 +51,8 @@ POOL_ERRORS = [
     (lambda: FC.max_pool2d(x4, 3, padding=(0, 2), dilation=2), RuntimeError, r"pad should be at most half"),
     (lambda: FC.max_pool2d(torch.randn(1, 1, 2, 2), 3), RuntimeError, r"output size .* too small"),
     (lambda: FC.max_pool2d(x4.long(), 2), RuntimeError, r"floating-point tensor.*got Long"),
+    (lambda: FC.max_pool2d(torch.randn(1, 1, 1, 1), (2, 1), 1, (1, 0), (2, 1)), RuntimeError,
+     r"window of output row 0 lies entirely in the padding"),
     (lambda: FC.max_pool2d(torch.randn(2, 0, 4, 4), 2), RuntimeError, r"non-zero channels, height and width"),
     (lambda: FC.max_pool2d(x4, (2, 2, 2)), TypeError, r"kernel_size must be an int or a pair"),
     (lambda: ops._max_pool2d_backward(torch.randn(2, 4, 4, 4), x4, torch.zeros(2, 4, 4, 4, dtype=torch.int32),
