@@ -111,6 +111,11 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   const int64_t rows = band_rows(p, sizeof(T));
   const bool pointwise = is_pointwise(p);
   const int64_t weight_numel = p.out_channels * CKKg;
+  // grad_weight's GEMM needs the column tile transposed against grad_output. im2row builds it
+  // transposed directly, which pays per kernel row of KW elements: fine for wide kernels (LeNet's
+  // 5x5, AlexNet's 11x11) and few channels, slow for many 3x3 rows (MNIST conv2: 96 rows of 3).
+  // There, im2col + a transposed grad_output tile is faster (measured, see benchmarks/).
+  const bool transposed_weight_grad = p.kernel_w <= 3 && p.in_channels_per_group() * p.kernel_h >= 32;
   // One partial grad_weight per thread, summed at the end: no races, and a fixed order.
   const int64_t slots = at::get_num_threads();
   std::vector<T> weight_parts(grad_weight ? slots * weight_numel : 0, T(0));
@@ -118,7 +123,8 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     const int64_t slot = std::min<int64_t>(at::get_thread_num(), slots - 1);
     const int64_t tile = pointwise ? 0 : CKKg * G * rows * p.out_w;
-    std::vector<T> colT_buf(grad_weight ? CKKg * G * rows * p.out_w : 0), gcol_buf(grad_input ? tile : 0);
+    std::vector<T> col_buf(grad_weight ? CKKg * G * rows * p.out_w : 0), gcol_buf(grad_input ? tile : 0);
+    std::vector<T> goT_buf(grad_weight && transposed_weight_grad ? rows * p.out_w * p.out_channels : 0);
     T* gw = grad_weight ? weight_parts.data() + slot * weight_numel : nullptr;
     for (int64_t n = begin; n < end; ++n) {
       T* gi = grad_input ? grad_input + n * C * p.in_plane() : nullptr;
@@ -126,11 +132,24 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
       for (int64_t oh0 = 0; oh0 < p.out_h; oh0 += rows) {
         const int64_t oh1 = std::min(p.out_h, oh0 + rows), width = (oh1 - oh0) * p.out_w;
         const T* go = grad_output + n * p.out_channels * L + oh0 * p.out_w;  // rows L apart
-        if (gw) {
-          // grad_weight[g] += grad_output tile [OCg x width] @ colT [width x CKKg]
-          cpu::im2row_band(input + n * C * p.in_plane(), C, p, oh0, oh1, colT_buf.data(), CKKg * G);
+        if (gw && transposed_weight_grad) {
+          // grad_weight[g]^T [CKKg x OCg] += column tile [CKKg x width] @ grad_output tile^T [width x OCg]
+          int64_t ld;
+          const T* col = column_tile(input, col_buf.data(), p, n, oh0, oh1, ld);
+          T* goT = goT_buf.data();
+          for (int64_t oc = 0; oc < p.out_channels; ++oc) {
+            const T* src = go + oc * L;
+            for (int64_t l = 0; l < width; ++l) goT[l * p.out_channels + oc] = src[l];
+          }
           for (int64_t g = 0; g < G; ++g) {
-            gemm_nn<T>(OCg, CKKg, width, go + g * OCg * L, L, 1, colT_buf.data() + g * CKKg, CKKg * G,
+            gemm_nn<T>(CKKg, OCg, width, col + g * CKKg * ld, ld, 1, goT + g * OCg, p.out_channels,
+                       gw + g * CKKg * OCg, OCg, nullptr, true);
+          }
+        } else if (gw) {
+          // grad_weight[g] [OCg x CKKg] += grad_output tile [OCg x width] @ colT [width x CKKg]
+          cpu::im2row_band(input + n * C * p.in_plane(), C, p, oh0, oh1, col_buf.data(), CKKg * G);
+          for (int64_t g = 0; g < G; ++g) {
+            gemm_nn<T>(OCg, CKKg, width, go + g * OCg * L, L, 1, col_buf.data() + g * CKKg, CKKg * G,
                        gw + g * OCg * CKKg, CKKg, nullptr, true);
           }
         }
@@ -148,10 +167,20 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
     }
   });
   if (grad_weight) {
-    std::copy(weight_parts.begin(), weight_parts.begin() + weight_numel, grad_weight);
-    for (int64_t s = 1; s < slots; ++s) {
+    for (int64_t s = 1; s < slots; ++s) {  // sum the partials in slot order
       const T* part = weight_parts.data() + s * weight_numel;
-      for (int64_t i = 0; i < weight_numel; ++i) grad_weight[i] += part[i];
+      for (int64_t i = 0; i < weight_numel; ++i) weight_parts[i] += part[i];
+    }
+    if (!transposed_weight_grad) {
+      std::copy(weight_parts.begin(), weight_parts.begin() + weight_numel, grad_weight);
+    } else {  // the partials hold grad_weight^T per group, [G][CKKg][OCg]
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t r = 0; r < CKKg; ++r) {
+          for (int64_t oc = 0; oc < OCg; ++oc) {
+            grad_weight[(g * OCg + oc) * CKKg + r] = weight_parts[(g * CKKg + r) * OCg + oc];
+          }
+        }
+      }
     }
   }
 }
