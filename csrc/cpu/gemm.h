@@ -42,8 +42,8 @@ namespace detail {
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 
-// MR rows x 32 columns of C = init + sum_k A(m, k) * B[k][n]; A(m, k) = a[m*a_rs + k*a_cs].
-template <int MR>
+// MR rows x NR (32 or 16) columns of C = init + sum_k A(m, k) * B[k][n]; A(m, k) = a[m*a_rs + k*a_cs].
+template <int MR, int NR>
 FASTCONV_AVX512 inline void nn_tile(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
                                     int64_t ldb, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1,
                                     const float* bias, bool load_c) {
@@ -52,27 +52,44 @@ FASTCONV_AVX512 inline void nn_tile(int64_t K, const float* a, int64_t a_rs, int
   for (int i = 0; i < MR; ++i) {
     if (load_c) {
       acc0[i] = _mm512_maskz_loadu_ps(m0, c + i * ldc);
-      acc1[i] = _mm512_maskz_loadu_ps(m1, c + i * ldc + 16);
+      if constexpr (NR == 32) acc1[i] = _mm512_maskz_loadu_ps(m1, c + i * ldc + 16);
     } else {
       acc0[i] = bias ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
-      acc1[i] = acc0[i];
+      if constexpr (NR == 32) acc1[i] = acc0[i];
     }
   }
   for (int64_t k = 0; k < K; ++k) {
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb);
-    const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + k * ldb + 16);
+    __m512 b1;
+    if constexpr (NR == 32) b1 = _mm512_maskz_loadu_ps(m1, b + k * ldb + 16);
     const float* ak = a + k * a_cs;
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MR; ++i) {
       const __m512 av = _mm512_set1_ps(ak[i * a_rs]);
       acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-      acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+      if constexpr (NR == 32) acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
     }
   }
   _Pragma("GCC unroll 16")
   for (int i = 0; i < MR; ++i) {
     _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
-    _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
+    if constexpr (NR == 32) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
+  }
+}
+
+template <int NR>
+FASTCONV_AVX512 inline void nn_rows(int64_t mr, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                                    int64_t ldb, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1, const float* bias,
+                                    bool load_c) {
+  switch (mr) {
+    case 8: nn_tile<8, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
+    case 7: nn_tile<7, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
+    case 6: nn_tile<6, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
+    case 5: nn_tile<5, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
+    case 4: nn_tile<4, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
+    case 3: nn_tile<3, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
+    case 2: nn_tile<2, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
+    default: nn_tile<1, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
   }
 }
 
@@ -83,9 +100,11 @@ FASTCONV_AVX512 inline void nn_tile(int64_t K, const float* a, int64_t a_rs, int
 FASTCONV_AVX512 inline void gemm_nn_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs,
                                            int64_t a_cs, const float* b, int64_t ldb, float* c, int64_t ldc,
                                            const float* bias, bool accumulate) {
-  constexpr int64_t kBlockK = 256;  // a 256 x 32 panel of B (32 KiB) stays in L1 across the rows of A
-  for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kBlockK) {
-    const int64_t kc = std::min(kBlockK, K - k0);
+  // k-blocks of at most 320 rows: a 320 x 32 panel of B (40 KiB) stays in L1 across the rows of A
+  const int64_t k_blocks = std::max<int64_t>(1, (K + 319) / 320);
+  const int64_t block_k = std::max<int64_t>(1, (K + k_blocks - 1) / k_blocks);
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += block_k) {
+    const int64_t kc = std::min(block_k, K - k0);
     const bool load_c = accumulate || k0 > 0;
     for (int64_t n0 = 0; n0 < N; n0 += 32) {
       const __mmask16 m0 = detail::tail_mask(N - n0);
@@ -95,15 +114,10 @@ FASTCONV_AVX512 inline void gemm_nn_avx512(int64_t M, int64_t N, int64_t K, cons
         const float* ap = a + i0 * a_rs + k0 * a_cs;
         float* cp = c + i0 * ldc + n0;
         const float* bi = bias ? bias + i0 : nullptr;
-        switch (std::min<int64_t>(8, M - i0)) {
-          case 8: detail::nn_tile<8>(kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c); break;
-          case 7: detail::nn_tile<7>(kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c); break;
-          case 6: detail::nn_tile<6>(kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c); break;
-          case 5: detail::nn_tile<5>(kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c); break;
-          case 4: detail::nn_tile<4>(kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c); break;
-          case 3: detail::nn_tile<3>(kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c); break;
-          case 2: detail::nn_tile<2>(kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c); break;
-          default: detail::nn_tile<1>(kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c); break;
+        if (N - n0 > 16) {
+          detail::nn_rows<32>(std::min<int64_t>(8, M - i0), kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c);
+        } else {  // a tail of at most 16 columns: half the FMAs
+          detail::nn_rows<16>(std::min<int64_t>(8, M - i0), kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c);
         }
       }
     }
