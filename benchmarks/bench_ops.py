@@ -693,7 +693,15 @@ def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
-def summary_table(records, peers, gpu):
+def time_stats(m, ms):
+    """Median, IQR, mean, min and 10th percentile of a merged Measurement's per-call block times."""
+    ts = sorted(m.times)
+    return {"median": m.median, "iqr": m.iqr, "mean": m.mean, "min": ts[0],
+            "p10": ts[min(len(ts) - 1, int(0.1 * len(ts)))], "blocks": len(ts),
+            "calls": sum(x.number_per_run * len(x.raw_times) for x in ms)}
+
+
+def summary_table(records, peers, gpu, stat="median"):
     cols = ["row", "fastconv"]
     for p in peers:
         cols += [p, f"fc/{p}"]
@@ -704,9 +712,9 @@ def summary_table(records, peers, gpu):
     lines = []
     for r in records:
         t = r["times"]
-        cells = [r["name"], fmt_time(t.get("fastconv", {}).get("median"))]
+        cells = [r["name"], fmt_time(t.get("fastconv", {}).get(stat))]
         for p in peers:
-            cells.append(fmt_time(t.get(p, {}).get("median")) if p in t else "-")
+            cells.append(fmt_time(t.get(p, {}).get(stat)) if p in t else "-")
             ratio = r["ratios"].get(p)
             cells.append(f"{ratio:.2f}" if ratio is not None else "-")
         fc = r.get("fastconv_rate", {})
@@ -726,7 +734,7 @@ def summary_table(records, peers, gpu):
     return "\n".join(out)
 
 
-def plot(records, peers, path, title):
+def plot(records, peers, path, title, stat="median"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -753,7 +761,7 @@ def plot(records, peers, path, title):
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r["name"] for r in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("time ratio fastconv / peer (median; < 1: fastconv faster)")
+    ax.set_xlabel(f"time ratio fastconv / peer ({stat} of blocks; < 1: fastconv faster)")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="best", fontsize=8)
     ax.grid(axis="x", which="both", alpha=0.3)
@@ -790,6 +798,9 @@ def parse_args(argv):
                    help="wall: wall-clock time (default; synchronises the GPU). thread-cpu: CPU time of the calling "
                         "thread (time.thread_time), only with --device cpu --threads 1: immune to other processes "
                         "preempting the benchmark on a shared machine")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="statistic of the block times used for the summary table, ratios, rates and geometric means "
+                        "(default median; min estimates the unloaded time on a shared machine). All are in the JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--standin", action="store_true",
                    help="if fastconv is not importable, let torch stand in for it (developing the scripts only)")
@@ -862,7 +873,7 @@ def main(argv=None):
     settings = {"suite": args.suite, "quick": args.quick, "tiny": args.tiny, "dtype": args.dtype,
                 "tf32": args.tf32, "tf32_flags": tf32, "min_run_time_s": args.min_run_time, "seed": args.seed,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None,
-                "tolerance_max_rel_err": tol, "peers": peers, "rounds": args.rounds, "timer": args.timer,
+                "tolerance_max_rel_err": tol, "peers": peers, "rounds": args.rounds, "timer": args.timer, "stat": args.stat,
                 "peer_notes": {k: v.note for k, v in impls.items()},
                 "numpy_note": f"NumPy im2col+GEMM (tutorial algorithm) in {args.dtype}, BLAS: {env['numpy_blas']}",
                 "forward_rows": "inputs do not require grad (inference)",
@@ -877,7 +888,7 @@ def main(argv=None):
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
           f"oneDNN {env['onednn']}; threads {threads}; git {env['git_commit']}")
     print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'} ({', '.join(f'{k}={v}' for k, v in tf32.items())}); "
-          f"{args.min_run_time}s timing per row and peer in {args.rounds} alternating rounds, {args.timer} clock; check: max|a-b|/max|b| <= {tol:g}")
+          f"{args.min_run_time}s timing per row and peer in {args.rounds} alternating rounds, {args.timer} clock, {args.stat} of blocks; check: max|a-b|/max|b| <= {tol:g}")
     if use_numpy:
         print(f"numpy peer: {settings['numpy_note']}, {env['numpy_blas_threads']} BLAS threads")
     for k, v in impls.items():
@@ -986,15 +997,14 @@ def main(argv=None):
                 continue
             m = benchmark.Measurement.merge(ms)[0]
             measurements.append(m)
-            rec["times"][pname] = {"median": m.median, "iqr": m.iqr, "mean": m.mean, "blocks": len(m.times),
-                                   "calls": sum(x.number_per_run * len(x.raw_times) for x in ms),
-                                   "calls_per_block": [x.number_per_run for x in ms]}
+            rec["times"][pname] = dict(time_stats(m, ms), calls_per_block=[x.number_per_run for x in ms])
+            t_stat = rec["times"][pname][args.stat]
             if flops:
-                rec.setdefault("gflops", {})[pname] = flops / m.median / 1e9
-            rec.setdefault("gbps", {})[pname] = nbytes / m.median / 1e9
-        fct = rec["times"].get("fastconv", {}).get("median")
+                rec.setdefault("gflops", {})[pname] = flops / t_stat / 1e9
+            rec.setdefault("gbps", {})[pname] = nbytes / t_stat / 1e9
+        fct = rec["times"].get("fastconv", {}).get(args.stat)
         for pname in peers:
-            pt = rec["times"].get(pname, {}).get("median")
+            pt = rec["times"].get(pname, {}).get(args.stat)
             if fct and pt:
                 rec["ratios"][pname] = fct / pt
         if fct:
@@ -1016,7 +1026,7 @@ def main(argv=None):
         cmp = benchmark.Compare(measurements)
         cmp.trim_significant_figures()
         cmp.print()
-    print(summary_table(records, peers, gpu))
+    print(summary_table(records, peers, gpu, args.stat))
     print()
     geo = {p: geomean([r["ratios"].get(p) for r in records]) for p in peers}
     geo_core = {p: geomean([r["ratios"].get(p) for r in records if r["core"]]) for p in peers}
@@ -1037,6 +1047,7 @@ def main(argv=None):
     tag += ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
     tag += f"-{threads}thread" if args.threads and not gpu else ""
     tag += "-cputime" if args.timer == "thread-cpu" else ""
+    tag += "-min" if args.stat == "min" else ""
     tag += f"-{args.dtype}" if args.dtype != "float32" else ""
     tag += "-tf32" if args.tf32 else ""
     out_json = args.json or default_output("bench_ops", tag, device)
@@ -1051,7 +1062,7 @@ def main(argv=None):
         png = args.png or os.path.splitext(out_json)[0] + ".png"
         title = (f"fastconv {args.suite} suite, {args.dtype}, TF32 {'on' if args.tf32 else 'off'} - {env['device_name']}, "
                  f"{threads} threads - {env['date'][:10]} - {env['git_commit'][:12]}")
-        if plot(records, peers, png, title):
+        if plot(records, peers, png, title, args.stat):
             print(f"wrote {png}")
     return 1 if failures else 0
 

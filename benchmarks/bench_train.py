@@ -135,6 +135,7 @@ def parse_args(argv):
     p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/bench_train[-quick]-<device>-<date>.json)")
     p.add_argument("--timer", choices=("wall", "thread-cpu"), default="wall",
                    help="thread-cpu: CPU time of the calling thread, only with --device cpu --threads 1 (see bench_ops.py)")
+    p.add_argument("--stat", choices=("median", "min"), default="median", help="statistic of the block times reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--standin", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -183,7 +184,7 @@ def main(argv=None):
     env = bench_ops.env_info(device, threads)
     settings = {"quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32, "tf32_flags": tf32,
                 "optimizer": f"Adam(lr={args.lr})", "loss": "cross_entropy", "num_classes": NUM_CLASSES,
-                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "timer": args.timer, "seed": args.seed, "tolerance_max_rel_err": tol,
+                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "timer": args.timer, "stat": args.stat, "seed": args.seed, "tolerance_max_rel_err": tol,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None, "modes": modes,
                 "step": "zero_grad(set_to_none) + forward + cross_entropy + backward + Adam.step",
                 "cuda_graph": "torch.cuda.graph capture of the whole step, Adam(capturable=True), static input"}
@@ -191,7 +192,7 @@ def main(argv=None):
           f"{' (tiny)' if args.tiny else ''}")
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
           f"threads {threads}; git {env['git_commit']}")
-    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing per row and side in {args.rounds} alternating rounds, {args.timer} clock")
+    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing per row and side in {args.rounds} alternating rounds, {args.timer} clock, {args.stat} of blocks")
     if not gpu and env["loadavg_start"] and env["loadavg_start"][0] > 0.5:
         print(f"WARNING: 1-minute load average is {env['loadavg_start'][0]:.2f}: other processes are using the CPU; "
               "timings will be noisy")
@@ -253,11 +254,10 @@ def main(argv=None):
                     continue
                 m = benchmark.Measurement.merge(ms)[0]
                 measurements.append(m)
-                rec["times"][impl] = {"median": m.median, "iqr": m.iqr, "mean": m.mean, "blocks": len(m.times),
-                                      "calls": sum(x.number_per_run * len(x.raw_times) for x in ms),
-                                      "images_per_s": batch / m.median}
-            f_t = rec["times"].get("fastconv", {}).get("median")
-            t_t = rec["times"].get("torch", {}).get("median")
+                rec["times"][impl] = bench_ops.time_stats(m, ms)
+                rec["times"][impl]["images_per_s"] = batch / rec["times"][impl][args.stat]
+            f_t = rec["times"].get("fastconv", {}).get(args.stat)
+            t_t = rec["times"].get("torch", {}).get(args.stat)
             if f_t and t_t:
                 rec["ratio"] = f_t / t_t
             records.append(rec)
@@ -276,7 +276,7 @@ def main(argv=None):
     lines = []
     for r in records:
         f, t = r["times"].get("fastconv", {}), r["times"].get("torch", {})
-        lines.append([r["name"], bench_ops.fmt_time(f.get("median")), bench_ops.fmt_time(t.get("median")),
+        lines.append([r["name"], bench_ops.fmt_time(f.get(args.stat)), bench_ops.fmt_time(t.get(args.stat)),
                       f"{r['ratio']:.2f}" if "ratio" in r else "-",
                       f"{f['images_per_s']:.1f}" if f else "-", f"{t['images_per_s']:.1f}" if t else "-"])
     widths = [max(len(c[i]) for c in [cols] + lines) for i in range(len(cols))]
@@ -294,6 +294,7 @@ def main(argv=None):
 
     tag = ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
     tag += (f"-{threads}thread" if args.threads and not gpu else "") + ("-cputime" if args.timer == "thread-cpu" else "")
+    tag += "-min" if args.stat == "min" else ""
     out_json = args.json or bench_ops.default_output("bench_train", tag, device)
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, "w") as f:
