@@ -52,6 +52,16 @@ inline void check_float_tensor(const at::Tensor& t, const char* op, const char* 
               t.scalar_type());
 }
 
+// stride, padding and dilation: pairs, positive, positive, non-negative (conv and pool alike)
+inline void check_window(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, const char* op) {
+  check_pair(stride, op, "stride");
+  check_pair(padding, op, "padding");
+  check_pair(dilation, op, "dilation");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
+}
+
 }  // namespace detail
 
 // The output-size formula of a convolution: (H + 2P - dilation*(K-1) - 1) // S + 1.
@@ -86,12 +96,7 @@ inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weig
               ") and weight (", weight.scalar_type(), ") must have the same dtype");
   TORCH_CHECK(input.device() == weight.device(), op, ": input is on ", input.device(), " but weight is on ",
               weight.device(), "; move them to the same device");
-  detail::check_pair(stride, op, "stride");
-  detail::check_pair(padding, op, "padding");
-  detail::check_pair(dilation, op, "dilation");
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
+  detail::check_window(stride, padding, dilation, op);
   TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
 
   Conv2dParams p;
@@ -146,13 +151,8 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
   TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(),
               "-D input of size ", shape_str(input.sizes()));
   detail::check_pair(kernel_size, op, "kernel_size");
-  detail::check_pair(stride, op, "stride");
-  detail::check_pair(padding, op, "padding");
-  detail::check_pair(dilation, op, "dilation");
   TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op, ": kernel_size must be positive, got ", kernel_size);
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
+  detail::check_window(stride, padding, dilation, op);
   Pool2dParams p;
   p.batch = input.size(0);
   p.channels = input.size(1);

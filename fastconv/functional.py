@@ -62,21 +62,9 @@ class Conv2dFunction(torch.autograd.Function):
     def forward(input, weight, bias, stride, padding, dilation, groups):
         return ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
-        ctx.conv_args = (stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        if not any(mask):
-            return (None,) * 7
-        gi, gw, gb = ops._conv2d_backward(grad_output.contiguous(), input, weight, *ctx.conv_args, mask)
-        return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
+    # the same autograd formulas as the registered op's (fastconv/_ops.py), so both paths agree
+    setup_context = staticmethod(_ops._conv2d_setup_context)
+    backward = staticmethod(_ops._conv2d_backward)
 
 
 class MaxPool2dFunction(torch.autograd.Function):
@@ -90,21 +78,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
         return ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, kernel_size, stride, padding, dilation, ceil_mode = inputs
-        _, indices = output
-        ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(input, indices)
-        ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode)
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_indices):
-        input, indices = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 6
-        gi = ops._max_pool2d_backward(grad_output.contiguous(), input, indices, *ctx.pool_args)
-        return gi, None, None, None, None, None
+    setup_context = staticmethod(_ops._max_pool2d_setup_context)
+    backward = staticmethod(_ops._max_pool2d_backward)
 
 
 def _check_tensor(t, name, op):
