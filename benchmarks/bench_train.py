@@ -33,8 +33,9 @@ MODELS = {
     "alexnet": {"batch": 32, "in_channels": 3, "size": 224, "tiny": (2, 63)},  # 63: AlexNet.MIN_SIZE
 }
 NUM_CLASSES = 10
-TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-8}
-TOLERANCE_TF32 = 2e-2
+# Against the float64 run of the torch model; see check_pair.
+TOLERANCE = {torch.float32: {"output": 1e-4, "grad": 1e-2}, torch.float64: {"output": 1e-10, "grad": 1e-8}}
+TOLERANCE_TF32 = {"output": 1e-2, "grad": 5e-2}
 
 
 def load_builders(standin=False):
@@ -67,24 +68,53 @@ def rel_err(a, b):
     return bench_ops.rel_err(a, b)
 
 
+def _fwd_bwd(m, x, y):
+    m.eval()
+    m.zero_grad(set_to_none=True)
+    logits = m(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    out = {"logits": logits.detach(), "loss": loss.detach()}
+    out.update({f"grad.{k}": p.grad.detach().clone() for k, p in m.named_parameters()})
+    m.zero_grad(set_to_none=True)
+    m.train()
+    return out
+
+
+def norm_err(a, b):
+    if a is None:
+        return float("inf")
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
 def check_pair(fc, ref, x, y, tol):
-    """Forward + backward of both in eval mode (no dropout); max relative error per tensor."""
-    errs = {}
-    outs = {}
-    for tag, m in (("fastconv", fc), ("torch", ref)):
-        m.eval()
-        m.zero_grad(set_to_none=True)
-        logits = m(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        outs[tag] = (logits.detach(), loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters()})
-        m.zero_grad(set_to_none=True)
-        m.train()
-    errs["logits"] = rel_err(outs["fastconv"][0], outs["torch"][0])
-    errs["loss"] = rel_err(outs["fastconv"][1], outs["torch"][1])
-    for k, g in outs["torch"][2].items():
-        errs[f"grad.{k}"] = rel_err(outs["fastconv"][2].get(k), g)
-    bad = {k: v for k, v in errs.items() if not v <= tol}
+    """Forward + backward of both in eval mode (no dropout), each measured against the torch model
+    run in float64: logits and loss by max|a-b|/max|b| <= tol["output"], every parameter gradient
+    by ||a-b||/||b|| <= tol["grad"].
+
+    Gradients get a norm-wise and looser test on purpose: in a deep float32 network a rounding-level
+    difference in a conv output flips the argmax of the odd max-pool window with a near-tie, which
+    moves that window's gradient to another input element. In AlexNet at batch 32 this happens a few
+    times per run for torch's float32 path and for fastconv's alike and leaves max-relative gradient
+    errors of ~1e-3 (norm-wise ~1e-3 or below); a wrong gradient would be off by O(1).
+    """
+    got = _fwd_bwd(fc, x, y)
+    mine = _fwd_bwd(ref, x, y)
+    if x.dtype == torch.float64:
+        exact = mine
+    else:
+        ref64 = copy.deepcopy(ref).double()
+        exact = _fwd_bwd(ref64, x.double(), y)
+        del ref64
+    errs, bad = {}, {}
+    for k, e in exact.items():
+        grad = k.startswith("grad.")
+        fn, limit = (norm_err, tol["grad"]) if grad else (rel_err, tol["output"])
+        errs[k] = {"fastconv": fn(got.get(k), e), "torch": fn(mine[k], e), "metric": "normwise" if grad else "max_rel",
+                   "tolerance": limit}
+        if not errs[k]["fastconv"] <= limit:
+            bad[k] = errs[k]
     return not bad, errs, bad
 
 
@@ -184,7 +214,7 @@ def main(argv=None):
     env = bench_ops.env_info(device, threads)
     settings = {"quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32, "tf32_flags": tf32,
                 "optimizer": f"Adam(lr={args.lr})", "loss": "cross_entropy", "num_classes": NUM_CLASSES,
-                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "timer": args.timer, "stat": args.stat, "seed": args.seed, "tolerance_max_rel_err": tol,
+                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "timer": args.timer, "stat": args.stat, "seed": args.seed, "tolerance": tol,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None, "modes": modes,
                 "step": "zero_grad(set_to_none) + forward + cross_entropy + backward + Adam.step",
                 "cuda_graph": "torch.cuda.graph capture of the whole step, Adam(capturable=True), static input"}
@@ -217,7 +247,7 @@ def main(argv=None):
         for mode in modes:
             rec = {"id": f"{name}/{mode}", "name": f"{name} {shape} {mode}", "model": name, "mode": mode,
                    "batch": batch, "input_shape": [batch, spec["in_channels"], size, size], "params": nparams,
-                   "check": {"ok": ok, "max_rel_err": errs, "tolerance": tol}, "times": {}, "errors": {}}
+                   "check": {"ok": ok, "errors": errs, "tolerance": tol}, "times": {}, "errors": {}}
             if not ok:
                 failures.append(rec["id"])
                 records.append(rec)
