@@ -760,7 +760,7 @@ def plot(records, peers, path, title, stat="median"):
         ax.set_xlim(min(min(finite), 1) / 2, max(max(finite), 1) * 2)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r["name"] for r in rows], fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, no margins
     ax.set_xlabel(f"time ratio fastconv / peer ({stat} of blocks; < 1: fastconv faster)")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="best", fontsize=8)
@@ -1061,7 +1061,7 @@ def main(argv=None):
     if not args.no_png:
         png = args.png or os.path.splitext(out_json)[0] + ".png"
         title = (f"fastconv {args.suite} suite, {args.dtype}, TF32 {'on' if args.tf32 else 'off'} - {env['device_name']}, "
-                 f"{threads} threads - {env['date'][:10]} - {env['git_commit'][:12]}")
+                 f"{threads} thread{'s' if threads > 1 else ''} - {env['date'][:10]} - {env['git_commit'][:12]}")
         if plot(records, peers, png, title, args.stat):
             print(f"wrote {png}")
     return 1 if failures else 0
