@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "conv_params.h"
 
@@ -24,35 +25,62 @@ inline void valid_range(int64_t offset, int64_t stride, int64_t in, int64_t out,
   hi = std::max(lo, std::min(hi, out));
 }
 
+// Short rows (LeNet's are 8 elements) make per-row costs dominate: the valid column range of each
+// kw is computed once per band, not per (channel, kh, kw) (it costs two divisions), and the row
+// copies are plain loops kept inline (no memcpy/memset call per 8-element row).
+#define FASTCONV_INLINE_LOOPS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+
+struct ColumnRanges {
+  static constexpr int kMaxInline = 16;
+  int64_t lo_buf[kMaxInline], hi_buf[kMaxInline];
+  std::vector<int64_t> heap;
+  int64_t* lo;
+  int64_t* hi;
+  explicit ColumnRanges(const Conv2dParams& p) {
+    const int64_t KW = p.kernel_w;
+    if (KW <= kMaxInline) {
+      lo = lo_buf;
+      hi = hi_buf;
+    } else {
+      heap.resize(2 * KW);
+      lo = heap.data();
+      hi = heap.data() + KW;
+    }
+    for (int64_t kw = 0; kw < KW; ++kw) {
+      valid_range(kw * p.dilation_w - p.pad_w, p.stride_w, p.in_w, p.out_w, lo[kw], hi[kw]);
+    }
+  }
+};
+
 // im: C x H x W (contiguous), col: (C*KH*KW) x ((oh1-oh0)*OW), row-major, rows `ld` apart.
 template <typename T>
-void im2col_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t oh0, int64_t oh1, T* col,
-                 int64_t ld) {
-  const int64_t OW = p.out_w, W = p.in_w, H = p.in_h;
+FASTCONV_INLINE_LOOPS void im2col_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t oh0,
+                                       int64_t oh1, T* col, int64_t ld) {
+  const int64_t OW = p.out_w, W = p.in_w, H = p.in_h, SW = p.stride_w;
   const int64_t band = oh1 - oh0;
+  const ColumnRanges ranges(p);
   for (int64_t c = 0; c < channels; ++c) {
     const T* im_c = im + c * H * W;
     for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
       for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
         T* dst = col + ((c * p.kernel_h + kh) * p.kernel_w + kw) * ld;
         const int64_t off_w = kw * p.dilation_w - p.pad_w;
-        int64_t ow_lo, ow_hi;
-        valid_range(off_w, p.stride_w, W, OW, ow_lo, ow_hi);
+        const int64_t lo = ranges.lo[kw], hi = ranges.hi[kw];
         for (int64_t r = 0; r < band; ++r) {
           T* d = dst + r * OW;
           const int64_t ih = (oh0 + r) * p.stride_h - p.pad_h + kh * p.dilation_h;
           if (ih < 0 || ih >= H) {
-            std::fill(d, d + OW, T(0));
+            for (int64_t ow = 0; ow < OW; ++ow) d[ow] = T(0);
             continue;
           }
-          std::fill(d, d + ow_lo, T(0));
           const T* src = im_c + ih * W + off_w;
-          if (p.stride_w == 1) {
-            std::memcpy(d + ow_lo, src + ow_lo, sizeof(T) * (ow_hi - ow_lo));
+          for (int64_t ow = 0; ow < lo; ++ow) d[ow] = T(0);
+          if (SW == 1) {
+            for (int64_t ow = lo; ow < hi; ++ow) d[ow] = src[ow];
           } else {
-            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow] = src[ow * p.stride_w];
+            for (int64_t ow = lo; ow < hi; ++ow) d[ow] = src[ow * SW];
           }
-          std::fill(d + ow_hi, d + OW, T(0));
+          for (int64_t ow = hi; ow < OW; ++ow) d[ow] = T(0);
         }
       }
     }
@@ -97,27 +125,27 @@ void im2row_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t o
 // Adds the column tile of output rows [oh0, oh1) back into the image it came from (the adjoint of
 // im2col_band). im must be zeroed by the caller before the first band.
 template <typename T>
-void col2im_band_add(const T* col, int64_t ld, int64_t channels, const Conv2dParams& p, int64_t oh0, int64_t oh1,
-                     T* im) {
-  const int64_t OW = p.out_w, W = p.in_w, H = p.in_h;
+FASTCONV_INLINE_LOOPS void col2im_band_add(const T* col, int64_t ld, int64_t channels, const Conv2dParams& p,
+                                           int64_t oh0, int64_t oh1, T* im) {
+  const int64_t OW = p.out_w, W = p.in_w, H = p.in_h, SW = p.stride_w;
   const int64_t band = oh1 - oh0;
+  const ColumnRanges ranges(p);
   for (int64_t c = 0; c < channels; ++c) {
     T* im_c = im + c * H * W;
     for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
       for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
         const T* src = col + ((c * p.kernel_h + kh) * p.kernel_w + kw) * ld;
         const int64_t off_w = kw * p.dilation_w - p.pad_w;
-        int64_t ow_lo, ow_hi;
-        valid_range(off_w, p.stride_w, W, OW, ow_lo, ow_hi);
+        const int64_t lo = ranges.lo[kw], hi = ranges.hi[kw];
         for (int64_t r = 0; r < band; ++r) {
           const int64_t ih = (oh0 + r) * p.stride_h - p.pad_h + kh * p.dilation_h;
           if (ih < 0 || ih >= H) continue;
           const T* s = src + r * OW;
           T* d = im_c + ih * W + off_w;
-          if (p.stride_w == 1) {
-            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow] += s[ow];
+          if (SW == 1) {
+            for (int64_t ow = lo; ow < hi; ++ow) d[ow] += s[ow];
           } else {
-            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow * p.stride_w] += s[ow];
+            for (int64_t ow = lo; ow < hi; ++ow) d[ow * SW] += s[ow];
           }
         }
       }
