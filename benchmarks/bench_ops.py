@@ -58,7 +58,8 @@ def _aten_conv2d_backward(grad_out, x, w, stride, padding, dilation, groups, mas
 
 
 def _aten_max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode):
-    return torch.ops.aten.max_pool2d_with_indices(x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+    return torch.ops.aten.max_pool2d_with_indices(
+        x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
 
 
 def _aten_max_pool2d_backward(grad_out, x, indices, kernel, stride, padding, dilation, ceil_mode):
@@ -188,7 +189,8 @@ class ConvCase:
 
     def sizes(self):
         oh, ow = self.out_hw
-        return {"input": self.n * self.c * self.h * self.w, "weight": self.cout * (self.c // self.groups) * self.kh * self.kw,
+        return {"input": self.n * self.c * self.h * self.w,
+                "weight": self.cout * (self.c // self.groups) * self.kh * self.kw,
                 "bias": self.cout if self.bias else 0, "output": self.n * self.cout * oh * ow}
 
 
@@ -453,7 +455,8 @@ def results_of(impl, case, inp):
 def numpy_results(case, npin):
     args = _conv_args(case)
     y, col = numpy_im2col.conv2d_forward(npin["x"], npin["w"], npin["b"], *args, return_col=True)
-    gi, gw, gb = numpy_im2col.conv2d_backward(npin["go"], npin["x"], npin["w"], *args, (True, True, npin["b"] is not None))
+    mask = (True, True, npin["b"] is not None)
+    gi, gw, gb = numpy_im2col.conv2d_backward(npin["go"], npin["x"], npin["w"], *args, mask)
     out = {"output": y, "op.grad_input": gi, "op.grad_weight": gw}
     if npin["b"] is not None:
         out["op.grad_bias"] = gb
@@ -541,8 +544,10 @@ GPU_PEAKS = [
     ("H200 NVL", {"name": "H200 NVL", "fp64": 30e12, "fp32": 60e12, "tf32": 417e12, "fp16": 835e12, "bw": 4.8e12}),
     ("H200", {"name": "H200 SXM", "fp64": 34e12, "fp32": 67e12, "tf32": 494.7e12, "fp16": 989.4e12, "bw": 4.8e12}),
     ("H100 NVL", {"name": "H100 NVL", "fp64": 30e12, "fp32": 60e12, "tf32": 417e12, "fp16": 835e12, "bw": 3.9e12}),
-    ("H100 PCIe", {"name": "H100 PCIe", "fp64": 25.6e12, "fp32": 51.2e12, "tf32": 378e12, "fp16": 756e12, "bw": 2.0e12}),
-    ("H100 80GB HBM3", {"name": "H100 SXM", "fp64": 34e12, "fp32": 67e12, "tf32": 494.7e12, "fp16": 989.4e12, "bw": 3.35e12}),
+    ("H100 PCIe", {"name": "H100 PCIe", "fp64": 25.6e12, "fp32": 51.2e12, "tf32": 378e12, "fp16": 756e12,
+                   "bw": 2.0e12}),
+    ("H100 80GB HBM3", {"name": "H100 SXM", "fp64": 34e12, "fp32": 67e12, "tf32": 494.7e12, "fp16": 989.4e12,
+                        "bw": 3.35e12}),
     ("H100 SXM", {"name": "H100 SXM", "fp64": 34e12, "fp32": 67e12, "tf32": 494.7e12, "fp16": 989.4e12, "bw": 3.35e12}),
 ]
 
@@ -611,7 +616,8 @@ def slug(s):
 
 def git_commit():
     try:
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                      stderr=subprocess.DEVNULL).strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "csrc", "fastconv", "setup.py"], cwd=ROOT,
                                stderr=subprocess.DEVNULL).returncode != 0
         return sha + ("-dirty" if dirty else "")
@@ -777,21 +783,27 @@ def plot(records, peers, path, title, stat="median"):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("core", "full"), default=None,
-                   help="core: the issue #2 gate rows (fwd+bwd); full: every layer and pass (default; core with --quick)")
+                   help="core: the issue #2 gate rows (fwd+bwd); full: every layer and pass "
+                        "(default; core with --quick)")
     p.add_argument("--quick", action="store_true", help="short timing (0.2 s per row and peer); implies --suite core")
     p.add_argument("--tiny", action="store_true", help="shrink batches and images (for tests; same row names)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch, fastconv and NumPy's BLAS (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch, fastconv and NumPy's BLAS (default: torch's)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in cuBLAS/cuDNN (off by default on both sides)")
     p.add_argument("--peers", default=None,
-                   help="comma-separated peers: torch, numpy (CPU, float32/64), torch-no-cudnn (GPU), torch-no-onednn (CPU). "
+                   help="comma-separated peers: torch, numpy (CPU, float32/64), torch-no-cudnn (GPU), "
+                        "torch-no-onednn (CPU). "
                         "Default: torch,numpy on CPU; torch,torch-no-cudnn on GPU")
     p.add_argument("--filter", default=None, help="regex; only rows whose name matches")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per row and peer (default 0.6; 0.2 with --quick)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timing per row and peer (default 0.6; 0.2 with --quick)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="timing rounds per row, alternating the peers; min-run-time is split across them (default 3; 2 with --quick)")
-    p.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/bench_ops[-suite]-<device>-<date>.json)")
+                   help="timing rounds per row, alternating the peers; min-run-time is split across them "
+                        "(default 3; 2 with --quick)")
+    p.add_argument("--json", default=None,
+                   help="output JSON path (default benchmarks/results/bench_ops[-suite]-<device>-<date>.json)")
     p.add_argument("--png", default=None, help="output chart path (default: the JSON path with .png)")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--timer", choices=("wall", "thread-cpu"), default="wall",
@@ -873,7 +885,8 @@ def main(argv=None):
     settings = {"suite": args.suite, "quick": args.quick, "tiny": args.tiny, "dtype": args.dtype,
                 "tf32": args.tf32, "tf32_flags": tf32, "min_run_time_s": args.min_run_time, "seed": args.seed,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None,
-                "tolerance_max_rel_err": tol, "peers": peers, "rounds": args.rounds, "timer": args.timer, "stat": args.stat,
+                "tolerance_max_rel_err": tol, "peers": peers, "rounds": args.rounds, "timer": args.timer,
+                "stat": args.stat,
                 "peer_notes": {k: v.note for k, v in impls.items()},
                 "numpy_note": f"NumPy im2col+GEMM (tutorial algorithm) in {args.dtype}, BLAS: {env['numpy_blas']}",
                 "forward_rows": "inputs do not require grad (inference)",
@@ -887,8 +900,10 @@ def main(argv=None):
           f"{len(rows)} rows, peers: fastconv vs {', '.join(peers)}")
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
           f"oneDNN {env['onednn']}; threads {threads}; git {env['git_commit']}")
-    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'} ({', '.join(f'{k}={v}' for k, v in tf32.items())}); "
-          f"{args.min_run_time}s timing per row and peer in {args.rounds} alternating rounds, {args.timer} clock, {args.stat} of blocks; check: max|a-b|/max|b| <= {tol:g}")
+    flags = ", ".join(f"{k}={v}" for k, v in tf32.items())
+    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'} ({flags}); "
+          f"{args.min_run_time}s timing per row and peer in {args.rounds} alternating rounds, {args.timer} clock, "
+          f"{args.stat} of blocks; check: max|a-b|/max|b| <= {tol:g}")
     if use_numpy:
         print(f"numpy peer: {settings['numpy_note']}, {env['numpy_blas_threads']} BLAS threads")
     for k, v in impls.items():
@@ -939,9 +954,10 @@ def main(argv=None):
                         status["peer_errors"][pname] = f"{type(exc).__name__}: {exc}"
                 if npin is not None:
                     try:
-                        nref = {k: v for k, v in ref.items() if k in ("output", "op.grad_input", "op.grad_weight", "op.grad_bias")}
-                        pok, perrs = compare({k: torch.from_numpy(np.asarray(v)) for k, v in numpy_results(case, npin).items()},
-                                             nref, tol)
+                        keys = ("output", "op.grad_input", "op.grad_weight", "op.grad_bias")
+                        nref = {k: v for k, v in ref.items() if k in keys}
+                        nres = {k: torch.from_numpy(np.asarray(v)) for k, v in numpy_results(case, npin).items()}
+                        pok, perrs = compare(nres, nref, tol)
                         status["errors"]["numpy"] = perrs
                         if not pok:
                             status["peer_errors"]["numpy"] = "mismatch vs torch"
@@ -1060,7 +1076,8 @@ def main(argv=None):
     print(f"wrote {out_json}")
     if not args.no_png:
         png = args.png or os.path.splitext(out_json)[0] + ".png"
-        title = (f"fastconv {args.suite} suite, {args.dtype}, TF32 {'on' if args.tf32 else 'off'} - {env['device_name']}, "
+        title = (f"fastconv {args.suite} suite, {args.dtype}, TF32 {'on' if args.tf32 else 'off'} - "
+                 f"{env['device_name']}, "
                  f"{threads} thread{'s' if threads > 1 else ''} - {env['date'][:10]} - {env['git_commit'][:12]}")
         if plot(records, peers, png, title, args.stat):
             print(f"wrote {png}")

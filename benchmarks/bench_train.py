@@ -160,11 +160,14 @@ def parse_args(argv):
     p.add_argument("--tf32", action="store_true", help="allow TF32 in cuBLAS/cuDNN (off by default on both sides)")
     p.add_argument("--no-graph", action="store_true", help="on GPU, skip the CUDA-graph rows")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per row and side (default 2.0; 0.2 with --quick)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timing per row and side (default 2.0; 0.2 with --quick)")
     p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; min-run-time is split across them")
-    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/bench_train[-quick]-<device>-<date>.json)")
+    p.add_argument("--json", default=None,
+                   help="output JSON (default benchmarks/results/bench_train[-quick]-<device>-<date>.json)")
     p.add_argument("--timer", choices=("wall", "thread-cpu"), default="wall",
-                   help="thread-cpu: CPU time of the calling thread, only with --device cpu --threads 1 (see bench_ops.py)")
+                   help="thread-cpu: CPU time of the calling thread, only with --device cpu --threads 1 "
+                        "(see bench_ops.py)")
     p.add_argument("--stat", choices=("median", "min"), default="median", help="statistic of the block times reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--standin", action="store_true", help=argparse.SUPPRESS)
@@ -214,7 +217,8 @@ def main(argv=None):
     env = bench_ops.env_info(device, threads)
     settings = {"quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32, "tf32_flags": tf32,
                 "optimizer": f"Adam(lr={args.lr})", "loss": "cross_entropy", "num_classes": NUM_CLASSES,
-                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "timer": args.timer, "stat": args.stat, "seed": args.seed, "tolerance": tol,
+                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "timer": args.timer, "stat": args.stat,
+                "seed": args.seed, "tolerance": tol,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None, "modes": modes,
                 "step": "zero_grad(set_to_none) + forward + cross_entropy + backward + Adam.step",
                 "cuda_graph": "torch.cuda.graph capture of the whole step, Adam(capturable=True), static input"}
@@ -222,12 +226,14 @@ def main(argv=None):
           f"{' (tiny)' if args.tiny else ''}")
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
           f"threads {threads}; git {env['git_commit']}")
-    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing per row and side in {args.rounds} alternating rounds, {args.timer} clock, {args.stat} of blocks")
+    print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing "
+          f"per row and side in {args.rounds} alternating rounds, {args.timer} clock, {args.stat} of blocks")
     if not gpu and env["loadavg_start"] and env["loadavg_start"][0] > 0.5:
         print(f"WARNING: 1-minute load average is {env['loadavg_start'][0]:.2f}: other processes are using the CPU; "
               "timings will be noisy")
     if fc_info.get("standin"):
-        print("WARNING: fastconv is NOT importable; torch models stand in on both sides. These are not fastconv numbers.")
+        print("WARNING: fastconv is NOT importable; torch models stand in on both sides. "
+              "These are not fastconv numbers.")
     sys.stdout.flush()
 
     records, measurements, failures = [], [], []
@@ -275,7 +281,8 @@ def main(argv=None):
                     if impl in rec["errors"]:
                         continue
                     try:
-                        per_round[impl].append(fns[impl].blocked_autorange(min_run_time=args.min_run_time / args.rounds))
+                        m = fns[impl].blocked_autorange(min_run_time=args.min_run_time / args.rounds)
+                        per_round[impl].append(m)
                     except Exception as exc:
                         rec["errors"][impl] = f"{type(exc).__name__}: {exc}"
                         print(f"note: {impl} {mode} failed on {name}: {rec['errors'][impl]}")
@@ -310,20 +317,24 @@ def main(argv=None):
                       f"{r['ratio']:.2f}" if "ratio" in r else "-",
                       f"{f['images_per_s']:.1f}" if f else "-", f"{t['images_per_s']:.1f}" if t else "-"])
     widths = [max(len(c[i]) for c in [cols] + lines) for i in range(len(cols))]
-    fmt = lambda cells: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))  # noqa: E731
+    def fmt(cells):
+        return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
+
     print(fmt(cols))
     print("  ".join("-" * w for w in widths))
     for c in lines:
         print(fmt(c))
     geo = bench_ops.geomean([r.get("ratio") for r in records])
     if geo is not None:
-        print(f"\nGEOMEAN fastconv/torch training-step time ratio over {sum('ratio' in r for r in records)} rows: {geo:.3f}")
+        n = sum("ratio" in r for r in records)
+        print(f"\nGEOMEAN fastconv/torch training-step time ratio over {n} rows: {geo:.3f}")
     if failures:
         print(f"CORRECTNESS FAILED (not timed): {', '.join(failures)}")
     print(f"elapsed {elapsed:.1f} s")
 
     tag = ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
-    tag += (f"-{threads}thread" if args.threads and not gpu else "") + ("-cputime" if args.timer == "thread-cpu" else "")
+    tag += f"-{threads}thread" if args.threads and not gpu else ""
+    tag += "-cputime" if args.timer == "thread-cpu" else ""
     tag += "-min" if args.stat == "min" else ""
     out_json = args.json or bench_ops.default_output("bench_train", tag, device)
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)

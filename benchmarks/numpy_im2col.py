@@ -148,7 +148,8 @@ def _openblas():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
+                               ("openblas", "64_"), ("openblas", "")):
             if hasattr(lib, f"{prefix}_get_num_threads{suffix}"):
                 return lib, prefix, suffix
     return None, None, None
