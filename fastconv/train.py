@@ -643,6 +643,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{args.model} on {args.dataset} ({payload['train_images']:,} train images, {info.device})")
             log(f"\nwrote {_log_path(args, 'json')}, {_log_path(args, 'png')}, "
                 + ", ".join(_checkpoint_path(args, impl) for impl in args.impls))
+        if info.enabled:
+            # Leave together: a rank that tears down gloo while rank 0 still writes the log and plot
+            # can abort ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()

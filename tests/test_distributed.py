@@ -65,6 +65,7 @@ def _worker(rank: int, port: int, out_dir: str, model_name: str) -> None:
                        os.path.join(out_dir, "ddp.pt"))
         else:
             torch.save({k: p.grad.clone() for k, p in model.named_parameters()}, os.path.join(out_dir, "rank1.pt"))
+        dist.barrier()  # leave together (see fastconv.train.main)
     finally:
         dist.destroy_process_group()
 
@@ -96,7 +97,7 @@ def test_cli_under_torchrun(tmp_path):
            "--no-download", "--limit", "200", "--batch-size", "50", "--out", str(out), "--impl", "fastconv",
            "--device", "cpu", "--no-progress"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     # Only rank 0 prints and writes.
     assert proc.stdout.count("fastconv.train: mnist_cnn") == 1
     assert proc.stdout.count("[fastconv] epoch 1/1") == 1
