@@ -70,6 +70,7 @@ def _worker(rank: int, port: int, out_dir: str, model_name: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["mnist_cnn"])
 def test_ddp_gradients_equal_single_process_full_batch(tmp_path, model_name):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), model_name), nprocs=WORLD, join=True)
@@ -88,6 +89,7 @@ def test_ddp_gradients_equal_single_process_full_batch(tmp_path, model_name):
         torch.testing.assert_close(grads_rank1[k], ddp["grads"][k], rtol=0, atol=0, msg=k)  # all-reduced
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun(tmp_path):
     data_dir = _write_tiny_mnist(tmp_path / "data", n_train=200, n_test=50)
     out = tmp_path / "runs"

@@ -75,10 +75,13 @@ def test_state_dict_loads_across_impls(name):
     torch.testing.assert_close(fc2(x), fc(x))
 
 
-def test_gradients_match_torch_twin():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_gradients_match_torch_twin(device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare fp32 with fp32
     fc, tn = _pair("mnist_cnn", seed=3)
-    x = torch.randn(4, 1, 28, 28)
-    y = torch.tensor([0, 3, 7, 9])
+    fc, tn = fc.to(device), tn.to(device)
+    x = torch.randn(4, 1, 28, 28, device=device)
+    y = torch.tensor([0, 3, 7, 9], device=device)
     for m in (fc, tn):
         nn.functional.cross_entropy(m(x), y).backward()
     for (k, p_fc), (_, p_tn) in zip(fc.named_parameters(), tn.named_parameters()):

@@ -96,6 +96,7 @@ def test_tiny_training_run_loss_falls_and_matches_torch(name):
     torch.testing.assert_close(torch.tensor(losses["fastconv"]), torch.tensor(losses["torch"]), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_and_resume(tmp_path):
     data_dir = write_tiny_mnist(tmp_path / "data")
     out = tmp_path / "runs"
@@ -197,3 +198,18 @@ def test_interleaved_schedule_equals_sequential(tmp_path):
     tn = torch.load(tmp_path / "interleaved" / "configurable_cnn_mnist_torch.pt", weights_only=False)["model"]
     for k in fc:
         torch.testing.assert_close(fc[k], tn[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.cuda
+def test_cli_on_cuda(tmp_path):
+    data_dir = write_tiny_mnist(tmp_path / "data", n_train=200, n_test=50)
+    proc = run_cli("--dataset", "mnist", "--data-dir", data_dir, "--no-download", "--batch-size", "50",
+                   "--device", "cuda", "--out", str(tmp_path / "o"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    log = json.loads((tmp_path / "o" / "mnist_cnn_mnist.json").read_text())
+    assert log["device"].startswith("cuda")
+    fc, tn = log["runs"]["fastconv"]["epochs"][0], log["runs"]["torch"]["epochs"][0]
+    assert abs(fc["train_loss"] - tn["train_loss"]) < 1e-2  # cuDNN may use TF32
+    # A checkpoint written on the GPU loads into the CPU torch.nn model.
+    ckpt = torch.load(tmp_path / "o" / "mnist_cnn_mnist_fastconv.pt", map_location="cpu", weights_only=False)
+    build_model("mnist_cnn", impl="torch").load_state_dict(ckpt["model"])
