@@ -606,6 +606,22 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def cpu_busy(interval=1.0):
+    """Fraction of all CPUs busy over `interval` seconds (from /proc/stat), measured while this process
+    sleeps: how much other processes are using the machine. None where /proc/stat does not exist."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1.0 - (i1 - i0) / max(1, t1 - t0), 3)
+
+
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
@@ -643,6 +659,7 @@ def env_info(device, threads):
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu_busy_start": cpu_busy(),  # other processes' share of the CPUs just before starting
     }
     m = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show() + torch.__config__.parallel_info())
     if m:
@@ -909,9 +926,9 @@ def main(argv=None):
     for k, v in impls.items():
         if v.note:
             print(f"{k}: {v.note}")
-    if not gpu and env["loadavg_start"] and env["loadavg_start"][0] > 0.5:
-        print(f"WARNING: 1-minute load average is {env['loadavg_start'][0]:.2f} before starting: other processes "
-              "are using the CPU, so CPU timings will be noisy (recorded in the JSON)")
+    if not gpu and env["cpu_busy_start"] is not None and env["cpu_busy_start"] > 0.1:
+        print(f"WARNING: other processes kept {100 * env['cpu_busy_start']:.0f}% of the CPUs busy just before "
+              "starting, so CPU timings will be noisy (cpu_busy_start and loadavg in the JSON)")
     if fc_info.get("standin"):
         print("WARNING: fastconv is NOT importable; torch stands in for it. These are not fastconv numbers.")
     sys.stdout.flush()
@@ -1037,6 +1054,7 @@ def main(argv=None):
 
     elapsed = time.time() - t_start
     env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["cpu_busy_end"] = cpu_busy() if not gpu else None
     print()
     if measurements:
         cmp = benchmark.Compare(measurements)

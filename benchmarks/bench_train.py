@@ -228,9 +228,9 @@ def main(argv=None):
           f"threads {threads}; git {env['git_commit']}")
     print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing "
           f"per row and side in {args.rounds} alternating rounds, {args.timer} clock, {args.stat} of blocks")
-    if not gpu and env["loadavg_start"] and env["loadavg_start"][0] > 0.5:
-        print(f"WARNING: 1-minute load average is {env['loadavg_start'][0]:.2f}: other processes are using the CPU; "
-              "timings will be noisy")
+    if not gpu and env["cpu_busy_start"] is not None and env["cpu_busy_start"] > 0.1:
+        print(f"WARNING: other processes kept {100 * env['cpu_busy_start']:.0f}% of the CPUs busy just before "
+              "starting; CPU timings will be noisy")
     if fc_info.get("standin"):
         print("WARNING: fastconv is NOT importable; torch models stand in on both sides. "
               "These are not fastconv numbers.")
@@ -304,6 +304,7 @@ def main(argv=None):
 
     elapsed = time.time() - t0
     env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["cpu_busy_end"] = bench_ops.cpu_busy() if not gpu else None
     print()
     if measurements:
         cmp = benchmark.Compare(measurements)
