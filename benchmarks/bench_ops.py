@@ -844,13 +844,18 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def pick_device(args, script):
+    """--device (default: cuda when available) as a torch.device; sets args.device."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_ops: --device cuda but torch.cuda.is_available() is False")
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+        raise SystemExit(f"{script}: --device cuda but torch.cuda.is_available() is False")
+    return torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args, "bench_ops")
     dtype = DTYPES[args.dtype]
     gpu = device.type == "cuda"
 

@@ -180,11 +180,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_train: --device cuda but torch.cuda.is_available() is False")
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = bench_ops.pick_device(args, "bench_train")
     gpu = device.type == "cuda"
     dtype = bench_ops.DTYPES[args.dtype]
     threads = args.threads or torch.get_num_threads()
