@@ -8,4 +8,4 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m fastconv.train "$@"
-python benchmarks/bench_ops.py --quick
+python benchmarks/bench_ops.py --quick --json runs/bench_ops_quick.json --png runs/bench_ops_quick.png
