@@ -62,6 +62,17 @@ inline void check_window(at::IntArrayRef stride, at::IntArrayRef padding, at::In
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
 }
 
+// Copies the (checked) stride, padding and dilation pairs into a Conv2dParams or Pool2dParams.
+template <typename Params>
+inline void set_window(Params& p, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  p.stride_h = stride[0];
+  p.stride_w = stride[1];
+  p.pad_h = padding[0];
+  p.pad_w = padding[1];
+  p.dilation_h = dilation[0];
+  p.dilation_w = dilation[1];
+}
+
 }  // namespace detail
 
 // The output-size formula of a convolution: (H + 2P - dilation*(K-1) - 1) // S + 1.
@@ -107,12 +118,7 @@ inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weig
   p.out_channels = weight.size(0);
   p.kernel_h = weight.size(2);
   p.kernel_w = weight.size(3);
-  p.stride_h = stride[0];
-  p.stride_w = stride[1];
-  p.pad_h = padding[0];
-  p.pad_w = padding[1];
-  p.dilation_h = dilation[0];
-  p.dilation_w = dilation[1];
+  detail::set_window(p, stride, padding, dilation);
   p.groups = groups;
 
   TORCH_CHECK(p.out_channels > 0 && p.kernel_h > 0 && p.kernel_w > 0 && weight.size(1) > 0, op,
@@ -160,12 +166,7 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
   p.in_w = input.size(3);
   p.kernel_h = kernel_size[0];
   p.kernel_w = kernel_size[1];
-  p.stride_h = stride[0];
-  p.stride_w = stride[1];
-  p.pad_h = padding[0];
-  p.pad_w = padding[1];
-  p.dilation_h = dilation[0];
-  p.dilation_w = dilation[1];
+  detail::set_window(p, stride, padding, dilation);
   p.ceil_mode = ceil_mode;
   TORCH_CHECK(p.channels > 0 && p.in_h > 0 && p.in_w > 0, op,
               ": expected input with non-zero channels, height and width, got ", shape_str(input.sizes()));
