@@ -444,7 +444,9 @@ def _train_epoch(runs: Sequence[_Run], epoch: int, args, train_data, test_data, 
     for i, (xb, yb) in enumerate(loader):
         xb = xb.to(info.device, non_blocking=True)
         yb = yb.to(info.device, non_blocking=True)
-        for r in runs:
+        # alternate who goes first, so neither always meets the fresh batch (and the other's
+        # freed memory) first
+        for r in (runs if i % 2 == 0 else list(reversed(runs))):
             r.step(xb, yb, last=i == n_batches - 1)
         bar.update(yb.numel() * info.world_size)
         bar.set_postfix_str(" | ".join(r.progress() for r in runs), refresh=False)
