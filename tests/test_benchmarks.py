@@ -172,3 +172,13 @@ def test_bench_train_quick_tiny_cuda(tmp_path):
     out = tmp_path / "train.json"
     run_script("bench_train.py", "--quick", "--tiny", "--device", "cuda", "--json", str(out))
     check_train_json(out, ["eager", "cuda-graph"])
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="needs the Debian package dataset-fashion-mnist")
+def test_real_vs_random_pool_benchmark_runs():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_real_vs_random.py"), "--batch", "4",
+                           "--min-run-time", "0.01"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("pool")]
+    assert len(rows) == 4 and all(" real " in r or " random " in r for r in rows)
