@@ -73,17 +73,19 @@ def test_nan_and_inf_like_torch(device):
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(2, 3, 10, 75), (1, 2, 7, 34), (3, 1, 4, 32), (2, 2, 3, 3)])
-def test_2x2_ties_nan_and_row_tails(shape, dtype, device, poison):
-    # small integers: many ties (real images have flat backgrounds); rows of 37, 17, 16 and 1 outputs
-    # cover the vectorised 2x2 path's full and partial 16-output steps and an odd input width/height
+@pytest.mark.parametrize("kernel", [2, 3])
+@pytest.mark.parametrize("shape", [(2, 3, 10, 75), (1, 2, 7, 34), (3, 1, 4, 32), (2, 2, 3, 3), (1, 2, 9, 35)])
+def test_stride2_ties_nan_and_row_tails(shape, kernel, dtype, device, poison):
+    # small integers: many ties (real images have flat backgrounds); rows of 1 to 37 outputs cover
+    # the vectorised stride-2 path's full and partial 16-output steps, odd sizes, and ceil mode
     x = torch.randint(-2, 3, shape).to(device, dtype)
     x.view(-1)[::29] = math.nan
     x.view(-1)[5::31] = -math.inf
-    out, idx = FC.max_pool2d(x, 2, return_indices=True)
-    ref, ref_idx = F.max_pool2d(x.cpu(), 2, return_indices=True)
-    torch.testing.assert_close(out.cpu(), ref, equal_nan=True, rtol=0, atol=0)
-    assert torch.equal(idx.cpu(), ref_idx)
+    for ceil in (False, True):
+        out, idx = FC.max_pool2d(x, kernel, 2, ceil_mode=ceil, return_indices=True)
+        ref, ref_idx = F.max_pool2d(x.cpu(), kernel, 2, ceil_mode=ceil, return_indices=True)
+        torch.testing.assert_close(out.cpu(), ref, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(idx.cpu(), ref_idx)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

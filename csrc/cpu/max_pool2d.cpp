@@ -41,42 +41,66 @@ inline V select_bits(bool take, V a, V b) {
 // still visits its elements in torch's order (row by row), so ties (first wins), NaN (last NaN
 // wins) and all -inf windows (first in-range element) give torch's exact indices.
 #if FASTCONV_HAVE_AVX512_KERNELS
-// 2x2 windows, stride 2, no padding or dilation, float32: 16 outputs per step. The even and odd
-// columns of two input rows are split with two-source permutes and compared in torch's visiting
-// order (row 0 col 0, row 0 col 1, row 1 col 0, row 1 col 1) with "greater, or NaN" masks, so ties,
-// NaN and -inf give torch's indices exactly. The MNIST CNN, LeNet and SimpleConvNet all pool this way.
-bool max_pool2d_2x2_applies(const Pool2dParams& p) {
-  return p.kernel_h == 2 && p.kernel_w == 2 && p.stride_h == 2 && p.stride_w == 2 && p.pad_h == 0 &&
-         p.pad_w == 0 && p.dilation_h == 1 && p.dilation_w == 1 && 2 * p.out_h <= p.in_h &&
-         2 * p.out_w <= p.in_w && cpu::has_avx512();
+// KxK windows (K = 2 or 3), stride 2, no padding or dilation, float32: 16 outputs per step. The
+// even and odd input columns are split with two-source permutes and the K*K candidates compared in
+// torch's visiting order (row by row, column by column) with "greater, or NaN" masks, so ties, NaN
+// and -inf give torch's indices exactly. The MNIST CNN, LeNet and SimpleConvNet pool 2x2/2,
+// AlexNet 3x3/2.
+int max_pool2d_vector_kernel(const Pool2dParams& p) {
+  const bool shape = p.kernel_h == p.kernel_w && (p.kernel_h == 2 || p.kernel_h == 3) && p.stride_h == 2 &&
+                     p.stride_w == 2 && p.pad_h == 0 && p.pad_w == 0 && p.dilation_h == 1 && p.dilation_w == 1;
+  if (!shape || !cpu::has_avx512()) return 0;
+  const int64_t k = p.kernel_h;
+  // every window wholly inside the input (true in floor mode; ceil mode may clip the last one)
+  const bool inside = 2 * (p.out_h - 1) + k <= p.in_h && 2 * (p.out_w - 1) + k <= p.in_w;
+  return inside ? static_cast<int>(k) : 0;
 }
 
-__attribute__((target("avx512f"))) void max_pool2d_2x2_planes(const float* in, float* out, int64_t* idx,
-                                                               const Pool2dParams& p, int64_t begin, int64_t end) {
+template <int K>
+__attribute__((target("avx512f"))) void max_pool2d_stride2_planes(const float* in, float* out, int64_t* idx,
+                                                                   const Pool2dParams& p, int64_t begin,
+                                                                   int64_t end) {
   const int64_t W = p.in_w, OW = p.out_w, in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   const __m512i lane2 = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);  // 2 * lane, lanes 0-7
+  constexpr int kCand = K * K;
   for (int64_t pl = begin; pl < end; ++pl) {
     const float* src = in + pl * in_plane;
     for (int64_t oh = 0; oh < p.out_h; ++oh) {
-      const float* r0 = src + 2 * oh * W;
-      const float* r1 = r0 + W;
       float* dst = out + pl * out_plane + oh * OW;
       int64_t* ind = idx + pl * out_plane + oh * OW;
       for (int64_t ow = 0; ow < OW; ow += 16) {
         const int64_t n = std::min<int64_t>(16, OW - ow);
-        const __mmask16 lo = n >= 8 ? __mmask16(0xFFFF) : __mmask16((1u << (2 * n)) - 1u);
-        const __mmask16 hi = n > 8 ? __mmask16((1u << (2 * (n - 8))) - 1u) : __mmask16(0);
-        const __m512 a_lo = _mm512_maskz_loadu_ps(lo, r0 + 2 * ow), a_hi = _mm512_maskz_loadu_ps(hi, r0 + 2 * ow + 16);
-        const __m512 b_lo = _mm512_maskz_loadu_ps(lo, r1 + 2 * ow), b_hi = _mm512_maskz_loadu_ps(hi, r1 + 2 * ow + 16);
-        const __m512 v[4] = {_mm512_permutex2var_ps(a_lo, even, a_hi), _mm512_permutex2var_ps(a_lo, odd, a_hi),
-                             _mm512_permutex2var_ps(b_lo, even, b_hi), _mm512_permutex2var_ps(b_lo, odd, b_hi)};
-        const int64_t offset[4] = {0, 1, W, W + 1};
+        // input columns 2*ow .. 2*ow + 2n - 1 (the last odd one is read only when K == 2 or 3 needs it)
+        const int64_t cols = 2 * n;
+        const __mmask16 lo = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1u);
+        const __mmask16 hi = cols > 16 ? __mmask16((1u << (cols - 16)) - 1u) : __mmask16(0);
+        // third column of each window, 2*ow + 2 + 2*lane: only even lanes 0 .. 2n - 2 are needed
+        const int64_t cols3 = 2 * n - 1;
+        const __mmask16 lo3 = cols3 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols3) - 1u);
+        const __mmask16 hi3 = cols3 > 16 ? __mmask16((1u << (cols3 - 16)) - 1u) : __mmask16(0);
+        __m512 v[kCand];
+        int64_t offset[kCand];
+        for (int r = 0; r < K; ++r) {
+          const float* row = src + (2 * oh + r) * W + 2 * ow;
+          const __m512 a0 = _mm512_maskz_loadu_ps(lo, row), a1 = _mm512_maskz_loadu_ps(hi, row + 16);
+          v[r * K + 0] = _mm512_permutex2var_ps(a0, even, a1);
+          v[r * K + 1] = _mm512_permutex2var_ps(a0, odd, a1);
+          offset[r * K + 0] = r * W;
+          offset[r * K + 1] = r * W + 1;
+          if constexpr (K == 3) {
+            const __m512 c0 = _mm512_maskz_loadu_ps(lo3, row + 2), c1 = _mm512_maskz_loadu_ps(hi3, row + 18);
+            v[r * K + 2] = _mm512_permutex2var_ps(c0, even, c1);
+            offset[r * K + 2] = r * W + 2;
+          }
+        }
         __m512 best = v[0];
-        __mmask16 pick[4] = {0xFFFF, 0, 0, 0};  // which candidate each lane holds, as masks
-        for (int c = 1; c < 4; ++c) {
-          const __mmask16 take = _mm512_cmp_ps_mask(v[c], best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[c], v[c], _CMP_UNORD_Q);
+        __mmask16 pick[kCand];  // which candidate each lane holds, as masks
+        pick[0] = 0xFFFF;
+        for (int c = 1; c < kCand; ++c) {
+          const __mmask16 take =
+              _mm512_cmp_ps_mask(v[c], best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[c], v[c], _CMP_UNORD_Q);
           best = _mm512_mask_blend_ps(take, best, v[c]);
           for (int d = 0; d < c; ++d) pick[d] &= static_cast<__mmask16>(~take);
           pick[c] = take;
@@ -88,7 +112,7 @@ __attribute__((target("avx512f"))) void max_pool2d_2x2_planes(const float* in, f
           const int64_t m = std::min<int64_t>(8, n - 8 * half);
           if (m <= 0) break;
           __m512i id = _mm512_add_epi64(_mm512_set1_epi64(base + 16 * half), lane2);
-          for (int c = 1; c < 4; ++c) {
+          for (int c = 1; c < kCand; ++c) {
             const __mmask8 sel = static_cast<__mmask8>(pick[c] >> (8 * half));
             id = _mm512_mask_add_epi64(id, sel, id, _mm512_set1_epi64(offset[c]));
           }
@@ -104,9 +128,13 @@ template <typename T>
 void max_pool2d_forward_kernel(const T* in, T* out, int64_t* idx, const Pool2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
-    if (max_pool2d_2x2_applies(p)) {
+    if (const int k = max_pool2d_vector_kernel(p)) {
       at::parallel_for(0, p.batch * p.channels, 16, [&](int64_t begin, int64_t end) {
-        max_pool2d_2x2_planes(in, out, idx, p, begin, end);
+        if (k == 2) {
+          max_pool2d_stride2_planes<2>(in, out, idx, p, begin, end);
+        } else {
+          max_pool2d_stride2_planes<3>(in, out, idx, p, begin, end);
+        }
       });
       return;
     }
