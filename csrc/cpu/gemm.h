@@ -22,7 +22,8 @@
 namespace fastconv {
 namespace cpu {
 
-// FASTCONV_CPU_GEMM=aten turns these kernels off (to compare against, or to test the ATen path).
+// FASTCONV_CPU_GEMM=aten turns every AVX-512 kernel off (these GEMMs and the stride-2 max-pool), to
+// compare against or to test the portable paths.
 inline bool has_avx512() {
 #if FASTCONV_HAVE_AVX512_KERNELS
   static const bool yes = [] {
