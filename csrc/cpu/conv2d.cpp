@@ -1,6 +1,12 @@
 // conv2d on the CPU: im2col + GEMM, forward and backward.
 //
-// Work is split into (image, band of output rows) items run in parallel with at::parallel_for.
+// Which kernel runs (conv2d_algorithm() in Python reports the same choice):
+//  - groups with few channels each (depthwise): the direct kernels of cpu/depthwise_conv2d.h;
+//  - float32 on AVX-512 CPUs: the packed engine of cpu/conv2d_avx512.h (implicit im2col into panels,
+//    register-blocked micro-kernel, every pass);
+//  - otherwise (float64, CPUs without AVX-512, FASTCONV_CPU_GEMM=aten): the portable path below.
+//
+// Portable path: work is split into (image, band of output rows) items run in parallel with at::parallel_for.
 // Each item builds the column tile of its band in a per-thread buffer small enough to stay in
 // cache and multiplies it at once with the weight (cpu/gemm.h for float32 on AVX-512, else
 // at::mm through ATen's BLAS). Per-item GEMMs are single-threaded; the parallelism is ours. This
@@ -18,6 +24,8 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "cpu/conv2d_avx512.h"
+#include "cpu/depthwise_conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/im2col.h"
 
@@ -45,14 +53,6 @@ int64_t band_rows(const Conv2dParams& p, int64_t elem_size) {
 template <typename T>
 void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
              T* c, int64_t ldc, const T* bias, bool accumulate) {
-#if FASTCONV_HAVE_AVX512_KERNELS
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu::has_avx512()) {
-      cpu::gemm_nn_avx512(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, bias, accumulate);
-      return;
-    }
-  }
-#endif
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const at::Tensor A = at::from_blob(const_cast<T*>(a), {M, K}, {a_rs, a_cs}, opts);
   const at::Tensor B = at::from_blob(const_cast<T*>(b), {K, N}, {ldb, 1}, opts);
@@ -82,8 +82,24 @@ const T* column_tile(const T* input, T* buffer, const Conv2dParams& p, int64_t n
   return buffer;
 }
 
+// float32 on an AVX-512 CPU: the packed engine
+template <typename T>
+bool use_engine() {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  return std::is_same_v<T, float> && cpu::has_avx512();
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
+  if (cpu::direct::use_direct(p)) return cpu::direct::forward<T>(input, weight, bias, output, p);
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_engine<T>()) return cpu::engine::forward(input, weight, bias, output, p);
+  }
+#endif
   const int64_t G = p.groups, L = p.out_plane();
   const int64_t OCg = p.out_channels_per_group(), CKKg = p.col_rows_per_group();
   const int64_t rows = band_rows(p, sizeof(T));
@@ -106,6 +122,26 @@ void conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* ou
 template <typename T>
 void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weight, T* grad_input, T* grad_weight,
                             const Conv2dParams& p) {
+  if (cpu::direct::use_direct(p)) {
+    if (grad_input) cpu::direct::backward_input<T>(grad_output, weight, grad_input, p);
+    if (grad_weight) cpu::direct::backward_weight<T>(grad_output, input, grad_weight, p);
+    return;
+  }
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_engine<T>()) {
+      if (grad_input) {
+        if (cpu::engine::backward_input_as_forward(p)) {
+          cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
+        } else {
+          cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::col2im_band_add<float>);
+        }
+      }
+      if (grad_weight) cpu::engine::backward_weight(grad_output, input, grad_weight, p);
+      return;
+    }
+  }
+#endif
   const int64_t G = p.groups, L = p.out_plane(), C = p.in_channels;
   const int64_t OCg = p.out_channels_per_group(), CKKg = p.col_rows_per_group();
   const int64_t rows = band_rows(p, sizeof(T));

@@ -1,10 +1,15 @@
-// Small float32 GEMM micro-kernels for the conv tiles, AVX-512, chosen at run time.
+// The float32 AVX-512 register-blocked GEMM micro-kernel that every CPU conv pass runs on.
 //
-// Why not at::mm: on the CPUs this project is tuned on (AMD Zen 5) MKL takes its AVX2 path and
-// reaches about half of the core's AVX-512 FMA peak, and each at::mm call costs several
-// microseconds of dispatch, which dominates the many small per-tile products of a small conv
-// (LeNet's 16x150x64). These kernels run straight on the raw tile pointers. Other dtypes and CPUs
-// without AVX-512 use at::mm_out (see conv2d.cpp).
+// One call computes a tile of MR (<= 8) rows x NV (<= 3) vectors of 16 columns: 24 zmm accumulators,
+// three vector loads of B and eight broadcasts of A per step of the reduction (11 loads per 24 FMAs).
+// The columns are the contiguous dimension of the output (pixels of an NCHW plane in the forward
+// pass, output channels in backward-weight), so results are stored straight into the tensor,
+// without a transpose pass. A is read through two strides (packed weights: 8 consecutive floats per
+// step; raw column rows: one float per step); B is a packed panel whose rows are `ldb` floats apart.
+// The blocking around it (what sits in L1, what streams from L2) is in conv2d_avx512.h.
+//
+// Why not at::mm: on AMD Zen MKL takes its AVX2 path (half of the AVX-512 peak on Zen 5) and each
+// at::mm call costs microseconds of dispatch, which dominates many small per-tile products.
 #pragma once
 
 #include <algorithm>
@@ -22,8 +27,8 @@
 namespace fastconv {
 namespace cpu {
 
-// FASTCONV_CPU_GEMM=aten turns every AVX-512 kernel off (these GEMMs and the stride-2 max-pool), to
-// compare against or to test the portable paths.
+// FASTCONV_CPU_GEMM=aten turns every AVX-512 kernel off (the conv engine and the stride-2 max-pool),
+// to compare against or to test the portable paths.
 inline bool has_avx512() {
 #if FASTCONV_HAVE_AVX512_KERNELS
   static const bool yes = [] {
@@ -37,96 +42,92 @@ inline bool has_avx512() {
 }
 
 #if FASTCONV_HAVE_AVX512_KERNELS
-#define FASTCONV_AVX512 __attribute__((target("avx512f")))
+#define FASTCONV_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
 
-namespace detail {
+constexpr int kTileRows = 8;      // MR: rows of A broadcast per step
+constexpr int kTileVectors = 3;   // NV: zmm vectors of B per step
+constexpr int kTileCols = 16 * kTileVectors;
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+inline __mmask16 lane_mask(int64_t lo, int64_t hi) {  // lanes [lo, hi) of 16, clamped
+  lo = std::clamp<int64_t>(lo, 0, 16);
+  hi = std::clamp<int64_t>(hi, lo, 16);
+  return __mmask16(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
 
-// MR rows x NR (32 or 16) columns of C = init + sum_k A(m, k) * B[k][n]; A(m, k) = a[m*a_rs + k*a_cs].
-template <int MR, int NR>
-FASTCONV_AVX512 inline void nn_tile(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-                                    int64_t ldb, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1,
-                                    const float* bias, bool load_c) {
-  __m512 acc0[MR], acc1[MR];
-  _Pragma("GCC unroll 16")
-  for (int i = 0; i < MR; ++i) {
-    if (load_c) {
-      acc0[i] = _mm512_maskz_loadu_ps(m0, c + i * ldc);
-      if constexpr (NR == 32) acc1[i] = _mm512_maskz_loadu_ps(m1, c + i * ldc + 16);
-    } else {
-      acc0[i] = bias ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
-      if constexpr (NR == 32) acc1[i] = acc0[i];
-    }
+// Where a tile's results go: vector v of row i lands at ptr[v][s] + i*ldc under mask[v][s], for the
+// (at most two) segments s a vector can straddle (two images of a flattened pixel range).
+struct TileDest {
+  float* ptr[kTileVectors][2];
+  __mmask16 mask[kTileVectors][2];
+  int64_t ldc;
+};
+
+enum class Init { kZero, kBias, kAccumulate };
+
+// acc = init + sum_k A(i, k) * B[k][16v + lane]; A(i, k) = a[i*a_rs + k*a_cs]; B rows ldb apart,
+// 64-byte aligned when ldb is a multiple of 16. Only lanes under the masks are read or written.
+template <int MR, int NV>
+FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                                         int64_t ldb, const TileDest& d, Init init, const float* bias,
+                                         bool relu) {
+  __m512 acc[MR][NV];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   }
+  const float* ar[MR];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) ar[i] = a + i * a_rs;
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb);
-    __m512 b1;
-    if constexpr (NR == 32) b1 = _mm512_maskz_loadu_ps(m1, b + k * ldb + 16);
-    const float* ak = a + k * a_cs;
-    _Pragma("GCC unroll 16")
-    for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(ak[i * a_rs]);
-      acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-      if constexpr (NR == 32) acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+    __m512 bv[NV];
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(ar[i][k * a_cs]);
+      _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
-  _Pragma("GCC unroll 16")
-  for (int i = 0; i < MR; ++i) {
-    _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
-    if constexpr (NR == 32) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
-  }
-}
-
-template <int NR>
-FASTCONV_AVX512 inline void nn_rows(int64_t mr, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-                                    int64_t ldb, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1, const float* bias,
-                                    bool load_c) {
-  switch (mr) {
-    case 8: nn_tile<8, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
-    case 7: nn_tile<7, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
-    case 6: nn_tile<6, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
-    case 5: nn_tile<5, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
-    case 4: nn_tile<4, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
-    case 3: nn_tile<3, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
-    case 2: nn_tile<2, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
-    default: nn_tile<1, NR>(K, a, a_rs, a_cs, b, ldb, c, ldc, m0, m1, bias, load_c); break;
-  }
-}
-
-}  // namespace detail
-
-// C[M][N] (rows ldc apart) = init + sum_k A(m, k) * B[k][n], with A(m, k) = a[m*a_rs + k*a_cs] and
-// B row-major (rows ldb apart). init is C itself when accumulate, else bias[m] (or 0 without bias).
-FASTCONV_AVX512 inline void gemm_nn_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs,
-                                           int64_t a_cs, const float* b, int64_t ldb, float* c, int64_t ldc,
-                                           const float* bias, bool accumulate) {
-  // k-blocks of at most 320 rows: a 320 x 32 panel of B (40 KiB) stays in L1 across the rows of A
-  const int64_t k_blocks = std::max<int64_t>(1, (K + 319) / 320);
-  const int64_t block_k = std::max<int64_t>(1, (K + k_blocks - 1) / k_blocks);
-  for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += block_k) {
-    const int64_t kc = std::min(block_k, K - k0);
-    const bool load_c = accumulate || k0 > 0;
-    for (int64_t n0 = 0; n0 < N; n0 += 32) {
-      const __mmask16 m0 = detail::tail_mask(N - n0);
-      const __mmask16 m1 = N - n0 > 16 ? detail::tail_mask(N - n0 - 16) : __mmask16(0);
-      const float* bp = b + k0 * ldb + n0;
-      for (int64_t i0 = 0; i0 < M; i0 += 8) {
-        const float* ap = a + i0 * a_rs + k0 * a_cs;
-        float* cp = c + i0 * ldc + n0;
-        const float* bi = bias ? bias + i0 : nullptr;
-        if (N - n0 > 16) {
-          detail::nn_rows<32>(std::min<int64_t>(8, M - i0), kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c);
-        } else {  // a tail of at most 16 columns: half the FMAs
-          detail::nn_rows<16>(std::min<int64_t>(8, M - i0), kc, ap, a_rs, a_cs, bp, ldb, cp, ldc, m0, m1, bi, load_c);
-        }
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    const __m512 bias_v = init == Init::kBias ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) {
+      __m512 r = acc[i][v];
+      float* p0 = d.ptr[v][0] + i * d.ldc;
+      float* p1 = d.ptr[v][1] + i * d.ldc;
+      const __mmask16 m0 = d.mask[v][0], m1 = d.mask[v][1];
+      if (init == Init::kAccumulate) {
+        __m512 c = _mm512_maskz_loadu_ps(m0, p0);
+        if (m1) c = _mm512_mask_loadu_ps(c, m1, p1);
+        r = _mm512_add_ps(r, c);
+      } else {
+        r = _mm512_add_ps(r, bias_v);
       }
+      if (relu) r = _mm512_max_ps(r, _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(p0, m0, r);
+      if (m1) _mm512_mask_storeu_ps(p1, m1, r);
     }
-    if (K == 0) break;
   }
 }
 
-#undef FASTCONV_AVX512
+// The same for any mr in [1, 8] and nv in [1, 3] (the tails of a blocked loop).
+FASTCONV_AVX512 inline void run_micro_kernel(int mr, int nv, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
+                                             const float* b, int64_t ldb, const TileDest& d, Init init,
+                                             const float* bias, bool relu = false) {
+#define FASTCONV_MK_CASE(MR)                                                                    \
+  case MR:                                                                                      \
+    if (nv == 3) micro_kernel<MR, 3>(K, a, a_rs, a_cs, b, ldb, d, init, bias, relu);             \
+    else if (nv == 2) micro_kernel<MR, 2>(K, a, a_rs, a_cs, b, ldb, d, init, bias, relu);        \
+    else micro_kernel<MR, 1>(K, a, a_rs, a_cs, b, ldb, d, init, bias, relu);                     \
+    break;
+  switch (mr) {
+    FASTCONV_MK_CASE(8)
+    FASTCONV_MK_CASE(7)
+    FASTCONV_MK_CASE(6)
+    FASTCONV_MK_CASE(5)
+    FASTCONV_MK_CASE(4)
+    FASTCONV_MK_CASE(3)
+    FASTCONV_MK_CASE(2)
+    default: FASTCONV_MK_CASE(1)
+  }
+#undef FASTCONV_MK_CASE
+}
+
 #endif  // FASTCONV_HAVE_AVX512_KERNELS
 
 }  // namespace cpu

@@ -1,0 +1,443 @@
+// The float32 conv2d engine on AVX-512: implicit im2col into packed panels + the register-blocked
+// micro-kernel of gemm.h, for the forward pass, backward-input and backward-weight.
+//
+// Pixels are flattened over the whole batch, g = n*OH*OW + oh*OW + ow, and cut into work items of a
+// few 48-pixel panels; a panel may straddle two images (its stores split in two, see TileDest), so
+// no lanes are wasted on per-image tails and batch 1 still has as many items as pixels allow.
+//
+// forward, per item:    for each k-block (<= 512 rows of C*KH*KW):
+//                         pack the item's columns: panel[p][k][48] (im2col straight into the layout
+//                         the micro-kernel streams, 64-byte aligned rows)
+//                         for each block of 8 output channels (packed weights [ocb][k][8], in L1):
+//                           for each panel (in L2): 8 x 48 tile += W(8 x kc) * panel(kc x 48)
+// backward-input:       stride 1: the forward engine on grad_output with the flipped, transposed
+//                         weights (a full convolution; col2im becomes an im2col, no scatter, no races).
+//                       stride > 1: per image, grad_cols = W^T grad_output tile by tile, then col2im.
+// backward-weight:      per item, grad_W^T[k][oc] += cols[k][px] * grad_output^T[px][oc] with the pixels
+//                         as the long reduction; one partial per slot of items, summed in a fixed order.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "conv_params.h"
+#include "cpu/gemm.h"
+
+#if FASTCONV_HAVE_AVX512_KERNELS
+namespace fastconv {
+namespace cpu {
+namespace engine {
+
+constexpr int64_t kMaxBlockK = 512;          // reduction rows per block: an 8 x 512 weight panel is 16 KiB (L1)
+constexpr int64_t kColumnBlockBytes = 192 * 1024;  // one item's packed columns per k-block (L2)
+constexpr int64_t kPanel = kTileCols;        // 48 pixels per panel
+constexpr int64_t kPanelPad = 16;            // floats after each packed panel (pack_columns' overrun)
+
+// 64-byte aligned scratch, one per thread and call.
+struct AlignedBuffer {
+  std::unique_ptr<float, decltype(&std::free)> mem{nullptr, &std::free};
+  int64_t size = 0;
+  float* get(int64_t n) {
+    if (n > size) {
+      const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
+      mem.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(mem, "fastconv: out of memory allocating ", bytes, " bytes of scratch");
+      std::memset(mem.get(), 0, bytes);
+      size = n;
+    }
+    return mem.get();
+  }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct KBlocks {  // [0, K) cut into near-equal blocks of at most `most` rows
+  int64_t count, size;
+  KBlocks(int64_t K, int64_t most) : count(std::max<int64_t>(1, ceil_div(K, most))), size(ceil_div(K, count)) {}
+};
+
+// A run of output pixels of one output row that lands in one panel: computed once per item, so the
+// per-row work of pack_columns has no divisions.
+struct Segment {
+  int64_t image_offset;  // n * in_channels * H * W
+  int64_t ih0;           // oh * stride_h - pad_h
+  int64_t ow0, len;      // output columns [ow0, ow0 + len)
+  int64_t dst;           // offset of its first element in a packed row block
+};
+
+// The segments of flattened pixels [g0, g1) for panels of `pw` pixels, `panel_stride` floats apart.
+inline void make_segments(const Conv2dParams& p, int64_t g0, int64_t g1, int64_t pw, int64_t panel_stride,
+                          std::vector<Segment>& segs) {
+  segs.clear();
+  const int64_t OW = p.out_w, L = p.out_plane();
+  for (int64_t g = g0; g < g1;) {
+    const int64_t n = g / L, q = g % L, oh = q / OW, ow0 = q % OW, t = g - g0;
+    const int64_t len = std::min({OW - ow0, g1 - g, pw - t % pw});
+    segs.push_back({n * p.in_channels * p.in_plane(), oh * p.stride_h - p.pad_h, ow0, len,
+                    (t / pw) * panel_stride + t % pw});
+    g += len;
+  }
+}
+
+// Columns of the flattened pixels of `segs` for rows [k0, k1) of one group's column matrix, into
+// dst[(t / pw)][k - k0][t % pw] (t = g - g0; panels (k1-k0)*pw floats apart, as make_segments was
+// told). `channel0` is the group's first input channel. Rows that fall in the padding are zeros.
+FASTCONV_AVX512 inline void pack_columns(const float* input, const Conv2dParams& p, int64_t channel0, int64_t k0,
+                                         int64_t k1, const std::vector<Segment>& segs, int64_t pw, float* dst) {
+  const int64_t OW = p.out_w, H = p.in_h, W = p.in_w, KK = p.kernel_h * p.kernel_w;
+  const Segment* seg_end = segs.data() + segs.size();
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t c = channel0 + k / KK, kh = (k % KK) / p.kernel_w, kw = k % p.kernel_w;
+    const int64_t off_w = kw * p.dilation_w - p.pad_w, dh = kh * p.dilation_h;
+    int64_t lo, hi;  // output columns whose input column lies inside the image
+    lo = off_w >= 0 ? 0 : ceil_div(-off_w, p.stride_w);
+    hi = W - off_w <= 0 ? 0 : ceil_div(W - off_w, p.stride_w);
+    lo = std::min(lo, OW);
+    hi = std::clamp(hi, lo, OW);
+    float* row_k = dst + (k - k0) * pw;
+    const float* chan = input + c * H * W + off_w;
+    for (const Segment* s = segs.data(); s != seg_end; ++s) {
+      float* d = row_k + s->dst;
+      const int64_t ih = s->ih0 + dh, len = s->len, ow = s->ow0;
+      // Whole-vector stores: the lanes past the segment land where the next segment (or the next
+      // row, or the kPanelPad floats after a panel) is written later, so no store mask is needed.
+      if (ih < 0 || ih >= H) {
+        for (int64_t x = 0; x < len; x += 16) _mm512_storeu_ps(d + x, _mm512_setzero_ps());
+        continue;
+      }
+      const float* src = chan + s->image_offset + ih * W;
+      if (p.stride_w == 1) {
+        if (ow >= lo && ow + len <= hi) {
+          for (int64_t x = 0; x < len; x += 16) _mm512_storeu_ps(d + x, _mm512_maskz_loadu_ps(lane_mask(0, len - x), src + ow + x));
+        } else {
+          for (int64_t x = 0; x < len; x += 16) {
+            const __mmask16 valid = lane_mask(std::max(lo - (ow + x), int64_t(0)), std::min(hi, ow + len) - (ow + x));
+            _mm512_storeu_ps(d + x, _mm512_maskz_loadu_ps(valid, src + ow + x));
+          }
+        }
+      } else {
+        const int64_t sw = p.stride_w;
+        for (int64_t x = 0; x < len; ++x) {
+          const int64_t o = ow + x;
+          d[x] = (o >= lo && o < hi) ? src[o * sw] : 0.f;
+        }
+      }
+    }
+  }
+}
+
+// Output stores of a panel of flattened pixels [gp, gp + 48) (clipped to `end`) into an NCHW tensor
+// with `channels` channels, starting at channel `ch0`. Returns false when a 16-pixel vector spans
+// more than two images (planes under 16 pixels): the caller then goes through a scratch tile.
+inline bool panel_dest(float* out, int64_t channels, int64_t L, int64_t ch0, int64_t gp, int64_t end, int nv,
+                       TileDest& d) {
+  d.ldc = L;
+  for (int v = 0; v < nv; ++v) {
+    const int64_t g = gp + 16 * v, cnt = std::clamp<int64_t>(end - g, 0, 16);
+    d.ptr[v][0] = d.ptr[v][1] = out;
+    d.mask[v][0] = d.mask[v][1] = 0;
+    if (cnt == 0) continue;
+    const int64_t n = g / L, q = g % L;
+    float* base = out + (n * channels + ch0) * L;
+    d.ptr[v][0] = base + q;
+    d.mask[v][0] = lane_mask(0, std::min(cnt, L - q));
+    if (q + cnt > L) {
+      if (cnt - (L - q) > L) return false;
+      d.ptr[v][1] = base + channels * L - (L - q);  // image n+1, pixel j - (L - q) for lane j
+      d.mask[v][1] = lane_mask(L - q, cnt);
+    }
+  }
+  return true;
+}
+
+// Packs one group's weight rows [OCg][Kg] (rows `ld` apart, element (o, k) at w[o*ld + k*ks]) into
+// blocks of 8 rows: dst[ob][k][8], zero rows past OCg.
+inline void pack_rows_by_8(const float* w, int64_t rows, int64_t K, int64_t ld, int64_t ks, float* dst) {
+  const int64_t blocks = ceil_div(rows, kTileRows);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ob = b0; ob < b1; ++ob) {
+      float* d = dst + ob * K * kTileRows;
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const int64_t o = ob * kTileRows + r;
+          d[k * kTileRows + r] = o < rows ? w[o * ld + k * ks] : 0.f;
+        }
+      }
+    }
+  });
+}
+
+// out[:, ch0 + o, :, :] for o in [o0, o1), pixels [gp, ...) of one panel, computed into a scratch tile
+// when panel_dest cannot express the stores (tiny planes).
+struct ScratchTile {
+  alignas(64) float v[kTileRows * kTileCols];
+};
+
+// One GEMM over a work item: rows [r0, r1) of the packed A (blocks of 8, row-block stride
+// K*8, reading k-rows [k0, k0+kc)), times the item's packed panels, into NCHW `out` (channels
+// `channels`, first channel of row 0 `ch0`). init: bias (first k-block) or accumulate.
+FASTCONV_AVX512 inline void gemm_item(const float* a_packed, int64_t K, int64_t k0, int64_t kc, int64_t r0, int64_t r1,
+                                      const float* panels, int64_t g0, int64_t g1, float* out, int64_t channels,
+                                      int64_t L, int64_t ch0, Init init, const float* bias, bool relu) {
+  const int64_t npanels = ceil_div(g1 - g0, kPanel);
+  for (int64_t ob = r0 / kTileRows; ob * kTileRows < r1; ++ob) {
+    const int mr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - ob * kTileRows));
+    const float* a = a_packed + ob * K * kTileRows + k0 * kTileRows;
+    const float* bias_b = bias ? bias + ob * kTileRows : nullptr;
+    const int64_t row0 = ch0 + ob * kTileRows;
+    for (int64_t j = 0; j < npanels; ++j) {
+      const int64_t gp = g0 + j * kPanel;
+      const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(g1 - gp, 16)));
+      const float* b = panels + j * (kc * kPanel + kPanelPad);
+      TileDest d;
+      if (panel_dest(out, channels, L, row0, gp, g1, nv, d)) {
+        run_micro_kernel(mr, nv, kc, a, 1, kTileRows, b, kPanel, d, init, bias_b, relu);
+        continue;
+      }
+      // tiny planes: through a scratch tile, element by element
+      ScratchTile s;
+      const int64_t cnt = std::min<int64_t>(kPanel, g1 - gp);
+      for (int i = 0; i < mr; ++i) {
+        for (int64_t t = 0; t < cnt; ++t) {
+          const int64_t g = gp + t;
+          s.v[i * kTileCols + t] = init == Init::kAccumulate ? out[((g / L) * channels + row0 + i) * L + g % L] : 0.f;
+        }
+      }
+      TileDest sd;
+      sd.ldc = kTileCols;
+      for (int v = 0; v < kTileVectors; ++v) {
+        sd.ptr[v][0] = sd.ptr[v][1] = s.v + 16 * v;
+        sd.mask[v][0] = lane_mask(0, cnt - 16 * v);
+        sd.mask[v][1] = 0;
+      }
+      run_micro_kernel(mr, nv, kc, a, 1, kTileRows, b, kPanel, sd, init, bias_b, relu);
+      for (int i = 0; i < mr; ++i) {
+        for (int64_t t = 0; t < cnt; ++t) {
+          const int64_t g = gp + t;
+          out[((g / L) * channels + row0 + i) * L + g % L] = s.v[i * kTileCols + t];
+        }
+      }
+    }
+  }
+}
+
+// Pixels per work item: a multiple of 48 whose packed columns (kc rows) fit kColumnBlockBytes.
+inline int64_t item_pixels(int64_t kc, int64_t total) {
+  const int64_t panels = std::clamp<int64_t>(kColumnBlockBytes / (kc * kPanel * 4), 1, 16);
+  return std::min(panels * kPanel, ceil_div(total, kPanel) * kPanel);
+}
+
+// out = conv2d(input, weight) + bias [, relu], float32 NCHW contiguous, any stride/padding/dilation/groups.
+inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
+                    bool relu = false) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
+  const int64_t Cg = p.in_channels_per_group(), L = p.out_plane(), total = p.batch * L;
+  const KBlocks kb(Kg, kMaxBlockK);
+  const int64_t oc_blocks = ceil_div(OCg, kTileRows);
+  std::vector<float> packed(G * oc_blocks * Kg * kTileRows);
+  for (int64_t g = 0; g < G; ++g) {
+    pack_rows_by_8(weight + g * OCg * Kg, OCg, Kg, Kg, 1, packed.data() + g * oc_blocks * Kg * kTileRows);
+  }
+  const int64_t npix = item_pixels(kb.size, total);
+  const int64_t pix_items = ceil_div(total, npix);
+  // few pixel items (batch 1, small planes): also split the output channels so every thread works
+  const int64_t threads = at::get_num_threads();
+  const int64_t oc_split = std::clamp<int64_t>(ceil_div(4 * threads, pix_items), 1, oc_blocks);
+  const int64_t oc_per_split = ceil_div(oc_blocks, oc_split) * kTileRows;
+  at::parallel_for(0, pix_items * oc_split, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer buf;
+    float* cols = buf.get(ceil_div(npix, kPanel) * (kb.size * kPanel + kPanelPad));
+    std::vector<Segment> segs;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pi = item / oc_split, os = item % oc_split;
+      const int64_t g0 = pi * npix, g1 = std::min(total, g0 + npix);
+      const int64_t r0 = os * oc_per_split, r1 = std::min(OCg, r0 + oc_per_split);
+      if (r0 >= r1) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t b = 0; b < kb.count; ++b) {
+          const int64_t k0 = b * kb.size, kc = std::min(kb.size, Kg - k0);
+          if (b == 0 || kc != kb.size) make_segments(p, g0, g1, kPanel, kc * kPanel + kPanelPad, segs);
+          pack_columns(input, p, g * Cg, k0, k0 + kc, segs, kPanel, cols);
+          const bool last = b == kb.count - 1;
+          gemm_item(packed.data() + g * oc_blocks * Kg * kTileRows, Kg, k0, kc, r0, r1, cols, g0, g1, out,
+                    p.out_channels, L, g * OCg, b == 0 ? (bias ? Init::kBias : Init::kZero) : Init::kAccumulate,
+                    bias ? bias + g * OCg : nullptr, relu && last);
+        }
+      }
+    }
+  });
+}
+
+// Backward-input of a stride-1 convolution is a convolution of grad_output with the flipped,
+// transposed weights and padding dilation*(K-1) - pad: possible when that padding is >= 0.
+inline bool backward_input_as_forward(const Conv2dParams& p) {
+  return p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= p.dilation_h * (p.kernel_h - 1) &&
+         p.pad_w <= p.dilation_w * (p.kernel_w - 1);
+}
+
+inline void backward_input_stride1(const float* grad_output, const float* weight, float* grad_input,
+                                   const Conv2dParams& p) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Cg = p.in_channels_per_group();
+  const int64_t KH = p.kernel_h, KW = p.kernel_w;
+  // w_t[g*Cg + c][o][kh][kw] = w[g*OCg + o][c][KH-1-kh][KW-1-kw]
+  std::vector<float> w_t(p.out_channels * Cg * KH * KW);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t o = 0; o < OCg; ++o)
+        for (int64_t kh = 0; kh < KH; ++kh)
+          for (int64_t kw = 0; kw < KW; ++kw)
+            w_t[(((g * Cg + c) * OCg + o) * KH + kh) * KW + kw] =
+                weight[(((g * OCg + o) * Cg + c) * KH + (KH - 1 - kh)) * KW + (KW - 1 - kw)];
+  Conv2dParams q = p;
+  q.in_channels = p.out_channels;
+  q.in_h = p.out_h;
+  q.in_w = p.out_w;
+  q.out_channels = p.in_channels;
+  q.out_h = p.in_h;
+  q.out_w = p.in_w;
+  q.pad_h = p.dilation_h * (KH - 1) - p.pad_h;
+  q.pad_w = p.dilation_w * (KW - 1) - p.pad_w;
+  forward(grad_output, w_t.data(), nullptr, grad_input, q);
+}
+
+// grad_cols = W^T grad_output per image and band of output rows, then col2im (any stride).
+template <typename Col2im>
+void backward_input_col2im(const float* grad_output, const float* weight, float* grad_input, const Conv2dParams& p,
+                           Col2im col2im_band_add) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
+  const int64_t C = p.in_channels, L = p.out_plane();
+  const int64_t k_blocks = ceil_div(Kg, kTileRows);
+  // A = W^T per group: rows k (Kg), reduction over o (OCg): packed [kb][o][8]
+  std::vector<float> packed(G * k_blocks * OCg * kTileRows);
+  for (int64_t g = 0; g < G; ++g) {
+    pack_rows_by_8(weight + g * OCg * Kg, Kg, OCg, 1, Kg, packed.data() + g * k_blocks * OCg * kTileRows);
+  }
+  // grad_output as a 1x1 "input" for pack_columns
+  Conv2dParams q = p;
+  q.in_channels = p.out_channels;
+  q.in_h = p.out_h;
+  q.in_w = p.out_w;
+  q.kernel_h = q.kernel_w = 1;
+  q.stride_h = q.stride_w = q.dilation_h = q.dilation_w = 1;
+  q.pad_h = q.pad_w = 0;
+  q.groups = 1;
+  const KBlocks ob(OCg, kMaxBlockK);
+  const int64_t rows = std::clamp<int64_t>(kColumnBlockBytes / std::max<int64_t>(1, Kg * p.out_w * 4), 1, p.out_h);
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer gbuf, cbuf;
+    const int64_t width_max = rows * p.out_w;
+    float* go_panels = gbuf.get(ceil_div(width_max, kPanel) * (kPanel * ob.size + kPanelPad));
+    float* gcol = cbuf.get(G * Kg * width_max);
+    std::vector<Segment> segs;
+    for (int64_t n = begin; n < end; ++n) {
+      float* gi = grad_input + n * C * p.in_plane();
+      std::fill(gi, gi + C * p.in_plane(), 0.f);
+      for (int64_t oh0 = 0; oh0 < p.out_h; oh0 += rows) {
+        const int64_t oh1 = std::min(p.out_h, oh0 + rows), width = (oh1 - oh0) * p.out_w;
+        const int64_t g0 = n * L + oh0 * p.out_w, g1 = g0 + width;
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t b = 0; b < ob.count; ++b) {
+            const int64_t o0 = b * ob.size, oc = std::min(ob.size, OCg - o0);
+            make_segments(q, g0, g1, kPanel, oc * kPanel + kPanelPad, segs);
+            pack_columns(grad_output, q, g * OCg + o0, 0, oc, segs, kPanel, go_panels);
+            // gcol rows k of group g: a plane of `width` pixels per row, "image" 0 of a 1-image batch
+            gemm_item(packed.data() + g * k_blocks * OCg * kTileRows, OCg, o0, oc, 0, Kg, go_panels, 0, width,
+                      gcol + g * Kg * width, Kg, width, 0, b == 0 ? Init::kZero : Init::kAccumulate, nullptr, false);
+          }
+        }
+        col2im_band_add(gcol, width, C, p, oh0, oh1, gi);
+      }
+    }
+  });
+}
+
+// grad_weight (OC x Cg*KH*KW) = sum over pixels of grad_output x columns. Deterministic for a given
+// thread count: items are dealt to slots in fixed contiguous ranges, slots summed in order.
+FASTCONV_AVX512 inline void transpose_grad_output(const float* go, const Conv2dParams& p, int64_t oc0, int64_t OCg,
+                                                  int64_t g0, int64_t g1, int64_t ld, float* dst) {
+  // dst[t][o] = go[n][oc0 + o][q] for g = g0 + t = n*L + q
+  const int64_t L = p.out_plane();
+  for (int64_t g = g0; g < g1;) {
+    const int64_t n = g / L, q = g % L, len = std::min(L - q, g1 - g);
+    const float* src = go + (n * p.out_channels + oc0) * L + q;
+    float* d = dst + (g - g0) * ld;
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {
+      const int64_t tn = std::min<int64_t>(16, len - t0);
+      for (int64_t o = 0; o < OCg; ++o) {
+        const float* s = src + o * L + t0;
+        float* dd = d + t0 * ld + o;
+        for (int64_t t = 0; t < tn; ++t) dd[t * ld] = s[t];
+      }
+    }
+    g += len;
+  }
+}
+
+inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
+  const int64_t Cg = p.in_channels_per_group(), L = p.out_plane(), total = p.batch * L;
+  const int64_t ldo = ceil_div(OCg, 16) * 16;         // grad_output^T rows, padded to whole vectors
+  const int64_t npix = std::min<int64_t>(256, total);  // the reduction per item
+  const KBlocks kb(Kg, std::max<int64_t>(kTileRows, kColumnBlockBytes / (npix * 4) / kTileRows * kTileRows));
+  const int64_t items = ceil_div(total, npix);
+  const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t part = G * Kg * ldo;  // grad_W^T per group: [Kg][ldo]
+  std::vector<float> parts(slots * part, 0.f);
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    AlignedBuffer cbuf, obuf;
+    float* cols = cbuf.get(kb.size * npix + kPanelPad);
+    float* goT = obuf.get(npix * ldo);
+    std::vector<Segment> segs;
+    for (int64_t s = s0; s < s1; ++s) {
+      float* acc = parts.data() + s * part;
+      for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
+        const int64_t g0 = item * npix, g1 = std::min(total, g0 + npix), len = g1 - g0;
+        make_segments(p, g0, g1, npix, 0, segs);  // one panel: cols[k][t]
+        for (int64_t g = 0; g < G; ++g) {
+          transpose_grad_output(grad_output, p, g * OCg, OCg, g0, g1, ldo, goT);
+          float* acc_g = acc + g * Kg * ldo;
+          for (int64_t b = 0; b < kb.count; ++b) {
+            const int64_t k0 = b * kb.size, kc = std::min(kb.size, Kg - k0);
+            pack_columns(input, p, g * Cg, k0, k0 + kc, segs, npix, cols);
+            for (int64_t o0 = 0; o0 < OCg; o0 += kTileCols) {
+              const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(OCg - o0, 16)));
+              for (int64_t r = 0; r < kc; r += kTileRows) {
+                const int mr = static_cast<int>(std::min<int64_t>(kTileRows, kc - r));
+                TileDest d;
+                d.ldc = ldo;
+                for (int v = 0; v < kTileVectors; ++v) {
+                  d.ptr[v][0] = d.ptr[v][1] = acc_g + (k0 + r) * ldo + o0 + 16 * v;
+                  d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
+                  d.mask[v][1] = 0;
+                }
+                run_micro_kernel(mr, nv, len, cols + r * npix, npix, 1, goT + o0, ldo, d, Init::kAccumulate, nullptr);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  // sum the slots in order and transpose [g][k][o] -> grad_weight[g*OCg + o][k]
+  at::parallel_for(0, G * OCg, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t g = row / OCg, o = row % OCg;
+      for (int64_t k = 0; k < Kg; ++k) {
+        float sum = 0.f;
+        for (int64_t s = 0; s < slots; ++s) sum += parts[s * part + (g * Kg + k) * ldo + o];
+        grad_weight[row * Kg + k] = sum;
+      }
+    }
+  });
+}
+
+}  // namespace engine
+}  // namespace cpu
+}  // namespace fastconv
+#endif  // FASTCONV_HAVE_AVX512_KERNELS

@@ -1,0 +1,206 @@
+// Direct conv2d kernels for grouped convolutions with few channels per group (depthwise above all).
+//
+// im2col+GEMM is the wrong shape there: a depthwise 3x3 is a GEMM with M = 1 output row and K = 9 per
+// group, which no register tile can fill. These kernels work on whole planes instead: each output
+// row accumulates KH*KW shifted input rows (vectorised along the row, 16 floats per AVX-512 step for
+// stride 1), backward-input of a stride-1 conv is the same kernel on grad_output with flipped weights,
+// and backward-weight is a dot product of grad_output rows with shifted input rows.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "conv_params.h"
+#include "cpu/gemm.h"
+
+namespace fastconv {
+namespace cpu {
+namespace direct {
+
+// Few channels per group: the direct kernels beat a GEMM whose M and K are a handful.
+inline bool use_direct(const Conv2dParams& p) {
+  return p.groups > 1 && p.in_channels_per_group() <= 4 && p.out_channels_per_group() <= 4;
+}
+
+// output columns [lo, hi) whose input column ow*stride + off lies inside [0, in)
+inline void column_range(int64_t off, int64_t stride, int64_t in, int64_t out, int64_t& lo, int64_t& hi) {
+  lo = off >= 0 ? 0 : (-off + stride - 1) / stride;
+  hi = in - off <= 0 ? 0 : (in - off + stride - 1) / stride;
+  lo = std::min(lo, out);
+  hi = std::clamp(hi, lo, out);
+}
+
+#if FASTCONV_HAVE_AVX512_KERNELS
+FASTCONV_AVX512 inline void axpy_row_avx512(float* acc, const float* src, float w, int64_t lo, int64_t hi) {
+  const __m512 wv = _mm512_set1_ps(w);
+  int64_t o = lo;
+  for (; o + 16 <= hi; o += 16) {
+    _mm512_storeu_ps(acc + o, _mm512_fmadd_ps(wv, _mm512_loadu_ps(src + o), _mm512_loadu_ps(acc + o)));
+  }
+  if (o < hi) {
+    const __mmask16 m = lane_mask(0, hi - o);
+    _mm512_mask_storeu_ps(acc + o, m, _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, src + o), _mm512_maskz_loadu_ps(m, acc + o)));
+  }
+}
+
+FASTCONV_AVX512 inline float dot_row_avx512(const float* a, const float* b, int64_t lo, int64_t hi) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t o = lo;
+  for (; o + 32 <= hi; o += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + o), _mm512_loadu_ps(b + o), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + o + 16), _mm512_loadu_ps(b + o + 16), s1);
+  }
+  for (; o < hi; o += 16) {
+    const __mmask16 m = lane_mask(0, hi - o);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + o), _mm512_maskz_loadu_ps(m, b + o), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#endif
+
+// acc[o] += w * src[o * stride] for o in [lo, hi)
+template <typename T>
+inline void axpy_row(T* acc, const T* src, T w, int64_t lo, int64_t hi, int64_t stride) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && has_avx512()) return axpy_row_avx512(acc, src, w, lo, hi);
+  }
+#endif
+  for (int64_t o = lo; o < hi; ++o) acc[o] += w * src[o * stride];
+}
+
+// sum of a[o] * b[o * stride] for o in [lo, hi)
+template <typename T>
+inline T dot_row(const T* a, const T* b, int64_t lo, int64_t hi, int64_t stride) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && has_avx512()) return dot_row_avx512(a, b, lo, hi);
+  }
+#endif
+  T s = T(0);
+  for (int64_t o = lo; o < hi; ++o) s += a[o] * b[o * stride];
+  return s;
+}
+
+// out[n][oc] = bias[oc] + sum over the group's input channels c of conv(in[n][c], w[oc][c]).
+template <typename T>
+void forward(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
+  const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
+  const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
+  std::vector<int64_t> lo(KW), hi(KW);
+  for (int64_t kw = 0; kw < KW; ++kw) column_range(kw * p.dilation_w - p.pad_w, p.stride_w, W, OW, lo[kw], hi[kw]);
+  at::parallel_for(0, p.batch * p.out_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / p.out_channels, oc = plane % p.out_channels, c0 = (oc / OCg) * Cg;
+      T* out = output + plane * p.out_plane();
+      for (int64_t oh = 0; oh < p.out_h; ++oh) {
+        T* acc = out + oh * OW;
+        std::fill(acc, acc + OW, bias ? bias[oc] : T(0));
+        for (int64_t c = 0; c < Cg; ++c) {
+          const T* in = input + ((n * p.in_channels + c0 + c) * H) * W;
+          const T* w = weight + (oc * Cg + c) * KH * KW;
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              axpy_row(acc, in + ih * W + kw * p.dilation_w - p.pad_w, w[kh * KW + kw], lo[kw], hi[kw], p.stride_w);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_input: a stride-1 conv is undone by the same kernel on grad_output (channels swap roles
+// within each group) with flipped weights and padding dilation*(K-1) - pad; other strides scatter.
+template <typename T>
+void backward_input(const T* grad_output, const T* weight, T* grad_input, const Conv2dParams& p) {
+  const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group(), G = p.groups;
+  const int64_t KH = p.kernel_h, KW = p.kernel_w;
+  if (p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= p.dilation_h * (KH - 1) && p.pad_w <= p.dilation_w * (KW - 1)) {
+    std::vector<T> w_t(p.out_channels * Cg * KH * KW);  // [g*Cg + c][o][KH-1-kh][KW-1-kw]
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t o = 0; o < OCg; ++o)
+          for (int64_t k = 0; k < KH * KW; ++k)
+            w_t[((g * Cg + c) * OCg + o) * KH * KW + k] = weight[((g * OCg + o) * Cg + c) * KH * KW + (KH * KW - 1 - k)];
+    Conv2dParams q = p;
+    q.in_channels = p.out_channels;
+    q.in_h = p.out_h;
+    q.in_w = p.out_w;
+    q.out_channels = p.in_channels;
+    q.out_h = p.in_h;
+    q.out_w = p.in_w;
+    q.pad_h = p.dilation_h * (KH - 1) - p.pad_h;
+    q.pad_w = p.dilation_w * (KW - 1) - p.pad_w;
+    return forward<T>(grad_output, w_t.data(), nullptr, grad_input, q);
+  }
+  // scatter, one input plane per task: every contribution to it comes from this task
+  at::parallel_for(0, p.batch * p.in_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / p.in_channels, c = plane % p.in_channels, g = c / Cg;
+      T* gi = grad_input + plane * p.in_plane();
+      std::fill(gi, gi + p.in_plane(), T(0));
+      for (int64_t o = 0; o < OCg; ++o) {
+        const int64_t oc = g * OCg + o;
+        const T* go = grad_output + (n * p.out_channels + oc) * p.out_plane();
+        const T* w = weight + (oc * Cg + (c - g * Cg)) * KH * KW;
+        for (int64_t oh = 0; oh < p.out_h; ++oh) {
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
+            if (ih < 0 || ih >= p.in_h) continue;
+            for (int64_t ow = 0; ow < p.out_w; ++ow) {
+              const T gv = go[oh * p.out_w + ow];
+              for (int64_t kw = 0; kw < KW; ++kw) {
+                const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dilation_w;
+                if (iw >= 0 && iw < p.in_w) gi[ih * p.in_w + iw] += w[kh * KW + kw] * gv;
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_weight[oc][c][kh][kw] = sum over n, oh, ow of grad_output[n][oc][oh][ow] * input[n][c][ih][iw];
+// one output channel per task, a fixed summation order.
+template <typename T>
+void backward_weight(const T* grad_output, const T* input, T* grad_weight, const Conv2dParams& p) {
+  const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
+  const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
+  std::vector<int64_t> lo(KW), hi(KW);
+  for (int64_t kw = 0; kw < KW; ++kw) column_range(kw * p.dilation_w - p.pad_w, p.stride_w, W, OW, lo[kw], hi[kw]);
+  at::parallel_for(0, p.out_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t oc = begin; oc < end; ++oc) {
+      const int64_t c0 = (oc / OCg) * Cg;
+      for (int64_t c = 0; c < Cg; ++c) {
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            T sum = T(0);
+            for (int64_t n = 0; n < p.batch; ++n) {
+              const T* go = grad_output + (n * p.out_channels + oc) * p.out_plane();
+              const T* in = input + (n * p.in_channels + c0 + c) * H * W;
+              for (int64_t oh = 0; oh < p.out_h; ++oh) {
+                const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
+                if (ih < 0 || ih >= H) continue;
+                sum += dot_row(go + oh * OW, in + ih * W + kw * p.dilation_w - p.pad_w, lo[kw], hi[kw], p.stride_w);
+              }
+            }
+            grad_weight[((oc * Cg + c) * KH + kh) * KW + kw] = sum;
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace direct
+}  // namespace cpu
+}  // namespace fastconv
