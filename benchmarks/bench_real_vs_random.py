@@ -54,7 +54,7 @@ def main(argv=None):
         for kind, inp in (("real", real), ("random", torch.relu(torch.randn_like(real)))):
             xi = inp.clone().requires_grad_()
             go = torch.randn(F.max_pool2d(inp, 2).shape)
-            fns = {impl: (lambda pool=pool: torch.autograd.grad(pool(xi, 2), xi, go))
+            fns = {impl: (lambda pool=pool, xi=xi, go=go: torch.autograd.grad(pool(xi, 2), xi, go))
                    for impl, pool in (("fastconv", fastconv.functional.max_pool2d), ("torch", F.max_pool2d))}
             timed = timing.interleaved(fns, args.min_run_time, clock)
             for impl, c in timed.items():

@@ -285,3 +285,23 @@ def test_real_vs_random_pool_benchmark_runs():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pool")]
     assert len(rows) == 4 and all(" real " in r or " random " in r for r in rows)
+
+
+def test_algorithm_column_reads_fastconv(monkeypatch):
+    from fcbench import peers
+
+    conv_case = cases.build_rows("core", tiny=True)[0].case
+    pool_case = cases.build_rows("core", tiny=True)[-1].case
+    inp = peers.make_inputs(conv_case, torch.device("cpu"), torch.float32, 0)
+    assert peers.algorithm(pool_case, inp) == "direct"
+    monkeypatch.delattr(fastconv, "conv2d_algorithm", raising=False)
+    assert peers.algorithm(conv_case, inp) == "im2col+gemm"
+    seen = []
+
+    def algo(x, w, stride, padding, dilation, groups):
+        seen.append((tuple(x.shape), tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups))
+        return "packed-gemm"
+
+    monkeypatch.setattr(fastconv, "conv2d_algorithm", algo, raising=False)
+    assert peers.algorithm(conv_case, inp) == "packed-gemm"
+    assert seen == [((2, 1, 28, 28), (32, 1, 3, 3), (1, 1), (1, 1), (1, 1), 1)]

@@ -313,8 +313,8 @@ def set_tf32(enabled):
 def header_lines(env):
     """The lines every script prints about the machine."""
     alloc = env["allocator"]
-    lines = [f"device: {env['device_name']} ({env['device']}); CPU {env['cpu_label']}; {env['threads']} threads; "
-             f"git {env['git_commit'][:12]}",
+    lines = [(f"device: {env['device_name']} ({env['device']}); CPU {env['cpu_label']}; {env['threads']} threads; "
+              f"git {env['git_commit'][:12]}"),
              f"torch {env['torch']}, oneDNN {env['onednn']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}",
              f"allocator: {alloc['mode'].upper()} ({alloc['how']})"
              + ("" if alloc["mode"] == "warm" else "; torch's CPU convolutions may page-fault on every call")]

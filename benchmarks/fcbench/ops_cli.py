@@ -57,7 +57,7 @@ def parse_args(argv):
 
 def output_tag(args, threads, gpu):
     tag = "" if args.suite == "full" else f"-{args.suite}"
-    tag += ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
+    tag += ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "") + ("-filtered" if args.filter else "")
     tag += f"-{threads}thread" if args.threads and not gpu else ""
     tag += "-cputime" if args.timer == "thread-cpu" else ""
     tag += "-min" if args.stat == "min" else ""
