@@ -67,9 +67,11 @@ def interleaved(fns, min_run_time, clock, gpu=False, block_time=None, min_blocks
         cs.append(Contender(name, fn, ctx))
     for c in cs:  # warm up and calibrate the block size
         try:
-            for _ in range(warmup):
-                _block(c, clock, gpu)
-            t = _block(c, clock, gpu)
+            t = None
+            for _ in range(max(1, warmup)):
+                t = _block(c, clock, gpu)
+            if t < block_time:  # a fast statement: the warmup call may have been slow, measure again
+                t = _block(c, clock, gpu)
             if t < block_time / 10:
                 c.number = 10
                 t = _block(c, clock, gpu) / 10
