@@ -6,21 +6,27 @@ badly on random values, while fastconv's branch-free one costs the same on both.
 measures both on the MNIST CNN's post-ReLU activations of a real Fashion-MNIST batch (from the
 Debian package, or --data-dir) and on random ReLU'd data of the same shape.
 
-    python benchmarks/bench_real_vs_random.py [--data-dir DIR] [--threads N]
+    python benchmarks/bench_real_vs_random.py [--data-dir DIR] [--threads N] [--cold]
+
+Timed with fcbench's interleaved loop, glibc's allocator held warm unless --cold (as bench_ops.py).
 """
 import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # an in-place build works too
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fcbench import machine  # noqa: E402  (imports no torch: the re-exec in __main__ must come first)
 
-import torch
-import torch.nn.functional as F
-from torch.utils import benchmark
+if __name__ == "__main__":
+    machine.hold_allocator_warm(cold="--cold" in sys.argv[1:])
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import fastconv  # noqa: E402
-from fastconv.data import load_split, normalize
-from fastconv.models import build_model
+from fastconv.data import load_split, normalize  # noqa: E402
+from fastconv.models import build_model  # noqa: E402
+from fcbench import timing  # noqa: E402
 
 
 def main(argv=None):
@@ -29,6 +35,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--cold", action="store_true", help="glibc's default allocator settings")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -39,17 +46,21 @@ def main(argv=None):
     with torch.no_grad():
         act1 = torch.relu(model.layer1[0](x))
         act2 = torch.relu(model.layer2[0](F.max_pool2d(act1, 2)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; max_pool2d 2x2 fwd+bwd, median of blocks")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU {machine.cpu_label(machine.cpu_info())}; "
+          f"allocator {machine.allocator_info()['mode']}; max_pool2d 2x2 fwd+bwd, median of interleaved blocks")
+    clock = timing.make_clock("wall", False, torch.get_num_threads())
     print(f"{'input':<28} {'fastconv':>10} {'torch':>10} {'fc/torch':>9}")
     for name, real in (("pool1 " + str(tuple(act1.shape)), act1), ("pool2 " + str(tuple(act2.shape)), act2)):
         for kind, inp in (("real", real), ("random", torch.relu(torch.randn_like(real)))):
             xi = inp.clone().requires_grad_()
             go = torch.randn(F.max_pool2d(inp, 2).shape)
-            times = {}
-            for impl, pool in (("fastconv", fastconv.functional.max_pool2d), ("torch", F.max_pool2d)):
-                timer = benchmark.Timer("torch.autograd.grad(pool(xi, 2), xi, go)",
-                                        globals=dict(torch=torch, pool=pool, xi=xi, go=go))
-                times[impl] = timer.blocked_autorange(min_run_time=args.min_run_time).median
+            fns = {impl: (lambda pool=pool, xi=xi, go=go: torch.autograd.grad(pool(xi, 2), xi, go))
+                   for impl, pool in (("fastconv", fastconv.functional.max_pool2d), ("torch", F.max_pool2d))}
+            timed = timing.interleaved(fns, args.min_run_time, clock)
+            for impl, c in timed.items():
+                if c.error:
+                    raise SystemExit(f"{impl} failed on {name} {kind}: {c.error}")
+            times = {impl: timing.stats(c)["median"] for impl, c in timed.items()}
             ga = torch.autograd.grad(fastconv.functional.max_pool2d(xi, 2), xi, go)[0]
             gb = torch.autograd.grad(F.max_pool2d(xi, 2), xi, go)[0]
             assert torch.equal(ga, gb), "gradients differ"

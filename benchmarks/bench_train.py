@@ -8,24 +8,27 @@ Both sides are the same model from fastconv.models.build_model (impl="fastconv" 
 the same weights, input batch and optimiser. Before timing, one forward+backward of the two (in eval
 mode, so dropout does not differ) is compared: logits, loss and every parameter's gradient. On a GPU
 the step is also captured whole in a CUDA graph (torch.cuda.graph, Adam(capturable=True)) and the
-replay is timed, for both sides. Timing uses torch.utils.benchmark (Timer.blocked_autorange).
+replay is timed, for both sides. The two sides are timed interleaved block by block (fcbench.timing,
+as in bench_ops.py), with glibc's allocator held warm unless --cold is given (the script re-executes
+itself with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set); the output and JSON record the CPU,
+threads, allocator mode and git commit.
 """
 import argparse
 import copy
-import json
-import math
 import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-import torch.utils.benchmark as benchmark
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fcbench import machine  # noqa: E402  (imports no torch: the re-exec in __main__ must come first)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-import bench_ops  # noqa: E402  (environment, TF32 and output helpers; also puts the repo on sys.path)
+if __name__ == "__main__":
+    machine.hold_allocator_warm(cold="--cold" in sys.argv[1:])
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fcbench import peers, report, timing  # noqa: E402
 
 # name -> (batch, in_channels, image size, build_model kwargs); --tiny shrinks batch and image.
 MODELS = {
@@ -38,19 +41,17 @@ TOLERANCE = {torch.float32: {"output": 1e-4, "grad": 1e-2}, torch.float64: {"out
 TOLERANCE_TF32 = {"output": 1e-2, "grad": 5e-2}
 
 
-def load_builders(standin=False):
-    """{impl: build(name, **kw)}; fastconv.models.build_model for both impls."""
+def load_builders():
+    """fastconv.models.build_model (both impls come from it) and a record of the build."""
     try:
-        import fastconv  # noqa: F401
+        import fastconv
         from fastconv.models import build_model
     except Exception as exc:
-        if not standin:
-            raise SystemExit(
-                f"bench_train: cannot use fastconv.models ({type(exc).__name__}: {exc}).\n"
-                "Build it first: pip install --no-build-isolation -e .  (or pass --standin: torch models on both "
-                "sides, for developing the script only)")
-        return None, {"available": False, "standin": True, "error": f"{type(exc).__name__}: {exc}"}
-    return build_model, {"available": True, "standin": False, "file": sys.modules["fastconv"].__file__}
+        raise SystemExit(f"bench_train: cannot use fastconv.models ({type(exc).__name__}: {exc}).\n"
+                         "Build it first: pip install --no-build-isolation -e .  "
+                         "(or python setup.py build_ext --inplace)")
+    return build_model, {"available": True, "file": fastconv.__file__,
+                         "version": getattr(fastconv, "__version__", None)}
 
 
 def build_pair(build_model, name, in_channels, seed, device, dtype):
@@ -58,14 +59,12 @@ def build_pair(build_model, name, in_channels, seed, device, dtype):
     torch.manual_seed(seed)
     ref = build_model(name, impl="torch", num_classes=NUM_CLASSES, in_channels=in_channels)
     torch.manual_seed(seed)
-    fc = build_model(name, impl="fastconv" if build_model.__module__ != "_standin" else "torch",
-                     num_classes=NUM_CLASSES, in_channels=in_channels)
+    fc = build_model(name, impl="fastconv", num_classes=NUM_CLASSES, in_channels=in_channels)
     fc.load_state_dict(ref.state_dict())
     return fc.to(device=device, dtype=dtype), ref.to(device=device, dtype=dtype)
 
 
-def rel_err(a, b):
-    return bench_ops.rel_err(a, b)
+rel_err = peers.rel_err
 
 
 def _fwd_bwd(m, x, y):
@@ -157,52 +156,39 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--cold", action="store_true", help="glibc's default allocator settings instead of holding it warm")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in cuBLAS/cuDNN (off by default on both sides)")
     p.add_argument("--no-graph", action="store_true", help="on GPU, skip the CUDA-graph rows")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds of timing per row and side (default 2.0; 0.2 with --quick)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; min-run-time is split across them")
-    p.add_argument("--json", default=None,
-                   help="output JSON (default benchmarks/results/bench_train[-quick]-<device>-<date>.json)")
+    p.add_argument("--min-blocks", type=int, default=3, help="at least this many timed blocks per row and side")
+    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/bench_train[-quick]"
+                                                "-<cpu|cuda>-<cpu or gpu>-<date>-<commit>.json)")
     p.add_argument("--timer", choices=("wall", "thread-cpu"), default="wall",
                    help="thread-cpu: CPU time of the calling thread, only with --device cpu --threads 1 "
                         "(see bench_ops.py)")
     p.add_argument("--stat", choices=("median", "min"), default="median", help="statistic of the block times reported")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--standin", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.2 if args.quick else 2.0
-    args.rounds = max(1, args.rounds)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = bench_ops.pick_device(args, "bench_train")
+    device = machine.pick_device(args.device, "bench_train")
     gpu = device.type == "cuda"
-    dtype = bench_ops.DTYPES[args.dtype]
+    dtype = peers.DTYPES[args.dtype]
     threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    clock = bench_ops.pick_clock(args.timer, gpu, threads)
-    tf32 = bench_ops.set_tf32(args.tf32)
+    machine.set_threads(threads)
+    clock = timing.make_clock(args.timer, gpu, threads)
+    tf32 = machine.set_tf32(args.tf32)
     if gpu:
         torch.backends.cudnn.benchmark = True
     tol = TOLERANCE_TF32 if (args.tf32 and gpu and dtype == torch.float32) else TOLERANCE[dtype]
-
-    build_model, fc_info = load_builders(args.standin)
-    if build_model is None:
-        from torch import nn
-
-        def build_model(name, impl="torch", num_classes=10, in_channels=1):  # stand-in: no fastconv.models
-            if name == "mnist_cnn":
-                return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                     nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                                     nn.Linear(64 * 7 * 7, num_classes))
-            return nn.Sequential(nn.Conv2d(in_channels, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
-                                 nn.AdaptiveAvgPool2d(6), nn.Flatten(), nn.Linear(64 * 36, num_classes))
-        build_model.__module__ = "_standin"
+    build_model, fc_info = load_builders()
 
     names = [n for n in args.models.split(",") if n]
     for n in names:
@@ -210,29 +196,24 @@ def main(argv=None):
             raise SystemExit(f"bench_train: unknown model {n!r}; choose from {','.join(MODELS)}")
     modes = ["eager"] + (["cuda-graph"] if gpu and not args.no_graph else [])
 
-    env = bench_ops.env_info(device, threads)
+    env = machine.env_info(device, threads)
     settings = {"quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32, "tf32_flags": tf32,
                 "optimizer": f"Adam(lr={args.lr})", "loss": "cross_entropy", "num_classes": NUM_CLASSES,
-                "min_run_time_s": args.min_run_time, "rounds": args.rounds, "timer": args.timer, "stat": args.stat,
-                "seed": args.seed, "tolerance": tol,
+                "min_run_time_s": args.min_run_time, "min_blocks": args.min_blocks, "timer": args.timer,
+                "stat": args.stat, "seed": args.seed, "tolerance": tol, "allocator": env["allocator"]["mode"],
+                "interleaving": "the two sides alternate block by block, order reversed every cycle",
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None, "modes": modes,
                 "step": "zero_grad(set_to_none) + forward + cross_entropy + backward + Adam.step",
                 "cuda_graph": "torch.cuda.graph capture of the whole step, Adam(capturable=True), static input"}
     print(f"bench_train: {', '.join(names)}; modes {', '.join(modes)}{' (quick)' if args.quick else ''}"
           f"{' (tiny)' if args.tiny else ''}")
-    print(f"device: {env['device_name']} ({device}); torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
-          f"threads {threads}; git {env['git_commit']}")
+    for line in machine.header_lines(env):
+        print(line)
     print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; Adam lr {args.lr}; {args.min_run_time}s timing "
-          f"per row and side in {args.rounds} alternating rounds, {args.timer} clock, {args.stat} of blocks")
-    if not gpu and env["cpu_busy_start"] is not None and env["cpu_busy_start"] > 0.1:
-        print(f"WARNING: other processes kept {100 * env['cpu_busy_start']:.0f}% of the CPUs busy just before "
-              "starting; CPU timings will be noisy")
-    if fc_info.get("standin"):
-        print("WARNING: fastconv is NOT importable; torch models stand in on both sides. "
-              "These are not fastconv numbers.")
+          f"per row and side, interleaved block by block, {args.timer} clock, {args.stat} of blocks")
     sys.stdout.flush()
 
-    records, measurements, failures = [], [], []
+    records, failures = [], []
     t0 = time.time()
     for name in names:
         spec = MODELS[name]
@@ -260,85 +241,57 @@ def main(argv=None):
                 model.train()
                 try:
                     if mode == "eager":
-                        fn = eager_step(model, torch.optim.Adam(model.parameters(), lr=args.lr), x, y)
-                        fn()  # warmup: Adam state, oneDNN primitives / cuDNN algorithm search
+                        fns[impl] = eager_step(model, torch.optim.Adam(model.parameters(), lr=args.lr), x, y)
                     else:
-                        fn = graphed_step(model, x, y, args.lr)
-                    fns[impl] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=f"training step ({args.dtype})",
-                                                sub_label=f"{name} {shape}", description=f"{impl} {mode}",
-                                                num_threads=threads, timer=clock)
+                        fns[impl] = graphed_step(model, x, y, args.lr)
                 except Exception as exc:
                     rec["errors"][impl] = f"{type(exc).__name__}: {exc}"
                     print(f"note: {impl} {mode} failed on {name}: {rec['errors'][impl]}")
-            # Alternating rounds (fastconv, torch, torch, fastconv, ...) merged, as in bench_ops.
-            per_round = {impl: [] for impl in fns}
-            for rnd in range(args.rounds):
-                for impl in (list(fns) if rnd % 2 == 0 else list(reversed(fns))):
-                    if impl in rec["errors"]:
-                        continue
-                    try:
-                        m = fns[impl].blocked_autorange(min_run_time=args.min_run_time / args.rounds)
-                        per_round[impl].append(m)
-                    except Exception as exc:
-                        rec["errors"][impl] = f"{type(exc).__name__}: {exc}"
-                        print(f"note: {impl} {mode} failed on {name}: {rec['errors'][impl]}")
-            for impl, ms in per_round.items():
-                if impl in rec["errors"] or not ms:
+            # The warmup call of the timing loop builds Adam's state, oneDNN primitives, cuDNN's choice.
+            timed = timing.interleaved(fns, args.min_run_time, clock, gpu, min_blocks=args.min_blocks)
+            for impl, c in timed.items():
+                if c.error:
+                    rec["errors"][impl] = c.error
+                    print(f"note: {impl} {mode} failed on {name}: {c.error}")
                     continue
-                m = benchmark.Measurement.merge(ms)[0]
-                measurements.append(m)
-                rec["times"][impl] = bench_ops.time_stats(m, ms)
-                rec["times"][impl]["images_per_s"] = batch / rec["times"][impl][args.stat]
+                st = rec["times"][impl] = timing.stats(c)
+                st["images_per_s"] = batch / st[args.stat]
             f_t = rec["times"].get("fastconv", {}).get(args.stat)
             t_t = rec["times"].get("torch", {}).get(args.stat)
             if f_t and t_t:
                 rec["ratio"] = f_t / t_t
             records.append(rec)
-            print(f"{rec['name']}: fastconv {bench_ops.fmt_time(f_t)}  torch {bench_ops.fmt_time(t_t)}"
-                  + (f"  fc/torch {rec['ratio']:.2f}" if "ratio" in rec else ""), flush=True)
+            print(f"{rec['name']}: fastconv {timing.fmt_time(f_t)}  torch {timing.fmt_time(t_t)}"
+                  + (f"  fc/torch {rec['ratio']:.3f}" if "ratio" in rec else ""), flush=True)
         del fc_model, t_model
 
     elapsed = time.time() - t0
-    env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    env["cpu_busy_end"] = bench_ops.cpu_busy() if not gpu else None
+    machine.finish_env(env, gpu)
     print()
-    if measurements:
-        cmp = benchmark.Compare(measurements)
-        cmp.trim_significant_figures()
-        cmp.print()
-    cols = ["row", "fastconv", "torch", "fc/torch", "fc img/s", "torch img/s"]
     lines = []
     for r in records:
         f, t = r["times"].get("fastconv", {}), r["times"].get("torch", {})
-        lines.append([r["name"], bench_ops.fmt_time(f.get(args.stat)), bench_ops.fmt_time(t.get(args.stat)),
-                      f"{r['ratio']:.2f}" if "ratio" in r else "-",
+        lines.append([r["name"], timing.fmt_time(f.get(args.stat)), timing.fmt_time(t.get(args.stat)),
+                      f"{r['ratio']:.3f}" if "ratio" in r else "-",
                       f"{f['images_per_s']:.1f}" if f else "-", f"{t['images_per_s']:.1f}" if t else "-"])
-    widths = [max(len(c[i]) for c in [cols] + lines) for i in range(len(cols))]
-    def fmt(cells):
-        return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
-
-    print(fmt(cols))
-    print("  ".join("-" * w for w in widths))
-    for c in lines:
-        print(fmt(c))
-    geo = bench_ops.geomean([r.get("ratio") for r in records])
+    print(report.table(["row", "fastconv", "torch", "fc/torch", "fc img/s", "torch img/s"], lines))
+    geo = timing.geomean([r.get("ratio") for r in records])
     if geo is not None:
         n = sum("ratio" in r for r in records)
         print(f"\nGEOMEAN fastconv/torch training-step time ratio over {n} rows: {geo:.3f}")
     if failures:
         print(f"CORRECTNESS FAILED (not timed): {', '.join(failures)}")
-    print(f"elapsed {elapsed:.1f} s")
+    print(f"allocator {env['allocator']['mode']}; elapsed {elapsed:.1f} s")
 
     tag = ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
     tag += f"-{threads}thread" if args.threads and not gpu else ""
     tag += "-cputime" if args.timer == "thread-cpu" else ""
     tag += "-min" if args.stat == "min" else ""
-    out_json = args.json or bench_ops.default_output("bench_train", tag, device)
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump({"benchmark": "bench_train", "argv": list(argv if argv is not None else sys.argv[1:]), "env": env,
-                   "fastconv": fc_info, "settings": settings, "elapsed_s": elapsed, "geomean": geo,
-                   "failures": failures, "rows": records}, f, indent=1, default=str)
+    tag += "-cold" if args.cold else ""
+    out_json = args.json or machine.default_output("bench_train", tag, device, env)
+    report.write_json(out_json, {"benchmark": "bench_train", "argv": list(argv if argv is not None else sys.argv[1:]),
+                                 "env": env, "fastconv": fc_info, "settings": settings, "elapsed_s": elapsed,
+                                 "geomean": geo, "failures": failures, "rows": records})
     print(f"wrote {out_json}")
     return 1 if failures else 0
 

@@ -6,19 +6,14 @@ generalised to stride, padding and dilation per axis and to groups. It is the ya
 is a compiled im2col+GEMM from a straightforward NumPy one" in benchmarks/bench_ops.py.
 
 Layouts match torch: input (N, C, H, W), weight (C_out, C/groups, kH, kW), output (N, C_out, Ho, Wo).
-The GEMMs run in NumPy's BLAS (OpenBLAS in the wheels); `set_num_threads` caps its thread count.
+The GEMMs run in NumPy's BLAS (OpenBLAS in the wheels); the benchmark caps its threads with threadpoolctl.
 Everything stays in the dtype of the inputs (the benchmark passes float32); nothing upcasts to
 float64 as `np.zeros` would by default.
 """
-import ctypes
-import glob
-import os
-
 import numpy as np
 
 __all__ = [
     "im2col", "col2im", "conv2d_forward", "conv2d_backward", "output_size",
-    "set_num_threads", "get_num_threads", "blas_info",
 ]
 
 
@@ -135,46 +130,3 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
                 dcol[:, g * k:(g + 1) * k] = dout[:, g * og:(g + 1) * og] @ weight[g * og:(g + 1) * og].reshape(og, k)
         grad_input = np.ascontiguousarray(col2im(dcol, x.shape, kh, kw, stride, padding, dilation))
     return grad_input, grad_weight, grad_bias
-
-
-# --- BLAS threads --------------------------------------------------------------------------------
-# NumPy wheels bundle OpenBLAS under numpy.libs with prefixed symbols; without threadpoolctl we
-# reach its thread setter through ctypes so `--threads` applies to the NumPy peer as well.
-
-def _openblas():
-    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
-                               ("openblas", "64_"), ("openblas", "")):
-            if hasattr(lib, f"{prefix}_get_num_threads{suffix}"):
-                return lib, prefix, suffix
-    return None, None, None
-
-
-def get_num_threads():
-    lib, p, s = _openblas()
-    return int(getattr(lib, f"{p}_get_num_threads{s}")()) if lib is not None else None
-
-
-def set_num_threads(n):
-    """Set OpenBLAS's thread count; returns the count now in effect, or None if it is not reachable."""
-    lib, p, s = _openblas()
-    if lib is None:
-        return None
-    getattr(lib, f"{p}_set_num_threads{s}")(int(n))
-    return get_num_threads()
-
-
-def blas_info():
-    lib, p, s = _openblas()
-    if lib is None:
-        return "unknown BLAS (not the wheel's OpenBLAS)"
-    fn = getattr(lib, f"{p}_get_config{s}", None)
-    if fn is None:
-        return "OpenBLAS"
-    fn.restype = ctypes.c_char_p
-    return fn().decode(errors="replace").strip()
