@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "conv_params.h"
@@ -197,7 +198,7 @@ FASTCONV_AVX512 inline void gemm_item(const float* a_packed, int64_t K, int64_t 
       const float* b = panels + j * (kc * kPanel + kPanelPad);
       TileDest d;
       if (panel_dest(out, channels, L, row0, gp, g1, nv, d)) {
-        run_micro_kernel(mr, nv, kc, a, 1, kTileRows, b, kPanel, d, init, bias_b, relu);
+        run_micro_kernel(mr, nv, kc, a, 1, kTileRows, PanelB{b, kPanel}, d, init, bias_b, relu);
         continue;
       }
       // tiny planes: through a scratch tile, element by element
@@ -216,7 +217,7 @@ FASTCONV_AVX512 inline void gemm_item(const float* a_packed, int64_t K, int64_t 
         sd.mask[v][0] = lane_mask(0, cnt - 16 * v);
         sd.mask[v][1] = 0;
       }
-      run_micro_kernel(mr, nv, kc, a, 1, kTileRows, b, kPanel, sd, init, bias_b, relu);
+      run_micro_kernel(mr, nv, kc, a, 1, kTileRows, PanelB{b, kPanel}, sd, init, bias_b, relu);
       for (int i = 0; i < mr; ++i) {
         for (int64_t t = 0; t < cnt; ++t) {
           const int64_t g = gp + t;
@@ -234,8 +235,8 @@ inline int64_t item_pixels(int64_t kc, int64_t total) {
 }
 
 // out = conv2d(input, weight) + bias [, relu], float32 NCHW contiguous, any stride/padding/dilation/groups.
-inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
-                    bool relu = false) {
+inline void forward_packed(const float* input, const float* weight, const float* bias, float* out,
+                           const Conv2dParams& p, bool relu = false) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t Cg = p.in_channels_per_group(), L = p.out_plane(), total = p.batch * L;
   const KBlocks kb(Kg, kMaxBlockK);
@@ -272,6 +273,109 @@ inline void forward(const float* input, const float* weight, const float* bias, 
       }
     }
   });
+}
+
+// Stride-1 convolutions can skip packing: with a zero-padded copy of the input, the B vector of a
+// run of 16 output pixels of one row is 16 contiguous input floats at a fixed offset per k, so the
+// micro-kernel loads it straight from the image (OffsetB) and the tile's input stays in L1. The
+// price is lanes: a row of OW pixels takes ceil(OW/16) vectors (OW = 14: 14 of 16 lanes). Packing
+// costs about one cycle per column element against OCg/16 FMA cycles of use; take the cheaper.
+inline bool use_padded_direct(const Conv2dParams& p) {
+  if (p.stride_h != 1 || p.stride_w != 1) return false;
+  static const char* force = std::getenv("FASTCONV_CPU_GEMM_B");  // "packed" or "direct": for tests
+  if (force && std::string(force) == "packed") return false;
+  if (force && std::string(force) == "direct") return true;
+  const double lanes = double(p.out_w) / double(16 * ceil_div(p.out_w, 16));
+  const double packed = double(p.out_channels_per_group()) / double(p.out_channels_per_group() + 16);
+  return lanes >= packed;
+}
+
+inline void forward_padded_direct(const float* input, const float* weight, const float* bias, float* out,
+                                  const Conv2dParams& p, bool relu = false) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
+  const int64_t C = p.in_channels, Cg = p.in_channels_per_group(), L = p.out_plane();
+  const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
+  const int64_t KK = p.kernel_h * p.kernel_w;
+  // the padded copy (+16 floats: the last vector's unused lanes read past the end)
+  AlignedBuffer pad_buf;
+  float* padded = pad_buf.get(p.batch * C * plane + 16);
+  at::parallel_for(0, p.batch * C, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t nc = b0; nc < b1; ++nc) {
+      float* dst = padded + nc * plane;
+      const float* src = input + nc * H * W;
+      std::fill(dst, dst + p.pad_h * Wp, 0.f);
+      for (int64_t h = 0; h < H; ++h) {
+        float* row = dst + (p.pad_h + h) * Wp;
+        std::fill(row, row + p.pad_w, 0.f);
+        std::copy(src + h * W, src + (h + 1) * W, row + p.pad_w);
+        std::fill(row + p.pad_w + W, row + Wp, 0.f);
+      }
+      std::fill(dst + (p.pad_h + H) * Wp, dst + plane, 0.f);
+    }
+  });
+  std::vector<int64_t> koff(Kg);
+  for (int64_t k = 0; k < Kg; ++k) {
+    koff[k] = (k / KK) * plane + ((k % KK) / p.kernel_w) * p.dilation_h * Wp + (k % p.kernel_w) * p.dilation_w;
+  }
+  const KBlocks kb(Kg, kMaxBlockK);
+  const int64_t oc_blocks = ceil_div(OCg, kTileRows);
+  std::vector<float> packed(G * oc_blocks * Kg * kTileRows);
+  for (int64_t g = 0; g < G; ++g) {
+    pack_rows_by_8(weight + g * OCg * Kg, OCg, Kg, Kg, 1, packed.data() + g * oc_blocks * Kg * kTileRows);
+  }
+  const int64_t per_row = ceil_div(p.out_w, 16), vectors = p.batch * p.out_h * per_row;
+  const int64_t panels = ceil_div(vectors, kTileVectors);
+  const int64_t panels_per_item = std::clamp<int64_t>(ceil_div(512, p.out_w), 1, 8);
+  const int64_t pix_items = ceil_div(panels, panels_per_item);
+  const int64_t threads = at::get_num_threads();
+  const int64_t oc_split = std::clamp<int64_t>(ceil_div(4 * threads, pix_items), 1, oc_blocks);
+  const int64_t oc_per_split = ceil_div(oc_blocks, oc_split) * kTileRows;
+  at::parallel_for(0, pix_items * oc_split, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pi = item / oc_split, os = item % oc_split;
+      const int64_t j0 = pi * panels_per_item, j1 = std::min(panels, j0 + panels_per_item);
+      const int64_t r0 = os * oc_per_split, r1 = std::min(OCg, r0 + oc_per_split);
+      if (r0 >= r1) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t b = 0; b < kb.count; ++b) {
+          const int64_t k0 = b * kb.size, kc = std::min(kb.size, Kg - k0);
+          const Init init = b == 0 ? (bias ? Init::kBias : Init::kZero) : Init::kAccumulate;
+          const bool last = b == kb.count - 1;
+          // one panel of three row vectors (its inputs stay in L1) against every block of 8 channels
+          for (int64_t j = j0; j < j1; ++j) {
+            const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, vectors - j * kTileVectors));
+            OffsetB bs;
+            bs.koff = koff.data() + k0;
+            TileDest d0;
+            d0.ldc = L;
+            for (int v = 0; v < kTileVectors; ++v) {
+              const int64_t vec = std::min(j * kTileVectors + v, vectors - 1);
+              const int64_t n = vec / (p.out_h * per_row), r = vec % (p.out_h * per_row);
+              const int64_t oh = r / per_row, ow0 = (r % per_row) * 16;
+              bs.base[v] = padded + (n * C + g * Cg) * plane + oh * Wp + ow0;
+              d0.ptr[v][0] = d0.ptr[v][1] = out + n * p.out_channels * L + oh * p.out_w + ow0;
+              d0.mask[v][0] = v < nv ? lane_mask(0, p.out_w - ow0) : __mmask16(0);
+              d0.mask[v][1] = 0;
+            }
+            for (int64_t ob = r0 / kTileRows; ob * kTileRows < r1; ++ob) {
+              const int mr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - ob * kTileRows));
+              const float* a = packed.data() + (g * oc_blocks + ob) * Kg * kTileRows + k0 * kTileRows;
+              const int64_t ch = g * OCg + ob * kTileRows;
+              TileDest d = d0;
+              for (int v = 0; v < kTileVectors; ++v) d.ptr[v][0] = d.ptr[v][1] = d0.ptr[v][0] + ch * L;
+              run_micro_kernel(mr, nv, kc, a, 1, kTileRows, bs, d, init, bias ? bias + ch : nullptr, relu && last);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
+                    bool relu = false) {
+  if (use_padded_direct(p)) return forward_padded_direct(input, weight, bias, out, p, relu);
+  forward_packed(input, weight, bias, out, p, relu);
 }
 
 // Backward-input of a stride-1 convolution is a convolution of grad_output with the flipped,
@@ -416,7 +520,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
                   d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
                   d.mask[v][1] = 0;
                 }
-                run_micro_kernel(mr, nv, len, cols + r * npix, npix, 1, goT + o0, ldo, d, Init::kAccumulate, nullptr);
+                run_micro_kernel(mr, nv, len, cols + r * npix, npix, 1, PanelB{goT + o0, ldo}, d, Init::kAccumulate, nullptr);
               }
             }
           }

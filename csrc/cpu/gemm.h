@@ -64,12 +64,25 @@ struct TileDest {
 
 enum class Init { kZero, kBias, kAccumulate };
 
-// acc = init + sum_k A(i, k) * B[k][16v + lane]; A(i, k) = a[i*a_rs + k*a_cs]; B rows ldb apart,
-// 64-byte aligned when ldb is a multiple of 16. Only lanes under the masks are read or written.
-template <int MR, int NV>
-FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-                                         int64_t ldb, const TileDest& d, Init init, const float* bias,
-                                         bool relu) {
+// Where the micro-kernel reads B. PanelB: a packed panel, row k at b + k*ldb (64-byte aligned when
+// ldb is a multiple of 16). OffsetB: straight from a zero-padded input image, vector v of row k at
+// base[v] + koff[k] (each vector a run of one output row; stride-1 convolutions, no packing at all).
+struct PanelB {
+  const float* b;
+  int64_t ldb;
+  const float* row(int64_t k, int v) const { return b + k * ldb + 16 * v; }
+};
+struct OffsetB {
+  const float* base[kTileVectors];
+  const int64_t* koff;
+  const float* row(int64_t k, int v) const { return base[v] + koff[k]; }
+};
+
+// acc = init + sum_k A(i, k) * B(k, 16v + lane); A(i, k) = a[i*a_rs + k*a_cs]. Only lanes under the
+// masks of d are written (B's other lanes may hold anything).
+template <int MR, int NV, typename BSrc>
+FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const BSrc& bs,
+                                         const TileDest& d, Init init, const float* bias, bool relu) {
   __m512 acc[MR][NV];
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
     _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
@@ -78,7 +91,7 @@ FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) ar[i] = a + i * a_rs;
   for (int64_t k = 0; k < K; ++k) {
     __m512 bv[NV];
-    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bs.row(k, v));
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
       const __m512 av = _mm512_set1_ps(ar[i][k * a_cs]);
       _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
@@ -106,14 +119,15 @@ FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs
 }
 
 // The same for any mr in [1, 8] and nv in [1, 3] (the tails of a blocked loop).
+template <typename BSrc>
 FASTCONV_AVX512 inline void run_micro_kernel(int mr, int nv, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
-                                             const float* b, int64_t ldb, const TileDest& d, Init init,
-                                             const float* bias, bool relu = false) {
-#define FASTCONV_MK_CASE(MR)                                                                    \
-  case MR:                                                                                      \
-    if (nv == 3) micro_kernel<MR, 3>(K, a, a_rs, a_cs, b, ldb, d, init, bias, relu);             \
-    else if (nv == 2) micro_kernel<MR, 2>(K, a, a_rs, a_cs, b, ldb, d, init, bias, relu);        \
-    else micro_kernel<MR, 1>(K, a, a_rs, a_cs, b, ldb, d, init, bias, relu);                     \
+                                             const BSrc& bs, const TileDest& d, Init init, const float* bias,
+                                             bool relu = false) {
+#define FASTCONV_MK_CASE(MR)                                                                     \
+  case MR:                                                                                       \
+    if (nv == 3) micro_kernel<MR, 3>(K, a, a_rs, a_cs, bs, d, init, bias, relu);                 \
+    else if (nv == 2) micro_kernel<MR, 2>(K, a, a_rs, a_cs, bs, d, init, bias, relu);            \
+    else micro_kernel<MR, 1>(K, a, a_rs, a_cs, bs, d, init, bias, relu);                         \
     break;
   switch (mr) {
     FASTCONV_MK_CASE(8)
