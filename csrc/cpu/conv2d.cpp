@@ -19,6 +19,9 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -28,6 +31,7 @@
 #include "cpu/depthwise_conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/im2col.h"
+#include "cpu/winograd_conv2d.h"
 
 namespace fastconv {
 namespace {
@@ -92,12 +96,48 @@ bool use_engine() {
 #endif
 }
 
+// The algorithm choice, settable from Python (fastconv.set_conv_algorithm): "auto" (default),
+// "gemm" (never Winograd) or "winograd" (Winograd wherever it applies). The FASTCONV_CONV_ALGORITHM
+// environment variable sets the starting value.
+std::atomic<int> g_algorithm_setting{[] {
+  const char* env = std::getenv("FASTCONV_CONV_ALGORITHM");
+  if (env && std::string(env) == "gemm") return 1;
+  if (env && std::string(env) == "winograd") return 2;
+  return 0;
+}()};
+
+bool winograd_wanted(const Conv2dParams& p) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  const int setting = g_algorithm_setting.load();
+  if (setting == 1 || !cpu::winograd::applicable(p)) return false;
+  // auto: the transforms cost about as much as 8-16 channels of products; below that, GEMM
+  return setting == 2 || (p.in_channels >= 16 && p.out_channels >= 16);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// Which kernel the CPU forward runs for these arguments (what conv2d_algorithm() reports).
+std::string algorithm_name(const Conv2dParams& p, bool float32) {
+  if (cpu::direct::use_direct(p)) return "direct-grouped";
+  if (!float32 || !use_engine<float>()) return "im2col+gemm (ATen BLAS)";
+  if (winograd_wanted(p)) return "winograd-f2x2-3x3";
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if (cpu::engine::use_padded_direct(p)) return "implicit-gemm (padded input)";
+#endif
+  return "im2col+gemm (packed)";
+}
+
 template <typename T>
 void conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
   if (cpu::direct::use_direct(p)) return cpu::direct::forward<T>(input, weight, bias, output, p);
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
-    if (use_engine<T>()) return cpu::engine::forward(input, weight, bias, output, p);
+    if (use_engine<T>()) {
+      if (winograd_wanted(p)) return cpu::winograd::forward(input, weight, bias, output, p);
+      return cpu::engine::forward(input, weight, bias, output, p);
+    }
   }
 #endif
   const int64_t G = p.groups, L = p.out_plane();
@@ -132,7 +172,12 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
     if (use_engine<T>()) {
       if (grad_input) {
         if (cpu::engine::backward_input_as_forward(p)) {
-          cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
+          cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p,
+                                              [](const float* i, const float* w, const float* b, float* o,
+                                                 const Conv2dParams& q) {
+                                                if (winograd_wanted(q)) return cpu::winograd::forward(i, w, b, o, q);
+                                                cpu::engine::forward(i, w, b, o, q);
+                                              });
         } else {
           cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::col2im_band_add<float>);
         }
@@ -279,6 +324,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
 }
 
 }  // namespace
+
+void set_conv_algorithm(std::string name) {
+  TORCH_CHECK(name == "auto" || name == "gemm" || name == "winograd",
+              "fastconv.set_conv_algorithm: expected 'auto', 'gemm' or 'winograd', got '", name, "'");
+  g_algorithm_setting = name == "gemm" ? 1 : name == "winograd" ? 2 : 0;
+}
+
+std::string get_conv_algorithm() {
+  const int s = g_algorithm_setting.load();
+  return s == 1 ? "gemm" : s == 2 ? "winograd" : "auto";
+}
+
+std::string cpu_conv_algorithm(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const Conv2dParams p = check_conv2d(input, weight, c10::nullopt, stride, padding, dilation, groups,
+                                      "fastconv.conv2d_algorithm");
+  const auto t = input.scalar_type();
+  return algorithm_name(p, t == at::kFloat || t == at::kHalf || t == at::kBFloat16);
+}
+
+TORCH_LIBRARY_FRAGMENT(fastconv, m) {
+  m.def("_set_conv_algorithm(str name) -> ()", &set_conv_algorithm);
+  m.def("_get_conv_algorithm() -> str", &get_conv_algorithm);
+  // the CPU kernel the arguments would run (shapes and dtype only are read: meta tensors work)
+  m.def("_cpu_conv_algorithm(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups) -> str",
+        [](const at::Tensor& i, const at::Tensor& w, std::vector<int64_t> s, std::vector<int64_t> pd,
+           std::vector<int64_t> d, int64_t g) { return cpu_conv_algorithm(i, w, s, pd, d, g); });
+}
 
 TORCH_LIBRARY_IMPL(fastconv, CPU, m) {
   m.impl("conv2d", &conv2d_cpu);

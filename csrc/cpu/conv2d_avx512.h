@@ -385,8 +385,11 @@ inline bool backward_input_as_forward(const Conv2dParams& p) {
          p.pad_w <= p.dilation_w * (p.kernel_w - 1);
 }
 
-inline void backward_input_stride1(const float* grad_output, const float* weight, float* grad_input,
-                                   const Conv2dParams& p) {
+// `forward_fn(input, weight, bias, output, params)` runs the transformed convolution (the caller's
+// algorithm choice: Winograd or this engine).
+template <typename Forward>
+void backward_input_stride1(const float* grad_output, const float* weight, float* grad_input, const Conv2dParams& p,
+                            Forward forward_fn) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Cg = p.in_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w;
   // w_t[g*Cg + c][o][kh][kw] = w[g*OCg + o][c][KH-1-kh][KW-1-kw]
@@ -407,7 +410,7 @@ inline void backward_input_stride1(const float* grad_output, const float* weight
   q.out_w = p.in_w;
   q.pad_h = p.dilation_h * (KH - 1) - p.pad_h;
   q.pad_w = p.dilation_w * (KW - 1) - p.pad_w;
-  forward(grad_output, w_t.data(), nullptr, grad_input, q);
+  forward_fn(grad_output, w_t.data(), nullptr, grad_input, q);
 }
 
 // grad_cols = W^T grad_output per image and band of output rows, then col2im (any stride).

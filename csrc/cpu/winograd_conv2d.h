@@ -1,0 +1,248 @@
+// Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1 convolutions on AVX-512 (float32).
+//
+// Each 2x2 block of output pixels (a tile) is computed from its 4x4 input patch d as
+//   Y = A^T [ sum_c (G g_c G^T) .* (B^T d_c B) ] A
+// (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR'16): 16 multiplications
+// per tile and channel pair instead of 36, 2.25x fewer. The 16 element-wise products summed over
+// channels are 16 independent GEMMs, M_xi[oc][tile] = U_xi[oc][c] * V_xi[c][tile], run on the same
+// micro-kernel as the im2col engine (gemm.h).
+//
+// Per work item (a block of tiles, flattened over the batch like the engine's pixels):
+//   for each block of input channels: V = B^T d B for every tile (16 tiles of a tile row per vector,
+//   deinterleaved from contiguous loads of a zero-padded copy of the input) into 48-tile panels per xi; M_xi += U_xi V_xi;
+//   then Y = A^T M A + bias (+ ReLU), interleaved back into NCHW output rows (masked at odd edges).
+// Backward-input of a stride-1 3x3 conv is again such a conv (flipped weights), so it runs here too.
+// float32 error: about 1e-6 relative (the transforms use only 0.5, 1 and -1).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "conv_params.h"
+#include "cpu/conv2d_avx512.h"
+#include "cpu/gemm.h"
+
+#if FASTCONV_HAVE_AVX512_KERNELS
+namespace fastconv {
+namespace cpu {
+namespace winograd {
+
+using engine::AlignedBuffer;
+using engine::ceil_div;
+
+constexpr int64_t kMaxBlockC = 128;
+constexpr int64_t kTileBlockBytes = 512 * 1024;  // V (16 x kc x tiles) and M (16 x OC x tiles) per item
+
+inline int64_t tiles_per_item(const Conv2dParams& p) {
+  const int64_t kc = std::min(p.in_channels, kMaxBlockC);
+  const int64_t by_v = kTileBlockBytes / (16 * kc * 4), by_m = kTileBlockBytes / (16 * p.out_channels * 4);
+  return std::clamp<int64_t>(std::min(by_v, by_m) / kTileCols, 1, 4) * kTileCols;
+}
+
+// 3x3, stride 1, dilation 1, one group, padding at most 2 (the padded copy's border).
+inline bool applicable(const Conv2dParams& p) {
+  if (!(p.kernel_h == 3 && p.kernel_w == 3 && p.stride_h == 1 && p.stride_w == 1 && p.dilation_h == 1 &&
+        p.dilation_w == 1 && p.groups == 1 && p.pad_h <= 2 && p.pad_w <= 2))
+    return false;
+  if (p.in_channels < 8 || p.out_channels < 8) return false;
+  return true;
+}
+
+// U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c], zero rows past OC.
+inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
+  const int64_t ob_count = ceil_div(OC, kTileRows);
+  at::parallel_for(0, ob_count * kTileRows, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t oc = o0; oc < o1; ++oc) {
+      for (int64_t c = 0; c < C; ++c) {
+        float u[16] = {0};
+        if (oc < OC) {
+          const float* g = w + (oc * C + c) * 9;
+          float t[4][3];  // G g
+          for (int j = 0; j < 3; ++j) {
+            t[0][j] = g[j];
+            t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
+            t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
+            t[3][j] = g[6 + j];
+          }
+          for (int i = 0; i < 4; ++i) {  // (G g) G^T
+            u[i * 4 + 0] = t[i][0];
+            u[i * 4 + 1] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+            u[i * 4 + 2] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+            u[i * 4 + 3] = t[i][2];
+          }
+        }
+        for (int xi = 0; xi < 16; ++xi) {
+          U[((xi * ob_count + oc / kTileRows) * C + c) * kTileRows + oc % kTileRows] = u[xi];
+        }
+      }
+    }
+  });
+}
+
+// A run of at most 16 tiles of one tile row that lands in one 48-tile panel.
+struct TileRun {
+  int64_t n, i, j0, len, t;  // image, tile row, first tile column, tiles, position in the item
+};
+
+FASTCONV_AVX512 inline __m512i even_lanes() { return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0); }
+FASTCONV_AVX512 inline __m512i odd_lanes() { return _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1); }
+
+// V = B^T d B for the 16 tiles starting at `src` (row 0, column 0 of the first tile's 4x4 patch in
+// the padded plane): d[r][s] of tile j is src[r*Wp + 2j + s], deinterleaved from contiguous loads.
+// Writes 16 lanes per xi (lanes past the run hold junk that a later store overwrites).
+FASTCONV_AVX512 inline void input_transform(const float* src, int64_t Wp, float* v_out, int64_t xi_stride) {
+  const __m512i ev = even_lanes(), od = odd_lanes();
+  __m512 d[4][4];
+  for (int r = 0; r < 4; ++r) {
+    const float* row = src + r * Wp;
+    const __m512 a0 = _mm512_loadu_ps(row), a1 = _mm512_loadu_ps(row + 16);
+    const __m512 b0 = _mm512_loadu_ps(row + 2), b1 = _mm512_loadu_ps(row + 18);
+    d[r][0] = _mm512_permutex2var_ps(a0, ev, a1);
+    d[r][1] = _mm512_permutex2var_ps(a0, od, a1);
+    d[r][2] = _mm512_permutex2var_ps(b0, ev, b1);
+    d[r][3] = _mm512_permutex2var_ps(b0, od, b1);
+  }
+  __m512 t[4][4];
+  for (int s = 0; s < 4; ++s) {
+    t[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
+    t[1][s] = _mm512_add_ps(d[1][s], d[2][s]);
+    t[2][s] = _mm512_sub_ps(d[2][s], d[1][s]);
+    t[3][s] = _mm512_sub_ps(d[1][s], d[3][s]);
+  }
+  for (int r = 0; r < 4; ++r) {
+    _mm512_storeu_ps(v_out + (r * 4 + 0) * xi_stride, _mm512_sub_ps(t[r][0], t[r][2]));
+    _mm512_storeu_ps(v_out + (r * 4 + 1) * xi_stride, _mm512_add_ps(t[r][1], t[r][2]));
+    _mm512_storeu_ps(v_out + (r * 4 + 2) * xi_stride, _mm512_sub_ps(t[r][2], t[r][1]));
+    _mm512_storeu_ps(v_out + (r * 4 + 3) * xi_stride, _mm512_sub_ps(t[r][1], t[r][3]));
+  }
+}
+
+// Y = A^T m A (+ bias, ReLU) for 16 consecutive tiles of an item, m[xi] at m + xi*xi_stride:
+// y[0], y[1] are the two pixels of each tile's top output row, y[2], y[3] of its bottom row.
+FASTCONV_AVX512 inline void output_transform(const float* m, int64_t xi_stride, float bias, bool relu, __m512 y[4]) {
+  __m512 a[4], b[4];
+  for (int s = 0; s < 4; ++s) {  // A^T m: rows
+    const __m512 m0 = _mm512_loadu_ps(m + (0 * 4 + s) * xi_stride), m1 = _mm512_loadu_ps(m + (1 * 4 + s) * xi_stride);
+    const __m512 m2 = _mm512_loadu_ps(m + (2 * 4 + s) * xi_stride), m3 = _mm512_loadu_ps(m + (3 * 4 + s) * xi_stride);
+    a[s] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+    b[s] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+  }
+  const __m512 bv = _mm512_set1_ps(bias);
+  y[0] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]), bv);
+  y[1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(a[1], a[2]), a[3]), bv);
+  y[2] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(b[0], b[1]), b[2]), bv);
+  y[3] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(b[1], b[2]), b[3]), bv);
+  if (relu) {
+    for (int r = 0; r < 4; ++r) y[r] = _mm512_max_ps(y[r], _mm512_setzero_ps());
+  }
+}
+
+// Writes the tiles of lanes [lane, lane + len) of y (one tile-row run) interleaved into output rows
+// 2i (and 2i+1 when `second_row`) from column 2*j0; `cols` of them are inside the output.
+FASTCONV_AVX512 inline void store_run(const __m512 y[4], int64_t lane, float* out, int64_t OW, int64_t cols,
+                                      bool second_row) {
+  const __m512i shift = _mm512_set1_epi32(static_cast<int>(lane));
+  const __m512i lo = _mm512_add_epi32(_mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), shift);
+  const __m512i hi = _mm512_add_epi32(_mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), shift);
+  const __mmask16 m_lo = lane_mask(0, cols), m_hi = lane_mask(0, cols - 16);
+  for (int r = 0; r < (second_row ? 2 : 1); ++r) {
+    _mm512_mask_storeu_ps(out + r * OW, m_lo, _mm512_permutex2var_ps(y[2 * r], lo, y[2 * r + 1]));
+    if (m_hi) _mm512_mask_storeu_ps(out + r * OW + 16, m_hi, _mm512_permutex2var_ps(y[2 * r], hi, y[2 * r + 1]));
+  }
+}
+
+inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
+                    bool relu = false) {
+  const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w, L = p.out_plane();
+  const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(OW, 2), per_image = th * tw, T = p.batch * per_image;
+  const int64_t Hp = 2 * th + 2, Wp = 2 * tw + 2, plane = Hp * Wp;
+  const int64_t ob_count = ceil_div(OC, kTileRows);
+  std::vector<float> U(16 * ob_count * C * kTileRows);
+  transform_weights(weight, OC, C, U.data());
+  // zero-padded input: padded row ph + h holds input row h; tiles read rows [2i, 2i + 4)
+  AlignedBuffer pad_buf;
+  float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
+  at::parallel_for(0, p.batch * C, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t nc = b0; nc < b1; ++nc) {
+      float* dst = padded + nc * plane;
+      std::fill(dst, dst + plane, 0.f);
+      const float* src = input + nc * H * W;
+      for (int64_t h = 0; h < H && h + p.pad_h < Hp; ++h) {
+        std::copy(src + h * W, src + h * W + std::min(W, Wp - p.pad_w), dst + (h + p.pad_h) * Wp + p.pad_w);
+      }
+    }
+  });
+  const int64_t NT = tiles_per_item(p), npanels = NT / kTileCols;
+  const int64_t kb_count = ceil_div(C, kMaxBlockC), kc_max = ceil_div(C, kb_count);
+  const int64_t items = ceil_div(T, NT);
+  const int64_t panel_stride_max = kc_max * kTileCols + 16;  // +16: room for the last row's junk lanes
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer vbuf, mbuf;
+    float* V = vbuf.get(16 * npanels * panel_stride_max);
+    float* M = mbuf.get(16 * ob_count * kTileRows * NT + 16);
+    std::vector<TileRun> runs;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT);
+      runs.clear();
+      for (int64_t g = t0; g < t1;) {
+        const int64_t n = g / per_image, i = (g % per_image) / tw, j = g % tw, t = g - t0;
+        const int64_t len = std::min({16 - t % 16, tw - j, t1 - g});  // within one 16-tile window
+        runs.push_back({n, i, j, len, t});
+        g += len;
+      }
+      for (int64_t cb = 0; cb < kb_count; ++cb) {
+        const int64_t c0 = cb * kc_max, kc = std::min(kc_max, C - c0);
+        // V[xi][panel][c][48]
+        const int64_t panel_stride = kc * kTileCols + 16, xi_stride = npanels * panel_stride;
+        for (int64_t c = 0; c < kc; ++c) {
+          for (const TileRun& r : runs) {
+            input_transform(padded + ((r.n * C + c0 + c) * Hp + 2 * r.i) * Wp + 2 * r.j0, Wp,
+                            V + (r.t / kTileCols) * panel_stride + c * kTileCols + r.t % kTileCols, xi_stride);
+          }
+        }
+        const int64_t live_panels = ceil_div(t1 - t0, kTileCols);
+        for (int64_t xi = 0; xi < 16; ++xi) {
+          for (int64_t ob = 0; ob < ob_count; ++ob) {
+            const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
+            const float* a = U.data() + ((xi * ob_count + ob) * C + c0) * kTileRows;
+            for (int64_t j = 0; j < live_panels; ++j) {
+              const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(t1 - t0 - j * kTileCols, 16)));
+              TileDest d;
+              d.ldc = NT;
+              for (int v = 0; v < kTileVectors; ++v) {
+                d.ptr[v][0] = d.ptr[v][1] = M + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
+                d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
+                d.mask[v][1] = 0;
+              }
+              run_micro_kernel(mr, nv, kc, a, 1, kTileRows, PanelB{V + xi * xi_stride + j * panel_stride, kTileCols},
+                               d, cb == 0 ? Init::kZero : Init::kAccumulate, nullptr);
+            }
+          }
+        }
+      }
+      const int64_t m_xi_stride = ob_count * kTileRows * NT;
+      for (int64_t oc = 0; oc < OC; ++oc) {
+        const float bias_oc = bias ? bias[oc] : 0.f;
+        for (size_t k = 0; k < runs.size();) {  // one 16-tile window of M, then each run in it
+          const int64_t window = runs[k].t / 16;
+          __m512 y[4];
+          output_transform(M + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
+          for (; k < runs.size() && runs[k].t / 16 == window; ++k) {
+            const TileRun& r = runs[k];
+            store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
+                      std::min(2 * r.len, OW - 2 * r.j0), 2 * r.i + 1 < p.out_h);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace fastconv
+#endif  // FASTCONV_HAVE_AVX512_KERNELS
