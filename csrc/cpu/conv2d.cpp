@@ -106,27 +106,55 @@ std::atomic<int> g_algorithm_setting{[] {
   return 0;
 }()};
 
-bool winograd_wanted(const Conv2dParams& p) {
+// Winograd for the forward pass (and backward-input, a forward pass itself) / backward-weight.
+// auto: measured on Zen 4 (benchmarks/README.md): the transforms cost about as much as 8-16 channels
+// of products, so narrow layers keep GEMM; and the 16 transformed weight matrices (16*OC*C floats)
+// are re-read for every block of tiles, so very wide layers (ResNet's 512x512 at 7x7) keep GEMM.
+// Backward-weight transposes its grad_output transform, which only pays from 64 channels up.
+bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   const int setting = g_algorithm_setting.load();
   if (setting == 1 || !cpu::winograd::applicable(p)) return false;
-  // auto: the transforms cost about as much as 8-16 channels of products; below that, GEMM
-  return setting == 2 || (p.in_channels >= 16 && p.out_channels >= 16);
+  if (setting == 2) return true;
+  const int64_t C = p.in_channels, OC = p.out_channels;
+  if (weight_grad) return C >= 64 && OC >= 64 && C * OC <= 65536;
+  return C >= 16 && OC >= 16 && C * OC <= 131072;
 #else
   (void)p;
+  (void)weight_grad;
   return false;
 #endif
 }
 
-// Which kernel the CPU forward runs for these arguments (what conv2d_algorithm() reports).
+// Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
+// "forward/backward-input/backward-weight", or one name when all three agree.
 std::string algorithm_name(const Conv2dParams& p, bool float32) {
-  if (cpu::direct::use_direct(p)) return "direct-grouped";
-  if (!float32 || !use_engine<float>()) return "im2col+gemm (ATen BLAS)";
-  if (winograd_wanted(p)) return "winograd-f2x2-3x3";
+  if (cpu::direct::use_direct(p)) return "direct";
+  if (!float32 || !use_engine<float>()) return "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
-  if (cpu::engine::use_padded_direct(p)) return "implicit-gemm (padded input)";
+  const auto gemm_name = [](const Conv2dParams& q) {
+    return cpu::engine::use_padded_direct(q) ? std::string("implicit-gemm") : std::string("im2col+gemm");
+  };
+  const std::string fwd = winograd_wanted(p) ? "winograd" : gemm_name(p);
+  std::string bwi = "im2col+gemm+col2im";
+  if (cpu::engine::backward_input_as_forward(p)) {
+    Conv2dParams q = p;  // the transposed convolution backward-input runs
+    q.in_channels = p.out_channels;
+    q.out_channels = p.in_channels;
+    q.in_h = p.out_h;
+    q.in_w = p.out_w;
+    q.out_h = p.in_h;
+    q.out_w = p.in_w;
+    q.pad_h = p.dilation_h * (p.kernel_h - 1) - p.pad_h;
+    q.pad_w = p.dilation_w * (p.kernel_w - 1) - p.pad_w;
+    bwi = winograd_wanted(q) ? "winograd" : gemm_name(q);
+  }
+  const std::string bww = winograd_wanted(p, true) ? "winograd" : "im2col+gemm";
+  if (fwd == bwi && bwi == bww) return fwd;
+  return fwd + "/" + bwi + "/" + bww;
+#else
+  return "im2col+gemm-aten";
 #endif
-  return "im2col+gemm (packed)";
 }
 
 template <typename T>
@@ -182,7 +210,13 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
           cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::col2im_band_add<float>);
         }
       }
-      if (grad_weight) cpu::engine::backward_weight(grad_output, input, grad_weight, p);
+      if (grad_weight) {
+        if (winograd_wanted(p, /*weight_grad=*/true)) {
+          cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
+        } else {
+          cpu::engine::backward_weight(grad_output, input, grad_weight, p);
+        }
+      }
       return;
     }
   }

@@ -466,24 +466,63 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
 
 // grad_weight (OC x Cg*KH*KW) = sum over pixels of grad_output x columns. Deterministic for a given
 // thread count: items are dealt to slots in fixed contiguous ranges, slots summed in order.
+// 16x16 in-register transpose: rows r[0..15] -> columns.
+FASTCONV_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+// dst[t][o] = go[n][oc0 + o][q] for g = g0 + t = n*L + q, o < OCg; 16x16 blocks through registers.
 FASTCONV_AVX512 inline void transpose_grad_output(const float* go, const Conv2dParams& p, int64_t oc0, int64_t OCg,
                                                   int64_t g0, int64_t g1, int64_t ld, float* dst) {
-  // dst[t][o] = go[n][oc0 + o][q] for g = g0 + t = n*L + q
   const int64_t L = p.out_plane();
   for (int64_t g = g0; g < g1;) {
     const int64_t n = g / L, q = g % L, len = std::min(L - q, g1 - g);
     const float* src = go + (n * p.out_channels + oc0) * L + q;
     float* d = dst + (g - g0) * ld;
     for (int64_t t0 = 0; t0 < len; t0 += 16) {
-      const int64_t tn = std::min<int64_t>(16, len - t0);
-      for (int64_t o = 0; o < OCg; ++o) {
-        const float* s = src + o * L + t0;
-        float* dd = d + t0 * ld + o;
-        for (int64_t t = 0; t < tn; ++t) dd[t * ld] = s[t];
+      const __mmask16 tm = lane_mask(0, len - t0);
+      for (int64_t o0 = 0; o0 < OCg; o0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) {
+          r[i] = o0 + i < OCg ? _mm512_maskz_loadu_ps(tm, src + (o0 + i) * L + t0) : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        const __mmask16 om = lane_mask(0, OCg - o0);
+        for (int i = 0; i < 16 && t0 + i < len; ++i) _mm512_mask_storeu_ps(d + (t0 + i) * ld + o0, om, r[i]);
       }
     }
     g += len;
   }
+}
+
+// Column tiles of 1-3 vectors covering n vectors with the fewest 1-vector tiles: (nv of tile k).
+inline int vectors_of_tile(int64_t total_vectors, int64_t first_vector) {
+  const int64_t left = total_vectors - first_vector;
+  if (left >= 5 || left == 3) return 3;
+  if (left == 4 || left == 2) return 2;
+  return 1;
 }
 
 inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
@@ -512,8 +551,9 @@ inline void backward_weight(const float* grad_output, const float* input, float*
           for (int64_t b = 0; b < kb.count; ++b) {
             const int64_t k0 = b * kb.size, kc = std::min(kb.size, Kg - k0);
             pack_columns(input, p, g * Cg, k0, k0 + kc, segs, npix, cols);
-            for (int64_t o0 = 0; o0 < OCg; o0 += kTileCols) {
-              const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(OCg - o0, 16)));
+            const int64_t oc_vectors = ceil_div(OCg, 16);
+            for (int64_t o0 = 0, nv = 0; o0 < OCg; o0 += 16 * nv) {
+              nv = vectors_of_tile(oc_vectors, o0 / 16);
               for (int64_t r = 0; r < kc; r += kTileRows) {
                 const int mr = static_cast<int>(std::min<int64_t>(kTileRows, kc - r));
                 TileDest d;

@@ -91,21 +91,40 @@ struct TileRun {
 FASTCONV_AVX512 inline __m512i even_lanes() { return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0); }
 FASTCONV_AVX512 inline __m512i odd_lanes() { return _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1); }
 
-// V = B^T d B for the 16 tiles starting at `src` (row 0, column 0 of the first tile's 4x4 patch in
-// the padded plane): d[r][s] of tile j is src[r*Wp + 2j + s], deinterleaved from contiguous loads.
-// Writes 16 lanes per xi (lanes past the run hold junk that a later store overwrites).
-FASTCONV_AVX512 inline void input_transform(const float* src, int64_t Wp, float* v_out, int64_t xi_stride) {
+// A 16-tile window of an item is made of runs (one per tile row it touches). Each run's inputs are
+// loaded as if its first tile sat in lane 0 of a window starting 2*lane floats earlier, so the
+// deinterleaved lanes line up, and merged under the run's lane mask: the transforms then work on
+// dense 16-tile vectors however short the tile rows are.
+struct WindowRun {
+  const float* src;  // row 0 of the window-aligned patch: the run's first tile minus 2*lane floats
+  __mmask16 lanes;
+};
+
+// d[r][s] for the 16 tiles of a window: tile lane l reads src[r*row_stride + 2l + s] of its run.
+FASTCONV_AVX512 inline void load_window(const WindowRun* runs, int count, int64_t row_stride, int rows,
+                                        __m512 d[4][4]) {
   const __m512i ev = even_lanes(), od = odd_lanes();
-  __m512 d[4][4];
-  for (int r = 0; r < 4; ++r) {
-    const float* row = src + r * Wp;
-    const __m512 a0 = _mm512_loadu_ps(row), a1 = _mm512_loadu_ps(row + 16);
-    const __m512 b0 = _mm512_loadu_ps(row + 2), b1 = _mm512_loadu_ps(row + 18);
-    d[r][0] = _mm512_permutex2var_ps(a0, ev, a1);
-    d[r][1] = _mm512_permutex2var_ps(a0, od, a1);
-    d[r][2] = _mm512_permutex2var_ps(b0, ev, b1);
-    d[r][3] = _mm512_permutex2var_ps(b0, od, b1);
+  for (int r = 0; r < rows; ++r)
+    for (int s = 0; s < 4; ++s) d[r][s] = _mm512_setzero_ps();
+  for (int k = 0; k < count; ++k) {
+    const __mmask16 m = runs[k].lanes;
+    for (int r = 0; r < rows; ++r) {
+      const float* row = runs[k].src + r * row_stride;
+      const __m512 a0 = _mm512_loadu_ps(row), a1 = _mm512_loadu_ps(row + 16);
+      const __m512 b0 = _mm512_loadu_ps(row + 2), b1 = _mm512_loadu_ps(row + 18);
+      d[r][0] = _mm512_mask_mov_ps(d[r][0], m, _mm512_permutex2var_ps(a0, ev, a1));
+      d[r][1] = _mm512_mask_mov_ps(d[r][1], m, _mm512_permutex2var_ps(a0, od, a1));
+      d[r][2] = _mm512_mask_mov_ps(d[r][2], m, _mm512_permutex2var_ps(b0, ev, b1));
+      d[r][3] = _mm512_mask_mov_ps(d[r][3], m, _mm512_permutex2var_ps(b0, od, b1));
+    }
   }
+}
+
+// V = B^T d B for one window; 16 lanes per xi at v_out + xi*xi_stride.
+FASTCONV_AVX512 inline void input_transform(const WindowRun* runs, int count, int64_t Wp, float* v_out,
+                                            int64_t xi_stride) {
+  __m512 d[4][4];
+  load_window(runs, count, Wp, 4, d);
   __m512 t[4][4];
   for (int s = 0; s < 4; ++s) {
     t[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
@@ -119,6 +138,27 @@ FASTCONV_AVX512 inline void input_transform(const float* src, int64_t Wp, float*
     _mm512_storeu_ps(v_out + (r * 4 + 2) * xi_stride, _mm512_sub_ps(t[r][2], t[r][1]));
     _mm512_storeu_ps(v_out + (r * 4 + 3) * xi_stride, _mm512_sub_ps(t[r][1], t[r][3]));
   }
+}
+
+// The windows of an item's runs: window w holds runs[first[w] .. first[w+1]).
+inline void make_windows(const std::vector<TileRun>& runs, std::vector<int>& first) {
+  first.clear();
+  for (size_t k = 0; k < runs.size(); ++k) {
+    if (first.empty() || runs[k].t / 16 != runs[first.back()].t / 16) first.push_back(static_cast<int>(k));
+  }
+  first.push_back(static_cast<int>(runs.size()));
+}
+
+// Window runs for channel plane `base` (offset of each run's patch: ((n*channels + c)*rows + 2i)*pitch + 2j0).
+inline int window_runs(const std::vector<TileRun>& runs, int k0, int k1, const float* plane0, int64_t image_stride,
+                       int64_t row_pitch, WindowRun* out) {
+  int count = 0;
+  for (int k = k0; k < k1; ++k) {
+    const TileRun& r = runs[k];
+    const int64_t lane = r.t % 16;
+    out[count++] = {plane0 + r.n * image_stride + 2 * r.i * row_pitch + 2 * (r.j0 - lane), lane_mask(lane, lane + r.len)};
+  }
+  return count;
 }
 
 // Y = A^T m A (+ bias, ReLU) for 16 consecutive tiles of an item, m[xi] at m + xi*xi_stride:
@@ -185,6 +225,7 @@ inline void forward(const float* input, const float* weight, const float* bias, 
     float* V = vbuf.get(16 * npanels * panel_stride_max);
     float* M = mbuf.get(16 * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs;
+    std::vector<int> windows;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT);
       runs.clear();
@@ -194,14 +235,17 @@ inline void forward(const float* input, const float* weight, const float* bias, 
         runs.push_back({n, i, j, len, t});
         g += len;
       }
+      make_windows(runs, windows);
       for (int64_t cb = 0; cb < kb_count; ++cb) {
         const int64_t c0 = cb * kc_max, kc = std::min(kc_max, C - c0);
         // V[xi][panel][c][48]
         const int64_t panel_stride = kc * kTileCols + 16, xi_stride = npanels * panel_stride;
         for (int64_t c = 0; c < kc; ++c) {
-          for (const TileRun& r : runs) {
-            input_transform(padded + ((r.n * C + c0 + c) * Hp + 2 * r.i) * Wp + 2 * r.j0, Wp,
-                            V + (r.t / kTileCols) * panel_stride + c * kTileCols + r.t % kTileCols, xi_stride);
+          for (size_t w = 0; w + 1 < windows.size(); ++w) {
+            WindowRun wr[16];
+            const int cnt = window_runs(runs, windows[w], windows[w + 1], padded + (c0 + c) * plane, C * plane, Wp, wr);
+            const int64_t t = runs[windows[w]].t / 16 * 16;
+            input_transform(wr, cnt, Wp, V + (t / kTileCols) * panel_stride + c * kTileCols + t % kTileCols, xi_stride);
           }
         }
         const int64_t live_panels = ceil_div(t1 - t0, kTileCols);
@@ -236,6 +280,158 @@ inline void forward(const float* input, const float* weight, const float* bias, 
             store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
                       std::min(2 * r.len, OW - 2 * r.j0), 2 * r.i + 1 < p.out_h);
           }
+        }
+      }
+    }
+  });
+}
+
+// ---- backward-weight -------------------------------------------------------------------------
+// grad_U[xi][oc][c] = sum over tiles of grad_M[xi][oc][t] * V[xi][c][t], grad_M = A gY A^T the
+// transform of each 2x2 block of grad_output, then grad_W = G^T grad_U G. The tile sum is the GEMM's
+// long reduction (as in the engine's backward-weight); one partial per slot, summed in order.
+
+// gMT[xi][t][o] for one 16-tile window x 16 channels: grad_output blocks from the padded copy
+// (channel o of run k at runs[k].src + o*plane), transformed, then transposed through registers so
+// channels are contiguous. Writes `tiles` rows of 16 floats per xi.
+FASTCONV_AVX512 inline void grad_output_transform(WindowRun* runs, int count, int64_t plane, int64_t Wq,
+                                                  int64_t channels, float* gmt, int64_t xi_stride, int64_t ld,
+                                                  int64_t tiles) {
+  __m512 m[16][16];  // [xi][channel]: a vector over 16 tiles
+  for (int64_t o = 0; o < 16; ++o) {
+    if (o >= channels) {
+      for (int xi = 0; xi < 16; ++xi) m[xi][o] = _mm512_setzero_ps();
+      continue;
+    }
+    __m512 d[4][4];
+    load_window(runs, count, Wq, 2, d);
+    for (int k = 0; k < count; ++k) runs[k].src += plane;  // next channel
+    const __m512 g00 = d[0][0], g01 = d[0][1], g10 = d[1][0], g11 = d[1][1];
+    // A gy: rows [g0, g0 + g1, g0 - g1, -g1]; then each row (x, y) -> [x, x + y, x - y, -y]
+    const __m512 rows[4][2] = {{g00, g01},
+                               {_mm512_add_ps(g00, g10), _mm512_add_ps(g01, g11)},
+                               {_mm512_sub_ps(g00, g10), _mm512_sub_ps(g01, g11)},
+                               {_mm512_sub_ps(_mm512_setzero_ps(), g10), _mm512_sub_ps(_mm512_setzero_ps(), g11)}};
+    for (int i = 0; i < 4; ++i) {
+      const __m512 x = rows[i][0], y = rows[i][1];
+      m[i * 4 + 0][o] = x;
+      m[i * 4 + 1][o] = _mm512_add_ps(x, y);
+      m[i * 4 + 2][o] = _mm512_sub_ps(x, y);
+      m[i * 4 + 3][o] = _mm512_sub_ps(_mm512_setzero_ps(), y);
+    }
+  }
+  for (int xi = 0; xi < 16; ++xi) {
+    engine::transpose16(m[xi]);  // now m[xi][t] is a vector over 16 channels
+    for (int64_t t = 0; t < tiles; ++t) _mm512_storeu_ps(gmt + xi * xi_stride + t * ld, m[xi][t]);
+  }
+}
+
+inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
+  const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w, OH = p.out_h;
+  const int64_t th = ceil_div(OH, 2), tw = ceil_div(OW, 2), per_image = th * tw, T = p.batch * per_image;
+  const int64_t Hp = 2 * th + 2, Wp = 2 * tw + 2, plane = Hp * Wp;
+  const int64_t Hq = 2 * th, Wq = 2 * tw + 32, qplane = Hq * Wq;  // padded grad_output (+32: 16-tile loads)
+  AlignedBuffer pad_buf, gpad_buf;
+  float* padded = pad_buf.get(p.batch * C * plane + 64);
+  float* gpad = gpad_buf.get(p.batch * OC * qplane + 64);
+  at::parallel_for(0, p.batch * std::max(C, OC), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t nc = b0; nc < b1; ++nc) {
+      const int64_t n = nc / std::max(C, OC), c = nc % std::max(C, OC);
+      if (c < C) {
+        float* dst = padded + (n * C + c) * plane;
+        std::fill(dst, dst + plane, 0.f);
+        const float* src = input + (n * C + c) * H * W;
+        for (int64_t h = 0; h < H && h + p.pad_h < Hp; ++h) {
+          std::copy(src + h * W, src + h * W + std::min(W, Wp - p.pad_w), dst + (h + p.pad_h) * Wp + p.pad_w);
+        }
+      }
+      if (c < OC) {
+        float* dst = gpad + (n * OC + c) * qplane;
+        std::fill(dst, dst + qplane, 0.f);
+        const float* src = grad_output + (n * OC + c) * OH * OW;
+        for (int64_t h = 0; h < OH; ++h) std::copy(src + h * OW, src + (h + 1) * OW, dst + h * Wq);
+      }
+    }
+  });
+  const int64_t NT = tiles_per_item(p), items = ceil_div(T, NT);
+  const int64_t ldo = ceil_div(OC, 16) * 16, oc_vectors = ldo / 16;
+  const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t part = 16 * C * ldo;  // grad_U^T per slot: [xi][c][ldo]
+  std::vector<float> parts(slots * part, 0.f);
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    AlignedBuffer vbuf, gbuf;
+    const int64_t v_xi = C * NT + 16;             // V[xi][c][NT], +16: the last run's junk lanes
+    float* V = vbuf.get(16 * v_xi);
+    float* GMT = gbuf.get(16 * NT * ldo + 16);  // [xi][t][ldo]
+    std::vector<TileRun> runs;
+    std::vector<int> windows;
+    for (int64_t s = s0; s < s1; ++s) {
+      float* acc = parts.data() + s * part;
+      for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
+        const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT), len = t1 - t0;
+        runs.clear();
+        for (int64_t g = t0; g < t1;) {
+          const int64_t n = g / per_image, i = (g % per_image) / tw, j = g % tw, t = g - t0;
+          const int64_t rl = std::min({16 - t % 16, tw - j, t1 - g});
+          runs.push_back({n, i, j, rl, t});
+          g += rl;
+        }
+        make_windows(runs, windows);
+        for (size_t w = 0; w + 1 < windows.size(); ++w) {
+          const int64_t t = runs[windows[w]].t / 16 * 16, tiles = std::min<int64_t>(16, len - t);
+          WindowRun wr[16];
+          for (int64_t c = 0; c < C; ++c) {
+            const int cnt = window_runs(runs, windows[w], windows[w + 1], padded + c * plane, C * plane, Wp, wr);
+            input_transform(wr, cnt, Wp, V + c * NT + t, v_xi);
+          }
+          // grad_M^T, 16 channels at a time
+          for (int64_t o0 = 0; o0 < OC; o0 += 16) {
+            const int cnt = window_runs(runs, windows[w], windows[w + 1], gpad + o0 * qplane, OC * qplane, Wq, wr);
+            grad_output_transform(wr, cnt, qplane, Wq, std::min<int64_t>(16, OC - o0), GMT + t * ldo + o0, NT * ldo,
+                                  ldo, tiles);
+          }
+        }
+        for (int64_t xi = 0; xi < 16; ++xi) {
+          for (int64_t o0 = 0, nv = 0; o0 < ldo; o0 += 16 * nv) {
+            nv = engine::vectors_of_tile(oc_vectors, o0 / 16);
+            for (int64_t c0 = 0; c0 < C; c0 += kTileRows) {
+              const int mr = static_cast<int>(std::min<int64_t>(kTileRows, C - c0));
+              TileDest d;
+              d.ldc = ldo;
+              for (int v = 0; v < kTileVectors; ++v) {
+                d.ptr[v][0] = d.ptr[v][1] = acc + (xi * C + c0) * ldo + o0 + 16 * v;
+                d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
+                d.mask[v][1] = 0;
+              }
+              run_micro_kernel(mr, static_cast<int>(nv), len, V + xi * v_xi + c0 * NT, NT, 1,
+                               PanelB{GMT + xi * NT * ldo + o0, ldo}, d, Init::kAccumulate, nullptr);
+            }
+          }
+        }
+      }
+    }
+  });
+  // sum the slots in order, then grad_W = G^T grad_U G
+  at::parallel_for(0, OC, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t oc = o0; oc < o1; ++oc) {
+      for (int64_t c = 0; c < C; ++c) {
+        float u[16];
+        for (int xi = 0; xi < 16; ++xi) {
+          float sum = 0.f;
+          for (int64_t s = 0; s < slots; ++s) sum += parts[s * part + (xi * C + c) * ldo + oc];
+          u[xi] = sum;
+        }
+        float t[3][4];  // G^T u
+        for (int j = 0; j < 4; ++j) {
+          t[0][j] = u[j] + 0.5f * (u[4 + j] + u[8 + j]);
+          t[1][j] = 0.5f * (u[4 + j] - u[8 + j]);
+          t[2][j] = 0.5f * (u[4 + j] + u[8 + j]) + u[12 + j];
+        }
+        float* gw = grad_weight + (oc * C + c) * 9;
+        for (int i = 0; i < 3; ++i) {  // (G^T u) G
+          gw[i * 3 + 0] = t[i][0] + 0.5f * (t[i][1] + t[i][2]);
+          gw[i * 3 + 1] = 0.5f * (t[i][1] - t[i][2]);
+          gw[i * 3 + 2] = 0.5f * (t[i][1] + t[i][2]) + t[i][3];
         }
       }
     }
