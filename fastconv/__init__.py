@@ -11,6 +11,7 @@ from . import _ops  # noqa: F401  (autograd and fake kernels of the ops)
 from . import functional
 from .functional import Conv2dFunction, MaxPool2dFunction
 from .modules import Conv2d, MaxPool2d, convert
+from .algorithms import conv2d_algorithm, conv_algorithm, get_conv_algorithm, set_conv_algorithm
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,8 @@ __all__ = [
     "MaxPool2dFunction",
     "has_cuda_kernels",
     "cuda_version",
+    "conv2d_algorithm",
+    "conv_algorithm",
+    "get_conv_algorithm",
+    "set_conv_algorithm",
 ]

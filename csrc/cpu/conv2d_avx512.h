@@ -282,7 +282,7 @@ inline void forward_packed(const float* input, const float* weight, const float*
 // costs about one cycle per column element against OCg/16 FMA cycles of use; take the cheaper.
 inline bool use_padded_direct(const Conv2dParams& p) {
   if (p.stride_h != 1 || p.stride_w != 1) return false;
-  static const char* force = std::getenv("FASTCONV_CPU_GEMM_B");  // "packed" or "direct": for tests
+  const char* force = std::getenv("FASTCONV_CPU_GEMM_B");  // "packed" or "direct": tests and benchmarks
   if (force && std::string(force) == "packed") return false;
   if (force && std::string(force) == "direct") return true;
   const double lanes = double(p.out_w) / double(16 * ceil_div(p.out_w, 16));

@@ -1,0 +1,66 @@
+"""Which convolution algorithm fastconv's CPU kernels run, and how to choose it.
+
+On float32 and an AVX-512 CPU each conv pass picks one of:
+
+- ``winograd``: Winograd F(2x2, 3x3) (3x3, stride 1, dilation 1, one group): 2.25x fewer
+  multiplications; float32 results within about 1e-6 relative of an exact convolution;
+- ``implicit-gemm``: stride-1 convolutions read straight from a zero-padded copy of the input;
+- ``im2col+gemm``: im2col packed into 48-pixel panels, then the same register-blocked micro-kernel;
+- ``direct``: grouped convolutions with at most 4 channels per group (depthwise);
+- ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX-512, ``FASTCONV_CPU_GEMM=aten``).
+
+``"auto"`` (the default) decides per pass from the layer's shape (rules measured on the benchmark
+layers, see benchmarks/README.md); ``"gemm"`` never uses Winograd; ``"winograd"`` uses it wherever
+it applies. The environment variable ``FASTCONV_CONV_ALGORITHM`` sets the starting value.
+"""
+import contextlib
+
+import torch
+
+_CHOICES = ("auto", "gemm", "winograd")
+
+
+def set_conv_algorithm(name):
+    """Sets the algorithm setting for every later CPU convolution in this process: 'auto', 'gemm' or 'winograd'."""
+    if name not in _CHOICES:
+        raise ValueError(f"fastconv.set_conv_algorithm: expected one of {_CHOICES}, got {name!r}")
+    torch.ops.fastconv._set_conv_algorithm(name)
+
+
+def get_conv_algorithm():
+    """The current setting: 'auto', 'gemm' or 'winograd'."""
+    return torch.ops.fastconv._get_conv_algorithm()
+
+
+@contextlib.contextmanager
+def conv_algorithm(name):
+    """``with fastconv.conv_algorithm("gemm"): ...`` runs the block (forward and any backward
+    called inside it) with that setting, then restores the previous one."""
+    old = get_conv_algorithm()
+    set_conv_algorithm(name)
+    try:
+        yield
+    finally:
+        set_conv_algorithm(old)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1):
+    """The CPU algorithm(s) a conv2d with these arguments runs under the current setting: one name
+    when all three passes agree, else ``"forward/backward-input/backward-weight"``. Only shapes and
+    dtypes are read (meta tensors work). ``padding`` may be an int, a pair or 'valid'/'same'."""
+    stride, dilation = _pair(stride), _pair(dilation)
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        k = weight.shape[2:]
+        padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dilation, k))
+    padding = _pair(padding)
+    if input.dim() == 3:
+        input = input.unsqueeze(0)
+    meta_in = torch.empty(input.shape, dtype=input.dtype, device="meta")
+    meta_w = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+    return torch.ops.fastconv._cpu_conv_algorithm(meta_in, meta_w, list(stride), list(padding), list(dilation), groups)

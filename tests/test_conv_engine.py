@@ -1,0 +1,145 @@
+"""The CPU conv engine's own edges: every remainder of its tiles (8 output channels x 48 pixels,
+k-blocks of 512, 16-tile Winograd windows), every algorithm it can pick, thread counts, batch 1,
+wide layers, and bitwise-repeatable gradients. Reference: torch in float64."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+import fastconv.functional as FC
+
+ALGORITHMS = ("auto", "gemm", "winograd")
+
+
+def run_case(n, c, h, w, oc, k, stride=1, padding=1, dilation=1, groups=1, dtype=torch.float32, bias=True):
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    wt = torch.randn(oc, c // groups, *k, dtype=torch.float64)
+    b = torch.randn(oc, dtype=torch.float64) if bias else None
+    args = (stride, padding, dilation, groups)
+    xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    br = b.clone().requires_grad_() if bias else None
+    ref = F.conv2d(xr, wr, br, *args)
+    go = torch.randn_like(ref)
+    ref.backward(go)
+    xf, wf = x.to(dtype).requires_grad_(), wt.to(dtype).requires_grad_()
+    bf = b.to(dtype).requires_grad_() if bias else None
+    out = FC.conv2d(xf, wf, bf, *args)
+    out.backward(go.to(dtype))
+    tol = 2e-5 if dtype == torch.float32 else 1e-11
+    pairs = [(out, ref), (xf.grad, xr.grad), (wf.grad, wr.grad)] + ([(bf.grad, br.grad)] if bias else [])
+    for name, (got, want) in zip(("output", "grad_input", "grad_weight", "grad_bias"), pairs):
+        assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) elements"
+        err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        assert err < tol, f"{name}: max error {err:.2e} relative to the largest element (tolerance {tol})"
+
+
+# (N, C, H, W, OC, kernel, stride, padding, dilation, groups): output channels 1, 7, 8, 9, 17, 50
+# (8-row tile remainders), planes from 1 pixel to 33 wide (48-pixel panels, vectors straddling
+# images, planes under 16 pixels), K past 512 (several k-blocks), odd outputs (Winograd edges).
+ENGINE_CASES = [
+    (2, 16, 9, 11, 1, (3, 3), 1, 1, 1, 1),
+    (3, 16, 14, 14, 7, (3, 3), 1, 1, 1, 1),
+    (1, 24, 13, 13, 8, (3, 3), 1, 1, 1, 1),
+    (5, 16, 3, 3, 9, (3, 3), 1, 1, 1, 1),
+    (7, 17, 1, 1, 17, (3, 3), 1, 1, 1, 1),
+    (2, 18, 15, 33, 50, (3, 3), 1, 1, 1, 1),
+    (1, 70, 7, 6, 20, (3, 3), 1, (0, 2), 1, 1),
+    (2, 130, 5, 5, 33, (3, 3), 1, 1, 1, 1),
+    (2, 600, 4, 5, 9, (1, 1), 1, 0, 1, 1),
+    (3, 5, 13, 13, 50, (3, 3), 2, 1, 1, 1),
+    (2, 3, 31, 29, 13, (11, 11), (4, 3), 2, 1, 1),
+    (2, 8, 7, 9, 17, (3, 2), 2, (1, 0), (2, 1), 1),
+    (1, 16, 20, 20, 8, (3, 3), 1, 3, 1, 1),
+    (2, 12, 9, 9, 24, (3, 3), 1, 1, 1, 2),
+    (2, 8, 10, 10, 8, (3, 3), 1, 1, 1, 8),
+    (2, 8, 10, 10, 16, (3, 3), 2, 1, 1, 8),
+    (2, 8, 11, 10, 16, (3, 3), 1, 1, 2, 4),
+    (4, 6, 12, 12, 16, (5, 5), 1, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_engine_tiles_match_torch(case, algorithm, poison):
+    n, c, h, w, oc, k, s, p, d, g = case
+    with fastconv.conv_algorithm(algorithm):
+        run_case(n, c, h, w, oc, k, s, p, d, g)
+
+
+@pytest.mark.parametrize("b_source", ["packed", "direct"])
+def test_both_b_sources_match_torch(b_source, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_CPU_GEMM_B", b_source)
+    with fastconv.conv_algorithm("gemm"):
+        for case in ENGINE_CASES:
+            n, c, h, w, oc, k, s, p, d, g = case
+            run_case(n, c, h, w, oc, k, s, p, d, g)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts(threads, poison):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for algorithm in ALGORITHMS:
+            with fastconv.conv_algorithm(algorithm):
+                run_case(1, 32, 14, 14, 64, (3, 3))       # batch 1: the pixels/tiles are split, not images
+                run_case(3, 64, 7, 7, 40, (3, 3), bias=False)
+                run_case(2, 8, 10, 10, 16, (3, 3), 1, 1, 1, 8)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.slow
+def test_wide_layer(poison):
+    for algorithm in ALGORITHMS:
+        with fastconv.conv_algorithm(algorithm):
+            run_case(2, 256, 7, 7, 264, (3, 3))
+
+
+def test_float64_takes_the_portable_path_and_matches():
+    run_case(2, 16, 9, 9, 9, (3, 3), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_gradients_are_bitwise_repeatable(algorithm):
+    x = torch.randn(6, 32, 14, 14)
+    w = torch.randn(64, 32, 3, 3)
+    go = torch.randn(6, 64, 14, 14)
+    with fastconv.conv_algorithm(algorithm):
+        a = torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, True])
+        b = torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, True])
+        fa = torch.ops.fastconv.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+        fb = torch.ops.fastconv.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(fa, fb)
+
+
+def test_algorithm_setting_and_report():
+    assert fastconv.get_conv_algorithm() == "auto"
+    x, w = torch.empty(100, 32, 14, 14), torch.empty(64, 32, 3, 3)
+    with fastconv.conv_algorithm("gemm"):
+        assert fastconv.get_conv_algorithm() == "gemm"
+        assert "winograd" not in fastconv.conv2d_algorithm(x, w, padding=1)
+    assert fastconv.get_conv_algorithm() == "auto"
+    with fastconv.conv_algorithm("winograd"):
+        name = fastconv.conv2d_algorithm(x, w, padding=1)
+    assert name.startswith("winograd") or name == "im2col+gemm-aten"  # the latter without AVX-512
+    # Winograd never claims shapes it cannot run
+    with fastconv.conv_algorithm("winograd"):
+        assert "winograd" not in fastconv.conv2d_algorithm(x, w, stride=2, padding=1)
+        assert fastconv.conv2d_algorithm(torch.empty(2, 8, 9, 9), torch.empty(8, 1, 3, 3), padding=1, groups=8) == "direct"
+    assert fastconv.conv2d_algorithm(x.double(), w.double(), padding=1) == "im2col+gemm-aten"
+    with pytest.raises(ValueError, match="expected one of"):
+        fastconv.set_conv_algorithm("fft")
+
+
+def test_environment_variable_sets_the_starting_algorithm():
+    code = "import fastconv; print(fastconv.get_conv_algorithm())"
+    env = dict(os.environ, FASTCONV_CONV_ALGORITHM="winograd")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "winograd"
