@@ -2,6 +2,8 @@
 // in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(fastconv, CPU, m)) and csrc/cuda/*.cu (..., CUDA, m);
 // autograd and fake (meta) kernels are registered from Python, in fastconv/_ops.py.
 #include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #ifdef FASTCONV_WITH_CUDA
@@ -30,7 +32,24 @@ TORCH_LIBRARY(fastconv, m) {
         "bool ceil_mode) -> (Tensor, Tensor)");
   m.def("_max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
         "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  // conv2d followed by ReLU, ReLU applied in the kernel's epilogue where the backend can (fastconv.fuse()).
+  m.def("conv2d_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
   m.def("_cuda_version() -> int", &cuda_version);
+}
+
+// Backends without a fused kernel (CUDA today): the two ops one after the other.
+at::Tensor conv2d_relu_composite(const at::Tensor& input, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  static const auto conv = c10::Dispatcher::singleton().findSchemaOrThrow("fastconv::conv2d", "").typed<
+      at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, at::IntArrayRef,
+                 at::IntArrayRef, at::IntArrayRef, int64_t)>();
+  return conv.call(input, weight, bias, stride, padding, dilation, groups).relu_();
+}
+
+TORCH_LIBRARY_IMPL(fastconv, CompositeExplicitAutograd, m) {
+  m.impl("conv2d_relu", &conv2d_relu_composite);
 }
 
 }  // namespace fastconv

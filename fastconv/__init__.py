@@ -11,6 +11,7 @@ from . import _ops  # noqa: F401  (autograd and fake kernels of the ops)
 from . import functional
 from .functional import Conv2dFunction, MaxPool2dFunction
 from .modules import Conv2d, MaxPool2d, convert
+from .fused import Conv2dReLU, fuse
 from .algorithms import conv2d_algorithm, conv_algorithm, get_conv_algorithm, set_conv_algorithm
 
 __version__ = "0.1.0"
@@ -24,6 +25,8 @@ __all__ = [
     "MaxPool2dFunction",
     "has_cuda_kernels",
     "cuda_version",
+    "Conv2dReLU",
+    "fuse",
     "conv2d_algorithm",
     "conv_algorithm",
     "get_conv_algorithm",

@@ -157,14 +157,23 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
 #endif
 }
 
+// Returns whether ReLU was applied too (the packed engine does it in its epilogue).
 template <typename T>
-void conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
-  if (cpu::direct::use_direct(p)) return cpu::direct::forward<T>(input, weight, bias, output, p);
+bool conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p,
+                           bool relu = false) {
+  if (cpu::direct::use_direct(p)) {
+    cpu::direct::forward<T>(input, weight, bias, output, p);
+    return false;
+  }
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
     if (use_engine<T>()) {
-      if (winograd_wanted(p)) return cpu::winograd::forward(input, weight, bias, output, p);
-      return cpu::engine::forward(input, weight, bias, output, p);
+      if (winograd_wanted(p)) {
+        cpu::winograd::forward(input, weight, bias, output, p, relu);
+      } else {
+        cpu::engine::forward(input, weight, bias, output, p, relu);
+      }
+      return relu;
     }
   }
 #endif
@@ -185,6 +194,7 @@ void conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* ou
       }
     }
   });
+  return false;
 }
 
 template <typename T>
@@ -300,8 +310,9 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   }
 }
 
-at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           bool relu) {
   const Conv2dParams p = check_conv2d(input, weight, bias, stride, padding, dilation, groups);
   // the ATen calls below (views, GEMMs) are implementation details, invisible to autograd
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -309,7 +320,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c
   if (is_reduced_float(input.scalar_type())) {
     // float16/bfloat16 on the CPU: compute in float32, round once at the end.
     const c10::optional<at::Tensor> bias_f = has_bias ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
-    return conv2d_cpu(input.to(at::kFloat), weight.to(at::kFloat), bias_f, stride, padding, dilation, groups)
+    return conv2d_cpu_impl(input.to(at::kFloat), weight.to(at::kFloat), bias_f, stride, padding, dilation, groups, relu)
         .to(input.scalar_type());
   }
   const at::Tensor input_c = input.contiguous();
@@ -317,12 +328,24 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
   at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, input.options());
   if (p.batch == 0) return output;
+  bool relu_done = false;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastconv_conv2d_cpu", [&] {
-    conv2d_forward_kernel<scalar_t>(input_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(),
-                                    has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr,
-                                    output.data_ptr<scalar_t>(), p);
+    relu_done = conv2d_forward_kernel<scalar_t>(input_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(),
+                                                has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr,
+                                                output.data_ptr<scalar_t>(), p, relu);
   });
+  if (relu && !relu_done) output.relu_();
   return output;
+}
+
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv2d_cpu_impl(input, weight, bias, stride, padding, dilation, groups, false);
+}
+
+at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv2d_cpu_impl(input, weight, bias, stride, padding, dilation, groups, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
@@ -390,6 +413,7 @@ TORCH_LIBRARY_FRAGMENT(fastconv, m) {
 
 TORCH_LIBRARY_IMPL(fastconv, CPU, m) {
   m.impl("conv2d", &conv2d_cpu);
+  m.impl("conv2d_relu", &conv2d_relu_cpu);
   m.impl("_conv2d_backward", &conv2d_backward_cpu);
 }
 

@@ -1,0 +1,120 @@
+"""fastconv.fuse(): Conv2d -> ReLU [-> MaxPool2d] chains as one fused module.
+
+What is matched: inside every ``nn.Sequential`` of the model (nested ones too), a ``Conv2d``
+(torch.nn's or fastconv's, ``padding_mode='zeros'``) directly followed by an ``nn.ReLU`` (in place
+or not), optionally followed directly by an ``nn.MaxPool2d`` (torch.nn's or fastconv's). Modules
+that call layers in their own ``forward`` are not looked into: their order of calls is not known
+from their children.
+
+The chain becomes one :class:`Conv2dReLU` at the conv's position, and the ReLU (and pool) positions
+hold ``nn.Identity``, so state_dict keys, the Parameter objects and train/eval mode stay the same.
+Forward: ``torch.ops.fastconv.conv2d_relu`` adds the bias and applies ReLU in the CPU kernel's
+epilogue (float32 on AVX-512; elsewhere conv2d then ReLU); backward masks grad_output with
+``output > 0`` and calls the conv backward op. The pool runs after it (not fused into the tile).
+"""
+import torch
+from torch import nn
+
+from ._ops import conv_out_size
+from .modules import Conv2d, MaxPool2d
+
+__all__ = ["Conv2dReLU", "fuse"]
+
+ops = torch.ops.fastconv
+
+
+@torch.library.register_fake("fastconv::conv2d_relu")
+def _conv2d_relu_fake(input, weight, bias, stride, padding, dilation, groups):
+    torch._check(input.dim() == 4, lambda: f"fastconv.conv2d_relu: expected a 4-D input, got {input.dim()}-D")
+    oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return input.new_empty((input.shape[0], weight.shape[0], oh, ow))
+
+
+def _setup(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight, output)
+    ctx.has_bias = bias is not None
+    ctx.conv_args = (stride, padding, dilation, groups)
+
+
+def _backward(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if not any(mask):
+        return (None,) * 7
+    go = torch.where(output > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).contiguous()
+    gi, gw, gb = ops._conv2d_backward(go, input, weight, *ctx.conv_args, mask)
+    return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
+
+
+torch.library.register_autograd("fastconv::conv2d_relu", _backward, setup_context=_setup)
+
+
+class Conv2dReLU(Conv2d):
+    """A Conv2d followed by ReLU (and optionally a max-pool), computed as one fused op.
+
+    Holds the conv's ``weight``/``bias``; ``pool`` is ``None`` or the max-pool module that follows.
+    """
+
+    def __init__(self, *args, pool=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = pool
+
+    def forward(self, input):
+        if input.dim() == 3:
+            return self.forward(input.unsqueeze(0)).squeeze(0)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            y = torch.relu(super().forward(input))
+        else:
+            if torch.is_autocast_enabled(input.device.type):
+                dtype = torch.get_autocast_dtype(input.device.type)
+                input, weight = input.to(dtype), self.weight.to(dtype)
+                bias = self.bias.to(dtype) if self.bias is not None else None
+            else:
+                weight, bias = self.weight, self.bias
+            y = ops.conv2d_relu(input.contiguous(memory_format=torch.contiguous_format), weight, bias,
+                                list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        return self.pool(y) if self.pool is not None else y
+
+
+def _fused_from(conv, pool):
+    if pool is not None and type(pool) is nn.MaxPool2d:
+        new_pool = MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                             return_indices=pool.return_indices, ceil_mode=pool.ceil_mode)
+        new_pool.train(pool.training)
+        pool = new_pool
+    new = Conv2dReLU(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                     padding_mode=conv.padding_mode, device="meta", dtype=conv.weight.dtype, pool=pool)
+    new.weight = conv.weight  # the same Parameter objects: optimizers and state_dicts stay valid
+    new.bias = conv.bias
+    new.train(conv.training)
+    return new
+
+
+def _is_conv(m):
+    return type(m) in (nn.Conv2d, Conv2d) and m.padding_mode == "zeros"
+
+
+def fuse(model):
+    """Fuses Conv2d -> ReLU [-> MaxPool2d] inside every nn.Sequential of ``model`` (in place;
+    returns the model). See the module docstring for exactly what is matched."""
+    for child in list(model.children()):
+        fuse(child)
+    if isinstance(model, nn.Sequential):
+        mods = list(model)
+        i = 0
+        while i < len(mods):
+            if _is_conv(mods[i]) and i + 1 < len(mods) and type(mods[i + 1]) is nn.ReLU:
+                pool = None
+                if i + 2 < len(mods) and type(mods[i + 2]) in (nn.MaxPool2d, MaxPool2d) and not mods[i + 2].return_indices:
+                    pool = mods[i + 2]
+                model[i] = _fused_from(mods[i], pool)
+                model[i + 1] = nn.Identity()
+                if pool is not None:
+                    model[i + 2] = nn.Identity()
+                i += 3 if pool is not None else 2
+            else:
+                i += 1
+    return model

@@ -1,0 +1,73 @@
+"""fastconv.fuse(): same outputs and gradients as the unfused model (float64 and float32), same
+state_dict keys and Parameter objects, train/eval kept, torch.compile traces it."""
+import pytest
+import torch
+from torch import nn
+
+import fastconv
+from fastconv.models import build_model
+
+
+def _twin(model_fn):
+    torch.manual_seed(0)
+    a = model_fn()
+    b = model_fn()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["mnist_cnn", "lenet", "simple_convnet", "configurable_cnn"])
+def test_fused_model_matches_unfused(name, dtype, poison):
+    ref, fused = _twin(lambda: build_model(name).to(dtype))
+    params_before = [id(p) for p in fused.parameters()]
+    keys_before = list(fused.state_dict().keys())
+    fastconv.fuse(fused)
+    assert any(isinstance(m, fastconv.Conv2dReLU) for m in fused.modules())
+    assert [id(p) for p in fused.parameters()] == params_before
+    assert list(fused.state_dict().keys()) == keys_before
+    ref.eval()
+    fused.eval()
+    x = torch.randn(5, 1, 28, 28, dtype=dtype)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref(xr), fused(xf)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(yf, yr, **tol)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    torch.testing.assert_close(xf.grad, xr.grad, **tol)
+    for (n, pr), pf in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, **tol, msg=lambda m: f"{n}: {m}")
+
+
+def test_what_is_matched_and_modes_kept():
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 8, 3), nn.Tanh(),                    # not ReLU: left alone
+                        nn.Conv2d(8, 4, 1), nn.ReLU(),                    # conv-relu without a pool
+                        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU()))
+    seq.eval()
+    fastconv.fuse(seq)
+    assert isinstance(seq[0], fastconv.Conv2dReLU) and isinstance(seq[0].pool, fastconv.MaxPool2d)
+    assert isinstance(seq[1], nn.Identity) and isinstance(seq[2], nn.Identity)
+    assert type(seq[3]) is nn.Conv2d and isinstance(seq[4], nn.Tanh)
+    assert isinstance(seq[5], fastconv.Conv2dReLU) and seq[5].pool is None
+    assert type(seq[7][0]) is nn.Conv2d  # reflect padding is not fused
+    assert not seq[0].training and not seq[5].training
+
+
+def test_relu_mask_gradient_on_the_op():
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    f = lambda x, w, b: torch.ops.fastconv.conv2d_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
+    torch.library.opcheck(torch.ops.fastconv.conv2d_relu, (x.detach(), w.detach(), b.detach(), [1, 1], [1, 1], [1, 1], 1))
+
+
+def test_fused_model_compiles_fullgraph():
+    torch.manual_seed(0)
+    model = fastconv.fuse(build_model("mnist_cnn"))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(compiled(x), model(x))
