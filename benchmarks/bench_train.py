@@ -54,13 +54,16 @@ def load_builders():
                          "version": getattr(fastconv, "__version__", None)}
 
 
-def build_pair(build_model, name, in_channels, seed, device, dtype):
-    """Twin models: fastconv's gets the torch model's exact weights."""
+def build_pair(build_model, name, in_channels, seed, device, dtype, fuse=False):
+    """Twin models: fastconv's gets the torch model's exact weights (and fastconv.fuse() with fuse)."""
     torch.manual_seed(seed)
     ref = build_model(name, impl="torch", num_classes=NUM_CLASSES, in_channels=in_channels)
     torch.manual_seed(seed)
     fc = build_model(name, impl="fastconv", num_classes=NUM_CLASSES, in_channels=in_channels)
     fc.load_state_dict(ref.state_dict())
+    if fuse:
+        import fastconv
+        fastconv.fuse(fc)
     return fc.to(device=device, dtype=dtype), ref.to(device=device, dtype=dtype)
 
 
@@ -170,6 +173,7 @@ def parse_args(argv):
                         "(see bench_ops.py)")
     p.add_argument("--stat", choices=("median", "min"), default="median", help="statistic of the block times reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fuse", action="store_true", help="time fastconv.fuse(model) (Conv2d-ReLU[-MaxPool2d] fused)")
     args = p.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.2 if args.quick else 2.0
@@ -198,7 +202,7 @@ def main(argv=None):
 
     env = machine.env_info(device, threads)
     settings = {"quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32, "tf32_flags": tf32,
-                "optimizer": f"Adam(lr={args.lr})", "loss": "cross_entropy", "num_classes": NUM_CLASSES,
+                "optimizer": f"Adam(lr={args.lr})", "fused": args.fuse, "loss": "cross_entropy", "num_classes": NUM_CLASSES,
                 "min_run_time_s": args.min_run_time, "min_blocks": args.min_blocks, "timer": args.timer,
                 "stat": args.stat, "seed": args.seed, "tolerance": tol, "allocator": env["allocator"]["mode"],
                 "interleaving": "the two sides alternate block by block, order reversed every cycle",
@@ -221,7 +225,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(batch, spec["in_channels"], size, size, generator=g).to(device=device, dtype=dtype)
         y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
-        fc_model, t_model = build_pair(build_model, name, spec["in_channels"], args.seed, device, dtype)
+        fc_model, t_model = build_pair(build_model, name, spec["in_channels"], args.seed, device, dtype, args.fuse)
         nparams = sum(p.numel() for p in t_model.parameters())
         ok, errs, bad = check_pair(fc_model, t_model, x, y, tol)
         shape = f"({batch},{spec['in_channels']},{size},{size})"
