@@ -10,7 +10,7 @@ The chain becomes one :class:`Conv2dReLU` at the conv's position, and the ReLU (
 hold ``nn.Identity``, so state_dict keys, the Parameter objects and train/eval mode stay the same.
 Forward: ``torch.ops.fastconv.conv2d_relu`` adds the bias and applies ReLU in the CPU kernel's
 epilogue (float32 on AVX-512; elsewhere conv2d then ReLU); backward masks grad_output with
-``output > 0`` and calls the conv backward op. The pool runs after it (not fused into the tile).
+``output > 0`` (ReLU's own backward kernel) and calls the conv backward op. The pool runs after it (not fused into the tile).
 """
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ def _backward(ctx, grad):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if not any(mask):
         return (None,) * 7
-    go = torch.where(output > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).contiguous()
+    go = torch.ops.aten.threshold_backward(grad, output, 0).contiguous()  # ReLU's own backward: grad * (output > 0)
     gi, gw, gb = ops._conv2d_backward(go, input, weight, *ctx.conv_args, mask)
     return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
 
