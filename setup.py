@@ -6,6 +6,9 @@ torch that is already installed (build isolation would hide it or fetch another 
 Environment switches:
   FASTCONV_FORCE_CPU=1     build the C++ CPU kernels only, even if torch and nvcc could build CUDA
   FASTCONV_FORCE_CUDA=1    fail unless the CUDA kernels are built
+  FASTCONV_EMULATED=0      skip fastconv._C_emulated: the CUDA kernels' sources compiled for the CPU
+                           (a test tool, built by default because it takes under a minute; see
+                           csrc/cuda/backend.cuh)
   TORCH_CUDA_ARCH_LIST     GPU architectures (default without a visible GPU: "8.0;9.0+PTX")
   MAX_JOBS                 parallel compile jobs (default: from cores and free memory)
   CUDA_HOME                the CUDA toolkit (default: /usr/local/cuda when it holds nvcc)
@@ -143,6 +146,10 @@ def extensions():
             "fastconv._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
+    exts = [ext]
+    emulated = os.environ.get("FASTCONV_EMULATED", "1").strip().lower() not in ("0", "false", "no", "off")
+    if emulated:
+        exts.append(emulated_extension())
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     print("fastconv build configuration:")
     print(f"  torch            {torch.__version__} (CUDA {torch.version.cuda})")
@@ -151,7 +158,21 @@ def extensions():
         print(f"  TORCH_CUDA_ARCH_LIST {os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default: visible GPUs)')}")
     print(f"  MAX_JOBS         {os.environ['MAX_JOBS']}")
     print(f"  sources          {' '.join(sources)}")
-    return [ext]
+    print(f"  emulated CUDA    {'yes (fastconv._C_emulated)' if emulated else 'no (FASTCONV_EMULATED=0)'}")
+    return exts
+
+
+EMULATED_SOURCES = sorted(glob.glob(os.path.join("csrc", "emulated", "*.cpp")))
+EMULATED_CXX = ["-O2", "-DFASTCONV_EMULATE_CUDA"]
+
+
+def emulated_extension():
+    """fastconv._C_emulated: csrc/cuda/*.cu compiled by the host compiler (-DFASTCONV_EMULATE_CUDA),
+    registering torch.ops.fastconv_emulated.* for CPU tensors. No CUDA toolkit needed."""
+    return CppExtension(
+        "fastconv._C_emulated", EMULATED_SOURCES, include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": EMULATED_CXX},
+    )
 
 
 setup(
