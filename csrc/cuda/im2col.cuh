@@ -153,7 +153,7 @@ struct ColShape {
   // The kernels compute positions in [-(pad + span), height + 2 * pad]: bounded by these.
   bool fits_int32() const {
     return fastconv::fits_int32({cols_numel(), input_numel(), height + 2 * pad_h, width + 2 * pad_w,
-                                 stride_h, stride_w, dilation_h * (kernel_h - 1) + 1 + pad_h,
+                                 stride_h, stride_w, dilation_h, dilation_w, dilation_h * (kernel_h - 1) + 1 + pad_h,
                                  dilation_w * (kernel_w - 1) + 1 + pad_w});
   }
 };

@@ -108,7 +108,7 @@ __global__ void max_pool2d_backward_kernel(const index_t n_total, const scalar_t
 // The kernels compute window positions in [-(pad + span), size + 2 * pad]: the int path needs these
 // (and the strides) to fit, not only the element counts.
 bool window_fits_int32(const Pool2dParams& p) {
-  return fits_int32({p.in_h + 2 * p.pad_h, p.in_w + 2 * p.pad_w, p.stride_h, p.stride_w,
+  return fits_int32({p.in_h + 2 * p.pad_h, p.in_w + 2 * p.pad_w, p.stride_h, p.stride_w, p.dilation_h, p.dilation_w,
                      p.dilation_h * (p.kernel_h - 1) + 1 + p.pad_h, p.dilation_w * (p.kernel_w - 1) + 1 + p.pad_w,
                      p.out_h * p.stride_h, p.out_w * p.stride_w});
 }

@@ -28,6 +28,25 @@ std::vector<int64_t> counters() {
   return {s.launches.load(), s.gemms.load(), s.workspace_bytes.load(), s.peak_workspace_bytes.load()};
 }
 
+// Counts, per thread, how many times it ran: lets tests check that the emulated launcher runs every
+// (block, thread) of a grid exactly once, and refuses grids and blocks a GPU would refuse.
+__global__ void count_threads_kernel(int64_t* hits) {
+  const uint64_t block = blockIdx.x + uint64_t(gridDim.x) * (blockIdx.y + uint64_t(gridDim.y) * blockIdx.z);
+  const uint64_t thread = threadIdx.x + uint64_t(blockDim.x) * (threadIdx.y + uint64_t(blockDim.y) * threadIdx.z);
+  hits[block * (uint64_t(blockDim.x) * blockDim.y * blockDim.z) + thread] += 1;
+}
+
+at::Tensor launch_test(at::IntArrayRef grid, at::IntArrayRef block) {
+  TORCH_CHECK(grid.size() == 3 && block.size() == 3, "_launch_test: expected 3 grid and 3 block dimensions");
+  const auto dim = [](at::IntArrayRef v) {
+    return dim3(static_cast<unsigned>(v[0]), static_cast<unsigned>(v[1]), static_cast<unsigned>(v[2]));
+  };
+  at::Tensor hits = at::zeros({grid[0] * grid[1] * grid[2] * block[0] * block[1] * block[2]}, at::kLong);
+  backend::launch("count_threads_kernel", &count_threads_kernel, dim(grid), dim(block), backend::current_stream(),
+                  hits.mutable_data_ptr<int64_t>());
+  return hits;
+}
+
 void reset_counters() {
   auto& s = backend::state();
   s.launches = 0;
@@ -54,6 +73,7 @@ TORCH_LIBRARY(fastconv_emulated, m) {
   m.def("_set_seed(int seed) -> ()", &set_seed);
   m.def("_counters() -> int[]", &counters);
   m.def("_reset_counters() -> ()", &reset_counters);
+  m.def("_launch_test(int[3] grid, int[3] block) -> Tensor", &launch_test);
 }
 
 }  // namespace fastconv
