@@ -206,7 +206,7 @@ def test_window_parameters_past_2_48_are_named(which):
     with pytest.raises(RuntimeError, match=r"stride must be at most 2\^48"):
         o.max_pool2d(x, [2, 2], [2**60, 1], [0, 0], [1, 1], False)
     with pytest.raises(RuntimeError, match=r"dilation \(.*\) times kernel size - 1"):
-        o.conv2d(x, torch.randn(1, 1, 3, 1), None, [1, 1], [0, 0], [2**47, 1], 1)
+        o.conv2d(x, torch.randn(1, 1, 4, 1), None, [1, 1], [0, 0], [2**47, 1], 1)
 
 
 @pytest.mark.parametrize("which", CPU_AND_EMULATED)

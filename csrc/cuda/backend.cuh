@@ -134,7 +134,11 @@ inline void check_launch_limits(const dim3& grid, const dim3& block, const char*
               ") exceeds CUDA's limits (at most 1024 threads, z at most 64)");
 }
 #else
-using DeviceGuard = c10::cuda::OptionalCUDAGuard;
+// Runs the kernels on the tensor's device, not the current one.
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor& t) : guard(at::device_of(t)) {}
+  c10::cuda::OptionalCUDAGuard guard;
+};
 inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
 #endif
 
