@@ -6,6 +6,12 @@ torch that is already installed (build isolation would hide it or fetch another 
 Environment switches:
   FASTCONV_FORCE_CPU=1     build the C++ CPU kernels only, even if torch and nvcc could build CUDA
   FASTCONV_FORCE_CUDA=1    fail unless the CUDA kernels are built
+  FASTCONV_EMULATED=0      skip fastconv._C_emulated: the CUDA kernels' sources compiled for the CPU
+                           (a test tool, built by default because it takes under a minute; see
+                           csrc/cuda/backend.cuh)
+  FASTCONV_EMULATED_SANITIZE=1  build only fastconv._C_emulated, with AddressSanitizer and
+                           UndefinedBehaviorSanitizer (scripts/test_emulated_asan.sh; load it with
+                           LD_PRELOAD of libasan and libubsan)
   TORCH_CUDA_ARCH_LIST     GPU architectures (default without a visible GPU: "8.0;9.0+PTX")
   MAX_JOBS                 parallel compile jobs (default: from cores and free memory)
   CUDA_HOME                the CUDA toolkit (default: /usr/local/cuda when it holds nvcc)
@@ -143,6 +149,10 @@ def extensions():
             "fastconv._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
+    exts = [ext]
+    emulated = os.environ.get("FASTCONV_EMULATED", "1").strip().lower() not in ("0", "false", "no", "off")
+    if emulated:
+        exts.append(emulated_extension())
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     print("fastconv build configuration:")
     print(f"  torch            {torch.__version__} (CUDA {torch.version.cuda})")
@@ -151,7 +161,34 @@ def extensions():
         print(f"  TORCH_CUDA_ARCH_LIST {os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default: visible GPUs)')}")
     print(f"  MAX_JOBS         {os.environ['MAX_JOBS']}")
     print(f"  sources          {' '.join(sources)}")
-    return [ext]
+    print(f"  emulated CUDA    {'yes (fastconv._C_emulated)' if emulated else 'no (FASTCONV_EMULATED=0)'}")
+    return exts
+
+
+EMULATED_SOURCES = sorted(glob.glob(os.path.join("csrc", "emulated", "*.cpp")))
+EMULATED_CXX = ["-O2", "-DFASTCONV_EMULATE_CUDA"]
+
+
+# -fno-wrapv: Python's CFLAGS carry -fwrapv, which would hide signed overflow from UBSan.
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-fno-wrapv"]
+
+
+def emulated_extension(sanitize=False):
+    """fastconv._C_emulated: csrc/cuda/*.cu compiled by the host compiler (-DFASTCONV_EMULATE_CUDA),
+    registering torch.ops.fastconv_emulated.* for CPU tensors. No CUDA toolkit needed."""
+    return CppExtension(
+        "fastconv._C_emulated", EMULATED_SOURCES, include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": EMULATED_CXX + (SANITIZE + ["-g", "-O1"] if sanitize else [])},
+        extra_link_args=SANITIZE if sanitize else [],
+    )
+
+
+def ext_modules():
+    if _flag("FASTCONV_EMULATED_SANITIZE"):
+        os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+        print("fastconv build configuration: fastconv._C_emulated only, with ASan + UBSan")
+        return [emulated_extension(sanitize=True)]
+    return extensions()
 
 
 setup(
@@ -159,7 +196,7 @@ setup(
     version="0.1.0",
     description="im2col+GEMM conv2d and max_pool2d kernels (CPU and CUDA) for PyTorch",
     packages=find_packages(include=["fastconv", "fastconv.*"]),
-    ext_modules=extensions(),
+    ext_modules=ext_modules(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch", "numpy"],

@@ -47,10 +47,16 @@ inline void check_pair(at::IntArrayRef v, const char* op, const char* name) {
 
 inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
-              " to be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
-              t.scalar_type());
+  // The four dtypes the kernels are compiled for; not at::isFloatingType, which admits float8 too.
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ",
+              name, " to be a floating-point tensor (float32, float64, float16 or bfloat16), got ", st);
 }
+
+// Bound on stride, padding and dilation (and dilation * (kernel - 1)), so that the output-size
+// arithmetic below cannot overflow int64. torch accepts larger values; none describes a tensor
+// that fits in memory.
+constexpr int64_t kMaxWindowValue = int64_t(1) << 48;
 
 // stride, padding and dilation: pairs, positive, positive, non-negative (conv and pool alike)
 inline void check_window(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, const char* op) {
@@ -60,6 +66,19 @@ inline void check_window(at::IntArrayRef stride, at::IntArrayRef padding, at::In
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
   TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ", dilation);
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
+  const auto check_bound = [op](at::IntArrayRef v, const char* name) {
+    TORCH_CHECK(v[0] <= kMaxWindowValue && v[1] <= kMaxWindowValue, op, ": ", name, " must be at most 2^48, got ", v);
+  };
+  check_bound(stride, "stride");
+  check_bound(padding, "padding");
+  check_bound(dilation, "dilation");
+}
+
+// dilation * (kernel - 1) + 1, the extent of a window, checked against the same bound.
+inline int64_t window_span(int64_t kernel, int64_t dilation, const char* op) {
+  TORCH_CHECK(kernel - 1 <= kMaxWindowValue / dilation, op, ": dilation (", dilation, ") times kernel size - 1 (",
+              kernel - 1, ") must be at most 2^48");
+  return dilation * (kernel - 1) + 1;
 }
 
 // Copies the (checked) stride, padding and dilation pairs into a Conv2dParams or Pool2dParams.
@@ -138,8 +157,13 @@ inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weig
     TORCH_CHECK(bias->device() == input.device(), op, ": bias is on ", bias->device(), " but input is on ",
                 input.device());
   }
-  const int64_t eff_kh = p.dilation_h * (p.kernel_h - 1) + 1;
-  const int64_t eff_kw = p.dilation_w * (p.kernel_w - 1) + 1;
+  // torch: "Only zero batch or zero channel inputs are supported"; an empty plane with padding
+  // would otherwise give an output of bias values only.
+  TORCH_CHECK(p.batch == 0 || (p.in_h > 0 && p.in_w > 0), op,
+              ": only zero batch or zero channel inputs are supported, got input of size ", shape_str(input.sizes()),
+              " (zero height or width)");
+  const int64_t eff_kh = detail::window_span(p.kernel_h, p.dilation_h, op);
+  const int64_t eff_kw = detail::window_span(p.kernel_w, p.dilation_w, op);
   TORCH_CHECK(p.in_h + 2 * p.pad_h >= eff_kh && p.in_w + 2 * p.pad_w >= eff_kw, op,
               ": kernel size (", eff_kh, " x ", eff_kw, ", dilation included) can't be greater than the padded input size (",
               p.in_h + 2 * p.pad_h, " x ", p.in_w + 2 * p.pad_w, ")");
@@ -159,6 +183,8 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
   detail::check_pair(kernel_size, op, "kernel_size");
   TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op, ": kernel_size must be positive, got ", kernel_size);
   detail::check_window(stride, padding, dilation, op);
+  detail::window_span(kernel_size[0], dilation[0], op);
+  detail::window_span(kernel_size[1], dilation[1], op);
   Pool2dParams p;
   p.batch = input.size(0);
   p.channels = input.size(1);
@@ -201,6 +227,11 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
   return p;
 }
 
+// Backward semantics, one for every backend: grad_output[o] goes to input position indices[o] when
+// that position lies in output o's window (as every index the forward returns does); an index
+// outside its window (or outside the plane) contributes nothing. This is what a gather (CUDA: one
+// thread per input element visits the windows covering it) can do without atomics, and torch's
+// own CUDA kernel behaves the same way.
 inline void check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                       const at::Tensor& indices, const Pool2dParams& p,
                                       const char* op = "fastconv._max_pool2d_backward") {

@@ -29,7 +29,8 @@ fi
 # The build is skipped when the extension is there, imports, and no source is newer than it.
 so=$(ls fastconv/_C*.so 2>/dev/null | head -n 1 || true)
 if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -type f | head -n 1)" ] \
-   && python -c "import fastconv" >/dev/null 2>&1 && python -m pip show -q fastconv >/dev/null 2>&1; then
+   && python -c "import fastconv" >/dev/null 2>&1 && python -m pip show -q fastconv >/dev/null 2>&1 \
+   && { [ "${FASTCONV_EMULATED:-1}" = 0 ] || python -c "import fastconv._C_emulated" >/dev/null 2>&1; }; then
   echo "== fastconv is built and up to date ($so)"
 else
   echo "== building fastconv (pip install --no-build-isolation -e .; the CUDA kernels take several minutes)"

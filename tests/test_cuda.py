@@ -1,12 +1,18 @@
 """CUDA kernels of fastconv against torch.nn.functional (a float64 CPU reference).
 
-Every test needs a GPU and is skipped without one. The raw ops (torch.ops.fastconv.*) are checked
-directly, so that a failure points at the kernel; the public API (fastconv.functional, fastconv.Conv2d)
-is checked for autograd, gradcheck, autocast and CUDA graphs.
+Every test runs on two backends (the `backend` fixture, tests/conftest.py): `cuda`, the kernels on a
+GPU (skipped without one), and `emulated`, the same kernels' sources compiled for the CPU
+(torch.ops.fastconv_emulated, marked `emulated_cuda`; csrc/cuda/backend.cuh), which CI runs. The raw
+ops are checked directly, so that a failure points at the kernel; the public API (fastconv.functional,
+fastconv.Conv2d) is checked for autograd, gradcheck, autocast and CUDA graphs (on the emulated backend
+torch.ops.fastconv on CPU tensors is routed to the emulated kernels). A few tests of the CUDA runtime
+itself (graphs, a second device) are GPU-only; tests/test_emulated_cuda.py adds what only the
+emulator can reach on small shapes (multi-image chunks, the int64 index path, launch limits).
 
 Run the @pytest.mark.large tests (tensors past 2^31 elements, ~20 GB of GPU memory) with
 FASTCONV_RUN_LARGE=1.
 """
+import contextlib
 import os
 
 import pytest
@@ -15,11 +21,6 @@ import torch.nn.functional as F
 
 import fastconv
 import fastconv.functional as FF
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
 
 ops = torch.ops.fastconv
 
@@ -39,12 +40,25 @@ def _no_tf32():
 
 
 @pytest.fixture
-def poison_cuda(monkeypatch, poison):
+def poison_cuda(monkeypatch, poison, backend):
     """conftest's `poison` (every at::empty starts as NaN, so an output element a kernel forgot to
     write fails the test) on CUDA: deterministic mode also requires the cuBLAS workspace setting
     that makes cuBLAS deterministic, which torch checks on every GEMM call."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     yield
+
+
+def _emulated_workspace(backend, nbytes):
+    """On the emulated backend, the conv workspace bound in bytes while in the block; nothing on a GPU."""
+    if backend.emulated:
+        from conftest import emulated_knobs
+        return emulated_knobs(workspace=nbytes)
+    return contextlib.nullcontext()
+
+
+def gpu_only(backend, why):
+    if backend.emulated:
+        pytest.skip(f"tests the CUDA runtime, not the kernels: {why}")
 
 
 def assert_close_scaled(actual, expected, dtype, what=""):
@@ -82,7 +96,7 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def make_conv(case, dtype, device="cuda", seed=0):
+def make_conv(case, dtype, device, seed=0):
     _, xs, ws, stride, padding, dilation, groups, has_bias = case
     g = torch.Generator().manual_seed(seed)
     fan_in = ws[1] * ws[2] * ws[3]
@@ -114,9 +128,9 @@ def reference_conv(x, w, b, stride, padding, dilation, groups, grad_output=None)
 @pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
-def test_conv2d_forward_matches_torch(case, dtype):
-    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype)
-    out = ops.conv2d(x, w, b, stride, padding, dilation, groups)
+def test_conv2d_forward_matches_torch(backend, case, dtype):
+    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype, backend.device)
+    out = backend.ops.conv2d(x, w, b, stride, padding, dilation, groups)
     ref, _ = reference_conv(x, w, b, stride, padding, dilation, groups)
     assert out.device == x.device and out.dtype == dtype
     assert_close_scaled(out, ref, dtype, "output")
@@ -125,11 +139,11 @@ def test_conv2d_forward_matches_torch(case, dtype):
 @pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
-def test_conv2d_backward_matches_torch(case, dtype):
-    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype)
-    out_shape = ops.conv2d(x, w, b, stride, padding, dilation, groups).shape
-    go = torch.randn(out_shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype).cuda()
-    gi, gw, gb = ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
+def test_conv2d_backward_matches_torch(backend, case, dtype):
+    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype, backend.device)
+    out_shape = backend.ops.conv2d(x, w, b, stride, padding, dilation, groups).shape
+    go = torch.randn(out_shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype).to(backend.device)
+    gi, gw, gb = backend.ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
     _, (rgi, rgw, rgb) = reference_conv(x, w, b, stride, padding, dilation, groups, go)
     for got in (gi, gw, gb):
         assert got.device == x.device and got.dtype == dtype
@@ -142,12 +156,12 @@ def test_conv2d_backward_matches_torch(case, dtype):
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
                                   (True, True, False), (False, True, True), (False, False, False)])
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[4], CONV_CASES[7]], ids=["mnist", "groups2", "1x1"])
-def test_conv2d_backward_output_mask(case, mask):
+def test_conv2d_backward_output_mask(backend, case, mask):
     dtype = torch.float64
-    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype)
-    out_shape = ops.conv2d(x, w, b, stride, padding, dilation, groups).shape
-    go = torch.randn(out_shape, dtype=dtype, device="cuda")
-    grads = ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, list(mask))
+    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype, backend.device)
+    out_shape = backend.ops.conv2d(x, w, b, stride, padding, dilation, groups).shape
+    go = torch.randn(out_shape, dtype=dtype, device=backend.device)
+    grads = backend.ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, list(mask))
     _, refs = reference_conv(x, w, b, stride, padding, dilation, groups, go)
     for want, got, ref, name in zip(mask, grads, refs, ("grad_input", "grad_weight", "grad_bias")):
         if want:
@@ -158,16 +172,21 @@ def test_conv2d_backward_output_mask(case, mask):
 
 @pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_conv2d_chunked_batch(dtype):
+def test_conv2d_chunked_batch(backend, dtype):
     # Column buffer of one image > the workspace bound: every image is its own chunk, which runs
     # the chunk loop, the grad_weight accumulation across chunks (in float32 for float16), and
-    # col2im into an offset of grad_input.
+    # col2im into an offset of grad_input. The emulator lowers the bound instead (1 byte) and
+    # runs the same code path on small images.
     c = 256 if dtype == torch.float32 else 512
-    case = ("chunked", (3, c, 128, 128), (4, c, 3, 3), 1, 1, 1, 1, True)
-    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype)
-    out = ops.conv2d(x, w, b, stride, padding, dilation, groups)
-    go = torch.randn(out.shape, dtype=dtype, device="cuda")
-    gi, gw, gb = ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
+    size = 128
+    if backend.emulated:
+        c, size = c // 32, 12
+    case = ("chunked", (3, c, size, size), (4, c, 3, 3), 1, 1, 1, 1, True)
+    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype, backend.device)
+    with _emulated_workspace(backend, 1):
+        out = backend.ops.conv2d(x, w, b, stride, padding, dilation, groups)
+        go = torch.randn(out.shape, dtype=dtype, device=backend.device)
+        gi, gw, gb = backend.ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
     ref, (rgi, rgw, rgb) = reference_conv(x, w, b, stride, padding, dilation, groups, go)
     assert_close_scaled(out, ref, dtype, "output")
     assert_close_scaled(gi, rgi, dtype, "grad_input")
@@ -177,9 +196,9 @@ def test_conv2d_chunked_batch(dtype):
 
 @pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("layout", ["channels_last", "permuted", "sliced"])
-def test_conv2d_noncontiguous_inputs(layout):
+def test_conv2d_noncontiguous_inputs(backend, layout):
     dtype = torch.float64
-    x, w, b, stride, padding, dilation, groups = make_conv(CONV_CASES[1], dtype)
+    x, w, b, stride, padding, dilation, groups = make_conv(CONV_CASES[1], dtype, backend.device)
     if layout == "channels_last":
         x2, w2 = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
     elif layout == "permuted":
@@ -190,9 +209,9 @@ def test_conv2d_noncontiguous_inputs(layout):
         x2 = torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0]  # last-dim stride 2
         w2 = w
     assert not x2.is_contiguous()
-    out = ops.conv2d(x2, w2, b, stride, padding, dilation, groups)
-    go = torch.randn(out.shape, dtype=dtype, device="cuda").to(memory_format=torch.channels_last)
-    gi, gw, gb = ops._conv2d_backward(go, x2, w2, stride, padding, dilation, groups, [True, True, True])
+    out = backend.ops.conv2d(x2, w2, b, stride, padding, dilation, groups)
+    go = torch.randn(out.shape, dtype=dtype, device=backend.device).to(memory_format=torch.channels_last)
+    gi, gw, gb = backend.ops._conv2d_backward(go, x2, w2, stride, padding, dilation, groups, [True, True, True])
     ref, (rgi, rgw, rgb) = reference_conv(x, w, b, stride, padding, dilation, groups, go)
     assert_close_scaled(out, ref, dtype, "output")
     assert_close_scaled(gi, rgi, dtype, "grad_input")
@@ -201,65 +220,67 @@ def test_conv2d_noncontiguous_inputs(layout):
 
 
 @pytest.mark.usefixtures("poison_cuda")
-def test_conv2d_batch0_backward_shapes():
-    x, w, b, stride, padding, dilation, groups = make_conv(CONV_CASES[-1], torch.float32)
-    out = ops.conv2d(x, w, b, stride, padding, dilation, groups)
+def test_conv2d_batch0_backward_shapes(backend):
+    x, w, b, stride, padding, dilation, groups = make_conv(CONV_CASES[-1], torch.float32, backend.device)
+    out = backend.ops.conv2d(x, w, b, stride, padding, dilation, groups)
     assert out.shape == (0, 4, 8, 8)
-    gi, gw, gb = ops._conv2d_backward(out, x, w, stride, padding, dilation, groups, [True, True, True])
+    gi, gw, gb = backend.ops._conv2d_backward(out, x, w, stride, padding, dilation, groups, [True, True, True])
     assert gi.shape == x.shape
     assert gw.shape == w.shape and torch.count_nonzero(gw) == 0
     assert gb.shape == (4,) and torch.count_nonzero(gb) == 0
 
 
-def test_conv2d_backward_is_deterministic():
+def test_conv2d_backward_is_deterministic(backend):
     # col2im is a gather (no atomics): two runs must agree bit for bit.
-    x, w, b, stride, padding, dilation, groups = make_conv(CONV_CASES[0], torch.float32)
-    go = torch.randn(100, 64, 14, 14, device="cuda")
-    first = ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
+    x, w, b, stride, padding, dilation, groups = make_conv(CONV_CASES[0], torch.float32, backend.device)
+    go = torch.randn(100, 64, 14, 14, device=backend.device)
+    first = backend.ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
     for _ in range(2):
-        again = ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
+        again = backend.ops._conv2d_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
         for a, b_ in zip(first, again):
             assert torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2], CONV_CASES[5], CONV_CASES[8]],
                          ids=["stride2", "asymmetric", "depthwise", "1x1_groups"])
-def test_conv2d_cpu_and_cuda_agree(case):
-    x, w, b, stride, padding, dilation, groups = make_conv(case, torch.float64)
+def test_conv2d_cpu_and_cuda_agree(backend, case):
+    x, w, b, stride, padding, dilation, groups = make_conv(case, torch.float64, backend.device)
     args = (stride, padding, dilation, groups)
-    out_gpu = ops.conv2d(x, w, b, *args)
+    out_gpu = backend.ops.conv2d(x, w, b, *args)
     out_cpu = ops.conv2d(x.cpu(), w.cpu(), b.cpu() if b is not None else None, *args)
     torch.testing.assert_close(out_gpu.cpu(), out_cpu)
     go = torch.randn(out_gpu.shape, dtype=torch.float64)
-    g_gpu = ops._conv2d_backward(go.cuda(), x, w, *args, [True, True, True])
+    g_gpu = backend.ops._conv2d_backward(go.to(backend.device), x, w, *args, [True, True, True])
     g_cpu = ops._conv2d_backward(go, x.cpu(), w.cpu(), *args, [True, True, True])
     for a, c in zip(g_gpu, g_cpu):
         torch.testing.assert_close(a.cpu(), c)
 
 
-def test_conv2d_device_mismatch_raises():
-    x = torch.randn(1, 2, 5, 5, device="cuda")
+def test_conv2d_device_mismatch_raises(backend):
+    gpu_only(backend, "a second device")
+    x = torch.randn(1, 2, 5, 5, device=backend.device)
     w = torch.randn(3, 2, 3, 3)
     with pytest.raises(RuntimeError, match="same device"):
-        ops.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 1)
+        backend.ops.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match="bias is on"):
-        ops.conv2d(x, w.cuda(), torch.zeros(3), [1, 1], [0, 0], [1, 1], 1)
+        backend.ops.conv2d(x, w.to(backend.device), torch.zeros(3), [1, 1], [0, 0], [1, 1], 1)
 
 
 # ----------------------------------------------------------------------------- conv2d: public API
 
 
+@pytest.mark.usefixtures("route_public")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4], CONV_CASES[5], CONV_CASES[7]],
                          ids=["mnist", "asymmetric", "groups2", "depthwise", "1x1"])
-def test_functional_conv2d_autograd(case, dtype):
-    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype)
+def test_functional_conv2d_autograd(backend, case, dtype):
+    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype, backend.device)
     x.requires_grad_()
     w.requires_grad_()
     if b is not None:
         b.requires_grad_()
     out = FF.conv2d(x, w, b, stride, padding, dilation, groups)
-    go = torch.randn(out.shape, dtype=dtype, device="cuda")
+    go = torch.randn(out.shape, dtype=dtype, device=backend.device)
     out.backward(go)
     ref, (rgi, rgw, rgb) = reference_conv(x, w, b, stride, padding, dilation, groups, go)
     assert_close_scaled(out, ref, dtype, "output")
@@ -269,36 +290,39 @@ def test_functional_conv2d_autograd(case, dtype):
         assert_close_scaled(b.grad, rgb, dtype, "grad_bias")
 
 
+@pytest.mark.usefixtures("route_public")
 @pytest.mark.parametrize("stride,padding,dilation,groups", [
     (1, 1, 1, 1), ((2, 1), (1, 2), (1, 2), 2), (2, 0, 1, 4), (1, 0, 1, 1),
 ])
-def test_conv2d_gradcheck(stride, padding, dilation, groups):
+def test_conv2d_gradcheck(backend, stride, padding, dilation, groups):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64).cuda().requires_grad_()
-    w = torch.randn(4, 4 // groups, 3, 3, generator=g, dtype=torch.float64).cuda().requires_grad_()
-    b = torch.randn(4, generator=g, dtype=torch.float64).cuda().requires_grad_()
+    x = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64).to(backend.device).requires_grad_()
+    w = torch.randn(4, 4 // groups, 3, 3, generator=g, dtype=torch.float64).to(backend.device).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).to(backend.device).requires_grad_()
     fn = lambda x_, w_, b_: FF.conv2d(x_, w_, b_, stride, padding, dilation, groups)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
 
 
-def test_conv2d_module_on_cuda_matches_torch():
+@pytest.mark.usefixtures("route_public")
+def test_conv2d_module_on_cuda_matches_torch(backend):
     torch.manual_seed(0)
-    ref = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2).cuda()
-    mod = fastconv.Conv2d(6, 8, 3, stride=2, padding=1, groups=2).cuda()
+    ref = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2).to(backend.device)
+    mod = fastconv.Conv2d(6, 8, 3, stride=2, padding=1, groups=2).to(backend.device)
     mod.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 6, 11, 11, device="cuda")
+    x = torch.randn(4, 6, 11, 11, device=backend.device)
     # float64 CPU reference: torch's own CUDA conv may use TF32.
     expected = F.conv2d(x.double().cpu(), ref.weight.double().cpu(), ref.bias.double().cpu(), 2, 1, 1, 2)
     assert_close_scaled(mod(x), expected, torch.float32, "output")
 
 
-def test_conv2d_autocast_float16():
+@pytest.mark.usefixtures("route_public")
+def test_conv2d_autocast_float16(backend):
     torch.manual_seed(0)
-    ref = torch.nn.Conv2d(32, 64, 3, padding=1).cuda()
-    mod = fastconv.Conv2d(32, 64, 3, padding=1).cuda()
+    ref = torch.nn.Conv2d(32, 64, 3, padding=1).to(backend.device)
+    mod = fastconv.Conv2d(32, 64, 3, padding=1).to(backend.device)
     mod.load_state_dict(ref.state_dict())
-    x = torch.randn(16, 32, 14, 14, device="cuda")
-    with torch.autocast("cuda", dtype=torch.float16):
+    x = torch.randn(16, 32, 14, 14, device=backend.device)
+    with torch.autocast(backend.device.type, dtype=torch.float16):
         out = mod(x)
         expected = ref(x)
     assert out.dtype == expected.dtype == torch.float16
@@ -311,11 +335,12 @@ def test_conv2d_autocast_float16():
     torch.testing.assert_close(mod.bias.grad, ref.bias.grad, rtol=2e-2, atol=2e-2 * ref.bias.grad.abs().max().item())
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.usefixtures("route_public")
+def test_torch_compile_fullgraph(backend):
     # Traces the fake kernels and autograd registration; the CUDA kernels then run compiled.
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 9, 9, device="cuda", requires_grad=True)
-    w = torch.randn(5, 3, 3, 3, device="cuda", requires_grad=True)
+    x = torch.randn(4, 3, 9, 9, device=backend.device, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, device=backend.device, requires_grad=True)
 
     def f(x_, w_):
         y = FF.conv2d(x_, w_, None, 1, 1)
@@ -332,13 +357,14 @@ def test_torch_compile_fullgraph():
     assert_close_scaled(gw, rgw, torch.float32, "grad_weight")
 
 
+@pytest.mark.usefixtures("route_public")
 @pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch >= 2.4")
-def test_opcheck_cuda():
-    x = torch.randn(2, 4, 7, 7, device="cuda", requires_grad=True)
-    w = torch.randn(6, 2, 3, 3, device="cuda", requires_grad=True)
-    b = torch.randn(6, device="cuda", requires_grad=True)
+def test_opcheck_cuda(backend):
+    x = torch.randn(2, 4, 7, 7, device=backend.device, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, device=backend.device, requires_grad=True)
+    b = torch.randn(6, device=backend.device, requires_grad=True)
     torch.library.opcheck(ops.conv2d.default, (x, w, b, [2, 1], [1, 1], [1, 1], 2))
-    go = torch.randn(2, 6, 4, 7, device="cuda")
+    go = torch.randn(2, 6, 4, 7, device=backend.device)
     torch.library.opcheck(ops._conv2d_backward.default,
                           (go, x.detach(), w.detach(), [2, 1], [1, 1], [1, 1], 2, [True, True, True]))
     torch.library.opcheck(ops.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1], [1, 1], False))
@@ -355,6 +381,7 @@ def _small_net():
     )
 
 
+@pytest.mark.cuda
 def test_cuda_graph_training_step():
     # Kernels that launch on the current stream and never synchronise with the host can be captured:
     # forward + backward + optimizer step replayed from a graph must match eager training.
@@ -407,6 +434,7 @@ def test_cuda_graph_training_step():
         torch.testing.assert_close(p_g, p_e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_device():
     # The device guard must run the kernels on the tensors' device, not the current one (cuda:0).
@@ -464,16 +492,16 @@ def _perm_input(shape, dtype=torch.float64, seed=0):
 @pytest.mark.usefixtures("poison_cuda")
 @pytest.mark.parametrize("shape", POOL_SHAPES)
 @pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", POOL_CASES, ids=POOL_IDS)
-def test_max_pool2d_matches_torch(kernel, stride, padding, dilation, ceil_mode, shape):
+def test_max_pool2d_matches_torch(backend, kernel, stride, padding, dilation, ceil_mode, shape):
     x = _perm_input(shape)
-    vals, idx = ops.max_pool2d(x.cuda(), list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+    vals, idx = backend.ops.max_pool2d(x.to(backend.device), list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
     rvals, ridx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
     assert idx.dtype == torch.int64
     assert torch.equal(vals.cpu(), rvals)
     assert torch.equal(idx.cpu(), ridx)
     # backward: grad routed to the argmax of every window, summed where windows overlap
     go = torch.randn(rvals.shape, dtype=torch.float64)
-    gi = ops._max_pool2d_backward(go.cuda(), x.cuda(), idx, list(kernel), list(stride), list(padding),
+    gi = backend.ops._max_pool2d_backward(go.to(backend.device), x.to(backend.device), idx, list(kernel), list(stride), list(padding),
                                   list(dilation), ceil_mode)
     xr = x.clone().requires_grad_()
     F.max_pool2d(xr, kernel, stride, padding, dilation, ceil_mode).backward(go)
@@ -482,31 +510,33 @@ def test_max_pool2d_matches_torch(kernel, stride, padding, dilation, ceil_mode, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", POOL_CASES[1:5], ids=POOL_IDS[1:5])
-def test_max_pool2d_dtypes(kernel, stride, padding, dilation, ceil_mode, dtype):
+def test_max_pool2d_dtypes(backend, kernel, stride, padding, dilation, ceil_mode, dtype):
     # randn in half precision has ties; torch's CUDA kernel breaks them the same way (first max).
-    x = torch.randn(4, 5, 13, 12, device="cuda").to(dtype)
-    vals, idx = ops.max_pool2d(x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+    x = torch.randn(4, 5, 13, 12, device=backend.device).to(dtype)
+    vals, idx = backend.ops.max_pool2d(x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
     rvals, ridx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
     assert vals.dtype == dtype
     assert torch.equal(vals, rvals)
     assert torch.equal(idx, ridx)
-    go = torch.randn(vals.shape, device="cuda").to(dtype)
-    gi = ops._max_pool2d_backward(go, x, idx, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
-    xr = x.clone().requires_grad_()
-    F.max_pool2d(xr, kernel, stride, padding, dilation, ceil_mode).backward(go)
-    # at most a few overlapping terms per element, summed in float32 in either order
-    torch.testing.assert_close(gi.float(), xr.grad.float(), rtol=1e-2, atol=1e-3)
+    go = torch.randn(vals.shape, device=backend.device).to(dtype)
+    gi = backend.ops._max_pool2d_backward(go, x, idx, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+    # Reference: the same routing in float64 (x's values, so the same argmax), rounded once to dtype:
+    # the kernel sums its few overlapping terms in float32 and rounds once (torch's CPU kernel rounds
+    # after every addition in bfloat16, which differs by an ulp where windows overlap).
+    xr = x.detach().double().cpu().requires_grad_()
+    F.max_pool2d(xr, kernel, stride, padding, dilation, ceil_mode).backward(go.double().cpu())
+    torch.testing.assert_close(gi.float().cpu(), xr.grad.to(dtype).float(), rtol=1e-2, atol=1e-3)
 
 
-def test_max_pool2d_ties_first_max_wins():
+def test_max_pool2d_ties_first_max_wins(backend):
     x = torch.randint(0, 3, (2, 3, 10, 10)).double()
-    vals, idx = ops.max_pool2d(x.cuda(), [3, 3], [2, 2], [1, 1], [1, 1], False)
+    vals, idx = backend.ops.max_pool2d(x.to(backend.device), [3, 3], [2, 2], [1, 1], [1, 1], False)
     rvals, ridx = F.max_pool2d(x, 3, 2, 1, return_indices=True)
     assert torch.equal(vals.cpu(), rvals) and torch.equal(idx.cpu(), ridx)
 
 
 @pytest.mark.usefixtures("poison_cuda")
-def test_max_pool2d_nan_and_inf():
+def test_max_pool2d_nan_and_inf(backend):
     x = _perm_input((2, 2, 9, 9))
     x[0, 0, 1, 1] = float("nan")
     x[0, 1, 4, 5] = float("nan")
@@ -514,7 +544,7 @@ def test_max_pool2d_nan_and_inf():
     x[1, 0] = float("-inf")  # whole plane -inf: torch reports each window's first in-bounds tap
     x[1, 1, :3, :3] = float("inf")
     for k, s, p in [(3, 2, 1), (2, 2, 0), (3, 1, 0)]:
-        vals, idx = ops.max_pool2d(x.cuda(), [k, k], [s, s], [p, p], [1, 1], False)
+        vals, idx = backend.ops.max_pool2d(x.to(backend.device), [k, k], [s, s], [p, p], [1, 1], False)
         rvals, ridx = F.max_pool2d(x, k, s, p, return_indices=True)
         torch.testing.assert_close(vals.cpu(), rvals, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(idx.cpu(), ridx)
@@ -522,16 +552,16 @@ def test_max_pool2d_nan_and_inf():
 
 
 @pytest.mark.usefixtures("poison_cuda")
-def test_max_pool2d_noncontiguous_and_channels_last():
-    x = _perm_input((2, 4, 10, 9)).cuda()
+def test_max_pool2d_noncontiguous_and_channels_last(backend):
+    x = _perm_input((2, 4, 10, 9)).to(backend.device)
     for x2 in (x.to(memory_format=torch.channels_last), x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
                torch.stack([x, x], dim=-1)[..., 1]):
         assert not x2.is_contiguous()
-        vals, idx = ops.max_pool2d(x2, [3, 3], [2, 2], [1, 1], [1, 1], True)
+        vals, idx = backend.ops.max_pool2d(x2, [3, 3], [2, 2], [1, 1], [1, 1], True)
         rvals, ridx = F.max_pool2d(x.cpu(), 3, 2, 1, ceil_mode=True, return_indices=True)
         assert torch.equal(vals.cpu(), rvals) and torch.equal(idx.cpu(), ridx)
-        go = torch.randn(vals.shape, dtype=vals.dtype, device="cuda").to(memory_format=torch.channels_last)
-        gi = ops._max_pool2d_backward(go, x2, idx.transpose(2, 3).contiguous().transpose(2, 3),
+        go = torch.randn(vals.shape, dtype=vals.dtype, device=backend.device).to(memory_format=torch.channels_last)
+        gi = backend.ops._max_pool2d_backward(go, x2, idx.transpose(2, 3).contiguous().transpose(2, 3),
                                       [3, 3], [2, 2], [1, 1], [1, 1], True)
         xr = x.detach().cpu().clone().requires_grad_()
         F.max_pool2d(xr, 3, 2, 1, ceil_mode=True).backward(go.cpu())
@@ -539,45 +569,47 @@ def test_max_pool2d_noncontiguous_and_channels_last():
 
 
 @pytest.mark.usefixtures("poison_cuda")
-def test_max_pool2d_batch0():
-    x = torch.randn(0, 3, 8, 8, device="cuda")
-    vals, idx = ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+def test_max_pool2d_batch0(backend):
+    x = torch.randn(0, 3, 8, 8, device=backend.device)
+    vals, idx = backend.ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
     assert vals.shape == idx.shape == (0, 3, 4, 4)
-    gi = ops._max_pool2d_backward(vals, x, idx, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    gi = backend.ops._max_pool2d_backward(vals, x, idx, [2, 2], [2, 2], [0, 0], [1, 1], False)
     assert gi.shape == x.shape
 
 
-def test_max_pool2d_backward_is_deterministic():
-    x = torch.randn(16, 32, 28, 28, device="cuda")
-    vals, idx = ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
+def test_max_pool2d_backward_is_deterministic(backend):
+    x = torch.randn(16, 32, 28, 28, device=backend.device)
+    vals, idx = backend.ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
     go = torch.randn_like(vals)
-    first = ops._max_pool2d_backward(go, x, idx, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    first = backend.ops._max_pool2d_backward(go, x, idx, [3, 3], [2, 2], [1, 1], [1, 1], False)
     for _ in range(2):
-        assert torch.equal(first, ops._max_pool2d_backward(go, x, idx, [3, 3], [2, 2], [1, 1], [1, 1], False))
+        assert torch.equal(first, backend.ops._max_pool2d_backward(go, x, idx, [3, 3], [2, 2], [1, 1], [1, 1], False))
 
 
-def test_max_pool2d_cpu_and_cuda_agree():
+def test_max_pool2d_cpu_and_cuda_agree(backend):
     x = _perm_input((3, 4, 11, 10))
     for case in POOL_CASES:
         args = [list(a) for a in case[:4]] + [case[4]]
-        v_gpu, i_gpu = ops.max_pool2d(x.cuda(), *args)
+        v_gpu, i_gpu = backend.ops.max_pool2d(x.to(backend.device), *args)
         v_cpu, i_cpu = ops.max_pool2d(x, *args)
         assert torch.equal(v_gpu.cpu(), v_cpu) and torch.equal(i_gpu.cpu(), i_cpu)
         go = torch.randn(v_cpu.shape, dtype=torch.float64)
-        torch.testing.assert_close(ops._max_pool2d_backward(go.cuda(), x.cuda(), i_gpu, *args).cpu(),
+        torch.testing.assert_close(backend.ops._max_pool2d_backward(go.to(backend.device), x.to(backend.device), i_gpu, *args).cpu(),
                                    ops._max_pool2d_backward(go, x, i_cpu, *args))
 
 
+@pytest.mark.usefixtures("route_public")
 @pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", [POOL_CASES[2], POOL_CASES[4], POOL_CASES[7]],
                          ids=[POOL_IDS[2], POOL_IDS[4], POOL_IDS[7]])
-def test_max_pool2d_gradcheck(kernel, stride, padding, dilation, ceil_mode):
-    x = (_perm_input((2, 2, 7, 8)) / 10).cuda().requires_grad_()
+def test_max_pool2d_gradcheck(backend, kernel, stride, padding, dilation, ceil_mode):
+    x = (_perm_input((2, 2, 7, 8)) / 10).to(backend.device).requires_grad_()
     fn = lambda x_: FF.max_pool2d(x_, kernel, stride, padding, dilation, ceil_mode)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
 
 
-def test_functional_max_pool2d_return_indices():
-    x = _perm_input((2, 3, 9, 9)).cuda().requires_grad_()
+@pytest.mark.usefixtures("route_public")
+def test_functional_max_pool2d_return_indices(backend):
+    x = _perm_input((2, 3, 9, 9)).to(backend.device).requires_grad_()
     vals, idx = FF.max_pool2d(x, 3, 2, 1, return_indices=True)
     xr = x.detach().cpu().requires_grad_()
     rvals, ridx = F.max_pool2d(xr, 3, 2, 1, return_indices=True)
@@ -597,6 +629,7 @@ def _large_ok(gib):
     return free >= gib * 2**30
 
 
+@pytest.mark.cuda
 @pytest.mark.large
 @pytest.mark.slow
 def test_large_max_pool2d_int64_indexing():
@@ -618,6 +651,7 @@ def test_large_max_pool2d_int64_indexing():
     assert torch.equal(gi[:, -2:], tr.grad)
 
 
+@pytest.mark.cuda
 @pytest.mark.large
 @pytest.mark.slow
 def test_large_conv2d_int64_indexing():

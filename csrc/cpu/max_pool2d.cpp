@@ -197,12 +197,22 @@ void max_pool2d_backward_kernel(const T* go, const int64_t* idx, T* gi, const Po
       std::fill(dst, dst + in_plane, T(0));
       const T* src = go + pl * out_plane;
       const int64_t* ind = idx + pl * out_plane;
-      for (int64_t o = 0; o < out_plane; ++o) {
-        const int64_t at = ind[o];
-        // indices come from the user on this path; never write outside the plane
-        TORCH_CHECK(at >= 0 && at < in_plane, "fastconv._max_pool2d_backward: index ", at,
-                    " is outside the input plane of ", in_plane, " elements");
-        dst[at] += src[o];
+      // Indices come from the user on this path. One behaviour on every backend (conv_params.h,
+      // check_max_pool2d_backward): an index outside its output's window contributes nothing.
+      for (int64_t oh = 0; oh < p.out_h; ++oh) {
+        const int64_t h0 = oh * p.stride_h - p.pad_h;
+        for (int64_t ow = 0; ow < p.out_w; ++ow) {
+          const int64_t o = oh * p.out_w + ow;
+          const int64_t at = ind[o];
+          if (at < 0 || at >= in_plane) continue;
+          const int64_t dh = at / p.in_w - h0;
+          const int64_t dw = at % p.in_w - (ow * p.stride_w - p.pad_w);
+          if (dh < 0 || dw < 0 || dh % p.dilation_h != 0 || dw % p.dilation_w != 0 ||
+              dh / p.dilation_h >= p.kernel_h || dw / p.dilation_w >= p.kernel_w) {
+            continue;
+          }
+          dst[at] += src[o];
+        }
       }
     }
   });

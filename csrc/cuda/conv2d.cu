@@ -7,14 +7,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <tuple>
 
+#include "backend.cuh"
 #include "conv_params.h"
 #include "im2col.cuh"
 
@@ -25,13 +24,14 @@ namespace {
 // 256 MiB holds a whole typical training batch of small images (MNIST, CIFAR) in one chunk, so
 // there is a single GEMM per group, while large images are split into several chunks instead of
 // allocating gigabytes; an image larger than the bound gets a chunk of its own.
+// (Tests of the emulated build lower it, so that small shapes run chunks of several images.)
 constexpr int64_t kMaxWorkspaceBytes = int64_t(256) << 20;
 
 int64_t images_per_chunk(int64_t batch, int64_t bytes_per_image) {
   if (bytes_per_image <= 0) {
     return std::max<int64_t>(batch, 1);
   }
-  return std::max<int64_t>(1, std::min<int64_t>(batch, kMaxWorkspaceBytes / bytes_per_image));
+  return std::max<int64_t>(1, std::min<int64_t>(batch, backend::workspace_limit(kMaxWorkspaceBytes) / bytes_per_image));
 }
 
 // 1x1 kernel, stride 1, no padding: image n's column matrix is input[n] viewed [C, H*W] itself.
@@ -92,13 +92,12 @@ void gemm_to_nchw(const scalar_t* tmp, const scalar_t* bias, int64_t out_channel
     return;
   }
   if (fits_int32(n)) {
-    gemm_to_nchw_kernel<scalar_t, int><<<blocks_for(n), kThreadsPerBlock, 0, stream>>>(
-        static_cast<int>(n), tmp, bias, out_channels, plane, batch, out);
+    backend::launch("gemm_to_nchw_kernel", &gemm_to_nchw_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
+        n, tmp, bias, out_channels, plane, batch, out);
   } else {
-    gemm_to_nchw_kernel<scalar_t, int64_t><<<blocks_for(n), kThreadsPerBlock, 0, stream>>>(
+    backend::launch("gemm_to_nchw_kernel", &gemm_to_nchw_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
         n, tmp, bias, out_channels, plane, batch, out);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -109,19 +108,19 @@ void nchw_to_gemm(const scalar_t* grad_output, int64_t out_channels, int64_t pla
     return;
   }
   if (fits_int32(n)) {
-    nchw_to_gemm_kernel<scalar_t, int><<<blocks_for(n), kThreadsPerBlock, 0, stream>>>(
-        static_cast<int>(n), grad_output, out_channels, plane, batch, go_t);
+    backend::launch("nchw_to_gemm_kernel", &nchw_to_gemm_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
+        n, grad_output, out_channels, plane, batch, go_t);
   } else {
-    nchw_to_gemm_kernel<scalar_t, int64_t><<<blocks_for(n), kThreadsPerBlock, 0, stream>>>(
+    backend::launch("nchw_to_gemm_kernel", &nchw_to_gemm_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
         n, grad_output, out_channels, plane, batch, go_t);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // out[g] = a[g] @ b[g], or out[g] += a[g] @ b[g], for [G, m, k] x [G, k, n]. One group is a
 // plain mm (cuBLAS gemm), several a strided-batched gemm; transposed views of a or b are
 // handed to cuBLAS as transposes, without a copy.
 void grouped_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  backend::count_gemm();
   if (out.size(0) == 1) {
     at::Tensor out0 = out.select(0, 0);
     if (accumulate) {
@@ -142,10 +141,10 @@ void grouped_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const Conv2dParams p = check_conv2d(input, weight, bias, stride, padding, dilation, groups);
-  TORCH_CHECK(input.is_cuda(), "fastconv.conv2d (CUDA kernel): expected CUDA tensors, got input on ",
-              input.device());
+  TORCH_INTERNAL_ASSERT(backend::on_backend(input), "fastconv.conv2d (" FASTCONV_BACKEND_NAME
+                        " kernel): got input on ", input.device());
   const bool has_bias = bias.has_value() && bias->defined();
-  const at::cuda::OptionalCUDAGuard device_guard(at::device_of(input));
+  const backend::DeviceGuard device_guard(input);
 
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, input.options());
   if (p.batch == 0) {
@@ -166,6 +165,7 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
     // out[n] = W @ input[n]: one batched GEMM over the whole batch, the weight broadcast with
     // batch stride 0, writing NCHW directly; no column buffer and no layout kernel.
     at::Tensor out3 = out.view({p.batch, OC, L});
+    backend::count_gemm();
     at::bmm_out(out3, weight_c.view({1, OC, p.in_channels}).expand({p.batch, OC, p.in_channels}),
                 input_c.view({p.batch, p.in_channels, L}));
     if (has_bias) {
@@ -178,8 +178,9 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
   at::Tensor cols_buf = at::empty({col_rows * nb * L}, input_c.options());
   // The GEMM-layout output buffer is only needed when a chunk holds more than one image.
   at::Tensor tmp_buf = nb > 1 ? at::empty({OC * nb * L}, input_c.options()) : at::Tensor();
+  backend::count_workspace((col_rows + (nb > 1 ? OC : 0)) * nb * L * input.element_size());
   const at::Tensor w3 = weight_c.view({G, OCg, CKKg});
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = backend::current_stream();
   const int64_t in_image = p.in_channels * p.in_plane();
   const int64_t out_image = OC * L;
 
@@ -215,8 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   const char* op = "fastconv._conv2d_backward";
   const Conv2dParams p = check_conv2d(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_backward(grad_output, input, p, op);
-  TORCH_CHECK(input.is_cuda(), op, " (CUDA kernel): expected CUDA tensors, got input on ", input.device());
-  const at::cuda::OptionalCUDAGuard device_guard(at::device_of(input));
+  TORCH_INTERNAL_ASSERT(backend::on_backend(input), op, " (" FASTCONV_BACKEND_NAME " kernel): got input on ",
+                        input.device());
+  const backend::DeviceGuard device_guard(input);
 
   const bool want_input = output_mask[0];
   const bool want_weight = output_mask[1];
@@ -261,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   if (input_by_bmm) {
     // grad_input[n] = W^T @ grad_output[n] for the whole batch in one batched GEMM, NCHW in and out.
     at::Tensor gi3 = grad_input.view({p.batch, C, L});
+    backend::count_gemm();
     at::bmm_out(gi3, weight_c.view({1, OC, C}).transpose(1, 2).expand({p.batch, C, OC}),
                 go_c.view({p.batch, OC, L}));
   }
@@ -276,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   const int64_t n_chunks = (p.batch + nb - 1) / nb;
   at::Tensor cols_buf = at::empty({col_rows * nb * L}, input_c.options());
   at::Tensor go_t_buf = nb > 1 ? at::empty({OC * nb * L}, input_c.options()) : at::Tensor();
+  backend::count_workspace((col_rows + (nb > 1 ? OC : 0)) * nb * L * input.element_size());
   const at::Tensor w3 = weight_c.view({G, OCg, CKKg});
   const at::Tensor w3_t = w3.transpose(1, 2);
   // fp16/bf16 grad_weight summed over several chunks: accumulate the per-chunk GEMM results in
@@ -285,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     gw_acc = at::zeros({G, OCg, CKKg}, input.options().dtype(at::kFloat));
   }
   const at::Tensor gw3 = need_cols ? grad_weight.view({G, OCg, CKKg}) : at::Tensor();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = backend::current_stream();
   const int64_t in_image = C * p.in_plane();
   const int64_t out_image = OC * L;
 
@@ -308,6 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
         // grad_weight[g] += go_t[g] @ cols[g]^T
         im2col_cuda<scalar_t>(in_ptr + n0 * in_image, col_shape(p, cur), cols_buf.mutable_data_ptr<scalar_t>(), stream);
         if (gw_acc.defined()) {
+          backend::count_gemm();
           gw_acc.add_(at::matmul(go_t, cols.transpose(1, 2)));
         } else {
           grouped_gemm(gw3, go_t, cols.transpose(1, 2), /*accumulate=*/n0 > 0);
@@ -329,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastconv, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTCONV_BACKEND_LIBRARY, FASTCONV_BACKEND_KEY, m) {
   m.impl("conv2d", TORCH_FN(conv2d_cuda));
   m.impl("_conv2d_backward", TORCH_FN(conv2d_backward_cuda));
 }

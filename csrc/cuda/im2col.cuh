@@ -12,12 +12,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
+
+#include "backend.cuh"
 
 namespace fastconv {
 namespace {
@@ -31,9 +32,23 @@ inline unsigned int blocks_for(int64_t n) {
 }
 
 // True when `numel` elements can be indexed with int, including the last grid-stride step
-// (idx + blockDim.x * gridDim.x must not overflow either).
+// (idx + blockDim.x * gridDim.x must not overflow either). Tests can force the int64 path
+// (backend::force_index64, emulated build only) to run it on small shapes.
 inline bool fits_int32(int64_t numel) {
-  return numel <= static_cast<int64_t>(std::numeric_limits<int>::max()) - kThreadsPerBlock * kMaxBlocks;
+  return !backend::force_index64() &&
+         numel <= static_cast<int64_t>(std::numeric_limits<int>::max()) - kThreadsPerBlock * kMaxBlocks;
+}
+
+// True when every value (an element count, or a stride, padding, dilation or extent that a kernel
+// computes with) fits the int path. Element counts alone are not enough: a stride of 2^32 cut to
+// int is 0 and divides by zero, a padding of 1.5e9 doubled overflows.
+inline bool fits_int32(std::initializer_list<int64_t> values) {
+  for (const int64_t v : values) {
+    if (!fits_int32(v)) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // Grid-stride loop over [0, n) with an index of type index_t.
@@ -135,6 +150,12 @@ struct ColShape {
   int64_t out_h, out_w;
   int64_t input_numel() const { return batch * channels * height * width; }
   int64_t cols_numel() const { return channels * kernel_h * kernel_w * batch * out_h * out_w; }
+  // The kernels compute positions in [-(pad + span), height + 2 * pad]: bounded by these.
+  bool fits_int32() const {
+    return fastconv::fits_int32({cols_numel(), input_numel(), height + 2 * pad_h, width + 2 * pad_w,
+                                 stride_h, stride_w, dilation_h, dilation_w, dilation_h * (kernel_h - 1) + 1 + pad_h,
+                                 dilation_w * (kernel_w - 1) + 1 + pad_w});
+  }
 };
 
 // cols[C*KH*KW, batch*L] <- input[batch, C, H, W] (both contiguous, on the current device).
@@ -144,16 +165,15 @@ void im2col_cuda(const scalar_t* input, const ColShape& s, scalar_t* cols, cudaS
   if (n == 0) {
     return;
   }
-  if (fits_int32(s.cols_numel()) && fits_int32(s.input_numel())) {
-    im2col_kernel<scalar_t, int><<<blocks_for(n), kThreadsPerBlock, 0, stream>>>(
-        static_cast<int>(n), input, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w,
+  if (s.fits_int32()) {
+    backend::launch("im2col_kernel", &im2col_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
+        n, input, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w,
         s.stride_h, s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, cols);
   } else {
-    im2col_kernel<scalar_t, int64_t><<<blocks_for(n), kThreadsPerBlock, 0, stream>>>(
+    backend::launch("im2col_kernel", &im2col_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
         n, input, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.stride_h,
         s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, cols);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // grad_input[batch, C, H, W] <- col2im(cols[C*KH*KW, batch*L]); overwrites grad_input.
@@ -163,16 +183,15 @@ void col2im_cuda(const scalar_t* cols, const ColShape& s, scalar_t* grad_input, 
   if (n == 0) {
     return;
   }
-  if (fits_int32(s.cols_numel()) && fits_int32(n)) {
-    col2im_kernel<scalar_t, int><<<blocks_for(n), kThreadsPerBlock, 0, stream>>>(
-        static_cast<int>(n), cols, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w,
+  if (s.fits_int32()) {
+    backend::launch("col2im_kernel", &col2im_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
+        n, cols, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w,
         s.stride_h, s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, grad_input);
   } else {
-    col2im_kernel<scalar_t, int64_t><<<blocks_for(n), kThreadsPerBlock, 0, stream>>>(
+    backend::launch("col2im_kernel", &col2im_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
         n, cols, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.stride_h,
         s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, grad_input);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

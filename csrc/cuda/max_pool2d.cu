@@ -6,13 +6,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/NumericUtils.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/NumericLimits.cuh>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "backend.cuh"  // launch, stream, device guard; at::numeric_limits
 #include "conv_params.h"
 #include "im2col.cuh"  // launch helpers: blocks_for, fits_int32, FASTCONV_KERNEL_LOOP
 
@@ -107,13 +105,21 @@ __global__ void max_pool2d_backward_kernel(const index_t n_total, const scalar_t
   }
 }
 
+// The kernels compute window positions in [-(pad + span), size + 2 * pad]: the int path needs these
+// (and the strides) to fit, not only the element counts.
+bool window_fits_int32(const Pool2dParams& p) {
+  return fits_int32({p.in_h + 2 * p.pad_h, p.in_w + 2 * p.pad_w, p.stride_h, p.stride_w, p.dilation_h, p.dilation_w,
+                     p.dilation_h * (p.kernel_h - 1) + 1 + p.pad_h, p.dilation_w * (p.kernel_w - 1) + 1 + p.pad_w,
+                     p.out_h * p.stride_h, p.out_w * p.stride_w});
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation, bool ceil_mode) {
   const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode);
-  TORCH_CHECK(input.is_cuda(), "fastconv.max_pool2d (CUDA kernel): expected a CUDA tensor, got input on ",
-              input.device());
-  const at::cuda::OptionalCUDAGuard device_guard(at::device_of(input));
+  TORCH_INTERNAL_ASSERT(backend::on_backend(input), "fastconv.max_pool2d (" FASTCONV_BACKEND_NAME
+                        " kernel): got input on ", input.device());
+  const backend::DeviceGuard device_guard(input);
 
   at::Tensor output = at::empty({p.batch, p.channels, p.out_h, p.out_w}, input.options());
   at::Tensor indices = at::empty({p.batch, p.channels, p.out_h, p.out_w}, input.options().dtype(at::kLong));
@@ -122,23 +128,22 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input, at::
     return std::make_tuple(output, indices);
   }
   const at::Tensor input_c = input.contiguous();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = backend::current_stream();
   const unsigned int blocks = blocks_for(n);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_cuda", [&] {
     const scalar_t* in_ptr = input_c.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
     int64_t* idx_ptr = indices.mutable_data_ptr<int64_t>();
-    if (fits_int32(input_c.numel()) && fits_int32(n)) {
-      max_pool2d_forward_kernel<scalar_t, int><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          static_cast<int>(n), in_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h,
+    if (fits_int32(input_c.numel()) && fits_int32(n) && window_fits_int32(p)) {
+      backend::launch("max_pool2d_forward_kernel", &max_pool2d_forward_kernel<scalar_t, int>, blocks,
+          kThreadsPerBlock, stream, n, in_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h,
           p.stride_w, p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, out_ptr, idx_ptr);
     } else {
-      max_pool2d_forward_kernel<scalar_t, int64_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          n, in_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.pad_h,
+      backend::launch("max_pool2d_forward_kernel", &max_pool2d_forward_kernel<scalar_t, int64_t>, blocks,
+          kThreadsPerBlock, stream, n, in_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.pad_h,
           p.pad_w, p.dilation_h, p.dilation_w, out_ptr, idx_ptr);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return std::make_tuple(output, indices);
 }
@@ -149,8 +154,9 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
   const char* op = "fastconv._max_pool2d_backward";
   const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, op);
   check_max_pool2d_backward(grad_output, input, indices, p, op);
-  TORCH_CHECK(input.is_cuda(), op, " (CUDA kernel): expected CUDA tensors, got input on ", input.device());
-  const at::cuda::OptionalCUDAGuard device_guard(at::device_of(input));
+  TORCH_INTERNAL_ASSERT(backend::on_backend(input), op, " (" FASTCONV_BACKEND_NAME " kernel): got input on ",
+                        input.device());
+  const backend::DeviceGuard device_guard(input);
 
   // Every element is written by the gather kernel (zero where no window routed to it).
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
@@ -160,30 +166,29 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
   }
   const at::Tensor go_c = grad_output.contiguous();
   const at::Tensor indices_c = indices.contiguous();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = backend::current_stream();
   const unsigned int blocks = blocks_for(n);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_backward_cuda", [&] {
     const scalar_t* go_ptr = go_c.const_data_ptr<scalar_t>();
     const int64_t* idx_ptr = indices_c.const_data_ptr<int64_t>();
     scalar_t* gi_ptr = grad_input.mutable_data_ptr<scalar_t>();
-    if (fits_int32(n) && fits_int32(go_c.numel())) {
-      max_pool2d_backward_kernel<scalar_t, int><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          static_cast<int>(n), go_ptr, idx_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w,
+    if (fits_int32(n) && fits_int32(go_c.numel()) && window_fits_int32(p)) {
+      backend::launch("max_pool2d_backward_kernel", &max_pool2d_backward_kernel<scalar_t, int>, blocks,
+          kThreadsPerBlock, stream, n, go_ptr, idx_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w,
           p.stride_h, p.stride_w, p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, gi_ptr);
     } else {
-      max_pool2d_backward_kernel<scalar_t, int64_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          n, go_ptr, idx_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w,
+      backend::launch("max_pool2d_backward_kernel", &max_pool2d_backward_kernel<scalar_t, int64_t>, blocks,
+          kThreadsPerBlock, stream, n, go_ptr, idx_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w,
           p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, gi_ptr);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_input;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastconv, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTCONV_BACKEND_LIBRARY, FASTCONV_BACKEND_KEY, m) {
   m.impl("max_pool2d", TORCH_FN(max_pool2d_cuda));
   m.impl("_max_pool2d_backward", TORCH_FN(max_pool2d_backward_cuda));
 }
