@@ -280,8 +280,13 @@ inline void forward_packed(const float* input, const float* weight, const float*
 // micro-kernel loads it straight from the image (OffsetB) and the tile's input stays in L1. The
 // price is lanes: a row of OW pixels takes ceil(OW/16) vectors (OW = 14: 14 of 16 lanes). Packing
 // costs about one cycle per column element against OCg/16 FMA cycles of use; take the cheaper.
+// A zero-padded copy of the whole input is fine up to this size; past it, pack instead.
+constexpr int64_t kMaxPaddedCopyBytes = int64_t(512) << 20;
+
 inline bool use_padded_direct(const Conv2dParams& p) {
   if (p.stride_h != 1 || p.stride_w != 1) return false;
+  const int64_t padded = p.batch * p.in_channels * (p.in_h + 2 * p.pad_h) * (p.in_w + 2 * p.pad_w) * 4;
+  if (padded > kMaxPaddedCopyBytes) return false;
   const char* force = std::getenv("FASTCONV_CPU_GEMM_B");  // "packed" or "direct": tests and benchmarks
   if (force && std::string(force) == "packed") return false;
   if (force && std::string(force) == "direct") return true;

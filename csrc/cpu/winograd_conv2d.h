@@ -43,13 +43,16 @@ inline int64_t tiles_per_item(const Conv2dParams& p) {
   return std::clamp<int64_t>(std::min(by_v, by_m) / kTileCols, 1, 4) * kTileCols;
 }
 
-// 3x3, stride 1, dilation 1, one group, padding at most 2 (the padded copy's border).
+// 3x3, stride 1, dilation 1, one group, padding at most 2 (the padded copy's border), copies that fit.
 inline bool applicable(const Conv2dParams& p) {
   if (!(p.kernel_h == 3 && p.kernel_w == 3 && p.stride_h == 1 && p.stride_w == 1 && p.dilation_h == 1 &&
         p.dilation_w == 1 && p.groups == 1 && p.pad_h <= 2 && p.pad_w <= 2))
     return false;
   if (p.in_channels < 8 || p.out_channels < 8) return false;
-  return true;
+  // backward-weight holds padded copies of the input and of grad_output
+  const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(p.out_w, 2);
+  const int64_t copies = p.batch * (p.in_channels * (2 * th + 2) * (2 * tw + 2) + p.out_channels * 2 * th * (2 * tw + 32));
+  return copies * 4 <= engine::kMaxPaddedCopyBytes;
 }
 
 // U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c], zero rows past OC.
