@@ -122,6 +122,17 @@ FASTCONV_AVX512 inline void pack_columns(const float* input, const Conv2dParams&
             _mm512_storeu_ps(d + x, _mm512_maskz_loadu_ps(valid, src + ow + x));
           }
         }
+      } else if (p.stride_w == 2) {
+        // 32 contiguous floats per 16 outputs, the even ones picked by a permute
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        for (int64_t x = 0; x < len; x += 16) {
+          const uint32_t valid = lane_mask(std::max(lo - (ow + x), int64_t(0)), std::min(hi, ow + len) - (ow + x));
+          const uint32_t pairs = _pdep_u32(valid, 0x55555555u) | _pdep_u32(valid, 0xAAAAAAAAu);
+          const float* s0 = src + 2 * (ow + x);
+          const __m512 v0 = _mm512_maskz_loadu_ps(__mmask16(pairs), s0);
+          const __m512 v1 = _mm512_maskz_loadu_ps(__mmask16(pairs >> 16), s0 + 16);
+          _mm512_storeu_ps(d + x, _mm512_permutex2var_ps(v0, even, v1));
+        }
       } else {
         const int64_t sw = p.stride_w;
         for (int64_t x = 0; x < len; ++x) {

@@ -33,7 +33,9 @@ inline bool has_avx512() {
 #if FASTCONV_HAVE_AVX512_KERNELS
   static const bool yes = [] {
     const char* env = std::getenv("FASTCONV_CPU_GEMM");
-    return __builtin_cpu_supports("avx512f") && !(env && std::string(env) == "aten");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("bmi2") && !(env && std::string(env) == "aten");
   }();
   return yes;
 #else
@@ -42,7 +44,7 @@ inline bool has_avx512() {
 }
 
 #if FASTCONV_HAVE_AVX512_KERNELS
-#define FASTCONV_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+#define FASTCONV_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,bmi2")))
 
 constexpr int kTileRows = 8;      // MR: rows of A broadcast per step
 constexpr int kTileVectors = 3;   // NV: zmm vectors of B per step
