@@ -137,16 +137,8 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   };
   const std::string fwd = winograd_wanted(p) ? "winograd" : gemm_name(p);
   std::string bwi = "im2col+gemm+col2im";
-  if (cpu::engine::backward_input_as_forward(p)) {
-    Conv2dParams q = p;  // the transposed convolution backward-input runs
-    q.in_channels = p.out_channels;
-    q.out_channels = p.in_channels;
-    q.in_h = p.out_h;
-    q.in_w = p.out_w;
-    q.out_h = p.in_h;
-    q.out_w = p.in_w;
-    q.pad_h = p.dilation_h * (p.kernel_h - 1) - p.pad_h;
-    q.pad_w = p.dilation_w * (p.kernel_w - 1) - p.pad_w;
+  if (cpu::backward_input_as_forward(p)) {
+    const Conv2dParams q = cpu::backward_input_params(p);  // the convolution backward-input runs
     bwi = winograd_wanted(q) ? "winograd" : gemm_name(q);
   }
   const std::string bww = winograd_wanted(p, true) ? "winograd" : "im2col+gemm";
@@ -209,7 +201,7 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   if constexpr (std::is_same_v<T, float>) {
     if (use_engine<T>()) {
       if (grad_input) {
-        if (cpu::engine::backward_input_as_forward(p)) {
+        if (cpu::backward_input_as_forward(p)) {
           cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p,
                                               [](const float* i, const float* w, const float* b, float* o,
                                                  const Conv2dParams& q) {

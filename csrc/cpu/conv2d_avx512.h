@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "cpu/flipped_conv.h"
 #include "cpu/gemm.h"
 
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -394,39 +395,13 @@ inline void forward(const float* input, const float* weight, const float* bias, 
   forward_packed(input, weight, bias, out, p, relu);
 }
 
-// Backward-input of a stride-1 convolution is a convolution of grad_output with the flipped,
-// transposed weights and padding dilation*(K-1) - pad: possible when that padding is >= 0.
-inline bool backward_input_as_forward(const Conv2dParams& p) {
-  return p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= p.dilation_h * (p.kernel_h - 1) &&
-         p.pad_w <= p.dilation_w * (p.kernel_w - 1);
-}
-
-// `forward_fn(input, weight, bias, output, params)` runs the transformed convolution (the caller's
-// algorithm choice: Winograd or this engine).
+// Backward-input of a stride-1 convolution (flipped_conv.h). `forward_fn(input, weight, bias,
+// output, params)` runs the transformed convolution (the caller's choice: Winograd or this engine).
 template <typename Forward>
 void backward_input_stride1(const float* grad_output, const float* weight, float* grad_input, const Conv2dParams& p,
                             Forward forward_fn) {
-  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Cg = p.in_channels_per_group();
-  const int64_t KH = p.kernel_h, KW = p.kernel_w;
-  // w_t[g*Cg + c][o][kh][kw] = w[g*OCg + o][c][KH-1-kh][KW-1-kw]
-  std::vector<float> w_t(p.out_channels * Cg * KH * KW);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < Cg; ++c)
-      for (int64_t o = 0; o < OCg; ++o)
-        for (int64_t kh = 0; kh < KH; ++kh)
-          for (int64_t kw = 0; kw < KW; ++kw)
-            w_t[(((g * Cg + c) * OCg + o) * KH + kh) * KW + kw] =
-                weight[(((g * OCg + o) * Cg + c) * KH + (KH - 1 - kh)) * KW + (KW - 1 - kw)];
-  Conv2dParams q = p;
-  q.in_channels = p.out_channels;
-  q.in_h = p.out_h;
-  q.in_w = p.out_w;
-  q.out_channels = p.in_channels;
-  q.out_h = p.in_h;
-  q.out_w = p.in_w;
-  q.pad_h = p.dilation_h * (KH - 1) - p.pad_h;
-  q.pad_w = p.dilation_w * (KW - 1) - p.pad_w;
-  forward_fn(grad_output, w_t.data(), nullptr, grad_input, q);
+  const std::vector<float> w_t = flipped_transposed_weight(weight, p);
+  forward_fn(grad_output, w_t.data(), nullptr, grad_input, backward_input_params(p));
 }
 
 // grad_cols = W^T grad_output per image and band of output rows, then col2im (any stride).

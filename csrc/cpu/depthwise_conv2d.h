@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "cpu/flipped_conv.h"
 #include "cpu/gemm.h"
 
 namespace fastconv {
@@ -121,25 +122,11 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
 // within each group) with flipped weights and padding dilation*(K-1) - pad; other strides scatter.
 template <typename T>
 void backward_input(const T* grad_output, const T* weight, T* grad_input, const Conv2dParams& p) {
-  const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group(), G = p.groups;
+  const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w;
-  if (p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= p.dilation_h * (KH - 1) && p.pad_w <= p.dilation_w * (KW - 1)) {
-    std::vector<T> w_t(p.out_channels * Cg * KH * KW);  // [g*Cg + c][o][KH-1-kh][KW-1-kw]
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t o = 0; o < OCg; ++o)
-          for (int64_t k = 0; k < KH * KW; ++k)
-            w_t[((g * Cg + c) * OCg + o) * KH * KW + k] = weight[((g * OCg + o) * Cg + c) * KH * KW + (KH * KW - 1 - k)];
-    Conv2dParams q = p;
-    q.in_channels = p.out_channels;
-    q.in_h = p.out_h;
-    q.in_w = p.out_w;
-    q.out_channels = p.in_channels;
-    q.out_h = p.in_h;
-    q.out_w = p.in_w;
-    q.pad_h = p.dilation_h * (KH - 1) - p.pad_h;
-    q.pad_w = p.dilation_w * (KW - 1) - p.pad_w;
-    return forward<T>(grad_output, w_t.data(), nullptr, grad_input, q);
+  if (backward_input_as_forward(p)) {
+    const std::vector<T> w_t = flipped_transposed_weight(weight, p);
+    return forward<T>(grad_output, w_t.data(), nullptr, grad_input, backward_input_params(p));
   }
   // scatter, one input plane per task: every contribution to it comes from this task
   at::parallel_for(0, p.batch * p.in_channels, 1, [&](int64_t begin, int64_t end) {
