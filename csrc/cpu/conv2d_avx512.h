@@ -41,7 +41,8 @@ constexpr int64_t kColumnBlockBytes = 192 * 1024;  // one item's packed columns 
 constexpr int64_t kPanel = kTileCols;        // 48 pixels per panel
 constexpr int64_t kPanelPad = 16;            // floats after each packed panel (pack_columns' overrun)
 
-// 64-byte aligned scratch, one per thread and call.
+// 64-byte aligned scratch. Not zeroed: every lane a kernel reads is either written first or lies in
+// a lane whose result is never stored (the junk lanes of partial vectors).
 struct AlignedBuffer {
   std::unique_ptr<float, decltype(&std::free)> mem{nullptr, &std::free};
   int64_t size = 0;
@@ -50,7 +51,6 @@ struct AlignedBuffer {
       const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
       mem.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
       TORCH_CHECK(mem, "fastconv: out of memory allocating ", bytes, " bytes of scratch");
-      std::memset(mem.get(), 0, bytes);
       size = n;
     }
     return mem.get();
@@ -58,6 +58,10 @@ struct AlignedBuffer {
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grain for at::parallel_for over tasks of `work` floats each: small jobs run on the calling thread
+// (waking the pool costs microseconds, which batch-1 calls of small layers would pay several times).
+inline int64_t grain_for(int64_t work) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, work)); }
 
 struct KBlocks {  // [0, K) cut into near-equal blocks of at most `most` rows
   int64_t count, size;
@@ -173,7 +177,7 @@ inline bool panel_dest(float* out, int64_t channels, int64_t L, int64_t ch0, int
 // blocks of 8 rows: dst[ob][k][8], zero rows past OCg.
 inline void pack_rows_by_8(const float* w, int64_t rows, int64_t K, int64_t ld, int64_t ks, float* dst) {
   const int64_t blocks = ceil_div(rows, kTileRows);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, grain_for(K * kTileRows), [&](int64_t b0, int64_t b1) {
     for (int64_t ob = b0; ob < b1; ++ob) {
       float* d = dst + ob * K * kTileRows;
       for (int64_t k = 0; k < K; ++k) {
@@ -264,7 +268,7 @@ inline void forward_packed(const float* input, const float* weight, const float*
   const int64_t oc_split = std::clamp<int64_t>(ceil_div(4 * threads, pix_items), 1, oc_blocks);
   const int64_t oc_per_split = ceil_div(oc_blocks, oc_split) * kTileRows;
   at::parallel_for(0, pix_items * oc_split, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuffer buf;
+    thread_local AlignedBuffer buf;  // per-thread scratch, reused across calls
     float* cols = buf.get(ceil_div(npix, kPanel) * (kb.size * kPanel + kPanelPad));
     std::vector<Segment> segs;
     for (int64_t item = begin; item < end; ++item) {
@@ -316,7 +320,7 @@ inline void forward_padded_direct(const float* input, const float* weight, const
   // the padded copy (+16 floats: the last vector's unused lanes read past the end)
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 16);
-  at::parallel_for(0, p.batch * C, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, p.batch * C, grain_for(plane), [&](int64_t b0, int64_t b1) {
     for (int64_t nc = b0; nc < b1; ++nc) {
       float* dst = padded + nc * plane;
       const float* src = input + nc * H * W;
@@ -428,7 +432,7 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
   const KBlocks ob(OCg, kMaxBlockK);
   const int64_t rows = std::clamp<int64_t>(kColumnBlockBytes / std::max<int64_t>(1, Kg * p.out_w * 4), 1, p.out_h);
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuffer gbuf, cbuf;
+    thread_local AlignedBuffer gbuf, cbuf;
     const int64_t width_max = rows * p.out_w;
     float* go_panels = gbuf.get(ceil_div(width_max, kPanel) * (kPanel * ob.size + kPanelPad));
     float* gcol = cbuf.get(G * Kg * width_max);
@@ -527,7 +531,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   const int64_t part = G * Kg * ldo;  // grad_W^T per group: [Kg][ldo]
   std::vector<float> parts(slots * part, 0.f);
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
-    AlignedBuffer cbuf, obuf;
+    thread_local AlignedBuffer cbuf, obuf;
     float* cols = cbuf.get(kb.size * npix + kPanelPad);
     float* goT = obuf.get(npix * ldo);
     std::vector<Segment> segs;
@@ -563,7 +567,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
     }
   });
   // sum the slots in order and transpose [g][k][o] -> grad_weight[g*OCg + o][k]
-  at::parallel_for(0, G * OCg, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, G * OCg, grain_for(Kg * slots), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t g = row / OCg, o = row % OCg;
       for (int64_t k = 0; k < Kg; ++k) {

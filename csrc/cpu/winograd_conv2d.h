@@ -58,7 +58,7 @@ inline bool applicable(const Conv2dParams& p) {
 // U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c], zero rows past OC.
 inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
   const int64_t ob_count = ceil_div(OC, kTileRows);
-  at::parallel_for(0, ob_count * kTileRows, 1, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, ob_count * kTileRows, engine::grain_for(16 * C), [&](int64_t o0, int64_t o1) {
     for (int64_t oc = o0; oc < o1; ++oc) {
       for (int64_t c = 0; c < C; ++c) {
         float u[16] = {0};
@@ -209,7 +209,7 @@ inline void forward(const float* input, const float* weight, const float* bias, 
   // zero-padded input: padded row ph + h holds input row h; tiles read rows [2i, 2i + 4)
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
-  at::parallel_for(0, p.batch * C, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, p.batch * C, engine::grain_for(plane), [&](int64_t b0, int64_t b1) {
     for (int64_t nc = b0; nc < b1; ++nc) {
       float* dst = padded + nc * plane;
       std::fill(dst, dst + plane, 0.f);
@@ -224,7 +224,7 @@ inline void forward(const float* input, const float* weight, const float* bias, 
   const int64_t items = ceil_div(T, NT);
   const int64_t panel_stride_max = kc_max * kTileCols + 16;  // +16: room for the last row's junk lanes
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuffer vbuf, mbuf;
+    thread_local AlignedBuffer vbuf, mbuf;
     float* V = vbuf.get(16 * npanels * panel_stride_max);
     float* M = mbuf.get(16 * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs;
@@ -337,7 +337,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   AlignedBuffer pad_buf, gpad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);
   float* gpad = gpad_buf.get(p.batch * OC * qplane + 64);
-  at::parallel_for(0, p.batch * std::max(C, OC), 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, p.batch * std::max(C, OC), engine::grain_for(plane + qplane), [&](int64_t b0, int64_t b1) {
     for (int64_t nc = b0; nc < b1; ++nc) {
       const int64_t n = nc / std::max(C, OC), c = nc % std::max(C, OC);
       if (c < C) {
@@ -362,7 +362,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   const int64_t part = 16 * C * ldo;  // grad_U^T per slot: [xi][c][ldo]
   std::vector<float> parts(slots * part, 0.f);
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
-    AlignedBuffer vbuf, gbuf;
+    thread_local AlignedBuffer vbuf, gbuf;
     const int64_t v_xi = C * NT + 16;             // V[xi][c][NT], +16: the last run's junk lanes
     float* V = vbuf.get(16 * v_xi);
     float* GMT = gbuf.get(16 * NT * ldo + 16);  // [xi][t][ldo]
@@ -415,7 +415,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
     }
   });
   // sum the slots in order, then grad_W = G^T grad_U G
-  at::parallel_for(0, OC, 1, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, OC, engine::grain_for(16 * C * slots), [&](int64_t o0, int64_t o1) {
     for (int64_t oc = o0; oc < o1; ++oc) {
       for (int64_t c = 0; c < C; ++c) {
         float u[16];
