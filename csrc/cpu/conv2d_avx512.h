@@ -306,7 +306,7 @@ inline bool use_padded_direct(const Conv2dParams& p) {
   const char* force = std::getenv("FASTCONV_CPU_GEMM_B");  // "packed" or "direct": tests and benchmarks
   if (force && std::string(force) == "packed") return false;
   if (force && std::string(force) == "direct") return true;
-  const double lanes = double(p.out_w) / double(16 * ceil_div(p.out_w, 16));
+  const double lanes = p.out_w <= 8 ? double(p.out_w) / 8.0 : double(p.out_w) / double(16 * ceil_div(p.out_w, 16));
   const double packed = double(p.out_channels_per_group()) / double(p.out_channels_per_group() + 16);
   return lanes >= packed;
 }
@@ -344,9 +344,12 @@ inline void forward_padded_direct(const float* input, const float* weight, const
   for (int64_t g = 0; g < G; ++g) {
     pack_rows_by_8(weight + g * OCg * Kg, OCg, Kg, Kg, 1, packed.data() + g * oc_blocks * Kg * kTileRows);
   }
-  const int64_t per_row = ceil_div(p.out_w, 16), vectors = p.batch * p.out_h * per_row;
+  // a vector is a run of 16 pixels of one output row, or two rows of at most 8 pixels
+  const bool two_rows = p.out_w <= 8;
+  const int64_t per_row = ceil_div(p.out_w, 16), rows_per_image = two_rows ? ceil_div(p.out_h, 2) : p.out_h;
+  const int64_t vectors = p.batch * rows_per_image * per_row;
   const int64_t panels = ceil_div(vectors, kTileVectors);
-  const int64_t panels_per_item = std::clamp<int64_t>(ceil_div(512, p.out_w), 1, 8);
+  const int64_t panels_per_item = std::clamp<int64_t>(ceil_div(512, p.out_w * (two_rows ? 2 : 1)), 1, 8);
   const int64_t pix_items = ceil_div(panels, panels_per_item);
   const int64_t threads = at::get_num_threads();
   const int64_t oc_split = std::clamp<int64_t>(ceil_div(4 * threads, pix_items), 1, oc_blocks);
@@ -365,26 +368,41 @@ inline void forward_padded_direct(const float* input, const float* weight, const
           // one panel of three row vectors (its inputs stay in L1) against every block of 8 channels
           for (int64_t j = j0; j < j1; ++j) {
             const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, vectors - j * kTileVectors));
-            OffsetB bs;
+            TwoRowOffsetB bs;
             bs.koff = koff.data() + k0;
             TileDest d0;
             d0.ldc = L;
             for (int v = 0; v < kTileVectors; ++v) {
               const int64_t vec = std::min(j * kTileVectors + v, vectors - 1);
-              const int64_t n = vec / (p.out_h * per_row), r = vec % (p.out_h * per_row);
-              const int64_t oh = r / per_row, ow0 = (r % per_row) * 16;
+              const int64_t n = vec / (rows_per_image * per_row), r = vec % (rows_per_image * per_row);
+              const int64_t oh = (r / per_row) * (two_rows ? 2 : 1), ow0 = (r % per_row) * 16;
               bs.base[v] = padded + (n * C + g * Cg) * plane + oh * Wp + ow0;
-              d0.ptr[v][0] = d0.ptr[v][1] = out + n * p.out_channels * L + oh * p.out_w + ow0;
-              d0.mask[v][0] = v < nv ? lane_mask(0, p.out_w - ow0) : __mmask16(0);
+              float* o = out + n * p.out_channels * L + oh * p.out_w + ow0;
+              d0.ptr[v][0] = d0.ptr[v][1] = o;
+              d0.mask[v][0] = v < nv ? lane_mask(0, std::min<int64_t>(p.out_w - ow0, two_rows ? 8 : 16)) : __mmask16(0);
               d0.mask[v][1] = 0;
+              bs.second[v] = bs.base[v];
+              if (two_rows) {  // lanes 8.. hold row oh + 1 (when there is one)
+                bs.second[v] = bs.base[v] + Wp - 8;
+                d0.ptr[v][1] = o + p.out_w - 8;
+                d0.mask[v][1] = v < nv && oh + 1 < p.out_h ? lane_mask(8, 8 + p.out_w) : __mmask16(0);
+              }
             }
             for (int64_t ob = r0 / kTileRows; ob * kTileRows < r1; ++ob) {
               const int mr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - ob * kTileRows));
               const float* a = packed.data() + (g * oc_blocks + ob) * Kg * kTileRows + k0 * kTileRows;
               const int64_t ch = g * OCg + ob * kTileRows;
               TileDest d = d0;
-              for (int v = 0; v < kTileVectors; ++v) d.ptr[v][0] = d.ptr[v][1] = d0.ptr[v][0] + ch * L;
-              run_micro_kernel(mr, nv, kc, a, 1, kTileRows, bs, d, init, bias ? bias + ch : nullptr, relu && last);
+              for (int v = 0; v < kTileVectors; ++v) {
+                d.ptr[v][0] += ch * L;
+                d.ptr[v][1] += ch * L;
+              }
+              if (two_rows) {
+                run_micro_kernel(mr, nv, kc, a, 1, kTileRows, bs, d, init, bias ? bias + ch : nullptr, relu && last);
+              } else {
+                const OffsetB b1{{bs.base[0], bs.base[1], bs.base[2]}, bs.koff};
+                run_micro_kernel(mr, nv, kc, a, 1, kTileRows, b1, d, init, bias ? bias + ch : nullptr, relu && last);
+              }
             }
           }
         }

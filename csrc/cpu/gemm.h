@@ -72,12 +72,22 @@ enum class Init { kZero, kBias, kAccumulate };
 struct PanelB {
   const float* b;
   int64_t ldb;
-  const float* row(int64_t k, int v) const { return b + k * ldb + 16 * v; }
+  FASTCONV_AVX512 __m512 load(int64_t k, int v) const { return _mm512_loadu_ps(b + k * ldb + 16 * v); }
 };
 struct OffsetB {
   const float* base[kTileVectors];
   const int64_t* koff;
-  const float* row(int64_t k, int v) const { return base[v] + koff[k]; }
+  FASTCONV_AVX512 __m512 load(int64_t k, int v) const { return _mm512_loadu_ps(base[v] + koff[k]); }
+};
+// OffsetB for rows of at most 8 pixels: lanes 0-7 of vector v from base[v], lanes 8-15 from second[v]
+// (two output rows per vector, so short rows do not leave half the lanes idle).
+struct TwoRowOffsetB {
+  const float* base[kTileVectors];
+  const float* second[kTileVectors];
+  const int64_t* koff;
+  FASTCONV_AVX512 __m512 load(int64_t k, int v) const {
+    return _mm512_mask_loadu_ps(_mm512_loadu_ps(base[v] + koff[k]), __mmask16(0xFF00), second[v] + koff[k]);
+  }
 };
 
 // acc = init + sum_k A(i, k) * B(k, 16v + lane); A(i, k) = a[i*a_rs + k*a_cs]. Only lanes under the
@@ -93,7 +103,7 @@ FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) ar[i] = a + i * a_rs;
   for (int64_t k = 0; k < K; ++k) {
     __m512 bv[NV];
-    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bs.row(k, v));
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) bv[v] = bs.load(k, v);
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
       const __m512 av = _mm512_set1_ps(ar[i][k * a_cs]);
       _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
