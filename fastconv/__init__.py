@@ -10,7 +10,7 @@ from ._extension import cuda_version, has_cuda_kernels  # loads fastconv._C, reg
 from . import _ops  # noqa: F401  (autograd and fake kernels of the ops)
 from . import functional
 from .functional import Conv2dFunction, MaxPool2dFunction
-from .modules import Conv2d, MaxPool2d, convert
+from .modules import Conv2d, MaxPool2d, convert, revert
 from .fused import Conv2dReLU, fuse
 from .algorithms import conv2d_algorithm, conv_algorithm, get_conv_algorithm, set_conv_algorithm
 
@@ -20,6 +20,7 @@ __all__ = [
     "Conv2d",
     "MaxPool2d",
     "convert",
+    "revert",
     "functional",
     "Conv2dFunction",
     "MaxPool2dFunction",

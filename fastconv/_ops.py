@@ -1,8 +1,14 @@
-"""Fake (meta) kernels and autograd formulas of the registered ops ``torch.ops.fastconv.*``.
+"""Fake (meta) kernels, autograd formulas and autocast rules of the registered ops ``torch.ops.fastconv.*``.
 
-The C++/CUDA kernels compute; this file tells torch.compile the output shapes (fake kernels) and
-tells autograd how to differentiate each op, including the backward ops themselves, so double
-backward works through either path (the ops or :class:`fastconv.Conv2dFunction`).
+The C++/CUDA kernels compute; this file registers, on the dispatcher, what every caller of the ops
+gets (``fastconv.functional``, the modules and ``torch.ops.fastconv.*`` alike):
+- fake kernels: output shapes for torch.compile/FakeTensor tracing, and the kernels of meta tensors;
+- autograd of each op, the backward ops included, so double backward works; an op whose inputs need
+  no gradient skips autograd altogether;
+- autocast (``AutocastCPU``/``AutocastCUDA``), as torchvision's ``csrc/ops/autocast`` kernels do;
+- decompositions into the equivalent aten ops, which only exporters that run torch's whole
+  decomposition table apply: ``torch.onnx.export(model, args, dynamo=True)`` then writes standard
+  ONNX ``Conv`` and ``MaxPool`` nodes. Eager calls, autograd and torch.compile keep fastconv's kernels.
 """
 import torch
 
@@ -157,6 +163,50 @@ torch.library.register_autograd("fastconv::_conv2d_backward", _conv2d_double_bac
 torch.library.register_autograd("fastconv::max_pool2d", _max_pool2d_backward, setup_context=_max_pool2d_setup_context)
 torch.library.register_autograd("fastconv::_max_pool2d_backward", _max_pool2d_double_backward,
                                 setup_context=_max_pool2d_backward_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast: conv2d runs in the autocast dtype, as torch's conv2d does (its lower-precision list)
+# ---------------------------------------------------------------------------------------------
+_lib = torch.library.Library("fastconv", "IMPL")
+
+
+def _autocast_eligible(t, device_type):
+    # at::autocast::is_eligible: a floating tensor of the autocast's device type, float64 excepted
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type)
+
+
+def _conv2d_autocast(device_type):
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(input, weight, bias, stride, padding, dilation, groups):
+        dtype = torch.get_autocast_dtype(device_type)  # read per call: the dtype of the enclosing autocast
+        input, weight, bias = (t.to(dtype) if _autocast_eligible(t, device_type) else t
+                               for t in (input, weight, bias))
+        with torch._C._ExcludeDispatchKeyGuard(below):  # then run the op with autocast off, once
+            return ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastconv::conv2d", key):
+        _lib.impl("conv2d", kernel, key)
+
+
+for _device_type in ("cpu", "cuda"):
+    _conv2d_autocast(_device_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# decompositions into aten, for exporters (ONNX): the same math as the kernels, as standard ops
+# ---------------------------------------------------------------------------------------------
+@torch._decomp.register_decomposition(ops.conv2d.default)
+def _conv2d_decomposition(input, weight, bias, stride, padding, dilation, groups):
+    return torch.ops.aten.convolution.default(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+
+
+@torch._decomp.register_decomposition(ops.max_pool2d.default)
+def _max_pool2d_decomposition(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return torch.ops.aten.max_pool2d_with_indices.default(input, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 # ---------------------------------------------------------------------------------------------

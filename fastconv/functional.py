@@ -1,8 +1,9 @@
-"""F-style functions with torch.nn.functional's semantics, and the autograd.Function classes.
+"""F-style functions with torch.nn.functional's semantics.
 
 ``conv2d`` and ``max_pool2d`` normalise their arguments once (ints or pairs, ``padding='same'``,
-unbatched input, autocast, memory format) and call the autograd Functions, whose forward and
-backward are the registered ops ``torch.ops.fastconv.*``.
+unbatched input, memory format) and call the registered ops ``torch.ops.fastconv.*``. Everything
+else lives on the dispatcher (fastconv/_ops.py): autograd (``register_autograd``, which skips the
+autograd machinery when no input needs a gradient), autocast, and the fake/meta kernels.
 """
 import numbers
 
@@ -32,59 +33,27 @@ def _pair(value, name, op):
     return (int(items[0]), int(items[1]))
 
 
-def _autocast(*tensors):
-    """Casts floating tensors to the autocast dtype when autocast is on for their device.
-
-    Custom ops have no autocast kernel of their own, so fastconv does here what autocast does for
-    F.conv2d: run the op in the lower precision.
-    """
-    first = tensors[0]
-    device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
-def _needs_grad(*tensors):
-    # autograd.Function.apply costs ~20 us of Python per call: inference skips it (batch-1 latency)
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _channels_last(t):
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-class Conv2dFunction(torch.autograd.Function):
-    """conv2d as an autograd.Function over the ops ``fastconv::conv2d`` and ``fastconv::_conv2d_backward``.
-
-    ``apply(input, weight, bias, stride, padding, dilation, groups)`` with 4-D input and pairs of ints.
-    Gradients that ``ctx.needs_input_grad`` does not ask for are not computed. The backward op is
-    itself differentiable, so double backward works.
-    """
+class Conv2dFunction:
+    """Kept for compatibility: ``apply(input, weight, bias, stride, padding, dilation, groups)`` (4-D
+    input, pairs of ints) calls ``torch.ops.fastconv.conv2d``, whose autograd is registered on the op."""
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups):
-        return ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
-
-    # the same autograd formulas as the registered op's (fastconv/_ops.py), so both paths agree
-    setup_context = staticmethod(_ops._conv2d_setup_context)
-    backward = staticmethod(_ops._conv2d_backward)
+    def apply(input, weight, bias, stride, padding, dilation, groups):
+        return ops.conv2d(input, weight, bias, list(stride), list(padding), list(dilation), int(groups))
 
 
-class MaxPool2dFunction(torch.autograd.Function):
-    """max_pool2d as an autograd.Function over ``fastconv::max_pool2d`` and ``fastconv::_max_pool2d_backward``.
-
-    ``apply(input, kernel_size, stride, padding, dilation, ceil_mode)`` returns ``(output, indices)``;
-    indices are int64 flat positions within each input plane, exactly as torch's.
-    """
+class MaxPool2dFunction:
+    """Kept for compatibility: ``apply(input, kernel_size, stride, padding, dilation, ceil_mode)`` calls
+    ``torch.ops.fastconv.max_pool2d`` and returns ``(output, indices)`` (int64 flat positions within
+    each input plane, exactly as torch's)."""
 
     @staticmethod
-    def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-        return ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
-
-    setup_context = staticmethod(_ops._max_pool2d_setup_context)
-    backward = staticmethod(_ops._max_pool2d_backward)
+    def apply(input, kernel_size, stride, padding, dilation, ceil_mode):
+        return ops.max_pool2d(input, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
 
 
 def _check_tensor(t, name, op):
@@ -140,9 +109,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:
         padding = _pair(padding, "padding", op)
     channels_last = _channels_last(input)
-    input, weight, bias = _autocast(input, weight, bias)
-    args = (input, weight, bias, list(stride), list(padding), list(dilation), int(groups))
-    out = Conv2dFunction.apply(*args) if _needs_grad(input, weight, bias) else ops.conv2d(*args)
+    out = ops.conv2d(input, weight, bias, list(stride), list(padding), list(dilation), int(groups))
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out.squeeze(0) if unbatched else out
@@ -169,8 +136,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if unbatched:
         input = input.unsqueeze(0)
     channels_last = _channels_last(input)
-    args = (input, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
-    out, indices = MaxPool2dFunction.apply(*args) if _needs_grad(input) else ops.max_pool2d(*args)
+    out, indices = ops.max_pool2d(input, list(kernel_size), list(stride), list(padding), list(dilation),
+                                  bool(ceil_mode))
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
         indices = indices.contiguous(memory_format=torch.channels_last)

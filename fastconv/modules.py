@@ -1,4 +1,4 @@
-"""Drop-in replacements for torch.nn.Conv2d and torch.nn.MaxPool2d, and convert().
+"""Drop-in replacements for torch.nn.Conv2d and torch.nn.MaxPool2d, convert() and its inverse revert().
 
 The classes subclass torch.nn's, so constructor signatures, parameter names, initialisation,
 ``reset_parameters``, ``extra_repr`` and state_dict keys are torch.nn's own; only ``forward``
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from . import functional as FC
 
-__all__ = ["Conv2d", "MaxPool2d", "convert"]
+__all__ = ["Conv2d", "MaxPool2d", "convert", "revert"]
 
 
 class Conv2d(nn.Conv2d):
@@ -39,19 +39,34 @@ class MaxPool2d(nn.MaxPool2d):
                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
-def _convert_conv(m):
-    new = Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                 dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-                 device="meta", dtype=m.weight.dtype)
+def _copy_conv(m, cls):
+    new = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+              dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
+              device="meta", dtype=m.weight.dtype)
     # share the Parameter objects: weights, device, dtype and any optimizer holding them stay valid
     new.weight = m.weight
     new.bias = m.bias
     return new
 
 
-def _convert_pool(m):
-    return MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, return_indices=m.return_indices,
-                     ceil_mode=m.ceil_mode)
+def _copy_pool(m, cls):
+    return cls(m.kernel_size, m.stride, m.padding, m.dilation, return_indices=m.return_indices,
+               ceil_mode=m.ceil_mode)
+
+
+def _swap(model, conv_from, conv_to, pool_from, pool_to):
+    if type(model) is conv_from:
+        new = _copy_conv(model, conv_to)
+    elif type(model) is pool_from:
+        new = _copy_pool(model, pool_to)
+    else:
+        for name, child in model.named_children():
+            swapped = _swap(child, conv_from, conv_to, pool_from, pool_to)
+            if swapped is not child:
+                setattr(model, name, swapped)
+        return model
+    new.train(model.training)
+    return new
 
 
 def convert(model):
@@ -59,17 +74,14 @@ def convert(model):
 
     Parameters are kept (the same Parameter objects, so device, dtype and optimizer state stay),
     and so are training/eval mode. Returns the model; a bare ``nn.Conv2d``/``nn.MaxPool2d`` passed
-    in is returned converted.
+    in is returned converted. :func:`revert` undoes it.
     """
-    if type(model) is nn.Conv2d:
-        new = _convert_conv(model)
-    elif type(model) is nn.MaxPool2d:
-        new = _convert_pool(model)
-    else:
-        for name, child in model.named_children():
-            converted = convert(child)
-            if converted is not child:
-                setattr(model, name, converted)
-        return model
-    new.train(model.training)
-    return new
+    return _swap(model, nn.Conv2d, Conv2d, nn.MaxPool2d, MaxPool2d)
+
+
+def revert(model):
+    """The inverse of :func:`convert`: every fastconv ``Conv2d``/``MaxPool2d`` in ``model`` becomes
+    ``torch.nn``'s again, with the same Parameter objects and training/eval mode. Returns the model;
+    a bare fastconv module passed in is returned reverted.
+    """
+    return _swap(model, Conv2d, nn.Conv2d, MaxPool2d, nn.MaxPool2d)
