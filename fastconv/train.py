@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
 from . import data as fc_data
-from .models import IMPLS, MODELS, TRAINING_DEFAULTS, build_model
+from .models import IMPLS, MODEL_KWARGS, MODELS, RECIPES, build_model, canonical_name
 
 __all__ = ["DistInfo", "comparison_table", "evaluate", "init_distributed", "main", "model_summary", "parse_args",
            "train_runs"]
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastconv.train",
         description="Train a tutorial CNN with fastconv's Conv2d/MaxPool2d and/or torch.nn's, side by side.",
     )
-    p.add_argument("--model", default="mnist_cnn", choices=sorted(MODELS), help="default: mnist_cnn")
+    p.add_argument("--model", default="mnist_cnn", type=canonical_name, choices=sorted(MODELS),
+                   help="default: mnist_cnn (mnist-cnn is the same)")
     p.add_argument("--model-arg", action="append", default=[], type=_model_arg, metavar="KEY=VALUE",
                    help="extra model constructor argument, e.g. batch_norm=true or resize=224 (repeatable)")
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(fc_data.DATASETS), help="default: fashion-mnist")
@@ -76,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fastconv's layers, torch.nn's, or both from the same initial weights (default: both)")
     p.add_argument("--epochs", type=int, default=1, help="total epochs; a resumed run trains the rest (default: 1)")
     p.add_argument("--batch-size", type=int, default=100, help="global batch size, split over DDP processes (default: 100)")
-    p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"],
-                   help="default: the model's tutorial optimiser (adam, or sgd for lenet and alexnet)")
-    p.add_argument("--lr", type=float, default=None, help="default: the model's tutorial learning rate")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
+    p.add_argument("--recipe", default="quick", choices=sorted(RECIPES),
+                   help="optimiser, lr and momentum per model: 'quick' learns in the default short run (Adam; "
+                        "lr 1e-3, 3e-3 for lenet, 1e-4 for alexnet), 'tutorial' is each tutorial's exact recipe "
+                        "(plain SGD lr 0.01 for lenet and alexnet, Adam 1e-3 for the others) (default: quick)")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"], help="default: the recipe's")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the recipe's)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--limit", type=int, default=10000,
                    help="train on the first N training images only; 0: all of them (default: 10000)")
@@ -109,10 +113,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--batch-size must be at least 1")
     if args.limit < 0 or args.test_limit < 0:
         parser.error("--limit and --test-limit must be >= 0 (0 means everything)")
-    defaults = TRAINING_DEFAULTS[args.model]
-    args.optimizer = args.optimizer or defaults["optimizer"]
-    args.lr = args.lr if args.lr is not None else defaults["lr"]
-    args.model_kwargs = dict(defaults.get("model_kwargs", {}))
+    recipe = RECIPES[args.recipe][args.model]
+    args.optimizer = args.optimizer or recipe["optimizer"]
+    args.lr = args.lr if args.lr is not None else recipe["lr"]
+    args.momentum = args.momentum if args.momentum is not None else recipe["momentum"]
+    args.model_kwargs = dict(MODEL_KWARGS.get(args.model, {}))
     args.model_kwargs.update(dict(args.model_arg))
     args.impls = list(IMPLS) if args.impl == "both" else [args.impl]
     return args
@@ -267,6 +272,11 @@ def _train_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, 
 
 # ----------------------------------------------------------------------------------------------
 # Training
+
+
+def _optim_text(args) -> str:
+    momentum = f" momentum {args.momentum:g}" if args.optimizer == "sgd" and args.momentum else ""
+    return f"{args.optimizer} lr {args.lr:g}{momentum} ({args.recipe} recipe)"
 
 
 def _make_optimizer(args, params):
@@ -576,7 +586,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f"fastconv.train: {type(e).__name__}: {e}") from None
         log(f"fastconv.train: {args.model} on {args.dataset} ({source}): {train_data[1].numel():,} train / "
             f"{test_data[1].numel():,} test images; impl {args.impl}; {args.epochs} epoch(s), batch {args.batch_size}, "
-            f"{args.optimizer} lr {args.lr:g}; device {info.device}"
+            f"{_optim_text(args)}; device {info.device}"
             + (f" x {info.world_size} processes (DDP)" if info.enabled else "")
             + f"; torch {torch.__version__}, {torch.get_num_threads()} threads")
         if info.is_main:
@@ -634,7 +644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         payload["loadavg"] = {"start": load_start, "end": _loadavg()}
         log()
         log(f"Side by side: {args.model} on {args.dataset}, {payload['train_images']:,} train images, "
-            f"{args.epochs} epoch(s), batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, {info.device}"
+            f"{args.epochs} epoch(s), batch {args.batch_size}, {_optim_text(args)}, {info.device}"
             + (f" x {info.world_size}" if info.enabled else f", {torch.get_num_threads()} threads")
             + (f"; 1-min load average {load_start:.2f} at start, {payload['loadavg']['end']:.2f} at end"
                f" on {os.cpu_count()} cores" if load_start is not None else ""))

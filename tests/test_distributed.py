@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from fastconv import data, train
+from fastconv import train
 from fastconv.models import build_model
+from tiny_data import write_tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -32,17 +33,6 @@ def _free_port() -> int:
 def _batch():
     g = torch.Generator().manual_seed(123)
     return torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
-
-
-def _write_tiny_mnist(directory, n_train, n_test):
-    os.makedirs(directory)
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        data.write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"),
-                       torch.randint(0, 256, (n, 28, 28), generator=g).to(torch.uint8))
-        data.write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"),
-                       torch.randint(0, 10, (n,), generator=g).to(torch.uint8))
-    return str(directory)
 
 
 def _worker(rank: int, port: int, out_dir: str, model_name: str) -> None:
@@ -91,7 +81,7 @@ def test_ddp_gradients_equal_single_process_full_batch(tmp_path, model_name):
 
 @pytest.mark.slow
 def test_cli_under_torchrun(tmp_path):
-    data_dir = _write_tiny_mnist(tmp_path / "data", n_train=200, n_test=50)
+    data_dir = write_tiny_mnist(tmp_path / "data", n_train=200, n_test=50)
     out = tmp_path / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",

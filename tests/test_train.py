@@ -10,29 +10,9 @@ import torch.nn.functional as F
 
 from fastconv import data, train
 from fastconv.models import build_model
+from tiny_data import synthetic_digits, write_tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def synthetic_digits(n: int, seed: int = 0):
-    """uint8 28x28 images whose class is where a bright 8x8 square sits (on noise): learnable in a
-    few dozen steps."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 28, 28), generator=g).to(torch.uint8)
-    for i, c in enumerate(labels.tolist()):
-        r, col = 2 + (c // 5) * 14, 1 + (c % 5) * 5
-        images[i, r: r + 8, col: col + 8] = 230
-    return images, labels.to(torch.uint8)
-
-
-def write_tiny_mnist(directory, n_train=300, n_test=100):
-    os.makedirs(directory, exist_ok=True)
-    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = synthetic_digits(n, seed)
-        data.write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), images)
-        data.write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), labels)
-    return str(directory)
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -44,15 +24,33 @@ def run_cli(*args, cwd=None, env=None):
 def test_defaults_are_the_quick_main_job():
     args = train.parse_args([])
     assert (args.model, args.dataset, args.impl, args.epochs, args.limit) == ("mnist_cnn", "fashion-mnist", "both", 1, 10000)
-    assert (args.optimizer, args.lr, args.batch_size) == ("adam", 1e-3, 100)
+    assert (args.recipe, args.optimizer, args.lr, args.momentum, args.batch_size) == ("quick", "adam", 1e-3, 0.0, 100)
     assert args.impls == ["fastconv", "torch"] and args.out == "runs"
-    lenet = train.parse_args(["--model", "lenet"])
-    assert (lenet.optimizer, lenet.lr) == ("sgd", 0.01)
+    # the quick recipe learns in the default run; the tutorial's exact one is a flag away
+    assert [(a.optimizer, a.lr) for a in (train.parse_args(["--model", m]) for m in ("lenet", "alexnet"))] == [
+        ("adam", 3e-3), ("adam", 1e-4)]
+    for m in ("lenet", "alexnet"):
+        tut = train.parse_args(["--model", m, "--recipe", "tutorial"])
+        assert (tut.optimizer, tut.lr, tut.momentum) == ("sgd", 0.01, 0.0)
+    mixed = train.parse_args(["--model", "lenet", "--recipe", "tutorial", "--momentum", "0.9", "--lr", "0.05"])
+    assert (mixed.optimizer, mixed.lr, mixed.momentum) == ("sgd", 0.05, 0.9)
     alex = train.parse_args(["--model", "alexnet", "--model-arg", "dropout=0.2"])
     assert alex.model_kwargs == {"resize": 63, "dropout": 0.2}
     cfg = train.parse_args(["--model", "configurable_cnn", "--model-arg", "conv_channels=[8,16]",
                             "--model-arg", "batch_norm=true"])
     assert cfg.model_kwargs == {"conv_channels": [8, 16], "batch_norm": True}
+
+
+@pytest.mark.parametrize("spelling", ["mnist-cnn", "mnist_cnn", "MNIST-CNN"])
+def test_model_name_accepts_both_spellings(spelling):
+    assert train.parse_args(["--model", spelling]).model == "mnist_cnn"
+    assert train.parse_args(["--model", "simple-convnet"]).model == "simple_convnet"
+
+
+def test_unknown_model_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "resnet"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_model_summary_shapes_and_params():
