@@ -123,6 +123,16 @@ def _default_max_jobs():
     return str(max(1, min(cores, by_mem)))
 
 
+def _version():
+    # one version string: fastconv/__init__.py's __version__
+    with open(os.path.join(ROOT, "fastconv", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+TRAIN_EXTRAS = ["tqdm", "matplotlib"]
+TEST_EXTRAS = TRAIN_EXTRAS + ["pytest", "hypothesis", "ruff", "onnx", "onnxscript", "onnxruntime"]
+
+
 def extensions():
     with_cuda, why = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -193,12 +203,15 @@ def ext_modules():
 
 setup(
     name="fastconv",
-    version="0.1.0",
+    version=_version(),
     description="im2col+GEMM conv2d and max_pool2d kernels (CPU and CUDA) for PyTorch",
     packages=find_packages(include=["fastconv", "fastconv.*"]),
     ext_modules=ext_modules(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch", "numpy"],
+    # fastconv[train]: the training CLI's progress bars and plots; fastconv[test]: the test suite, ruff,
+    # and the ONNX export test's exporter and runtime
+    extras_require={"train": TRAIN_EXTRAS, "test": TEST_EXTRAS},
     entry_points={"console_scripts": ["fastconv-train=fastconv.train:main"]},
 )

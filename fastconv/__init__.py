@@ -4,11 +4,10 @@ Swap ``nn.Conv2d``/``nn.MaxPool2d`` for :class:`fastconv.Conv2d`/:class:`fastcon
 :func:`fastconv.convert` on a model. The kernels are registered torch ops (``torch.ops.fastconv.*``)
 with autograd and fake kernels, so they work with ``torch.compile`` and ``torch.library.opcheck``.
 """
-import torch  # torch first: the extension links against its libraries
+import torch  # noqa: F401  (torch first: the extension links against its libraries)
 
+from . import _ops, functional  # noqa: F401  (_ops: autograd, autocast and fake kernels of the ops)
 from ._extension import cuda_version, has_cuda_kernels  # loads fastconv._C, registering the ops
-from . import _ops  # noqa: F401  (autograd and fake kernels of the ops)
-from . import functional
 from .functional import Conv2dFunction, MaxPool2dFunction
 from .modules import Conv2d, MaxPool2d, convert, revert
 from .fused import Conv2dReLU, fuse

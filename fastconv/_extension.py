@@ -33,7 +33,8 @@ def _check_cuda_version():
     torch_major = int(torch.version.cuda.split(".")[0])
     if built[0] != torch_major:
         raise ImportError(
-            f"fastconv was compiled with CUDA {built[0]}.{built[1]} but torch uses CUDA {torch.version.cuda}; {_REBUILD}"
+            f"fastconv was compiled with CUDA {built[0]}.{built[1]} but torch uses CUDA {torch.version.cuda}; "
+            f"{_REBUILD}"
         )
 
 

@@ -113,7 +113,8 @@ def read_idx(path: str, expected_ndim: Optional[int] = None) -> torch.Tensor:
 def write_idx(path: str, tensor: torch.Tensor, compress: Optional[bool] = None) -> None:
     """Write ``tensor`` as an IDX file (gzipped when ``compress`` or when ``path`` ends in .gz)."""
     arr = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-    code = next((c for c, dt in _IDX_DTYPES.items() if dt.kind == arr.dtype.kind and dt.itemsize == arr.dtype.itemsize), None)
+    code = next((c for c, dt in _IDX_DTYPES.items()
+                 if dt.kind == arr.dtype.kind and dt.itemsize == arr.dtype.itemsize), None)
     if code is None:
         raise ValueError(f"write_idx: IDX cannot hold dtype {arr.dtype}")
     payload = struct.pack(">HBB", 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)

@@ -4,9 +4,8 @@ The classes subclass torch.nn's, so constructor signatures, parameter names, ini
 ``reset_parameters``, ``extra_repr`` and state_dict keys are torch.nn's own; only ``forward``
 differs, running fastconv's kernels. A state_dict moves between fastconv and torch.nn both ways.
 """
-import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import functional as FC
 

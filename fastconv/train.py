@@ -69,14 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: mnist_cnn (mnist-cnn is the same)")
     p.add_argument("--model-arg", action="append", default=[], type=_model_arg, metavar="KEY=VALUE",
                    help="extra model constructor argument, e.g. batch_norm=true or resize=224 (repeatable)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(fc_data.DATASETS), help="default: fashion-mnist")
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(fc_data.DATASETS),
+                   help="default: fashion-mnist")
     p.add_argument("--data-dir", default=None,
                    help="directory with the IDX files (else the Debian package, else a download into ./data)")
     p.add_argument("--no-download", action="store_true", help="never download the dataset")
     p.add_argument("--impl", default="both", choices=list(IMPLS) + ["both"],
                    help="fastconv's layers, torch.nn's, or both from the same initial weights (default: both)")
     p.add_argument("--epochs", type=int, default=1, help="total epochs; a resumed run trains the rest (default: 1)")
-    p.add_argument("--batch-size", type=int, default=100, help="global batch size, split over DDP processes (default: 100)")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="global batch size, split over DDP processes (default: 100)")
     p.add_argument("--recipe", default="quick", choices=sorted(RECIPES),
                    help="optimiser, lr and momentum per model: 'quick' learns in the default short run (Adam; "
                         "lr 1e-3, 3e-3 for lenet, 1e-4 for alexnet), 'tutorial' is each tutorial's exact recipe "
@@ -528,7 +530,8 @@ def save_plot(path: str, runs: Dict[str, Dict], title: str) -> None:
     for impl, h in runs.items():
         st = styles.get(impl, {})
         if h["steps"]:
-            ax_loss.plot([s["epoch"] for s in h["steps"]], [s["loss"] for s in h["steps"]], label=f"{impl} (train)", **st)
+            ax_loss.plot([s["epoch"] for s in h["steps"]], [s["loss"] for s in h["steps"]], label=f"{impl} (train)",
+                         **st)
         if h["epochs"]:
             ax_loss.plot([r["epoch"] for r in h["epochs"]], [r["test_loss"] for r in h["epochs"]], marker="o",
                          label=f"{impl} (test)", color=st.get("color"), linestyle=":")

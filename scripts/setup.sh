@@ -13,7 +13,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-echo "== installing Python dependencies (requirements.txt)"
+echo "== installing the build's Python dependencies (requirements.txt)"
 python -m pip install -q --disable-pip-version-check -r requirements.txt
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
@@ -22,20 +22,23 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null \
       || echo "warning: could not install dataset-fashion-mnist; pass --data-dir to the training CLI" >&2
   else
-    echo "note: no Fashion-MNIST under /usr/share/datasets; training will download MNIST or use --data-dir" >&2
+    echo "note: no Fashion-MNIST under /usr/share/datasets; training will download Fashion-MNIST into ./data or use --data-dir" >&2
   fi
 fi
 
-# The build is skipped when the extension is there, imports, and no source is newer than it.
+# The build is skipped when the extension is there, imports, no source is newer than it, and the
+# extras fastconv[train,test] (setup.py) are installed.
 so=$(ls fastconv/_C*.so 2>/dev/null | head -n 1 || true)
 if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -type f | head -n 1)" ] \
    && python -c "import fastconv" >/dev/null 2>&1 && python -m pip show -q fastconv >/dev/null 2>&1 \
-   && { [ "${FASTCONV_EMULATED:-1}" = 0 ] || python -c "import fastconv._C_emulated" >/dev/null 2>&1; }; then
+   && { [ "${FASTCONV_EMULATED:-1}" = 0 ] || python -c "import fastconv._C_emulated" >/dev/null 2>&1; } \
+   && python -c "import tqdm, matplotlib, pytest, hypothesis, onnx, onnxscript, onnxruntime" >/dev/null 2>&1 \
+   && command -v ruff >/dev/null 2>&1; then
   echo "== fastconv is built and up to date ($so)"
 else
-  echo "== building fastconv (pip install --no-build-isolation -e .; the CUDA kernels take several minutes)"
+  echo "== building fastconv (pip install --no-build-isolation -e '.[train,test]'; the CUDA kernels take several minutes)"
   # --no-build-isolation: compile against the torch installed above, not a fresh one in an isolated env
-  python -m pip install --disable-pip-version-check --no-build-isolation -v -e . > build.log 2>&1 \
+  python -m pip install --disable-pip-version-check --no-build-isolation -v -e ".[train,test]" > build.log 2>&1 \
     || { tail -n 60 build.log; echo "build failed; full log in build.log" >&2; exit 1; }
   grep -A8 "^fastconv build configuration" build.log || true
 fi

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fastconv import train
 from fastconv.models import build_model
+
 from tiny_data import write_tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

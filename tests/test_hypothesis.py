@@ -2,7 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastconv.functional as FC
 from fastconv._ops import conv_out_size, pool_out_size

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import fastconv
+
 from conftest import cpu_and_cuda
 
 CONV_CONFIGS = [

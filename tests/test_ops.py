@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fastconv
+
 from conftest import cpu_and_cuda
 
 ops = torch.ops.fastconv

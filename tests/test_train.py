@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fastconv import data, train
 from fastconv.models import build_model
+
 from tiny_data import synthetic_digits, write_tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,8 @@ def run_cli(*args, cwd=None, env=None):
 
 def test_defaults_are_the_quick_main_job():
     args = train.parse_args([])
-    assert (args.model, args.dataset, args.impl, args.epochs, args.limit) == ("mnist_cnn", "fashion-mnist", "both", 1, 10000)
+    assert (args.model, args.dataset, args.impl, args.epochs, args.limit) == (
+        "mnist_cnn", "fashion-mnist", "both", 1, 10000)
     assert (args.recipe, args.optimizer, args.lr, args.momentum, args.batch_size) == ("quick", "adam", 1e-3, 0.0, 100)
     assert args.impls == ["fastconv", "torch"] and args.out == "runs"
     # the quick recipe learns in the default run; the tutorial's exact one is a flag away
