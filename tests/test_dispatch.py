@@ -54,6 +54,17 @@ def test_autocast_gradients_reach_float32_parameters():
     torch.testing.assert_close(mod.bias.grad, ref.bias.grad, rtol=2e-2, atol=2e-2 * ref.bias.grad.abs().max().item())
 
 
+def test_autocast_under_torch_compile():
+    torch.manual_seed(0)
+    conv = fastconv.Conv2d(3, 4, 3, padding=1)
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = compiled(x), conv(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_max_pool2d_is_not_cast_by_autocast():
     x = torch.randn(1, 2, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
