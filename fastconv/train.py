@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="both", choices=list(IMPLS) + ["both"],
                    help="fastconv's layers, torch.nn's, or both from the same initial weights (default: both)")
     p.add_argument("--epochs", type=int, default=1, help="total epochs; a resumed run trains the rest (default: 1)")
-    p.add_argument("--batch-size", type=int, default=100,
-                   help="global batch size, split over DDP processes (default: 100)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size, split over DDP processes (default: the recipe's, 100 for most models)")
     p.add_argument("--recipe", default="quick", choices=sorted(RECIPES),
                    help="optimiser, lr and momentum per model: 'quick' learns in the default short run (Adam; "
                         "lr 1e-3, 3e-3 for lenet, 1e-4 for alexnet), 'tutorial' is each tutorial's exact recipe "
@@ -111,14 +111,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     if args.limit < 0 or args.test_limit < 0:
         parser.error("--limit and --test-limit must be >= 0 (0 means everything)")
     recipe = RECIPES[args.recipe][args.model]
     args.optimizer = args.optimizer or recipe["optimizer"]
     args.lr = args.lr if args.lr is not None else recipe["lr"]
     args.momentum = args.momentum if args.momentum is not None else recipe["momentum"]
+    args.batch_size = args.batch_size if args.batch_size is not None else recipe.get("batch_size", 100)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     args.model_kwargs = dict(MODEL_KWARGS.get(args.model, {}))
     args.model_kwargs.update(dict(args.model_arg))
     args.impls = list(IMPLS) if args.impl == "both" else [args.impl]
