@@ -8,10 +8,10 @@ import torch  # noqa: F401  (torch first: the extension links against its librar
 
 from . import _ops, functional  # noqa: F401  (_ops: autograd, autocast and fake kernels of the ops)
 from ._extension import cuda_version, has_cuda_kernels  # loads fastconv._C, registering the ops
-from .functional import Conv2dFunction, MaxPool2dFunction
-from .modules import Conv2d, MaxPool2d, convert, revert
-from .fused import Conv2dReLU, fuse
 from .algorithms import conv2d_algorithm, conv_algorithm, get_conv_algorithm, set_conv_algorithm
+from .functional import Conv2dFunction, MaxPool2dFunction
+from .fused import Conv2dReLU, fuse
+from .modules import Conv2d, MaxPool2d, convert, revert
 
 __version__ = "0.1.0"
 

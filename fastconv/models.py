@@ -257,7 +257,8 @@ MODELS = {
 # - "tutorial": exactly what each model's tutorial trains it with. Plain SGD at lr 0.01 (LeNet,
 #   AlexNet) needs many epochs: after the CLI's default quick run (10,000 Fashion-MNIST images, one
 #   epoch) LeNet is at 23% test accuracy and AlexNet at chance.
-# - "quick" (the default): settings with which every model passes 70% test accuracy in that quick run.
+# - "quick" (the default): settings with which every model passes 70% test accuracy in that quick run
+#   (measured, README): Adam for all; AlexNet at batch 50, twice the steps of batch 100 in one epoch.
 RECIPES = {
     "tutorial": {
         "mnist_cnn": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0},
@@ -271,7 +272,7 @@ RECIPES = {
         "lenet": {"optimizer": "adam", "lr": 3e-3, "momentum": 0.0},
         "simple_convnet": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0},
         "configurable_cnn": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0},
-        "alexnet": {"optimizer": "adam", "lr": 1e-4, "momentum": 0.0},
+        "alexnet": {"optimizer": "adam", "lr": 2e-4, "momentum": 0.0, "batch_size": 50},
     },
 }
 TRAINING_DEFAULTS = RECIPES["quick"]

@@ -29,11 +29,12 @@ def test_defaults_are_the_quick_main_job():
     assert (args.recipe, args.optimizer, args.lr, args.momentum, args.batch_size) == ("quick", "adam", 1e-3, 0.0, 100)
     assert args.impls == ["fastconv", "torch"] and args.out == "runs"
     # the quick recipe learns in the default run; the tutorial's exact one is a flag away
-    assert [(a.optimizer, a.lr) for a in (train.parse_args(["--model", m]) for m in ("lenet", "alexnet"))] == [
-        ("adam", 3e-3), ("adam", 1e-4)]
+    assert [(a.optimizer, a.lr, a.batch_size) for a in (train.parse_args(["--model", m]) for m in ("lenet", "alexnet"))
+            ] == [("adam", 3e-3, 100), ("adam", 2e-4, 50)]
     for m in ("lenet", "alexnet"):
         tut = train.parse_args(["--model", m, "--recipe", "tutorial"])
-        assert (tut.optimizer, tut.lr, tut.momentum) == ("sgd", 0.01, 0.0)
+        assert (tut.optimizer, tut.lr, tut.momentum, tut.batch_size) == ("sgd", 0.01, 0.0, 100)
+    assert train.parse_args(["--model", "alexnet", "--batch-size", "10"]).batch_size == 10
     mixed = train.parse_args(["--model", "lenet", "--recipe", "tutorial", "--momentum", "0.9", "--lr", "0.05"])
     assert (mixed.optimizer, mixed.lr, mixed.momentum) == ("sgd", 0.05, 0.9)
     alex = train.parse_args(["--model", "alexnet", "--model-arg", "dropout=0.2"])
