@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batch size, split over DDP processes (default: the recipe's, 100 for most models)")
     p.add_argument("--recipe", default="quick", choices=sorted(RECIPES),
                    help="optimiser, lr, momentum and batch size per model: 'quick' learns in the default short "
-                        "run (Adam, lr 1e-3; lenet 3e-3; configurable_cnn 2e-3 and alexnet 2e-4 at batch 50); "
+                        "run (Adam, lr 1e-3; lenet 3e-3; configurable_cnn 2e-3 at batch 25; alexnet 2e-4 at batch 50); "
                         "'tutorial' is each tutorial's exact recipe (plain SGD lr 0.01 for lenet and alexnet, "
                         "Adam 1e-3 for the others; batch 100) (default: quick)")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"], help="default: the recipe's")

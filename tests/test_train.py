@@ -40,7 +40,7 @@ def test_defaults_are_the_quick_main_job():
     alex = train.parse_args(["--model", "alexnet", "--model-arg", "dropout=0.2"])
     assert alex.model_kwargs == {"resize": 63, "dropout": 0.2}
     cnn = train.parse_args(["--model", "configurable-cnn"])
-    assert (cnn.optimizer, cnn.lr, cnn.batch_size) == ("adam", 2e-3, 50)
+    assert (cnn.optimizer, cnn.lr, cnn.batch_size) == ("adam", 2e-3, 25)
     cfg = train.parse_args(["--model", "configurable_cnn", "--model-arg", "conv_channels=[8,16]",
                             "--model-arg", "batch_norm=true"])
     assert cfg.model_kwargs == {"conv_channels": [8, 16], "batch_norm": True}
