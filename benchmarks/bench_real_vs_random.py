@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 import fastconv  # noqa: E402
 from fastconv.data import load_split, normalize  # noqa: E402
 from fastconv.models import build_model  # noqa: E402
+
 from fcbench import timing  # noqa: E402
 
 

@@ -17,6 +17,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import fastconv  # noqa: E402,F401  (the benchmarks need the built extension: no skipping)
+
 from fcbench import cases, machine, numpy_im2col, peak, timing  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

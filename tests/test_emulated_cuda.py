@@ -10,8 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import EMULATED_MISSING, emulated_knobs
-from test_cuda import CONV_CASES, CONV_IDS, POOL_CASES, POOL_IDS, POOL_SHAPES, _perm_input, assert_close_scaled, \
-    make_conv, reference_conv
+from test_cuda import (
+    CONV_CASES,
+    CONV_IDS,
+    POOL_CASES,
+    POOL_IDS,
+    POOL_SHAPES,
+    _perm_input,
+    assert_close_scaled,
+    make_conv,
+    reference_conv,
+)
 
 pytestmark = pytest.mark.emulated_cuda
 

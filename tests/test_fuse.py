@@ -60,7 +60,7 @@ def test_relu_mask_gradient_on_the_op():
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    f = lambda x, w, b: torch.ops.fastconv.conv2d_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    f = lambda x, w, b: torch.ops.fastconv.conv2d_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
     torch.library.opcheck(torch.ops.fastconv.conv2d_relu, (x.detach(), w.detach(), b.detach(), [1, 1], [1, 1], [1, 1], 1))
 

@@ -315,6 +315,7 @@ def traced_layers(model_name, batch, size, in_channels=1, **model_kwargs):
     """The conv and max-pool geometries a fastconv.models model runs on a (batch, in_channels, size,
     size) input, traced with forward hooks on the meta device (no memory, no compute)."""
     import torch
+
     from fastconv.models import build_model
 
     with torch.device("meta"):
