@@ -177,23 +177,27 @@ def _autocast_eligible(t, device_type):
             and t.device.type == device_type)
 
 
-def _conv2d_autocast(device_type):
+def _conv2d_autocast(name, device_type):
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    op = getattr(ops, name)
 
     def kernel(input, weight, bias, stride, padding, dilation, groups):
         dtype = torch.get_autocast_dtype(device_type)  # read per call: the dtype of the enclosing autocast
         input, weight, bias = (t.to(dtype) if _autocast_eligible(t, device_type) else t
                                for t in (input, weight, bias))
         with torch._C._ExcludeDispatchKeyGuard(below):  # then run the op with autocast off, once
-            return ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+            return op(input, weight, bias, stride, padding, dilation, groups)
 
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastconv::conv2d", key):
-        _lib.impl("conv2d", kernel, key)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastconv::{name}", key):
+        _lib.impl(name, kernel, key)
 
 
-for _device_type in ("cpu", "cuda"):
-    _conv2d_autocast(_device_type)
+# conv2d_relu: the fused op of fastconv.fuse() (fastconv/fused.py), same arguments as conv2d
+_CONV_OPS = ("conv2d", "conv2d_relu") if hasattr(ops, "conv2d_relu") else ("conv2d",)
+for _name in _CONV_OPS:
+    for _device_type in ("cpu", "cuda"):
+        _conv2d_autocast(_name, _device_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +206,12 @@ for _device_type in ("cpu", "cuda"):
 @torch._decomp.register_decomposition(ops.conv2d.default)
 def _conv2d_decomposition(input, weight, bias, stride, padding, dilation, groups):
     return torch.ops.aten.convolution.default(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+
+
+if "conv2d_relu" in _CONV_OPS:
+    @torch._decomp.register_decomposition(ops.conv2d_relu.default)
+    def _conv2d_relu_decomposition(input, weight, bias, stride, padding, dilation, groups):
+        return torch.ops.aten.relu.default(_conv2d_decomposition(input, weight, bias, stride, padding, dilation, groups))
 
 
 @torch._decomp.register_decomposition(ops.max_pool2d.default)

@@ -66,14 +66,8 @@ class Conv2dReLU(Conv2d):
             return self.forward(input.unsqueeze(0)).squeeze(0)
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             y = torch.relu(super().forward(input))
-        else:
-            if torch.is_autocast_enabled(input.device.type):
-                dtype = torch.get_autocast_dtype(input.device.type)
-                input, weight = input.to(dtype), self.weight.to(dtype)
-                bias = self.bias.to(dtype) if self.bias is not None else None
-            else:
-                weight, bias = self.weight, self.bias
-            y = ops.conv2d_relu(input.contiguous(memory_format=torch.contiguous_format), weight, bias,
+        else:  # autocast is the op's own (fastconv/_ops.py), so meta tensors pass too
+            y = ops.conv2d_relu(input.contiguous(memory_format=torch.contiguous_format), self.weight, self.bias,
                                 list(self.stride), list(self.padding), list(self.dilation), self.groups)
         return self.pool(y) if self.pool is not None else y
 

@@ -29,6 +29,22 @@ def test_registered_op_runs_in_the_autocast_dtype(dtype):
     assert ops.conv2d(x, w, b, *ARGS).dtype == torch.float32
 
 
+def test_fused_conv2d_relu_op_runs_in_the_autocast_dtype():
+    x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.conv2d_relu(x, w, b, *ARGS)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ops.conv2d_relu(x.bfloat16(), w.bfloat16(), b.bfloat16(), *ARGS), rtol=0, atol=0)
+
+
+def test_fused_model_on_meta_tensors():
+    model = fastconv.fuse(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                              torch.nn.MaxPool2d(2))).to("meta")
+    assert isinstance(model[0], fastconv.Conv2dReLU)
+    out = model(torch.empty(2, 1, 10, 10, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 4, 5, 5)
+
+
 def test_autocast_leaves_float64_alone_as_torch_does():
     x, w = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):

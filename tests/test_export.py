@@ -31,10 +31,14 @@ def _onnx_export(model, x):
     return proto, torch.from_numpy(got)
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", "lenet", "odd"])
+@pytest.mark.parametrize("name", ["mnist_cnn", "lenet", "odd", "fused"])
 def test_onnx_export_writes_standard_conv_and_maxpool(name):
     torch.manual_seed(0)
-    model = (Odd() if name == "odd" else build_model(name)).eval()
+    if name == "fused":  # fastconv.fuse(): the fused conv2d_relu op
+        model = fastconv.fuse(build_model("mnist_cnn")).eval()
+        assert any(isinstance(m, fastconv.Conv2dReLU) for m in model.modules())
+    else:
+        model = (Odd() if name == "odd" else build_model(name)).eval()
     x = torch.randn(3, 2 if name == "odd" else 1, 19 if name == "odd" else 28, 14 if name == "odd" else 28)
     proto, got = _onnx_export(model, x)
     kinds = [n.op_type for n in proto.graph.node]
