@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="never download the dataset")
     p.add_argument("--impl", default="both", choices=list(IMPLS) + ["both"],
                    help="fastconv's layers, torch.nn's, or both from the same initial weights (default: both)")
+    p.add_argument("--fuse", action="store_true",
+                   help="fastconv.fuse() the fastconv model: Conv2d-ReLU[-MaxPool2d] chains as one fused layer")
     p.add_argument("--epochs", type=int, default=1, help="total epochs; a resumed run trains the rest (default: 1)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch size, split over DDP processes (default: the recipe's, 100 for most models)")
@@ -606,6 +608,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         first = args.impls[0]
         for impl in args.impls[1:]:
             models[impl].load_state_dict(models[first].state_dict())
+        if args.fuse and "fastconv" in models:
+            from .fused import fuse
+            fuse(models["fastconv"])  # same parameters and state_dict keys, fused forward/backward
 
         input_shape = (1,) + tuple(train_data[0].shape[1:])
         rows = model_summary(models[first], input_shape)

@@ -203,6 +203,19 @@ def test_interleaved_schedule_equals_sequential(tmp_path):
         torch.testing.assert_close(fc[k], tn[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+def test_fuse_flag_trains_the_fused_model_to_the_same_weights(tmp_path):
+    """--fuse: the fastconv model is fastconv.fuse()d; same checkpoint keys, same training up to rounding."""
+    data_dir = write_tiny_mnist(tmp_path / "data", n_train=100, n_test=20)
+    common = ["--dataset", "mnist", "--data-dir", data_dir, "--no-download", "--batch-size", "25",
+              "--model", "mnist_cnn", "--no-progress", "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert train.main(common + ["--fuse"]) == 0
+    fc = torch.load(tmp_path / "run" / "mnist_cnn_mnist_fastconv.pt", weights_only=False)["model"]
+    tn = torch.load(tmp_path / "run" / "mnist_cnn_mnist_torch.pt", weights_only=False)["model"]
+    assert list(fc) == list(tn)
+    for k in fc:
+        torch.testing.assert_close(fc[k], tn[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
 @pytest.mark.cuda
 def test_cli_on_cuda(tmp_path):
     data_dir = write_tiny_mnist(tmp_path / "data", n_train=200, n_test=50)
