@@ -199,19 +199,30 @@ void max_pool2d_backward_kernel(const T* go, const int64_t* idx, T* gi, const Po
       const int64_t* ind = idx + pl * out_plane;
       // Indices come from the user on this path. One behaviour on every backend (conv_params.h,
       // check_max_pool2d_backward): an index outside its output's window contributes nothing.
+      // Without dilation, an index is in its window iff, for some window row r, at - (top-left + r*W)
+      // is a column of the window inside the plane: a few compares, no division (six divisions per
+      // element made this loop 3x slower than torch's).
+      const bool dilated = p.dilation_h != 1 || p.dilation_w != 1;
       for (int64_t oh = 0; oh < p.out_h; ++oh) {
         const int64_t h0 = oh * p.stride_h - p.pad_h;
         for (int64_t ow = 0; ow < p.out_w; ++ow) {
           const int64_t o = oh * p.out_w + ow;
           const int64_t at = ind[o];
           if (at < 0 || at >= in_plane) continue;
-          const int64_t dh = at / p.in_w - h0;
-          const int64_t dw = at % p.in_w - (ow * p.stride_w - p.pad_w);
-          if (dh < 0 || dw < 0 || dh % p.dilation_h != 0 || dw % p.dilation_w != 0 ||
-              dh / p.dilation_h >= p.kernel_h || dw / p.dilation_w >= p.kernel_w) {
-            continue;
+          const int64_t w0 = ow * p.stride_w - p.pad_w;
+          bool inside = false;
+          if (!dilated) {
+            const int64_t c_lo = std::max<int64_t>(0, -w0), c_hi = std::min(p.kernel_w, p.in_w - w0);
+            for (int64_t r = 0; r < p.kernel_h; ++r) {  // no early exit: which row holds the max is random
+              const int64_t c = at - ((h0 + r) * p.in_w + w0);
+              inside |= (h0 + r >= 0) & (c >= c_lo) & (c < c_hi);
+            }
+          } else {
+            const int64_t dh = at / p.in_w - h0, dw = at % p.in_w - w0;
+            inside = dh >= 0 && dw >= 0 && dh % p.dilation_h == 0 && dw % p.dilation_w == 0 &&
+                     dh / p.dilation_h < p.kernel_h && dw / p.dilation_w < p.kernel_w;
           }
-          dst[at] += src[o];
+          dst[at] += inside ? src[o] : T(0);  // a select, not a branch
         }
       }
     }
