@@ -49,6 +49,51 @@ FASTCONV_AVX512 inline void axpy_row_avx512(float* acc, const float* src, float 
   }
 }
 
+// One output row of a direct conv at stride 1: every tap of the window in registers, four
+// independent 16-output accumulators per step (one accumulator made the 9 FMAs a latency chain;
+// a call per tap and row cost more than the FMAs). masks[chunk*KW + kw]: the lanes whose input
+// column lies inside the image. Adds to the row when `accumulate` (later channels of a group).
+FASTCONV_AVX512 inline void conv_row_avx512(float* out, const float* in, const float* w, float bias, bool accumulate,
+                                            int64_t oh, const Conv2dParams& p, const uint16_t* masks) {
+  const int64_t OW = p.out_w, KW = p.kernel_w;
+  for (int64_t ow0 = 0; ow0 < OW; ow0 += 64) {
+    const int chunks = static_cast<int>(std::min<int64_t>(4, (OW - ow0 + 15) / 16));
+    __m512 acc[4];
+    __mmask16 m[4];
+    for (int j = 0; j < 4; ++j) {
+      m[j] = j < chunks ? lane_mask(0, OW - ow0 - 16 * j) : __mmask16(0);
+      acc[j] = accumulate ? _mm512_maskz_loadu_ps(m[j], out + ow0 + 16 * j) : _mm512_set1_ps(bias);
+    }
+    const uint16_t* mk = masks + (ow0 / 16) * KW;
+    for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+      const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
+      if (ih < 0 || ih >= p.in_h) continue;
+      const float* row = in + ih * p.in_w + ow0 - p.pad_w;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const __m512 wv = _mm512_set1_ps(w[kh * KW + kw]);
+        const float* src = row + kw * p.dilation_w;
+        for (int j = 0; j < 4; ++j) {
+          if (j < chunks) {
+            acc[j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(__mmask16(mk[j * KW + kw]), src + 16 * j), acc[j]);
+          }
+        }
+      }
+    }
+    for (int j = 0; j < chunks; ++j) _mm512_mask_storeu_ps(out + ow0 + 16 * j, m[j], acc[j]);
+  }
+}
+
+// The masks conv_row_avx512 reads: per 16-column chunk and kw, the lanes with the input inside.
+inline std::vector<uint16_t> row_masks(const Conv2dParams& p, const std::vector<int64_t>& lo,
+                                       const std::vector<int64_t>& hi) {
+  const int64_t chunks = (p.out_w + 15) / 16 + 3;  // + 3: the unused chunks of the last 64-column step
+  std::vector<uint16_t> masks(chunks * p.kernel_w);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t kw = 0; kw < p.kernel_w; ++kw)
+      masks[c * p.kernel_w + kw] = lane_mask(lo[kw] - 16 * c, hi[kw] - 16 * c) & lane_mask(0, p.out_w - 16 * c);
+  return masks;
+}
+
 FASTCONV_AVX512 inline float dot_row_avx512(const float* a, const float* b, int64_t lo, int64_t hi) {
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   int64_t o = lo;
@@ -95,10 +140,26 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
   const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
   std::vector<int64_t> lo(KW), hi(KW);
   for (int64_t kw = 0; kw < KW; ++kw) column_range(kw * p.dilation_w - p.pad_w, p.stride_w, W, OW, lo[kw], hi[kw]);
+#if FASTCONV_HAVE_AVX512_KERNELS
+  const std::vector<uint16_t> masks = row_masks(p, lo, hi);
+#endif
   at::parallel_for(0, p.batch * p.out_channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / p.out_channels, oc = plane % p.out_channels, c0 = (oc / OCg) * Cg;
       T* out = output + plane * p.out_plane();
+#if FASTCONV_HAVE_AVX512_KERNELS
+      if constexpr (std::is_same_v<T, float>) {
+        if (p.stride_w == 1 && has_avx512()) {
+          for (int64_t oh = 0; oh < p.out_h; ++oh) {
+            for (int64_t c = 0; c < Cg; ++c) {
+              conv_row_avx512(out + oh * OW, input + (n * p.in_channels + c0 + c) * H * W, weight + (oc * Cg + c) * KH * KW,
+                              bias ? bias[oc] : 0.f, c > 0, oh, p, masks.data());
+            }
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t oh = 0; oh < p.out_h; ++oh) {
         T* acc = out + oh * OW;
         std::fill(acc, acc + OW, bias ? bias[oc] : T(0));
