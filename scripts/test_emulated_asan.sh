@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . .venv/bin/activate
 out=build/emulated-asan
+mkdir -p build
 echo "== building the emulated CUDA backend with ASan + UBSan ($out)"
 FASTCONV_EMULATED_SANITIZE=1 python setup.py -q build_ext --build-lib "$out/lib" --build-temp "$out/tmp" \
   > "$out.log" 2>&1 || { tail -n 40 "$out.log"; echo "ASan build failed; full log in $out.log" >&2; exit 1; }
