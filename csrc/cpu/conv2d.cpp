@@ -8,8 +8,7 @@
 //
 // Portable path: work is split into (image, band of output rows) items run in parallel with at::parallel_for.
 // Each item builds the column tile of its band in a per-thread buffer small enough to stay in
-// cache and multiplies it at once with the weight (cpu/gemm.h for float32 on AVX-512, else
-// at::mm through ATen's BLAS). Per-item GEMMs are single-threaded; the parallelism is ours. This
+// cache and multiplies it at once with the weight (at::mm through ATen's BLAS). Per-item GEMMs are single-threaded; the parallelism is ours. This
 // keeps the column buffer bounded at any batch size (one tile per thread) and writes the output in
 // NCHW directly, with no transpose pass. Backward runs per image: grad_weight accumulates into one
 // partial per thread (summed in a fixed order), grad_input goes through col2im band by band.
@@ -126,6 +125,19 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #endif
 }
 
+// A float32 forward convolution on the AVX-512 engine, Winograd when wanted (also the transformed
+// convolution of a stride-1 backward-input).
+void engine_forward(const float* input, const float* weight, const float* bias, float* output, const Conv2dParams& p,
+                    bool relu = false) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if (winograd_wanted(p)) return cpu::winograd::forward(input, weight, bias, output, p, relu);
+  cpu::engine::forward(input, weight, bias, output, p, relu);
+#else
+  (void)input, (void)weight, (void)bias, (void)output, (void)p, (void)relu;
+  TORCH_INTERNAL_ASSERT(false, "fastconv: the AVX-512 engine is not compiled in");
+#endif
+}
+
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
 // "forward/backward-input/backward-weight", or one name when all three agree.
 std::string algorithm_name(const Conv2dParams& p, bool float32) {
@@ -160,11 +172,7 @@ bool conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* ou
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
     if (use_engine<T>()) {
-      if (winograd_wanted(p)) {
-        cpu::winograd::forward(input, weight, bias, output, p, relu);
-      } else {
-        cpu::engine::forward(input, weight, bias, output, p, relu);
-      }
+      engine_forward(input, weight, bias, output, p, relu);
       return relu;
     }
   }
@@ -204,10 +212,7 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
         if (cpu::backward_input_as_forward(p)) {
           cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p,
                                               [](const float* i, const float* w, const float* b, float* o,
-                                                 const Conv2dParams& q) {
-                                                if (winograd_wanted(q)) return cpu::winograd::forward(i, w, b, o, q);
-                                                cpu::engine::forward(i, w, b, o, q);
-                                              });
+                                                 const Conv2dParams& q) { engine_forward(i, w, b, o, q); });
         } else {
           cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::col2im_band_add<float>);
         }

@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -190,6 +189,45 @@ inline void pack_rows_by_8(const float* w, int64_t rows, int64_t K, int64_t ld, 
   });
 }
 
+// The forward weights of every group as blocks of 8 output channels: [g][ob][k][8].
+inline std::vector<float> pack_weights_by_8(const float* weight, const Conv2dParams& p) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
+  const int64_t oc_blocks = ceil_div(OCg, kTileRows);
+  std::vector<float> packed(G * oc_blocks * Kg * kTileRows);
+  for (int64_t g = 0; g < G; ++g) {
+    pack_rows_by_8(weight + g * OCg * Kg, OCg, Kg, Kg, 1, packed.data() + g * oc_blocks * Kg * kTileRows);
+  }
+  return packed;
+}
+
+// How many ways to split the output channels (in blocks of 8) when there are few pixel items (batch
+// 1, small planes), so that every thread gets about four items; and the channels per split.
+inline void channel_split(int64_t pix_items, int64_t oc_blocks, int64_t& splits, int64_t& per_split) {
+  splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), pix_items), 1, oc_blocks);
+  per_split = ceil_div(oc_blocks, splits) * kTileRows;
+}
+
+// Zero-padded copies of `planes` H x W planes into Hp x Wp planes, input row h at row top + h and
+// column left (rows and columns past Hp/Wp dropped: callers size the planes to what they read).
+inline void copy_padded(const float* src, int64_t planes, int64_t H, int64_t W, float* dst, int64_t Hp, int64_t Wp,
+                        int64_t top, int64_t left) {
+  const int64_t plane = Hp * Wp, rows = std::min(H, Hp - top), cols = std::min(W, Wp - left);
+  at::parallel_for(0, planes, grain_for(plane), [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      float* d = dst + i * plane;
+      const float* s = src + i * H * W;
+      std::fill(d, d + top * Wp, 0.f);  // each element written once: zeros only around the copy
+      for (int64_t h = 0; h < rows; ++h) {
+        float* row = d + (h + top) * Wp;
+        std::fill(row, row + left, 0.f);
+        std::copy(s + h * W, s + h * W + cols, row + left);
+        std::fill(row + left + cols, row + Wp, 0.f);
+      }
+      std::fill(d + (top + rows) * Wp, d + plane, 0.f);
+    }
+  });
+}
+
 // out[:, ch0 + o, :, :] for o in [o0, o1), pixels [gp, ...) of one panel, computed into a scratch tile
 // when panel_dest cannot express the stores (tiny planes).
 struct ScratchTile {
@@ -257,16 +295,12 @@ inline void forward_packed(const float* input, const float* weight, const float*
   const int64_t Cg = p.in_channels_per_group(), L = p.out_plane(), total = p.batch * L;
   const KBlocks kb(Kg, kMaxBlockK);
   const int64_t oc_blocks = ceil_div(OCg, kTileRows);
-  std::vector<float> packed(G * oc_blocks * Kg * kTileRows);
-  for (int64_t g = 0; g < G; ++g) {
-    pack_rows_by_8(weight + g * OCg * Kg, OCg, Kg, Kg, 1, packed.data() + g * oc_blocks * Kg * kTileRows);
-  }
+  const std::vector<float> packed = pack_weights_by_8(weight, p);
   const int64_t npix = item_pixels(kb.size, total);
   const int64_t pix_items = ceil_div(total, npix);
   // few pixel items (batch 1, small planes): also split the output channels so every thread works
-  const int64_t threads = at::get_num_threads();
-  const int64_t oc_split = std::clamp<int64_t>(ceil_div(4 * threads, pix_items), 1, oc_blocks);
-  const int64_t oc_per_split = ceil_div(oc_blocks, oc_split) * kTileRows;
+  int64_t oc_split, oc_per_split;
+  channel_split(pix_items, oc_blocks, oc_split, oc_per_split);
   at::parallel_for(0, pix_items * oc_split, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer buf;  // per-thread scratch, reused across calls
     float* cols = buf.get(ceil_div(npix, kPanel) * (kb.size * kPanel + kPanelPad));
@@ -320,30 +354,14 @@ inline void forward_padded_direct(const float* input, const float* weight, const
   // the padded copy (+16 floats: the last vector's unused lanes read past the end)
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 16);
-  at::parallel_for(0, p.batch * C, grain_for(plane), [&](int64_t b0, int64_t b1) {
-    for (int64_t nc = b0; nc < b1; ++nc) {
-      float* dst = padded + nc * plane;
-      const float* src = input + nc * H * W;
-      std::fill(dst, dst + p.pad_h * Wp, 0.f);
-      for (int64_t h = 0; h < H; ++h) {
-        float* row = dst + (p.pad_h + h) * Wp;
-        std::fill(row, row + p.pad_w, 0.f);
-        std::copy(src + h * W, src + (h + 1) * W, row + p.pad_w);
-        std::fill(row + p.pad_w + W, row + Wp, 0.f);
-      }
-      std::fill(dst + (p.pad_h + H) * Wp, dst + plane, 0.f);
-    }
-  });
+  copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
   std::vector<int64_t> koff(Kg);
   for (int64_t k = 0; k < Kg; ++k) {
     koff[k] = (k / KK) * plane + ((k % KK) / p.kernel_w) * p.dilation_h * Wp + (k % p.kernel_w) * p.dilation_w;
   }
   const KBlocks kb(Kg, kMaxBlockK);
   const int64_t oc_blocks = ceil_div(OCg, kTileRows);
-  std::vector<float> packed(G * oc_blocks * Kg * kTileRows);
-  for (int64_t g = 0; g < G; ++g) {
-    pack_rows_by_8(weight + g * OCg * Kg, OCg, Kg, Kg, 1, packed.data() + g * oc_blocks * Kg * kTileRows);
-  }
+  const std::vector<float> packed = pack_weights_by_8(weight, p);
   // a vector is a run of 16 pixels of one output row, or two rows of at most 8 pixels
   const bool two_rows = p.out_w <= 8;
   const int64_t per_row = ceil_div(p.out_w, 16), rows_per_image = two_rows ? ceil_div(p.out_h, 2) : p.out_h;
@@ -351,9 +369,8 @@ inline void forward_padded_direct(const float* input, const float* weight, const
   const int64_t panels = ceil_div(vectors, kTileVectors);
   const int64_t panels_per_item = std::clamp<int64_t>(ceil_div(512, p.out_w * (two_rows ? 2 : 1)), 1, 8);
   const int64_t pix_items = ceil_div(panels, panels_per_item);
-  const int64_t threads = at::get_num_threads();
-  const int64_t oc_split = std::clamp<int64_t>(ceil_div(4 * threads, pix_items), 1, oc_blocks);
-  const int64_t oc_per_split = ceil_div(oc_blocks, oc_split) * kTileRows;
+  int64_t oc_split, oc_per_split;
+  channel_split(pix_items, oc_blocks, oc_split, oc_per_split);
   at::parallel_for(0, pix_items * oc_split, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pi = item / oc_split, os = item % oc_split;

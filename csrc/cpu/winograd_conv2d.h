@@ -209,16 +209,7 @@ inline void forward(const float* input, const float* weight, const float* bias, 
   // zero-padded input: padded row ph + h holds input row h; tiles read rows [2i, 2i + 4)
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
-  at::parallel_for(0, p.batch * C, engine::grain_for(plane), [&](int64_t b0, int64_t b1) {
-    for (int64_t nc = b0; nc < b1; ++nc) {
-      float* dst = padded + nc * plane;
-      std::fill(dst, dst + plane, 0.f);
-      const float* src = input + nc * H * W;
-      for (int64_t h = 0; h < H && h + p.pad_h < Hp; ++h) {
-        std::copy(src + h * W, src + h * W + std::min(W, Wp - p.pad_w), dst + (h + p.pad_h) * Wp + p.pad_w);
-      }
-    }
-  });
+  engine::copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
   const int64_t NT = tiles_per_item(p), npanels = NT / kTileCols;
   const int64_t kb_count = ceil_div(C, kMaxBlockC), kc_max = ceil_div(C, kb_count);
   const int64_t items = ceil_div(T, NT);
@@ -337,25 +328,8 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   AlignedBuffer pad_buf, gpad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);
   float* gpad = gpad_buf.get(p.batch * OC * qplane + 64);
-  at::parallel_for(0, p.batch * std::max(C, OC), engine::grain_for(plane + qplane), [&](int64_t b0, int64_t b1) {
-    for (int64_t nc = b0; nc < b1; ++nc) {
-      const int64_t n = nc / std::max(C, OC), c = nc % std::max(C, OC);
-      if (c < C) {
-        float* dst = padded + (n * C + c) * plane;
-        std::fill(dst, dst + plane, 0.f);
-        const float* src = input + (n * C + c) * H * W;
-        for (int64_t h = 0; h < H && h + p.pad_h < Hp; ++h) {
-          std::copy(src + h * W, src + h * W + std::min(W, Wp - p.pad_w), dst + (h + p.pad_h) * Wp + p.pad_w);
-        }
-      }
-      if (c < OC) {
-        float* dst = gpad + (n * OC + c) * qplane;
-        std::fill(dst, dst + qplane, 0.f);
-        const float* src = grad_output + (n * OC + c) * OH * OW;
-        for (int64_t h = 0; h < OH; ++h) std::copy(src + h * OW, src + (h + 1) * OW, dst + h * Wq);
-      }
-    }
-  });
+  engine::copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
+  engine::copy_padded(grad_output, p.batch * OC, OH, OW, gpad, Hq, Wq, 0, 0);
   const int64_t NT = tiles_per_item(p), items = ceil_div(T, NT);
   const int64_t ldo = ceil_div(OC, 16) * 16, oc_vectors = ldo / 16;
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
