@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "conv_params.h"
@@ -334,7 +335,8 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   const int64_t ldo = ceil_div(OC, 16) * 16, oc_vectors = ldo / 16;
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t part = 16 * C * ldo;  // grad_U^T per slot: [xi][c][ldo]
-  std::vector<float> parts(slots * part, 0.f);
+  // not zeroed: the first item of each slot writes its whole partial (Init::kZero)
+  std::unique_ptr<float[]> parts(new float[slots * part]);
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     thread_local AlignedBuffer vbuf, gbuf;
     const int64_t v_xi = C * NT + 16;             // V[xi][c][NT], +16: the last run's junk lanes
@@ -343,7 +345,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
     std::vector<TileRun> runs;
     std::vector<int> windows;
     for (int64_t s = s0; s < s1; ++s) {
-      float* acc = parts.data() + s * part;
+      float* acc = parts.get() + s * part;
       for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
         const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT), len = t1 - t0;
         runs.clear();
@@ -381,17 +383,19 @@ inline void backward_weight(const float* grad_output, const float* input, float*
                 d.mask[v][1] = 0;
               }
               run_micro_kernel(mr, static_cast<int>(nv), len, V + xi * v_xi + c0 * NT, NT, 1,
-                               PanelB{GMT + xi * NT * ldo + o0, ldo}, d, Init::kAccumulate, nullptr);
+                               PanelB{GMT + xi * NT * ldo + o0, ldo}, d,
+                               item == s * items / slots ? Init::kZero : Init::kAccumulate, nullptr);
             }
           }
         }
       }
     }
   });
-  // sum the slots in order, then grad_W = G^T grad_U G
-  at::parallel_for(0, OC, engine::grain_for(16 * C * slots), [&](int64_t o0, int64_t o1) {
-    for (int64_t oc = o0; oc < o1; ++oc) {
-      for (int64_t c = 0; c < C; ++c) {
+  // sum the slots in order, then grad_W = G^T grad_U G; channel c's rows of every xi are read along the
+  // output channels (contiguous)
+  at::parallel_for(0, C, engine::grain_for(16 * OC * slots), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t oc = 0; oc < OC; ++oc) {
         float u[16];
         for (int xi = 0; xi < 16; ++xi) {
           float sum = 0.f;
