@@ -63,6 +63,13 @@ ENGINE_CASES = [
     (2, 8, 10, 10, 16, (3, 3), 2, 1, 1, 8),
     (2, 8, 11, 10, 16, (3, 3), 1, 1, 2, 4),
     (4, 6, 12, 12, 16, (5, 5), 1, 0, 1, 1),
+    # kernels past 3x3 on Winograd (sums of 3x3 sub-kernels on a shifted tile grid): odd and even
+    # sizes, non-square, padding from 0 to kernel - 1, grids whose extra row/column straddles images
+    (2, 16, 13, 12, 24, (5, 5), 1, 2, 1, 1),
+    (1, 20, 9, 11, 17, (7, 7), 1, 3, 1, 1),
+    (3, 16, 10, 9, 9, (4, 5), 1, (1, 3), 1, 1),
+    (2, 24, 8, 8, 16, (5, 3), 1, (4, 0), 1, 1),
+    (5, 12, 6, 7, 10, (6, 6), 1, 5, 1, 1),
 ]
 
 

@@ -44,16 +44,29 @@ inline int64_t tiles_per_item(const Conv2dParams& p) {
   return std::clamp<int64_t>(std::min(by_v, by_m) / kTileCols, 1, 4) * kTileCols;
 }
 
-// 3x3, stride 1, dilation 1, one group, padding at most 2 (the padded copy's border), copies that fit.
+// 3x3 sub-kernels per kernel row/column (larger kernels: see forward_decomposed): 1 for 3, 2 for 4-5, 3 for 6-7.
+inline int64_t sub_kernels(int64_t k) { return std::max<int64_t>(1, k / 2); }
+
+// Stride 1, dilation 1, one group, kernels from 3x3 up (3x3 on its own path, larger ones as sums of 3x3
+// sub-kernels), padding at most kernel - 1 (the padded copy's border), copies that fit.
 inline bool applicable(const Conv2dParams& p) {
-  if (!(p.kernel_h == 3 && p.kernel_w == 3 && p.stride_h == 1 && p.stride_w == 1 && p.dilation_h == 1 &&
-        p.dilation_w == 1 && p.groups == 1 && p.pad_h <= 2 && p.pad_w <= 2))
+  if (!(p.kernel_h >= 3 && p.kernel_w >= 3 && p.stride_h == 1 && p.stride_w == 1 && p.dilation_h == 1 &&
+        p.dilation_w == 1 && p.groups == 1 && p.pad_h < p.kernel_h && p.pad_w < p.kernel_w))
     return false;
   if (p.in_channels < 8 || p.out_channels < 8) return false;
-  // backward-weight holds padded copies of the input and of grad_output
-  const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(p.out_w, 2);
+  const int64_t th = ceil_div(p.out_h, 2) + sub_kernels(p.kernel_h) - 1, tw = ceil_div(p.out_w, 2) + sub_kernels(p.kernel_w) - 1;
+  // backward-weight (3x3) holds padded copies of the input and of grad_output
   const int64_t copies = p.batch * (p.in_channels * (2 * th + 2) * (2 * tw + 2) + p.out_channels * 2 * th * (2 * tw + 32));
   return copies * 4 <= engine::kMaxPaddedCopyBytes;
+}
+
+// Multiplications of the Winograd forward relative to the direct convolution's (16 per 2x2 tile and
+// (sub-kernel, channel pair), tiles of the grid that includes the sub-kernels' extra row/column).
+inline double multiplication_ratio(const Conv2dParams& p) {
+  const int64_t na = sub_kernels(p.kernel_h), nb = sub_kernels(p.kernel_w);
+  const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(p.out_w, 2);
+  const double tiles = double((th + na - 1) * (tw + nb - 1));
+  return 16.0 * double(na * nb) * tiles / (double(p.out_h * p.out_w) * double(p.kernel_h * p.kernel_w));
 }
 
 // U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c], zero rows past OC.
@@ -199,8 +212,12 @@ FASTCONV_AVX512 inline void store_run(const __m512 y[4], int64_t lane, float* ou
   }
 }
 
+inline void forward_decomposed(const float* input, const float* weight, const float* bias, float* out,
+                               const Conv2dParams& p, bool relu);
+
 inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
                     bool relu = false) {
+  if (p.kernel_h != 3 || p.kernel_w != 3) return forward_decomposed(input, weight, bias, out, p, relu);
   const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w, L = p.out_plane();
   const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(OW, 2), per_image = th * tw, T = p.batch * per_image;
   const int64_t Hp = 2 * th + 2, Wp = 2 * tw + 2, plane = Hp * Wp;
@@ -274,6 +291,125 @@ inline void forward(const float* input, const float* weight, const float* bias, 
             const TileRun& r = runs[k];
             store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
                       std::min(2 * r.len, OW - 2 * r.j0), 2 * r.i + 1 < p.out_h);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- larger kernels: sums of 3x3 sub-kernels -------------------------------------------------------
+// A KH x KW kernel is the sum of na x nb 3x3 sub-kernels at offsets (2a, 2b): sub-kernel a takes kernel
+// rows 2a and 2a+1, the last one also row 2a+2 (zeros past the kernel); columns likewise. An offset of
+// two pixels is one tile, so every sub-kernel reads the transformed input V of one tile grid, shifted:
+//   M_xi[oc][t] = sum over (c, a, b) of U_{ab,xi}[oc][c] * V_xi[c][t + a*TW + b]
+// on a grid of TH x TW tiles per image (the output's th x tw plus na-1 rows and nb-1 columns, whose
+// results are not stored). One GEMM per xi with the reduction over (c, a, b), B read through OffsetB:
+// for 5x5, 16 multiplications per output instead of 25 (64 per tile over 4 sub-kernels), same float32
+// error as 3x3 (the sums over sub-kernels are plain additions).
+inline void forward_decomposed(const float* input, const float* weight, const float* bias, float* out,
+                               const Conv2dParams& p, bool relu) {
+  const int64_t C = p.in_channels, OC = p.out_channels, OW = p.out_w, OH = p.out_h, L = p.out_plane();
+  const int64_t KH = p.kernel_h, KW = p.kernel_w, na = sub_kernels(KH), nb = sub_kernels(KW), nab = na * nb;
+  const int64_t th = ceil_div(OH, 2), tw = ceil_div(OW, 2), TH = th + na - 1, TW = tw + nb - 1;
+  const int64_t per_image = TH * TW, T = p.batch * per_image, halo = (na - 1) * TW + (nb - 1);
+  const int64_t Hp = 2 * TH + 2, Wp = 2 * TW + 2, plane = Hp * Wp;
+  const int64_t ob_count = ceil_div(OC, kTileRows);
+  // the sub-kernels as 3x3 kernels of C*nab "channels" (c, a, b), then their transforms U[xi][ob][k][8]
+  std::vector<float> sub(OC * C * nab * 9, 0.f);
+  for (int64_t oc = 0; oc < OC; ++oc)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t a = 0; a < na; ++a)
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t r = 0; r < 3; ++r)
+            for (int64_t q = 0; q < 3; ++q) {
+              const int64_t kh = 2 * a + r, kw = 2 * b + q;
+              if ((r == 2 && a != na - 1) || (q == 2 && b != nb - 1) || kh >= KH || kw >= KW) continue;
+              sub[((oc * C + c) * nab + a * nb + b) * 9 + r * 3 + q] = weight[((oc * C + c) * KH + kh) * KW + kw];
+            }
+  std::vector<float> U(16 * ob_count * C * nab * kTileRows);
+  transform_weights(sub.data(), OC, C * nab, U.data());
+  AlignedBuffer pad_buf;
+  float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
+  engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, padded, Hp, Wp, p.pad_h, p.pad_w);
+  const int64_t NT = tiles_per_item(p), npanels = NT / kTileCols;
+  const int64_t NTV = ceil_div(NT + halo, 16) * 16 + 16;  // V tiles of an item: its own, the halo, junk lanes
+  const int64_t per_block = std::clamp<int64_t>(engine::kMaxBlockK / nab, 1, kMaxBlockC);
+  const int64_t kb_count = ceil_div(C, per_block), kc_max = ceil_div(C, kb_count);
+  const int64_t items = ceil_div(T, NT);
+  std::vector<int64_t> koff(kc_max * nab);  // row k = (c, a, b) of a channel block: V row c, shifted
+  for (int64_t k = 0; k < kc_max * nab; ++k) koff[k] = (k / nab) * NTV + ((k % nab) / nb) * TW + (k % nb);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    thread_local AlignedBuffer vbuf, mbuf;
+    float* V = vbuf.get(16 * kc_max * NTV);
+    float* M = mbuf.get(16 * ob_count * kTileRows * NT + 16);
+    std::vector<TileRun> runs, out_runs;
+    std::vector<int> windows;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT), tv1 = std::min(T, t1 + halo);
+      runs.clear();  // every grid tile whose V the item reads
+      for (int64_t g = t0; g < tv1;) {
+        const int64_t n = g / per_image, i = (g % per_image) / TW, j = g % TW, t = g - t0;
+        const int64_t len = std::min({16 - t % 16, TW - j, tv1 - g});
+        runs.push_back({n, i, j, len, t});
+        g += len;
+      }
+      out_runs.clear();  // the item's tiles that are output tiles
+      for (int64_t g = t0; g < t1;) {
+        const int64_t n = g / per_image, i = (g % per_image) / TW, j = g % TW, t = g - t0;
+        if (i >= th || j >= tw) {
+          g += TW - j;
+          continue;
+        }
+        const int64_t len = std::min({16 - t % 16, tw - j, t1 - g});
+        out_runs.push_back({n, i, j, len, t});
+        g += len;
+      }
+      if (out_runs.empty()) continue;
+      make_windows(runs, windows);
+      for (int64_t cb = 0; cb < kb_count; ++cb) {
+        const int64_t c0 = cb * kc_max, kc = std::min(kc_max, C - c0), xi_stride = kc * NTV;
+        for (int64_t c = 0; c < kc; ++c) {  // V[xi][c][NTV]
+          for (size_t w = 0; w + 1 < windows.size(); ++w) {
+            WindowRun wr[16];
+            const int cnt = window_runs(runs, windows[w], windows[w + 1], padded + (c0 + c) * plane, C * plane, Wp, wr);
+            input_transform(wr, cnt, Wp, V + c * NTV + runs[windows[w]].t / 16 * 16, xi_stride);
+          }
+        }
+        const int64_t live_panels = std::min(npanels, ceil_div(t1 - t0, kTileCols));
+        for (int64_t xi = 0; xi < 16; ++xi) {
+          for (int64_t ob = 0; ob < ob_count; ++ob) {
+            const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
+            const float* a = U.data() + ((xi * ob_count + ob) * C * nab + c0 * nab) * kTileRows;
+            for (int64_t j = 0; j < live_panels; ++j) {
+              const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(t1 - t0 - j * kTileCols, 16)));
+              OffsetB bs;
+              bs.koff = koff.data();
+              TileDest d;
+              d.ldc = NT;
+              for (int v = 0; v < kTileVectors; ++v) {
+                bs.base[v] = V + xi * xi_stride + j * kTileCols + 16 * v;
+                d.ptr[v][0] = d.ptr[v][1] = M + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
+                d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
+                d.mask[v][1] = 0;
+              }
+              run_micro_kernel(mr, nv, kc * nab, a, 1, kTileRows, bs, d, cb == 0 ? Init::kZero : Init::kAccumulate,
+                               nullptr);
+            }
+          }
+        }
+      }
+      const int64_t m_xi_stride = ob_count * kTileRows * NT;
+      for (int64_t oc = 0; oc < OC; ++oc) {
+        const float bias_oc = bias ? bias[oc] : 0.f;
+        for (size_t k = 0; k < out_runs.size();) {  // one 16-tile window of M, then each run in it
+          const int64_t window = out_runs[k].t / 16;
+          __m512 y[4];
+          output_transform(M + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
+          for (; k < out_runs.size() && out_runs[k].t / 16 == window; ++k) {
+            const TileRun& r = out_runs[k];
+            store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
+                      std::min(2 * r.len, OW - 2 * r.j0), 2 * r.i + 1 < OH);
           }
         }
       }
