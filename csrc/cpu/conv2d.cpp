@@ -153,7 +153,8 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   if (!float32 || !use_engine<float>()) return "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
   const auto gemm_name = [](const Conv2dParams& q) {
-    return cpu::engine::use_padded_direct(q) ? std::string("implicit-gemm") : std::string("im2col+gemm");
+    return cpu::engine::use_padded_direct(cpu::engine::flatten_pointwise(q)) ? std::string("implicit-gemm")
+                                                                             : std::string("im2col+gemm");
   };
   const std::string fwd = winograd_wanted(p) ? "winograd" : gemm_name(p);
   std::string bwi = "im2col+gemm+col2im";

@@ -338,7 +338,7 @@ constexpr int64_t kMaxPaddedCopyBytes = int64_t(512) << 20;
 inline bool use_padded_direct(const Conv2dParams& p) {
   if (p.stride_h != 1 || p.stride_w != 1) return false;
   const int64_t padded = p.batch * p.in_channels * (p.in_h + 2 * p.pad_h) * (p.in_w + 2 * p.pad_w) * 4;
-  if (padded > kMaxPaddedCopyBytes) return false;
+  if (padded > kMaxPaddedCopyBytes && (p.pad_h > 0 || p.pad_w > 0)) return false;  // unpadded: read in place
   const char* force = std::getenv("FASTCONV_CPU_GEMM_B");  // "packed" or "direct": tests and benchmarks
   if (force && std::string(force) == "packed") return false;
   if (force && std::string(force) == "direct") return true;
@@ -353,10 +353,23 @@ inline void forward_padded_direct(const float* input, const float* weight, const
   const int64_t C = p.in_channels, Cg = p.in_channels_per_group(), L = p.out_plane();
   const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
   const int64_t KK = p.kernel_h * p.kernel_w;
-  // the padded copy (+16 floats: the last vector's unused lanes read past the end)
-  AlignedBuffer pad_buf;
-  float* padded = pad_buf.get(p.batch * C * plane + 16);
-  copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
+  // The padded copy (+16 floats: the last vector's unused lanes read past the end). Without padding the
+  // input is read in place, and only the last image is copied (its last vectors may read past the
+  // tensor's end).
+  AlignedBuffer pad_buf, tail_buf;
+  const bool in_place = p.pad_h == 0 && p.pad_w == 0;
+  const float* padded = input;
+  const float* last_image = input + (p.batch - 1) * C * plane;
+  if (!in_place) {
+    float* copy = pad_buf.get(p.batch * C * plane + 16);
+    copy_padded(input, p.batch * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
+    padded = copy;
+    last_image = copy + (p.batch - 1) * C * plane;
+  } else {
+    float* tail = tail_buf.get(C * plane + 16);
+    std::copy(last_image, last_image + C * plane, tail);
+    last_image = tail;
+  }
   std::vector<int64_t> koff(Kg);
   for (int64_t k = 0; k < Kg; ++k) {
     koff[k] = (k / KK) * plane + ((k % KK) / p.kernel_w) * p.dilation_h * Wp + (k % p.kernel_w) * p.dilation_w;
@@ -395,7 +408,7 @@ inline void forward_padded_direct(const float* input, const float* weight, const
               const int64_t vec = std::min(j * kTileVectors + v, vectors - 1);
               const int64_t n = vec / (rows_per_image * per_row), r = vec % (rows_per_image * per_row);
               const int64_t oh = (r / per_row) * (two_rows ? 2 : 1), ow0 = (r % per_row) * 16;
-              bs.base[v] = padded + (n * C + g * Cg) * plane + oh * Wp + ow0;
+              bs.base[v] = (n == p.batch - 1 ? last_image : padded + n * C * plane) + g * Cg * plane + oh * Wp + ow0;
               float* o = out + n * p.out_channels * L + oh * p.out_w + ow0;
               d0.ptr[v][0] = d0.ptr[v][1] = o;
               d0.mask[v][0] = v < nv ? lane_mask(0, std::min<int64_t>(p.out_w - ow0, two_rows ? 8 : 16)) : __mmask16(0);
@@ -430,8 +443,19 @@ inline void forward_padded_direct(const float* input, const float* weight, const
   });
 }
 
-inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
+// A 1x1, stride-1, unpadded convolution is the same on planes reshaped to one row of H*W pixels: whole
+// vectors and one segment per panel instead of row tails.
+inline Conv2dParams flatten_pointwise(Conv2dParams p) {
+  if (p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0) {
+    p.in_w = p.out_w = p.in_h * p.in_w;
+    p.in_h = p.out_h = 1;
+  }
+  return p;
+}
+
+inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& params,
                     bool relu = false) {
+  const Conv2dParams p = flatten_pointwise(params);
   if (use_padded_direct(p)) return forward_padded_direct(input, weight, bias, out, p, relu);
   forward_packed(input, weight, bias, out, p, relu);
 }
@@ -701,7 +725,9 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
 // By pixels while a partial grad_W^T fits in L2 (each item's freshly transposed grad_output is reused by
 // every row there); by rows when partials would live in L3 (measured, 2 threads on Zen 4: AlexNet
 // conv3-5 1.09-1.12x -> 0.99-1.03x torch; MNIST conv2 and ResNet 3x3 128 faster by pixels).
-inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
+inline void backward_weight(const float* grad_output, const float* input, float* grad_weight,
+                            const Conv2dParams& params) {
+  const Conv2dParams p = flatten_pointwise(params);
   // rows per task: about four tasks per thread, 8 to 64 rows (a multiple of the micro-kernel's 8)
   const int64_t threads = at::get_num_threads(), Kg = p.col_rows_per_group();
   const int64_t kc = std::clamp<int64_t>(ceil_div(ceil_div(p.groups * Kg, 4 * threads), kTileRows) * kTileRows, kTileRows, 64);
