@@ -3,8 +3,8 @@
 The C++/CUDA kernels compute; this file registers, on the dispatcher, what every caller of the ops
 gets (``fastconv.functional``, the modules and ``torch.ops.fastconv.*`` alike):
 - fake kernels: output shapes for torch.compile/FakeTensor tracing, and the kernels of meta tensors;
-- autograd of each op, the backward ops included, so double backward works; an op whose inputs need
-  no gradient skips autograd altogether;
+- autograd of the backward ops (double backward); the forward ops' autograd is C++ (csrc/autograd.cpp:
+  a Python autograd formula cost about 20 us per call);
 - autocast (``AutocastCPU``/``AutocastCUDA``), as torchvision's ``csrc/ops/autocast`` kernels do;
 - decompositions into the equivalent aten ops, which only exporters that run torch's whole
   decomposition table apply: ``torch.onnx.export(model, args, dynamo=True)`` then writes standard
@@ -71,27 +71,11 @@ def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, 
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd
+# autograd of the backward ops (double backward); conv2d's and max_pool2d's own is csrc/autograd.cpp
 # ---------------------------------------------------------------------------------------------
 def _given(t):
     # an unused output's gradient may arrive as None or as the op's empty placeholder
     return t is not None and t.numel() > 0
-
-
-def _conv2d_setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.has_bias = bias is not None
-    ctx.conv_args = (stride, padding, dilation, groups)
-
-
-def _conv2d_backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    if not any(mask):
-        return (None,) * 7
-    gi, gw, gb = ops._conv2d_backward(grad_output.contiguous(), input, weight, *ctx.conv_args, mask)
-    return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
 
 
 def _conv2d_backward_setup_context(ctx, inputs, output):
@@ -126,22 +110,6 @@ def _conv2d_double_backward(ctx, ggi, ggw, ggb):
     return g_go, g_input, g_weight, None, None, None, None, None
 
 
-def _max_pool2d_setup_context(ctx, inputs, output):
-    input, kernel_size, stride, padding, dilation, ceil_mode = inputs
-    _, indices = output
-    ctx.mark_non_differentiable(indices)
-    ctx.save_for_backward(input, indices)
-    ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode)
-
-
-def _max_pool2d_backward(ctx, grad_output, _grad_indices):
-    input, indices = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return (None,) * 6
-    gi = ops._max_pool2d_backward(grad_output.contiguous(), input, indices, *ctx.pool_args)
-    return gi, None, None, None, None, None
-
-
 def _max_pool2d_backward_setup_context(ctx, inputs, output):
     grad_output, input, indices, *_ = inputs
     ctx.save_for_backward(indices)
@@ -157,10 +125,8 @@ def _max_pool2d_double_backward(ctx, ggi):
     return g_go, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fastconv::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
 torch.library.register_autograd("fastconv::_conv2d_backward", _conv2d_double_backward,
                                 setup_context=_conv2d_backward_setup_context)
-torch.library.register_autograd("fastconv::max_pool2d", _max_pool2d_backward, setup_context=_max_pool2d_setup_context)
 torch.library.register_autograd("fastconv::_max_pool2d_backward", _max_pool2d_double_backward,
                                 setup_context=_max_pool2d_backward_setup_context)
 

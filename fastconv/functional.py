@@ -2,8 +2,8 @@
 
 ``conv2d`` and ``max_pool2d`` normalise their arguments once (ints or pairs, ``padding='same'``,
 unbatched input, memory format) and call the registered ops ``torch.ops.fastconv.*``. Everything
-else lives on the dispatcher (fastconv/_ops.py): autograd (``register_autograd``, which skips the
-autograd machinery when no input needs a gradient), autocast, and the fake/meta kernels.
+else lives on the dispatcher: autograd (csrc/autograd.cpp; no graph when no input needs a gradient),
+autocast and the fake/meta kernels (fastconv/_ops.py).
 """
 import numbers
 
@@ -18,6 +18,11 @@ __all__ = ["conv2d", "max_pool2d", "Conv2dFunction", "MaxPool2dFunction"]
 
 
 def _pair(value, name, op):
+    kind = type(value)  # fast paths first: this runs several times per call of a small layer
+    if kind is int:
+        return (value, value)
+    if kind is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
     if isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, numbers.Integral):
@@ -79,7 +84,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if weight.dim() != 4:
         raise RuntimeError(f"{op}: expected a 4-D weight (out_channels, in_channels/groups, kH, kW), "
                            f"got {weight.dim()}-D weight of size {list(weight.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+    if type(groups) is not int and (isinstance(groups, bool) or not isinstance(groups, numbers.Integral)):
         raise TypeError(f"{op}: groups must be an int, got {groups!r}")
     stride = _pair(stride, "stride", op)
     dilation = _pair(dilation, "dilation", op)

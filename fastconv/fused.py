@@ -9,8 +9,9 @@ from their children.
 The chain becomes one :class:`Conv2dReLU` at the conv's position, and the ReLU (and pool) positions
 hold ``nn.Identity``, so state_dict keys, the Parameter objects and train/eval mode stay the same.
 Forward: ``torch.ops.fastconv.conv2d_relu`` adds the bias and applies ReLU in the CPU kernel's
-epilogue (float32 on AVX-512; elsewhere conv2d then ReLU); backward masks grad_output with
-``output > 0`` (ReLU's own backward kernel) and calls the conv backward op. The pool runs after it (not fused into the tile).
+epilogue (float32 on AVX-512; elsewhere conv2d then ReLU); backward (csrc/autograd.cpp) masks
+grad_output with ``output > 0`` (ReLU's own backward kernel) and calls the conv backward op. The pool
+runs after it (not fused into the tile).
 """
 import torch
 from torch import nn
@@ -29,26 +30,6 @@ def _conv2d_relu_fake(input, weight, bias, stride, padding, dilation, groups):
     oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     return input.new_empty((input.shape[0], weight.shape[0], oh, ow))
-
-
-def _setup(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(input, weight, output)
-    ctx.has_bias = bias is not None
-    ctx.conv_args = (stride, padding, dilation, groups)
-
-
-def _backward(ctx, grad):
-    input, weight, output = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    if not any(mask):
-        return (None,) * 7
-    go = torch.ops.aten.threshold_backward(grad, output, 0).contiguous()  # ReLU's own backward: grad * (output > 0)
-    gi, gw, gb = ops._conv2d_backward(go, input, weight, *ctx.conv_args, mask)
-    return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
-
-
-torch.library.register_autograd("fastconv::conv2d_relu", _backward, setup_context=_setup)
 
 
 class Conv2dReLU(Conv2d):
