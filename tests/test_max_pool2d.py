@@ -132,3 +132,38 @@ def test_registered_op_and_function_agree(device):
     oa.backward(g)
     ob.backward(g)
     assert torch.equal(xa.grad, xb.grad)
+
+
+# float32 backward kernels on AVX-512: windows that tile rows of 16+ (dense row writes, with row and
+# column tails and ceil_mode), 8-wide rows and overlapping windows (index scatter). Indices that are
+# not in their own window (another window's position, negative, past the plane, or a valid position
+# plus 2**33, which narrowing to int32 would alias) contribute nothing, as on every backend.
+@pytest.mark.parametrize("shape,kernel,stride,ceil", [((2, 3, 9, 37), (2, 2), (2, 2), True),
+                                                      ((1, 2, 12, 40), (3, 5), (3, 5), False),
+                                                      ((3, 2, 8, 8), (2, 2), (2, 2), False),
+                                                      ((2, 2, 13, 21), (3, 3), (2, 2), False)])
+def test_float32_backward_drops_indices_outside_their_window(shape, kernel, stride, ceil, poison):
+    x = distinct_input(*shape, torch.float32, "cpu")
+    args = [list(kernel), list(stride), [0, 0], [1, 1], ceil]
+    vals, idx = torch.ops.fastconv.max_pool2d(x, *args)
+    plane = shape[2] * shape[3]
+    bad = idx.clone()
+    flat = bad.view(-1)
+    flat[0::5] = (flat[0::5] + kernel[1]) % plane   # another window's position (or the neighbour's)
+    flat[1::7] = -3
+    flat[2::11] = plane + 1
+    flat[3::13] = flat[3::13] + (1 << 33)
+    dropped = bad != idx
+    go = torch.randn(vals.shape)
+    gi = torch.ops.fastconv._max_pool2d_backward(go, x, bad, *args)
+    # reference: torch's backward with the dropped outputs' gradients zeroed, plus the moved indices
+    # that still land inside their own window (overlapping windows) scattered by hand
+    keep = ~dropped
+    h0 = (torch.arange(vals.shape[2]) * stride[0]).view(1, 1, -1, 1)
+    w0 = (torch.arange(vals.shape[3]) * stride[1]).view(1, 1, 1, -1)
+    r, c = bad // shape[3], bad % shape[3]
+    inside = (bad >= 0) & (bad < plane) & (r >= h0) & (r < h0 + kernel[0]) & (c >= w0) & (c < w0 + kernel[1])
+    want = torch.zeros(shape[0], shape[1], plane, dtype=torch.float64)
+    src = go.double().masked_fill(~(keep | inside), 0).flatten(2)
+    want.scatter_add_(2, bad.clamp(0, plane - 1).masked_fill(~(keep | inside), 0).flatten(2), src)
+    torch.testing.assert_close(gi.double(), want.view(shape), rtol=1e-6, atol=1e-6)
