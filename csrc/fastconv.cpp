@@ -39,7 +39,9 @@ TORCH_LIBRARY(fastconv, m) {
   m.def("_cuda_version() -> int", &cuda_version);
 }
 
-// Backends without a fused kernel (CUDA today): the two ops one after the other.
+// Backends without a conv2d_relu kernel of their own (the CPU and CUDA kernels register one): the two
+// ops one after the other, so a build without CUDA kernels still answers CUDA tensors with conv2d's
+// clear error.
 at::Tensor conv2d_relu_composite(const at::Tensor& input, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {

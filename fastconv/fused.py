@@ -9,7 +9,8 @@ from their children.
 The chain becomes one :class:`Conv2dReLU` at the conv's position, and the ReLU (and pool) positions
 hold ``nn.Identity``, so state_dict keys, the Parameter objects and train/eval mode stay the same.
 Forward: ``torch.ops.fastconv.conv2d_relu`` adds the bias and applies ReLU in the CPU kernel's
-epilogue (float32 on AVX-512; elsewhere conv2d then ReLU); backward (csrc/autograd.cpp) masks
+epilogue (float32 on AVX-512; other CPU paths run conv2d then ReLU) and, on CUDA, in the bias/layout
+kernel (no launch of its own where the conv uses that kernel: 2+ images, not 1x1); backward (csrc/autograd.cpp) masks
 grad_output with ``output > 0`` (ReLU's own backward kernel) and calls the conv backward op. The pool
 runs after it (not fused into the tile).
 """

@@ -45,7 +45,7 @@ def _bytes_per_image(x, w, stride, padding, dilation):
 
 
 def test_schemas_match_fastconv():
-    for name in ("conv2d", "_conv2d_backward", "max_pool2d", "_max_pool2d_backward"):
+    for name in ("conv2d", "_conv2d_backward", "max_pool2d", "_max_pool2d_backward", "conv2d_relu"):
         ours = str(getattr(E, name).default._schema)
         theirs = str(getattr(ops, name).default._schema)
         assert ours == theirs.replace("fastconv::", "fastconv_emulated::"), name
@@ -156,6 +156,29 @@ def test_counters_count_launches():
     # MNIST conv2 at batch 100: one chunk, so one im2col, one GEMM, one layout kernel (+ bias)
     assert (launches, gemms) == (2, 1)
     assert ws == peak == (32 * 9 + 64) * 100 * 14 * 14 * 4
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv2d_relu_fuses_relu_into_the_layout_kernel(case, dtype):
+    """conv2d_relu (fastconv.fuse()) on the CUDA kernels: relu(conv2d) exactly, NaN kept, and on the
+    chunked path no launch beyond conv2d's (ReLU in the bias/layout kernel)."""
+    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype, "cpu")
+    x = x.clone()
+    if x.numel():
+        x.view(-1)[0] = float("nan")
+    E._reset_counters()
+    plain = E.conv2d(x, w, b, stride, padding, dilation, groups)
+    plain_launches = E._counters()[0]
+    E._reset_counters()
+    fused = E.conv2d_relu(x, w, b, stride, padding, dilation, groups)
+    fused_launches = E._counters()[0]
+    torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(fused).any() == torch.isnan(plain).any()
+    pointwise = w.shape[2:] == (1, 1) and stride == (1, 1) and padding == (0, 0) and groups == 1
+    if x.shape[0] > 1 and not pointwise:
+        assert fused_launches == plain_launches
 
 
 # ----------------------------------------------------------------------------- issue 10's defects

@@ -71,3 +71,17 @@ def test_fused_model_compiles_fullgraph():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("algorithm", ["gemm", "winograd"])
+def test_conv2d_relu_keeps_nan_like_relu(algorithm):
+    # the ReLU in the CPU kernels' epilogue (GEMM and Winograd) lets NaN through, as torch.relu does
+    x = torch.randn(2, 16, 9, 9)
+    x[0, 3, 4, 4] = float("nan")
+    w = torch.randn(24, 16, 3, 3)
+    b = torch.randn(24)
+    with fastconv.conv_algorithm(algorithm):
+        fused = torch.ops.fastconv.conv2d_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+        plain = torch.ops.fastconv.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    assert torch.isnan(fused).any()
+    torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)

@@ -123,7 +123,7 @@ FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs
       } else {
         r = _mm512_add_ps(r, bias_v);
       }
-      if (relu) r = _mm512_max_ps(r, _mm512_setzero_ps());
+      if (relu) r = _mm512_max_ps(_mm512_setzero_ps(), r);  // NaN (the second operand) stays NaN, as torch.relu
       _mm512_mask_storeu_ps(p0, m0, r);
       if (m1) _mm512_mask_storeu_ps(p1, m1, r);
     }

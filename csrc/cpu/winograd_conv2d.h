@@ -194,7 +194,7 @@ FASTCONV_AVX512 inline void output_transform(const float* m, int64_t xi_stride, 
   y[2] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(b[0], b[1]), b[2]), bv);
   y[3] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(b[1], b[2]), b[3]), bv);
   if (relu) {
-    for (int r = 0; r < 4; ++r) y[r] = _mm512_max_ps(y[r], _mm512_setzero_ps());
+    for (int r = 0; r < 4; ++r) y[r] = _mm512_max_ps(_mm512_setzero_ps(), y[r]);  // NaN stays NaN
   }
 }
 

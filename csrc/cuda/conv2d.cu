@@ -47,12 +47,14 @@ ColShape col_shape(const Conv2dParams& p, int64_t batch) {
 }
 
 // out[n, oc, l] = tmp[oc, n * L + l] + bias[oc]: from the GEMM's [OC, nb * L] layout to NCHW,
-// with the bias added on the way (in opmath precision). One thread per output element, l
-// fastest, so both the loads and the stores are coalesced.
+// with the bias added on the way (in opmath precision) and, for conv2d_relu, ReLU: the fused
+// epilogue costs no launch of its own. One thread per output element, l fastest, so both the loads
+// and the stores are coalesced.
 template <typename scalar_t, typename index_t>
 __global__ void gemm_to_nchw_kernel(const index_t n_total, const scalar_t* __restrict__ tmp,
                                     const scalar_t* __restrict__ bias, const index_t out_channels,
-                                    const index_t plane, const index_t batch, scalar_t* __restrict__ out) {
+                                    const index_t plane, const index_t batch, const bool relu,
+                                    scalar_t* __restrict__ out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const index_t n_cols = batch * plane;
   FASTCONV_KERNEL_LOOP(index_t, idx, n_total) {
@@ -63,6 +65,9 @@ __global__ void gemm_to_nchw_kernel(const index_t n_total, const scalar_t* __res
     opmath_t v = static_cast<opmath_t>(tmp[oc * n_cols + n * plane + l]);
     if (bias != nullptr) {
       v += static_cast<opmath_t>(bias[oc]);
+    }
+    if (relu && !(v > opmath_t(0)) && v == v) {  // max(v, 0); NaN stays NaN, as torch.relu
+      v = opmath_t(0);
     }
     out[idx] = static_cast<scalar_t>(v);
   }
@@ -86,17 +91,17 @@ __global__ void nchw_to_gemm_kernel(const index_t n_total, const scalar_t* __res
 
 template <typename scalar_t>
 void gemm_to_nchw(const scalar_t* tmp, const scalar_t* bias, int64_t out_channels, int64_t plane, int64_t batch,
-                  scalar_t* out, cudaStream_t stream) {
+                  bool relu, scalar_t* out, cudaStream_t stream) {
   const int64_t n = batch * out_channels * plane;
   if (n == 0) {
     return;
   }
   if (fits_int32(n)) {
     backend::launch("gemm_to_nchw_kernel", &gemm_to_nchw_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
-        n, tmp, bias, out_channels, plane, batch, out);
+        n, tmp, bias, out_channels, plane, batch, relu, out);
   } else {
     backend::launch("gemm_to_nchw_kernel", &gemm_to_nchw_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
-        n, tmp, bias, out_channels, plane, batch, out);
+        n, tmp, bias, out_channels, plane, batch, relu, out);
   }
 }
 
@@ -138,8 +143,11 @@ void grouped_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   }
 }
 
-at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+// conv2d, and with relu conv2d_relu (ReLU in the layout kernel; on the paths without one, one in-place
+// ReLU launch after the bias).
+at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups, bool relu) {
   const Conv2dParams p = check_conv2d(input, weight, bias, stride, padding, dilation, groups);
   TORCH_INTERNAL_ASSERT(backend::on_backend(input), "fastconv.conv2d (" FASTCONV_BACKEND_NAME
                         " kernel): got input on ", input.device());
@@ -171,7 +179,7 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
     if (has_bias) {
       out.add_(bias_c.view({1, OC, 1, 1}));
     }
-    return out;
+    return relu ? out.relu_() : out;
   }
 
   const int64_t nb = images_per_chunk(p.batch, (col_rows + OC) * L * input.element_size());
@@ -200,14 +208,28 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
         if (has_bias) {
           out_n.add_(bias_c.view({G, OCg, 1}));
         }
+        if (relu) {
+          out_n.relu_();
+        }
         continue;
       }
       const at::Tensor tmp = tmp_buf.narrow(0, 0, OC * n_cols).view({G, OCg, n_cols});
       grouped_gemm(tmp, w3, cols, /*accumulate=*/false);
-      gemm_to_nchw<scalar_t>(tmp.const_data_ptr<scalar_t>(), bias_ptr, OC, L, cur, out_ptr + n0 * out_image, stream);
+      gemm_to_nchw<scalar_t>(tmp.const_data_ptr<scalar_t>(), bias_ptr, OC, L, cur, relu, out_ptr + n0 * out_image,
+                             stream);
     }
   });
   return out;
+}
+
+at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv2d_forward_cuda(input, weight, bias, stride, padding, dilation, groups, /*relu=*/false);
+}
+
+at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv2d_forward_cuda(input, weight, bias, stride, padding, dilation, groups, /*relu=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
@@ -336,6 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
 
 TORCH_LIBRARY_IMPL(FASTCONV_BACKEND_LIBRARY, FASTCONV_BACKEND_KEY, m) {
   m.impl("conv2d", TORCH_FN(conv2d_cuda));
+  m.impl("conv2d_relu", TORCH_FN(conv2d_relu_cuda));
   m.impl("_conv2d_backward", TORCH_FN(conv2d_backward_cuda));
 }
 

@@ -65,6 +65,8 @@ TORCH_LIBRARY(fastconv_emulated, m) {
         "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("conv2d_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
   m.def("_max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
         "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
   // Test knobs and counters of the emulated backend.
