@@ -130,7 +130,7 @@ def _version():
 
 
 TRAIN_EXTRAS = ["tqdm", "matplotlib"]
-TEST_EXTRAS = TRAIN_EXTRAS + ["pytest", "hypothesis", "ruff", "onnx", "onnxscript", "onnxruntime"]
+TEST_EXTRAS = TRAIN_EXTRAS + ["pytest", "hypothesis", "ruff", "clang-format", "onnx", "onnxscript", "onnxruntime"]
 
 
 def extensions():

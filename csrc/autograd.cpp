@@ -24,11 +24,12 @@ using OptTensor = c10::optional<at::Tensor>;
 
 using ConvSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
                            at::IntArrayRef, int64_t);
-using ConvBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-    int64_t, std::array<bool, 3>);
-using PoolSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                                   at::IntArrayRef, at::IntArrayRef, bool);
+using ConvBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, at::IntArrayRef,
+                                                                       at::IntArrayRef, at::IntArrayRef, int64_t,
+                                                                       std::array<bool, 3>);
+using PoolSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                                   at::IntArrayRef, bool);
 using PoolBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
                                    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool);
 
@@ -129,10 +130,10 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
     variable_list result(6);
     if (!ctx->needs_input_grad(0) || !grads[0].defined()) return result;
     const auto saved = ctx->get_saved_variables();
-    result[0] = backward_op.call(grads[0].contiguous(), saved[0], saved[1],
-                                 ctx->saved_data["kernel_size"].toIntVector(), ctx->saved_data["stride"].toIntVector(),
-                                 ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-                                 ctx->saved_data["ceil_mode"].toBool());
+    result[0] =
+        backward_op.call(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["kernel_size"].toIntVector(),
+                         ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+                         ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["ceil_mode"].toBool());
     return result;
   }
 };

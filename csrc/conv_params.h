@@ -49,8 +49,8 @@ inline void check_float_tensor(const at::Tensor& t, const char* op, const char* 
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   // The four dtypes the kernels are compiled for; not at::isFloatingType, which admits float8 too.
   const at::ScalarType st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ",
-              name, " to be a floating-point tensor (float32, float64, float16 or bfloat16), got ", st);
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ", name,
+              " to be a floating-point tensor (float32, float64, float16 or bfloat16), got ", st);
 }
 
 // Bound on stride, padding and dilation (and dilation * (kernel - 1)), so that the output-size
@@ -112,18 +112,17 @@ inline int64_t pool_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t
 }
 
 inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weight,
-                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                 const char* op = "fastconv.conv2d") {
+                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups, const char* op = "fastconv.conv2d") {
   using detail::shape_str;
   detail::check_float_tensor(input, op, "input");
   detail::check_float_tensor(weight, op, "weight");
-  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(),
-              "-D input of size ", shape_str(input.sizes()));
+  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(), "-D input of size ",
+              shape_str(input.sizes()));
   TORCH_CHECK(weight.dim() == 4, op, ": expected a 4-D weight (out_channels, in_channels/groups, kH, kW), got ",
               weight.dim(), "-D weight of size ", shape_str(weight.sizes()));
-  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), op, ": input (", input.scalar_type(),
-              ") and weight (", weight.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), op, ": input (", input.scalar_type(), ") and weight (",
+              weight.scalar_type(), ") must have the same dtype");
   TORCH_CHECK(input.device() == weight.device(), op, ": input is on ", input.device(), " but weight is on ",
               weight.device(), "; move them to the same device");
   detail::check_window(stride, padding, dilation, op);
@@ -142,16 +141,16 @@ inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weig
 
   TORCH_CHECK(p.out_channels > 0 && p.kernel_h > 0 && p.kernel_w > 0 && weight.size(1) > 0, op,
               ": weight must have no zero-size dimension, got ", shape_str(weight.sizes()));
-  TORCH_CHECK(p.in_channels % groups == 0, op, ": in_channels (", p.in_channels,
-              ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(p.out_channels % groups == 0, op, ": out_channels (", p.out_channels,
-              ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(p.in_channels % groups == 0, op, ": in_channels (", p.in_channels, ") must be divisible by groups (",
+              groups, ")");
+  TORCH_CHECK(p.out_channels % groups == 0, op, ": out_channels (", p.out_channels, ") must be divisible by groups (",
+              groups, ")");
   TORCH_CHECK(weight.size(1) * groups == p.in_channels, op, ": weight of size ", shape_str(weight.sizes()),
               " with groups=", groups, " expects ", weight.size(1) * groups, " input channels, but got input of size ",
               shape_str(input.sizes()), " with ", p.in_channels, " channels");
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.out_channels, op, ": expected bias of size [",
-                p.out_channels, "], got ", shape_str(bias->sizes()));
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.out_channels, op, ": expected bias of size [", p.out_channels,
+                "], got ", shape_str(bias->sizes()));
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias (", bias->scalar_type(),
                 ") must have the input's dtype (", input.scalar_type(), ")");
     TORCH_CHECK(bias->device() == input.device(), op, ": bias is on ", bias->device(), " but input is on ",
@@ -164,9 +163,9 @@ inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weig
               " (zero height or width)");
   const int64_t eff_kh = detail::window_span(p.kernel_h, p.dilation_h, op);
   const int64_t eff_kw = detail::window_span(p.kernel_w, p.dilation_w, op);
-  TORCH_CHECK(p.in_h + 2 * p.pad_h >= eff_kh && p.in_w + 2 * p.pad_w >= eff_kw, op,
-              ": kernel size (", eff_kh, " x ", eff_kw, ", dilation included) can't be greater than the padded input size (",
-              p.in_h + 2 * p.pad_h, " x ", p.in_w + 2 * p.pad_w, ")");
+  TORCH_CHECK(p.in_h + 2 * p.pad_h >= eff_kh && p.in_w + 2 * p.pad_w >= eff_kw, op, ": kernel size (", eff_kh, " x ",
+              eff_kw, ", dilation included) can't be greater than the padded input size (", p.in_h + 2 * p.pad_h, " x ",
+              p.in_w + 2 * p.pad_w, ")");
   p.out_h = conv_out_size(p.in_h, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h);
   p.out_w = conv_out_size(p.in_w, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w);
   TORCH_CHECK(p.out_h > 0 && p.out_w > 0, op, ": output size is too small: ", p.out_h, " x ", p.out_w);
@@ -178,8 +177,8 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
                                      const char* op = "fastconv.max_pool2d") {
   using detail::shape_str;
   detail::check_float_tensor(input, op, "input");
-  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(),
-              "-D input of size ", shape_str(input.sizes()));
+  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(), "-D input of size ",
+              shape_str(input.sizes()));
   detail::check_pair(kernel_size, op, "kernel_size");
   TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op, ": kernel_size must be positive, got ", kernel_size);
   detail::check_window(stride, padding, dilation, op);
@@ -220,10 +219,9 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
   };
   const int64_t bad_h = empty_window(p.out_h, p.in_h, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h);
   const int64_t bad_w = empty_window(p.out_w, p.in_w, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w);
-  TORCH_CHECK(bad_h < 0 && bad_w < 0, op, ": with input size ", shape_str(input.sizes()), ", kernel_size=",
-              kernel_size, ", stride=", stride, ", padding=", padding, " and dilation=", dilation,
-              " the pooling window of output ", bad_h >= 0 ? "row " : "column ", bad_h >= 0 ? bad_h : bad_w,
-              " lies entirely in the padding");
+  TORCH_CHECK(bad_h < 0 && bad_w < 0, op, ": with input size ", shape_str(input.sizes()), ", kernel_size=", kernel_size,
+              ", stride=", stride, ", padding=", padding, " and dilation=", dilation, " the pooling window of output ",
+              bad_h >= 0 ? "row " : "column ", bad_h >= 0 ? bad_h : bad_w, " lies entirely in the padding");
   return p;
 }
 
@@ -232,14 +230,13 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
 // outside its window (or outside the plane) contributes nothing. This is what a gather (CUDA: one
 // thread per input element visits the windows covering it) can do without atomics, and torch's
 // own CUDA kernel behaves the same way.
-inline void check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                      const at::Tensor& indices, const Pool2dParams& p,
-                                      const char* op = "fastconv._max_pool2d_backward") {
+inline void check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
+                                      const Pool2dParams& p, const char* op = "fastconv._max_pool2d_backward") {
   const std::vector<int64_t> expect{p.batch, p.channels, p.out_h, p.out_w};
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": expected grad_output of size ",
               detail::shape_str(expect), ", got ", detail::shape_str(grad_output.sizes()));
-  TORCH_CHECK(indices.sizes() == at::IntArrayRef(expect), op, ": expected indices of size ",
-              detail::shape_str(expect), ", got ", detail::shape_str(indices.sizes()));
+  TORCH_CHECK(indices.sizes() == at::IntArrayRef(expect), op, ": expected indices of size ", detail::shape_str(expect),
+              ", got ", detail::shape_str(indices.sizes()));
   TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": expected int64 indices, got ", indices.scalar_type());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output (", grad_output.scalar_type(),
               ") and input (", input.scalar_type(), ") must have the same dtype");

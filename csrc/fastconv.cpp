@@ -7,6 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "op_schemas.h"
+
 #ifdef FASTCONV_WITH_CUDA
 #include <cuda.h>
 #endif
@@ -23,19 +25,11 @@ int64_t cuda_version() {
 }
 
 TORCH_LIBRARY(fastconv, m) {
-  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
-  // Returns (grad_input, grad_weight, grad_bias); an entry whose output_mask is false is an empty tensor.
-  m.def("_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // Returns (output, indices): indices are flat positions within each input plane, as torch's.
-  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-        "bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("_max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
-        "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
-  // conv2d followed by ReLU, ReLU applied in the kernel's epilogue where the backend can (fastconv.fuse()).
-  m.def("conv2d_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
+  m.def(schemas::kConv2d);
+  m.def(schemas::kConv2dBackward);
+  m.def(schemas::kMaxPool2d);
+  m.def(schemas::kMaxPool2dBackward);
+  m.def(schemas::kConv2dRelu);
   m.def("_cuda_version() -> int", &cuda_version);
 }
 
@@ -43,17 +37,16 @@ TORCH_LIBRARY(fastconv, m) {
 // ops one after the other, so a build without CUDA kernels still answers CUDA tensors with conv2d's
 // clear error.
 at::Tensor conv2d_relu_composite(const at::Tensor& input, const at::Tensor& weight,
-                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  static const auto conv = c10::Dispatcher::singleton().findSchemaOrThrow("fastconv::conv2d", "").typed<
-      at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, at::IntArrayRef,
-                 at::IntArrayRef, at::IntArrayRef, int64_t)>();
+                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups) {
+  static const auto conv = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastconv::conv2d", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>();
   return conv.call(input, weight, bias, stride, padding, dilation, groups).relu_();
 }
 
-TORCH_LIBRARY_IMPL(fastconv, CompositeExplicitAutograd, m) {
-  m.impl("conv2d_relu", &conv2d_relu_composite);
-}
+TORCH_LIBRARY_IMPL(fastconv, CompositeExplicitAutograd, m) { m.impl("conv2d_relu", &conv2d_relu_composite); }
 
 }  // namespace fastconv
 

@@ -1,16 +1,11 @@
-"""Shared test fixtures: device parametrisation, the cuda/emulated_cuda/large marks, poisoned allocations."""
+"""Shared test fixtures: the cuda/emulated_cuda/large marks (the only place they skip), the CUDA
+backends (a GPU and the emulated kernels), poisoned allocations. Device parametrisation: tests/devices.py."""
 import os
 
 import pytest
 import torch
 
 import fastconv  # noqa: F401  (registers torch.ops.fastconv before the emulated backend is loaded)
-
-
-def cpu_and_cuda():
-    """Parametrise a test over the CPU and (marked `cuda`, skipped without a GPU) CUDA."""
-    return ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
-
 
 # ----------------------------------------------------------------------------- emulated CUDA backend
 

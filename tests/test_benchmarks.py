@@ -20,8 +20,6 @@ import fastconv  # noqa: E402,F401  (the benchmarks need the built extension: no
 
 from fcbench import cases, machine, numpy_im2col, peak, timing  # noqa: E402
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 CORE_CONV_LAYERS = ["mnist_cnn.conv1", "mnist_cnn.conv2", "lenet.conv2", "simple_convnet.conv1", "alexnet.conv1"]
 CORE_POOL_LAYERS = ["mnist_cnn.pool1", "alexnet.pool1"]
 
@@ -259,7 +257,6 @@ def test_bench_train_quick_tiny_cpu(tmp_path):
 
 
 @pytest.mark.cuda
-@needs_cuda
 def test_bench_ops_quick_tiny_cuda(tmp_path):
     out = tmp_path / "ops.json"
     run_script("bench_ops.py", "--quick", "--tiny", "--device", "cuda", "--json", str(out))
@@ -271,7 +268,6 @@ def test_bench_ops_quick_tiny_cuda(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.cuda
-@needs_cuda
 def test_bench_train_quick_tiny_cuda(tmp_path):
     out = tmp_path / "train.json"
     run_script("bench_train.py", "--quick", "--tiny", "--device", "cuda", "--json", str(out))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastconv
 import fastconv.functional as FC
 
-from conftest import cpu_and_cuda
+from devices import cpu_and_cuda
 
 ops = torch.ops.fastconv
 

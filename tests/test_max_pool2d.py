@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fastconv
 import fastconv.functional as FC
 
-from conftest import cpu_and_cuda
+from devices import cpu_and_cuda
 
 # (N, C, H, W, kernel, stride, padding, dilation, ceil_mode)
 CASES = [

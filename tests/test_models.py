@@ -9,6 +9,8 @@ import fastconv
 from fastconv import models
 from fastconv.models import build_model
 
+from devices import cpu_and_cuda
+
 # Constructor arguments that make each model take 1x28x28 inputs quickly.
 KWARGS = {"alexnet": {"resize": 63}}
 
@@ -75,7 +77,7 @@ def test_state_dict_loads_across_impls(name):
     torch.testing.assert_close(fc2(x), fc(x))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_gradients_match_torch_twin(device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare fp32 with fp32
     fc, tn = _pair("mnist_cnn", seed=3)

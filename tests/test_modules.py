@@ -5,7 +5,7 @@ from torch import nn
 
 import fastconv
 
-from conftest import cpu_and_cuda
+from devices import cpu_and_cuda
 
 CONV_CONFIGS = [
     dict(in_channels=3, out_channels=8, kernel_size=3, padding=1),

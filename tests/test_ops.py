@@ -7,7 +7,7 @@ from torch import nn
 
 import fastconv
 
-from conftest import cpu_and_cuda
+from devices import cpu_and_cuda
 
 ops = torch.ops.fastconv
 

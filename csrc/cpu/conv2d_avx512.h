@@ -35,11 +35,11 @@ namespace fastconv {
 namespace cpu {
 namespace engine {
 
-constexpr int64_t kMaxBlockK = 512;          // reduction rows per block: an 8 x 512 weight panel is 16 KiB (L1)
+constexpr int64_t kMaxBlockK = 512;                // reduction rows per block: an 8 x 512 weight panel is 16 KiB (L1)
 constexpr int64_t kColumnBlockBytes = 192 * 1024;  // one item's packed columns per k-block (L2)
-constexpr int64_t kPanel = kTileCols;        // 48 pixels per panel
-constexpr int64_t kMaxPartialBytes = 1 << 20;  // backward-weight: per-thread partials up to L2's size
-constexpr int64_t kPanelPad = 16;            // floats after each packed panel (pack_columns' overrun)
+constexpr int64_t kPanel = kTileCols;              // 48 pixels per panel
+constexpr int64_t kMaxPartialBytes = 1 << 20;      // backward-weight: per-thread partials up to L2's size
+constexpr int64_t kPanelPad = 16;                  // floats after each packed panel (pack_columns' overrun)
 
 // 64-byte aligned scratch. Not zeroed: every lane a kernel reads is either written first or lies in
 // a lane whose result is never stored (the junk lanes of partial vectors).
@@ -58,7 +58,6 @@ struct AlignedBuffer {
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 
 // Grain for at::parallel_for over tasks of `work` floats each: small jobs run on the calling thread
 // (waking the pool costs microseconds, which batch-1 calls of small layers would pay several times).
@@ -86,8 +85,8 @@ inline void make_segments(const Conv2dParams& p, int64_t g0, int64_t g1, int64_t
   for (int64_t g = g0; g < g1;) {
     const int64_t n = g / L, q = g % L, oh = q / OW, ow0 = q % OW, t = g - g0;
     const int64_t len = std::min({OW - ow0, g1 - g, pw - t % pw});
-    segs.push_back({n * p.in_channels * p.in_plane(), oh * p.stride_h - p.pad_h, ow0, len,
-                    (t / pw) * panel_stride + t % pw});
+    segs.push_back(
+        {n * p.in_channels * p.in_plane(), oh * p.stride_h - p.pad_h, ow0, len, (t / pw) * panel_stride + t % pw});
     g += len;
   }
 }
@@ -121,7 +120,8 @@ FASTCONV_AVX512 inline void pack_columns(const float* input, const Conv2dParams&
       const float* src = chan + s->image_offset + ih * W;
       if (p.stride_w == 1) {
         if (ow >= lo && ow + len <= hi) {
-          for (int64_t x = 0; x < len; x += 16) _mm512_storeu_ps(d + x, _mm512_maskz_loadu_ps(lane_mask(0, len - x), src + ow + x));
+          for (int64_t x = 0; x < len; x += 16)
+            _mm512_storeu_ps(d + x, _mm512_maskz_loadu_ps(lane_mask(0, len - x), src + ow + x));
         } else {
           for (int64_t x = 0; x < len; x += 16) {
             const __mmask16 valid = lane_mask(std::max(lo - (ow + x), int64_t(0)), std::min(hi, ow + len) - (ow + x));
@@ -558,7 +558,8 @@ FASTCONV_AVX512 inline void sum_slots_transposed(const float* src, int64_t lds, 
   for (int i = 0; i < 16; ++i) {
     r[i] = _mm512_setzero_ps();
     if (i >= rows) continue;
-    for (int64_t s = 0; s < slots; ++s) r[i] = _mm512_add_ps(r[i], _mm512_maskz_loadu_ps(cm, src + s * slot_stride + i * lds));
+    for (int64_t s = 0; s < slots; ++s)
+      r[i] = _mm512_add_ps(r[i], _mm512_maskz_loadu_ps(cm, src + s * slot_stride + i * lds));
   }
   transpose16(r);
   for (int i = 0; i < cols; ++i) _mm512_mask_storeu_ps(dst + i * ldd, rm, r[i]);
@@ -596,6 +597,27 @@ inline int vectors_of_tile(int64_t total_vectors, int64_t first_vector) {
   return 1;
 }
 
+// acc[k][o] (rows `ldo` apart) = init + sum over t < len of cols[k][t] * b[t][o], for k < rows and o < OCg
+// (cols rows `npix` apart, b rows `ldo` apart): backward-weight's GEMM over one block of pixels.
+FASTCONV_AVX512 inline void weight_grad_rows(const float* cols, int64_t npix, int64_t rows, int64_t len, const float* b,
+                                             int64_t OCg, int64_t ldo, float* acc, Init init) {
+  const int64_t oc_vectors = ceil_div(OCg, 16);
+  for (int64_t o0 = 0, nv = 0; o0 < OCg; o0 += 16 * nv) {
+    nv = vectors_of_tile(oc_vectors, o0 / 16);
+    for (int64_t r = 0; r < rows; r += kTileRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+      TileDest d;
+      d.ldc = ldo;
+      for (int v = 0; v < kTileVectors; ++v) {
+        d.ptr[v][0] = d.ptr[v][1] = acc + r * ldo + o0 + 16 * v;
+        d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
+        d.mask[v][1] = 0;
+      }
+      run_micro_kernel(mr, static_cast<int>(nv), len, cols + r * npix, npix, 1, PanelB{b + o0, ldo}, d, init, nullptr);
+    }
+  }
+}
+
 // Backward-weight split over the rows of grad_W^T (C*KH*KW, in blocks of `kc`): every task reduces over
 // all pixels into its own rows, which stay in L2, so there are no per-thread partials to sum and the
 // result does not depend on the thread count. Pixels go in chunks: grad_output^T of a chunk is
@@ -604,11 +626,11 @@ inline void backward_weight_by_rows(const float* grad_output, const float* input
                                     const Conv2dParams& p, int64_t kc) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t Cg = p.in_channels_per_group(), total = p.batch * p.out_plane();
-  const int64_t ldo = ceil_div(OCg, 16) * 16, oc_vectors = ldo / 16;
+  const int64_t ldo = ceil_div(OCg, 16) * 16;
   const int64_t npix = std::min<int64_t>(512, total);  // pixels per packed column block (the reduction per call)
   const int64_t chunk = std::min(total, std::max<int64_t>(1, (int64_t(2) << 20) / (G * ldo * 4) / npix) * npix);
   const int64_t k_blocks = ceil_div(Kg, kc), tasks = G * k_blocks;
-  std::unique_ptr<float[]> gwt(new float[G * Kg * ldo]);  // grad_W^T [g][k][ldo]; the first block writes it
+  std::unique_ptr<float[]> gwt(new float[G * Kg * ldo]);     // grad_W^T [g][k][ldo]; the first block writes it
   std::unique_ptr<float[]> got(new float[G * chunk * ldo]);  // grad_output^T of a chunk [g][t][ldo]
   for (int64_t c0 = 0; c0 < total; c0 += chunk) {
     const int64_t c1 = std::min(total, c0 + chunk), pieces = ceil_div(c1 - c0, npix);
@@ -630,20 +652,7 @@ inline void backward_weight_by_rows(const float* grad_output, const float* input
           pack_columns(input, p, g * Cg, k0, k0 + kn, segs, npix, cols);
           const Init init = t0 == 0 ? Init::kZero : Init::kAccumulate;
           const float* b_rows = got.get() + (g * chunk + t0 - c0) * ldo;
-          for (int64_t o0 = 0, nv = 0; o0 < OCg; o0 += 16 * nv) {
-            nv = vectors_of_tile(oc_vectors, o0 / 16);
-            for (int64_t r = 0; r < kn; r += kTileRows) {
-              const int mr = static_cast<int>(std::min<int64_t>(kTileRows, kn - r));
-              TileDest d;
-              d.ldc = ldo;
-              for (int v = 0; v < kTileVectors; ++v) {
-                d.ptr[v][0] = d.ptr[v][1] = gwt.get() + (g * Kg + k0 + r) * ldo + o0 + 16 * v;
-                d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
-                d.mask[v][1] = 0;
-              }
-              run_micro_kernel(mr, nv, len, cols + r * npix, npix, 1, PanelB{b_rows + o0, ldo}, d, init, nullptr);
-            }
-          }
+          weight_grad_rows(cols, npix, kn, len, b_rows, OCg, ldo, gwt.get() + (g * Kg + k0) * ldo, init);
         }
       }
     });
@@ -665,7 +674,7 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
                                       const Conv2dParams& p) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t Cg = p.in_channels_per_group(), L = p.out_plane(), total = p.batch * L;
-  const int64_t ldo = ceil_div(OCg, 16) * 16;         // grad_output^T rows, padded to whole vectors
+  const int64_t ldo = ceil_div(OCg, 16) * 16;          // grad_output^T rows, padded to whole vectors
   const int64_t npix = std::min<int64_t>(256, total);  // the reduction per item
   const KBlocks kb(Kg, std::max<int64_t>(kTileRows, kColumnBlockBytes / (npix * 4) / kTileRows * kTileRows));
   const int64_t items = ceil_div(total, npix);
@@ -689,21 +698,8 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
           for (int64_t b = 0; b < kb.count; ++b) {
             const int64_t k0 = b * kb.size, kc = std::min(kb.size, Kg - k0);
             pack_columns(input, p, g * Cg, k0, k0 + kc, segs, npix, cols);
-            const int64_t oc_vectors = ceil_div(OCg, 16);
-            for (int64_t o0 = 0, nv = 0; o0 < OCg; o0 += 16 * nv) {
-              nv = vectors_of_tile(oc_vectors, o0 / 16);
-              for (int64_t r = 0; r < kc; r += kTileRows) {
-                const int mr = static_cast<int>(std::min<int64_t>(kTileRows, kc - r));
-                TileDest d;
-                d.ldc = ldo;
-                for (int v = 0; v < kTileVectors; ++v) {
-                  d.ptr[v][0] = d.ptr[v][1] = acc_g + (k0 + r) * ldo + o0 + 16 * v;
-                  d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
-                  d.mask[v][1] = 0;
-                }
-                run_micro_kernel(mr, nv, len, cols + r * npix, npix, 1, PanelB{goT + o0, ldo}, d, item == s * items / slots ? Init::kZero : Init::kAccumulate, nullptr);
-              }
-            }
+            weight_grad_rows(cols, npix, kc, len, goT, OCg, ldo, acc_g + k0 * ldo,
+                             item == s * items / slots ? Init::kZero : Init::kAccumulate);
           }
         }
       }
@@ -730,7 +726,8 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   const Conv2dParams p = flatten_pointwise(params);
   // rows per task: about four tasks per thread, 8 to 64 rows (a multiple of the micro-kernel's 8)
   const int64_t threads = at::get_num_threads(), Kg = p.col_rows_per_group();
-  const int64_t kc = std::clamp<int64_t>(ceil_div(ceil_div(p.groups * Kg, 4 * threads), kTileRows) * kTileRows, kTileRows, 64);
+  const int64_t kc =
+      std::clamp<int64_t>(ceil_div(ceil_div(p.groups * Kg, 4 * threads), kTileRows) * kTileRows, kTileRows, 64);
   const int64_t partial_bytes = p.groups * Kg * ceil_div(p.out_channels_per_group(), 16) * 16 * 4;
   if (partial_bytes <= kMaxPartialBytes || p.groups * ceil_div(Kg, kc) < 2 * threads) {
     return backward_weight_by_pixels(grad_output, input, grad_weight, p);

@@ -45,7 +45,8 @@ FASTCONV_AVX512 inline void axpy_row_avx512(float* acc, const float* src, float 
   }
   if (o < hi) {
     const __mmask16 m = lane_mask(0, hi - o);
-    _mm512_mask_storeu_ps(acc + o, m, _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, src + o), _mm512_maskz_loadu_ps(m, acc + o)));
+    _mm512_mask_storeu_ps(acc + o, m,
+                          _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, src + o), _mm512_maskz_loadu_ps(m, acc + o)));
   }
 }
 
@@ -152,8 +153,8 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
         if (p.stride_w == 1 && has_avx512()) {
           for (int64_t oh = 0; oh < p.out_h; ++oh) {
             for (int64_t c = 0; c < Cg; ++c) {
-              conv_row_avx512(out + oh * OW, input + (n * p.in_channels + c0 + c) * H * W, weight + (oc * Cg + c) * KH * KW,
-                              bias ? bias[oc] : 0.f, c > 0, oh, p, masks.data());
+              conv_row_avx512(out + oh * OW, input + (n * p.in_channels + c0 + c) * H * W,
+                              weight + (oc * Cg + c) * KH * KW, bias ? bias[oc] : 0.f, c > 0, oh, p, masks.data());
             }
           }
           continue;

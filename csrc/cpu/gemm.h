@@ -34,8 +34,8 @@ inline bool has_avx512() {
   static const bool yes = [] {
     const char* env = std::getenv("FASTCONV_CPU_GEMM");
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("bmi2") && !(env && std::string(env) == "aten");
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2") &&
+           !(env && std::string(env) == "aten");
   }();
   return yes;
 #else
@@ -46,8 +46,8 @@ inline bool has_avx512() {
 #if FASTCONV_HAVE_AVX512_KERNELS
 #define FASTCONV_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,bmi2")))
 
-constexpr int kTileRows = 8;      // MR: rows of A broadcast per step
-constexpr int kTileVectors = 3;   // NV: zmm vectors of B per step
+constexpr int kTileRows = 8;     // MR: rows of A broadcast per step
+constexpr int kTileVectors = 3;  // NV: zmm vectors of B per step
 constexpr int kTileCols = 16 * kTileVectors;
 
 inline __mmask16 lane_mask(int64_t lo, int64_t hi) {  // lanes [lo, hi) of 16, clamped
@@ -135,11 +135,14 @@ template <typename BSrc>
 FASTCONV_AVX512 inline void run_micro_kernel(int mr, int nv, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
                                              const BSrc& bs, const TileDest& d, Init init, const float* bias,
                                              bool relu = false) {
-#define FASTCONV_MK_CASE(MR)                                                                     \
-  case MR:                                                                                       \
-    if (nv == 3) micro_kernel<MR, 3>(K, a, a_rs, a_cs, bs, d, init, bias, relu);                 \
-    else if (nv == 2) micro_kernel<MR, 2>(K, a, a_rs, a_cs, bs, d, init, bias, relu);            \
-    else micro_kernel<MR, 1>(K, a, a_rs, a_cs, bs, d, init, bias, relu);                         \
+#define FASTCONV_MK_CASE(MR)                                          \
+  case MR:                                                            \
+    if (nv == 3)                                                      \
+      micro_kernel<MR, 3>(K, a, a_rs, a_cs, bs, d, init, bias, relu); \
+    else if (nv == 2)                                                 \
+      micro_kernel<MR, 2>(K, a, a_rs, a_cs, bs, d, init, bias, relu); \
+    else                                                              \
+      micro_kernel<MR, 1>(K, a, a_rs, a_cs, bs, d, init, bias, relu); \
     break;
   switch (mr) {
     FASTCONV_MK_CASE(8)
@@ -149,7 +152,8 @@ FASTCONV_AVX512 inline void run_micro_kernel(int mr, int nv, int64_t K, const fl
     FASTCONV_MK_CASE(4)
     FASTCONV_MK_CASE(3)
     FASTCONV_MK_CASE(2)
-    default: FASTCONV_MK_CASE(1)
+    default:
+      FASTCONV_MK_CASE(1)
   }
 #undef FASTCONV_MK_CASE
 }

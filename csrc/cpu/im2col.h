@@ -54,8 +54,8 @@ struct ColumnRanges {
 
 // im: C x H x W (contiguous), col: (C*KH*KW) x ((oh1-oh0)*OW), row-major, rows `ld` apart.
 template <typename T>
-FASTCONV_INLINE_LOOPS void im2col_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t oh0,
-                                       int64_t oh1, T* col, int64_t ld) {
+FASTCONV_INLINE_LOOPS void im2col_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t oh0, int64_t oh1,
+                                       T* col, int64_t ld) {
   const int64_t OW = p.out_w, W = p.in_w, H = p.in_h, SW = p.stride_w;
   const int64_t band = oh1 - oh0;
   const ColumnRanges ranges(p);
@@ -90,8 +90,7 @@ FASTCONV_INLINE_LOOPS void im2col_band(const T* im, int64_t channels, const Conv
 // The transpose of im2col_band: colT[(oh - oh0)*OW + ow][(c*KH + kh)*KW + kw], rows `ld` apart. The
 // grad_weight GEMM (grad_output tile @ colT) reads its column tile this way, as a row-major right-hand side.
 template <typename T>
-void im2row_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t oh0, int64_t oh1, T* colT,
-                 int64_t ld) {
+void im2row_band(const T* im, int64_t channels, const Conv2dParams& p, int64_t oh0, int64_t oh1, T* colT, int64_t ld) {
   const int64_t W = p.in_w, H = p.in_h, KH = p.kernel_h, KW = p.kernel_w;
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     for (int64_t ow = 0; ow < p.out_w; ++ow) {

@@ -58,8 +58,7 @@ int max_pool2d_vector_kernel(const Pool2dParams& p) {
 
 template <int K>
 __attribute__((target("avx512f"))) void max_pool2d_stride2_planes(const float* in, float* out, int64_t* idx,
-                                                                   const Pool2dParams& p, int64_t begin,
-                                                                   int64_t end) {
+                                                                  const Pool2dParams& p, int64_t begin, int64_t end) {
   const int64_t W = p.in_w, OW = p.out_w, in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
@@ -267,12 +266,12 @@ FASTCONV_AVX512 void max_pool2d_backward_plane_tiled(const float* src, const int
       __m512i a_lo = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(wm), at_row + ow0);
       __m512i a_hi = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(wm >> 8), at_row + ow0 + 8);
       // indices outside the plane become -1 before narrowing to int32 (never a position)
-      a_lo = _mm512_mask_mov_epi64(minus1, _mm512_cmpge_epi64_mask(a_lo, _mm512_setzero_si512()) &
-                                               _mm512_cmplt_epi64_mask(a_lo, plane_v), a_lo);
-      a_hi = _mm512_mask_mov_epi64(minus1, _mm512_cmpge_epi64_mask(a_hi, _mm512_setzero_si512()) &
-                                               _mm512_cmplt_epi64_mask(a_hi, plane_v), a_hi);
-      const __m512i at = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(a_lo)),
-                                            _mm512_cvtepi64_epi32(a_hi), 1);
+      a_lo = _mm512_mask_mov_epi64(
+          minus1, _mm512_cmpge_epi64_mask(a_lo, _mm512_setzero_si512()) & _mm512_cmplt_epi64_mask(a_lo, plane_v), a_lo);
+      a_hi = _mm512_mask_mov_epi64(
+          minus1, _mm512_cmpge_epi64_mask(a_hi, _mm512_setzero_si512()) & _mm512_cmplt_epi64_mask(a_hi, plane_v), a_hi);
+      const __m512i at =
+          _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(a_lo)), _mm512_cvtepi64_epi32(a_hi), 1);
       const __m512 g = _mm512_maskz_loadu_ps(wm, go_row + ow0);
       const __m512i win = _mm512_load_si512(lane_windows.of[res]);
       const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(ih * W + iw0)), iota);
@@ -370,19 +369,18 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
 at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, bool ceil_mode) {
-  const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode,
-                                          "fastconv._max_pool2d_backward");
+  const Pool2dParams p =
+      check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, "fastconv._max_pool2d_backward");
   check_max_pool2d_backward(grad_output, input, indices, p);
   at::Tensor grad_input = at::empty({p.batch, p.channels, p.in_h, p.in_w}, input.options());
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor go_c = grad_output.contiguous();
   const at::Tensor idx_c = indices.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_backward_cpu",
-                                  [&] {
-                                    max_pool2d_backward_kernel<scalar_t>(go_c.const_data_ptr<scalar_t>(),
-                                                                         idx_c.const_data_ptr<int64_t>(),
-                                                                         grad_input.data_ptr<scalar_t>(), p);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_backward_cpu", [&] {
+        max_pool2d_backward_kernel<scalar_t>(go_c.const_data_ptr<scalar_t>(), idx_c.const_data_ptr<int64_t>(),
+                                             grad_input.data_ptr<scalar_t>(), p);
+      });
   return grad_input;
 }
 

@@ -9,8 +9,8 @@
 //
 // Per work item (a block of tiles, flattened over the batch like the engine's pixels):
 //   for each block of input channels: V = B^T d B for every tile (16 tiles of a tile row per vector,
-//   deinterleaved from contiguous loads of a zero-padded copy of the input) into 48-tile panels per xi; M_xi += U_xi V_xi;
-//   then Y = A^T M A + bias (+ ReLU), interleaved back into NCHW output rows (masked at odd edges).
+//   deinterleaved from contiguous loads of a zero-padded copy of the input) into 48-tile panels per xi; M_xi += U_xi
+//   V_xi; then Y = A^T M A + bias (+ ReLU), interleaved back into NCHW output rows (masked at odd edges).
 // Backward-input of a stride-1 3x3 conv is again such a conv (flipped weights), so it runs here too.
 // float32 error: about 1e-6 relative (the transforms use only 0.5, 1 and -1).
 #pragma once
@@ -47,6 +47,14 @@ inline int64_t tiles_per_item(const Conv2dParams& p) {
 // 3x3 sub-kernels per kernel row/column (larger kernels: see forward_decomposed): 1 for 3, 2 for 4-5, 3 for 6-7.
 inline int64_t sub_kernels(int64_t k) { return std::max<int64_t>(1, k / 2); }
 
+// Work items of the forward pass (blocks of tiles; Winograd is not split over channels, so these are
+// what the threads share).
+inline int64_t work_items(const Conv2dParams& p) {
+  const int64_t tiles = p.batch * (ceil_div(p.out_h, 2) + sub_kernels(p.kernel_h) - 1) *
+                        (ceil_div(p.out_w, 2) + sub_kernels(p.kernel_w) - 1);
+  return ceil_div(tiles, tiles_per_item(p));
+}
+
 // Stride 1, dilation 1, one group, kernels from 3x3 up (3x3 on its own path, larger ones as sums of 3x3
 // sub-kernels), padding at most kernel - 1 (the padded copy's border), copies that fit.
 inline bool applicable(const Conv2dParams& p) {
@@ -54,9 +62,11 @@ inline bool applicable(const Conv2dParams& p) {
         p.dilation_w == 1 && p.groups == 1 && p.pad_h < p.kernel_h && p.pad_w < p.kernel_w))
     return false;
   if (p.in_channels < 8 || p.out_channels < 8) return false;
-  const int64_t th = ceil_div(p.out_h, 2) + sub_kernels(p.kernel_h) - 1, tw = ceil_div(p.out_w, 2) + sub_kernels(p.kernel_w) - 1;
+  const int64_t th = ceil_div(p.out_h, 2) + sub_kernels(p.kernel_h) - 1,
+                tw = ceil_div(p.out_w, 2) + sub_kernels(p.kernel_w) - 1;
   // backward-weight (3x3) holds padded copies of the input and of grad_output
-  const int64_t copies = p.batch * (p.in_channels * (2 * th + 2) * (2 * tw + 2) + p.out_channels * 2 * th * (2 * tw + 32));
+  const int64_t copies =
+      p.batch * (p.in_channels * (2 * th + 2) * (2 * tw + 2) + p.out_channels * 2 * th * (2 * tw + 32));
   return copies * 4 <= engine::kMaxPaddedCopyBytes;
 }
 
@@ -105,8 +115,12 @@ struct TileRun {
   int64_t n, i, j0, len, t;  // image, tile row, first tile column, tiles, position in the item
 };
 
-FASTCONV_AVX512 inline __m512i even_lanes() { return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0); }
-FASTCONV_AVX512 inline __m512i odd_lanes() { return _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1); }
+FASTCONV_AVX512 inline __m512i even_lanes() {
+  return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+}
+FASTCONV_AVX512 inline __m512i odd_lanes() {
+  return _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+}
 
 // A 16-tile window of an item is made of runs (one per tile row it touches). Each run's inputs are
 // loaded as if its first tile sat in lane 0 of a window starting 2*lane floats earlier, so the
@@ -173,7 +187,8 @@ inline int window_runs(const std::vector<TileRun>& runs, int k0, int k1, const f
   for (int k = k0; k < k1; ++k) {
     const TileRun& r = runs[k];
     const int64_t lane = r.t % 16;
-    out[count++] = {plane0 + r.n * image_stride + 2 * r.i * row_pitch + 2 * (r.j0 - lane), lane_mask(lane, lane + r.len)};
+    out[count++] = {plane0 + r.n * image_stride + 2 * r.i * row_pitch + 2 * (r.j0 - lane),
+                    lane_mask(lane, lane + r.len)};
   }
   return count;
 }
@@ -204,11 +219,33 @@ FASTCONV_AVX512 inline void store_run(const __m512 y[4], int64_t lane, float* ou
                                       bool second_row) {
   const __m512i shift = _mm512_set1_epi32(static_cast<int>(lane));
   const __m512i lo = _mm512_add_epi32(_mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), shift);
-  const __m512i hi = _mm512_add_epi32(_mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), shift);
+  const __m512i hi =
+      _mm512_add_epi32(_mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), shift);
   const __mmask16 m_lo = lane_mask(0, cols), m_hi = lane_mask(0, cols - 16);
   for (int r = 0; r < (second_row ? 2 : 1); ++r) {
     _mm512_mask_storeu_ps(out + r * OW, m_lo, _mm512_permutex2var_ps(y[2 * r], lo, y[2 * r + 1]));
     if (m_hi) _mm512_mask_storeu_ps(out + r * OW + 16, m_hi, _mm512_permutex2var_ps(y[2 * r], hi, y[2 * r + 1]));
+  }
+}
+
+// Y = A^T M A (+ bias, ReLU) of an item's output tiles, M[xi][oc][NT] (xi `m_xi_stride` apart), stored
+// into NCHW `out`: per output channel, one 16-tile window of M at a time, then each run in it.
+FASTCONV_AVX512 inline void store_outputs(const float* M, int64_t NT, int64_t m_xi_stride,
+                                          const std::vector<TileRun>& runs, const float* bias, bool relu, float* out,
+                                          const Conv2dParams& p) {
+  const int64_t OC = p.out_channels, OW = p.out_w, L = p.out_plane();
+  for (int64_t oc = 0; oc < OC; ++oc) {
+    const float bias_oc = bias ? bias[oc] : 0.f;
+    for (size_t k = 0; k < runs.size();) {
+      const int64_t window = runs[k].t / 16;
+      __m512 y[4];
+      output_transform(M + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
+      for (; k < runs.size() && runs[k].t / 16 == window; ++k) {
+        const TileRun& r = runs[k];
+        store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
+                  std::min(2 * r.len, OW - 2 * r.j0), 2 * r.i + 1 < p.out_h);
+      }
+    }
   }
 }
 
@@ -218,7 +255,7 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
 inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
                     bool relu = false) {
   if (p.kernel_h != 3 || p.kernel_w != 3) return forward_decomposed(input, weight, bias, out, p, relu);
-  const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w, L = p.out_plane();
+  const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w;
   const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(OW, 2), per_image = th * tw, T = p.batch * per_image;
   const int64_t Hp = 2 * th + 2, Wp = 2 * tw + 2, plane = Hp * Wp;
   const int64_t ob_count = ceil_div(OC, kTileRows);
@@ -270,30 +307,18 @@ inline void forward(const float* input, const float* weight, const float* bias, 
               TileDest d;
               d.ldc = NT;
               for (int v = 0; v < kTileVectors; ++v) {
-                d.ptr[v][0] = d.ptr[v][1] = M + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
+                d.ptr[v][0] = d.ptr[v][1] =
+                    M + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
                 d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
                 d.mask[v][1] = 0;
               }
-              run_micro_kernel(mr, nv, kc, a, 1, kTileRows, PanelB{V + xi * xi_stride + j * panel_stride, kTileCols},
-                               d, cb == 0 ? Init::kZero : Init::kAccumulate, nullptr);
+              run_micro_kernel(mr, nv, kc, a, 1, kTileRows, PanelB{V + xi * xi_stride + j * panel_stride, kTileCols}, d,
+                               cb == 0 ? Init::kZero : Init::kAccumulate, nullptr);
             }
           }
         }
       }
-      const int64_t m_xi_stride = ob_count * kTileRows * NT;
-      for (int64_t oc = 0; oc < OC; ++oc) {
-        const float bias_oc = bias ? bias[oc] : 0.f;
-        for (size_t k = 0; k < runs.size();) {  // one 16-tile window of M, then each run in it
-          const int64_t window = runs[k].t / 16;
-          __m512 y[4];
-          output_transform(M + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
-          for (; k < runs.size() && runs[k].t / 16 == window; ++k) {
-            const TileRun& r = runs[k];
-            store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
-                      std::min(2 * r.len, OW - 2 * r.j0), 2 * r.i + 1 < p.out_h);
-          }
-        }
-      }
+      store_outputs(M, NT, ob_count * kTileRows * NT, runs, bias, relu, out, p);
     }
   });
 }
@@ -309,7 +334,7 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // error as 3x3 (the sums over sub-kernels are plain additions).
 inline void forward_decomposed(const float* input, const float* weight, const float* bias, float* out,
                                const Conv2dParams& p, bool relu) {
-  const int64_t C = p.in_channels, OC = p.out_channels, OW = p.out_w, OH = p.out_h, L = p.out_plane();
+  const int64_t C = p.in_channels, OC = p.out_channels, OW = p.out_w, OH = p.out_h;
   const int64_t KH = p.kernel_h, KW = p.kernel_w, na = sub_kernels(KH), nb = sub_kernels(KW), nab = na * nb;
   const int64_t th = ceil_div(OH, 2), tw = ceil_div(OW, 2), TH = th + na - 1, TW = tw + nb - 1;
   const int64_t per_image = TH * TW, T = p.batch * per_image, halo = (na - 1) * TW + (nb - 1);
@@ -389,7 +414,8 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
               d.ldc = NT;
               for (int v = 0; v < kTileVectors; ++v) {
                 bs.base[v] = V + xi * xi_stride + j * kTileCols + 16 * v;
-                d.ptr[v][0] = d.ptr[v][1] = M + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
+                d.ptr[v][0] = d.ptr[v][1] =
+                    M + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
                 d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
                 d.mask[v][1] = 0;
               }
@@ -399,20 +425,7 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
           }
         }
       }
-      const int64_t m_xi_stride = ob_count * kTileRows * NT;
-      for (int64_t oc = 0; oc < OC; ++oc) {
-        const float bias_oc = bias ? bias[oc] : 0.f;
-        for (size_t k = 0; k < out_runs.size();) {  // one 16-tile window of M, then each run in it
-          const int64_t window = out_runs[k].t / 16;
-          __m512 y[4];
-          output_transform(M + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
-          for (; k < out_runs.size() && out_runs[k].t / 16 == window; ++k) {
-            const TileRun& r = out_runs[k];
-            store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
-                      std::min(2 * r.len, OW - 2 * r.j0), 2 * r.i + 1 < OH);
-          }
-        }
-      }
+      store_outputs(M, NT, ob_count * kTileRows * NT, out_runs, bias, relu, out, p);
     }
   });
 }
@@ -475,7 +488,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   std::unique_ptr<float[]> parts(new float[slots * part]);
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     thread_local AlignedBuffer vbuf, gbuf;
-    const int64_t v_xi = C * NT + 16;             // V[xi][c][NT], +16: the last run's junk lanes
+    const int64_t v_xi = C * NT + 16;  // V[xi][c][NT], +16: the last run's junk lanes
     float* V = vbuf.get(16 * v_xi);
     float* GMT = gbuf.get(16 * NT * ldo + 16);  // [xi][t][ldo]
     std::vector<TileRun> runs;

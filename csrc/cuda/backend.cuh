@@ -124,12 +124,12 @@ inline cudaStream_t current_stream() { return nullptr; }
 
 // CUDA's launch limits (compute capability >= 3.0): the emulator refuses what a GPU would refuse.
 inline void check_launch_limits(const dim3& grid, const dim3& block, const char* name) {
-  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1, "emulated launch of ", name, ": empty grid (",
-              grid.x, ", ", grid.y, ", ", grid.z, ")");
-  TORCH_CHECK(grid.x <= 2147483647u && grid.y <= 65535u && grid.z <= 65535u, "emulated launch of ", name,
-              ": grid (", grid.x, ", ", grid.y, ", ", grid.z, ") exceeds CUDA's limits (2^31-1, 65535, 65535)");
-  TORCH_CHECK(block.x >= 1 && block.y >= 1 && block.z >= 1 && block.x <= 1024 && block.y <= 1024 &&
-                  block.z <= 64 && uint64_t(block.x) * block.y * block.z <= 1024,
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1, "emulated launch of ", name, ": empty grid (", grid.x, ", ",
+              grid.y, ", ", grid.z, ")");
+  TORCH_CHECK(grid.x <= 2147483647u && grid.y <= 65535u && grid.z <= 65535u, "emulated launch of ", name, ": grid (",
+              grid.x, ", ", grid.y, ", ", grid.z, ") exceeds CUDA's limits (2^31-1, 65535, 65535)");
+  TORCH_CHECK(block.x >= 1 && block.y >= 1 && block.z >= 1 && block.x <= 1024 && block.y <= 1024 && block.z <= 64 &&
+                  uint64_t(block.x) * block.y * block.z <= 1024,
               "emulated launch of ", name, ": block (", block.x, ", ", block.y, ", ", block.z,
               ") exceeds CUDA's limits (at most 1024 threads, z at most 64)");
 }
@@ -145,8 +145,7 @@ inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); 
 // kernel<<<grid, block, 0, stream>>>(args...), then the launch check. Arguments are converted to
 // the kernel's parameter types here (as a <<<>>> launch would), e.g. int64_t sizes to an int index_t.
 template <typename... Params, typename... Args>
-void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-            Args&&... args) {
+void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "launch: wrong number of kernel arguments");
 #ifdef FASTCONV_EMULATE_CUDA
   (void)stream;
@@ -173,7 +172,7 @@ void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, 
   }
 #else
   (void)name;
-  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(std::forward<Args>(args))...);
+  kernel<<<grid, block, 0, stream> > >(static_cast<Params>(std::forward<Args>(args))...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }

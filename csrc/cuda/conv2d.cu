@@ -36,14 +36,12 @@ int64_t images_per_chunk(int64_t batch, int64_t bytes_per_image) {
 
 // 1x1 kernel, stride 1, no padding: image n's column matrix is input[n] viewed [C, H*W] itself.
 bool is_pointwise(const Conv2dParams& p) {
-  return p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 &&
-         p.pad_w == 0;
+  return p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0;
 }
 
 ColShape col_shape(const Conv2dParams& p, int64_t batch) {
-  return ColShape{batch,      p.in_channels, p.in_h,       p.in_w,       p.kernel_h,   p.kernel_w,
-                  p.pad_h,    p.pad_w,       p.stride_h,   p.stride_w,   p.dilation_h, p.dilation_w,
-                  p.out_h,    p.out_w};
+  return ColShape{batch,   p.in_channels, p.in_h,     p.in_w,       p.kernel_h,   p.kernel_w, p.pad_h,
+                  p.pad_w, p.stride_h,    p.stride_w, p.dilation_h, p.dilation_w, p.out_h,    p.out_w};
 }
 
 // out[n, oc, l] = tmp[oc, n * L + l] + bias[oc]: from the GEMM's [OC, nb * L] layout to NCHW,
@@ -52,9 +50,8 @@ ColShape col_shape(const Conv2dParams& p, int64_t batch) {
 // and the stores are coalesced.
 template <typename scalar_t, typename index_t>
 __global__ void gemm_to_nchw_kernel(const index_t n_total, const scalar_t* __restrict__ tmp,
-                                    const scalar_t* __restrict__ bias, const index_t out_channels,
-                                    const index_t plane, const index_t batch, const bool relu,
-                                    scalar_t* __restrict__ out) {
+                                    const scalar_t* __restrict__ bias, const index_t out_channels, const index_t plane,
+                                    const index_t batch, const bool relu, scalar_t* __restrict__ out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const index_t n_cols = batch * plane;
   FASTCONV_KERNEL_LOOP(index_t, idx, n_total) {
@@ -98,10 +95,10 @@ void gemm_to_nchw(const scalar_t* tmp, const scalar_t* bias, int64_t out_channel
   }
   if (fits_int32(n)) {
     backend::launch("gemm_to_nchw_kernel", &gemm_to_nchw_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
-        n, tmp, bias, out_channels, plane, batch, relu, out);
+                    n, tmp, bias, out_channels, plane, batch, relu, out);
   } else {
-    backend::launch("gemm_to_nchw_kernel", &gemm_to_nchw_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
-        n, tmp, bias, out_channels, plane, batch, relu, out);
+    backend::launch("gemm_to_nchw_kernel", &gemm_to_nchw_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock,
+                    stream, n, tmp, bias, out_channels, plane, batch, relu, out);
   }
 }
 
@@ -114,10 +111,10 @@ void nchw_to_gemm(const scalar_t* grad_output, int64_t out_channels, int64_t pla
   }
   if (fits_int32(n)) {
     backend::launch("nchw_to_gemm_kernel", &nchw_to_gemm_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
-        n, grad_output, out_channels, plane, batch, go_t);
+                    n, grad_output, out_channels, plane, batch, go_t);
   } else {
-    backend::launch("nchw_to_gemm_kernel", &nchw_to_gemm_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
-        n, grad_output, out_channels, plane, batch, go_t);
+    backend::launch("nchw_to_gemm_kernel", &nchw_to_gemm_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock,
+                    stream, n, grad_output, out_channels, plane, batch, go_t);
   }
 }
 
@@ -149,8 +146,8 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups, bool relu) {
   const Conv2dParams p = check_conv2d(input, weight, bias, stride, padding, dilation, groups);
-  TORCH_INTERNAL_ASSERT(backend::on_backend(input), "fastconv.conv2d (" FASTCONV_BACKEND_NAME
-                        " kernel): got input on ", input.device());
+  TORCH_INTERNAL_ASSERT(backend::on_backend(input), "fastconv.conv2d (" FASTCONV_BACKEND_NAME " kernel): got input on ",
+                        input.device());
   const bool has_bias = bias.has_value() && bias->defined();
   const backend::DeviceGuard device_guard(input);
 
@@ -232,9 +229,11 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, c
   return conv2d_forward_cuda(input, weight, bias, stride, padding, dilation, groups, /*relu=*/true);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(const at::Tensor& grad_output,
+                                                                    const at::Tensor& input, const at::Tensor& weight,
+                                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                    at::IntArrayRef dilation, int64_t groups,
+                                                                    std::array<bool, 3> output_mask) {
   const char* op = "fastconv._conv2d_backward";
   const Conv2dParams p = check_conv2d(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_backward(grad_output, input, p, op);
@@ -264,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
   if (want_bias) {
     // Sum in float32 for half types: thousands of fp16 partial sums would lose the small terms.
-    grad_bias = reduced ? at::sum(go_c, {0, 2, 3}, false, at::kFloat).to(input.scalar_type())
-                        : at::sum(go_c, {0, 2, 3});
+    grad_bias =
+        reduced ? at::sum(go_c, {0, 2, 3}, false, at::kFloat).to(input.scalar_type()) : at::sum(go_c, {0, 2, 3});
   }
   if (!want_input && !want_weight) {
     return std::make_tuple(grad_input, grad_weight, grad_bias);
@@ -286,10 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     // grad_input[n] = W^T @ grad_output[n] for the whole batch in one batched GEMM, NCHW in and out.
     at::Tensor gi3 = grad_input.view({p.batch, C, L});
     backend::count_gemm();
-    at::bmm_out(gi3, weight_c.view({1, OC, C}).transpose(1, 2).expand({p.batch, C, OC}),
-                go_c.view({p.batch, OC, L}));
+    at::bmm_out(gi3, weight_c.view({1, OC, C}).transpose(1, 2).expand({p.batch, C, OC}), go_c.view({p.batch, OC, L}));
   }
-  const bool need_cols = want_weight;                   // im2col only when grad_weight is wanted
+  const bool need_cols = want_weight;                       // im2col only when grad_weight is wanted
   const bool need_grad_cols = want_input && !input_by_bmm;  // col2im only when grad_input is wanted
   if (!need_cols && !need_grad_cols) {
     return std::make_tuple(grad_input, grad_weight, grad_bias);

@@ -28,7 +28,8 @@ constexpr int kThreadsPerBlock = 256;
 constexpr int64_t kMaxBlocks = 65536;
 
 inline unsigned int blocks_for(int64_t n) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreadsPerBlock - 1) / kThreadsPerBlock, kMaxBlocks)));
+  return static_cast<unsigned int>(
+      std::max<int64_t>(1, std::min<int64_t>((n + kThreadsPerBlock - 1) / kThreadsPerBlock, kMaxBlocks)));
 }
 
 // True when `numel` elements can be indexed with int, including the last grid-stride step
@@ -53,18 +54,17 @@ inline bool fits_int32(std::initializer_list<int64_t> values) {
 
 // Grid-stride loop over [0, n) with an index of type index_t.
 // Every operand is cast first so that the arithmetic happens in index_t, not in unsigned int.
-#define FASTCONV_KERNEL_LOOP(index_t, i, n)                                                              \
-  for (index_t i = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) +                 \
-                   static_cast<index_t>(threadIdx.x);                                                    \
+#define FASTCONV_KERNEL_LOOP(index_t, i, n)                                                                         \
+  for (index_t i =                                                                                                  \
+           static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + static_cast<index_t>(threadIdx.x); \
        i < (n); i += static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x))
 
 // One thread per (c, n, oh, ow) of the chunk, ow fastest, so that consecutive threads write
 // consecutive column entries (coalesced stores); each thread writes its KH * KW rows.
 template <typename scalar_t, typename index_t>
-__global__ void im2col_kernel(const index_t n_threads, const scalar_t* __restrict__ input,
-                              const index_t channels, const index_t height, const index_t width,
-                              const index_t kernel_h, const index_t kernel_w, const index_t pad_h,
-                              const index_t pad_w, const index_t stride_h, const index_t stride_w,
+__global__ void im2col_kernel(const index_t n_threads, const scalar_t* __restrict__ input, const index_t channels,
+                              const index_t height, const index_t width, const index_t kernel_h, const index_t kernel_w,
+                              const index_t pad_h, const index_t pad_w, const index_t stride_h, const index_t stride_w,
                               const index_t dilation_h, const index_t dilation_w, const index_t out_h,
                               const index_t out_w, const index_t batch, scalar_t* __restrict__ cols) {
   const index_t n_cols = batch * out_h * out_w;
@@ -95,10 +95,9 @@ __global__ void im2col_kernel(const index_t n_threads, const scalar_t* __restric
 // column entries that were copied from it. No atomics, so the result is deterministic and
 // written (not accumulated) into grad_input.
 template <typename scalar_t, typename index_t>
-__global__ void col2im_kernel(const index_t n_threads, const scalar_t* __restrict__ cols,
-                              const index_t channels, const index_t height, const index_t width,
-                              const index_t kernel_h, const index_t kernel_w, const index_t pad_h,
-                              const index_t pad_w, const index_t stride_h, const index_t stride_w,
+__global__ void col2im_kernel(const index_t n_threads, const scalar_t* __restrict__ cols, const index_t channels,
+                              const index_t height, const index_t width, const index_t kernel_h, const index_t kernel_w,
+                              const index_t pad_h, const index_t pad_w, const index_t stride_h, const index_t stride_w,
                               const index_t dilation_h, const index_t dilation_w, const index_t out_h,
                               const index_t out_w, const index_t batch, scalar_t* __restrict__ grad_input) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -152,8 +151,8 @@ struct ColShape {
   int64_t cols_numel() const { return channels * kernel_h * kernel_w * batch * out_h * out_w; }
   // The kernels compute positions in [-(pad + span), height + 2 * pad]: bounded by these.
   bool fits_int32() const {
-    return fastconv::fits_int32({cols_numel(), input_numel(), height + 2 * pad_h, width + 2 * pad_w,
-                                 stride_h, stride_w, dilation_h, dilation_w, dilation_h * (kernel_h - 1) + 1 + pad_h,
+    return fastconv::fits_int32({cols_numel(), input_numel(), height + 2 * pad_h, width + 2 * pad_w, stride_h, stride_w,
+                                 dilation_h, dilation_w, dilation_h * (kernel_h - 1) + 1 + pad_h,
                                  dilation_w * (kernel_w - 1) + 1 + pad_w});
   }
 };
@@ -166,13 +165,13 @@ void im2col_cuda(const scalar_t* input, const ColShape& s, scalar_t* cols, cudaS
     return;
   }
   if (s.fits_int32()) {
-    backend::launch("im2col_kernel", &im2col_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
-        n, input, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w,
-        s.stride_h, s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, cols);
+    backend::launch("im2col_kernel", &im2col_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream, n, input,
+                    s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.stride_h, s.stride_w,
+                    s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, cols);
   } else {
-    backend::launch("im2col_kernel", &im2col_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
-        n, input, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.stride_h,
-        s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, cols);
+    backend::launch("im2col_kernel", &im2col_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream, n,
+                    input, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.stride_h,
+                    s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, cols);
   }
 }
 
@@ -184,13 +183,13 @@ void col2im_cuda(const scalar_t* cols, const ColShape& s, scalar_t* grad_input, 
     return;
   }
   if (s.fits_int32()) {
-    backend::launch("col2im_kernel", &col2im_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream,
-        n, cols, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w,
-        s.stride_h, s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, grad_input);
+    backend::launch("col2im_kernel", &col2im_kernel<scalar_t, int>, blocks_for(n), kThreadsPerBlock, stream, n, cols,
+                    s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.stride_h, s.stride_w,
+                    s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, grad_input);
   } else {
-    backend::launch("col2im_kernel", &col2im_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream,
-        n, cols, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.stride_h,
-        s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, grad_input);
+    backend::launch("col2im_kernel", &col2im_kernel<scalar_t, int64_t>, blocks_for(n), kThreadsPerBlock, stream, n,
+                    cols, s.channels, s.height, s.width, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.stride_h,
+                    s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w, s.batch, grad_input);
   }
 }
 

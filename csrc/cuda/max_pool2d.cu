@@ -117,8 +117,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input, at::
                                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation, bool ceil_mode) {
   const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode);
-  TORCH_INTERNAL_ASSERT(backend::on_backend(input), "fastconv.max_pool2d (" FASTCONV_BACKEND_NAME
-                        " kernel): got input on ", input.device());
+  TORCH_INTERNAL_ASSERT(backend::on_backend(input),
+                        "fastconv.max_pool2d (" FASTCONV_BACKEND_NAME " kernel): got input on ", input.device());
   const backend::DeviceGuard device_guard(input);
 
   at::Tensor output = at::empty({p.batch, p.channels, p.out_h, p.out_w}, input.options());
@@ -136,13 +136,13 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input, at::
     scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
     int64_t* idx_ptr = indices.mutable_data_ptr<int64_t>();
     if (fits_int32(input_c.numel()) && fits_int32(n) && window_fits_int32(p)) {
-      backend::launch("max_pool2d_forward_kernel", &max_pool2d_forward_kernel<scalar_t, int>, blocks,
-          kThreadsPerBlock, stream, n, in_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h,
-          p.stride_w, p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, out_ptr, idx_ptr);
+      backend::launch("max_pool2d_forward_kernel", &max_pool2d_forward_kernel<scalar_t, int>, blocks, kThreadsPerBlock,
+                      stream, n, in_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h,
+                      p.stride_w, p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, out_ptr, idx_ptr);
     } else {
       backend::launch("max_pool2d_forward_kernel", &max_pool2d_forward_kernel<scalar_t, int64_t>, blocks,
-          kThreadsPerBlock, stream, n, in_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.pad_h,
-          p.pad_w, p.dilation_h, p.dilation_w, out_ptr, idx_ptr);
+                      kThreadsPerBlock, stream, n, in_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w,
+                      p.stride_h, p.stride_w, p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, out_ptr, idx_ptr);
     }
   });
   return std::make_tuple(output, indices);
@@ -169,20 +169,21 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
   const cudaStream_t stream = backend::current_stream();
   const unsigned int blocks = blocks_for(n);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_backward_cuda", [&] {
-    const scalar_t* go_ptr = go_c.const_data_ptr<scalar_t>();
-    const int64_t* idx_ptr = indices_c.const_data_ptr<int64_t>();
-    scalar_t* gi_ptr = grad_input.mutable_data_ptr<scalar_t>();
-    if (fits_int32(n) && fits_int32(go_c.numel()) && window_fits_int32(p)) {
-      backend::launch("max_pool2d_backward_kernel", &max_pool2d_backward_kernel<scalar_t, int>, blocks,
-          kThreadsPerBlock, stream, n, go_ptr, idx_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w,
-          p.stride_h, p.stride_w, p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, gi_ptr);
-    } else {
-      backend::launch("max_pool2d_backward_kernel", &max_pool2d_backward_kernel<scalar_t, int64_t>, blocks,
-          kThreadsPerBlock, stream, n, go_ptr, idx_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w,
-          p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, gi_ptr);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_backward_cuda", [&] {
+        const scalar_t* go_ptr = go_c.const_data_ptr<scalar_t>();
+        const int64_t* idx_ptr = indices_c.const_data_ptr<int64_t>();
+        scalar_t* gi_ptr = grad_input.mutable_data_ptr<scalar_t>();
+        if (fits_int32(n) && fits_int32(go_c.numel()) && window_fits_int32(p)) {
+          backend::launch("max_pool2d_backward_kernel", &max_pool2d_backward_kernel<scalar_t, int>, blocks,
+                          kThreadsPerBlock, stream, n, go_ptr, idx_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h,
+                          p.kernel_w, p.stride_h, p.stride_w, p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, gi_ptr);
+        } else {
+          backend::launch("max_pool2d_backward_kernel", &max_pool2d_backward_kernel<scalar_t, int64_t>, blocks,
+                          kThreadsPerBlock, stream, n, go_ptr, idx_ptr, p.in_h, p.in_w, p.out_h, p.out_w, p.kernel_h,
+                          p.kernel_w, p.stride_h, p.stride_w, p.pad_h, p.pad_w, p.dilation_h, p.dilation_w, gi_ptr);
+        }
+      });
   return grad_input;
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda/backend.cuh"
+#include "op_schemas.h"
 
 namespace fastconv {
 namespace {
@@ -59,16 +60,11 @@ void reset_counters() {
 
 TORCH_LIBRARY(fastconv_emulated, m) {
   // Same schemas as TORCH_LIBRARY(fastconv, m) in csrc/fastconv.cpp.
-  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
-  m.def("_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-        "bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("conv2d_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
-  m.def("_max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
-        "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def(schemas::kConv2d);
+  m.def(schemas::kConv2dBackward);
+  m.def(schemas::kMaxPool2d);
+  m.def(schemas::kMaxPool2dBackward);
+  m.def(schemas::kConv2dRelu);
   // Test knobs and counters of the emulated backend.
   m.def("_set_workspace_limit(int bytes) -> int", &set_workspace_limit);
   m.def("_set_force_index64(bool on) -> bool", &set_force_index64);
