@@ -353,21 +353,24 @@ inline void forward_padded_direct(const float* input, const float* weight, const
   const int64_t C = p.in_channels, Cg = p.in_channels_per_group(), L = p.out_plane();
   const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
   const int64_t KK = p.kernel_h * p.kernel_w;
-  // The padded copy (+16 floats: the last vector's unused lanes read past the end). Without padding the
-  // input is read in place, and only the last image is copied (its last vectors may read past the
-  // tensor's end).
+  // The padded copy. Without padding the input is read in place, and only the last image is copied:
+  // the unused lanes of its last vectors read past the tensor's end, by up to a row and a kernel width
+  // plus a vector (two-row vectors read the row after an odd last row), hence the zeroed slack.
   AlignedBuffer pad_buf, tail_buf;
+  const int64_t slack = 2 * Wp + 32;
   const bool in_place = p.pad_h == 0 && p.pad_w == 0;
   const float* padded = input;
   const float* last_image = input + (p.batch - 1) * C * plane;
   if (!in_place) {
-    float* copy = pad_buf.get(p.batch * C * plane + 16);
+    float* copy = pad_buf.get(p.batch * C * plane + slack);
     copy_padded(input, p.batch * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
+    std::fill(copy + p.batch * C * plane, copy + p.batch * C * plane + slack, 0.f);
     padded = copy;
     last_image = copy + (p.batch - 1) * C * plane;
   } else {
-    float* tail = tail_buf.get(C * plane + 16);
+    float* tail = tail_buf.get(C * plane + slack);
     std::copy(last_image, last_image + C * plane, tail);
+    std::fill(tail + C * plane, tail + C * plane + slack, 0.f);
     last_image = tail;
   }
   std::vector<int64_t> koff(Kg);
