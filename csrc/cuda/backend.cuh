@@ -172,7 +172,9 @@ void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, 
   }
 #else
   (void)name;
-  kernel<<<grid, block, 0, stream> > >(static_cast<Params>(std::forward<Args>(args))...);
+  // clang-format off: it takes .cuh for C++ and would split the launch brackets
+  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(std::forward<Args>(args))...);
+  // clang-format on
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }
