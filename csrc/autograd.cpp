@@ -68,42 +68,30 @@ variable_list conv_backward(AutogradContext* ctx, const at::Tensor& grad_output,
   return grads;
 }
 
-class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
+// conv2d, and with kRelu conv2d_relu, whose backward first applies ReLU's (grad where output > 0).
+template <bool kRelu>
+class ConvFunction : public torch::autograd::Function<ConvFunction<kRelu>> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups) {
-    static const auto op = find_op<ConvSig>("fastconv::conv2d");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    save_conv_args(ctx, stride, padding, dilation, groups, bias.has_value() && bias->defined());
-    ctx->save_for_backward({input, weight});
-    return op.call(input, weight, bias, stride, padding, dilation, groups);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    return conv_backward(ctx, grads[0], saved[0], saved[1]);
-  }
-};
-
-// conv2d_relu: ReLU's backward (grad where output > 0) on grad_output, then conv2d's.
-class Conv2dReluFunction : public torch::autograd::Function<Conv2dReluFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups) {
-    static const auto op = find_op<ConvSig>("fastconv::conv2d_relu");
+    static const auto op = find_op<ConvSig>(kRelu ? "fastconv::conv2d_relu" : "fastconv::conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
     save_conv_args(ctx, stride, padding, dilation, groups, bias.has_value() && bias->defined());
     at::Tensor output = op.call(input, weight, bias, stride, padding, dilation, groups);
-    ctx->save_for_backward({input, weight, output});
+    if (kRelu) {
+      ctx->save_for_backward({input, weight, output});
+    } else {
+      ctx->save_for_backward({input, weight});
+    }
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return variable_list(7);
-    return conv_backward(ctx, at::threshold_backward(grads[0], saved[2], 0), saved[0], saved[1]);
+    const at::Tensor grad_output = kRelu ? at::threshold_backward(grads[0], saved[2], 0) : grads[0];
+    return conv_backward(ctx, grad_output, saved[0], saved[1]);
   }
 };
 
@@ -140,13 +128,13 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
 
 at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  return Conv2dFunction::apply(input, weight, bias, stride, padding, dilation, groups);
+  return ConvFunction<false>::apply(input, weight, bias, stride, padding, dilation, groups);
 }
 
 at::Tensor conv2d_relu_autograd(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups) {
-  return Conv2dReluFunction::apply(input, weight, bias, stride, padding, dilation, groups);
+  return ConvFunction<true>::apply(input, weight, bias, stride, padding, dilation, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& input, at::IntArrayRef kernel_size,
