@@ -23,6 +23,10 @@ struct Conv2dParams {
   int64_t col_rows_per_group() const { return in_channels_per_group() * kernel_h * kernel_w; }
   int64_t out_plane() const { return out_h * out_w; }
   int64_t in_plane() const { return in_h * in_w; }
+  // 1x1 kernel, stride 1, no padding: image n's column matrix is input[n] viewed [C, H*W] itself.
+  bool is_pointwise() const {
+    return kernel_h == 1 && kernel_w == 1 && stride_h == 1 && stride_w == 1 && pad_h == 0 && pad_w == 0;
+  }
 };
 
 struct Pool2dParams {

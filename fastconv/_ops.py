@@ -160,7 +160,7 @@ def _conv2d_autocast(name, device_type):
 
 
 # conv2d_relu: the fused op of fastconv.fuse() (fastconv/fused.py), same arguments as conv2d
-_CONV_OPS = ("conv2d", "conv2d_relu") if hasattr(ops, "conv2d_relu") else ("conv2d",)
+_CONV_OPS = ("conv2d", "conv2d_relu")
 for _name in _CONV_OPS:
     for _device_type in ("cpu", "cuda"):
         _conv2d_autocast(_name, _device_type)
@@ -174,10 +174,9 @@ def _conv2d_decomposition(input, weight, bias, stride, padding, dilation, groups
     return torch.ops.aten.convolution.default(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
 
 
-if "conv2d_relu" in _CONV_OPS:
-    @torch._decomp.register_decomposition(ops.conv2d_relu.default)
-    def _conv2d_relu_decomposition(input, weight, bias, stride, padding, dilation, groups):
-        return torch.ops.aten.relu.default(_conv2d_decomposition(input, weight, bias, stride, padding, dilation, groups))
+@torch._decomp.register_decomposition(ops.conv2d_relu.default)
+def _conv2d_relu_decomposition(input, weight, bias, stride, padding, dilation, groups):
+    return torch.ops.aten.relu.default(_conv2d_decomposition(input, weight, bias, stride, padding, dilation, groups))
 
 
 @torch._decomp.register_decomposition(ops.max_pool2d.default)

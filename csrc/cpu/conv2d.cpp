@@ -40,13 +40,8 @@ constexpr int64_t kColTileBytes = 256 * 1024;
 
 bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// 1x1 kernel, stride 1, no padding: the image itself is its column matrix.
-bool is_pointwise(const Conv2dParams& p) {
-  return p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0;
-}
-
 int64_t band_rows(const Conv2dParams& p, int64_t elem_size) {
-  if (is_pointwise(p)) return p.out_h;
+  if (p.is_pointwise()) return p.out_h;
   const int64_t row_bytes = p.in_channels * p.kernel_h * p.kernel_w * p.out_w * elem_size;
   return std::clamp<int64_t>(kColTileBytes / std::max<int64_t>(row_bytes, 1), 1, p.out_h);
 }
@@ -76,7 +71,7 @@ template <typename T>
 const T* column_tile(const T* input, T* buffer, const Conv2dParams& p, int64_t n, int64_t oh0, int64_t oh1,
                      int64_t& ld) {
   const T* image = input + n * p.in_channels * p.in_plane();
-  if (is_pointwise(p)) {
+  if (p.is_pointwise()) {
     ld = p.in_plane();
     return image + oh0 * p.out_w;
   }
@@ -195,7 +190,7 @@ bool conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* ou
   const int64_t rows = band_rows(p, sizeof(T));
   const int64_t bands = (p.out_h + rows - 1) / rows;
   at::parallel_for(0, p.batch * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(is_pointwise(p) ? 0 : CKKg * G * rows * p.out_w);
+    std::vector<T> buffer(p.is_pointwise() ? 0 : CKKg * G * rows * p.out_w);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / bands, oh0 = (item % bands) * rows, oh1 = std::min(p.out_h, oh0 + rows);
       int64_t ld;
@@ -244,7 +239,7 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   const int64_t G = p.groups, L = p.out_plane(), C = p.in_channels;
   const int64_t OCg = p.out_channels_per_group(), CKKg = p.col_rows_per_group();
   const int64_t rows = band_rows(p, sizeof(T));
-  const bool pointwise = is_pointwise(p);
+  const bool pointwise = p.is_pointwise();
   const int64_t weight_numel = p.out_channels * CKKg;
   // grad_weight's GEMM needs the column tile transposed against grad_output. im2row builds it
   // transposed directly, which pays per kernel row of KW elements: fine for wide kernels (LeNet's

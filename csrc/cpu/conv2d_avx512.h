@@ -449,7 +449,7 @@ inline void forward_padded_direct(const float* input, const float* weight, const
 // A 1x1, stride-1, unpadded convolution is the same on planes reshaped to one row of H*W pixels: whole
 // vectors and one segment per panel instead of row tails.
 inline Conv2dParams flatten_pointwise(Conv2dParams p) {
-  if (p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0) {
+  if (p.is_pointwise()) {
     p.in_w = p.out_w = p.in_h * p.in_w;
     p.in_h = p.out_h = 1;
   }
@@ -568,6 +568,23 @@ FASTCONV_AVX512 inline void sum_slots_transposed(const float* src, int64_t lds, 
   for (int i = 0; i < cols; ++i) _mm512_mask_storeu_ps(dst + i * ldd, rm, r[i]);
 }
 
+// grad_weight[g*OCg + o][k] = the sum over `slots` partials (`part` floats apart) of grad_W^T[g][k][o]
+// (rows `ldo` apart), summed in slot order; 16 x 16 blocks through registers, so reads and writes are
+// both contiguous.
+inline void write_grad_weight(const float* parts, int64_t slots, int64_t part, const Conv2dParams& p, int64_t ldo,
+                              float* grad_weight) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
+  const int64_t k_tiles = ceil_div(Kg, 16), o_tiles = ceil_div(OCg, 16);
+  at::parallel_for(0, G * k_tiles * o_tiles, grain_for(256 * slots), [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t g = blk / (k_tiles * o_tiles), kt = (blk / o_tiles) % k_tiles, ot = blk % o_tiles;
+      const int64_t k0 = kt * 16, o0 = ot * 16;
+      sum_slots_transposed(parts + (g * Kg + k0) * ldo + o0, ldo, part, slots, std::min<int64_t>(16, Kg - k0),
+                           std::min<int64_t>(16, OCg - o0), grad_weight + (g * OCg + o0) * Kg + k0, Kg);
+    }
+  });
+}
+
 // dst[t][o] = go[n][oc0 + o][q] for g = g0 + t = n*L + q, o < OCg; 16x16 blocks through registers.
 FASTCONV_AVX512 inline void transpose_grad_output(const float* go, const Conv2dParams& p, int64_t oc0, int64_t OCg,
                                                   int64_t g0, int64_t g1, int64_t ld, float* dst) {
@@ -660,15 +677,7 @@ inline void backward_weight_by_rows(const float* grad_output, const float* input
       }
     });
   }
-  const int64_t k_tiles = ceil_div(Kg, 16), o_tiles = ceil_div(OCg, 16);
-  at::parallel_for(0, G * k_tiles * o_tiles, grain_for(256), [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t g = blk / (k_tiles * o_tiles), kt = (blk / o_tiles) % k_tiles, ot = blk % o_tiles;
-      const int64_t k0 = kt * 16, o0 = ot * 16;
-      sum_slots_transposed(gwt.get() + (g * Kg + k0) * ldo + o0, ldo, 0, 1, std::min<int64_t>(16, Kg - k0),
-                           std::min<int64_t>(16, OCg - o0), grad_weight + (g * OCg + o0) * Kg + k0, Kg);
-    }
-  });
+  write_grad_weight(gwt.get(), 1, 0, p, ldo, grad_weight);
 }
 
 // Backward-weight split over pixels: one partial grad_W^T per slot of items, summed in order (for layers
@@ -708,17 +717,7 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
       }
     }
   });
-  // sum the slots in order and transpose [g][k][o] -> grad_weight[g*OCg + o][k], 16 x 16 blocks through
-  // registers (reads and writes both contiguous)
-  const int64_t k_tiles = ceil_div(Kg, 16), o_tiles = ceil_div(OCg, 16);
-  at::parallel_for(0, G * k_tiles * o_tiles, grain_for(256 * slots), [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t g = blk / (k_tiles * o_tiles), kt = (blk / o_tiles) % k_tiles, ot = blk % o_tiles;
-      const int64_t k0 = kt * 16, o0 = ot * 16;
-      sum_slots_transposed(parts.get() + (g * Kg + k0) * ldo + o0, ldo, part, slots, std::min<int64_t>(16, Kg - k0),
-                           std::min<int64_t>(16, OCg - o0), grad_weight + (g * OCg + o0) * Kg + k0, Kg);
-    }
-  });
+  write_grad_weight(parts.get(), slots, part, p, ldo, grad_weight);
 }
 
 // By pixels while a partial grad_W^T fits in L2 (each item's freshly transposed grad_output is reused by

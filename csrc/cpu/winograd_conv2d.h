@@ -115,6 +115,24 @@ struct TileRun {
   int64_t n, i, j0, len, t;  // image, tile row, first tile column, tiles, position in the item
 };
 
+// The runs of tiles [g0, g1) of a grid `width` tiles wide and `per_image` tiles per image (positions
+// counted from g0), keeping only tiles in rows < rows and columns < cols (the output tiles of a grid
+// wider than the output; rows = per_image / width and cols = width keep them all).
+inline void tile_runs(int64_t g0, int64_t g1, int64_t per_image, int64_t width, int64_t rows, int64_t cols,
+                      std::vector<TileRun>& runs) {
+  runs.clear();
+  for (int64_t g = g0; g < g1;) {
+    const int64_t n = g / per_image, i = (g % per_image) / width, j = g % width, t = g - g0;
+    if (i >= rows || j >= cols) {
+      g += width - j;
+      continue;
+    }
+    const int64_t len = std::min({16 - t % 16, cols - j, g1 - g});  // within one 16-tile window
+    runs.push_back({n, i, j, len, t});
+    g += len;
+  }
+}
+
 FASTCONV_AVX512 inline __m512i even_lanes() {
   return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
 }
@@ -277,13 +295,7 @@ inline void forward(const float* input, const float* weight, const float* bias, 
     std::vector<int> windows;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT);
-      runs.clear();
-      for (int64_t g = t0; g < t1;) {
-        const int64_t n = g / per_image, i = (g % per_image) / tw, j = g % tw, t = g - t0;
-        const int64_t len = std::min({16 - t % 16, tw - j, t1 - g});  // within one 16-tile window
-        runs.push_back({n, i, j, len, t});
-        g += len;
-      }
+      tile_runs(t0, t1, per_image, tw, th, tw, runs);
       make_windows(runs, windows);
       for (int64_t cb = 0; cb < kb_count; ++cb) {
         const int64_t c0 = cb * kc_max, kc = std::min(kc_max, C - c0);
@@ -372,24 +384,8 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
     std::vector<int> windows;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT), tv1 = std::min(T, t1 + halo);
-      runs.clear();  // every grid tile whose V the item reads
-      for (int64_t g = t0; g < tv1;) {
-        const int64_t n = g / per_image, i = (g % per_image) / TW, j = g % TW, t = g - t0;
-        const int64_t len = std::min({16 - t % 16, TW - j, tv1 - g});
-        runs.push_back({n, i, j, len, t});
-        g += len;
-      }
-      out_runs.clear();  // the item's tiles that are output tiles
-      for (int64_t g = t0; g < t1;) {
-        const int64_t n = g / per_image, i = (g % per_image) / TW, j = g % TW, t = g - t0;
-        if (i >= th || j >= tw) {
-          g += TW - j;
-          continue;
-        }
-        const int64_t len = std::min({16 - t % 16, tw - j, t1 - g});
-        out_runs.push_back({n, i, j, len, t});
-        g += len;
-      }
+      tile_runs(t0, tv1, per_image, TW, TH, TW, runs);     // every grid tile whose V the item reads
+      tile_runs(t0, t1, per_image, TW, th, tw, out_runs);  // the item's output tiles
       if (out_runs.empty()) continue;
       make_windows(runs, windows);
       for (int64_t cb = 0; cb < kb_count; ++cb) {
@@ -497,13 +493,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
       float* acc = parts.get() + s * part;
       for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
         const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT), len = t1 - t0;
-        runs.clear();
-        for (int64_t g = t0; g < t1;) {
-          const int64_t n = g / per_image, i = (g % per_image) / tw, j = g % tw, t = g - t0;
-          const int64_t rl = std::min({16 - t % 16, tw - j, t1 - g});
-          runs.push_back({n, i, j, rl, t});
-          g += rl;
-        }
+        tile_runs(t0, t1, per_image, tw, th, tw, runs);
         make_windows(runs, windows);
         for (size_t w = 0; w + 1 < windows.size(); ++w) {
           const int64_t t = runs[windows[w]].t / 16 * 16, tiles = std::min<int64_t>(16, len - t);

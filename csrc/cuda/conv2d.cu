@@ -34,11 +34,6 @@ int64_t images_per_chunk(int64_t batch, int64_t bytes_per_image) {
   return std::max<int64_t>(1, std::min<int64_t>(batch, backend::workspace_limit(kMaxWorkspaceBytes) / bytes_per_image));
 }
 
-// 1x1 kernel, stride 1, no padding: image n's column matrix is input[n] viewed [C, H*W] itself.
-bool is_pointwise(const Conv2dParams& p) {
-  return p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0;
-}
-
 ColShape col_shape(const Conv2dParams& p, int64_t batch) {
   return ColShape{batch,   p.in_channels, p.in_h,     p.in_w,       p.kernel_h,   p.kernel_w, p.pad_h,
                   p.pad_w, p.stride_h,    p.stride_w, p.dilation_h, p.dilation_w, p.out_h,    p.out_w};
@@ -166,7 +161,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   const int64_t col_rows = G * CKKg;
   const int64_t L = p.out_plane();
 
-  if (is_pointwise(p) && G == 1) {
+  if (p.is_pointwise() && G == 1) {
     // out[n] = W @ input[n]: one batched GEMM over the whole batch, the weight broadcast with
     // batch stride 0, writing NCHW directly; no column buffer and no layout kernel.
     at::Tensor out3 = out.view({p.batch, OC, L});
@@ -280,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(const at::Te
   const int64_t col_rows = G * CKKg;
   const int64_t L = p.out_plane();
 
-  const bool input_by_bmm = want_input && is_pointwise(p) && G == 1;
+  const bool input_by_bmm = want_input && p.is_pointwise() && G == 1;
   if (input_by_bmm) {
     // grad_input[n] = W^T @ grad_output[n] for the whole batch in one batched GEMM, NCHW in and out.
     at::Tensor gi3 = grad_input.view({p.batch, C, L});
