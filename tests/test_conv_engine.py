@@ -102,6 +102,11 @@ def test_thread_counts(threads, poison):
                 run_case(1, 32, 14, 14, 64, (3, 3))       # batch 1: the pixels/tiles are split, not images
                 run_case(3, 64, 7, 7, 40, (3, 3), bias=False)
                 run_case(2, 8, 10, 10, 16, (3, 3), 1, 1, 1, 8)
+                # 392 pixels: work items cut at 16-pixel (not 48) boundaries; two k-blocks; groups
+                # whose 12 input / 10 output channels leave partial 8-row blocks in the flipped weights
+                run_case(8, 64, 7, 7, 12, (3, 3), bias=False)
+                run_case(8, 24, 7, 7, 20, (3, 3), groups=2)
+                run_case(3, 20, 9, 9, 12, (3, 3), stride=2)  # backward-input through col2im
     finally:
         torch.set_num_threads(old)
 

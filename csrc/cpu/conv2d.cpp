@@ -218,9 +218,13 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
     if (use_engine<T>()) {
       if (grad_input) {
         if (cpu::backward_input_as_forward(p)) {
-          cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p,
-                                              [](const float* i, const float* w, const float* b, float* o,
-                                                 const Conv2dParams& q) { engine_forward(i, w, b, o, q); });
+          const Conv2dParams q = cpu::backward_input_params(p);  // a forward convolution of grad_output
+          if (winograd_wanted(q)) {
+            const std::vector<float> w_t = cpu::flipped_transposed_weight(weight, p);
+            cpu::winograd::forward(grad_output, w_t.data(), nullptr, grad_input, q, false);
+          } else {
+            cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
+          }
         } else {
           cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::col2im_band_add<float>);
         }

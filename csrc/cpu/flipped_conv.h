@@ -4,6 +4,9 @@
 // direct grouped kernels.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -38,11 +41,14 @@ std::vector<T> flipped_transposed_weight(const T* weight, const Conv2dParams& p)
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Cg = p.in_channels_per_group();
   const int64_t KK = p.kernel_h * p.kernel_w;
   std::vector<T> w_t(p.out_channels * Cg * KK);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < Cg; ++c)
-      for (int64_t o = 0; o < OCg; ++o)
+  at::parallel_for(0, G * OCg, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Cg * KK)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {  // source row b = g*OCg + o, read contiguously
+      const int64_t g = b / OCg, o = b % OCg;
+      for (int64_t c = 0; c < Cg; ++c)
         for (int64_t k = 0; k < KK; ++k)
-          w_t[((g * Cg + c) * OCg + o) * KK + k] = weight[((g * OCg + o) * Cg + c) * KK + (KK - 1 - k)];
+          w_t[((g * Cg + c) * OCg + o) * KK + k] = weight[(b * Cg + c) * KK + (KK - 1 - k)];
+    }
+  });
   return w_t;
 }
 
