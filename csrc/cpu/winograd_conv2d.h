@@ -277,24 +277,26 @@ inline void forward(const float* input, const float* weight, const float* bias, 
   const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(OW, 2), per_image = th * tw, T = p.batch * per_image;
   const int64_t Hp = 2 * th + 2, Wp = 2 * tw + 2, plane = Hp * Wp;
   const int64_t ob_count = ceil_div(OC, kTileRows);
-  std::vector<float> U(16 * ob_count * C * kTileRows);
-  transform_weights(weight, OC, C, U.data());
+  thread_local AlignedBuffer u_buf;  // not zeroed: transform_weights writes every row
+  float* U = u_buf.get(16 * ob_count * C * kTileRows);
+  transform_weights(weight, OC, C, U);
   // zero-padded input: padded row ph + h holds input row h; tiles read rows [2i, 2i + 4)
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
   engine::copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
-  const int64_t NT = tiles_per_item(p), npanels = NT / kTileCols;
+  // items of whole 16-tile windows, balanced over the threads; NT: the largest, in whole panels
+  const engine::BalancedItems items(T, tiles_per_item(p), 16);
+  const int64_t NT = ceil_div(items.largest(), kTileCols) * kTileCols, npanels = NT / kTileCols;
   const int64_t kb_count = ceil_div(C, kMaxBlockC), kc_max = ceil_div(C, kb_count);
-  const int64_t items = ceil_div(T, NT);
   const int64_t panel_stride_max = kc_max * kTileCols + 16;  // +16: room for the last row's junk lanes
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer vbuf, mbuf;
     float* V = vbuf.get(16 * npanels * panel_stride_max);
     float* M = mbuf.get(16 * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs;
     std::vector<int> windows;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT);
+      const int64_t t0 = items.begin(item), t1 = items.end(item);
       tile_runs(t0, t1, per_image, tw, th, tw, runs);
       make_windows(runs, windows);
       for (int64_t cb = 0; cb < kb_count; ++cb) {
@@ -313,7 +315,7 @@ inline void forward(const float* input, const float* weight, const float* bias, 
         for (int64_t xi = 0; xi < 16; ++xi) {
           for (int64_t ob = 0; ob < ob_count; ++ob) {
             const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
-            const float* a = U.data() + ((xi * ob_count + ob) * C + c0) * kTileRows;
+            const float* a = U + ((xi * ob_count + ob) * C + c0) * kTileRows;
             for (int64_t j = 0; j < live_panels; ++j) {
               const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(t1 - t0 - j * kTileCols, 16)));
               TileDest d;
@@ -364,26 +366,27 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
               if ((r == 2 && a != na - 1) || (q == 2 && b != nb - 1) || kh >= KH || kw >= KW) continue;
               sub[((oc * C + c) * nab + a * nb + b) * 9 + r * 3 + q] = weight[((oc * C + c) * KH + kh) * KW + kw];
             }
-  std::vector<float> U(16 * ob_count * C * nab * kTileRows);
-  transform_weights(sub.data(), OC, C * nab, U.data());
+  thread_local AlignedBuffer u_buf;  // not zeroed: transform_weights writes every row
+  float* U = u_buf.get(16 * ob_count * C * nab * kTileRows);
+  transform_weights(sub.data(), OC, C * nab, U);
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
   engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, padded, Hp, Wp, p.pad_h, p.pad_w);
-  const int64_t NT = tiles_per_item(p), npanels = NT / kTileCols;
+  const engine::BalancedItems items(T, tiles_per_item(p), 16);  // as in forward()
+  const int64_t NT = ceil_div(items.largest(), kTileCols) * kTileCols, npanels = NT / kTileCols;
   const int64_t NTV = ceil_div(NT + halo, 16) * 16 + 16;  // V tiles of an item: its own, the halo, junk lanes
   const int64_t per_block = std::clamp<int64_t>(engine::kMaxBlockK / nab, 1, kMaxBlockC);
   const int64_t kb_count = ceil_div(C, per_block), kc_max = ceil_div(C, kb_count);
-  const int64_t items = ceil_div(T, NT);
   std::vector<int64_t> koff(kc_max * nab);  // row k = (c, a, b) of a channel block: V row c, shifted
   for (int64_t k = 0; k < kc_max * nab; ++k) koff[k] = (k / nab) * NTV + ((k % nab) / nb) * TW + (k % nb);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer vbuf, mbuf;
     float* V = vbuf.get(16 * kc_max * NTV);
     float* M = mbuf.get(16 * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs, out_runs;
     std::vector<int> windows;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT), tv1 = std::min(T, t1 + halo);
+      const int64_t t0 = items.begin(item), t1 = items.end(item), tv1 = std::min(T, t1 + halo);
       tile_runs(t0, tv1, per_image, TW, TH, TW, runs);     // every grid tile whose V the item reads
       tile_runs(t0, t1, per_image, TW, th, tw, out_runs);  // the item's output tiles
       if (out_runs.empty()) continue;
@@ -401,7 +404,7 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
         for (int64_t xi = 0; xi < 16; ++xi) {
           for (int64_t ob = 0; ob < ob_count; ++ob) {
             const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
-            const float* a = U.data() + ((xi * ob_count + ob) * C * nab + c0 * nab) * kTileRows;
+            const float* a = U + ((xi * ob_count + ob) * C * nab + c0 * nab) * kTileRows;
             for (int64_t j = 0; j < live_panels; ++j) {
               const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(t1 - t0 - j * kTileCols, 16)));
               OffsetB bs;
@@ -476,7 +479,8 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   float* gpad = gpad_buf.get(p.batch * OC * qplane + 64);
   engine::copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
   engine::copy_padded(grad_output, p.batch * OC, OH, OW, gpad, Hq, Wq, 0, 0);
-  const int64_t NT = tiles_per_item(p), items = ceil_div(T, NT);
+  const engine::BalancedItems tile_items(T, tiles_per_item(p), 16);  // as in forward()
+  const int64_t NT = ceil_div(tile_items.largest(), kTileCols) * kTileCols, items = tile_items.count;
   const int64_t ldo = ceil_div(OC, 16) * 16, oc_vectors = ldo / 16;
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t part = 16 * C * ldo;  // grad_U^T per slot: [xi][c][ldo]
@@ -492,7 +496,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
     for (int64_t s = s0; s < s1; ++s) {
       float* acc = parts.get() + s * part;
       for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
-        const int64_t t0 = item * NT, t1 = std::min(T, t0 + NT), len = t1 - t0;
+        const int64_t t0 = tile_items.begin(item), t1 = tile_items.end(item), len = t1 - t0;
         tile_runs(t0, t1, per_image, tw, th, tw, runs);
         make_windows(runs, windows);
         for (size_t w = 0; w + 1 < windows.size(); ++w) {
