@@ -705,13 +705,13 @@ FASTCONV_AVX512 inline void weight_grad_rows(const float* cols, int64_t npix, in
 // result does not depend on the thread count. Pixels go in chunks: grad_output^T of a chunk is
 // transposed once (in parallel) and shared by the tasks, which pack their own column rows.
 inline void backward_weight_by_rows(const float* grad_output, const float* input, float* grad_weight,
-                                    const Conv2dParams& p, int64_t kc) {
+                                    const Conv2dParams& p, const BalancedItems& row_blocks) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t Cg = p.in_channels_per_group(), total = p.batch * p.out_plane();
   const int64_t ldo = ceil_div(OCg, 16) * 16;
   const int64_t npix = std::min<int64_t>(512, total);  // pixels per packed column block (the reduction per call)
   const int64_t chunk = std::min(total, std::max<int64_t>(1, (int64_t(2) << 20) / (G * ldo * 4) / npix) * npix);
-  const int64_t k_blocks = ceil_div(Kg, kc), tasks = G * k_blocks;
+  const int64_t k_blocks = row_blocks.count, tasks = G * k_blocks, kc = row_blocks.largest();
   std::unique_ptr<float[]> gwt(new float[G * Kg * ldo]);     // grad_W^T [g][k][ldo]; the first block writes it
   std::unique_ptr<float[]> got(new float[G * chunk * ldo]);  // grad_output^T of a chunk [g][t][ldo]
   for (int64_t c0 = 0; c0 < total; c0 += chunk) {
@@ -727,7 +727,8 @@ inline void backward_weight_by_rows(const float* grad_output, const float* input
       float* cols = cbuf.get(kc * npix + kPanelPad);
       std::vector<Segment> segs;
       for (int64_t task = b0; task < b1; ++task) {
-        const int64_t g = task / k_blocks, k0 = (task % k_blocks) * kc, kn = std::min(kc, Kg - k0);
+        const int64_t g = task / k_blocks, k0 = row_blocks.begin(task % k_blocks);
+        const int64_t kn = row_blocks.end(task % k_blocks) - k0;
         for (int64_t t0 = c0; t0 < c1; t0 += npix) {
           const int64_t t1 = std::min(c1, t0 + npix), len = t1 - t0;
           make_segments(p, t0, t1, npix, 0, segs);  // one panel: cols[k][t]
@@ -749,9 +750,9 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t Cg = p.in_channels_per_group(), L = p.out_plane(), total = p.batch * L;
   const int64_t ldo = ceil_div(OCg, 16) * 16;          // grad_output^T rows, padded to whole vectors
-  const int64_t npix = std::min<int64_t>(256, total);  // the reduction per item
+  const BalancedItems pixel_items(total, 256, 16);  // the reduction per item: about 256 pixels
+  const int64_t npix = pixel_items.largest(), items = pixel_items.count;
   const KBlocks kb(Kg, std::max<int64_t>(kTileRows, kColumnBlockBytes / (npix * 4) / kTileRows * kTileRows));
-  const int64_t items = ceil_div(total, npix);
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t part = G * Kg * ldo;  // grad_W^T per group: [Kg][ldo]
   // not zeroed: the first item of each slot writes its whole partial (Init::kZero)
@@ -764,7 +765,7 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
     for (int64_t s = s0; s < s1; ++s) {
       float* acc = parts.get() + s * part;
       for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
-        const int64_t g0 = item * npix, g1 = std::min(total, g0 + npix), len = g1 - g0;
+        const int64_t g0 = pixel_items.begin(item), g1 = pixel_items.end(item), len = g1 - g0;
         make_segments(p, g0, g1, npix, 0, segs);  // one panel: cols[k][t]
         for (int64_t g = 0; g < G; ++g) {
           transpose_grad_output(grad_output, p, g * OCg, OCg, g0, g1, ldo, goT);
@@ -788,15 +789,17 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
 inline void backward_weight(const float* grad_output, const float* input, float* grad_weight,
                             const Conv2dParams& params) {
   const Conv2dParams p = flatten_pointwise(params);
-  // rows per task: about four tasks per thread, 8 to 64 rows (a multiple of the micro-kernel's 8)
+  // rows per task: about four tasks per thread, 8 to 64 rows (whole blocks of the micro-kernel's 8),
+  // as many tasks per group as threads share evenly
   const int64_t threads = at::get_num_threads(), Kg = p.col_rows_per_group();
   const int64_t kc =
       std::clamp<int64_t>(ceil_div(ceil_div(p.groups * Kg, 4 * threads), kTileRows) * kTileRows, kTileRows, 64);
+  const BalancedItems row_blocks(Kg, kc, kTileRows);
   const int64_t partial_bytes = p.groups * Kg * ceil_div(p.out_channels_per_group(), 16) * 16 * 4;
-  if (partial_bytes <= kMaxPartialBytes || p.groups * ceil_div(Kg, kc) < 2 * threads) {
+  if (partial_bytes <= kMaxPartialBytes || p.groups * row_blocks.count < 2 * threads) {
     return backward_weight_by_pixels(grad_output, input, grad_weight, p);
   }
-  backward_weight_by_rows(grad_output, input, grad_weight, p, kc);
+  backward_weight_by_rows(grad_output, input, grad_weight, p, row_blocks);
 }
 
 }  // namespace engine
