@@ -226,7 +226,7 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
             cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
           }
         } else {
-          cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::col2im_band_add<float>);
+          cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::engine::col2im_band_add_avx512);
         }
       }
       if (grad_weight) {

@@ -29,6 +29,7 @@
 #include "conv_params.h"
 #include "cpu/flipped_conv.h"
 #include "cpu/gemm.h"
+#include "cpu/im2col.h"
 
 #if FASTCONV_HAVE_AVX512_KERNELS
 namespace fastconv {
@@ -533,6 +534,72 @@ inline void backward_input_stride1(const float* grad_output, const float* weight
   forward_with(grad_output, pack_flipped_weights_by_8(weight, p), nullptr, grad_input, backward_input_params(p), false);
 }
 
+// col2im_band_add (im2col.h) for float32 with AVX-512 row loops: stride 1 adds 16 columns per vector,
+// stride 2 spreads 16 columns over the even lanes of two vectors; other strides element by element.
+FASTCONV_AVX512 inline void col2im_band_add_avx512(const float* col, int64_t ld, int64_t channels,
+                                                   const Conv2dParams& p, int64_t oh0, int64_t oh1, float* im) {
+  const int64_t OW = p.out_w, W = p.in_w, H = p.in_h, SW = p.stride_w;
+  const int64_t band = oh1 - oh0;
+  const ColumnRanges ranges(p);
+  const __m512i spread_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i spread_hi = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+  for (int64_t c = 0; c < channels; ++c) {
+    float* im_c = im + c * H * W;
+    for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+        const float* src = col + ((c * p.kernel_h + kh) * p.kernel_w + kw) * ld;
+        const int64_t off_w = kw * p.dilation_w - p.pad_w;
+        const int64_t lo = ranges.lo[kw], hi = ranges.hi[kw];
+        for (int64_t r = 0; r < band; ++r) {
+          const int64_t ih = (oh0 + r) * p.stride_h - p.pad_h + kh * p.dilation_h;
+          if (ih < 0 || ih >= H) continue;
+          const float* s = src + r * OW;
+          float* d = im_c + ih * W + off_w;
+          if (SW == 1) {
+            for (int64_t ow = lo; ow < hi; ow += 16) {
+              const __mmask16 m = lane_mask(0, hi - ow);
+              _mm512_mask_storeu_ps(d + ow, m,
+                                    _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + ow), _mm512_maskz_loadu_ps(m, s + ow)));
+            }
+          } else if (SW == 2) {
+            for (int64_t ow = lo; ow < hi; ow += 16) {
+              const uint32_t valid = lane_mask(0, hi - ow);
+              const __mmask16 m0 = __mmask16(_pdep_u32(valid, 0x5555u)), m1 = __mmask16(_pdep_u32(valid >> 8, 0x5555u));
+              const __m512 v = _mm512_maskz_loadu_ps(__mmask16(valid), s + ow);
+              float* d0 = d + 2 * ow;
+              _mm512_mask_storeu_ps(d0, m0,
+                                    _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d0), _mm512_permutexvar_ps(spread_lo, v)));
+              if (m1) {
+                _mm512_mask_storeu_ps(
+                    d0 + 16, m1,
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d0 + 16), _mm512_permutexvar_ps(spread_hi, v)));
+              }
+            }
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) d[ow * SW] += s[ow];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Output rows per band of backward_input_col2im: the band's pixels are the GEMM's columns, in vectors
+// of 16, so bands whose width leaves few idle lanes (7x7 planes: the whole 49-pixel plane, 77% of its
+// lanes busy, not 3 rows of 21, 44%), with the band's grad_cols (Kg x pixels) within L2 for col2im.
+inline int64_t col2im_band_rows(const Conv2dParams& p) {
+  const int64_t OH = p.out_h, OW = p.out_w, Kg = p.groups * p.col_rows_per_group();
+  const int64_t most = std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(1, Kg * OW * 4), 1, OH);
+  int64_t best = 1;
+  double best_lanes = 0.0;
+  for (int64_t r = 1; r <= most; ++r) {
+    const int64_t full = OH / r, rest = OH % r;
+    const double lanes = double(OH * OW) / double(16 * (full * ceil_div(r * OW, 16) + ceil_div(rest * OW, 16)));
+    if (lanes >= best_lanes) best = r, best_lanes = lanes;
+  }
+  return best;
+}
+
 // grad_cols = W^T grad_output per image and band of output rows, then col2im (any stride).
 template <typename Col2im>
 void backward_input_col2im(const float* grad_output, const float* weight, float* grad_input, const Conv2dParams& p,
@@ -556,7 +623,7 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
   q.pad_h = q.pad_w = 0;
   q.groups = 1;
   const KBlocks ob(OCg, kMaxBlockK);
-  const int64_t rows = std::clamp<int64_t>(kColumnBlockBytes / std::max<int64_t>(1, Kg * p.out_w * 4), 1, p.out_h);
+  const int64_t rows = col2im_band_rows(p);
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer gbuf, cbuf;
     const int64_t width_max = rows * p.out_w;
@@ -749,7 +816,7 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
                                       const Conv2dParams& p) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t Cg = p.in_channels_per_group(), L = p.out_plane(), total = p.batch * L;
-  const int64_t ldo = ceil_div(OCg, 16) * 16;          // grad_output^T rows, padded to whole vectors
+  const int64_t ldo = ceil_div(OCg, 16) * 16;       // grad_output^T rows, padded to whole vectors
   const BalancedItems pixel_items(total, 256, 16);  // the reduction per item: about 256 pixels
   const int64_t npix = pixel_items.largest(), items = pixel_items.count;
   const KBlocks kb(Kg, std::max<int64_t>(kTileRows, kColumnBlockBytes / (npix * 4) / kTileRows * kTileRows));
