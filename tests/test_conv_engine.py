@@ -108,7 +108,9 @@ def test_thread_counts(threads, poison):
                 # whose 12 input / 10 output channels leave partial 8-row blocks in the flipped weights
                 run_case(8, 64, 7, 7, 12, (3, 3), bias=False)
                 run_case(8, 24, 7, 7, 20, (3, 3), groups=2)
-                run_case(3, 20, 9, 9, 12, (3, 3), stride=2)  # backward-input through col2im
+                run_case(3, 20, 9, 9, 12, (3, 3), stride=2)  # backward-input through col2im, split over
+                run_case(1, 24, 11, 11, 16, (3, 3), stride=2, groups=2)  # images and channel blocks
+                run_case(1, 40, 10, 9, 8, (1, 1), stride=2, padding=0)
     finally:
         torch.set_num_threads(old)
 

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -624,15 +625,27 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
   q.groups = 1;
   const KBlocks ob(OCg, kMaxBlockK);
   const int64_t rows = col2im_band_rows(p);
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  // Work items: (image, block of each group's input channels); an item computes the grad_cols rows of
+  // its channels and adds them into those channels only, so items never write the same element. Blocks
+  // start at whole 8-row tiles of grad_cols (channels multiple of cg); there are just enough of them
+  // that the items share evenly over the threads (batch 1 included).
+  const int64_t KK = p.kernel_h * p.kernel_w, Cg = p.in_channels_per_group(), threads = at::get_num_threads();
+  const int64_t cg = kTileRows / std::gcd(KK, kTileRows), c_grains = ceil_div(Cg, cg);
+  const int64_t c_blocks = std::clamp<int64_t>(threads / std::gcd(p.batch, threads), 1, c_grains);
+  at::parallel_for(0, p.batch * c_blocks, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer gbuf, cbuf;
     const int64_t width_max = rows * p.out_w;
     float* go_panels = gbuf.get(ceil_div(width_max, kPanel) * (kPanel * ob.size + kPanelPad));
     float* gcol = cbuf.get(G * Kg * width_max);
     std::vector<Segment> segs;
-    for (int64_t n = begin; n < end; ++n) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / c_blocks, cb = item % c_blocks;
+      const int64_t c0 = std::min(Cg, cg * (cb * c_grains / c_blocks));
+      const int64_t c1 = cb + 1 == c_blocks ? Cg : std::min(Cg, cg * ((cb + 1) * c_grains / c_blocks));
+      if (c0 >= c1) continue;
       float* gi = grad_input + n * C * p.in_plane();
-      std::fill(gi, gi + C * p.in_plane(), 0.f);
+      for (int64_t g = 0; g < G; ++g)
+        std::fill(gi + (g * Cg + c0) * p.in_plane(), gi + (g * Cg + c1) * p.in_plane(), 0.f);
       for (int64_t oh0 = 0; oh0 < p.out_h; oh0 += rows) {
         const int64_t oh1 = std::min(p.out_h, oh0 + rows), width = (oh1 - oh0) * p.out_w;
         const int64_t g0 = n * L + oh0 * p.out_w, g1 = g0 + width;
@@ -642,11 +655,13 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
             make_segments(q, g0, g1, kPanel, oc * kPanel + kPanelPad, segs);
             pack_columns(grad_output, q, g * OCg + o0, 0, oc, segs, kPanel, go_panels);
             // gcol rows k of group g: a plane of `width` pixels per row, "image" 0 of a 1-image batch
-            gemm_item({packed, k_blocks * OCg * kTileRows, 1, kTileRows}, g, OCg, o0, oc, 0, Kg, go_panels, 0, width,
-                      gcol + g * Kg * width, Kg, width, 0, b == 0 ? Init::kZero : Init::kAccumulate, nullptr, false);
+            gemm_item({packed, k_blocks * OCg * kTileRows, 1, kTileRows}, g, OCg, o0, oc, c0 * KK, c1 * KK, go_panels,
+                      0, width, gcol + g * Kg * width, Kg, width, 0, b == 0 ? Init::kZero : Init::kAccumulate, nullptr,
+                      false);
           }
+          col2im_band_add(gcol + (g * Kg + c0 * KK) * width, width, c1 - c0, p, oh0, oh1,
+                          gi + (g * Cg + c0) * p.in_plane());
         }
-        col2im_band_add(gcol, width, C, p, oh0, oh1, gi);
       }
     }
   });
