@@ -145,6 +145,20 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
 #endif
 }
 
+// How the AVX-512 engine computes grad_input: stride 1 is a forward convolution of grad_output with the
+// flipped weights (flipped_conv.h), on Winograd where wanted, else on the forward engine from batch 2
+// (cpu::engine::backward_input_through_forward); otherwise grad_cols and col2im.
+enum class BackwardInputRoute { kWinograd, kForwardEngine, kCol2im };
+BackwardInputRoute backward_input_route(const Conv2dParams& p) {
+  if (cpu::backward_input_as_forward(p) && winograd_wanted(cpu::backward_input_params(p))) {
+    return BackwardInputRoute::kWinograd;
+  }
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if (cpu::engine::backward_input_through_forward(p)) return BackwardInputRoute::kForwardEngine;
+#endif
+  return BackwardInputRoute::kCol2im;
+}
+
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
 // "forward/backward-input/backward-weight", or one name when all three agree.
 std::string algorithm_name(const Conv2dParams& p, bool float32) {
@@ -157,10 +171,8 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   };
   const std::string fwd = winograd_wanted(p) ? "winograd" : gemm_name(p);
   std::string bwi = "im2col+gemm+col2im";
-  if (cpu::backward_input_as_forward(p)) {
-    const Conv2dParams q = cpu::backward_input_params(p);  // the convolution backward-input runs
-    bwi = winograd_wanted(q) ? "winograd" : gemm_name(q);
-  }
+  if (backward_input_route(p) == BackwardInputRoute::kWinograd) bwi = "winograd";
+  if (backward_input_route(p) == BackwardInputRoute::kForwardEngine) bwi = gemm_name(cpu::backward_input_params(p));
   const std::string bww = winograd_wanted(p, true) ? "winograd" : "im2col+gemm";
   if (fwd == bwi && bwi == bww) return fwd;
   return fwd + "/" + bwi + "/" + bww;
@@ -217,16 +229,18 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   if constexpr (std::is_same_v<T, float>) {
     if (use_engine<T>()) {
       if (grad_input) {
-        if (cpu::backward_input_as_forward(p)) {
-          const Conv2dParams q = cpu::backward_input_params(p);  // a forward convolution of grad_output
-          if (winograd_wanted(q)) {
+        switch (backward_input_route(p)) {
+          case BackwardInputRoute::kWinograd: {
             const std::vector<float> w_t = cpu::flipped_transposed_weight(weight, p);
-            cpu::winograd::forward(grad_output, w_t.data(), nullptr, grad_input, q, false);
-          } else {
-            cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
+            cpu::winograd::forward(grad_output, w_t.data(), nullptr, grad_input, cpu::backward_input_params(p), false);
+            break;
           }
-        } else {
-          cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::engine::col2im_band_add_avx512);
+          case BackwardInputRoute::kForwardEngine:
+            cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
+            break;
+          case BackwardInputRoute::kCol2im:
+            cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::engine::col2im_band_add_avx512);
+            break;
         }
       }
       if (grad_weight) {

@@ -176,39 +176,15 @@ inline bool panel_dest(float* out, int64_t channels, int64_t L, int64_t ch0, int
   return true;
 }
 
-// One block of 8 weight rows, dst[k][8] = w[(row0 + r) * ld + k * ks] for k < K; rows from `rows` on
-// are zeros. Contiguous columns (ld = 1, the transposed weights of backward-input) are 8-float copies.
-FASTCONV_AVX512 inline void pack_block_of_8(const float* w, int64_t rows, int64_t K, int64_t ld, int64_t ks,
-                                            float* dst) {
-  if (ld == 1) {
-    const __mmask8 row_mask = static_cast<__mmask8>((1u << std::min<int64_t>(rows, 8)) - 1);
-    for (int64_t k = 0; k < K; ++k) _mm256_storeu_ps(dst + k * kTileRows, _mm256_maskz_loadu_ps(row_mask, w + k * ks));
-    return;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t r = 0; r < kTileRows; ++r) dst[k * kTileRows + r] = r < rows ? w[r * ld + k * ks] : 0.f;
-  }
-}
-
-// Packs one group's weight rows [OCg][Kg] (rows `ld` apart, element (o, k) at w[o*ld + k*ks]) into
-// blocks of 8 rows: dst[ob][k][8], zero rows past OCg.
-inline void pack_rows_by_8(const float* w, int64_t rows, int64_t K, int64_t ld, int64_t ks, float* dst) {
-  const int64_t blocks = ceil_div(rows, kTileRows);
-  at::parallel_for(0, blocks, grain_for(K * kTileRows), [&](int64_t b0, int64_t b1) {
-    for (int64_t ob = b0; ob < b1; ++ob) {
-      pack_block_of_8(w + ob * kTileRows * ld, rows - ob * kTileRows, K, ld, ks, dst + ob * K * kTileRows);
-    }
-  });
-}
-
-// The forward engine's A operand, what its micro-kernel broadcasts from: weight (o, k) of group g at
-// data[g*group_stride + (o/8)*8*K + (o%8)*rs + k*cs]. Either the weight tensor itself, [g][o][k]
-// (rs K, cs 1), or packed [g][ob][k][8] (rs 1, cs 8).
+// The engine's A operand, what its micro-kernel broadcasts from: element (row i, column k) of group g
+// at data[g*group_stride + (i/8)*block_stride + (i%8)*rs + k*cs]. The forward weights as they are,
+// [g][o][k] (rs K, cs 1, blocks 8K apart), packed [g][ob][k][8] (rs 1, cs 8, blocks 8K apart), or the
+// transposed weights of backward-input read in place, W^T (rs 1, cs K, blocks 8 apart).
 struct WeightsA {
   const float* data;
-  int64_t group_stride, rs, cs;
-  const float* block(int64_t g, int64_t ob, int64_t K, int64_t k0) const {
-    return data + g * group_stride + ob * kTileRows * K + k0 * cs;
+  int64_t group_stride, block_stride, rs, cs;
+  const float* block(int64_t g, int64_t ob, int64_t k0) const {
+    return data + g * group_stride + ob * block_stride + k0 * cs;
   }
 };
 
@@ -218,7 +194,39 @@ struct WeightsA {
 // (packing 9.4 MB cost more than the reuse it bought).
 inline WeightsA forward_weights(const float* weight, const Conv2dParams& p) {
   const int64_t Kg = p.col_rows_per_group();
-  return {weight, p.out_channels_per_group() * Kg, Kg, 1};
+  return {weight, p.out_channels_per_group() * Kg, kTileRows * Kg, Kg, 1};
+}
+
+// 8x8 transpose in registers: r[i] lane j -> r[j] lane i.
+FASTCONV_AVX512 inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// dst[j][8] = src[r][KK-1-j] for the `rows` (<= 8) rows of KK floats at src (rows past `rows` zero):
+// 8 x 8 blocks through registers.
+FASTCONV_AVX512 inline void flip_transpose_rows(const float* src, int64_t rows, int64_t KK, float* dst) {
+  for (int64_t j0 = 0; j0 < KK; j0 += 8) {
+    const int64_t n = std::min<int64_t>(8, KK - j0);
+    const __mmask8 m = static_cast<__mmask8>((1u << n) - 1);
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_maskz_loadu_ps(m, src + i * KK + j0) : _mm256_setzero_ps();
+    transpose8(r);
+    for (int64_t jj = 0; jj < n; ++jj) _mm256_storeu_ps(dst + (KK - 1 - (j0 + jj)) * kTileRows, r[jj]);
+  }
 }
 
 // The same for the flipped, transposed weights of a stride-1 backward-input (flipped_conv.h) straight
@@ -231,17 +239,13 @@ inline WeightsA pack_flipped_weights_by_8(const float* weight, const Conv2dParam
   at::parallel_for(0, G * c_blocks, grain_for(K * kTileRows), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t g = b / c_blocks, c0 = (b % c_blocks) * kTileRows, rows = std::min<int64_t>(kTileRows, Cg - c0);
-      float* d = packed + b * K * kTileRows;
       for (int64_t o = 0; o < OCg; ++o) {
-        const float* src = weight + ((g * OCg + o) * Cg + c0) * KK;  // rows c0.. of KK floats each
-        for (int64_t j = 0; j < KK; ++j) {
-          float* dk = d + (o * KK + j) * kTileRows;
-          for (int64_t r = 0; r < kTileRows; ++r) dk[r] = r < rows ? src[r * KK + KK - 1 - j] : 0.f;
-        }
+        flip_transpose_rows(weight + ((g * OCg + o) * Cg + c0) * KK, rows, KK,
+                            packed + b * K * kTileRows + o * KK * kTileRows);
       }
     }
   });
-  return {packed, c_blocks * K * kTileRows, 1, kTileRows};
+  return {packed, c_blocks * K * kTileRows, K * kTileRows, 1, kTileRows};
 }
 
 // How many ways to split the output channels (in blocks of 8) when there are fewer (balanced) pixel
@@ -290,7 +294,7 @@ FASTCONV_AVX512 inline void gemm_item(WeightsA w, int64_t group, int64_t K, int6
   const int64_t npanels = ceil_div(g1 - g0, kPanel);
   for (int64_t ob = r0 / kTileRows; ob * kTileRows < r1; ++ob) {
     const int mr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - ob * kTileRows));
-    const float* a = w.block(group, ob, K, k0);
+    const float* a = w.block(group, ob, k0);
     const float* bias_b = bias ? bias + ob * kTileRows : nullptr;
     const int64_t row0 = ch0 + ob * kTileRows;
     for (int64_t j = 0; j < npanels; ++j) {
@@ -485,7 +489,7 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
             }
             for (int64_t ob = r0 / kTileRows; ob * kTileRows < r1; ++ob) {
               const int mr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - ob * kTileRows));
-              const float* a = wa.block(g, ob, Kg, k0);
+              const float* a = wa.block(g, ob, k0);
               const int64_t ch = g * OCg + ob * kTileRows;
               TileDest d = d0;
               for (int v = 0; v < kTileVectors; ++v) {
@@ -526,6 +530,17 @@ inline void forward_with(const float* input, WeightsA wa, const float* bias, flo
 inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
                     bool relu = false) {
   forward_with(input, forward_weights(weight, p), bias, out, p, relu);
+}
+
+// Whether backward-input runs as the forward engine over grad_output (stride 1, flipped_conv.h) rather
+// than through grad_cols and col2im. At batch 1 the col2im route wins (measured, 2 threads, Zen 4:
+// ResNet 3x3 256 at 14x14 0.64x, 512 at 7x7 0.73x, AlexNet conv2/conv3 0.79/0.84x the time of the
+// forward route): it reads the weights in place, where the forward route first packs them flipped, a
+// pass over the whole weight tensor for a single image's worth of work. From batch 2 the forward route
+// flattens its pixels over images, where col2im's per-image bands leave vector lanes idle on small
+// planes (ResNet 512 at 7x7, batch 8: 1.36x the time through col2im).
+inline bool backward_input_through_forward(const Conv2dParams& p) {
+  return backward_input_as_forward(p) && p.batch > 1;
 }
 
 // Backward-input of a stride-1 convolution (flipped_conv.h) on this engine: the forward pass over
@@ -607,13 +622,10 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
                            Col2im col2im_band_add) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t C = p.in_channels, L = p.out_plane();
-  const int64_t k_blocks = ceil_div(Kg, kTileRows);
-  // A = W^T per group: rows k (Kg), reduction over o (OCg): packed [kb][o][8]
-  thread_local AlignedBuffer packed_buf;
-  float* packed = packed_buf.get(G * k_blocks * OCg * kTileRows);
-  for (int64_t g = 0; g < G; ++g) {
-    pack_rows_by_8(weight + g * OCg * Kg, Kg, OCg, 1, Kg, packed + g * k_blocks * OCg * kTileRows);
-  }
+  // A = W^T per group (rows k of Kg, reduction over o of OCg), read in place: 8 consecutive floats of
+  // one weight row per step (measured against packing it each call, 2 threads: the same at batch 8,
+  // 5-15% faster at batch 1, where packing 9.4 MB of ResNet layer4 weights is a pass of its own)
+  const WeightsA wt{weight, OCg * Kg, kTileRows, 1, Kg};
   // grad_output as a 1x1 "input" for pack_columns
   Conv2dParams q = p;
   q.in_channels = p.out_channels;
@@ -655,9 +667,8 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
             make_segments(q, g0, g1, kPanel, oc * kPanel + kPanelPad, segs);
             pack_columns(grad_output, q, g * OCg + o0, 0, oc, segs, kPanel, go_panels);
             // gcol rows k of group g: a plane of `width` pixels per row, "image" 0 of a 1-image batch
-            gemm_item({packed, k_blocks * OCg * kTileRows, 1, kTileRows}, g, OCg, o0, oc, c0 * KK, c1 * KK, go_panels,
-                      0, width, gcol + g * Kg * width, Kg, width, 0, b == 0 ? Init::kZero : Init::kAccumulate, nullptr,
-                      false);
+            gemm_item(wt, g, OCg, o0, oc, c0 * KK, c1 * KK, go_panels, 0, width, gcol + g * Kg * width, Kg, width, 0,
+                      b == 0 ? Init::kZero : Init::kAccumulate, nullptr, false);
           }
           col2im_band_add(gcol + (g * Kg + c0 * KK) * width, width, c1 - c0, p, oh0, oh1,
                           gi + (g * Cg + c0) * p.in_plane());
