@@ -141,11 +141,27 @@ FASTCONV_AVX512 inline void pack_columns(const float* input, const Conv2dParams&
           const __m512 v1 = _mm512_maskz_loadu_ps(__mmask16(pairs >> 16), s0 + 16);
           _mm512_storeu_ps(d + x, _mm512_permutex2var_ps(v0, even, v1));
         }
-      } else {
-        const int64_t sw = p.stride_w;
-        for (int64_t x = 0; x < len; ++x) {
-          const int64_t o = ow + x;
-          d[x] = (o >= lo && o < hi) ? src[o * sw] : 0.f;
+      } else if (p.stride_w == 4) {
+        // AlexNet's conv1: 64 contiguous floats per 16 outputs, every fourth picked by two permutes
+        const __m512i fourth = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+        for (int64_t x = 0; x < len; x += 16) {
+          const uint32_t valid = lane_mask(std::max(lo - (ow + x), int64_t(0)), std::min(hi, ow + len) - (ow + x));
+          const float* s0 = src + 4 * (ow + x);
+          __m512 v[4];
+          for (int i = 0; i < 4; ++i) {
+            v[i] = _mm512_maskz_loadu_ps(__mmask16(_pdep_u32((valid >> (4 * i)) & 0xF, 0x1111u)), s0 + 16 * i);
+          }
+          const __m512 lo8 = _mm512_permutex2var_ps(v[0], fourth, v[1]),
+                       hi8 = _mm512_permutex2var_ps(v[2], fourth, v[3]);
+          _mm512_storeu_ps(d + x, _mm512_shuffle_f32x4(lo8, hi8, 0x44));
+        }
+      } else {  // other strides: a masked gather of every sw-th float
+        const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(static_cast<int>(p.stride_w)));
+        for (int64_t x = 0; x < len; x += 16) {
+          const __mmask16 valid = lane_mask(std::max(lo - (ow + x), int64_t(0)), std::min(hi, ow + len) - (ow + x));
+          _mm512_storeu_ps(d + x,
+                           _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, src + (ow + x) * p.stride_w, 4));
         }
       }
     }
