@@ -108,6 +108,48 @@ FASTCONV_AVX512 inline float dot_row_avx512(const float* a, const float* b, int6
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
+
+// sums[kw] = sum over the rows r < rows of sum_o a_r[o] * b_r[o + off[kw]] for o in [lo[kw], hi[kw]) (rows
+// `a_ld` / `b_ld` apart, rows of `cols` outputs; stride 1): every kernel column of one kernel row in
+// one pass, each grad_output vector loaded once for all of them and one horizontal sum per tap at the end.
+FASTCONV_AVX512 inline void dot_rows_taps_avx512(const float* a, int64_t a_ld, const float* b, int64_t b_ld,
+                                                 int64_t rows, int64_t cols, const int64_t* off, const int64_t* lo,
+                                                 const int64_t* hi, int64_t KW, float* sums) {
+  constexpr int64_t kMaxTaps = 8, kMaxVectors = 16;
+  if (cols > 16 * kMaxVectors) {  // wide rows: in pieces of kMaxVectors vectors
+    std::vector<float> part(KW);
+    std::fill(sums, sums + KW, 0.f);
+    for (int64_t o0 = 0; o0 < cols; o0 += 16 * kMaxVectors) {
+      const int64_t n = std::min(16 * kMaxVectors, cols - o0);
+      std::vector<int64_t> l(KW), h(KW);
+      for (int64_t kw = 0; kw < KW; ++kw) l[kw] = lo[kw] - o0, h[kw] = hi[kw] - o0;
+      dot_rows_taps_avx512(a + o0, a_ld, b + o0, b_ld, rows, n, off, l.data(), h.data(), KW, part.data());
+      for (int64_t kw = 0; kw < KW; ++kw) sums[kw] += part[kw];
+    }
+    return;
+  }
+  const int64_t nv = (cols + 15) / 16;
+  for (int64_t kw0 = 0; kw0 < KW; kw0 += kMaxTaps) {
+    const int64_t taps = std::min(kMaxTaps, KW - kw0);
+    __mmask16 masks[kMaxVectors][kMaxTaps];  // the lanes of vector v whose input column of tap t is inside
+    for (int64_t v = 0; v < nv; ++v) {
+      for (int64_t t = 0; t < taps; ++t) masks[v][t] = lane_mask(lo[kw0 + t] - 16 * v, hi[kw0 + t] - 16 * v);
+    }
+    __m512 acc[kMaxTaps];
+    for (int64_t t = 0; t < kMaxTaps; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* ar = a + r * a_ld;
+      const float* br = b + r * b_ld;
+      for (int64_t v = 0; v < nv; ++v) {
+        const __m512 g = _mm512_maskz_loadu_ps(lane_mask(0, cols - 16 * v), ar + 16 * v);
+        for (int64_t t = 0; t < taps; ++t) {
+          acc[t] = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(masks[v][t], br + 16 * v + off[kw0 + t]), acc[t]);
+        }
+      }
+    }
+    for (int64_t t = 0; t < taps; ++t) sums[kw0 + t] = _mm512_reduce_add_ps(acc[t]);
+  }
+}
 #endif
 
 // acc[o] += w * src[o * stride] for o in [lo, hi)
@@ -220,6 +262,34 @@ void backward_input(const T* grad_output, const T* weight, T* grad_input, const 
 
 // grad_weight[oc][c][kh][kw] = sum over n, oh, ow of grad_output[n][oc][oh][ow] * input[n][c][ih][iw];
 // one output channel per task, a fixed summation order.
+#if FASTCONV_HAVE_AVX512_KERNELS
+// grad_weight[oc][c][kh][kw] for every (kh, kw) of one (oc, input channel c), stride_w 1, float32:
+// per kernel row, the output rows whose input row lies inside the image, of every image.
+inline void weight_taps_stride1(const float* grad_output, const float* input, const Conv2dParams& p, int64_t oc,
+                                int64_t c, const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, float* gw) {
+  const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
+  std::vector<int64_t> off(KW);
+  for (int64_t kw = 0; kw < KW; ++kw) off[kw] = kw * p.dilation_w - p.pad_w;
+  std::vector<float> sums(KW);
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    std::fill(gw + kh * KW, gw + (kh + 1) * KW, 0.f);
+    // output rows oh with ih = oh*stride_h - pad_h + kh*dilation_h inside [0, H)
+    const int64_t shift = kh * p.dilation_h - p.pad_h;
+    int64_t oh0 = 0, oh1 = p.out_h;
+    while (oh0 < oh1 && oh0 * p.stride_h + shift < 0) ++oh0;
+    while (oh1 > oh0 && (oh1 - 1) * p.stride_h + shift >= H) --oh1;
+    if (oh0 >= oh1) continue;
+    for (int64_t n = 0; n < p.batch; ++n) {
+      const float* go = grad_output + ((n * p.out_channels + oc) * p.out_h + oh0) * OW;
+      const float* in = input + ((n * p.in_channels + c) * H + oh0 * p.stride_h + shift) * W;
+      dot_rows_taps_avx512(go, OW, in, p.stride_h * W, oh1 - oh0, OW, off.data(), lo.data(), hi.data(), KW,
+                           sums.data());
+      for (int64_t kw = 0; kw < KW; ++kw) gw[kh * KW + kw] += sums[kw];
+    }
+  }
+}
+#endif
+
 template <typename T>
 void backward_weight(const T* grad_output, const T* input, T* grad_weight, const Conv2dParams& p) {
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
@@ -230,6 +300,14 @@ void backward_weight(const T* grad_output, const T* input, T* grad_weight, const
     for (int64_t oc = begin; oc < end; ++oc) {
       const int64_t c0 = (oc / OCg) * Cg;
       for (int64_t c = 0; c < Cg; ++c) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+        if constexpr (std::is_same_v<T, float>) {
+          if (p.stride_w == 1 && has_avx512()) {
+            weight_taps_stride1(grad_output, input, p, oc, c0 + c, lo, hi, grad_weight + (oc * Cg + c) * KH * KW);
+            continue;
+          }
+        }
+#endif
         for (int64_t kh = 0; kh < KH; ++kh) {
           for (int64_t kw = 0; kw < KW; ++kw) {
             T sum = T(0);
