@@ -8,11 +8,14 @@ from their children.
 
 The chain becomes one :class:`Conv2dReLU` at the conv's position, and the ReLU (and pool) positions
 hold ``nn.Identity``, so state_dict keys, the Parameter objects and train/eval mode stay the same.
-Forward: ``torch.ops.fastconv.conv2d_relu`` adds the bias and applies ReLU in the CPU kernel's
-epilogue (float32 on AVX-512; other CPU paths run conv2d then ReLU) and, on CUDA, in the bias/layout
-kernel (no launch of its own where the conv uses that kernel: 2+ images, not 1x1); backward (csrc/autograd.cpp) masks
-grad_output with ``output > 0`` (ReLU's own backward kernel) and calls the conv backward op. The pool
-runs after it (not fused into the tile).
+Forward of Conv2d -> ReLU: ``torch.ops.fastconv.conv2d_relu`` adds the bias and applies ReLU in the
+CPU kernel's epilogue (float32 on AVX-512; other CPU paths run conv2d then ReLU) and, on CUDA, in the
+bias/layout kernel (no launch of its own where the conv uses that kernel: 2+ images, not 1x1);
+backward (csrc/autograd.cpp) masks grad_output with ``output > 0`` (ReLU's own backward kernel) and
+calls the conv backward op. Conv2d -> ReLU -> MaxPool2d runs as conv2d -> max-pool -> ReLU: the two
+commute exactly (the pooled maximum of ReLU'd values is the ReLU of the pooled maximum, bit for bit),
+so ReLU and its backward mask touch the pooled tensor, a quarter of the conv output for 2x2 pools
+(MNIST CNN training step: measured in the README). The pool is not fused into the conv's tile.
 """
 import torch
 from torch import nn
@@ -46,6 +49,11 @@ class Conv2dReLU(Conv2d):
     def forward(self, input):
         if input.dim() == 3:
             return self.forward(input.unsqueeze(0)).squeeze(0)
+        if self.pool is not None:
+            # max-pooling and ReLU commute exactly (relu(max(a, b)) == max(relu(a), relu(b)) in floating
+            # point, NaN and the pool's -inf padding included), so ReLU runs on the pooled tensor: a
+            # quarter of the elements for 2x2 pools, in the forward pass and in ReLU's backward mask
+            return torch.relu(self.pool(super().forward(input)))
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             y = torch.relu(super().forward(input))
         else:  # autocast is the op's own (fastconv/_ops.py), so meta tensors pass too

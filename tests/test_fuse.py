@@ -85,3 +85,26 @@ def test_conv2d_relu_keeps_nan_like_relu(algorithm):
         plain = torch.ops.fastconv.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1)
     assert torch.isnan(fused).any()
     torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)])
+def test_conv_relu_pool_is_bitwise_the_unfused_chain(pool, poison):
+    # the fused chain runs conv -> pool -> ReLU (they commute): exactly the unfused conv -> ReLU -> pool,
+    # including windows with no positive value (negative bias) and NaN
+    torch.manual_seed(0)
+    ref = nn.Sequential(fastconv.Conv2d(3, 8, 3, padding=1), nn.ReLU(), pool)
+    with torch.no_grad():
+        ref[0].bias.copy_(torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.2, 0.5, 1.0, 3.0]))
+    fused = fastconv.fuse(nn.Sequential(*ref))
+    assert isinstance(fused[0], fastconv.Conv2dReLU) and fused[0].pool is not None
+    x = torch.randn(4, 3, 11, 13)
+    x[1, 0, 3, 4] = float("nan")
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr = ref(xr)
+    yf = fused(xf)
+    assert torch.equal(yr.isnan(), yf.isnan()) and torch.equal(yr.nan_to_num(), yf.nan_to_num())
+    assert (yr == 0).any() and (yr > 0).any()
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    assert torch.equal(xr.grad.nan_to_num(), xf.grad.nan_to_num())
