@@ -58,6 +58,9 @@ ENGINE_CASES = [
     (3, 32, 4, 8, 20, (1, 1), 1, 0, 1, 1),    # ... whole vectors
     (3, 5, 13, 13, 50, (3, 3), 2, 1, 1, 1),
     (2, 6, 40, 45, 10, (3, 3), 2, 1, 1, 1),   # stride-2 col2im: output rows past 16 columns
+    (3, 1, 17, 19, 7, (3, 3), 1, 1, 1, 1),    # backward-weight's dot form (C*KH*KW <= 25): 3 + 3 + 1
+    (2, 1, 12, 40, 11, (5, 5), 1, 0, 1, 1),   # output channels, 9 + 9 + 7 rows, rows past 16 pixels
+    (2, 4, 9, 9, 6, (2, 3), 1, 1, 1, 2),      # ... groups
     (2, 16, 36, 37, 12, (1, 1), 2, 0, 1, 1),  # ... 1x1 downsampling, odd input width
     (2, 3, 31, 29, 13, (11, 11), (4, 3), 2, 1, 1),
     (2, 8, 7, 9, 17, (3, 2), 2, (1, 0), (2, 1), 1),
