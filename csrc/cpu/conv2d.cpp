@@ -30,6 +30,7 @@
 #include "cpu/depthwise_conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/im2col.h"
+#include "cpu/narrow_conv2d.h"
 #include "cpu/winograd_conv2d.h"
 
 namespace fastconv {
@@ -132,12 +133,24 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #endif
 }
 
+// The narrow direct kernel (cpu/narrow_conv2d.h) for the forward pass, unless the setting is "gemm"
+// (which then runs the im2col+GEMM engine on those layers: tests and comparisons).
+bool narrow_wanted(const Conv2dParams& p) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  return g_algorithm_setting.load() != 1 && cpu::narrow::applicable(p);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 // A float32 forward convolution on the AVX-512 engine, Winograd when wanted (also the transformed
 // convolution of a stride-1 backward-input).
 void engine_forward(const float* input, const float* weight, const float* bias, float* output, const Conv2dParams& p,
                     bool relu = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   if (winograd_wanted(p)) return cpu::winograd::forward(input, weight, bias, output, p, relu);
+  if (narrow_wanted(p)) return cpu::narrow::forward(input, weight, bias, output, p, relu);
   cpu::engine::forward(input, weight, bias, output, p, relu);
 #else
   (void)input, (void)weight, (void)bias, (void)output, (void)p, (void)relu;
@@ -169,7 +182,7 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
     return cpu::engine::use_padded_direct(cpu::engine::flatten_pointwise(q)) ? std::string("implicit-gemm")
                                                                              : std::string("im2col+gemm");
   };
-  const std::string fwd = winograd_wanted(p) ? "winograd" : gemm_name(p);
+  const std::string fwd = winograd_wanted(p) ? "winograd" : narrow_wanted(p) ? "narrow-direct" : gemm_name(p);
   std::string bwi = "im2col+gemm+col2im";
   if (backward_input_route(p) == BackwardInputRoute::kWinograd) bwi = "winograd";
   if (backward_input_route(p) == BackwardInputRoute::kForwardEngine) bwi = gemm_name(cpu::backward_input_params(p));
