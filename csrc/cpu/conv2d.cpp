@@ -133,7 +133,7 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #endif
 }
 
-// The narrow direct kernel (cpu/narrow_conv2d.h) for the forward pass, unless the setting is "gemm"
+// The narrow direct kernels (cpu/narrow_conv2d.h) for forward and backward-weight, unless the setting is "gemm"
 // (which then runs the im2col+GEMM engine on those layers: tests and comparisons).
 bool narrow_wanted(const Conv2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -186,7 +186,7 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   std::string bwi = "im2col+gemm+col2im";
   if (backward_input_route(p) == BackwardInputRoute::kWinograd) bwi = "winograd";
   if (backward_input_route(p) == BackwardInputRoute::kForwardEngine) bwi = gemm_name(cpu::backward_input_params(p));
-  const std::string bww = winograd_wanted(p, true) ? "winograd" : "im2col+gemm";
+  const std::string bww = narrow_wanted(p) ? "narrow-direct" : winograd_wanted(p, true) ? "winograd" : "im2col+gemm";
   if (fwd == bwi && bwi == bww) return fwd;
   return fwd + "/" + bwi + "/" + bww;
 #else
@@ -257,7 +257,9 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
         }
       }
       if (grad_weight) {
-        if (winograd_wanted(p, /*weight_grad=*/true)) {
+        if (narrow_wanted(p)) {
+          cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
+        } else if (winograd_wanted(p, /*weight_grad=*/true)) {
           cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
         } else {
           cpu::engine::backward_weight(grad_output, input, grad_weight, p);

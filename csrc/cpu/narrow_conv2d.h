@@ -1,18 +1,22 @@
-// The float32 forward convolution for layers with few output channels (at most 64, one group): the first
-// layers of CNNs, AlexNet's conv1 (3 -> 64, 11x11 stride 4) and ResNet's stem (3 -> 64, 7x7 stride 2).
+// The float32 forward and backward-weight convolutions for layers with few output channels (at most 64,
+// one group), strided: the first layers of CNNs, AlexNet's conv1 (3 -> 64, 11x11 stride 4) and ResNet's
+// stem (3 -> 64, 7x7 stride 2).
 //
 // There the im2col+GEMM engine spends about a third of its time packing columns, because each column
-// element feeds only OC/16 vector FMAs. This kernel packs nothing: its register tile is NPX output
-// pixels of one output row x every output channel (NV <= 4 vectors of 16), and each step of the
+// element feeds only OC/16 vector FMAs. These kernels pack nothing. Forward: the register tile is NPX
+// output pixels of one output row x every output channel (NV <= 4 vectors of 16); each step of the
 // reduction over (c, kh, kw) loads one row of the transposed weights (NV vectors) and broadcasts NPX
-// input floats straight from a zero-padded copy of the input, stride and dilation included. The sums
-// stay in registers over the whole reduction; the tile is written to NCHW once, with bias and ReLU.
+// input floats straight from a zero-padded copy of the input, stride and dilation included; the sums
+// stay in registers over the whole reduction and the tile is written to NCHW once, with bias and ReLU.
+// Backward-weight: the tile is 6 taps x every output channel, the reduction runs over pixels, each step
+// one row of grad_output^T (transposed once per item) and 6 broadcasts from the padded input.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "conv_params.h"
@@ -29,11 +33,12 @@ using engine::ceil_div;
 
 constexpr int64_t kMaxChannels = 64;  // 4 vectors of output channels
 
-// Where it runs (auto; measured, 2 threads, Zen 4, forward time against the im2col+GEMM engine):
-// strided layers with at most 64 output channels and a reduction of 64+ (ResNet stem 0.92x, AlexNet
-// conv1 0.84x at batch 8 and 0.87x at batch 1, 5x5/2 32->64 0.84x, 3x3/2 64->64 0.91x). Not for stride 1,
-// where the engine's implicit GEMM packs nothing either (MNIST CNN conv1: 2.0x), nor for short
-// reductions, where writing the tile out dominates (3x3/2 3->32, a reduction of 27: 1.4x).
+// Where they run (auto; measured, 2 threads, Zen 4, time against the im2col+GEMM engine, forward /
+// backward-weight): strided layers with at most 64 output channels and a reduction of 64+ (ResNet stem
+// 0.92x / 0.91x, AlexNet conv1 0.84x / 0.81x at batch 8 and 0.87x / 0.82x at batch 1, 5x5/2 32->64
+// 0.84x / 0.88x, 3x3/2 64->64 0.91x / 0.83x). Not for stride 1, where the engine's implicit GEMM packs
+// nothing either (MNIST CNN conv1 forward: 2.0x), nor for short reductions, where writing the tile out
+// dominates (3x3/2 3->32, a reduction of 27: forward 1.4x).
 inline bool applicable(const Conv2dParams& p) {
   return p.groups == 1 && p.out_channels <= kMaxChannels && (p.stride_h > 1 || p.stride_w > 1) &&
          p.col_rows_per_group() >= 64;
@@ -65,31 +70,47 @@ FASTCONV_AVX512 void pixel_tile(const float* in, int64_t sw, const int64_t* koff
   }
 }
 
+// A zero-padded copy of the input holding every tap of output pixels [0, OH) x [0, ow_end) (ow_end >= OW:
+// a forward row's last tile computes a few pixels past OW, whose sums are not stored), and the offset
+// of each tap k = (c, kh, kw) from its output pixel's top-left input position.
+struct PaddedInput {
+  AlignedBuffer buf;
+  const float* data;
+  int64_t Wp, image;
+  std::vector<int64_t> koff;
+  PaddedInput(const float* input, const Conv2dParams& p, int64_t ow_end) {
+    const int64_t C = p.in_channels, KH = p.kernel_h, KW = p.kernel_w;
+    const int64_t Hp = (p.out_h - 1) * p.stride_h + (KH - 1) * p.dilation_h + 1;
+    Wp = (ow_end - 1) * p.stride_w + (KW - 1) * p.dilation_w + 1;
+    const int64_t plane = Hp * Wp;
+    image = C * plane;
+    float* d = buf.get(p.batch * image);
+    engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, d, Hp, Wp, p.pad_h, p.pad_w);
+    data = d;
+    koff.resize(C * KH * KW);
+    for (int64_t k = 0; k < C * KH * KW; ++k) {
+      const int64_t c = k / (KH * KW), kh = (k / KW) % KH, kw = k % KW;
+      koff[k] = c * plane + kh * p.dilation_h * Wp + kw * p.dilation_w;
+    }
+  }
+  // the top-left input position of output pixel (n, oh, ow)
+  const float* at(const Conv2dParams& p, int64_t n, int64_t oh, int64_t ow) const {
+    return data + n * image + oh * p.stride_h * Wp + ow * p.stride_w;
+  }
+};
+
 template <int NV>
 void forward_nv(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
                 bool relu) {
   constexpr int NPX = pixels_for(NV);
   const int64_t C = p.in_channels, OC = p.out_channels, OH = p.out_h, OW = p.out_w, L = p.out_plane();
-  const int64_t KH = p.kernel_h, KW = p.kernel_w, K = C * KH * KW, width = NV * 16;
-  // The padded copy: every tap a tile reads lies inside it, the columns past OW of a row's last tile
-  // included (their sums are not stored), hence the zero columns on the right and the slack at the end.
-  const int64_t Hp = std::max((OH - 1) * p.stride_h + (KH - 1) * p.dilation_h + 1, p.in_h + p.pad_h);
-  const int64_t Wp =
-      std::max((ceil_div(OW, NPX) * NPX - 1) * p.stride_w + (KW - 1) * p.dilation_w + 1, p.in_w + p.pad_w);
-  const int64_t plane = Hp * Wp, image = C * plane;
-  AlignedBuffer pad_buf, wt_buf;
-  float* padded = pad_buf.get(p.batch * image + NPX * p.stride_w + 16);
-  engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, padded, Hp, Wp, p.pad_h, p.pad_w);
-  std::fill(padded + p.batch * image, padded + p.batch * image + NPX * p.stride_w + 16, 0.f);
+  const int64_t K = C * p.kernel_h * p.kernel_w, width = NV * 16;
+  const PaddedInput padded(input, p, ceil_div(OW, NPX) * NPX);
   // transposed weights wt[k][width], zero channels past OC
+  AlignedBuffer wt_buf;
   float* wt = wt_buf.get(K * width);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t o = 0; o < width; ++o) wt[k * width + o] = o < OC ? weight[o * K + k] : 0.f;
-  }
-  std::vector<int64_t> koff(K);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t c = k / (KH * KW), kh = (k / KW) % KH, kw = k % KW;
-    koff[k] = c * plane + kh * p.dilation_h * Wp + kw * p.dilation_w;
   }
   const engine::BalancedItems rows(p.batch * OH, 1);
   at::parallel_for(0, rows.count, 1, [&](int64_t b0, int64_t b1) {
@@ -97,10 +118,9 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
     for (int64_t item = b0; item < b1; ++item) {
       for (int64_t r = rows.begin(item); r < rows.end(item); ++r) {
         const int64_t n = r / OH, oh = r % OH;
-        const float* row_in = padded + n * image + oh * p.stride_h * Wp;
         float* row_out = out + n * OC * L + oh * OW;
         for (int64_t ow0 = 0; ow0 < OW; ow0 += NPX) {
-          pixel_tile<NV>(row_in + ow0 * p.stride_w, p.stride_w, koff.data(), K, wt, tile);
+          pixel_tile<NV>(padded.at(p, n, oh, ow0), p.stride_w, padded.koff.data(), K, wt, tile);
           const int64_t valid = std::min<int64_t>(NPX, OW - ow0);
           for (int64_t o = 0; o < OC; ++o) {
             const float b = bias ? bias[o] : 0.f;
@@ -114,6 +134,87 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
       }
     }
   });
+}
+
+// ---- backward-weight ------------------------------------------------------------------------------
+// grad_W^T[k][o] = sum over pixels of input tap k x grad_output[o], the pixels as the reduction: a
+// register tile of kRowsPerTile taps x every output channel (NV vectors of grad_output^T, transposed
+// once per item of pixels); each pixel step loads one row of grad_output^T and broadcasts the taps
+// straight from the padded input. No im2col.
+constexpr int kRowsPerTile = 6;
+
+// acc[j][16v + l] += sum over t < len of in[t*sw + koff[j]] * got[t][16v + l], for j < kRowsPerTile (acc
+// rows and got rows NV*16 floats apart).
+template <int NV>
+FASTCONV_AVX512 void tap_tile(const float* in, int64_t sw, const int64_t* koff, const float* got, int64_t len,
+                              float* acc) {
+  constexpr int KB = kRowsPerTile;
+  __m512 sum[KB][NV];
+  _Pragma("GCC unroll 6") for (int j = 0; j < KB; ++j) {
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) sum[j][v] = _mm512_loadu_ps(acc + (j * NV + v) * 16);
+  }
+  const float* a[KB];
+  _Pragma("GCC unroll 6") for (int j = 0; j < KB; ++j) a[j] = in + koff[j];
+  for (int64_t t = 0; t < len; ++t) {
+    __m512 b[NV];
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(got + (t * NV + v) * 16);
+    _Pragma("GCC unroll 6") for (int j = 0; j < KB; ++j) {
+      const __m512 av = _mm512_set1_ps(a[j][t * sw]);
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) sum[j][v] = _mm512_fmadd_ps(av, b[v], sum[j][v]);
+    }
+  }
+  _Pragma("GCC unroll 6") for (int j = 0; j < KB; ++j) {
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + (j * NV + v) * 16, sum[j][v]);
+  }
+}
+
+template <int NV>
+void backward_weight_nv(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
+  const int64_t OC = p.out_channels, OW = p.out_w, L = p.out_plane(), total = p.batch * L;
+  const int64_t K = p.col_rows_per_group(), width = NV * 16;
+  const PaddedInput padded(input, p, OW);
+  // taps past K (the last tile's) repeat tap K-1; their sums land in rows that are never read
+  std::vector<int64_t> koff(ceil_div(K, kRowsPerTile) * kRowsPerTile);
+  for (size_t k = 0; k < koff.size(); ++k) koff[k] = padded.koff[std::min<int64_t>(k, K - 1)];
+  const engine::BalancedItems items(total, 512);
+  const int64_t slots = std::min<int64_t>(at::get_num_threads(), items.count);
+  const int64_t part = static_cast<int64_t>(koff.size()) * width;  // grad_W^T per slot: [k][width]
+  std::unique_ptr<float[]> parts(new float[slots * part]);
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    thread_local AlignedBuffer gbuf;
+    float* got = gbuf.get(items.largest() * width);
+    for (int64_t s = s0; s < s1; ++s) {
+      float* acc = parts.get() + s * part;
+      std::fill(acc, acc + part, 0.f);
+      for (int64_t item = s * items.count / slots; item < (s + 1) * items.count / slots; ++item) {
+        const int64_t g0 = items.begin(item), g1 = items.end(item);
+        engine::transpose_grad_output(grad_output, p, 0, OC, g0, g1, width, got);
+        for (int64_t k0 = 0; k0 < K; k0 += kRowsPerTile) {
+          for (int64_t g = g0; g < g1;) {  // runs of one output row
+            const int64_t n = g / L, q = g % L, oh = q / OW, ow = q % OW, len = std::min(OW - ow, g1 - g);
+            tap_tile<NV>(padded.at(p, n, oh, ow), p.stride_w, koff.data() + k0, got + (g - g0) * width, len,
+                         acc + k0 * width);
+            g += len;
+          }
+        }
+      }
+    }
+  });
+  engine::write_grad_weight(parts.get(), slots, part, p, width, grad_weight);
+}
+
+// grad_weight of conv2d(input, weight), float32 NCHW contiguous, applicable(p).
+inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
+  switch (ceil_div(p.out_channels, 16)) {
+    case 1:
+      return backward_weight_nv<1>(grad_output, input, grad_weight, p);
+    case 2:
+      return backward_weight_nv<2>(grad_output, input, grad_weight, p);
+    case 3:
+      return backward_weight_nv<3>(grad_output, input, grad_weight, p);
+    default:
+      return backward_weight_nv<4>(grad_output, input, grad_weight, p);
+  }
 }
 
 // out = conv2d(input, weight) + bias [, relu], float32 NCHW contiguous, applicable(p).
