@@ -5,9 +5,9 @@ On float32 and an AVX-512 CPU each conv pass picks one of:
 - ``winograd``: Winograd F(2x2, 3x3) (3x3, stride 1, dilation 1, one group): 2.25x fewer
   multiplications; float32 results within about 1e-6 relative of an exact convolution;
 - ``implicit-gemm``: stride-1 convolutions read straight from a zero-padded copy of the input;
-- ``narrow-direct``: strided forward and backward-weight passes with at most 64 output channels (first
-  layers: ResNet's stem, AlexNet's conv1): register tiles over all channels, broadcasts straight from
-  the padded input, no im2col (``"gemm"`` runs these on im2col+gemm instead);
+- ``narrow-direct``: layers with at most 64 output channels (forward of strided ones such as ResNet's
+  stem and AlexNet's conv1; backward-weight): register tiles over all channels, broadcasts straight
+  from the padded input, no im2col (``"gemm"`` runs these on im2col+gemm instead);
 - ``im2col+gemm``: im2col packed into 48-pixel panels, then the same register-blocked micro-kernel;
 - ``direct``: grouped convolutions with at most 4 channels per group (depthwise);
 - ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX-512, ``FASTCONV_CPU_GEMM=aten``).

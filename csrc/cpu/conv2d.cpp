@@ -133,13 +133,15 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #endif
 }
 
-// The narrow direct kernels (cpu/narrow_conv2d.h) for forward and backward-weight, unless the setting is "gemm"
-// (which then runs the im2col+GEMM engine on those layers: tests and comparisons).
-bool narrow_wanted(const Conv2dParams& p) {
+// The narrow direct kernels (cpu/narrow_conv2d.h) for forward / backward-weight where they apply,
+// unless the setting is "gemm" (which runs the im2col+GEMM engine there: tests and comparisons).
+bool narrow_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
-  return g_algorithm_setting.load() != 1 && cpu::narrow::applicable(p);
+  if (g_algorithm_setting.load() == 1) return false;
+  return weight_grad ? cpu::narrow::backward_weight_applicable(p) : cpu::narrow::forward_applicable(p);
 #else
   (void)p;
+  (void)weight_grad;
   return false;
 #endif
 }
@@ -186,7 +188,9 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   std::string bwi = "im2col+gemm+col2im";
   if (backward_input_route(p) == BackwardInputRoute::kWinograd) bwi = "winograd";
   if (backward_input_route(p) == BackwardInputRoute::kForwardEngine) bwi = gemm_name(cpu::backward_input_params(p));
-  const std::string bww = narrow_wanted(p) ? "narrow-direct" : winograd_wanted(p, true) ? "winograd" : "im2col+gemm";
+  const std::string bww = winograd_wanted(p, true) ? "winograd"
+                          : narrow_wanted(p, true) ? "narrow-direct"
+                                                   : "im2col+gemm";
   if (fwd == bwi && bwi == bww) return fwd;
   return fwd + "/" + bwi + "/" + bww;
 #else
@@ -257,10 +261,10 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
         }
       }
       if (grad_weight) {
-        if (narrow_wanted(p)) {
-          cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
-        } else if (winograd_wanted(p, /*weight_grad=*/true)) {
+        if (winograd_wanted(p, /*weight_grad=*/true)) {
           cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
+        } else if (narrow_wanted(p, /*weight_grad=*/true)) {
+          cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
         } else {
           cpu::engine::backward_weight(grad_output, input, grad_weight, p);
         }

@@ -33,15 +33,25 @@ using engine::ceil_div;
 
 constexpr int64_t kMaxChannels = 64;  // 4 vectors of output channels
 
-// Where they run (auto; measured, 2 threads, Zen 4, time against the im2col+GEMM engine, forward /
-// backward-weight): strided layers with at most 64 output channels and a reduction of 64+ (ResNet stem
-// 0.92x / 0.91x, AlexNet conv1 0.84x / 0.81x at batch 8 and 0.87x / 0.82x at batch 1, 5x5/2 32->64
-// 0.84x / 0.88x, 3x3/2 64->64 0.91x / 0.83x). Not for stride 1, where the engine's implicit GEMM packs
-// nothing either (MNIST CNN conv1 forward: 2.0x), nor for short reductions, where writing the tile out
-// dominates (3x3/2 3->32, a reduction of 27: forward 1.4x).
-inline bool applicable(const Conv2dParams& p) {
+// Where they run (auto; measured, 2 threads, Zen 4, time against the im2col+GEMM engine):
+// - forward: strided layers with at most 64 output channels and a reduction of 64+ (ResNet stem 0.92x,
+//   AlexNet conv1 0.84x at batch 8 and 0.87x at batch 1, 5x5/2 32->64 0.84x, 3x3/2 64->64 0.91x). Not
+//   for stride 1, where the engine's implicit GEMM packs nothing either (MNIST CNN conv1: 2.0x), nor for
+//   short reductions, where writing the tile out dominates (3x3/2 3->32, a reduction of 27: 1.4x).
+inline bool forward_applicable(const Conv2dParams& p) {
   return p.groups == 1 && p.out_channels <= kMaxChannels && (p.stride_h > 1 || p.stride_w > 1) &&
          p.col_rows_per_group() >= 64;
+}
+
+// - backward-weight: at most 64 output channels and a reduction past the dot form's 25 rows
+//   (engine::kDotRows, which is faster below: MNIST CNN conv1 1.37x, LeNet conv1 1.55x here), any
+//   stride (ResNet stem 0.91x, AlexNet conv1 0.79-0.82x, MNIST CNN conv2 0.89x, LeNet conv2 0.74x,
+//   3x3 4->32 0.84x); not 1x1 stride-1 layers, whose columns the engine reads in place (256->64 at 28x28:
+//   1.16x). Winograd, where it applies, goes first (3x3 64->64 at 56x56: 1.37x here).
+inline bool backward_weight_applicable(const Conv2dParams& p) {
+  const bool pointwise_stride1 = p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1;
+  return p.groups == 1 && p.out_channels <= kMaxChannels && p.col_rows_per_group() > engine::kDotRows &&
+         !pointwise_stride1;
 }
 
 // Pixels per tile for NV vectors of channels: NPX x NV accumulators (24-32 of the 32 zmm registers).
@@ -203,7 +213,7 @@ void backward_weight_nv(const float* grad_output, const float* input, float* gra
   engine::write_grad_weight(parts.get(), slots, part, p, width, grad_weight);
 }
 
-// grad_weight of conv2d(input, weight), float32 NCHW contiguous, applicable(p).
+// grad_weight of conv2d(input, weight), float32 NCHW contiguous, backward_weight_applicable(p).
 inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
   switch (ceil_div(p.out_channels, 16)) {
     case 1:
@@ -217,7 +227,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   }
 }
 
-// out = conv2d(input, weight) + bias [, relu], float32 NCHW contiguous, applicable(p).
+// out = conv2d(input, weight) + bias [, relu], float32 NCHW contiguous, forward_applicable(p).
 inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
                     bool relu = false) {
   switch (ceil_div(p.out_channels, 16)) {
