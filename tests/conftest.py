@@ -108,6 +108,17 @@ def route_public(backend):
         yield
 
 
+@pytest.fixture
+def device(request):
+    """A devices.cpu_emulated_and_cuda() parameter: the torch device of the test's tensors. "emulated" is
+    the CPU with torch.ops.fastconv routed to the emulated CUDA kernels (knobs at their defaults)."""
+    if request.param != "emulated":
+        yield request.param
+        return
+    with emulated_knobs(), route_fastconv_cpu_to_emulated():
+        yield "cpu"
+
+
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", cuda_backends(), indirect=True)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastconv
 import fastconv.functional as FC
 
-from devices import cpu_and_cuda
+from devices import cpu_emulated_and_cuda
 
 ops = torch.ops.fastconv
 
@@ -30,8 +30,17 @@ CASES = [
     (2, 40, 9, 7, 13, (3, 3), 1, 1, 1, 1, True),  # 360 column rows (> one GEMM k-block), 13 outputs
     (1, 64, 3, 120, 9, (3, 3), 1, 1, 1, 1, True),  # a column band smaller than the image
     (3, 6, 10, 10, 4, (3, 3), 1, 1, 1, 2, False),
+    # from tests/test_cuda.py's public-API cases (now run on the emulated CUDA kernels here too)
+    (4, 32, 14, 14, 64, (3, 3), 1, 1, 1, 1, True),  # MNIST CNN conv2, full width (batch 100: test_cuda's raw ops)
+    (3, 4, 10, 13, 6, (3, 2), (2, 1), (1, 0), (1, 2), 1, True),
+    (2, 6, 9, 9, 8, (3, 3), 1, 1, 1, 2, True),
+    (2, 8, 10, 10, 8, (3, 3), 1, 1, 1, 8, True),  # depthwise with bias
+    (3, 16, 7, 7, 12, (1, 1), 1, 0, 1, 1, True),
 ]
 IDS = [f"n{c[0]}c{c[1]}h{c[2]}w{c[3]}o{c[4]}k{c[5]}s{c[6]}p{c[7]}d{c[8]}g{c[9]}" for c in CASES]
+# more gradcheck geometries (from tests/test_cuda.py): 2x4x6x5 inputs, 4 output channels, 3x3
+GRADCHECK_CASES = [(2, 4, 6, 5, 4, (3, 3), 1, 1, 1, 1, True), (2, 4, 6, 5, 4, (3, 3), (2, 1), (1, 2), (1, 2), 2, True),
+                   (2, 4, 6, 5, 4, (3, 3), 2, 0, 1, 4, True), (2, 4, 6, 5, 4, (3, 3), 1, 0, 1, 1, True)]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=2e-4)}
 
 
@@ -66,7 +75,7 @@ def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.detach().cpu().double(), expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_and_gradients_match_torch(case, dtype, device, poison):
@@ -86,7 +95,7 @@ def test_forward_and_gradients_match_torch(case, dtype, device, poison):
         assert_close(b.grad, gb, dtype)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 @pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
 @pytest.mark.parametrize("case", CASES[:4] + CASES[9:10], ids=IDS[:4] + IDS[9:10])
 def test_layouts(case, layout, device, poison):
@@ -106,7 +115,7 @@ def test_layouts(case, layout, device, poison):
     assert_close(w.grad, gw, torch.float64)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_registered_op_and_function_give_same_gradients(device):
     x, w, b, args = make_case(CASES[1], torch.float64, device)
     s, p, d, g = ([*args["stride"]], [*args["padding"]], [*args["dilation"]], args["groups"])
@@ -121,7 +130,7 @@ def test_registered_op_and_function_give_same_gradients(device):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_only_requested_gradients_are_computed(device):
     x, w, b, args = make_case(CASES[0], torch.float64, device)
     s, p, d, g = [1, 1], [1, 1], [1, 1], 1
@@ -134,8 +143,9 @@ def test_only_requested_gradients_are_computed(device):
     assert x.grad is None and w.grad is not None
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[10]], ids=[IDS[1], IDS[2], IDS[4], IDS[10]])
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[10]] + GRADCHECK_CASES,
+                         ids=[IDS[1], IDS[2], IDS[4], IDS[10]] + [f"extra{i}" for i in range(len(GRADCHECK_CASES))])
 def test_gradcheck_and_gradgradcheck(case, device):
     n, c, h, w_, *rest = case
     x, w, b, args = make_case((min(n, 2), c, min(h, 8), min(w_, 8), *rest), torch.float64, device)
@@ -148,7 +158,7 @@ def test_gradcheck_and_gradgradcheck(case, device):
     assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_unbatched_input_and_string_padding(device):
     x = torch.randn(3, 9, 8, dtype=torch.float64, device=device)
     w = torch.randn(5, 3, 4, 3, dtype=torch.float64, device=device)  # even kernel: 'same' pads one side more
@@ -159,7 +169,7 @@ def test_unbatched_input_and_string_padding(device):
         torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types(dtype, device):
     if device == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -212,3 +222,18 @@ def test_aten_gemm_fallback_is_correct():
     env = dict(os.environ, FASTCONV_CPU_GEMM="aten")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.emulated_cuda
+def test_emulated_parameter_runs_the_emulated_kernels(request):
+    # the "emulated" device of these tests must reach the CUDA sources, not the CPU kernels
+    from conftest import emulated_knobs, route_fastconv_cpu_to_emulated
+    E = torch.ops.fastconv_emulated
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with emulated_knobs(), route_fastconv_cpu_to_emulated():
+        E._reset_counters()
+        FC.conv2d(x, w, None, 1, 1)
+        launches = E._counters()[0]
+    E._reset_counters()
+    FC.conv2d(x, w, None, 1, 1)
+    assert launches > 0 and E._counters()[0] == 0

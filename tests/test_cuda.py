@@ -3,9 +3,11 @@
 Every test runs on two backends (the `backend` fixture, tests/conftest.py): `cuda`, the kernels on a
 GPU (skipped without one), and `emulated`, the same kernels' sources compiled for the CPU
 (torch.ops.fastconv_emulated, marked `emulated_cuda`; csrc/cuda/backend.cuh), which CI runs. The raw
-ops are checked directly, so that a failure points at the kernel; the public API (fastconv.functional,
-fastconv.Conv2d) is checked for autograd, gradcheck, autocast and CUDA graphs (on the emulated backend
-torch.ops.fastconv on CPU tensors is routed to the emulated kernels). A few tests of the CUDA runtime
+ops are checked directly, so that a failure points at the kernel; the public API (fastconv.Conv2d,
+autocast, torch.compile, opcheck, CUDA graphs) too (on the emulated backend torch.ops.fastconv on CPU
+tensors is routed to the emulated kernels). The public API's forward/backward against torch,
+gradcheck and gradgradcheck live in the device-parametrised tests/test_conv2d.py and
+tests/test_max_pool2d.py, which run on the CPU, the emulated kernels and a GPU. A few tests of the CUDA runtime
 itself (graphs, a second device) are GPU-only; tests/test_emulated_cuda.py adds what only the
 emulator can reach on small shapes (multi-image chunks, the int64 index path, launch limits).
 
@@ -267,40 +269,6 @@ def test_conv2d_device_mismatch_raises(backend):
 
 
 # ----------------------------------------------------------------------------- conv2d: public API
-
-
-@pytest.mark.usefixtures("route_public")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4], CONV_CASES[5], CONV_CASES[7]],
-                         ids=["mnist", "asymmetric", "groups2", "depthwise", "1x1"])
-def test_functional_conv2d_autograd(backend, case, dtype):
-    x, w, b, stride, padding, dilation, groups = make_conv(case, dtype, backend.device)
-    x.requires_grad_()
-    w.requires_grad_()
-    if b is not None:
-        b.requires_grad_()
-    out = FF.conv2d(x, w, b, stride, padding, dilation, groups)
-    go = torch.randn(out.shape, dtype=dtype, device=backend.device)
-    out.backward(go)
-    ref, (rgi, rgw, rgb) = reference_conv(x, w, b, stride, padding, dilation, groups, go)
-    assert_close_scaled(out, ref, dtype, "output")
-    assert_close_scaled(x.grad, rgi, dtype, "grad_input")
-    assert_close_scaled(w.grad, rgw, dtype, "grad_weight")
-    if b is not None:
-        assert_close_scaled(b.grad, rgb, dtype, "grad_bias")
-
-
-@pytest.mark.usefixtures("route_public")
-@pytest.mark.parametrize("stride,padding,dilation,groups", [
-    (1, 1, 1, 1), ((2, 1), (1, 2), (1, 2), 2), (2, 0, 1, 4), (1, 0, 1, 1),
-])
-def test_conv2d_gradcheck(backend, stride, padding, dilation, groups):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64).to(backend.device).requires_grad_()
-    w = torch.randn(4, 4 // groups, 3, 3, generator=g, dtype=torch.float64).to(backend.device).requires_grad_()
-    b = torch.randn(4, generator=g, dtype=torch.float64).to(backend.device).requires_grad_()
-    fn = lambda x_, w_, b_: FF.conv2d(x_, w_, b_, stride, padding, dilation, groups)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
 
 
 @pytest.mark.usefixtures("route_public")
@@ -596,27 +564,6 @@ def test_max_pool2d_cpu_and_cuda_agree(backend):
         go = torch.randn(v_cpu.shape, dtype=torch.float64)
         torch.testing.assert_close(backend.ops._max_pool2d_backward(go.to(backend.device), x.to(backend.device), i_gpu, *args).cpu(),
                                    ops._max_pool2d_backward(go, x, i_cpu, *args))
-
-
-@pytest.mark.usefixtures("route_public")
-@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", [POOL_CASES[2], POOL_CASES[4], POOL_CASES[7]],
-                         ids=[POOL_IDS[2], POOL_IDS[4], POOL_IDS[7]])
-def test_max_pool2d_gradcheck(backend, kernel, stride, padding, dilation, ceil_mode):
-    x = (_perm_input((2, 2, 7, 8)) / 10).to(backend.device).requires_grad_()
-    fn = lambda x_: FF.max_pool2d(x_, kernel, stride, padding, dilation, ceil_mode)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
-
-
-@pytest.mark.usefixtures("route_public")
-def test_functional_max_pool2d_return_indices(backend):
-    x = _perm_input((2, 3, 9, 9)).to(backend.device).requires_grad_()
-    vals, idx = FF.max_pool2d(x, 3, 2, 1, return_indices=True)
-    xr = x.detach().cpu().requires_grad_()
-    rvals, ridx = F.max_pool2d(xr, 3, 2, 1, return_indices=True)
-    assert torch.equal(vals.detach().cpu(), rvals) and torch.equal(idx.cpu(), ridx)
-    vals.sum().backward()
-    rvals.sum().backward()
-    torch.testing.assert_close(x.grad.cpu(), xr.grad)
 
 
 # ----------------------------------------------------------------------------- past 2^31 elements

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fastconv
 import fastconv.functional as FC
 
-from devices import cpu_and_cuda
+from devices import cpu_emulated_and_cuda
 
 # (N, C, H, W, kernel, stride, padding, dilation, ceil_mode)
 CASES = [
@@ -30,7 +30,7 @@ def distinct_input(n, c, h, w, dtype, device):
     return (torch.randperm(n * c * h * w, dtype=torch.float64) / 7.0 - 3.0).view(n, c, h, w).to(device, dtype)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_values_indices_and_gradient_match_torch(case, dtype, device, poison):
@@ -48,7 +48,7 @@ def test_values_indices_and_gradient_match_torch(case, dtype, device, poison):
     torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_overlapping_windows_sum_gradients(device):
     # a single large value sits in four overlapping 3x3/stride-2 windows: its gradient is their sum
     x = torch.zeros(1, 1, 5, 5, dtype=torch.float64, device=device) - torch.arange(25, device=device).view(1, 1, 5, 5)
@@ -60,7 +60,7 @@ def test_overlapping_windows_sum_gradients(device):
     assert x.grad.sum().item() == 10.0
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_nan_and_inf_like_torch(device):
     x = torch.randn(2, 3, 6, 6, device=device)
     x[0, 1, 2, 3] = math.nan
@@ -72,7 +72,7 @@ def test_nan_and_inf_like_torch(device):
     assert torch.equal(idx, ref_idx)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kernel", [2, 3])
 @pytest.mark.parametrize("shape", [(2, 3, 10, 75), (1, 2, 7, 34), (3, 1, 4, 32), (2, 2, 3, 3), (1, 2, 9, 35)])
@@ -89,7 +89,7 @@ def test_stride2_ties_nan_and_row_tails(shape, kernel, dtype, device, poison):
         assert torch.equal(idx.cpu(), ref_idx)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_unbatched_channels_last_noncontiguous(device):
     x = distinct_input(2, 3, 9, 9, torch.float64, device)
     for inp in (x[0], x.contiguous(memory_format=torch.channels_last), x[..., ::2]):
@@ -100,7 +100,7 @@ def test_unbatched_channels_last_noncontiguous(device):
             memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types(dtype, device):
     x = torch.randn(2, 3, 8, 8, device=device).to(dtype)
@@ -111,16 +111,17 @@ def test_half_types(dtype, device):
     assert torch.equal(idx, ref_idx)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_gradcheck_and_gradgradcheck(device):
     x = distinct_input(2, 2, 7, 6, torch.float64, device).requires_grad_()
-    for args in ((3, 2, 1, 1, True), ((2, 3), (1, 2), (1, 0), (2, 1), False)):
+    for args in ((3, 2, 1, 1, True), ((2, 3), (1, 2), (1, 0), (2, 1), False), (3, 2, 1, 1, False), (3, 2, 1, 1, True),
+                 ((2, 3), (2, 1), (1, 0), (2, 2), True)):
         fn = lambda t: FC.max_pool2d(t, *args[:4], ceil_mode=args[4])  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
         assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_registered_op_and_function_agree(device):
     x = distinct_input(2, 3, 9, 9, torch.float64, device)
     args = ([3, 3], [2, 2], [1, 1], [1, 1], False)
@@ -167,3 +168,15 @@ def test_float32_backward_drops_indices_outside_their_window(shape, kernel, stri
     src = go.double().masked_fill(~(keep | inside), 0).flatten(2)
     want.scatter_add_(2, bad.clamp(0, plane - 1).masked_fill(~(keep | inside), 0).flatten(2), src)
     torch.testing.assert_close(gi.double(), want.view(shape), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
+def test_functional_return_indices_and_gradient_match_torch(device):
+    x = distinct_input(2, 3, 9, 9, torch.float64, device).requires_grad_()
+    vals, idx = FC.max_pool2d(x, 3, 2, 1, return_indices=True)
+    xr = x.detach().cpu().requires_grad_()
+    rvals, ridx = F.max_pool2d(xr, 3, 2, 1, return_indices=True)
+    assert torch.equal(vals.detach().cpu(), rvals) and torch.equal(idx.cpu(), ridx)
+    vals.sum().backward()
+    rvals.sum().backward()
+    torch.testing.assert_close(x.grad.cpu(), xr.grad)
