@@ -1,4 +1,8 @@
-"""Property-based: random conv2d/max_pool2d configurations agree with torch in float64."""
+"""Property-based: random conv2d/max_pool2d configurations agree with torch: in float64 (the
+portable path), and in float32 with channel counts that reach the AVX-512 kernels (the engine's
+GEMM paths, Winograd, the narrow and dot-form kernels, depthwise) against a float64 reference."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,3 +86,46 @@ def test_max_pool2d_random_configs(cfg, seed):
     assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
     go = torch.randn(out.shape, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(torch.autograd.grad(out, x, go)[0], torch.autograd.grad(ref, x, go)[0])
+
+
+@st.composite
+def conv_configs_float32(draw):
+    groups = draw(st.sampled_from([1, 1, 1, 2, 4]))
+    cin = groups * draw(st.integers(1, 24 if groups == 1 else 6))
+    cout = groups * draw(st.integers(1, 72 if groups == 1 else 6))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.sampled_from([1, 1, 2])), draw(st.sampled_from([1, 1, 2]))
+    ph, pw = draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 20))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 20))
+    n = draw(st.integers(1, 4))
+    algorithm = draw(st.sampled_from(["auto", "auto", "gemm", "winograd"]))
+    return n, cin, h, w, cout, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, draw(st.booleans()), algorithm
+
+
+@settings(max_examples=int(os.environ.get("FASTCONV_HYPOTHESIS_FLOAT32_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(conv_configs_float32(), st.integers(0, 2**31 - 1))
+def test_conv2d_random_configs_float32(cfg, seed):
+    import fastconv
+    n, cin, h, w, cout, k, s, p, d, g, bias, algorithm = cfg
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen)
+    wt = torch.randn(cout, cin // g, *k, generator=gen)
+    b = torch.randn(cout, generator=gen) if bias else None
+    xf, wf = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    bf = b.clone().requires_grad_() if bias else None
+    with fastconv.conv_algorithm(algorithm):
+        out = FC.conv2d(xf, wf, bf, s, p, d, g)
+        go = torch.randn(out.shape, generator=gen)
+        grads = torch.autograd.grad(out, [t for t in (xf, wf, bf) if t is not None], go)
+    # the reference: float64 from the same (float32) inputs
+    xd, wd = x.double().requires_grad_(), wt.double().requires_grad_()
+    bd = b.double().requires_grad_() if bias else None
+    ref = F.conv2d(xd, wd, bd, s, p, d, g)
+    refs = torch.autograd.grad(ref, [t for t in (xd, wd, bd) if t is not None], go.double())
+    for name, got, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), (out, *grads), (ref, *refs)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        assert err < 2e-5, f"{name}: max error {err:.2e} relative to the largest element"
