@@ -12,7 +12,7 @@
 
 #include "backend.cuh"  // launch, stream, device guard; at::numeric_limits
 #include "conv_params.h"
-#include "im2col.cuh"  // launch helpers: blocks_for, fits_int32, FASTCONV_KERNEL_LOOP
+#include "launch_helpers.cuh"
 
 namespace fastconv {
 namespace {
