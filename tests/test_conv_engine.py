@@ -91,6 +91,14 @@ ENGINE_CASES = [
     (3, 16, 10, 9, 9, (4, 5), 1, (1, 3), 1, 1),
     (2, 24, 8, 8, 16, (5, 3), 1, (4, 0), 1, 1),
     (5, 12, 6, 7, 10, (6, 6), 1, 5, 1, 1),
+    # strided backward-input one phase at a time (output planes under 128 pixels, >= 256 in the
+    # batch): phases with 1 and 2 taps, 5x5 (3-tap phases, shifted grad_output), unequal strides,
+    # a stride past the kernel (a phase no tap reaches: zero gradient), stride 4
+    (8, 16, 13, 11, 20, (3, 3), 2, 1, 1, 1),
+    (8, 16, 9, 13, 10, (5, 5), 2, 2, 1, 1),
+    (8, 16, 12, 9, 12, (3, 3), (2, 1), (1, 0), 1, 1),
+    (30, 17, 10, 10, 9, (2, 2), 3, 0, 1, 1),
+    (16, 20, 15, 15, 16, (4, 4), 4, 1, 1, 1),
 ]
 
 
@@ -128,6 +136,7 @@ def test_thread_counts(threads, poison):
                 run_case(3, 20, 9, 9, 12, (3, 3), stride=2)  # backward-input through col2im, split over
                 run_case(1, 24, 11, 11, 16, (3, 3), stride=2, groups=2)  # images and channel blocks
                 run_case(1, 40, 10, 9, 8, (1, 1), stride=2, padding=0)
+                run_case(8, 16, 13, 11, 20, (3, 3), stride=2)  # backward-input by stride phases
     finally:
         torch.set_num_threads(old)
 
@@ -194,6 +203,9 @@ def test_algorithm_setting_and_report():
         assert "winograd" not in fastconv.conv2d_algorithm(x, w, stride=2, padding=1)
         assert fastconv.conv2d_algorithm(torch.empty(2, 8, 9, 9), torch.empty(8, 1, 3, 3), padding=1, groups=8) == "direct"
     assert fastconv.conv2d_algorithm(x.double(), w.double(), padding=1) == "im2col+gemm-aten"
+    # strided backward-input by phases where col2im's per-image GEMM is short (7x7 output planes)
+    name = fastconv.conv2d_algorithm(torch.empty(8, 32, 14, 14), torch.empty(64, 32, 3, 3), stride=2, padding=1)
+    assert name.split("/")[1] == "stride-phases" or name == "im2col+gemm-aten"
     with pytest.raises(ValueError, match="expected one of"):
         fastconv.set_conv_algorithm("fft")
 

@@ -108,12 +108,18 @@ SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "av
               "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_fp16", "asimd", "sve", "sve2")
 
 
-def microarch(vendor, family, model):
+def microarch(vendor, family, model, flags=()):
+    """The microarchitecture for CPUID vendor/family/model. A model the table does not know is named
+    by what its flags show where they tell a server generation apart: an Intel CPU with AMX tiles is
+    Sapphire Rapids or later (a hypervisor may report another model number, e.g. 167 for one seen
+    here, whose real model 167 is a client part without AMX)."""
     for v, f, lo, hi, name in _UARCH:
         if v == vendor and f == family and model is not None and lo <= model <= hi:
             return name
     if vendor is None or family is None:
         return None
+    if vendor == "GenuineIntel" and "amx_tile" in flags:
+        return f"Intel with AMX, Sapphire Rapids or later (reported family {family} model {model})"
     return f"{vendor} family {family} model {model}"
 
 
@@ -144,7 +150,7 @@ def cpu_info():
     name = fields.get("model name") or platform.processor() or platform.machine()
     return {
         "vendor": vendor, "family": family, "model": model, "stepping": num("stepping"),
-        "model_name": name, "microarch": microarch(vendor, family, model) or name,
+        "model_name": name, "microarch": microarch(vendor, family, model, flags) or name,
         "machine": platform.machine(), "logical_cpus": os.cpu_count(),
         "simd": [f for f in SIMD_FLAGS if f in flags], "flags": " ".join(flags),
     }

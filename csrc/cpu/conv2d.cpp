@@ -31,6 +31,7 @@
 #include "cpu/gemm.h"
 #include "cpu/im2col.h"
 #include "cpu/narrow_conv2d.h"
+#include "cpu/phase_backward_input.h"
 #include "cpu/winograd_conv2d.h"
 
 namespace fastconv {
@@ -162,14 +163,16 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
 
 // How the AVX-512 engine computes grad_input: stride 1 is a forward convolution of grad_output with the
 // flipped weights (flipped_conv.h), on Winograd where wanted, else on the forward engine from batch 2
-// (cpu::engine::backward_input_through_forward); otherwise grad_cols and col2im.
-enum class BackwardInputRoute { kWinograd, kForwardEngine, kCol2im };
+// (cpu::engine::backward_input_through_forward); strided layers with small output planes run one
+// stride-1 convolution per phase of grad_input (phase_backward_input.h); otherwise grad_cols and col2im.
+enum class BackwardInputRoute { kWinograd, kForwardEngine, kPhases, kCol2im };
 BackwardInputRoute backward_input_route(const Conv2dParams& p) {
   if (cpu::backward_input_as_forward(p) && winograd_wanted(cpu::backward_input_params(p))) {
     return BackwardInputRoute::kWinograd;
   }
 #if FASTCONV_HAVE_AVX512_KERNELS
   if (cpu::engine::backward_input_through_forward(p)) return BackwardInputRoute::kForwardEngine;
+  if (cpu::backward_input_by_phases_wanted(p)) return BackwardInputRoute::kPhases;
 #endif
   return BackwardInputRoute::kCol2im;
 }
@@ -188,6 +191,7 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   std::string bwi = "im2col+gemm+col2im";
   if (backward_input_route(p) == BackwardInputRoute::kWinograd) bwi = "winograd";
   if (backward_input_route(p) == BackwardInputRoute::kForwardEngine) bwi = gemm_name(cpu::backward_input_params(p));
+  if (backward_input_route(p) == BackwardInputRoute::kPhases) bwi = "stride-phases";
   const std::string bww = winograd_wanted(p, true) ? "winograd"
                           : narrow_wanted(p, true) ? "narrow-direct"
                                                    : "im2col+gemm";
@@ -254,6 +258,11 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
           }
           case BackwardInputRoute::kForwardEngine:
             cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
+            break;
+          case BackwardInputRoute::kPhases:
+            cpu::backward_input_by_phases(grad_output, weight, grad_input, p,
+                                          [](const float* in, const float* w, const float* b, float* out,
+                                             const Conv2dParams& q) { engine_forward(in, w, b, out, q); });
             break;
           case BackwardInputRoute::kCol2im:
             cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::engine::col2im_band_add_avx512);
