@@ -9,30 +9,36 @@ On float32 and an AVX-512 CPU each conv pass picks one of:
   stem and AlexNet's conv1; backward-weight): register tiles over all channels, broadcasts straight
   from the padded input, no im2col (``"gemm"`` runs these on im2col+gemm instead);
 - ``im2col+gemm``: im2col packed into 48-pixel panels, then the same register-blocked micro-kernel;
+- ``stride-phases`` (backward-input of strided layers): one stride-1 convolution per phase of
+  grad_input on the forward engine (``im2col+gemm+col2im`` is the alternative);
 - ``direct``: grouped convolutions with at most 4 channels per group (depthwise);
 - ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX-512, ``FASTCONV_CPU_GEMM=aten``).
 
 ``"auto"`` (the default) decides per pass from the layer's shape (rules measured on the benchmark
 layers, see benchmarks/README.md); ``"gemm"`` never uses Winograd or narrow-direct; ``"winograd"``
-uses Winograd wherever it applies. The environment variable ``FASTCONV_CONV_ALGORITHM`` sets the
-starting value.
+uses Winograd wherever it applies; ``"benchmark"`` (like ``torch.backends.cudnn.benchmark``) times
+every kernel that can run a pass the first time a shape comes (on its real data, 3 runs each) and
+keeps the fastest for the rest of the process, per shape and thread count: the rules were measured
+on a few machines, this measures the one it runs on (the first call of each shape costs that
+measurement). The environment variable ``FASTCONV_CONV_ALGORITHM`` sets the starting value.
 """
 import contextlib
 
 import torch
 
-_CHOICES = ("auto", "gemm", "winograd")
+_CHOICES = ("auto", "gemm", "winograd", "benchmark")
 
 
 def set_conv_algorithm(name):
-    """Sets the algorithm setting for every later CPU convolution in this process: 'auto', 'gemm' or 'winograd'."""
+    """Sets the algorithm setting for every later CPU convolution in this process: 'auto', 'gemm',
+    'winograd' or 'benchmark'."""
     if name not in _CHOICES:
         raise ValueError(f"fastconv.set_conv_algorithm: expected one of {_CHOICES}, got {name!r}")
     torch.ops.fastconv._set_conv_algorithm(name)
 
 
 def get_conv_algorithm():
-    """The current setting: 'auto', 'gemm' or 'winograd'."""
+    """The current setting: 'auto', 'gemm', 'winograd' or 'benchmark'."""
     return torch.ops.fastconv._get_conv_algorithm()
 
 
@@ -54,7 +60,8 @@ def _pair(v):
 
 def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1):
     """The CPU algorithm(s) a conv2d with these arguments runs under the current setting: one name
-    when all three passes agree, else ``"forward/backward-input/backward-weight"``. Only shapes and
+    when all three passes agree, else ``"forward/backward-input/backward-weight"``. Under
+    ``"benchmark"``: the measured choice of a pass once that shape has run, the rule's before. Only shapes and
     dtypes are read (meta tensors work). ``padding`` may be an int, a pair or 'valid'/'same'."""
     stride, dilation = _pair(stride), _pair(dilation)
     if padding == "valid":

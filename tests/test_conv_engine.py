@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastconv
 import fastconv.functional as FC
 
-ALGORITHMS = ("auto", "gemm", "winograd")
+ALGORITHMS = ("auto", "gemm", "winograd", "benchmark")
 
 
 def run_case(n, c, h, w, oc, k, stride=1, padding=1, dilation=1, groups=1, dtype=torch.float32, bias=True):
@@ -208,6 +208,28 @@ def test_algorithm_setting_and_report():
     assert name.split("/")[1] == "stride-phases" or name == "im2col+gemm-aten"
     with pytest.raises(ValueError, match="expected one of"):
         fastconv.set_conv_algorithm("fft")
+
+
+def test_benchmark_setting_measures_once_and_reports_the_choice(poison):
+    """'benchmark' times the candidates on the first call of a shape and keeps the fastest: the
+    results match torch on the measuring call and after it, the report names a kernel that can run
+    the shape, and later calls repeat bit for bit (they run the cached choice)."""
+    with fastconv.conv_algorithm("benchmark"):
+        assert fastconv.get_conv_algorithm() == "benchmark"
+        run_case(8, 32, 13, 13, 48, (3, 3))           # Winograd, forward engine or GEMM
+        run_case(8, 32, 14, 14, 40, (3, 3), stride=2)  # stride phases or col2im
+        run_case(2, 3, 30, 30, 24, (7, 7), stride=2, padding=3)  # narrow-direct or GEMM
+        x, w = torch.randn(8, 32, 13, 13), torch.randn(48, 32, 3, 3)
+        passes = fastconv.conv2d_algorithm(x, w, padding=1)
+        go = torch.randn(8, 48, 13, 13)
+        a = torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, True])
+        b = torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, True])
+        assert fastconv.conv2d_algorithm(x, w, padding=1) == passes
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    known = {"winograd", "implicit-gemm", "im2col+gemm", "narrow-direct", "stride-phases", "im2col+gemm+col2im",
+             "im2col+gemm-aten"}
+    assert set(passes.split("/")) <= known, passes
 
 
 def test_environment_variable_sets_the_starting_algorithm():

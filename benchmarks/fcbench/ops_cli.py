@@ -28,6 +28,10 @@ def parse_args(argv):
                    help="how to measure the CPU's fp32 peak: auto (an FMA loop compiled at run time, else a large "
                         "torch.mm as a lower bound), fma, mm, off")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in cuBLAS/cuDNN (off by default on both sides)")
+    p.add_argument("--algorithm", choices=("auto", "gemm", "winograd", "benchmark"), default="auto",
+                   help="fastconv's CPU algorithm setting (fastconv.set_conv_algorithm): auto (rules by shape, the "
+                        "default), benchmark (each shape's passes timed once, the fastest kept, as "
+                        "torch.backends.cudnn.benchmark, which the GPU runs set for torch)")
     p.add_argument("--peers", default=None,
                    help="comma-separated peers: torch, numpy (CPU, float32/64), torch-no-cudnn (GPU), "
                         "torch-no-onednn (CPU). Default: torch,numpy on CPU; torch,torch-no-cudnn on GPU")
@@ -64,6 +68,7 @@ def output_tag(args, threads, gpu):
     tag += f"-{args.dtype}" if args.dtype != "float32" else ""
     tag += "-tf32" if args.tf32 else ""
     tag += "-cold" if args.cold else ""
+    tag += f"-{args.algorithm}" if args.algorithm != "auto" else ""
     return tag
 
 
@@ -81,6 +86,9 @@ def main(argv=None):
     tol = peers.TOLERANCE[dtype] if not (args.tf32 and gpu and dtype == torch.float32) else peers.TOLERANCE_TF32
 
     fc, fc_info = peers.load_fastconv()
+    if args.algorithm != "auto":
+        import fastconv
+        fastconv.set_conv_algorithm(args.algorithm)
     peer_names = args.peers.split(",") if args.peers else (["torch", "torch-no-cudnn"] if gpu else ["torch", "numpy"])
     impls, use_numpy = peers.make_peers(peer_names, gpu, dtype, args.tf32)
     peer_list = [p for p in peer_names if p in impls or (p == "numpy" and use_numpy)]
@@ -102,6 +110,7 @@ def main(argv=None):
     settings = {"suite": args.suite, "quick": args.quick, "tiny": args.tiny, "dtype": args.dtype, "tf32": args.tf32,
                 "tf32_flags": tf32, "min_run_time_s": args.min_run_time, "min_blocks": args.min_blocks,
                 "seed": args.seed, "filter": args.filter, "allocator": env["allocator"]["mode"],
+                "fastconv_algorithm_setting": args.algorithm,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None,
                 "tolerance_max_rel_err": tol, "peers": peer_list, "timer": args.timer, "stat": args.stat,
                 "interleaving": "peers alternate block by block, order reversed every cycle",
@@ -127,7 +136,7 @@ def main(argv=None):
               f"{pk['gpu']['bw'] / 1e12:.2f} TB/s")
     print(f"dtype {args.dtype}; TF32 {'ON' if args.tf32 else 'off'}; {args.min_run_time}s timing per row and peer, "
           f"peers interleaved block by block, {args.timer} clock, {args.stat} of blocks; "
-          f"check: max|a-b|/max|b| <= {tol:g}")
+          f"check: max|a-b|/max|b| <= {tol:g}; fastconv algorithm setting: {args.algorithm}")
     if use_numpy:
         print(f"numpy peer: {settings['numpy_note']}")
     for k, v in impls.items():
@@ -147,7 +156,7 @@ def main(argv=None):
         flops, nbytes = cases.work(row, inp["x"].element_size())
         rec = {"id": row.id, "name": row.name, "op": case.op, "pass": row.pass_, "layer": case.layer,
                "aliases": row.aliases, "shape": case.shape_str(), "geometry": dataclasses.asdict(case),
-               "core": row.core, "issue8": row.issue8, "algorithm": peers.algorithm(case, inp),
+               "core": row.core, "issue8": row.issue8, "algorithm": None,
                "flops": flops, "bytes": nbytes, "times": {}, "ratios": {}, "check": {}, "errors": {}}
 
         # Correctness first (once per case, covering all of its passes).
@@ -160,6 +169,7 @@ def main(argv=None):
             for pname, msg in status["peer_errors"].items():
                 print(f"note: peer {pname} skipped on {case.layer} {case.shape_str()}: {msg}")
         status = checked[key]
+        rec["algorithm"] = peers.algorithm(case, inp)  # after the check ran it: "benchmark" has measured by then
         rec["check"] = {"ok": status["ok"], "max_rel_err": status["errors"], "tolerance": tol}
         if not status["ok"]:
             failures.append(row.id)

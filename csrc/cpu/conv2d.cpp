@@ -19,6 +19,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -92,15 +95,68 @@ bool use_engine() {
 #endif
 }
 
-// The algorithm choice, settable from Python (fastconv.set_conv_algorithm): "auto" (default),
-// "gemm" (never Winograd) or "winograd" (Winograd wherever it applies). The FASTCONV_CONV_ALGORITHM
-// environment variable sets the starting value.
+// The algorithm choice, settable from Python (fastconv.set_conv_algorithm): "auto" (default: rules
+// by shape), "gemm" (never Winograd), "winograd" (Winograd wherever it applies) or "benchmark" (each
+// pass of each new shape times every kernel that can run it once, on its real data, and keeps the
+// fastest for the process: the rules were measured on some machines, this measures the one it runs
+// on). The FASTCONV_CONV_ALGORITHM environment variable sets the starting value.
+constexpr int kSettingAuto = 0, kSettingGemm = 1, kSettingWinograd = 2, kSettingBenchmark = 3;
 std::atomic<int> g_algorithm_setting{[] {
   const char* env = std::getenv("FASTCONV_CONV_ALGORITHM");
-  if (env && std::string(env) == "gemm") return 1;
-  if (env && std::string(env) == "winograd") return 2;
-  return 0;
+  if (env && std::string(env) == "gemm") return kSettingGemm;
+  if (env && std::string(env) == "winograd") return kSettingWinograd;
+  if (env && std::string(env) == "benchmark") return kSettingBenchmark;
+  return kSettingAuto;
 }()};
+
+// "benchmark": the measured choice per (pass, shape, thread count), kept for the process.
+using ChoiceKey = std::array<int64_t, 18>;
+std::mutex g_choices_mutex;
+std::map<ChoiceKey, int> g_choices;
+
+ChoiceKey choice_key(const Conv2dParams& p, int pass) {
+  return {pass,           at::get_num_threads(),
+          p.batch,        p.in_channels,
+          p.in_h,         p.in_w,
+          p.out_channels, p.kernel_h,
+          p.kernel_w,     p.stride_h,
+          p.stride_w,     p.pad_h,
+          p.pad_w,        p.dilation_h,
+          p.dilation_w,   p.groups,
+          p.out_h,        p.out_w};
+}
+
+// -1 when not measured yet
+int measured_choice(const ChoiceKey& key) {
+  std::lock_guard<std::mutex> lock(g_choices_mutex);
+  const auto it = g_choices.find(key);
+  return it == g_choices.end() ? -1 : it->second;
+}
+
+// The fastest of `candidates` for `key`: measured on the first call (a warm-up run, then the better of
+// two timed runs each; run(c) computes the pass with candidate c into the real output), then cached.
+template <typename Run>
+int benchmark_choice(const ChoiceKey& key, const std::vector<int>& candidates, Run&& run) {
+  int choice = measured_choice(key);
+  if (choice >= 0) return choice;
+  choice = candidates.front();
+  if (candidates.size() > 1) {
+    double best = 0;
+    for (const int c : candidates) {
+      run(c);
+      double t = 0;
+      for (int rep = 0; rep < 2; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        run(c);
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        t = rep == 0 ? dt : std::min(t, dt);
+      }
+      if (c == candidates.front() || t < best) best = t, choice = c;
+    }
+  }
+  std::lock_guard<std::mutex> lock(g_choices_mutex);
+  return g_choices.emplace(key, choice).first->second;
+}
 
 // Winograd for the forward pass (and backward-input, a forward pass itself) / backward-weight.
 // auto: measured on Zen 4 (benchmarks/README.md): the transforms cost about as much as 8-16 channels
@@ -110,8 +166,8 @@ std::atomic<int> g_algorithm_setting{[] {
 bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   const int setting = g_algorithm_setting.load();
-  if (setting == 1 || !cpu::winograd::applicable(p)) return false;
-  if (setting == 2) return !weight_grad || (p.kernel_h == 3 && p.kernel_w == 3);
+  if (setting == kSettingGemm || !cpu::winograd::applicable(p)) return false;
+  if (setting == kSettingWinograd) return !weight_grad || (p.kernel_h == 3 && p.kernel_w == 3);
   const int64_t C = p.in_channels, OC = p.out_channels;
   // Winograd's work is split over blocks of tiles only: with fewer than 3 per thread (batch 1, small
   // planes) the GEMM, which also splits output channels, wins (AlexNet conv2 at batch 1: 1.86x vs 1.34x
@@ -138,7 +194,7 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 // unless the setting is "gemm" (which runs the im2col+GEMM engine there: tests and comparisons).
 bool narrow_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
-  if (g_algorithm_setting.load() == 1) return false;
+  if (g_algorithm_setting.load() == kSettingGemm) return false;
   return weight_grad ? cpu::narrow::backward_weight_applicable(p) : cpu::narrow::forward_applicable(p);
 #else
   (void)p;
@@ -147,14 +203,42 @@ bool narrow_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #endif
 }
 
+// The float32 kernels of each pass on the AVX-512 engine, as numbers for the "benchmark" cache.
+enum ForwardAlgo { kForwardWinograd, kForwardNarrow, kForwardGemm };
+enum WeightGradAlgo { kWeightGradWinograd, kWeightGradNarrow, kWeightGradGemm };
+const char* const kWeightGradNames[] = {"winograd", "narrow-direct", "im2col+gemm"};
+
+#if FASTCONV_HAVE_AVX512_KERNELS
+int forward_rule(const Conv2dParams& p) {
+  return winograd_wanted(p) ? kForwardWinograd : narrow_wanted(p) ? kForwardNarrow : kForwardGemm;
+}
+
+std::vector<int> forward_candidates(const Conv2dParams& p) {
+  std::vector<int> c;
+  if (cpu::winograd::applicable(p)) c.push_back(kForwardWinograd);
+  if (cpu::narrow::forward_applicable(p)) c.push_back(kForwardNarrow);
+  c.push_back(kForwardGemm);
+  return c;
+}
+
+void run_forward(int algo, const float* input, const float* weight, const float* bias, float* output,
+                 const Conv2dParams& p, bool relu) {
+  if (algo == kForwardWinograd) return cpu::winograd::forward(input, weight, bias, output, p, relu);
+  if (algo == kForwardNarrow) return cpu::narrow::forward(input, weight, bias, output, p, relu);
+  cpu::engine::forward(input, weight, bias, output, p, relu);
+}
+#endif
+
 // A float32 forward convolution on the AVX-512 engine, Winograd when wanted (also the transformed
-// convolution of a stride-1 backward-input).
+// convolution of a stride-1 backward-input and of each phase of a strided one).
 void engine_forward(const float* input, const float* weight, const float* bias, float* output, const Conv2dParams& p,
                     bool relu = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
-  if (winograd_wanted(p)) return cpu::winograd::forward(input, weight, bias, output, p, relu);
-  if (narrow_wanted(p)) return cpu::narrow::forward(input, weight, bias, output, p, relu);
-  cpu::engine::forward(input, weight, bias, output, p, relu);
+  const int algo = g_algorithm_setting.load() == kSettingBenchmark
+                       ? benchmark_choice(choice_key(p, 0), forward_candidates(p),
+                                          [&](int c) { run_forward(c, input, weight, bias, output, p, relu); })
+                       : forward_rule(p);
+  run_forward(algo, input, weight, bias, output, p, relu);
 #else
   (void)input, (void)weight, (void)bias, (void)output, (void)p, (void)relu;
   TORCH_INTERNAL_ASSERT(false, "fastconv: the AVX-512 engine is not compiled in");
@@ -166,7 +250,7 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
 // (cpu::engine::backward_input_through_forward); strided layers with small output planes run one
 // stride-1 convolution per phase of grad_input (phase_backward_input.h); otherwise grad_cols and col2im.
 enum class BackwardInputRoute { kWinograd, kForwardEngine, kPhases, kCol2im };
-BackwardInputRoute backward_input_route(const Conv2dParams& p) {
+BackwardInputRoute backward_input_rule(const Conv2dParams& p) {
   if (cpu::backward_input_as_forward(p) && winograd_wanted(cpu::backward_input_params(p))) {
     return BackwardInputRoute::kWinograd;
   }
@@ -175,6 +259,71 @@ BackwardInputRoute backward_input_route(const Conv2dParams& p) {
   if (cpu::backward_input_by_phases_wanted(p)) return BackwardInputRoute::kPhases;
 #endif
   return BackwardInputRoute::kCol2im;
+}
+
+#if FASTCONV_HAVE_AVX512_KERNELS
+std::vector<int> backward_input_candidates(const Conv2dParams& p) {
+  std::vector<int> c;
+  if (cpu::backward_input_as_forward(p)) {
+    if (cpu::winograd::applicable(cpu::backward_input_params(p))) c.push_back(int(BackwardInputRoute::kWinograd));
+    c.push_back(int(BackwardInputRoute::kForwardEngine));
+  }
+  if (cpu::backward_input_by_phases_applicable(p)) c.push_back(int(BackwardInputRoute::kPhases));
+  c.push_back(int(BackwardInputRoute::kCol2im));
+  return c;
+}
+
+void run_backward_input(BackwardInputRoute route, const float* grad_output, const float* weight, float* grad_input,
+                        const Conv2dParams& p) {
+  switch (route) {
+    case BackwardInputRoute::kWinograd: {
+      const std::vector<float> w_t = cpu::flipped_transposed_weight(weight, p);
+      cpu::winograd::forward(grad_output, w_t.data(), nullptr, grad_input, cpu::backward_input_params(p), false);
+      break;
+    }
+    case BackwardInputRoute::kForwardEngine:
+      cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
+      break;
+    case BackwardInputRoute::kPhases:
+      cpu::backward_input_by_phases(grad_output, weight, grad_input, p,
+                                    [](const float* in, const float* w, const float* b, float* out,
+                                       const Conv2dParams& q) { engine_forward(in, w, b, out, q); });
+      break;
+    case BackwardInputRoute::kCol2im:
+      cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::engine::col2im_band_add_avx512);
+      break;
+  }
+}
+
+int weight_grad_rule(const Conv2dParams& p) {
+  return winograd_wanted(p, /*weight_grad=*/true) ? kWeightGradWinograd
+         : narrow_wanted(p, /*weight_grad=*/true) ? kWeightGradNarrow
+                                                  : kWeightGradGemm;
+}
+
+std::vector<int> weight_grad_candidates(const Conv2dParams& p) {
+  std::vector<int> c;
+  if (cpu::winograd::applicable(p) && p.kernel_h == 3 && p.kernel_w == 3) c.push_back(kWeightGradWinograd);
+  if (cpu::narrow::backward_weight_applicable(p)) c.push_back(kWeightGradNarrow);
+  c.push_back(kWeightGradGemm);
+  return c;
+}
+
+void run_weight_grad(int algo, const float* grad_output, const float* input, float* grad_weight,
+                     const Conv2dParams& p) {
+  if (algo == kWeightGradWinograd) return cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
+  if (algo == kWeightGradNarrow) return cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
+  cpu::engine::backward_weight(grad_output, input, grad_weight, p);
+}
+#endif
+
+// The route each pass takes: the rule's, or under "benchmark" the measured one (once measured).
+BackwardInputRoute backward_input_route(const Conv2dParams& p) {
+  if (g_algorithm_setting.load() == kSettingBenchmark) {
+    const int c = measured_choice(choice_key(p, 1));
+    if (c >= 0) return BackwardInputRoute(c);
+  }
+  return backward_input_rule(p);
 }
 
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
@@ -187,14 +336,18 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
     return cpu::engine::use_padded_direct(cpu::engine::flatten_pointwise(q)) ? std::string("implicit-gemm")
                                                                              : std::string("im2col+gemm");
   };
-  const std::string fwd = winograd_wanted(p) ? "winograd" : narrow_wanted(p) ? "narrow-direct" : gemm_name(p);
+  const bool measured = g_algorithm_setting.load() == kSettingBenchmark;
+  const int fwd_measured = measured ? measured_choice(choice_key(p, 0)) : -1;
+  const int fwd_algo = fwd_measured >= 0 ? fwd_measured : forward_rule(p);
+  const std::string fwd = fwd_algo == kForwardWinograd ? "winograd"
+                          : fwd_algo == kForwardNarrow ? "narrow-direct"
+                                                       : gemm_name(p);
   std::string bwi = "im2col+gemm+col2im";
   if (backward_input_route(p) == BackwardInputRoute::kWinograd) bwi = "winograd";
   if (backward_input_route(p) == BackwardInputRoute::kForwardEngine) bwi = gemm_name(cpu::backward_input_params(p));
   if (backward_input_route(p) == BackwardInputRoute::kPhases) bwi = "stride-phases";
-  const std::string bww = winograd_wanted(p, true) ? "winograd"
-                          : narrow_wanted(p, true) ? "narrow-direct"
-                                                   : "im2col+gemm";
+  const int bww_measured = measured ? measured_choice(choice_key(p, 2)) : -1;
+  const std::string bww = kWeightGradNames[bww_measured >= 0 ? bww_measured : weight_grad_rule(p)];
   if (fwd == bwi && bwi == bww) return fwd;
   return fwd + "/" + bwi + "/" + bww;
 #else
@@ -249,34 +402,27 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
     if (use_engine<T>()) {
+      const bool benchmark = g_algorithm_setting.load() == kSettingBenchmark;
       if (grad_input) {
-        switch (backward_input_route(p)) {
-          case BackwardInputRoute::kWinograd: {
-            const std::vector<float> w_t = cpu::flipped_transposed_weight(weight, p);
-            cpu::winograd::forward(grad_output, w_t.data(), nullptr, grad_input, cpu::backward_input_params(p), false);
-            break;
-          }
-          case BackwardInputRoute::kForwardEngine:
-            cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
-            break;
-          case BackwardInputRoute::kPhases:
-            cpu::backward_input_by_phases(grad_output, weight, grad_input, p,
-                                          [](const float* in, const float* w, const float* b, float* out,
-                                             const Conv2dParams& q) { engine_forward(in, w, b, out, q); });
-            break;
-          case BackwardInputRoute::kCol2im:
-            cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::engine::col2im_band_add_avx512);
-            break;
-        }
+        const int64_t numel = p.batch * p.in_channels * p.in_plane();
+        const auto run = [&](int c) {
+          std::fill(grad_input, grad_input + numel, 0.f);  // (every route writes it whole; this is belt and braces)
+          run_backward_input(BackwardInputRoute(c), grad_output, weight, grad_input, p);
+        };
+        const int route = benchmark ? benchmark_choice(choice_key(p, 1), backward_input_candidates(p), run)
+                                    : int(backward_input_rule(p));
+        run_backward_input(BackwardInputRoute(route), grad_output, weight, grad_input, p);
       }
       if (grad_weight) {
-        if (winograd_wanted(p, /*weight_grad=*/true)) {
-          cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
-        } else if (narrow_wanted(p, /*weight_grad=*/true)) {
-          cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
-        } else {
-          cpu::engine::backward_weight(grad_output, input, grad_weight, p);
-        }
+        const int64_t numel = p.out_channels * p.col_rows_per_group();
+        const auto run = [&](int c) {
+          std::fill(grad_weight, grad_weight + numel, 0.f);
+          run_weight_grad(c, grad_output, input, grad_weight, p);
+        };
+        const int algo =
+            benchmark ? benchmark_choice(choice_key(p, 2), weight_grad_candidates(p), run) : weight_grad_rule(p);
+        if (benchmark) std::fill(grad_weight, grad_weight + numel, 0.f);
+        run_weight_grad(algo, grad_output, input, grad_weight, p);
       }
       return;
     }
@@ -437,14 +583,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
 }  // namespace
 
 void set_conv_algorithm(std::string name) {
-  TORCH_CHECK(name == "auto" || name == "gemm" || name == "winograd",
-              "fastconv.set_conv_algorithm: expected 'auto', 'gemm' or 'winograd', got '", name, "'");
-  g_algorithm_setting = name == "gemm" ? 1 : name == "winograd" ? 2 : 0;
+  TORCH_CHECK(name == "auto" || name == "gemm" || name == "winograd" || name == "benchmark",
+              "fastconv.set_conv_algorithm: expected 'auto', 'gemm', 'winograd' or 'benchmark', got '", name, "'");
+  g_algorithm_setting = name == "gemm"        ? kSettingGemm
+                        : name == "winograd"  ? kSettingWinograd
+                        : name == "benchmark" ? kSettingBenchmark
+                                              : kSettingAuto;
 }
 
 std::string get_conv_algorithm() {
   const int s = g_algorithm_setting.load();
-  return s == 1 ? "gemm" : s == 2 ? "winograd" : "auto";
+  return s == kSettingGemm        ? "gemm"
+         : s == kSettingWinograd  ? "winograd"
+         : s == kSettingBenchmark ? "benchmark"
+                                  : "auto";
 }
 
 std::string cpu_conv_algorithm(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,

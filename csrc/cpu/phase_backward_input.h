@@ -29,9 +29,13 @@
 namespace fastconv {
 namespace cpu {
 
+inline bool backward_input_by_phases_applicable(const Conv2dParams& p) {
+  return (p.stride_h > 1 || p.stride_w > 1) && p.dilation_h == 1 && p.dilation_w == 1 && p.groups == 1;
+}
+
 inline bool backward_input_by_phases_wanted(const Conv2dParams& p) {
-  return (p.stride_h > 1 || p.stride_w > 1) && p.dilation_h == 1 && p.dilation_w == 1 && p.groups == 1 &&
-         p.in_channels >= 16 && p.kernel_h * p.kernel_w > 1 && p.out_plane() < 128 && p.batch * p.out_plane() >= 256;
+  return backward_input_by_phases_applicable(p) && p.in_channels >= 16 && p.kernel_h * p.kernel_w > 1 &&
+         p.out_plane() < 128 && p.batch * p.out_plane() >= 256;
 }
 
 // One dimension of one phase: the phase's rows a, a+s, ... of grad_input (count), the sub-kernel's
