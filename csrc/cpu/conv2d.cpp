@@ -135,9 +135,11 @@ int measured_choice(const ChoiceKey& key) {
 
 // The fastest of `candidates` for `key`: measured on the first call (a warm-up run, then the better of
 // two timed runs each; run(c) computes the pass with candidate c into the real output), then cached.
+// `measured` tells whether this call ran the candidates (the output then holds the last one's result).
 template <typename Run>
-int benchmark_choice(const ChoiceKey& key, const std::vector<int>& candidates, Run&& run) {
+int benchmark_choice(const ChoiceKey& key, const std::vector<int>& candidates, Run&& run, bool* measured = nullptr) {
   int choice = measured_choice(key);
+  if (measured) *measured = choice < 0 && candidates.size() > 1;
   if (choice >= 0) return choice;
   choice = candidates.front();
   if (candidates.size() > 1) {
@@ -404,9 +406,7 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
     if (use_engine<T>()) {
       const bool benchmark = g_algorithm_setting.load() == kSettingBenchmark;
       if (grad_input) {
-        const int64_t numel = p.batch * p.in_channels * p.in_plane();
-        const auto run = [&](int c) {
-          std::fill(grad_input, grad_input + numel, 0.f);  // (every route writes it whole; this is belt and braces)
+        const auto run = [&](int c) {  // (every route writes grad_input whole: no zeroing needed)
           run_backward_input(BackwardInputRoute(c), grad_output, weight, grad_input, p);
         };
         const int route = benchmark ? benchmark_choice(choice_key(p, 1), backward_input_candidates(p), run)
@@ -419,9 +419,10 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
           std::fill(grad_weight, grad_weight + numel, 0.f);
           run_weight_grad(c, grad_output, input, grad_weight, p);
         };
-        const int algo =
-            benchmark ? benchmark_choice(choice_key(p, 2), weight_grad_candidates(p), run) : weight_grad_rule(p);
-        if (benchmark) std::fill(grad_weight, grad_weight + numel, 0.f);
+        bool measured = false;
+        const int algo = benchmark ? benchmark_choice(choice_key(p, 2), weight_grad_candidates(p), run, &measured)
+                                   : weight_grad_rule(p);
+        if (measured) std::fill(grad_weight, grad_weight + numel, 0.f);  // back to the zeros it was allocated as
         run_weight_grad(algo, grad_output, input, grad_weight, p);
       }
       return;

@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -38,7 +39,7 @@ namespace cpu {
 namespace engine {
 
 constexpr int64_t kMaxBlockK = 512;                // reduction rows per block: an 8 x 512 weight panel is 16 KiB (L1)
-constexpr int64_t kColumnBlockBytes = 192 * 1024;  // one item's packed columns per k-block (L2)
+constexpr int64_t kColumnBlockBytes = 192 * 1024;  // one item's packed columns per k-block (L2; at least)
 constexpr int64_t kPanel = kTileCols;              // 48 pixels per panel
 constexpr int64_t kMaxPartialBytes = 1 << 20;      // backward-weight: per-thread partials up to L2's size
 constexpr int64_t kPanelPad = 16;                  // floats after each packed panel (pack_columns' overrun)
@@ -350,8 +351,20 @@ FASTCONV_AVX512 inline void gemm_item(WeightsA w, int64_t group, int64_t K, int6
 }
 
 // Pixels per work item at most: a multiple of 48 whose packed columns (kc rows) fit kColumnBlockBytes.
+// The budget is a quarter of this core's L2 (192 KiB to 1 MiB): the item's columns stay in L2 beside
+// the weight block streaming through. Measured, 2 threads, Intel Xeon with AMX (2 MiB L2): 512 KiB
+// instead of 192 KiB takes 0.92-0.97x the time on AlexNet conv2/conv3, ResNet layer4 and 3x3/2 layers;
+// on Zen 4 (1 MiB L2, 256 KiB here) 384 and 768 KiB measured within noise of 192.
+inline int64_t forward_column_block_bytes() {
+  static const int64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? std::clamp<int64_t>(l2 / 4, kColumnBlockBytes, int64_t(1) << 20) : kColumnBlockBytes;
+  }();
+  return bytes;
+}
+
 inline int64_t item_pixels(int64_t kc, int64_t total) {
-  const int64_t panels = std::clamp<int64_t>(kColumnBlockBytes / (kc * kPanel * 4), 1, 16);
+  const int64_t panels = std::clamp<int64_t>(forward_column_block_bytes() / (kc * kPanel * 4), 1, 16);
   return std::min(panels * kPanel, ceil_div(total, kPanel) * kPanel);
 }
 
@@ -554,9 +567,13 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // forward route): it reads the weights in place, where the forward route first packs them flipped, a
 // pass over the whole weight tensor for a single image's worth of work. From batch 2 the forward route
 // flattens its pixels over images, where col2im's per-image bands leave vector lanes idle on small
-// planes (ResNet 512 at 7x7, batch 8: 1.36x the time through col2im).
+// planes (ResNet 512 at 7x7, batch 8: 1.36x the time through col2im). Layers with at most 4 input
+// channels per group keep col2im: the forward route's output channels are their input channels, at
+// most half of its 8-row tile (measured, 2 threads, Intel Xeon with AMX, batch 100: MNIST conv1 0.65x,
+// the 5x5 1->30 layer 0.48x, 3x3 3->32 0.83x the forward route's time; LeNet conv1's 1->6 1.07x; from
+// 6 input channels up the forward route wins, LeNet conv2 by 1.7x).
 inline bool backward_input_through_forward(const Conv2dParams& p) {
-  return backward_input_as_forward(p) && p.batch > 1;
+  return backward_input_as_forward(p) && p.batch > 1 && p.in_channels_per_group() > kTileRows / 2;
 }
 
 // Backward-input of a stride-1 convolution (flipped_conv.h) on this engine: the forward pass over
