@@ -119,7 +119,7 @@ def microarch(vendor, family, model, flags=()):
     if vendor is None or family is None:
         return None
     if vendor == "GenuineIntel" and "amx_tile" in flags:
-        return f"Intel with AMX, Sapphire Rapids or later (reported family {family} model {model})"
+        return f"Sapphire Rapids-class (AMX; reported model {model})"
     return f"{vendor} family {family} model {model}"
 
 

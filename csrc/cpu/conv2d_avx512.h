@@ -655,10 +655,30 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
                            Col2im col2im_band_add) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t C = p.in_channels, L = p.out_plane();
-  // A = W^T per group (rows k of Kg, reduction over o of OCg), read in place: 8 consecutive floats of
-  // one weight row per step (measured against packing it each call, 2 threads: the same at batch 8,
-  // 5-15% faster at batch 1, where packing 9.4 MB of ResNet layer4 weights is a pass of its own)
-  const WeightsA wt{weight, OCg * Kg, kTileRows, 1, Kg};
+  // A = W^T per group (rows k of Kg, reduction over o of OCg). Read in place, each step is 8
+  // consecutive floats of one weight row, Kg floats after the last: past 512 (a 2 KiB stride, beyond
+  // what a stride prefetcher follows) every step waits on L2. So with Kg > 512 and 128+ pixels of work
+  // it is packed first, [g][row block][o][8] (measured, 2 threads, Intel Xeon with AMX: AlexNet conv2
+  // and conv4 at batch 1 0.86/0.85x, ResNet 3x3/2 layers at batch 8 0.84-0.92x the time in place);
+  // in place where the pass over the weights is most of the work (ResNet layer4 at batch 1: 49
+  // pixels, packing 9.4 MB measured 1.19x; on Zen 4 5-15% slower at batch 1) or the stride is short.
+  WeightsA wt{weight, OCg * Kg, kTileRows, 1, Kg};
+  if (Kg > 512 && p.batch * L >= 128) {
+    const int64_t kb = ceil_div(Kg, kTileRows);
+    thread_local AlignedBuffer wbuf;
+    float* packed = wbuf.get(G * kb * OCg * kTileRows);
+    at::parallel_for(0, G * kb, grain_for(OCg * kTileRows), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t g = b / kb, r0 = (b % kb) * kTileRows, nr = std::min<int64_t>(kTileRows, Kg - r0);
+        float* dst = packed + b * OCg * kTileRows;
+        for (int64_t o = 0; o < OCg; ++o) {
+          const float* src = weight + (g * OCg + o) * Kg + r0;
+          for (int64_t r = 0; r < kTileRows; ++r) dst[o * kTileRows + r] = r < nr ? src[r] : 0.f;
+        }
+      }
+    });
+    wt = WeightsA{packed, kb * OCg * kTileRows, OCg * kTileRows, 1, kTileRows};
+  }
   // grad_output as a 1x1 "input" for pack_columns
   Conv2dParams q = p;
   q.in_channels = p.out_channels;
