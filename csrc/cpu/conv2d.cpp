@@ -565,8 +565,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   const auto empty = [&] { return at::empty({0}, input.options()); };
   const at::Tensor go_c = grad_output.contiguous();
   at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : at::Tensor();
-  at::Tensor grad_weight =
-      output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : at::Tensor();  // zeros: N may be 0
+  // every kernel writes grad_weight whole (tests allocate it NaN-filled to check); zeros only for an
+  // empty batch, where no kernel runs
+  at::Tensor grad_weight = !output_mask[1] ? at::Tensor()
+                           : p.batch > 0   ? at::empty(weight.sizes(), weight.options())
+                                           : at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_bias = output_mask[2] ? go_c.sum({0, 2, 3}) : empty();
   if (p.batch > 0 && (output_mask[0] || output_mask[1])) {
     const at::Tensor input_c = input.contiguous();
