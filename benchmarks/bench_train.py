@@ -292,6 +292,8 @@ def main(argv=None):
     tag += "-cputime" if args.timer == "thread-cpu" else ""
     tag += "-min" if args.stat == "min" else ""
     tag += "-cold" if args.cold else ""
+    tag += "-fused" if args.fuse else ""
+    tag += "-" + args.models.replace(",", "-").replace("_", "-") if args.models != ",".join(MODELS) else ""
     out_json = args.json or machine.default_output("bench_train", tag, device, env)
     report.write_json(out_json, {"benchmark": "bench_train", "argv": list(argv if argv is not None else sys.argv[1:]),
                                  "env": env, "fastconv": fc_info, "settings": settings, "elapsed_s": elapsed,
