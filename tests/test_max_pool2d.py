@@ -135,12 +135,15 @@ def test_registered_op_and_function_agree(device):
     assert torch.equal(xa.grad, xb.grad)
 
 
-# float32 backward kernels on AVX-512: windows that tile rows of 16+ (dense row writes, with row and
-# column tails and ceil_mode), 8-wide rows and overlapping windows (index scatter). Indices that are
+# float32 backward kernels on AVX-512: windows that tile rows of 12+ (dense row writes, with row and
+# column tails and ceil_mode; rows of 14 and 13 inside one vector), 8-wide rows and overlapping windows
+# (index scatter). Indices that are
 # not in their own window (another window's position, negative, past the plane, or a valid position
 # plus 2**33, which narrowing to int32 would alias) contribute nothing, as on every backend.
 @pytest.mark.parametrize("shape,kernel,stride,ceil", [((2, 3, 9, 37), (2, 2), (2, 2), True),
                                                       ((1, 2, 12, 40), (3, 5), (3, 5), False),
+                                                      ((2, 3, 14, 14), (2, 2), (2, 2), False),
+                                                      ((2, 2, 9, 13), (2, 2), (2, 2), True),
                                                       ((3, 2, 8, 8), (2, 2), (2, 2), False),
                                                       ((2, 2, 13, 21), (3, 3), (2, 2), False)])
 def test_float32_backward_drops_indices_outside_their_window(shape, kernel, stride, ceil, poison):
