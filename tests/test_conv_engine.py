@@ -100,6 +100,7 @@ ENGINE_CASES = [
     (8, 16, 12, 9, 12, (3, 3), (2, 1), (1, 0), 1, 1),
     (30, 17, 10, 10, 9, (2, 2), 3, 0, 1, 1),
     (16, 20, 15, 15, 16, (4, 4), 4, 1, 1, 1),
+    (8, 16, 11, 11, 12, (3, 3), 2, (3, 2), 1, 1),  # padding past the kernel's half: grad_output cropped
     # col2im with W^T packed (rows per group past 512, 128+ pixels): batch 1, and groups whose 630
     # rows end in a partial 8-row block
     (1, 64, 13, 13, 20, (3, 3), 1, 1, 1, 1),

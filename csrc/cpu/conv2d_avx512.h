@@ -275,22 +275,26 @@ inline void channel_split(int64_t pix_items, int64_t oc_blocks, int64_t& splits,
 }
 
 // Zero-padded copies of `planes` H x W planes into Hp x Wp planes, input row h at row top + h and
-// column left (rows and columns past Hp/Wp dropped: callers size the planes to what they read).
+// column left + w. Input rows and columns that land outside [0, Hp) x [0, Wp) are dropped (callers
+// size the planes to what they read; a negative top or left crops the input's start).
 inline void copy_padded(const float* src, int64_t planes, int64_t H, int64_t W, float* dst, int64_t Hp, int64_t Wp,
                         int64_t top, int64_t left) {
-  const int64_t plane = Hp * Wp, rows = std::min(H, Hp - top), cols = std::min(W, Wp - left);
+  const int64_t h0 = std::max<int64_t>(0, -top), w0 = std::max<int64_t>(0, -left);  // first input row/column kept
+  const int64_t t = std::min(top + h0, Hp), l = std::min(left + w0, Wp);            // where they land
+  const int64_t plane = Hp * Wp, rows = std::max<int64_t>(0, std::min(H - h0, Hp - t));
+  const int64_t cols = std::max<int64_t>(0, std::min(W - w0, Wp - l));
   at::parallel_for(0, planes, grain_for(plane), [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       float* d = dst + i * plane;
-      const float* s = src + i * H * W;
-      std::fill(d, d + top * Wp, 0.f);  // each element written once: zeros only around the copy
+      const float* s = src + i * H * W + h0 * W + w0;
+      std::fill(d, d + t * Wp, 0.f);  // each element written once: zeros only around the copy
       for (int64_t h = 0; h < rows; ++h) {
-        float* row = d + (h + top) * Wp;
-        std::fill(row, row + left, 0.f);
-        std::copy(s + h * W, s + h * W + cols, row + left);
-        std::fill(row + left + cols, row + Wp, 0.f);
+        float* row = d + (h + t) * Wp;
+        std::fill(row, row + l, 0.f);
+        std::copy(s + h * W, s + h * W + cols, row + l);
+        std::fill(row + l + cols, row + Wp, 0.f);
       }
-      std::fill(d + (top + rows) * Wp, d + plane, 0.f);
+      std::fill(d + (t + rows) * Wp, d + plane, 0.f);
     }
   });
 }

@@ -126,25 +126,8 @@ void backward_input_by_phases(const float* grad_output, const float* weight, flo
       const int64_t HV = dh.span(), WV = dw.span();
       const float* input = grad_output;
       if (dh.shift != 0 || dw.shift != 0 || HV != OH || WV != OW) {
-        float* gop = gop_buf.get(N * OC * HV * WV);
-        const int64_t j0 = std::clamp<int64_t>(-dw.shift, 0, WV), j1 = std::clamp<int64_t>(OW - dw.shift, j0, WV);
-        at::parallel_for(0, N * OC, std::max<int64_t>(1, 4096 / (HV * WV)), [&](int64_t b0, int64_t b1) {
-          for (int64_t nc = b0; nc < b1; ++nc) {
-            const float* src = grad_output + nc * OH * OW;
-            float* dst = gop + nc * HV * WV;
-            for (int64_t y = 0; y < HV; ++y) {
-              float* d = dst + y * WV;
-              const int64_t oh = y + dh.shift;
-              if (oh < 0 || oh >= OH) {
-                std::fill(d, d + WV, 0.f);
-                continue;
-              }
-              std::fill(d, d + j0, 0.f);
-              std::copy(src + oh * OW + j0 + dw.shift, src + oh * OW + j1 + dw.shift, d + j0);
-              std::fill(d + j1, d + WV, 0.f);
-            }
-          }
-        });
+        float* gop = gop_buf.get(N * OC * HV * WV);  // gop[y][x] = grad_output[y + shift_h][x + shift_w]
+        engine::copy_padded(grad_output, N * OC, OH, OW, gop, HV, WV, -dh.shift, -dw.shift);
         input = gop;
       }
       Conv2dParams q{};
