@@ -133,14 +133,17 @@ int measured_choice(const ChoiceKey& key) {
   return it == g_choices.end() ? -1 : it->second;
 }
 
-// The fastest of `candidates` for `key`: measured on the first call (a warm-up run, then the better of
-// two timed runs each; run(c) computes the pass with candidate c into the real output), then cached.
-// `measured` tells whether this call ran the candidates (the output then holds the last one's result).
-template <typename Run>
-int benchmark_choice(const ChoiceKey& key, const std::vector<int>& candidates, Run&& run, bool* measured = nullptr) {
+// The fastest of make_candidates() for `key`: measured on the first call (a warm-up run, then the better
+// of two timed runs each; run(c) computes the pass with candidate c into the real output), then cached
+// (later calls only look it up). `measured` tells whether this call ran the candidates (the output then
+// holds the last one's result).
+template <typename Candidates, typename Run>
+int benchmark_choice(const ChoiceKey& key, Candidates&& make_candidates, Run&& run, bool* measured = nullptr) {
   int choice = measured_choice(key);
-  if (measured) *measured = choice < 0 && candidates.size() > 1;
+  if (measured) *measured = false;
   if (choice >= 0) return choice;
+  const std::vector<int> candidates = make_candidates();
+  if (measured) *measured = candidates.size() > 1;
   choice = candidates.front();
   if (candidates.size() > 1) {
     double best = 0;
@@ -239,8 +242,9 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
                     bool relu = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   const int algo = g_algorithm_setting.load() == kSettingBenchmark
-                       ? benchmark_choice(choice_key(p, 0), forward_candidates(p),
-                                          [&](int c) { run_forward(c, input, weight, bias, output, p, relu); })
+                       ? benchmark_choice(
+                             choice_key(p, 0), [&] { return forward_candidates(p); },
+                             [&](int c) { run_forward(c, input, weight, bias, output, p, relu); })
                        : forward_rule(p);
   run_forward(algo, input, weight, bias, output, p, relu);
 #else
@@ -411,7 +415,8 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
         const auto run = [&](int c) {  // (every route writes grad_input whole: no zeroing needed)
           run_backward_input(BackwardInputRoute(c), grad_output, weight, grad_input, p);
         };
-        const int route = benchmark ? benchmark_choice(choice_key(p, 1), backward_input_candidates(p), run)
+        const int route = benchmark ? benchmark_choice(
+                                          choice_key(p, 1), [&] { return backward_input_candidates(p); }, run)
                                     : int(backward_input_rule(p));
         run_backward_input(BackwardInputRoute(route), grad_output, weight, grad_input, p);
       }
@@ -422,7 +427,8 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
           run_weight_grad(c, grad_output, input, grad_weight, p);
         };
         bool measured = false;
-        const int algo = benchmark ? benchmark_choice(choice_key(p, 2), weight_grad_candidates(p), run, &measured)
+        const int algo = benchmark ? benchmark_choice(
+                                         choice_key(p, 2), [&] { return weight_grad_candidates(p); }, run, &measured)
                                    : weight_grad_rule(p);
         if (measured) std::fill(grad_weight, grad_weight + numel, 0.f);  // back to the zeros it was allocated as
         run_weight_grad(algo, grad_output, input, grad_weight, p);
