@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -60,6 +61,10 @@ variable_list conv_backward(AutogradContext* ctx, const at::Tensor& grad_output,
   const auto stride = ctx->saved_data["stride"].toIntVector();
   const auto padding = ctx->saved_data["padding"].toIntVector();
   const auto dilation = ctx->saved_data["dilation"].toIntVector();
+  // Without create_graph nothing differentiates the backward op: straight to its kernel, past its
+  // Python autograd (fastconv/_ops.py; about 8 us per call, more than a small layer's kernel).
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  if (!at::GradMode::is_enabled()) below_autograd.emplace();
   auto [gi, gw, gb] = backward_op.call(grad_output.contiguous(), input, weight, stride, padding, dilation,
                                        ctx->saved_data["groups"].toInt(), mask);
   if (mask[0]) grads[0] = gi;
@@ -118,6 +123,8 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
     variable_list result(6);
     if (!ctx->needs_input_grad(0) || !grads[0].defined()) return result;
     const auto saved = ctx->get_saved_variables();
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;  // as in conv_backward
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     result[0] =
         backward_op.call(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["kernel_size"].toIntVector(),
                          ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),

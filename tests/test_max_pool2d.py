@@ -140,15 +140,17 @@ def test_registered_op_and_function_agree(device):
 # (index scatter). Indices that are
 # not in their own window (another window's position, negative, past the plane, or a valid position
 # plus 2**33, which narrowing to int32 would alias) contribute nothing, as on every backend.
-@pytest.mark.parametrize("shape,kernel,stride,ceil", [((2, 3, 9, 37), (2, 2), (2, 2), True),
-                                                      ((1, 2, 12, 40), (3, 5), (3, 5), False),
-                                                      ((2, 3, 14, 14), (2, 2), (2, 2), False),
-                                                      ((2, 2, 9, 13), (2, 2), (2, 2), True),
-                                                      ((3, 2, 8, 8), (2, 2), (2, 2), False),
-                                                      ((2, 2, 13, 21), (3, 3), (2, 2), False)])
-def test_float32_backward_drops_indices_outside_their_window(shape, kernel, stride, ceil, poison):
+@pytest.mark.parametrize("shape,kernel,stride,ceil,pad", [((2, 3, 9, 37), (2, 2), (2, 2), True, (0, 0)),
+                                                          ((1, 2, 12, 40), (3, 5), (3, 5), False, (0, 0)),
+                                                          ((2, 3, 14, 14), (2, 2), (2, 2), False, (0, 0)),
+                                                          ((2, 2, 9, 13), (2, 2), (2, 2), True, (0, 0)),
+                                                          ((3, 2, 8, 8), (2, 2), (2, 2), False, (0, 0)),
+                                                          ((2, 2, 13, 21), (3, 3), (2, 2), False, (0, 0)),
+                                                          ((2, 3, 15, 17), (3, 3), (2, 2), True, (1, 1)),
+                                                          ((2, 2, 10, 19), (3, 4), (1, 2), False, (1, 2))])
+def test_float32_backward_drops_indices_outside_their_window(shape, kernel, stride, ceil, pad, poison):
     x = distinct_input(*shape, torch.float32, "cpu")
-    args = [list(kernel), list(stride), [0, 0], [1, 1], ceil]
+    args = [list(kernel), list(stride), list(pad), [1, 1], ceil]
     vals, idx = torch.ops.fastconv.max_pool2d(x, *args)
     plane = shape[2] * shape[3]
     bad = idx.clone()
@@ -163,8 +165,8 @@ def test_float32_backward_drops_indices_outside_their_window(shape, kernel, stri
     # reference: torch's backward with the dropped outputs' gradients zeroed, plus the moved indices
     # that still land inside their own window (overlapping windows) scattered by hand
     keep = ~dropped
-    h0 = (torch.arange(vals.shape[2]) * stride[0]).view(1, 1, -1, 1)
-    w0 = (torch.arange(vals.shape[3]) * stride[1]).view(1, 1, 1, -1)
+    h0 = (torch.arange(vals.shape[2]) * stride[0] - pad[0]).view(1, 1, -1, 1)
+    w0 = (torch.arange(vals.shape[3]) * stride[1] - pad[1]).view(1, 1, 1, -1)
     r, c = bad // shape[3], bad % shape[3]
     inside = (bad >= 0) & (bad < plane) & (r >= h0) & (r < h0 + kernel[0]) & (c >= w0) & (c < w0 + kernel[1])
     want = torch.zeros(shape[0], shape[1], plane, dtype=torch.float64)
@@ -183,3 +185,28 @@ def test_functional_return_indices_and_gradient_match_torch(device):
     vals.sum().backward()
     rvals.sum().backward()
     torch.testing.assert_close(x.grad.cpu(), xr.grad)
+
+
+# float32 backward against torch's own, bit for bit: random geometries (overlapping windows, padding,
+# ceil mode, kernels past the stride and not), inputs with ties, so elements that several windows
+# pick sum their gradients in torch's order.
+def test_float32_backward_bitwise_like_torch_on_random_geometries():
+    gen = torch.Generator().manual_seed(7)
+    checked = 0
+    for _ in range(150):
+        kh, kw, sh, sw, ph, pw = (int(v) for v in torch.randint(1, 6, (6,), generator=gen))
+        sh, sw = min(sh, kh + 1), min(sw, kw + 1)
+        ph, pw = ph % (kh // 2 + 1), pw % (kw // 2 + 1)
+        h, w = kh + int(torch.randint(0, 30, (1,), generator=gen)), kw + int(torch.randint(0, 30, (1,), generator=gen))
+        ceil = bool(torch.randint(0, 2, (1,), generator=gen))
+        x = torch.randn(2, 3, h, w, generator=gen).mul(2).round()  # many ties
+        args = [[kh, kw], [sh, sw], [ph, pw], [1, 1], ceil]
+        ref_vals, ref_idx = torch.ops.aten.max_pool2d_with_indices(x, *args)
+        vals, idx = torch.ops.fastconv.max_pool2d(x, *args)
+        assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx), args
+        go = torch.randn(vals.shape, generator=gen)
+        want = torch.ops.aten.max_pool2d_with_indices_backward(go, x, *args, ref_idx)
+        got = torch.ops.fastconv._max_pool2d_backward(go, x, idx, *args)
+        assert torch.equal(got, want), args
+        checked += 1
+    assert checked == 150
