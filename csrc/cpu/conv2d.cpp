@@ -180,10 +180,15 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   if (cpu::winograd::work_items(p) < 3 * at::get_num_threads()) return false;
   // backward-weight: measured (2 threads, Zen 4) ahead of the GEMM on 28x28 and 56x56 planes at 64-128
   // channels, behind it on 13x13/14x14 planes (odd sizes waste a tile row; short tile reductions). On
-  // an Intel host with AMX it was ahead there too (0.75-0.90x at 192-384 channels): the rule keeps the
-  // Zen 4 measurement; the "benchmark" setting measures the host it runs on.
+  // an Intel host (two 512-bit FMA units) it is ahead on those planes too from 192 channels and 256
+  // tiles (AlexNet conv3-5 and ResNet layer3 at batch 8-32: 0.77-0.93x the GEMM's time), behind on
+  // 7x7 planes (1.1x) and at batch 1-2 (1.14-1.30x): taken there on Intel only, as measured. The
+  // "benchmark" setting measures the host it runs on.
   if (weight_grad) {
-    return p.kernel_h == 3 && p.kernel_w == 3 && C >= 64 && OC >= 64 && C * OC <= 65536 && p.out_plane() >= 400;
+    if (p.kernel_h != 3 || p.kernel_w != 3 || C < 64 || OC < 64) return false;
+    if (C * OC <= 65536 && p.out_plane() >= 400) return true;
+    const int64_t tiles = p.batch * ((p.out_h + 1) / 2) * ((p.out_w + 1) / 2);
+    return cpu::intel_avx512() && p.out_plane() >= 144 && tiles >= 256 && C * OC >= 36864 && C * OC <= 196608;
   }
   if (p.kernel_h == 3 && p.kernel_w == 3) return C >= 16 && OC >= 16 && C * OC <= 131072;
   // larger kernels (sums of 3x3 sub-kernels): where they save at least 15% of the multiplications

@@ -43,6 +43,18 @@ inline bool has_avx512() {
 #endif
 }
 
+// Intel CPUs with AVX-512 (Xeon Skylake-SP and later: two 512-bit FMA units per core), where the
+// GEMM's FMAs take half the cycles they take on AMD Zen 4, and the work around them weighs more;
+// the algorithm rules that differ by host key on this (cpu/conv2d.cpp, winograd_wanted).
+inline bool intel_avx512() {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  static const bool yes = has_avx512() && __builtin_cpu_is("intel");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 #if FASTCONV_HAVE_AVX512_KERNELS
 #define FASTCONV_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,bmi2")))
 
