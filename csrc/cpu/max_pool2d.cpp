@@ -270,12 +270,10 @@ FASTCONV_AVX512 void max_pool2d_backward_plane_tiled(const float* src, const int
   const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const int64_t step_win = 16 / kw, step_res = 16 % kw;
   const __m512i plane_v = _mm512_set1_epi64(in_plane), minus1 = _mm512_set1_epi64(-1);
-  for (int64_t ih = 0, oh = 0, r = 0; ih < H; ++ih, oh += (++r == kh), r = r == kh ? 0 : r) {
-    float* row = dst + ih * W;
-    if (ih >= covered_h) {
-      std::fill(row, row + W, 0.f);
-      continue;
-    }
+  // one window row at a time: its indices and gradients are loaded, checked and spread over the lanes
+  // once, then compared with the positions of each of its kh input rows
+  for (int64_t oh = 0; oh * kh < covered_h; ++oh) {
+    const int64_t ih_end = std::min((oh + 1) * kh, covered_h);  // (ceil mode: the last window may be cut)
     const int64_t* at_row = ind + oh * OW;
     const float* go_row = src + oh * OW;
     for (int64_t iw0 = 0, ow0 = 0, res = 0; iw0 < covered_w; iw0 += 16) {  // res = iw0 % kw, ow0 = iw0 / kw
@@ -295,15 +293,19 @@ FASTCONV_AVX512 void max_pool2d_backward_plane_tiled(const float* src, const int
           minus1, _mm512_cmpge_epi64_mask(a_hi, _mm512_setzero_si512()) & _mm512_cmplt_epi64_mask(a_hi, plane_v), a_hi);
       const __m512i at =
           _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(a_lo)), _mm512_cvtepi64_epi32(a_hi), 1);
-      const __m512 g = _mm512_maskz_loadu_ps(wm, go_row + ow0);
       const __m512i win = _mm512_load_si512(lane_windows.of[res]);
-      const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(ih * W + iw0)), iota);
-      const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(win, at), pos);
+      const __m512i at_lanes = _mm512_permutexvar_epi32(win, at);
+      const __m512 g_lanes = _mm512_permutexvar_ps(win, _mm512_maskz_loadu_ps(wm, go_row + ow0));
       const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, covered_w - iw0)) - 1u);
-      _mm512_mask_storeu_ps(row + iw0, lanes, _mm512_maskz_mov_ps(hit, _mm512_permutexvar_ps(win, g)));
+      for (int64_t ih = oh * kh; ih < ih_end; ++ih) {
+        const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(ih * W + iw0)), iota);
+        const __mmask16 hit = _mm512_cmpeq_epi32_mask(at_lanes, pos);
+        _mm512_mask_storeu_ps(dst + ih * W + iw0, lanes, _mm512_maskz_mov_ps(hit, g_lanes));
+      }
     }
-    std::fill(row + covered_w, row + W, 0.f);
+    for (int64_t ih = oh * kh; ih < ih_end; ++ih) std::fill(dst + ih * W + covered_w, dst + (ih + 1) * W, 0.f);
   }
+  std::fill(dst + covered_h * W, dst + in_plane, 0.f);  // rows past the last window
 }
 #endif
 
@@ -313,9 +315,10 @@ void max_pool2d_backward_kernel(const T* go, const int64_t* idx, T* gi, const Po
   // the vector kernels: no dilation, positions and window offsets in int32 lanes
   const bool fast = cpu::has_avx512() && p.dilation_h == 1 && p.dilation_w == 1 && in_plane < (int64_t(1) << 30) &&
                     (p.kernel_h + p.pad_h) * p.in_w < (int64_t(1) << 30);
-  // dense writes of whole rows: for rows of 12+ (measured 1.6-1.8x -> 0.97-1.24x torch's time on rows
-  // of 16+; on an Intel host rows of 14 (MNIST pool2) 0.85x and rows of 12 0.96x the scatter's time,
-  // rows of 10 1.01x, rows of 8 1.13x: there most of each vector idles and the index scatter is faster)
+  // dense writes of whole rows: for rows of 12+ (measured, 2 threads, Intel host, once each window
+  // row's indices are checked and spread once for its kh input rows: 0.72-0.93x torch's time on rows
+  // of 14-28, where the flat scatter took 0.98-1.31x; on rows of 6-10 1.4-1.8x the flat scatter's
+  // time: there most of each vector idles)
   const bool tiled = fast && p.in_w >= 12 && p.stride_h == p.kernel_h && p.stride_w == p.kernel_w && p.kernel_w <= 16 &&
                      p.pad_h == 0 && p.pad_w == 0;
   const bool flat = fast && !tiled && p.kernel_h < 31;  // (window rows as bits of an int32)
