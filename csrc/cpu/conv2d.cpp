@@ -181,16 +181,21 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   // backward-weight: measured (2 threads, Zen 4) ahead of the GEMM on 28x28 and 56x56 planes at 64-128
   // channels, behind it on 13x13/14x14 planes (odd sizes waste a tile row; short tile reductions). On
   // an Intel host (two 512-bit FMA units) it is ahead on those planes too from 192 channels and 256
-  // tiles (AlexNet conv3-5 and ResNet layer3 at batch 8-32: 0.77-0.93x the GEMM's time), behind on
+  // tiles (AlexNet conv3-5, ResNet layer3, VGG's 512 at 14x14 at batch 8-32: 0.70-0.93x the GEMM's time), behind on
   // 7x7 planes (1.1x) and at batch 1-2 (1.14-1.30x): taken there on Intel only, as measured. The
   // "benchmark" setting measures the host it runs on.
   if (weight_grad) {
     if (p.kernel_h != 3 || p.kernel_w != 3 || C < 64 || OC < 64) return false;
     if (C * OC <= 65536 && p.out_plane() >= 400) return true;
     const int64_t tiles = p.batch * ((p.out_h + 1) / 2) * ((p.out_w + 1) / 2);
-    return cpu::intel_avx512() && p.out_plane() >= 144 && tiles >= 256 && C * OC >= 36864 && C * OC <= 196608;
+    return cpu::intel_avx512() && p.out_plane() >= 144 && tiles >= 256 && C * OC >= 36864 && C * OC <= 262144;
   }
-  if (p.kernel_h == 3 && p.kernel_w == 3) return C >= 16 && OC >= 16 && C * OC <= 131072;
+  // 3x3: up to 512x512 channels on planes of 144+ pixels (VGG's 512 at 14x14, Intel host: forward
+  // 0.74x and backward-input 0.81x the GEMM's time; U, 16 MiB there, stays in L3 across the blocks
+  // of tiles), up to 131072 on smaller ones (ResNet's 512x512 at 7x7: 1.24-1.33x the GEMM's time)
+  if (p.kernel_h == 3 && p.kernel_w == 3) {
+    return C >= 16 && OC >= 16 && (C * OC <= 131072 || (p.out_plane() >= 144 && C * OC <= 262144));
+  }
   // larger kernels (sums of 3x3 sub-kernels): where they save at least 15% of the multiplications
   // (measured, 2 threads on Zen 4: ahead of the GEMM at ratios 0.74-0.84, behind it at 0.97)
   const int64_t subs = cpu::winograd::sub_kernels(p.kernel_h) * cpu::winograd::sub_kernels(p.kernel_w);
