@@ -172,7 +172,7 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   const int setting = g_algorithm_setting.load();
   if (setting == kSettingGemm || !cpu::winograd::applicable(p)) return false;
-  if (setting == kSettingWinograd) return !weight_grad || (p.kernel_h == 3 && p.kernel_w == 3);
+  if (setting == kSettingWinograd) return true;
   const int64_t C = p.in_channels, OC = p.out_channels;
   // Winograd's work is split over blocks of tiles only: with fewer than 3 per thread (batch 1, small
   // planes) the GEMM, which also splits output channels, wins (AlexNet conv2 at batch 1: 1.86x vs 1.34x
@@ -185,7 +185,18 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   // 7x7 planes (1.1x) and at batch 1-2 (1.14-1.30x): taken there on Intel only, as measured. The
   // "benchmark" setting measures the host it runs on.
   if (weight_grad) {
-    if (p.kernel_h != 3 || p.kernel_w != 3 || C < 64 || OC < 64) return false;
+    if (C < 64 || OC < 64) return false;
+    if (p.kernel_h != 3 || p.kernel_w != 3) {
+      // larger kernels (sub-kernel sums) on planes of 400+ pixels with 1024+ grid tiles, as the forward
+      // saves multiplications (Intel host, 2 threads: AlexNet conv2 at batch 8/32 0.96/0.94x the GEMM's
+      // time, 5x5 128->128 at 28x28 0.83x, 96->96 at 56x56 0.91x; behind at batch 2 (1.19x), at 32
+      // channels (1.43x) and for 7x7 at 28x28 (1.30x, multiplication ratio 0.96))
+      const int64_t subs = cpu::winograd::sub_kernels(p.kernel_h) * cpu::winograd::sub_kernels(p.kernel_w);
+      const int64_t grid = p.batch * ((p.out_h + 1) / 2 + cpu::winograd::sub_kernels(p.kernel_h) - 1) *
+                           ((p.out_w + 1) / 2 + cpu::winograd::sub_kernels(p.kernel_w) - 1);
+      return p.out_plane() >= 400 && grid >= 1024 && C * OC * subs <= 131072 &&
+             cpu::winograd::multiplication_ratio(p) <= 0.85;
+    }
     if (C * OC <= 65536 && p.out_plane() >= 400) return true;
     const int64_t tiles = p.batch * ((p.out_h + 1) / 2) * ((p.out_w + 1) / 2);
     return cpu::intel_avx512() && p.out_plane() >= 144 && tiles >= 256 && C * OC >= 36864 && C * OC <= 262144;
@@ -321,7 +332,7 @@ int weight_grad_rule(const Conv2dParams& p) {
 
 std::vector<int> weight_grad_candidates(const Conv2dParams& p) {
   std::vector<int> c;
-  if (cpu::winograd::applicable(p) && p.kernel_h == 3 && p.kernel_w == 3) c.push_back(kWeightGradWinograd);
+  if (cpu::winograd::applicable(p)) c.push_back(kWeightGradWinograd);
   if (cpu::narrow::backward_weight_applicable(p)) c.push_back(kWeightGradNarrow);
   c.push_back(kWeightGradGemm);
   return c;

@@ -1,4 +1,5 @@
-// Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1 convolutions on AVX-512 (float32).
+// Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1 convolutions on AVX-512 (float32); larger
+// kernels as sums of 3x3 sub-kernels (forward_decomposed; backward-weight likewise).
 //
 // Each 2x2 block of output pixels (a tile) is computed from its 4x4 input patch d as
 //   Y = A^T [ sum_c (G g_c G^T) .* (B^T d_c B) ] A
@@ -481,12 +482,33 @@ FASTCONV_AVX512 inline void grad_output_transform(WindowRun* runs, int count, in
   }
 }
 
+// The taps of a KH x KW kernel that 3x3 sub-kernel (a, b) owns (see forward_decomposed): tap
+// r*3 + s of the sub-kernel is kernel tap dst = (2a + r)*KW + 2b + s. 3x3 kernels: all nine, in place.
+struct SubKernel {
+  int64_t KH = 3, KW = 3;
+  int count = 9;
+  int tap[9] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
+  int64_t dst[9] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
+  SubKernel() = default;
+  SubKernel(int64_t kh, int64_t kw, int64_t a, int64_t b) : KH(kh), KW(kw), count(0) {
+    const int64_t na = sub_kernels(kh), nb = sub_kernels(kw);
+    for (int64_t r = 0; r < 3; ++r)
+      for (int64_t q = 0; q < 3; ++q) {
+        const int64_t row = 2 * a + r, col = 2 * b + q;
+        if ((r == 2 && a != na - 1) || (q == 2 && b != nb - 1) || row >= kh || col >= kw) continue;
+        tap[count] = static_cast<int>(r * 3 + q);
+        dst[count++] = row * kw + col;
+      }
+  }
+};
+
 // grad_W[:, c] = G^T grad_U G for input channel c, grad_U summed over `slots` partials [xi][c][ldo]
 // (`part` floats apart) in slot order; 16 output channels per vector: the rows of every xi are read
 // along the output channels (contiguous), the 9 taps of each output channel written as one run (done
 // element by element, this pass took a fifth of AlexNet conv5's backward-weight on an Intel host).
 FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t slots, int64_t part, int64_t C,
-                                                   int64_t OC, int64_t ldo, int64_t c, float* grad_weight) {
+                                                   int64_t OC, int64_t ldo, int64_t c, float* grad_weight,
+                                                   const SubKernel& sk = SubKernel{}) {
   alignas(64) float taps[9][16];
   const __m512 half = _mm512_set1_ps(0.5f);
   for (int64_t o0 = 0; o0 < OC; o0 += 16) {
@@ -513,16 +535,22 @@ FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t s
       _mm512_store_ps(taps[i * 3 + 2], _mm512_add_ps(a, t[i][3]));
     }
     for (int64_t l = 0; l < n; ++l) {
-      float* gw = grad_weight + ((o0 + l) * C + c) * 9;
-      for (int j = 0; j < 9; ++j) gw[j] = taps[j][l];
+      float* gw = grad_weight + ((o0 + l) * C + c) * sk.KH * sk.KW;
+      for (int j = 0; j < sk.count; ++j) gw[sk.dst[j]] = taps[sk.tap[j]][l];
     }
   }
 }
 
+// Larger kernels as in forward_decomposed: the tiles run over the TH x TW grid (the output's tiles plus
+// na-1 rows and nb-1 columns), grad_M is zero on the grid's extra tiles, and sub-kernel (a, b) reduces
+// grad_M[t] against V[t + a*TW + b] (the A operand shifted along its row), one grad_U per sub-kernel;
+// each kernel tap takes its gradient from the sub-kernel that owns it (SubKernel).
 inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
   const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w, OH = p.out_h;
-  const int64_t th = ceil_div(OH, 2), tw = ceil_div(OW, 2), per_image = th * tw, T = p.batch * per_image;
-  const int64_t Hp = 2 * th + 2, Wp = 2 * tw + 2, plane = Hp * Wp;
+  const int64_t na = sub_kernels(p.kernel_h), nb = sub_kernels(p.kernel_w), nab = na * nb;
+  const int64_t th = ceil_div(OH, 2), tw = ceil_div(OW, 2), TH = th + na - 1, TW = tw + nb - 1;
+  const int64_t per_image = TH * TW, T = p.batch * per_image, halo = (na - 1) * TW + (nb - 1);
+  const int64_t Hp = 2 * TH + 2, Wp = 2 * TW + 2, plane = Hp * Wp;
   const int64_t Hq = 2 * th, Wq = 2 * tw + 32, qplane = Hq * Wq;  // padded grad_output (+32: 16-tile loads)
   AlignedBuffer pad_buf, gpad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);
@@ -531,34 +559,52 @@ inline void backward_weight(const float* grad_output, const float* input, float*
   engine::copy_padded(grad_output, p.batch * OC, OH, OW, gpad, Hq, Wq, 0, 0);
   const engine::BalancedItems tile_items(T, tiles_per_item(p), 16);  // as in forward()
   const int64_t NT = ceil_div(tile_items.largest(), kTileCols) * kTileCols, items = tile_items.count;
+  const int64_t NTV = ceil_div(NT + halo, 16) * 16 + 16;  // V tiles of an item: its own, the halo, junk lanes
   const int64_t ldo = ceil_div(OC, 16) * 16, oc_vectors = ldo / 16;
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
-  const int64_t part = 16 * C * ldo;  // grad_U^T per slot: [xi][c][ldo]
+  const int64_t part = nab * 16 * C * ldo;  // grad_U^T per slot: [a*nb + b][xi][c][ldo]
   // not zeroed: the first item of each slot writes its whole partial (Init::kZero)
   std::unique_ptr<float[]> parts(new float[slots * part]);
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     thread_local AlignedBuffer vbuf, gbuf;
-    const int64_t v_xi = C * NT + 16;  // V[xi][c][NT], +16: the last run's junk lanes
+    const int64_t v_xi = C * NTV + 16;  // V[xi][c][NTV], +16: the last run's junk lanes
     float* V = vbuf.get(16 * v_xi);
     float* GMT = gbuf.get(16 * NT * ldo + 16);  // [xi][t][ldo]
-    std::vector<TileRun> runs;
+    std::vector<TileRun> runs, out_runs;
     std::vector<int> windows;
     for (int64_t s = s0; s < s1; ++s) {
       float* acc = parts.get() + s * part;
       for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
         const int64_t t0 = tile_items.begin(item), t1 = tile_items.end(item), len = t1 - t0;
-        tile_runs(t0, t1, per_image, tw, th, tw, runs);
+        const Init init = item == s * items / slots ? Init::kZero : Init::kAccumulate;
+        const int64_t tv = std::min(T, t1 + halo) - t0;       // grid tiles of V computed
+        tile_runs(t0, t0 + tv, per_image, TW, TH, TW, runs);  // every grid tile whose V is read
+        tile_runs(t0, t1, per_image, TW, th, tw, out_runs);   // the item's output tiles
         make_windows(runs, windows);
         for (size_t w = 0; w + 1 < windows.size(); ++w) {
-          const int64_t t = runs[windows[w]].t / 16 * 16, tiles = std::min<int64_t>(16, len - t);
+          const int64_t t = runs[windows[w]].t / 16 * 16;
           WindowRun wr[16];
           for (int64_t c = 0; c < C; ++c) {
             const int cnt = window_runs(runs, windows[w], windows[w + 1], padded + c * plane, C * plane, Wp, wr);
-            input_transform(wr, cnt, Wp, V + c * NT + t, v_xi);
+            input_transform(wr, cnt, Wp, V + c * NTV + t, v_xi);
           }
-          // grad_M^T, 16 channels at a time
+        }
+        // past the last image, the shifted reads meet zeros (grad_M is zero there, but 0 * a stale NaN is not)
+        if (tv < len + halo) {
+          for (int64_t xi = 0; xi < 16; ++xi)
+            for (int64_t c = 0; c < C; ++c)
+              std::fill(V + xi * v_xi + c * NTV + tv, V + xi * v_xi + c * NTV + len + halo, 0.f);
+        }
+        // grad_M^T, 16 channels at a time; zero on the grid's extra tiles
+        if (nab > 1) {
+          for (int64_t xi = 0; xi < 16; ++xi) std::fill(GMT + xi * NT * ldo, GMT + (xi * NT + len) * ldo, 0.f);
+        }
+        make_windows(out_runs, windows);
+        for (size_t w = 0; w + 1 < windows.size(); ++w) {
+          const int64_t t = out_runs[windows[w]].t / 16 * 16, tiles = std::min<int64_t>(16, len - t);
+          WindowRun wr[16];
           for (int64_t o0 = 0; o0 < OC; o0 += 16) {
-            const int cnt = window_runs(runs, windows[w], windows[w + 1], gpad + o0 * qplane, OC * qplane, Wq, wr);
+            const int cnt = window_runs(out_runs, windows[w], windows[w + 1], gpad + o0 * qplane, OC * qplane, Wq, wr);
             grad_output_transform(wr, cnt, qplane, Wq, std::min<int64_t>(16, OC - o0), GMT + t * ldo + o0, NT * ldo,
                                   ldo, tiles);
           }
@@ -566,27 +612,35 @@ inline void backward_weight(const float* grad_output, const float* input, float*
         for (int64_t xi = 0; xi < 16; ++xi) {
           for (int64_t o0 = 0, nv = 0; o0 < ldo; o0 += 16 * nv) {
             nv = engine::vectors_of_tile(oc_vectors, o0 / 16);
-            for (int64_t c0 = 0; c0 < C; c0 += kTileRows) {
-              const int mr = static_cast<int>(std::min<int64_t>(kTileRows, C - c0));
-              TileDest d;
-              d.ldc = ldo;
-              for (int v = 0; v < kTileVectors; ++v) {
-                d.ptr[v][0] = d.ptr[v][1] = acc + (xi * C + c0) * ldo + o0 + 16 * v;
-                d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
-                d.mask[v][1] = 0;
+            for (int64_t ab = 0; ab < nab; ++ab) {
+              const int64_t shift = (ab / nb) * TW + ab % nb;
+              for (int64_t c0 = 0; c0 < C; c0 += kTileRows) {
+                const int mr = static_cast<int>(std::min<int64_t>(kTileRows, C - c0));
+                TileDest d;
+                d.ldc = ldo;
+                for (int v = 0; v < kTileVectors; ++v) {
+                  d.ptr[v][0] = d.ptr[v][1] = acc + ((ab * 16 + xi) * C + c0) * ldo + o0 + 16 * v;
+                  d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
+                  d.mask[v][1] = 0;
+                }
+                run_micro_kernel(mr, static_cast<int>(nv), len, V + xi * v_xi + c0 * NTV + shift, NTV, 1,
+                                 PanelB{GMT + xi * NT * ldo + o0, ldo}, d, init, nullptr);
               }
-              run_micro_kernel(mr, static_cast<int>(nv), len, V + xi * v_xi + c0 * NT, NT, 1,
-                               PanelB{GMT + xi * NT * ldo + o0, ldo}, d,
-                               item == s * items / slots ? Init::kZero : Init::kAccumulate, nullptr);
             }
           }
         }
       }
     }
   });
-  // sum the slots in order, then grad_W = G^T grad_U G (weight_grad_from_slots)
-  at::parallel_for(0, C, engine::grain_for(16 * OC * slots), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) weight_grad_from_slots(parts.get(), slots, part, C, OC, ldo, c, grad_weight);
+  // sum the slots in order, then grad_W = G^T grad_U G per sub-kernel (weight_grad_from_slots)
+  std::vector<SubKernel> subs;
+  for (int64_t ab = 0; ab < nab; ++ab) subs.emplace_back(p.kernel_h, p.kernel_w, ab / nb, ab % nb);
+  if (nab == 1) subs[0] = SubKernel{};
+  at::parallel_for(0, C, engine::grain_for(16 * OC * slots * nab), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t ab = 0; ab < nab; ++ab)
+        weight_grad_from_slots(parts.get() + ab * 16 * C * ldo, slots, part, C, OC, ldo, c, grad_weight, subs[ab]);
+    }
   });
 }
 
