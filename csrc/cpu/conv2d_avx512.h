@@ -566,10 +566,11 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 }
 
 // Whether backward-input runs as the forward engine over grad_output (stride 1, flipped_conv.h) rather
-// than through grad_cols and col2im. At batch 1 the col2im route wins (measured, 2 threads, Zen 4:
-// ResNet 3x3 256 at 14x14 0.64x, 512 at 7x7 0.73x, AlexNet conv2/conv3 0.79/0.84x the time of the
-// forward route): it reads the weights in place, where the forward route first packs them flipped, a
-// pass over the whole weight tensor for a single image's worth of work. From batch 2 the forward route
+// than through grad_cols and col2im. At batch 1 the col2im route wins where grad_input has as many or
+// fewer channels than grad_output (measured, 2 threads, Zen 4: ResNet 3x3 256 at 14x14 0.64x, 512 at
+// 7x7 0.73x, AlexNet conv2/conv3 0.79/0.84x the time of the forward route): it reads the weights in
+// place, where the forward route first packs them flipped, a pass over the whole weight tensor for a
+// single image's worth of work. From batch 2 the forward route
 // flattens its pixels over images, where col2im's per-image bands leave vector lanes idle on small
 // planes (ResNet 512 at 7x7, batch 8: 1.36x the time through col2im). Layers with at most 4 input
 // channels per group keep col2im: the forward route's output channels are their input channels, at
@@ -577,7 +578,11 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // the 5x5 1->30 layer 0.48x, 3x3 3->32 0.83x the forward route's time; LeNet conv1's 1->6 1.07x; from
 // 6 input channels up the forward route wins, LeNet conv2 by 1.7x).
 inline bool backward_input_through_forward(const Conv2dParams& p) {
-  return backward_input_as_forward(p) && p.batch > 1 && p.in_channels_per_group() > kTileRows / 2;
+  // batch 1: only where grad_input has more channels than grad_output (measured, 2 threads, Intel host,
+  // against col2im: AlexNet conv4 0.91x, 1x1 256->64 at 56x56 0.82x; with as many or fewer it was
+  // 0.92-1.23x, ResNet's 512 at 7x7 1.23x, a 1x1 64->256 1.17x)
+  if (p.batch == 1 && p.in_channels_per_group() <= p.out_channels_per_group()) return false;
+  return backward_input_as_forward(p) && p.in_channels_per_group() > kTileRows / 2;
 }
 
 // Backward-input of a stride-1 convolution (flipped_conv.h) on this engine: the forward pass over
