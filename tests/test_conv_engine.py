@@ -116,6 +116,27 @@ def test_engine_tiles_match_torch(case, algorithm, poison):
         run_case(n, c, h, w, oc, k, s, p, d, g)
 
 
+def test_winograd_backward_weight_over_whole_tiles_is_thread_count_independent():
+    # 192+ channels, all tiles in one or two chunks: each task owns its rows of grad_U and reduces
+    # over every tile in a fixed order, so 1, 2 and 3 threads give the same bits (and torch's values)
+    x = torch.randn(3, 192, 13, 11)
+    w = torch.randn(200, 192, 3, 3)
+    go = torch.randn(3, 200, 13, 11)
+    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, go.double(), padding=1)
+    old = torch.get_num_threads()
+    grads = []
+    try:
+        with fastconv.conv_algorithm("winograd"):
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                gw = torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [False, True, False])[1]
+                grads.append(gw)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    assert ((grads[0].double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+
+
 def test_winograd_backward_weight_ignores_stale_scratch(poison):
     # kernels past 3x3: the last image's shifted reads of V pass the end of the batch, where grad_M is
     # zero; scratch left full of NaN by an earlier, larger call must not turn those products into NaN
