@@ -116,20 +116,23 @@ def test_engine_tiles_match_torch(case, algorithm, poison):
         run_case(n, c, h, w, oc, k, s, p, d, g)
 
 
-def test_winograd_backward_weight_over_whole_tiles_is_thread_count_independent():
-    # 192+ channels, all tiles in one or two chunks: each task owns its rows of grad_U and reduces
-    # over every tile in a fixed order, so 1, 2 and 3 threads give the same bits (and torch's values)
-    x = torch.randn(3, 192, 13, 11)
-    w = torch.randn(200, 192, 3, 3)
-    go = torch.randn(3, 200, 13, 11)
-    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, go.double(), padding=1)
+@pytest.mark.parametrize("shape", [(3, 192, 13, 11, 200, 3, 1), (2, 24, 13, 12, 20, 5, 2)])
+def test_winograd_backward_weight_over_whole_tiles_is_thread_count_independent(shape):
+    # all tiles in one or two chunks (3x3 with 192+ channels; kernels past 3x3 at any width): each
+    # task owns its rows of grad_U and reduces over every tile in a fixed order, so 1, 2 and 3
+    # threads give the same bits (and torch's values)
+    n, c, h, w_, oc, k, pad = shape
+    x = torch.randn(n, c, h, w_)
+    w = torch.randn(oc, c, k, k)
+    go = torch.randn(n, oc, h, w_)
+    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, go.double(), padding=pad)
     old = torch.get_num_threads()
     grads = []
     try:
         with fastconv.conv_algorithm("winograd"):
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)
-                gw = torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [False, True, False])[1]
+                gw = torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [pad, pad], [1, 1], 1, [False, True, False])[1]
                 grads.append(gw)
     finally:
         torch.set_num_threads(old)

@@ -588,14 +588,15 @@ struct WeightGradGrid {
   }
 };
 
-// V[xi][c][t] (channel rows `ntv` apart, xi planes `v_xi` apart) of the grid tiles from t0 that the
-// products over tiles [t0, t0 + len) read (their own and the halo), and grad_M^T[xi][t][o] (rows ldo
-// apart, xi planes `m_xi` apart) of the output tiles among them, positions counted from t0. V is zero
-// from the batch's end up to len + halo (grad_M is zero there, but 0 * a stale NaN is not), grad_M^T
-// on the grid's extra tiles.
-inline void transform_tiles(const WeightGradGrid& g, int64_t t0, int64_t len, float* V, int64_t ntv, int64_t v_xi,
-                            float* GMT, int64_t m_xi, std::vector<TileRun>& runs, std::vector<int>& windows) {
-  const int64_t tv = std::min(g.T, t0 + len + g.halo) - t0;
+// V[xi][c][t] (channel rows `ntv` apart, xi planes `v_xi` apart) of the grid tiles [t0, t0 + v_len)
+// (the products over tiles [t0, t0 + len) read len + halo of them), and grad_M^T[xi][t][o] (rows ldo
+// apart, xi planes `m_xi` apart) of the output tiles among [t0, t0 + len), positions counted from t0.
+// V is zero from the batch's end up to v_len (grad_M is zero there, but 0 * a stale NaN is not),
+// grad_M^T on the grid's extra tiles.
+inline void transform_tiles(const WeightGradGrid& g, int64_t t0, int64_t len, int64_t v_len, float* V, int64_t ntv,
+                            int64_t v_xi, float* GMT, int64_t m_xi, std::vector<TileRun>& runs,
+                            std::vector<int>& windows) {
+  const int64_t tv = std::min(g.T, t0 + v_len) - t0;
   tile_runs(t0, t0 + tv, g.per_image, g.TW, g.TH, g.TW, runs);
   make_windows(runs, windows);
   WindowRun wr[16];
@@ -606,10 +607,9 @@ inline void transform_tiles(const WeightGradGrid& g, int64_t t0, int64_t len, fl
       input_transform(wr, cnt, g.Wp, V + c * ntv + t, v_xi);
     }
   }
-  if (tv < len + g.halo) {
+  if (tv < v_len) {
     for (int64_t xi = 0; xi < 16; ++xi)
-      for (int64_t c = 0; c < g.C; ++c)
-        std::fill(V + xi * v_xi + c * ntv + tv, V + xi * v_xi + c * ntv + len + g.halo, 0.f);
+      for (int64_t c = 0; c < g.C; ++c) std::fill(V + xi * v_xi + c * ntv + tv, V + xi * v_xi + c * ntv + v_len, 0.f);
   }
   if (g.nab > 1) {
     for (int64_t xi = 0; xi < 16; ++xi) std::fill(GMT + xi * m_xi, GMT + xi * m_xi + len * g.ldo, 0.f);
@@ -676,19 +676,22 @@ constexpr int64_t kWholeTilesBytes = int64_t(16) << 20;  // backward-weight's V 
 // to sum, and the bits do not depend on the thread count. Measured (2 threads, Intel host, interleaved
 // A/B against the per-slot form below): 0.82-0.89x its time on AlexNet conv3-4 and ResNet 256 at 14x14
 // at batch 8, 0.79x on VGG's 512 at 14x14, 0.80-0.86x at batch 1-2; 1.1x with four chunks (AlexNet conv3
-// at batch 32), 1.02-1.23x with 128 channels or fewer (ResNet 128 at 28x28, batch 8: 1.08x).
+// at batch 32), 1.02-1.23x with 128 channels or fewer (ResNet 128 at 28x28, batch 8: 1.08x). Kernels
+// past 3x3 (four products per transform point) gain at any width: AlexNet conv2 at batch 8 0.94x,
+// 5x5 128->128 at 28x28 0.90x.
 inline bool whole_tiles_wanted(const WeightGradGrid& g) {
   const int64_t per_tile = 16 * (g.C + g.ldo) * 4;
-  return g.nab == 1 && g.C >= 192 && g.OC >= 192 && g.T * per_tile <= 2 * kWholeTilesBytes;
+  return (g.nab > 1 || (g.C >= 192 && g.OC >= 192)) && g.T * per_tile <= 2 * kWholeTilesBytes;
 }
 
 inline void backward_weight_whole_tiles(WeightGradGrid& g, const Conv2dParams& p, float* grad_weight) {
   const int64_t chunk = std::min(g.T, std::max<int64_t>(16, kWholeTilesBytes / (16 * (g.C + g.ldo) * 4) / 16 * 16));
-  const int64_t NT = ceil_div(chunk, 16) * 16, v_xi = g.C * NT + 16, m_xi = NT * g.ldo + 16;
+  const int64_t NT = ceil_div(chunk, 16) * 16, m_xi = NT * g.ldo + 16;
+  const int64_t NTV = ceil_div(chunk + g.halo, 16) * 16 + 16, v_xi = g.C * NTV + 16;  // (+16: junk lanes)
   thread_local AlignedBuffer vbuf, mbuf, abuf;
   float* V = vbuf.get(16 * v_xi);
   float* GMT = mbuf.get(16 * m_xi);
-  float* acc = abuf.get(16 * g.C * g.ldo);  // grad_U^T[xi][c][o]
+  float* acc = abuf.get(g.nab * 16 * g.C * g.ldo);  // grad_U^T[ab][xi][c][o]
   // tasks: (xi, a group of output-channel tiles), at least four per thread
   std::vector<int64_t> o_tiles;  // tile starts, then ldo
   for (int64_t o0 = 0, nv = 0; o0 < g.ldo; o0 += 16 * nv) {
@@ -705,14 +708,15 @@ inline void backward_weight_whole_tiles(WeightGradGrid& g, const Conv2dParams& p
       std::vector<TileRun> runs;
       std::vector<int> windows;
       for (int64_t item = b0; item < b1; ++item) {
-        const int64_t s0 = pieces.begin(item);
-        transform_tiles(g, c0 + s0, pieces.end(item) - s0, V + s0, NT, v_xi, GMT + s0 * g.ldo, m_xi, runs, windows);
+        const int64_t s0 = pieces.begin(item), n = pieces.end(item) - s0;  // the last piece adds the halo
+        transform_tiles(g, c0 + s0, n, item + 1 == pieces.count ? n + g.halo : n, V + s0, NTV, v_xi, GMT + s0 * g.ldo,
+                        m_xi, runs, windows);
       }
     });
     at::parallel_for(0, 16 * o_groups, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t task = b0; task < b1; ++task) {
         const int64_t xi = task / o_groups, og = task % o_groups;
-        weight_grad_products(g, xi, o_tiles[og * n_ot / o_groups], o_tiles[(og + 1) * n_ot / o_groups], len, V, NT,
+        weight_grad_products(g, xi, o_tiles[og * n_ot / o_groups], o_tiles[(og + 1) * n_ot / o_groups], len, V, NTV,
                              v_xi, GMT, m_xi, acc, c0 == 0 ? Init::kZero : Init::kAccumulate);
       }
     });
@@ -742,7 +746,7 @@ inline void backward_weight(const float* grad_output, const float* input, float*
     for (int64_t s = s0; s < s1; ++s) {
       for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
         const int64_t t0 = tile_items.begin(item), len = tile_items.end(item) - t0;
-        transform_tiles(g, t0, len, V, NTV, v_xi, GMT, m_xi, runs, windows);
+        transform_tiles(g, t0, len, len + g.halo, V, NTV, v_xi, GMT, m_xi, runs, windows);
         for (int64_t xi = 0; xi < 16; ++xi) {
           weight_grad_products(g, xi, 0, g.ldo, len, V, NTV, v_xi, GMT, m_xi, parts.get() + s * part,
                                item == s * items / slots ? Init::kZero : Init::kAccumulate);
