@@ -48,13 +48,35 @@ inline int64_t tiles_per_item(const Conv2dParams& p) {
 // 3x3 sub-kernels per kernel row/column (larger kernels: see forward_decomposed): 1 for 3, 2 for 4-5, 3 for 6-7.
 inline int64_t sub_kernels(int64_t k) { return std::max<int64_t>(1, k / 2); }
 
+// The taps of a KH x KW kernel that 3x3 sub-kernel (a, b) owns: kernel rows 2a and 2a+1, the last
+// sub-kernel also row 2a+2 (inside the kernel); columns likewise. Sub-kernel tap tap[j] = r*3 + s is
+// kernel tap dst[j] = (2a + r)*KW + 2b + s; the other taps of the sub-kernel are zero. For 3x3: all nine.
+struct SubKernel {
+  int count = 0;
+  int tap[9];
+  int64_t dst[9];
+  SubKernel(int64_t kh, int64_t kw, int64_t a, int64_t b) {
+    const int64_t na = sub_kernels(kh), nb = sub_kernels(kw);
+    for (int64_t r = 0; r < 3; ++r)
+      for (int64_t q = 0; q < 3; ++q) {
+        const int64_t row = 2 * a + r, col = 2 * b + q;
+        if ((r == 2 && a != na - 1) || (q == 2 && b != nb - 1) || row >= kh || col >= kw) continue;
+        tap[count] = static_cast<int>(r * 3 + q);
+        dst[count++] = row * kw + col;
+      }
+  }
+};
+
+// Tiles of the grid the Winograd passes run over, all images: the output's 2x2 tiles plus one row and
+// column per extra sub-kernel row and column (kernels past 3x3, see forward_decomposed).
+inline int64_t grid_tiles(const Conv2dParams& p) {
+  return p.batch * (ceil_div(p.out_h, 2) + sub_kernels(p.kernel_h) - 1) *
+         (ceil_div(p.out_w, 2) + sub_kernels(p.kernel_w) - 1);
+}
+
 // Work items of the forward pass (blocks of tiles; Winograd is not split over channels, so these are
 // what the threads share).
-inline int64_t work_items(const Conv2dParams& p) {
-  const int64_t tiles = p.batch * (ceil_div(p.out_h, 2) + sub_kernels(p.kernel_h) - 1) *
-                        (ceil_div(p.out_w, 2) + sub_kernels(p.kernel_w) - 1);
-  return ceil_div(tiles, tiles_per_item(p));
-}
+inline int64_t work_items(const Conv2dParams& p) { return ceil_div(grid_tiles(p), tiles_per_item(p)); }
 
 // Stride 1, dilation 1, one group, kernels from 3x3 up (3x3 on its own path, larger ones as sums of 3x3
 // sub-kernels), padding at most kernel - 1 (the padded copy's border), copies that fit.
@@ -366,18 +388,17 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
   const int64_t ob_count = ceil_div(OC, kTileRows);
   // the sub-kernels as 3x3 kernels of C*nab "channels" (c, a, b), then their transforms U[xi][ob][k][8]
   std::vector<float> sub(OC * C * nab * 9);
+  std::vector<SubKernel> subs;
+  for (int64_t ab = 0; ab < nab; ++ab) subs.emplace_back(KH, KW, ab / nb, ab % nb);
   at::parallel_for(0, OC, engine::grain_for(C * nab * 9), [&](int64_t o0, int64_t o1) {
     std::fill(sub.begin() + o0 * C * nab * 9, sub.begin() + o1 * C * nab * 9, 0.f);
     for (int64_t oc = o0; oc < o1; ++oc)
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t a = 0; a < na; ++a)
-          for (int64_t b = 0; b < nb; ++b)
-            for (int64_t r = 0; r < 3; ++r)
-              for (int64_t q = 0; q < 3; ++q) {
-                const int64_t kh = 2 * a + r, kw = 2 * b + q;
-                if ((r == 2 && a != na - 1) || (q == 2 && b != nb - 1) || kh >= KH || kw >= KW) continue;
-                sub[((oc * C + c) * nab + a * nb + b) * 9 + r * 3 + q] = weight[((oc * C + c) * KH + kh) * KW + kw];
-              }
+        for (int64_t ab = 0; ab < nab; ++ab) {
+          const SubKernel& sk = subs[ab];
+          for (int j = 0; j < sk.count; ++j)
+            sub[((oc * C + c) * nab + ab) * 9 + sk.tap[j]] = weight[(oc * C + c) * KH * KW + sk.dst[j]];
+        }
   });
   thread_local AlignedBuffer u_buf;  // not zeroed: transform_weights writes every row
   float* U = u_buf.get(16 * ob_count * C * nab * kTileRows);
@@ -495,33 +516,13 @@ FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int cou
   }
 }
 
-// The taps of a KH x KW kernel that 3x3 sub-kernel (a, b) owns (see forward_decomposed): tap
-// r*3 + s of the sub-kernel is kernel tap dst = (2a + r)*KW + 2b + s. 3x3 kernels: all nine, in place.
-struct SubKernel {
-  int64_t KH = 3, KW = 3;
-  int count = 9;
-  int tap[9] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
-  int64_t dst[9] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
-  SubKernel() = default;
-  SubKernel(int64_t kh, int64_t kw, int64_t a, int64_t b) : KH(kh), KW(kw), count(0) {
-    const int64_t na = sub_kernels(kh), nb = sub_kernels(kw);
-    for (int64_t r = 0; r < 3; ++r)
-      for (int64_t q = 0; q < 3; ++q) {
-        const int64_t row = 2 * a + r, col = 2 * b + q;
-        if ((r == 2 && a != na - 1) || (q == 2 && b != nb - 1) || row >= kh || col >= kw) continue;
-        tap[count] = static_cast<int>(r * 3 + q);
-        dst[count++] = row * kw + col;
-      }
-  }
-};
-
-// grad_W[:, c] = G^T grad_U G for input channel c, grad_U summed over `slots` partials [xi][c][ldo]
-// (`part` floats apart) in slot order; 16 output channels per vector: the rows of every xi are read
-// along the output channels (contiguous), the 9 taps of each output channel written as one run (done
-// element by element, this pass took a fifth of AlexNet conv5's backward-weight on an Intel host).
+// grad_W[:, c] = G^T grad_U G for input channel c and the taps that sub-kernel sk owns (of a kernel of
+// KK taps), grad_U summed over `slots` partials [xi][c][ldo] (`part` floats apart) in slot order; 16
+// output channels per vector: the rows of every xi are read along the output channels (contiguous)
+// (done element by element, this pass took a fifth of AlexNet conv5's backward-weight on an Intel host).
 FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t slots, int64_t part, int64_t C,
-                                                   int64_t OC, int64_t ldo, int64_t c, float* grad_weight,
-                                                   const SubKernel& sk = SubKernel{}) {
+                                                   int64_t OC, int64_t ldo, int64_t c, const SubKernel& sk, int64_t KK,
+                                                   float* grad_weight) {
   alignas(64) float taps[9][16];
   const __m512 half = _mm512_set1_ps(0.5f);
   for (int64_t o0 = 0; o0 < OC; o0 += 16) {
@@ -548,7 +549,7 @@ FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t s
       _mm512_store_ps(taps[i * 3 + 2], _mm512_add_ps(a, t[i][3]));
     }
     for (int64_t l = 0; l < n; ++l) {
-      float* gw = grad_weight + ((o0 + l) * C + c) * sk.KH * sk.KW;
+      float* gw = grad_weight + ((o0 + l) * C + c) * KK;
       for (int j = 0; j < sk.count; ++j) gw[sk.dst[j]] = taps[sk.tap[j]][l];
     }
   }
@@ -655,14 +656,13 @@ inline void weight_grad_products(const WeightGradGrid& g, int64_t xi, int64_t o_
 // grad_U G per sub-kernel, each kernel tap from the sub-kernel that owns it.
 inline void write_weight_grad(const WeightGradGrid& g, const float* parts, int64_t slots, int64_t part,
                               const Conv2dParams& p, float* grad_weight) {
-  std::vector<SubKernel> subs(g.nab);
-  if (g.nab > 1) {
-    for (int64_t ab = 0; ab < g.nab; ++ab) subs[ab] = SubKernel(p.kernel_h, p.kernel_w, ab / g.nb, ab % g.nb);
-  }
+  std::vector<SubKernel> subs;
+  for (int64_t ab = 0; ab < g.nab; ++ab) subs.emplace_back(p.kernel_h, p.kernel_w, ab / g.nb, ab % g.nb);
   at::parallel_for(0, g.C, engine::grain_for(16 * g.OC * slots * g.nab), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t ab = 0; ab < g.nab; ++ab) {
-        weight_grad_from_slots(parts + ab * 16 * g.C * g.ldo, slots, part, g.C, g.OC, g.ldo, c, grad_weight, subs[ab]);
+        weight_grad_from_slots(parts + ab * 16 * g.C * g.ldo, slots, part, g.C, g.OC, g.ldo, c, subs[ab],
+                               p.kernel_h * p.kernel_w, grad_weight);
       }
     }
   });
