@@ -135,15 +135,12 @@ int measured_choice(const ChoiceKey& key) {
 
 // The fastest of make_candidates() for `key`: measured on the first call (a warm-up run, then the better
 // of two timed runs each; run(c) computes the pass with candidate c into the real output), then cached
-// (later calls only look it up). `measured` tells whether this call ran the candidates (the output then
-// holds the last one's result).
+// (later calls only look it up). After measuring, the output holds the last candidate's result.
 template <typename Candidates, typename Run>
-int benchmark_choice(const ChoiceKey& key, Candidates&& make_candidates, Run&& run, bool* measured = nullptr) {
+int benchmark_choice(const ChoiceKey& key, Candidates&& make_candidates, Run&& run) {
   int choice = measured_choice(key);
-  if (measured) *measured = false;
   if (choice >= 0) return choice;
   const std::vector<int> candidates = make_candidates();
-  if (measured) *measured = candidates.size() > 1;
   choice = candidates.front();
   if (candidates.size() > 1) {
     double best = 0;
@@ -186,19 +183,17 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   // "benchmark" setting measures the host it runs on.
   if (weight_grad) {
     if (C < 64 || OC < 64) return false;
+    const int64_t tiles = cpu::winograd::grid_tiles(p);
     if (p.kernel_h != 3 || p.kernel_w != 3) {
       // larger kernels (sub-kernel sums) on planes of 400+ pixels with 1024+ grid tiles, as the forward
       // saves multiplications (Intel host, 2 threads: AlexNet conv2 at batch 8/32 0.96/0.94x the GEMM's
       // time, 5x5 128->128 at 28x28 0.83x, 96->96 at 56x56 0.91x; behind at batch 2 (1.19x), at 32
       // channels (1.43x) and for 7x7 at 28x28 (1.30x, multiplication ratio 0.96))
       const int64_t subs = cpu::winograd::sub_kernels(p.kernel_h) * cpu::winograd::sub_kernels(p.kernel_w);
-      const int64_t grid = p.batch * ((p.out_h + 1) / 2 + cpu::winograd::sub_kernels(p.kernel_h) - 1) *
-                           ((p.out_w + 1) / 2 + cpu::winograd::sub_kernels(p.kernel_w) - 1);
-      return p.out_plane() >= 400 && grid >= 1024 && C * OC * subs <= 131072 &&
+      return p.out_plane() >= 400 && tiles >= 1024 && C * OC * subs <= 131072 &&
              cpu::winograd::multiplication_ratio(p) <= 0.85;
     }
     if (C * OC <= 65536 && p.out_plane() >= 400) return true;
-    const int64_t tiles = p.batch * ((p.out_h + 1) / 2) * ((p.out_w + 1) / 2);
     return cpu::intel_avx512() && p.out_plane() >= 144 && tiles >= 256 && C * OC >= 36864 && C * OC <= 262144;
   }
   // 3x3: up to 512x512 channels on planes of 144+ pixels (VGG's 512 at 14x14, Intel host: forward
@@ -231,28 +226,32 @@ bool narrow_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #endif
 }
 
-// The float32 kernels of each pass on the AVX-512 engine, as numbers for the "benchmark" cache.
-enum ForwardAlgo { kForwardWinograd, kForwardNarrow, kForwardGemm };
-enum WeightGradAlgo { kWeightGradWinograd, kWeightGradNarrow, kWeightGradGemm };
-const char* const kWeightGradNames[] = {"winograd", "narrow-direct", "im2col+gemm"};
+// The float32 kernels of the forward and backward-weight passes on the AVX-512 engine, as numbers for
+// the "benchmark" cache.
+enum EngineKernel { kWinograd, kNarrow, kGemm };
+const char* const kEngineKernelNames[] = {"winograd", "narrow-direct", "im2col+gemm"};
 
 #if FASTCONV_HAVE_AVX512_KERNELS
-int forward_rule(const Conv2dParams& p) {
-  return winograd_wanted(p) ? kForwardWinograd : narrow_wanted(p) ? kForwardNarrow : kForwardGemm;
+// The rule's kernel for the forward pass (weight_grad false) or backward-weight.
+int engine_rule(const Conv2dParams& p, bool weight_grad) {
+  return winograd_wanted(p, weight_grad) ? kWinograd : narrow_wanted(p, weight_grad) ? kNarrow : kGemm;
 }
 
-std::vector<int> forward_candidates(const Conv2dParams& p) {
+// Every kernel that can run the pass ("benchmark" times them all).
+std::vector<int> engine_candidates(const Conv2dParams& p, bool weight_grad) {
   std::vector<int> c;
-  if (cpu::winograd::applicable(p)) c.push_back(kForwardWinograd);
-  if (cpu::narrow::forward_applicable(p)) c.push_back(kForwardNarrow);
-  c.push_back(kForwardGemm);
+  if (cpu::winograd::applicable(p)) c.push_back(kWinograd);
+  if (weight_grad ? cpu::narrow::backward_weight_applicable(p) : cpu::narrow::forward_applicable(p)) {
+    c.push_back(kNarrow);
+  }
+  c.push_back(kGemm);
   return c;
 }
 
 void run_forward(int algo, const float* input, const float* weight, const float* bias, float* output,
                  const Conv2dParams& p, bool relu) {
-  if (algo == kForwardWinograd) return cpu::winograd::forward(input, weight, bias, output, p, relu);
-  if (algo == kForwardNarrow) return cpu::narrow::forward(input, weight, bias, output, p, relu);
+  if (algo == kWinograd) return cpu::winograd::forward(input, weight, bias, output, p, relu);
+  if (algo == kNarrow) return cpu::narrow::forward(input, weight, bias, output, p, relu);
   cpu::engine::forward(input, weight, bias, output, p, relu);
 }
 #endif
@@ -264,9 +263,9 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
 #if FASTCONV_HAVE_AVX512_KERNELS
   const int algo = g_algorithm_setting.load() == kSettingBenchmark
                        ? benchmark_choice(
-                             choice_key(p, 0), [&] { return forward_candidates(p); },
+                             choice_key(p, 0), [&] { return engine_candidates(p, false); },
                              [&](int c) { run_forward(c, input, weight, bias, output, p, relu); })
-                       : forward_rule(p);
+                       : engine_rule(p, false);
   run_forward(algo, input, weight, bias, output, p, relu);
 #else
   (void)input, (void)weight, (void)bias, (void)output, (void)p, (void)relu;
@@ -324,24 +323,10 @@ void run_backward_input(BackwardInputRoute route, const float* grad_output, cons
   }
 }
 
-int weight_grad_rule(const Conv2dParams& p) {
-  return winograd_wanted(p, /*weight_grad=*/true) ? kWeightGradWinograd
-         : narrow_wanted(p, /*weight_grad=*/true) ? kWeightGradNarrow
-                                                  : kWeightGradGemm;
-}
-
-std::vector<int> weight_grad_candidates(const Conv2dParams& p) {
-  std::vector<int> c;
-  if (cpu::winograd::applicable(p)) c.push_back(kWeightGradWinograd);
-  if (cpu::narrow::backward_weight_applicable(p)) c.push_back(kWeightGradNarrow);
-  c.push_back(kWeightGradGemm);
-  return c;
-}
-
 void run_weight_grad(int algo, const float* grad_output, const float* input, float* grad_weight,
                      const Conv2dParams& p) {
-  if (algo == kWeightGradWinograd) return cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
-  if (algo == kWeightGradNarrow) return cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
+  if (algo == kWinograd) return cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
+  if (algo == kNarrow) return cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
   cpu::engine::backward_weight(grad_output, input, grad_weight, p);
 }
 #endif
@@ -367,16 +352,15 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   };
   const bool measured = g_algorithm_setting.load() == kSettingBenchmark;
   const int fwd_measured = measured ? measured_choice(choice_key(p, 0)) : -1;
-  const int fwd_algo = fwd_measured >= 0 ? fwd_measured : forward_rule(p);
-  const std::string fwd = fwd_algo == kForwardWinograd ? "winograd"
-                          : fwd_algo == kForwardNarrow ? "narrow-direct"
-                                                       : gemm_name(p);
-  std::string bwi = "im2col+gemm+col2im";
-  if (backward_input_route(p) == BackwardInputRoute::kWinograd) bwi = "winograd";
-  if (backward_input_route(p) == BackwardInputRoute::kForwardEngine) bwi = gemm_name(cpu::backward_input_params(p));
-  if (backward_input_route(p) == BackwardInputRoute::kPhases) bwi = "stride-phases";
+  const int fwd_algo = fwd_measured >= 0 ? fwd_measured : engine_rule(p, false);
+  const std::string fwd = fwd_algo == kGemm ? gemm_name(p) : kEngineKernelNames[fwd_algo];
+  const BackwardInputRoute route = backward_input_route(p);
+  const std::string bwi = route == BackwardInputRoute::kWinograd        ? "winograd"
+                          : route == BackwardInputRoute::kForwardEngine ? gemm_name(cpu::backward_input_params(p))
+                          : route == BackwardInputRoute::kPhases        ? "stride-phases"
+                                                                        : "im2col+gemm+col2im";
   const int bww_measured = measured ? measured_choice(choice_key(p, 2)) : -1;
-  const std::string bww = kWeightGradNames[bww_measured >= 0 ? bww_measured : weight_grad_rule(p)];
+  const std::string bww = kEngineKernelNames[bww_measured >= 0 ? bww_measured : engine_rule(p, true)];
   if (fwd == bwi && bwi == bww) return fwd;
   return fwd + "/" + bwi + "/" + bww;
 #else
@@ -442,16 +426,11 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
         run_backward_input(BackwardInputRoute(route), grad_output, weight, grad_input, p);
       }
       if (grad_weight) {
-        const int64_t numel = p.out_channels * p.col_rows_per_group();
-        const auto run = [&](int c) {
-          std::fill(grad_weight, grad_weight + numel, 0.f);
-          run_weight_grad(c, grad_output, input, grad_weight, p);
-        };
-        bool measured = false;
+        // (every kernel writes grad_weight whole, so the measured runs leave nothing to reset)
         const int algo = benchmark ? benchmark_choice(
-                                         choice_key(p, 2), [&] { return weight_grad_candidates(p); }, run, &measured)
-                                   : weight_grad_rule(p);
-        if (measured) std::fill(grad_weight, grad_weight + numel, 0.f);  // back to the zeros it was allocated as
+                                         choice_key(p, 2), [&] { return engine_candidates(p, true); },
+                                         [&](int c) { run_weight_grad(c, grad_output, input, grad_weight, p); })
+                                   : engine_rule(p, true);
         run_weight_grad(algo, grad_output, input, grad_weight, p);
       }
       return;
