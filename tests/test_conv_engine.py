@@ -92,6 +92,12 @@ ENGINE_CASES = [
     (3, 16, 10, 9, 9, (4, 5), 1, (1, 3), 1, 1),
     (2, 24, 8, 8, 16, (5, 3), 1, (4, 0), 1, 1),
     (5, 12, 6, 7, 10, (6, 6), 1, 5, 1, 1),
+    # F(2x2, 5x5) (kernels of 4x4 and up): two channel blocks (130) and 50 output channels, odd and
+    # even outputs, padding 0 to 4, 7x5 and 5x7 (two sub-kernels one way, one the other)
+    (2, 130, 11, 12, 50, (5, 5), 1, 2, 1, 1),
+    (1, 9, 9, 8, 17, (5, 5), 1, 4, 1, 1),
+    (2, 16, 12, 15, 20, (7, 5), 1, (3, 1), 1, 1),
+    (2, 12, 14, 13, 8, (5, 7), 1, (0, 3), 1, 1),
     # strided backward-input one phase at a time (output planes under 128 pixels, >= 256 in the
     # batch): phases with 1 and 2 taps, 5x5 (3-tap phases, shifted grad_output), unequal strides,
     # a stride past the kernel (a phase no tap reaches: zero gradient), stride 4
@@ -116,15 +122,17 @@ def test_engine_tiles_match_torch(case, algorithm, poison):
         run_case(n, c, h, w, oc, k, s, p, d, g)
 
 
-@pytest.mark.parametrize("shape", [(3, 192, 13, 11, 200, 3, 1), (2, 24, 13, 12, 20, 5, 2)])
+@pytest.mark.parametrize(
+    "shape", [(3, 192, 13, 11, 200, 3, 1), (2, 24, 13, 12, 20, 5, 2), (8, 64, 27, 27, 64, 5, 2), (2, 16, 9, 9, 24, 4, 1)]
+)
 def test_winograd_backward_weight_over_whole_tiles_is_thread_count_independent(shape):
-    # all tiles in one or two chunks (3x3 with 192+ channels; kernels past 3x3 at any width): each
-    # task owns its rows of grad_U and reduces over every tile in a fixed order, so 1, 2 and 3
-    # threads give the same bits (and torch's values)
+    # all tiles in one or two chunks (3x3 with 192+ channels), in any number of chunks for F(2x2, 5x5)
+    # (8x64x27x27: two chunks; 4x4 zero-padded): each task owns its rows of grad_U and reduces over
+    # every tile in a fixed order, so 1, 2 and 3 threads give the same bits (and torch's values)
     n, c, h, w_, oc, k, pad = shape
     x = torch.randn(n, c, h, w_)
     w = torch.randn(oc, c, k, k)
-    go = torch.randn(n, oc, h, w_)
+    go = torch.randn(n, oc, h + 2 * pad - k + 1, w_ + 2 * pad - k + 1)
     ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, go.double(), padding=pad)
     old = torch.get_num_threads()
     grads = []
@@ -137,7 +145,11 @@ def test_winograd_backward_weight_over_whole_tiles_is_thread_count_independent(s
     finally:
         torch.set_num_threads(old)
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
-    assert ((grads[0].double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+    # F(2x2, 5x5) backward-weight carries more float32 error than 3x3's (its transforms hold 4s, 5s and
+    # 1/24s): 1.3e-5-2.0e-5 relative to the largest element on the 5x5 shapes here (the GEMM: 3e-7),
+    # inside the 1e-4 asked of Winograd; 3x3 and the zero-padded 4x4: under 1e-6
+    tol = 1e-4 if k == 5 else 2e-5
+    assert ((grads[0].double() - ref).abs().max() / ref.abs().max()).item() < tol
 
 
 def test_winograd_backward_weight_ignores_stale_scratch(poison):

@@ -171,6 +171,16 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   if (setting == kSettingGemm || !cpu::winograd::applicable(p)) return false;
   if (setting == kSettingWinograd) return true;
   const int64_t C = p.in_channels, OC = p.out_channels;
+  // F(2x2, 5x5) (kernels of 4x4 and up): 0.39-0.45x the direct convolution's multiplications. Measured
+  // (2 threads, Intel host, against the GEMM): AlexNet conv2 at batch 2-32 forward 0.63-0.78x,
+  // backward-input 0.70-0.81x, backward-weight 0.69-0.91x (batch 1 too: its whole-tiles form splits
+  // over transform points, not tiles), 5x5 256->256 at 14x14 0.50-0.72x, 32->32 at 28x28 0.71-0.95x.
+  // Behind: backward-input at batch 1 (1.08x; the forward at batch 1 0.95x).
+  if (cpu::winograd::tile_kernel(p) == 5) {
+    const int64_t subs = cpu::winograd::sub_kernel_count(p);
+    if (C < 16 || OC < 16 || C * OC * subs > 131072) return false;
+    return weight_grad || cpu::winograd::work_items(p) >= 3 * at::get_num_threads();
+  }
   // Winograd's work is split over blocks of tiles only: with fewer than 3 per thread (batch 1, small
   // planes) the GEMM, which also splits output channels, wins (AlexNet conv2 at batch 1: 1.86x vs 1.34x
   // torch; conv4: 2.7x).
@@ -185,11 +195,12 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
     if (C < 64 || OC < 64) return false;
     const int64_t tiles = cpu::winograd::grid_tiles(p);
     if (p.kernel_h != 3 || p.kernel_w != 3) {
-      // larger kernels (sub-kernel sums) on planes of 400+ pixels with 1024+ grid tiles, as the forward
-      // saves multiplications (Intel host, 2 threads: AlexNet conv2 at batch 8/32 0.96/0.94x the GEMM's
+      // kernels 3 wide one way and longer the other (sums of 3x3 sub-kernels) on planes of 400+ pixels
+      // with 1024+ grid tiles, as the forward saves multiplications (measured when 5x5 too ran as sums
+      // of 3x3 sub-kernels: Intel host, 2 threads: AlexNet conv2 at batch 8/32 0.96/0.94x the GEMM's
       // time, 5x5 128->128 at 28x28 0.83x, 96->96 at 56x56 0.91x; behind at batch 2 (1.19x), at 32
       // channels (1.43x) and for 7x7 at 28x28 (1.30x, multiplication ratio 0.96))
-      const int64_t subs = cpu::winograd::sub_kernels(p.kernel_h) * cpu::winograd::sub_kernels(p.kernel_w);
+      const int64_t subs = cpu::winograd::sub_kernel_count(p);
       return p.out_plane() >= 400 && tiles >= 1024 && C * OC * subs <= 131072 &&
              cpu::winograd::multiplication_ratio(p) <= 0.85;
     }
@@ -202,9 +213,10 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   if (p.kernel_h == 3 && p.kernel_w == 3) {
     return C >= 16 && OC >= 16 && (C * OC <= 131072 || (p.out_plane() >= 144 && C * OC <= 262144));
   }
-  // larger kernels (sums of 3x3 sub-kernels): where they save at least 15% of the multiplications
-  // (measured, 2 threads on Zen 4: ahead of the GEMM at ratios 0.74-0.84, behind it at 0.97)
-  const int64_t subs = cpu::winograd::sub_kernels(p.kernel_h) * cpu::winograd::sub_kernels(p.kernel_w);
+  // kernels 3 wide one way and longer the other (sums of 3x3 sub-kernels): where they save at least 15%
+  // of the multiplications (measured when 5x5 too ran as such sums, 2 threads on Zen 4: ahead of the
+  // GEMM at ratios 0.74-0.84, behind it at 0.97)
+  const int64_t subs = cpu::winograd::sub_kernel_count(p);
   return C >= 16 && OC >= 16 && C * OC * subs <= 131072 && cpu::winograd::multiplication_ratio(p) <= 0.85;
 #else
   (void)p;

@@ -1,19 +1,22 @@
-// Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1 convolutions on AVX-512 (float32); larger
-// kernels as sums of 3x3 sub-kernels (forward_decomposed; backward-weight likewise).
+// Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1 convolutions on AVX-512 (float32), F(2x2, 5x5)
+// for 5x5 (and 4x4, zero-padded); larger kernels as sums of such sub-kernels (forward_decomposed;
+// backward-weight likewise).
 //
-// Each 2x2 block of output pixels (a tile) is computed from its 4x4 input patch d as
+// Each 2x2 block of output pixels (a tile) is computed from its (R+1)x(R+1) input patch d as
 //   Y = A^T [ sum_c (G g_c G^T) .* (B^T d_c B) ] A
-// (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR'16): 16 multiplications
-// per tile and channel pair instead of 36, 2.25x fewer. The 16 element-wise products summed over
-// channels are 16 independent GEMMs, M_xi[oc][tile] = U_xi[oc][c] * V_xi[c][tile], run on the same
-// micro-kernel as the im2col engine (gemm.h).
+// (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR'16): for R = 3, 16
+// multiplications per tile and channel pair instead of 36 (2.25x fewer); for R = 5, 36 instead of 100
+// (2.78x). The (R+1)^2 element-wise products summed over channels are as many independent GEMMs,
+// M_xi[oc][tile] = U_xi[oc][c] * V_xi[c][tile], run on the same micro-kernel as the im2col engine (gemm.h).
 //
 // Per work item (a block of tiles, flattened over the batch like the engine's pixels):
 //   for each block of input channels: V = B^T d B for every tile (16 tiles of a tile row per vector,
 //   deinterleaved from contiguous loads of a zero-padded copy of the input) into 48-tile panels per xi; M_xi += U_xi
 //   V_xi; then Y = A^T M A + bias (+ ReLU), interleaved back into NCHW output rows (masked at odd edges).
-// Backward-input of a stride-1 3x3 conv is again such a conv (flipped weights), so it runs here too.
-// float32 error: about 1e-6 relative (the transforms use only 0.5, 1 and -1).
+// Backward-input of a stride-1 conv is again such a conv (flipped weights), so it runs here too.
+// float32 error (relative to the sum of the products' magnitudes, random data, 64 channels, measured in
+// float64 numpy): about 1e-7 for F(2x2, 3x3) (its transforms use only 0.5, 1 and -1), 7e-7 for
+// F(2x2, 5x5) on the points 0, +-1, +-2 (the same B as F(4x4, 3x3)).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,103 +40,161 @@ using engine::AlignedBuffer;
 using engine::ceil_div;
 
 constexpr int64_t kMaxBlockC = 128;
-constexpr int64_t kTileBlockBytes = 512 * 1024;  // V (16 x kc x tiles) and M (16 x OC x tiles) per item
+constexpr int64_t kTileBlockBytes = 512 * 1024;  // V (P x kc x tiles) and M (P x OC x tiles) per item
 
+// The kernel size R of the F(2x2, RxR) a convolution runs on: 5 for kernels of 4x4 and up (5x5 on
+// its own, 4x4 zero-padded, 6x6-7x7 as four 5x5 sub-kernels: 36 products per tile and sub-kernel
+// where sums of 3x3 sub-kernels took 64 for 5x5, and 144 with more tiles for 7x7), else 3.
+inline int tile_kernel(const Conv2dParams& p) { return p.kernel_h >= 4 && p.kernel_w >= 4 ? 5 : 3; }
+
+// Transform points per tile of F(2x2, RxR): its (R+1)x(R+1) patch.
+template <int R>
+constexpr int kPoints = (R + 1) * (R + 1);
+
+template <int R>
 inline int64_t tiles_per_item(const Conv2dParams& p) {
   const int64_t kc = std::min(p.in_channels, kMaxBlockC);
-  const int64_t by_v = kTileBlockBytes / (16 * kc * 4), by_m = kTileBlockBytes / (16 * p.out_channels * 4);
+  const int64_t by_v = kTileBlockBytes / (kPoints<R> * kc * 4),
+                by_m = kTileBlockBytes / (kPoints<R> * p.out_channels * 4);
   return std::clamp<int64_t>(std::min(by_v, by_m) / kTileCols, 1, 4) * kTileCols;
 }
 
-// 3x3 sub-kernels per kernel row/column (larger kernels: see forward_decomposed): 1 for 3, 2 for 4-5, 3 for 6-7.
-inline int64_t sub_kernels(int64_t k) { return std::max<int64_t>(1, k / 2); }
+// RxR sub-kernels per kernel row/column (larger kernels: see forward_decomposed); for R = 3: 1 for 3,
+// 2 for 4-5, 3 for 6-7; for R = 5: 1 up to 5, 2 for 6-7.
+template <int R>
+inline int64_t sub_kernels(int64_t k) {
+  return k <= R ? 1 : (k - R + 1) / 2 + 1;
+}
 
-// The taps of a KH x KW kernel that 3x3 sub-kernel (a, b) owns: kernel rows 2a and 2a+1, the last
-// sub-kernel also row 2a+2 (inside the kernel); columns likewise. Sub-kernel tap tap[j] = r*3 + s is
-// kernel tap dst[j] = (2a + r)*KW + 2b + s; the other taps of the sub-kernel are zero. For 3x3: all nine.
+// The taps of a KH x KW kernel that RxR sub-kernel (a, b) owns: kernel rows 2a and 2a+1, the last
+// sub-kernel also rows 2a+2 .. 2a+R-1 (inside the kernel); columns likewise. Sub-kernel tap tap[j] =
+// r*R + s is kernel tap dst[j] = (2a + r)*KW + 2b + s; the other taps of the sub-kernel are zero.
+// For an RxR kernel: all of them.
+template <int R>
 struct SubKernel {
   int count = 0;
-  int tap[9];
-  int64_t dst[9];
+  int tap[R * R];
+  int64_t dst[R * R];
   SubKernel(int64_t kh, int64_t kw, int64_t a, int64_t b) {
-    const int64_t na = sub_kernels(kh), nb = sub_kernels(kw);
-    for (int64_t r = 0; r < 3; ++r)
-      for (int64_t q = 0; q < 3; ++q) {
+    const int64_t na = sub_kernels<R>(kh), nb = sub_kernels<R>(kw);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t q = 0; q < R; ++q) {
         const int64_t row = 2 * a + r, col = 2 * b + q;
-        if ((r == 2 && a != na - 1) || (q == 2 && b != nb - 1) || row >= kh || col >= kw) continue;
-        tap[count] = static_cast<int>(r * 3 + q);
+        if ((r >= 2 && a != na - 1) || (q >= 2 && b != nb - 1) || row >= kh || col >= kw) continue;
+        tap[count] = static_cast<int>(r * R + q);
         dst[count++] = row * kw + col;
       }
   }
 };
 
-// Tiles of the grid the Winograd passes run over, all images: the output's 2x2 tiles plus one row and
-// column per extra sub-kernel row and column (kernels past 3x3, see forward_decomposed).
-inline int64_t grid_tiles(const Conv2dParams& p) {
-  return p.batch * (ceil_div(p.out_h, 2) + sub_kernels(p.kernel_h) - 1) *
-         (ceil_div(p.out_w, 2) + sub_kernels(p.kernel_w) - 1);
+// Sub-kernels of the whole kernel, for the rules in conv2d.cpp.
+inline int64_t sub_kernel_count(const Conv2dParams& p) {
+  return tile_kernel(p) == 5 ? sub_kernels<5>(p.kernel_h) * sub_kernels<5>(p.kernel_w)
+                             : sub_kernels<3>(p.kernel_h) * sub_kernels<3>(p.kernel_w);
 }
+
+// The tile grid, per image: the output's 2x2 tiles plus one row and column per extra sub-kernel row
+// and column (kernels past R, see forward_decomposed).
+inline int64_t grid_rows(const Conv2dParams& p) {
+  return ceil_div(p.out_h, 2) + (tile_kernel(p) == 5 ? sub_kernels<5>(p.kernel_h) : sub_kernels<3>(p.kernel_h)) - 1;
+}
+inline int64_t grid_cols(const Conv2dParams& p) {
+  return ceil_div(p.out_w, 2) + (tile_kernel(p) == 5 ? sub_kernels<5>(p.kernel_w) : sub_kernels<3>(p.kernel_w)) - 1;
+}
+
+// Tiles of the grid the Winograd passes run over, all images.
+inline int64_t grid_tiles(const Conv2dParams& p) { return p.batch * grid_rows(p) * grid_cols(p); }
 
 // Work items of the forward pass (blocks of tiles; Winograd is not split over channels, so these are
 // what the threads share).
-inline int64_t work_items(const Conv2dParams& p) { return ceil_div(grid_tiles(p), tiles_per_item(p)); }
+inline int64_t work_items(const Conv2dParams& p) {
+  return ceil_div(grid_tiles(p), tile_kernel(p) == 5 ? tiles_per_item<5>(p) : tiles_per_item<3>(p));
+}
 
-// Stride 1, dilation 1, one group, kernels from 3x3 up (3x3 on its own path, larger ones as sums of 3x3
-// sub-kernels), padding at most kernel - 1 (the padded copy's border), copies that fit.
+// Stride 1, dilation 1, one group, kernels from 3x3 up, padding at most kernel - 1 (the padded copy's
+// border), copies that fit.
 inline bool applicable(const Conv2dParams& p) {
   if (!(p.kernel_h >= 3 && p.kernel_w >= 3 && p.stride_h == 1 && p.stride_w == 1 && p.dilation_h == 1 &&
         p.dilation_w == 1 && p.groups == 1 && p.pad_h < p.kernel_h && p.pad_w < p.kernel_w))
     return false;
   if (p.in_channels < 8 || p.out_channels < 8) return false;
-  const int64_t th = ceil_div(p.out_h, 2) + sub_kernels(p.kernel_h) - 1,
-                tw = ceil_div(p.out_w, 2) + sub_kernels(p.kernel_w) - 1;
-  // backward-weight (3x3) holds padded copies of the input and of grad_output
+  const int64_t th = grid_rows(p), tw = grid_cols(p), border = tile_kernel(p) - 1;
+  // backward-weight holds padded copies of the input and of grad_output
   const int64_t copies =
-      p.batch * (p.in_channels * (2 * th + 2) * (2 * tw + 2) + p.out_channels * 2 * th * (2 * tw + 32));
+      p.batch * (p.in_channels * (2 * th + border) * (2 * tw + border) + p.out_channels * 2 * th * (2 * tw + 32));
   return copies * 4 <= engine::kMaxPaddedCopyBytes;
 }
 
-// Multiplications of the Winograd forward relative to the direct convolution's (16 per 2x2 tile and
-// (sub-kernel, channel pair), tiles of the grid that includes the sub-kernels' extra row/column).
+// Multiplications of the Winograd forward relative to the direct convolution's ((R+1)^2 per 2x2 tile
+// and (sub-kernel, channel pair), tiles of the grid that includes the sub-kernels' extra row/column).
 inline double multiplication_ratio(const Conv2dParams& p) {
-  const int64_t na = sub_kernels(p.kernel_h), nb = sub_kernels(p.kernel_w);
-  const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(p.out_w, 2);
-  const double tiles = double((th + na - 1) * (tw + nb - 1));
-  return 16.0 * double(na * nb) * tiles / (double(p.out_h * p.out_w) * double(p.kernel_h * p.kernel_w));
+  const int r = tile_kernel(p);
+  const double tiles = double(grid_rows(p) * grid_cols(p));
+  return double((r + 1) * (r + 1)) * double(sub_kernel_count(p)) * tiles /
+         (double(p.out_h * p.out_w) * double(p.kernel_h * p.kernel_w));
 }
 
-// U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c], zero rows past OC.
+// G of F(2x2, 5x5) on the points 0, 1, -1, 2, -2 and infinity (Toom-Cook): row i is (1, p, p^2, p^3,
+// p^4) / prod over the other finite points q of (p - q); the infinity row takes the last tap.
+constexpr float kG5[6][5] = {{1.f / 4, 0.f, 0.f, 0.f, 0.f},
+                             {-1.f / 6, -1.f / 6, -1.f / 6, -1.f / 6, -1.f / 6},
+                             {-1.f / 6, 1.f / 6, -1.f / 6, 1.f / 6, -1.f / 6},
+                             {1.f / 24, 2.f / 24, 4.f / 24, 8.f / 24, 16.f / 24},
+                             {1.f / 24, -2.f / 24, 4.f / 24, -8.f / 24, 16.f / 24},
+                             {0.f, 0.f, 0.f, 0.f, 1.f}};
+
+// U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c] (RxR), zero rows past OC.
+template <int R>
 inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
+  constexpr int P = kPoints<R>;
   const int64_t ob_count = ceil_div(OC, kTileRows);
-  // Per block of 8 output channels and input channel: the 8 transforms, then each of the 16
-  // positions stored as one contiguous run of 8 floats (it was 16 scattered floats per (oc, c):
+  // Per block of 8 output channels and input channel: the 8 transforms, then each of the P
+  // positions stored as one contiguous run of 8 floats (it was P scattered floats per (oc, c):
   // a quarter of AlexNet conv5's Winograd forward at batch 8, measured).
-  at::parallel_for(0, ob_count, engine::grain_for(16 * C * kTileRows), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, ob_count, engine::grain_for(P * C * kTileRows), [&](int64_t b0, int64_t b1) {
     for (int64_t ob = b0; ob < b1; ++ob) {
       for (int64_t c = 0; c < C; ++c) {
-        float u[16][kTileRows];
+        float u[P][kTileRows];
         for (int64_t r = 0; r < kTileRows; ++r) {
           const int64_t oc = ob * kTileRows + r;
           if (oc >= OC) {
-            for (int xi = 0; xi < 16; ++xi) u[xi][r] = 0.f;
+            for (int xi = 0; xi < P; ++xi) u[xi][r] = 0.f;
             continue;
           }
-          const float* g = w + (oc * C + c) * 9;
-          float t[4][3];  // G g
-          for (int j = 0; j < 3; ++j) {
-            t[0][j] = g[j];
-            t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
-            t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
-            t[3][j] = g[6 + j];
-          }
-          for (int i = 0; i < 4; ++i) {  // (G g) G^T
-            u[i * 4 + 0][r] = t[i][0];
-            u[i * 4 + 1][r] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
-            u[i * 4 + 2][r] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
-            u[i * 4 + 3][r] = t[i][2];
+          const float* g = w + (oc * C + c) * R * R;
+          if constexpr (R == 3) {
+            float t[4][3];  // G g
+            for (int j = 0; j < 3; ++j) {
+              t[0][j] = g[j];
+              t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
+              t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
+              t[3][j] = g[6 + j];
+            }
+            for (int i = 0; i < 4; ++i) {  // (G g) G^T
+              u[i * 4 + 0][r] = t[i][0];
+              u[i * 4 + 1][r] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+              u[i * 4 + 2][r] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+              u[i * 4 + 3][r] = t[i][2];
+            }
+          } else {
+            float t[6][5];  // G g
+            for (int i = 0; i < 6; ++i)
+              for (int j = 0; j < 5; ++j) {
+                float sum = 0.f;
+                for (int k = 0; k < 5; ++k)
+                  if (kG5[i][k] != 0.f) sum += kG5[i][k] * g[k * 5 + j];
+                t[i][j] = sum;
+              }
+            for (int i = 0; i < 6; ++i)  // (G g) G^T
+              for (int j = 0; j < 6; ++j) {
+                float sum = 0.f;
+                for (int k = 0; k < 5; ++k)
+                  if (kG5[j][k] != 0.f) sum += t[i][k] * kG5[j][k];
+                u[i * 6 + j][r] = sum;
+              }
           }
         }
-        for (int xi = 0; xi < 16; ++xi) {
+        for (int xi = 0; xi < P; ++xi) {
           float* dst = U + ((xi * ob_count + ob) * C + c) * kTileRows;
           for (int64_t r = 0; r < kTileRows; ++r) dst[r] = u[xi][r];
         }
@@ -181,43 +242,70 @@ struct WindowRun {
   __mmask16 lanes;
 };
 
-// d[r][s] for the 16 tiles of a window: tile lane l reads src[r*row_stride + 2l + s] of its run.
-FASTCONV_AVX512 inline void load_window(const WindowRun* runs, int count, int64_t row_stride, int rows,
-                                        __m512 d[4][4]) {
+// Row `offset` of the patches of the 16 tiles of a window: tile lane l reads d[s] = src[offset + 2l + s]
+// of its run, s < N.
+template <int N>
+FASTCONV_AVX512 inline void load_row(const WindowRun* runs, int count, int64_t offset, __m512 d[N]) {
   const __m512i ev = even_lanes(), od = odd_lanes();
-  for (int r = 0; r < rows; ++r)
-    for (int s = 0; s < 4; ++s) d[r][s] = _mm512_setzero_ps();
+  for (int s = 0; s < N; ++s) d[s] = _mm512_setzero_ps();
   for (int k = 0; k < count; ++k) {
     const __mmask16 m = runs[k].lanes;
-    for (int r = 0; r < rows; ++r) {
-      const float* row = runs[k].src + r * row_stride;
-      const __m512 a0 = _mm512_loadu_ps(row), a1 = _mm512_loadu_ps(row + 16);
-      const __m512 b0 = _mm512_loadu_ps(row + 2), b1 = _mm512_loadu_ps(row + 18);
-      d[r][0] = _mm512_mask_mov_ps(d[r][0], m, _mm512_permutex2var_ps(a0, ev, a1));
-      d[r][1] = _mm512_mask_mov_ps(d[r][1], m, _mm512_permutex2var_ps(a0, od, a1));
-      d[r][2] = _mm512_mask_mov_ps(d[r][2], m, _mm512_permutex2var_ps(b0, ev, b1));
-      d[r][3] = _mm512_mask_mov_ps(d[r][3], m, _mm512_permutex2var_ps(b0, od, b1));
+    const float* row = runs[k].src + offset;
+    for (int s = 0; s < N; s += 2) {
+      const __m512 a0 = _mm512_loadu_ps(row + s), a1 = _mm512_loadu_ps(row + s + 16);
+      d[s] = _mm512_mask_mov_ps(d[s], m, _mm512_permutex2var_ps(a0, ev, a1));
+      d[s + 1] = _mm512_mask_mov_ps(d[s + 1], m, _mm512_permutex2var_ps(a0, od, a1));
     }
   }
 }
 
+// y = B^T x for F(2x2, 5x5)'s B^T (6x6, points 0, +-1, +-2: the B^T of F(4x4, 3x3)):
+//   [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+FASTCONV_AVX512 inline void input_points6(const __m512 x[6], __m512 y[6]) {
+  const __m512 two = _mm512_set1_ps(2.f), four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f);
+  const __m512 a = _mm512_fnmadd_ps(four, x[2], x[4]), b = _mm512_fnmadd_ps(four, x[1], x[3]);
+  const __m512 c = _mm512_sub_ps(x[4], x[2]), e = _mm512_mul_ps(two, _mm512_sub_ps(x[3], x[1]));
+  y[0] = _mm512_fmadd_ps(four, x[0], _mm512_fnmadd_ps(five, x[2], x[4]));
+  y[1] = _mm512_add_ps(a, b);
+  y[2] = _mm512_sub_ps(a, b);
+  y[3] = _mm512_add_ps(c, e);
+  y[4] = _mm512_sub_ps(c, e);
+  y[5] = _mm512_fmadd_ps(four, x[1], _mm512_fnmadd_ps(five, x[3], x[5]));
+}
+
 // V = B^T d B for one window; 16 lanes per xi at v_out + xi*xi_stride.
+template <int R>
 FASTCONV_AVX512 inline void input_transform(const WindowRun* runs, int count, int64_t Wp, float* v_out,
                                             int64_t xi_stride) {
-  __m512 d[4][4];
-  load_window(runs, count, Wp, 4, d);
-  __m512 t[4][4];
-  for (int s = 0; s < 4; ++s) {
-    t[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
-    t[1][s] = _mm512_add_ps(d[1][s], d[2][s]);
-    t[2][s] = _mm512_sub_ps(d[2][s], d[1][s]);
-    t[3][s] = _mm512_sub_ps(d[1][s], d[3][s]);
-  }
-  for (int r = 0; r < 4; ++r) {
-    _mm512_storeu_ps(v_out + (r * 4 + 0) * xi_stride, _mm512_sub_ps(t[r][0], t[r][2]));
-    _mm512_storeu_ps(v_out + (r * 4 + 1) * xi_stride, _mm512_add_ps(t[r][1], t[r][2]));
-    _mm512_storeu_ps(v_out + (r * 4 + 2) * xi_stride, _mm512_sub_ps(t[r][2], t[r][1]));
-    _mm512_storeu_ps(v_out + (r * 4 + 3) * xi_stride, _mm512_sub_ps(t[r][1], t[r][3]));
+  if constexpr (R == 3) {
+    __m512 d[4][4];
+    for (int r = 0; r < 4; ++r) load_row<4>(runs, count, r * Wp, d[r]);
+    __m512 t[4][4];
+    for (int s = 0; s < 4; ++s) {
+      t[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
+      t[1][s] = _mm512_add_ps(d[1][s], d[2][s]);
+      t[2][s] = _mm512_sub_ps(d[2][s], d[1][s]);
+      t[3][s] = _mm512_sub_ps(d[1][s], d[3][s]);
+    }
+    for (int r = 0; r < 4; ++r) {
+      _mm512_storeu_ps(v_out + (r * 4 + 0) * xi_stride, _mm512_sub_ps(t[r][0], t[r][2]));
+      _mm512_storeu_ps(v_out + (r * 4 + 1) * xi_stride, _mm512_add_ps(t[r][1], t[r][2]));
+      _mm512_storeu_ps(v_out + (r * 4 + 2) * xi_stride, _mm512_sub_ps(t[r][2], t[r][1]));
+      _mm512_storeu_ps(v_out + (r * 4 + 3) * xi_stride, _mm512_sub_ps(t[r][1], t[r][3]));
+    }
+  } else {
+    __m512 t[6][6];  // d B, row by row
+    for (int r = 0; r < 6; ++r) {
+      __m512 d[6];
+      load_row<6>(runs, count, r * Wp, d);
+      input_points6(d, t[r]);
+    }
+    for (int j = 0; j < 6; ++j) {  // B^T (d B), column by column
+      const __m512 col[6] = {t[0][j], t[1][j], t[2][j], t[3][j], t[4][j], t[5][j]};
+      __m512 v[6];
+      input_points6(col, v);
+      for (int i = 0; i < 6; ++i) _mm512_storeu_ps(v_out + (i * 6 + j) * xi_stride, v[i]);
+    }
   }
 }
 
@@ -243,21 +331,49 @@ inline int window_runs(const std::vector<TileRun>& runs, int k0, int k1, const f
   return count;
 }
 
+// A^T x of F(2x2, 5x5): x0 + x1 + x2 + x3 + x4 and x1 - x2 + 2 (x3 - x4) + x5.
+FASTCONV_AVX512 inline void output_points6(const __m512 x[6], __m512& first, __m512& second) {
+  first = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(x[0], x[1]), _mm512_add_ps(x[2], x[3])), x[4]);
+  second =
+      _mm512_fmadd_ps(_mm512_set1_ps(2.f), _mm512_sub_ps(x[3], x[4]), _mm512_add_ps(_mm512_sub_ps(x[1], x[2]), x[5]));
+}
+
+// A (x, y) of F(2x2, 5x5), A = (A^T)^T: [x, x + y, x - y, x + 2y, x - 2y, y].
+FASTCONV_AVX512 inline void grad_points6(__m512 x, __m512 y, __m512 v[6]) {
+  const __m512 two = _mm512_set1_ps(2.f);
+  v[0] = x, v[1] = _mm512_add_ps(x, y), v[2] = _mm512_sub_ps(x, y);
+  v[3] = _mm512_fmadd_ps(two, y, x), v[4] = _mm512_fnmadd_ps(two, y, x), v[5] = y;
+}
+
 // Y = A^T m A (+ bias, ReLU) for 16 consecutive tiles of an item, m[xi] at m + xi*xi_stride:
 // y[0], y[1] are the two pixels of each tile's top output row, y[2], y[3] of its bottom row.
+// A^T is [1 1 1 0; 0 1 -1 -1] for R = 3, [1 1 1 1 1 0; 0 1 -1 2 -2 1] for R = 5.
+template <int R>
 FASTCONV_AVX512 inline void output_transform(const float* m, int64_t xi_stride, float bias, bool relu, __m512 y[4]) {
-  __m512 a[4], b[4];
-  for (int s = 0; s < 4; ++s) {  // A^T m: rows
-    const __m512 m0 = _mm512_loadu_ps(m + (0 * 4 + s) * xi_stride), m1 = _mm512_loadu_ps(m + (1 * 4 + s) * xi_stride);
-    const __m512 m2 = _mm512_loadu_ps(m + (2 * 4 + s) * xi_stride), m3 = _mm512_loadu_ps(m + (3 * 4 + s) * xi_stride);
-    a[s] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-    b[s] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
-  }
   const __m512 bv = _mm512_set1_ps(bias);
-  y[0] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]), bv);
-  y[1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(a[1], a[2]), a[3]), bv);
-  y[2] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(b[0], b[1]), b[2]), bv);
-  y[3] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(b[1], b[2]), b[3]), bv);
+  if constexpr (R == 3) {
+    __m512 a[4], b[4];
+    for (int s = 0; s < 4; ++s) {  // A^T m: rows
+      const __m512 m0 = _mm512_loadu_ps(m + (0 * 4 + s) * xi_stride), m1 = _mm512_loadu_ps(m + (1 * 4 + s) * xi_stride);
+      const __m512 m2 = _mm512_loadu_ps(m + (2 * 4 + s) * xi_stride), m3 = _mm512_loadu_ps(m + (3 * 4 + s) * xi_stride);
+      a[s] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+      b[s] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+    }
+    y[0] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]), bv);
+    y[1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(a[1], a[2]), a[3]), bv);
+    y[2] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(b[0], b[1]), b[2]), bv);
+    y[3] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(b[1], b[2]), b[3]), bv);
+  } else {
+    __m512 a[6], b[6];
+    for (int s = 0; s < 6; ++s) {  // A^T m: rows
+      __m512 col[6];
+      for (int i = 0; i < 6; ++i) col[i] = _mm512_loadu_ps(m + (i * 6 + s) * xi_stride);
+      output_points6(col, a[s], b[s]);
+    }
+    output_points6(a, y[0], y[1]);
+    output_points6(b, y[2], y[3]);
+    for (int r = 0; r < 4; ++r) y[r] = _mm512_add_ps(y[r], bv);
+  }
   if (relu) {
     for (int r = 0; r < 4; ++r) y[r] = _mm512_max_ps(_mm512_setzero_ps(), y[r]);  // NaN stays NaN
   }
@@ -280,6 +396,7 @@ FASTCONV_AVX512 inline void store_run(const __m512 y[4], int64_t lane, float* ou
 
 // Y = A^T M A (+ bias, ReLU) of an item's output tiles, M[xi][oc][NT] (xi `m_xi_stride` apart), stored
 // into NCHW `out`: per output channel, one 16-tile window of M at a time, then each run in it.
+template <int R>
 FASTCONV_AVX512 inline void store_outputs(const float* M, int64_t NT, int64_t m_xi_stride,
                                           const std::vector<TileRun>& runs, const float* bias, bool relu, float* out,
                                           const Conv2dParams& p) {
@@ -289,7 +406,7 @@ FASTCONV_AVX512 inline void store_outputs(const float* M, int64_t NT, int64_t m_
     for (size_t k = 0; k < runs.size();) {
       const int64_t window = runs[k].t / 16;
       __m512 y[4];
-      output_transform(M + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
+      output_transform<R>(M + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
       for (; k < runs.size() && runs[k].t / 16 == window; ++k) {
         const TileRun& r = runs[k];
         store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
@@ -299,32 +416,35 @@ FASTCONV_AVX512 inline void store_outputs(const float* M, int64_t NT, int64_t m_
   }
 }
 
+template <int R>
 inline void forward_decomposed(const float* input, const float* weight, const float* bias, float* out,
                                const Conv2dParams& p, bool relu);
 
-inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
-                    bool relu = false) {
-  if (p.kernel_h != 3 || p.kernel_w != 3) return forward_decomposed(input, weight, bias, out, p, relu);
+template <int R>
+inline void forward_tiles(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
+                          bool relu) {
+  if (p.kernel_h != R || p.kernel_w != R) return forward_decomposed<R>(input, weight, bias, out, p, relu);
+  constexpr int P = kPoints<R>;
   const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w;
   const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(OW, 2), per_image = th * tw, T = p.batch * per_image;
-  const int64_t Hp = 2 * th + 2, Wp = 2 * tw + 2, plane = Hp * Wp;
+  const int64_t Hp = 2 * th + R - 1, Wp = 2 * tw + R - 1, plane = Hp * Wp;
   const int64_t ob_count = ceil_div(OC, kTileRows);
   thread_local AlignedBuffer u_buf;  // not zeroed: transform_weights writes every row
-  float* U = u_buf.get(16 * ob_count * C * kTileRows);
-  transform_weights(weight, OC, C, U);
-  // zero-padded input: padded row ph + h holds input row h; tiles read rows [2i, 2i + 4)
+  float* U = u_buf.get(P * ob_count * C * kTileRows);
+  transform_weights<R>(weight, OC, C, U);
+  // zero-padded input: padded row ph + h holds input row h; tiles read rows [2i, 2i + R + 1)
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
   engine::copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
   // items of whole 16-tile windows, balanced over the threads; NT: the largest, in whole panels
-  const engine::BalancedItems items(T, tiles_per_item(p), 16);
+  const engine::BalancedItems items(T, tiles_per_item<R>(p), 16);
   const int64_t NT = ceil_div(items.largest(), kTileCols) * kTileCols, npanels = NT / kTileCols;
   const int64_t kb_count = ceil_div(C, kMaxBlockC), kc_max = ceil_div(C, kb_count);
   const int64_t panel_stride_max = kc_max * kTileCols + 16;  // +16: room for the last row's junk lanes
   at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer vbuf, mbuf;
-    float* V = vbuf.get(16 * npanels * panel_stride_max);
-    float* M = mbuf.get(16 * ob_count * kTileRows * NT + 16);
+    float* V = vbuf.get(P * npanels * panel_stride_max);
+    float* M = mbuf.get(P * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs;
     std::vector<int> windows;
     for (int64_t item = begin; item < end; ++item) {
@@ -340,11 +460,12 @@ inline void forward(const float* input, const float* weight, const float* bias, 
             WindowRun wr[16];
             const int cnt = window_runs(runs, windows[w], windows[w + 1], padded + (c0 + c) * plane, C * plane, Wp, wr);
             const int64_t t = runs[windows[w]].t / 16 * 16;
-            input_transform(wr, cnt, Wp, V + (t / kTileCols) * panel_stride + c * kTileCols + t % kTileCols, xi_stride);
+            input_transform<R>(wr, cnt, Wp, V + (t / kTileCols) * panel_stride + c * kTileCols + t % kTileCols,
+                               xi_stride);
           }
         }
         const int64_t live_panels = ceil_div(t1 - t0, kTileCols);
-        for (int64_t xi = 0; xi < 16; ++xi) {
+        for (int64_t xi = 0; xi < P; ++xi) {
           for (int64_t ob = 0; ob < ob_count; ++ob) {
             const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
             const float* a = U + ((xi * ob_count + ob) * C + c0) * kTileRows;
@@ -364,49 +485,52 @@ inline void forward(const float* input, const float* weight, const float* bias, 
           }
         }
       }
-      store_outputs(M, NT, ob_count * kTileRows * NT, runs, bias, relu, out, p);
+      store_outputs<R>(M, NT, ob_count * kTileRows * NT, runs, bias, relu, out, p);
     }
   });
 }
 
-// ---- larger kernels: sums of 3x3 sub-kernels -------------------------------------------------------
-// A KH x KW kernel is the sum of na x nb 3x3 sub-kernels at offsets (2a, 2b): sub-kernel a takes kernel
-// rows 2a and 2a+1, the last one also row 2a+2 (zeros past the kernel); columns likewise. An offset of
-// two pixels is one tile, so every sub-kernel reads the transformed input V of one tile grid, shifted:
+// ---- larger kernels: sums of RxR sub-kernels ------------------------------------------------------
+// A KH x KW kernel is the sum of na x nb RxR sub-kernels at offsets (2a, 2b): sub-kernel a takes kernel
+// rows 2a and 2a+1, the last one also rows 2a+2 .. 2a+R-1 (zeros past the kernel); columns likewise. An
+// offset of two pixels is one tile, so every sub-kernel reads the transformed input V of one tile grid,
+// shifted:
 //   M_xi[oc][t] = sum over (c, a, b) of U_{ab,xi}[oc][c] * V_xi[c][t + a*TW + b]
 // on a grid of TH x TW tiles per image (the output's th x tw plus na-1 rows and nb-1 columns, whose
-// results are not stored). One GEMM per xi with the reduction over (c, a, b), B read through OffsetB:
-// for 5x5, 16 multiplications per output instead of 25 (64 per tile over 4 sub-kernels), same float32
-// error as 3x3 (the sums over sub-kernels are plain additions).
+// results are not stored). One GEMM per xi with the reduction over (c, a, b), B read through OffsetB;
+// same float32 error as one RxR kernel (the sums over sub-kernels are plain additions). A kernel smaller
+// than RxR (4x4 on F(2x2, 5x5)) is one sub-kernel, zero-padded.
+template <int R>
 inline void forward_decomposed(const float* input, const float* weight, const float* bias, float* out,
                                const Conv2dParams& p, bool relu) {
+  constexpr int P = kPoints<R>;
   const int64_t C = p.in_channels, OC = p.out_channels, OW = p.out_w, OH = p.out_h;
-  const int64_t KH = p.kernel_h, KW = p.kernel_w, na = sub_kernels(KH), nb = sub_kernels(KW), nab = na * nb;
+  const int64_t KH = p.kernel_h, KW = p.kernel_w, na = sub_kernels<R>(KH), nb = sub_kernels<R>(KW), nab = na * nb;
   const int64_t th = ceil_div(OH, 2), tw = ceil_div(OW, 2), TH = th + na - 1, TW = tw + nb - 1;
   const int64_t per_image = TH * TW, T = p.batch * per_image, halo = (na - 1) * TW + (nb - 1);
-  const int64_t Hp = 2 * TH + 2, Wp = 2 * TW + 2, plane = Hp * Wp;
+  const int64_t Hp = 2 * TH + R - 1, Wp = 2 * TW + R - 1, plane = Hp * Wp;
   const int64_t ob_count = ceil_div(OC, kTileRows);
-  // the sub-kernels as 3x3 kernels of C*nab "channels" (c, a, b), then their transforms U[xi][ob][k][8]
-  std::vector<float> sub(OC * C * nab * 9);
-  std::vector<SubKernel> subs;
+  // the sub-kernels as RxR kernels of C*nab "channels" (c, a, b), then their transforms U[xi][ob][k][8]
+  std::vector<float> sub(OC * C * nab * R * R);
+  std::vector<SubKernel<R>> subs;
   for (int64_t ab = 0; ab < nab; ++ab) subs.emplace_back(KH, KW, ab / nb, ab % nb);
-  at::parallel_for(0, OC, engine::grain_for(C * nab * 9), [&](int64_t o0, int64_t o1) {
-    std::fill(sub.begin() + o0 * C * nab * 9, sub.begin() + o1 * C * nab * 9, 0.f);
+  at::parallel_for(0, OC, engine::grain_for(C * nab * R * R), [&](int64_t o0, int64_t o1) {
+    std::fill(sub.begin() + o0 * C * nab * R * R, sub.begin() + o1 * C * nab * R * R, 0.f);
     for (int64_t oc = o0; oc < o1; ++oc)
       for (int64_t c = 0; c < C; ++c)
         for (int64_t ab = 0; ab < nab; ++ab) {
-          const SubKernel& sk = subs[ab];
+          const SubKernel<R>& sk = subs[ab];
           for (int j = 0; j < sk.count; ++j)
-            sub[((oc * C + c) * nab + ab) * 9 + sk.tap[j]] = weight[(oc * C + c) * KH * KW + sk.dst[j]];
+            sub[((oc * C + c) * nab + ab) * R * R + sk.tap[j]] = weight[(oc * C + c) * KH * KW + sk.dst[j]];
         }
   });
   thread_local AlignedBuffer u_buf;  // not zeroed: transform_weights writes every row
-  float* U = u_buf.get(16 * ob_count * C * nab * kTileRows);
-  transform_weights(sub.data(), OC, C * nab, U);
+  float* U = u_buf.get(P * ob_count * C * nab * kTileRows);
+  transform_weights<R>(sub.data(), OC, C * nab, U);
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
   engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, padded, Hp, Wp, p.pad_h, p.pad_w);
-  const engine::BalancedItems items(T, tiles_per_item(p), 16);  // as in forward()
+  const engine::BalancedItems items(T, tiles_per_item<R>(p), 16);  // as in forward()
   const int64_t NT = ceil_div(items.largest(), kTileCols) * kTileCols, npanels = NT / kTileCols;
   const int64_t NTV = ceil_div(NT + halo, 16) * 16 + 16;  // V tiles of an item: its own, the halo, junk lanes
   const int64_t per_block = std::clamp<int64_t>(engine::kMaxBlockK / nab, 1, kMaxBlockC);
@@ -415,8 +539,8 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
   for (int64_t k = 0; k < kc_max * nab; ++k) koff[k] = (k / nab) * NTV + ((k % nab) / nb) * TW + (k % nb);
   at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer vbuf, mbuf;
-    float* V = vbuf.get(16 * kc_max * NTV);
-    float* M = mbuf.get(16 * ob_count * kTileRows * NT + 16);
+    float* V = vbuf.get(P * kc_max * NTV);
+    float* M = mbuf.get(P * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs, out_runs;
     std::vector<int> windows;
     for (int64_t item = begin; item < end; ++item) {
@@ -431,11 +555,11 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
           for (size_t w = 0; w + 1 < windows.size(); ++w) {
             WindowRun wr[16];
             const int cnt = window_runs(runs, windows[w], windows[w + 1], padded + (c0 + c) * plane, C * plane, Wp, wr);
-            input_transform(wr, cnt, Wp, V + c * NTV + runs[windows[w]].t / 16 * 16, xi_stride);
+            input_transform<R>(wr, cnt, Wp, V + c * NTV + runs[windows[w]].t / 16 * 16, xi_stride);
           }
         }
         const int64_t live_panels = std::min(npanels, ceil_div(t1 - t0, kTileCols));
-        for (int64_t xi = 0; xi < 16; ++xi) {
+        for (int64_t xi = 0; xi < P; ++xi) {
           for (int64_t ob = 0; ob < ob_count; ++ob) {
             const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
             const float* a = U + ((xi * ob_count + ob) * C * nab + c0 * nab) * kTileRows;
@@ -458,9 +582,15 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
           }
         }
       }
-      store_outputs(M, NT, ob_count * kTileRows * NT, out_runs, bias, relu, out, p);
+      store_outputs<R>(M, NT, ob_count * kTileRows * NT, out_runs, bias, relu, out, p);
     }
   });
+}
+
+inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
+                    bool relu = false) {
+  if (tile_kernel(p) == 5) return forward_tiles<5>(input, weight, bias, out, p, relu);
+  forward_tiles<3>(input, weight, bias, out, p, relu);
 }
 
 // ---- backward-weight -------------------------------------------------------------------------
@@ -477,6 +607,7 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
 // each tile is transformed on vectors of channels and stored as is: 4x fewer shuffles than
 // transforming per channel and transposing each of the 16 results (that took 1.01-1.06x the time of
 // Winograd backward-weight, interleaved A/B on the Intel host). Writes `tiles` rows per xi.
+template <int R>
 FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int count, int64_t plane, int64_t Wq,
                                                   int64_t channels, float* gmt, int64_t xi_stride, int64_t ld,
                                                   int64_t tiles) {
@@ -499,20 +630,41 @@ FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int cou
     engine::transpose16(px[1]);
     for (int l = 0; l < 8 && 8 * h + l < tiles; ++l) {
       const __m512 g00 = px[0][2 * l], g01 = px[0][2 * l + 1], g10 = px[1][2 * l], g11 = px[1][2 * l + 1];
-      // A gy: rows [g0, g0 + g1, g0 - g1, -g1]; then each row (x, y) -> [x, x + y, x - y, -y]
-      const __m512 rows[4][2] = {{g00, g01},
-                                 {_mm512_add_ps(g00, g10), _mm512_add_ps(g01, g11)},
-                                 {_mm512_sub_ps(g00, g10), _mm512_sub_ps(g01, g11)},
-                                 {_mm512_sub_ps(zero, g10), _mm512_sub_ps(zero, g11)}};
       float* out = gmt + (8 * h + l) * ld;
-      for (int i = 0; i < 4; ++i) {
-        const __m512 x = rows[i][0], y = rows[i][1];
-        _mm512_storeu_ps(out + (i * 4 + 0) * xi_stride, x);
-        _mm512_storeu_ps(out + (i * 4 + 1) * xi_stride, _mm512_add_ps(x, y));
-        _mm512_storeu_ps(out + (i * 4 + 2) * xi_stride, _mm512_sub_ps(x, y));
-        _mm512_storeu_ps(out + (i * 4 + 3) * xi_stride, _mm512_sub_ps(zero, y));
+      if constexpr (R == 3) {
+        // A gy: rows [g0, g0 + g1, g0 - g1, -g1]; then each row (x, y) -> [x, x + y, x - y, -y]
+        const __m512 rows[4][2] = {{g00, g01},
+                                   {_mm512_add_ps(g00, g10), _mm512_add_ps(g01, g11)},
+                                   {_mm512_sub_ps(g00, g10), _mm512_sub_ps(g01, g11)},
+                                   {_mm512_sub_ps(zero, g10), _mm512_sub_ps(zero, g11)}};
+        for (int i = 0; i < 4; ++i) {
+          const __m512 x = rows[i][0], y = rows[i][1];
+          _mm512_storeu_ps(out + (i * 4 + 0) * xi_stride, x);
+          _mm512_storeu_ps(out + (i * 4 + 1) * xi_stride, _mm512_add_ps(x, y));
+          _mm512_storeu_ps(out + (i * 4 + 2) * xi_stride, _mm512_sub_ps(x, y));
+          _mm512_storeu_ps(out + (i * 4 + 3) * xi_stride, _mm512_sub_ps(zero, y));
+        }
+      } else {
+        __m512 c0[6], c1[6];  // A gy, on rows then columns
+        grad_points6(g00, g10, c0);
+        grad_points6(g01, g11, c1);
+        for (int i = 0; i < 6; ++i) {
+          __m512 v[6];
+          grad_points6(c0[i], c1[i], v);
+          for (int j = 0; j < 6; ++j) _mm512_storeu_ps(out + (i * 6 + j) * xi_stride, v[j]);
+        }
       }
     }
+  }
+}
+
+// y = G^T x for F(2x2, 5x5)'s G (kG5).
+FASTCONV_AVX512 inline void weight_points6(const __m512 x[6], __m512 y[5]) {
+  for (int k = 0; k < 5; ++k) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < 6; ++i)
+      if (kG5[i][k] != 0.f) acc = _mm512_fmadd_ps(_mm512_set1_ps(kG5[i][k]), x[i], acc);
+    y[k] = acc;
   }
 }
 
@@ -520,33 +672,50 @@ FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int cou
 // KK taps), grad_U summed over `slots` partials [xi][c][ldo] (`part` floats apart) in slot order; 16
 // output channels per vector: the rows of every xi are read along the output channels (contiguous)
 // (done element by element, this pass took a fifth of AlexNet conv5's backward-weight on an Intel host).
+template <int R>
 FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t slots, int64_t part, int64_t C,
-                                                   int64_t OC, int64_t ldo, int64_t c, const SubKernel& sk, int64_t KK,
-                                                   float* grad_weight) {
-  alignas(64) float taps[9][16];
+                                                   int64_t OC, int64_t ldo, int64_t c, const SubKernel<R>& sk,
+                                                   int64_t KK, float* grad_weight) {
+  constexpr int P = kPoints<R>;
+  alignas(64) float taps[R * R][16];
   const __m512 half = _mm512_set1_ps(0.5f);
   for (int64_t o0 = 0; o0 < OC; o0 += 16) {
     const int64_t n = std::min<int64_t>(16, OC - o0);
     const __mmask16 m = lane_mask(0, n);
-    __m512 u[16];
-    for (int xi = 0; xi < 16; ++xi) {
+    __m512 u[P];
+    for (int xi = 0; xi < P; ++xi) {
       __m512 sum = _mm512_setzero_ps();
       for (int64_t s = 0; s < slots; ++s)
         sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(m, parts + s * part + (xi * C + c) * ldo + o0));
       u[xi] = sum;
     }
-    __m512 t[3][4];  // G^T u
-    for (int j = 0; j < 4; ++j) {
-      const __m512 a = _mm512_mul_ps(half, _mm512_add_ps(u[4 + j], u[8 + j]));
-      t[0][j] = _mm512_add_ps(u[j], a);
-      t[1][j] = _mm512_mul_ps(half, _mm512_sub_ps(u[4 + j], u[8 + j]));
-      t[2][j] = _mm512_add_ps(a, u[12 + j]);
-    }
-    for (int i = 0; i < 3; ++i) {  // (G^T u) G
-      const __m512 a = _mm512_mul_ps(half, _mm512_add_ps(t[i][1], t[i][2]));
-      _mm512_store_ps(taps[i * 3 + 0], _mm512_add_ps(t[i][0], a));
-      _mm512_store_ps(taps[i * 3 + 1], _mm512_mul_ps(half, _mm512_sub_ps(t[i][1], t[i][2])));
-      _mm512_store_ps(taps[i * 3 + 2], _mm512_add_ps(a, t[i][3]));
+    if constexpr (R == 3) {
+      __m512 t[3][4];  // G^T u
+      for (int j = 0; j < 4; ++j) {
+        const __m512 a = _mm512_mul_ps(half, _mm512_add_ps(u[4 + j], u[8 + j]));
+        t[0][j] = _mm512_add_ps(u[j], a);
+        t[1][j] = _mm512_mul_ps(half, _mm512_sub_ps(u[4 + j], u[8 + j]));
+        t[2][j] = _mm512_add_ps(a, u[12 + j]);
+      }
+      for (int i = 0; i < 3; ++i) {  // (G^T u) G
+        const __m512 a = _mm512_mul_ps(half, _mm512_add_ps(t[i][1], t[i][2]));
+        _mm512_store_ps(taps[i * 3 + 0], _mm512_add_ps(t[i][0], a));
+        _mm512_store_ps(taps[i * 3 + 1], _mm512_mul_ps(half, _mm512_sub_ps(t[i][1], t[i][2])));
+        _mm512_store_ps(taps[i * 3 + 2], _mm512_add_ps(a, t[i][3]));
+      }
+    } else {
+      __m512 t[5][6];  // G^T u, column by column
+      for (int j = 0; j < 6; ++j) {
+        const __m512 col[6] = {u[j], u[6 + j], u[12 + j], u[18 + j], u[24 + j], u[30 + j]};
+        __m512 y[5];
+        weight_points6(col, y);
+        for (int k = 0; k < 5; ++k) t[k][j] = y[k];
+      }
+      for (int k = 0; k < 5; ++k) {  // (G^T u) G, row by row
+        __m512 y[5];
+        weight_points6(t[k], y);
+        for (int l = 0; l < 5; ++l) _mm512_store_ps(taps[k * 5 + l], y[l]);
+      }
     }
     for (int64_t l = 0; l < n; ++l) {
       float* gw = grad_weight + ((o0 + l) * C + c) * KK;
@@ -556,8 +725,9 @@ FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t s
 }
 
 // The geometry of backward-weight: the tile grid (TH x TW per image: the output's th x tw tiles plus
-// na-1 rows and nb-1 columns for kernels past 3x3, see forward_decomposed) and the zero-padded copies
+// na-1 rows and nb-1 columns for kernels past RxR, see forward_decomposed) and the zero-padded copies
 // of the input and of grad_output the transforms read.
+template <int R>
 struct WeightGradGrid {
   int64_t C, OC, na, nb, nab, th, tw, TH, TW, per_image, T, halo, Wp, plane, Wq, qplane, ldo;
   AlignedBuffer pad_buf, gpad_buf;
@@ -566,8 +736,8 @@ struct WeightGradGrid {
   WeightGradGrid(const float* grad_output, const float* input, const Conv2dParams& p)
       : C(p.in_channels),
         OC(p.out_channels),
-        na(sub_kernels(p.kernel_h)),
-        nb(sub_kernels(p.kernel_w)),
+        na(sub_kernels<R>(p.kernel_h)),
+        nb(sub_kernels<R>(p.kernel_w)),
         nab(na * nb),
         th(ceil_div(p.out_h, 2)),
         tw(ceil_div(p.out_w, 2)),
@@ -576,14 +746,14 @@ struct WeightGradGrid {
         per_image(TH * TW),
         T(p.batch * per_image),
         halo((na - 1) * TW + (nb - 1)),
-        Wp(2 * TW + 2),
-        plane((2 * TH + 2) * Wp),
+        Wp(2 * TW + R - 1),
+        plane((2 * TH + R - 1) * Wp),
         Wq(2 * tw + 32),
         qplane(2 * th * Wq),
         ldo(ceil_div(OC, 16) * 16) {
     float* pad = pad_buf.get(p.batch * C * plane + 64);
     float* gp = gpad_buf.get(p.batch * OC * qplane + 64);  // (+32 per row, +64: the 16-tile loads)
-    engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, pad, 2 * TH + 2, Wp, p.pad_h, p.pad_w);
+    engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, pad, 2 * TH + R - 1, Wp, p.pad_h, p.pad_w);
     engine::copy_padded(grad_output, p.batch * OC, p.out_h, p.out_w, gp, 2 * th, Wq, 0, 0);
     padded = pad, gpad = gp;
   }
@@ -594,7 +764,8 @@ struct WeightGradGrid {
 // apart, xi planes `m_xi` apart) of the output tiles among [t0, t0 + len), positions counted from t0.
 // V is zero from the batch's end up to v_len (grad_M is zero there, but 0 * a stale NaN is not),
 // grad_M^T on the grid's extra tiles.
-inline void transform_tiles(const WeightGradGrid& g, int64_t t0, int64_t len, int64_t v_len, float* V, int64_t ntv,
+template <int R>
+inline void transform_tiles(const WeightGradGrid<R>& g, int64_t t0, int64_t len, int64_t v_len, float* V, int64_t ntv,
                             int64_t v_xi, float* GMT, int64_t m_xi, std::vector<TileRun>& runs,
                             std::vector<int>& windows) {
   const int64_t tv = std::min(g.T, t0 + v_len) - t0;
@@ -605,15 +776,15 @@ inline void transform_tiles(const WeightGradGrid& g, int64_t t0, int64_t len, in
     const int64_t t = runs[windows[w]].t / 16 * 16;
     for (int64_t c = 0; c < g.C; ++c) {
       const int cnt = window_runs(runs, windows[w], windows[w + 1], g.padded + c * g.plane, g.C * g.plane, g.Wp, wr);
-      input_transform(wr, cnt, g.Wp, V + c * ntv + t, v_xi);
+      input_transform<R>(wr, cnt, g.Wp, V + c * ntv + t, v_xi);
     }
   }
   if (tv < v_len) {
-    for (int64_t xi = 0; xi < 16; ++xi)
+    for (int64_t xi = 0; xi < kPoints<R>; ++xi)
       for (int64_t c = 0; c < g.C; ++c) std::fill(V + xi * v_xi + c * ntv + tv, V + xi * v_xi + c * ntv + v_len, 0.f);
   }
   if (g.nab > 1) {
-    for (int64_t xi = 0; xi < 16; ++xi) std::fill(GMT + xi * m_xi, GMT + xi * m_xi + len * g.ldo, 0.f);
+    for (int64_t xi = 0; xi < kPoints<R>; ++xi) std::fill(GMT + xi * m_xi, GMT + xi * m_xi + len * g.ldo, 0.f);
   }
   tile_runs(t0, t0 + len, g.per_image, g.TW, g.th, g.tw, runs);  // the output tiles
   make_windows(runs, windows);
@@ -621,15 +792,16 @@ inline void transform_tiles(const WeightGradGrid& g, int64_t t0, int64_t len, in
     const int64_t t = runs[windows[w]].t / 16 * 16, tiles = std::min<int64_t>(16, len - t);
     for (int64_t o0 = 0; o0 < g.OC; o0 += 16) {  // 16 channels at a time
       const int cnt = window_runs(runs, windows[w], windows[w + 1], g.gpad + o0 * g.qplane, g.OC * g.qplane, g.Wq, wr);
-      grad_output_transform(wr, cnt, g.qplane, g.Wq, std::min<int64_t>(16, g.OC - o0), GMT + t * g.ldo + o0, m_xi,
-                            g.ldo, tiles);
+      grad_output_transform<R>(wr, cnt, g.qplane, g.Wq, std::min<int64_t>(16, g.OC - o0), GMT + t * g.ldo + o0, m_xi,
+                               g.ldo, tiles);
     }
   }
 }
 
 // acc[ab][xi][c][o] = init + sum over t < len of V[xi][c][t + shift(ab)] * grad_M^T[xi][t][o], for one
 // xi, every sub-kernel ab and output channels [o_begin, o_end) (whole tiles of vectors_of_tile).
-inline void weight_grad_products(const WeightGradGrid& g, int64_t xi, int64_t o_begin, int64_t o_end, int64_t len,
+template <int R>
+inline void weight_grad_products(const WeightGradGrid<R>& g, int64_t xi, int64_t o_begin, int64_t o_end, int64_t len,
                                  const float* V, int64_t ntv, int64_t v_xi, const float* GMT, int64_t m_xi, float* acc,
                                  Init init) {
   for (int64_t o0 = o_begin, nv = 0; o0 < o_end; o0 += 16 * nv) {
@@ -640,7 +812,7 @@ inline void weight_grad_products(const WeightGradGrid& g, int64_t xi, int64_t o_
         TileDest d;
         d.ldc = g.ldo;
         for (int v = 0; v < kTileVectors; ++v) {
-          d.ptr[v][0] = d.ptr[v][1] = acc + ((ab * 16 + xi) * g.C + c0) * g.ldo + o0 + 16 * v;
+          d.ptr[v][0] = d.ptr[v][1] = acc + ((ab * kPoints<R> + xi) * g.C + c0) * g.ldo + o0 + 16 * v;
           d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
           d.mask[v][1] = 0;
         }
@@ -654,15 +826,16 @@ inline void weight_grad_products(const WeightGradGrid& g, int64_t xi, int64_t o_
 
 // grad_W from grad_U^T [ab][xi][c][ldo] (`slots` partials `part` floats apart, summed in order): G^T
 // grad_U G per sub-kernel, each kernel tap from the sub-kernel that owns it.
-inline void write_weight_grad(const WeightGradGrid& g, const float* parts, int64_t slots, int64_t part,
+template <int R>
+inline void write_weight_grad(const WeightGradGrid<R>& g, const float* parts, int64_t slots, int64_t part,
                               const Conv2dParams& p, float* grad_weight) {
-  std::vector<SubKernel> subs;
+  std::vector<SubKernel<R>> subs;
   for (int64_t ab = 0; ab < g.nab; ++ab) subs.emplace_back(p.kernel_h, p.kernel_w, ab / g.nb, ab % g.nb);
-  at::parallel_for(0, g.C, engine::grain_for(16 * g.OC * slots * g.nab), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, g.C, engine::grain_for(kPoints<R> * g.OC * slots * g.nab), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t ab = 0; ab < g.nab; ++ab) {
-        weight_grad_from_slots(parts + ab * 16 * g.C * g.ldo, slots, part, g.C, g.OC, g.ldo, c, subs[ab],
-                               p.kernel_h * p.kernel_w, grad_weight);
+        weight_grad_from_slots<R>(parts + ab * kPoints<R> * g.C * g.ldo, slots, part, g.C, g.OC, g.ldo, c, subs[ab],
+                                  p.kernel_h * p.kernel_w, grad_weight);
       }
     }
   });
@@ -678,20 +851,26 @@ constexpr int64_t kWholeTilesBytes = int64_t(16) << 20;  // backward-weight's V 
 // at batch 8, 0.79x on VGG's 512 at 14x14, 0.80-0.86x at batch 1-2; 1.1x with four chunks (AlexNet conv3
 // at batch 32), 1.02-1.23x with 128 channels or fewer (ResNet 128 at 28x28, batch 8: 1.08x). Kernels
 // past 3x3 (four products per transform point) gain at any width: AlexNet conv2 at batch 8 0.94x,
-// 5x5 128->128 at 28x28 0.90x.
-inline bool whole_tiles_wanted(const WeightGradGrid& g) {
-  const int64_t per_tile = 16 * (g.C + g.ldo) * 4;
+// 5x5 128->128 at 28x28 0.90x. F(2x2, 5x5) (36 points: its grad_M^T of a 48-tile item alone outgrows
+// L2 beside the per-slot grad_U) gains in any number of chunks: AlexNet conv2 at batch 2/8/32 0.84x/
+// 0.92x/0.92x, 5x5 128->128 at 28x28 0.93x (four chunks at batch 8 and up).
+template <int R>
+inline bool whole_tiles_wanted(const WeightGradGrid<R>& g) {
+  const int64_t per_tile = kPoints<R> * (g.C + g.ldo) * 4;
+  if (R == 5) return true;  // F(2x2, 5x5): in any number of chunks (see above)
   return (g.nab > 1 || (g.C >= 192 && g.OC >= 192)) && g.T * per_tile <= 2 * kWholeTilesBytes;
 }
 
-inline void backward_weight_whole_tiles(WeightGradGrid& g, const Conv2dParams& p, float* grad_weight) {
-  const int64_t chunk = std::min(g.T, std::max<int64_t>(16, kWholeTilesBytes / (16 * (g.C + g.ldo) * 4) / 16 * 16));
+template <int R>
+inline void backward_weight_whole_tiles(WeightGradGrid<R>& g, const Conv2dParams& p, float* grad_weight) {
+  constexpr int P = kPoints<R>;
+  const int64_t chunk = std::min(g.T, std::max<int64_t>(16, kWholeTilesBytes / (P * (g.C + g.ldo) * 4) / 16 * 16));
   const int64_t NT = ceil_div(chunk, 16) * 16, m_xi = NT * g.ldo + 16;
   const int64_t NTV = ceil_div(chunk + g.halo, 16) * 16 + 16, v_xi = g.C * NTV + 16;  // (+16: junk lanes)
   thread_local AlignedBuffer vbuf, mbuf, abuf;
-  float* V = vbuf.get(16 * v_xi);
-  float* GMT = mbuf.get(16 * m_xi);
-  float* acc = abuf.get(g.nab * 16 * g.C * g.ldo);  // grad_U^T[ab][xi][c][o]
+  float* V = vbuf.get(P * v_xi);
+  float* GMT = mbuf.get(P * m_xi);
+  float* acc = abuf.get(g.nab * P * g.C * g.ldo);  // grad_U^T[ab][xi][c][o]
   // tasks: (xi, a group of output-channel tiles), at least four per thread
   std::vector<int64_t> o_tiles;  // tile starts, then ldo
   for (int64_t o0 = 0, nv = 0; o0 < g.ldo; o0 += 16 * nv) {
@@ -700,7 +879,7 @@ inline void backward_weight_whole_tiles(WeightGradGrid& g, const Conv2dParams& p
   }
   const int64_t n_ot = static_cast<int64_t>(o_tiles.size());
   o_tiles.push_back(g.ldo);
-  const int64_t o_groups = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), 16), 1, n_ot);
+  const int64_t o_groups = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), P), 1, n_ot);
   for (int64_t c0 = 0; c0 < g.T; c0 += chunk) {
     const int64_t len = std::min(chunk, g.T - c0);
     const engine::BalancedItems pieces(len, 64, 16);
@@ -713,7 +892,7 @@ inline void backward_weight_whole_tiles(WeightGradGrid& g, const Conv2dParams& p
                         m_xi, runs, windows);
       }
     });
-    at::parallel_for(0, 16 * o_groups, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, P * o_groups, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t task = b0; task < b1; ++task) {
         const int64_t xi = task / o_groups, og = task % o_groups;
         weight_grad_products(g, xi, o_tiles[og * n_ot / o_groups], o_tiles[(og + 1) * n_ot / o_groups], len, V, NTV,
@@ -725,29 +904,32 @@ inline void backward_weight_whole_tiles(WeightGradGrid& g, const Conv2dParams& p
 }
 
 // Backward-weight, per slot of tile items: each thread reduces its items into its own partial grad_U
-// (16 x C x OC floats per sub-kernel), summed in slot order at the end.
-inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
-  WeightGradGrid g(grad_output, input, p);
+// (P x C x OC floats per sub-kernel), summed in slot order at the end.
+template <int R>
+inline void backward_weight_tiles(const float* grad_output, const float* input, float* grad_weight,
+                                  const Conv2dParams& p) {
+  constexpr int P = kPoints<R>;
+  WeightGradGrid<R> g(grad_output, input, p);
   if (whole_tiles_wanted(g)) return backward_weight_whole_tiles(g, p, grad_weight);
-  const engine::BalancedItems tile_items(g.T, tiles_per_item(p), 16);  // as in forward()
+  const engine::BalancedItems tile_items(g.T, tiles_per_item<R>(p), 16);  // as in forward()
   const int64_t NT = ceil_div(tile_items.largest(), kTileCols) * kTileCols, items = tile_items.count;
   const int64_t NTV = ceil_div(NT + g.halo, 16) * 16 + 16;  // V tiles of an item: its own, the halo, junk lanes
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
-  const int64_t part = g.nab * 16 * g.C * g.ldo;  // grad_U^T per slot: [a*nb + b][xi][c][ldo]
+  const int64_t part = g.nab * P * g.C * g.ldo;  // grad_U^T per slot: [a*nb + b][xi][c][ldo]
   // not zeroed: the first item of each slot writes its whole partial (Init::kZero)
   std::unique_ptr<float[]> parts(new float[slots * part]);
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     thread_local AlignedBuffer vbuf, gbuf;
     const int64_t v_xi = g.C * NTV + 16, m_xi = NT * g.ldo;  // V[xi][c][NTV] (+16: junk lanes), [xi][t][ldo]
-    float* V = vbuf.get(16 * v_xi);
-    float* GMT = gbuf.get(16 * m_xi + 16);
+    float* V = vbuf.get(P * v_xi);
+    float* GMT = gbuf.get(P * m_xi + 16);
     std::vector<TileRun> runs;
     std::vector<int> windows;
     for (int64_t s = s0; s < s1; ++s) {
       for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
         const int64_t t0 = tile_items.begin(item), len = tile_items.end(item) - t0;
         transform_tiles(g, t0, len, len + g.halo, V, NTV, v_xi, GMT, m_xi, runs, windows);
-        for (int64_t xi = 0; xi < 16; ++xi) {
+        for (int64_t xi = 0; xi < P; ++xi) {
           weight_grad_products(g, xi, 0, g.ldo, len, V, NTV, v_xi, GMT, m_xi, parts.get() + s * part,
                                item == s * items / slots ? Init::kZero : Init::kAccumulate);
         }
@@ -755,6 +937,11 @@ inline void backward_weight(const float* grad_output, const float* input, float*
     }
   });
   write_weight_grad(g, parts.get(), slots, part, p, grad_weight);
+}
+
+inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
+  if (tile_kernel(p) == 5) return backward_weight_tiles<5>(grad_output, input, grad_weight, p);
+  backward_weight_tiles<3>(grad_output, input, grad_weight, p);
 }
 
 }  // namespace winograd
