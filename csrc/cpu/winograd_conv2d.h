@@ -143,6 +143,25 @@ constexpr float kG5[6][5] = {{1.f / 4, 0.f, 0.f, 0.f, 0.f},
                              {1.f / 24, -2.f / 24, 4.f / 24, -8.f / 24, 16.f / 24},
                              {0.f, 0.f, 0.f, 0.f, 1.f}};
 
+// (G g G^T)[xi] of F(2x2, 5x5) for 8 kernels at once (g8[tap][lane]), lane r to u + xi*xi_step + r.
+FASTCONV_AVX512 inline void weight_points5x8(const float g8[25][8], float* u, int64_t xi_step) {
+  __m256 t[6][5];  // G g
+  for (int i = 0; i < 6; ++i)
+    for (int j = 0; j < 5; ++j) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int k = 0; k < 5; ++k)
+        if (kG5[i][k] != 0.f) acc = _mm256_fmadd_ps(_mm256_set1_ps(kG5[i][k]), _mm256_load_ps(g8[k * 5 + j]), acc);
+      t[i][j] = acc;
+    }
+  for (int i = 0; i < 6; ++i)  // (G g) G^T
+    for (int j = 0; j < 6; ++j) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int k = 0; k < 5; ++k)
+        if (kG5[j][k] != 0.f) acc = _mm256_fmadd_ps(_mm256_set1_ps(kG5[j][k]), t[i][k], acc);
+      _mm256_storeu_ps(u + (i * 6 + j) * xi_step, acc);
+    }
+}
+
 // U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c] (RxR), zero rows past OC.
 template <int R>
 inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
@@ -155,10 +174,15 @@ inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
     for (int64_t ob = b0; ob < b1; ++ob) {
       for (int64_t c = 0; c < C; ++c) {
         float u[P][kTileRows];
+        alignas(32) float g8[R * R][kTileRows];  // R = 5: the 8 kernels, tap-major
         for (int64_t r = 0; r < kTileRows; ++r) {
           const int64_t oc = ob * kTileRows + r;
           if (oc >= OC) {
-            for (int xi = 0; xi < P; ++xi) u[xi][r] = 0.f;
+            if constexpr (R == 3) {
+              for (int xi = 0; xi < P; ++xi) u[xi][r] = 0.f;
+            } else {
+              for (int k = 0; k < 25; ++k) g8[k][r] = 0.f;
+            }
             continue;
           }
           const float* g = w + (oc * C + c) * R * R;
@@ -177,22 +201,12 @@ inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
               u[i * 4 + 3][r] = t[i][2];
             }
           } else {
-            float t[6][5];  // G g
-            for (int i = 0; i < 6; ++i)
-              for (int j = 0; j < 5; ++j) {
-                float sum = 0.f;
-                for (int k = 0; k < 5; ++k)
-                  if (kG5[i][k] != 0.f) sum += kG5[i][k] * g[k * 5 + j];
-                t[i][j] = sum;
-              }
-            for (int i = 0; i < 6; ++i)  // (G g) G^T
-              for (int j = 0; j < 6; ++j) {
-                float sum = 0.f;
-                for (int k = 0; k < 5; ++k)
-                  if (kG5[j][k] != 0.f) sum += t[i][k] * kG5[j][k];
-                u[i * 6 + j][r] = sum;
-              }
+            for (int k = 0; k < 25; ++k) g8[k][r] = g[k];
           }
+        }
+        if constexpr (R == 5) {
+          weight_points5x8(g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
+          continue;
         }
         for (int xi = 0; xi < P; ++xi) {
           float* dst = U + ((xi * ob_count + ob) * C + c) * kTileRows;
