@@ -122,6 +122,19 @@ def test_engine_tiles_match_torch(case, algorithm, poison):
         run_case(n, c, h, w, oc, k, s, p, d, g)
 
 
+@pytest.mark.parametrize("tile", ["2", "4"])
+def test_winograd_3x3_output_tiles_match_torch(tile, monkeypatch, poison):
+    # F(2x2, 3x3) and F(4x4, 3x3) on every 3x3 stride-1 case (auto takes 4x4 tiles only where they give
+    # every thread 4+ work items, so the small shapes here are forced): 4-pixel tile remainders, 1x1 and
+    # 3x3 planes, tile rows of 64+ pixels (several 16-tile windows per row), one and several images
+    monkeypatch.setenv("FASTCONV_WINOGRAD_TILE", tile)
+    extra = [(1, 16, 70, 75, 8, (3, 3), 1, 1, 1, 1), (2, 16, 17, 66, 24, (3, 3), 1, 1, 1, 1)]
+    with fastconv.conv_algorithm("winograd"):
+        for n, c, h, w, oc, k, s, p, d, g in ENGINE_CASES + extra:
+            if k == (3, 3) and s == 1 and d == 1 and g == 1:
+                run_case(n, c, h, w, oc, k, s, p, d, g)
+
+
 @pytest.mark.parametrize(
     "shape", [(3, 192, 13, 11, 200, 3, 1), (2, 24, 13, 12, 20, 5, 2), (8, 64, 27, 27, 64, 5, 2), (2, 16, 9, 9, 24, 4, 1)]
 )

@@ -47,15 +47,15 @@ constexpr int64_t kTileBlockBytes = 512 * 1024;  // V (P x kc x tiles) and M (P 
 // where sums of 3x3 sub-kernels took 64 for 5x5, and 144 with more tiles for 7x7), else 3.
 inline int tile_kernel(const Conv2dParams& p) { return p.kernel_h >= 4 && p.kernel_w >= 4 ? 5 : 3; }
 
-// Transform points per tile of F(2x2, RxR): its (R+1)x(R+1) patch.
-template <int R>
-constexpr int kPoints = (R + 1) * (R + 1);
+// Transform points per tile of F(MxM, RxR): its (M+R-1)x(M+R-1) patch.
+template <int R, int M = 2>
+constexpr int kPoints = (M + R - 1) * (M + R - 1);
 
-template <int R>
+template <int R, int M = 2>
 inline int64_t tiles_per_item(const Conv2dParams& p) {
   const int64_t kc = std::min(p.in_channels, kMaxBlockC);
-  const int64_t by_v = kTileBlockBytes / (kPoints<R> * kc * 4),
-                by_m = kTileBlockBytes / (kPoints<R> * p.out_channels * 4);
+  const int64_t by_v = kTileBlockBytes / (kPoints<R, M> * kc * 4),
+                by_m = kTileBlockBytes / (kPoints<R, M> * p.out_channels * 4);
   return std::clamp<int64_t>(std::min(by_v, by_m) / kTileCols, 1, 4) * kTileCols;
 }
 
@@ -105,9 +105,28 @@ inline int64_t grid_cols(const Conv2dParams& p) {
 // Tiles of the grid the Winograd passes run over, all images.
 inline int64_t grid_tiles(const Conv2dParams& p) { return p.batch * grid_rows(p) * grid_cols(p); }
 
+// Work items of F(4x4, 3x3)'s forward.
+inline int64_t work_items_4x4(const Conv2dParams& p) {
+  return ceil_div(p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4), tiles_per_item<3, 4>(p));
+}
+
+// Whether a 3x3 forward runs on F(4x4, 3x3) rather than F(2x2, 3x3): where its larger tiles still
+// give every thread 4+ work items (measured, Intel host, 2 threads, against F(2x2, 3x3): 0.67-0.75x
+// the time at 64-128 channels on 28x28-56x56 planes at batch 8, 0.84x MNIST conv2 at batch 100,
+// 0.83-0.89x AlexNet conv3-5 at batch 32; at batch 8 on 13x13/14x14 planes (3 items of 48 tiles)
+// 0.94-1.15x, also with the items' output channels split over the threads (1.0-1.08x slower still)).
+// FASTCONV_WINOGRAD_TILE=2 or 4 forces one (tests run every 3x3 case on both).
+inline bool four_by_four(const Conv2dParams& p) {
+  if (p.kernel_h != 3 || p.kernel_w != 3) return false;
+  const char* e = std::getenv("FASTCONV_WINOGRAD_TILE");
+  if (e && (e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] == '4';
+  return work_items_4x4(p) >= 4 * at::get_num_threads();
+}
+
 // Work items of the forward pass (blocks of tiles; Winograd is not split over channels, so these are
 // what the threads share).
 inline int64_t work_items(const Conv2dParams& p) {
+  if (four_by_four(p)) return work_items_4x4(p);
   return ceil_div(grid_tiles(p), tile_kernel(p) == 5 ? tiles_per_item<5>(p) : tiles_per_item<3>(p));
 }
 
@@ -134,6 +153,11 @@ inline double multiplication_ratio(const Conv2dParams& p) {
          (double(p.out_h * p.out_w) * double(p.kernel_h * p.kernel_w));
 }
 
+// G of F(4x4, 3x3) on the same points (the B^T of both is input_points6).
+constexpr float kG43[6][3] = {
+    {1.f / 4, 0.f, 0.f},           {-1.f / 6, -1.f / 6, -1.f / 6}, {-1.f / 6, 1.f / 6, -1.f / 6},
+    {1.f / 24, 1.f / 12, 1.f / 6}, {1.f / 24, -1.f / 12, 1.f / 6}, {0.f, 0.f, 1.f}};
+
 // G of F(2x2, 5x5) on the points 0, 1, -1, 2, -2 and infinity (Toom-Cook): row i is (1, p, p^2, p^3,
 // p^4) / prod over the other finite points q of (p - q); the infinity row takes the last tap.
 constexpr float kG5[6][5] = {{1.f / 4, 0.f, 0.f, 0.f, 0.f},
@@ -143,29 +167,32 @@ constexpr float kG5[6][5] = {{1.f / 4, 0.f, 0.f, 0.f, 0.f},
                              {1.f / 24, -2.f / 24, 4.f / 24, -8.f / 24, 16.f / 24},
                              {0.f, 0.f, 0.f, 0.f, 1.f}};
 
-// (G g G^T)[xi] of F(2x2, 5x5) for 8 kernels at once (g8[tap][lane]), lane r to u + xi*xi_step + r.
-FASTCONV_AVX512 inline void weight_points5x8(const float g8[25][8], float* u, int64_t xi_step) {
-  __m256 t[6][5];  // G g
+// (G g G^T)[xi] of a 6x6-point transform (F(2x2, 5x5): K = 5, kG5; F(4x4, 3x3): K = 3, kG43) for 8
+// kernels at once (g8[tap][lane]), lane r to u + xi*xi_step + r.
+template <int K>
+FASTCONV_AVX512 inline void weight_points_x8(const float (&G)[6][K], const float (*g8)[8], float* u, int64_t xi_step) {
+  __m256 t[6][K];  // G g
   for (int i = 0; i < 6; ++i)
-    for (int j = 0; j < 5; ++j) {
+    for (int j = 0; j < K; ++j) {
       __m256 acc = _mm256_setzero_ps();
-      for (int k = 0; k < 5; ++k)
-        if (kG5[i][k] != 0.f) acc = _mm256_fmadd_ps(_mm256_set1_ps(kG5[i][k]), _mm256_load_ps(g8[k * 5 + j]), acc);
+      for (int k = 0; k < K; ++k)
+        if (G[i][k] != 0.f) acc = _mm256_fmadd_ps(_mm256_set1_ps(G[i][k]), _mm256_load_ps(g8[k * K + j]), acc);
       t[i][j] = acc;
     }
   for (int i = 0; i < 6; ++i)  // (G g) G^T
     for (int j = 0; j < 6; ++j) {
       __m256 acc = _mm256_setzero_ps();
-      for (int k = 0; k < 5; ++k)
-        if (kG5[j][k] != 0.f) acc = _mm256_fmadd_ps(_mm256_set1_ps(kG5[j][k]), t[i][k], acc);
+      for (int k = 0; k < K; ++k)
+        if (G[j][k] != 0.f) acc = _mm256_fmadd_ps(_mm256_set1_ps(G[j][k]), t[i][k], acc);
       _mm256_storeu_ps(u + (i * 6 + j) * xi_step, acc);
     }
 }
 
 // U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c] (RxR), zero rows past OC.
-template <int R>
+template <int R, int M = 2>
 inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
-  constexpr int P = kPoints<R>;
+  constexpr int P = kPoints<R, M>;
+  constexpr bool f23 = R == 3 && M == 2;
   const int64_t ob_count = ceil_div(OC, kTileRows);
   // Per block of 8 output channels and input channel: the 8 transforms, then each of the P
   // positions stored as one contiguous run of 8 floats (it was P scattered floats per (oc, c):
@@ -174,19 +201,19 @@ inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
     for (int64_t ob = b0; ob < b1; ++ob) {
       for (int64_t c = 0; c < C; ++c) {
         float u[P][kTileRows];
-        alignas(32) float g8[R * R][kTileRows];  // R = 5: the 8 kernels, tap-major
+        alignas(32) float g8[R * R][kTileRows];  // 6x6 points: the 8 kernels, tap-major
         for (int64_t r = 0; r < kTileRows; ++r) {
           const int64_t oc = ob * kTileRows + r;
           if (oc >= OC) {
-            if constexpr (R == 3) {
+            if constexpr (f23) {
               for (int xi = 0; xi < P; ++xi) u[xi][r] = 0.f;
             } else {
-              for (int k = 0; k < 25; ++k) g8[k][r] = 0.f;
+              for (int k = 0; k < R * R; ++k) g8[k][r] = 0.f;
             }
             continue;
           }
           const float* g = w + (oc * C + c) * R * R;
-          if constexpr (R == 3) {
+          if constexpr (f23) {
             float t[4][3];  // G g
             for (int j = 0; j < 3; ++j) {
               t[0][j] = g[j];
@@ -201,11 +228,15 @@ inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
               u[i * 4 + 3][r] = t[i][2];
             }
           } else {
-            for (int k = 0; k < 25; ++k) g8[k][r] = g[k];
+            for (int k = 0; k < R * R; ++k) g8[k][r] = g[k];
           }
         }
-        if constexpr (R == 5) {
-          weight_points5x8(g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
+        if constexpr (!f23) {
+          if constexpr (R == 5) {
+            weight_points_x8<5>(kG5, g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
+          } else {
+            weight_points_x8<3>(kG43, g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
+          }
           continue;
         }
         for (int xi = 0; xi < P; ++xi) {
@@ -252,23 +283,40 @@ FASTCONV_AVX512 inline __m512i odd_lanes() {
 // deinterleaved lanes line up, and merged under the run's lane mask: the transforms then work on
 // dense 16-tile vectors however short the tile rows are.
 struct WindowRun {
-  const float* src;  // row 0 of the window-aligned patch: the run's first tile minus 2*lane floats
+  const float* src;  // row 0 of the window-aligned patch: the run's first tile minus M*lane floats
   __mmask16 lanes;
 };
 
-// Row `offset` of the patches of the 16 tiles of a window: tile lane l reads d[s] = src[offset + 2l + s]
-// of its run, s < N.
-template <int N>
+// Row `offset` of the patches of the 16 tiles of a window, tiles M pixels apart: tile lane l reads
+// d[s] = src[offset + M*l + s] of its run, s < N (for M = 4: up to 68 floats past src).
+template <int N, int M = 2>
 FASTCONV_AVX512 inline void load_row(const WindowRun* runs, int count, int64_t offset, __m512 d[N]) {
-  const __m512i ev = even_lanes(), od = odd_lanes();
   for (int s = 0; s < N; ++s) d[s] = _mm512_setzero_ps();
-  for (int k = 0; k < count; ++k) {
-    const __mmask16 m = runs[k].lanes;
-    const float* row = runs[k].src + offset;
-    for (int s = 0; s < N; s += 2) {
-      const __m512 a0 = _mm512_loadu_ps(row + s), a1 = _mm512_loadu_ps(row + s + 16);
-      d[s] = _mm512_mask_mov_ps(d[s], m, _mm512_permutex2var_ps(a0, ev, a1));
-      d[s + 1] = _mm512_mask_mov_ps(d[s + 1], m, _mm512_permutex2var_ps(a0, od, a1));
+  if constexpr (M == 2) {
+    const __m512i ev = even_lanes(), od = odd_lanes();
+    for (int k = 0; k < count; ++k) {
+      const __mmask16 m = runs[k].lanes;
+      const float* row = runs[k].src + offset;
+      for (int s = 0; s < N; s += 2) {
+        const __m512 a0 = _mm512_loadu_ps(row + s), a1 = _mm512_loadu_ps(row + s + 16);
+        d[s] = _mm512_mask_mov_ps(d[s], m, _mm512_permutex2var_ps(a0, ev, a1));
+        d[s + 1] = _mm512_mask_mov_ps(d[s + 1], m, _mm512_permutex2var_ps(a0, od, a1));
+      }
+    }
+  } else {  // M = 4: tiles 0-7 from the first 32 floats, 8-15 from the next 32, joined by 128-bit blocks
+    const __m512i every4 = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);
+    for (int k = 0; k < count; ++k) {
+      const __mmask16 m = runs[k].lanes;
+      const float* row = runs[k].src + offset;
+      for (int base = 0; base < N; base += 4) {
+        const __m512 a0 = _mm512_loadu_ps(row + base), a1 = _mm512_loadu_ps(row + base + 16);
+        const __m512 a2 = _mm512_loadu_ps(row + base + 32), a3 = _mm512_loadu_ps(row + base + 48);
+        for (int q = 0; q < 4 && base + q < N; ++q) {
+          const __m512i idx = _mm512_add_epi32(every4, _mm512_set1_epi32(q));
+          const __m512 lo = _mm512_permutex2var_ps(a0, idx, a1), hi = _mm512_permutex2var_ps(a2, idx, a3);
+          d[base + q] = _mm512_mask_mov_ps(d[base + q], m, _mm512_shuffle_f32x4(lo, hi, 0x44));
+        }
+      }
     }
   }
 }
@@ -288,10 +336,10 @@ FASTCONV_AVX512 inline void input_points6(const __m512 x[6], __m512 y[6]) {
 }
 
 // V = B^T d B for one window; 16 lanes per xi at v_out + xi*xi_stride.
-template <int R>
+template <int R, int M = 2>
 FASTCONV_AVX512 inline void input_transform(const WindowRun* runs, int count, int64_t Wp, float* v_out,
                                             int64_t xi_stride) {
-  if constexpr (R == 3) {
+  if constexpr (R == 3 && M == 2) {
     __m512 d[4][4];
     for (int r = 0; r < 4; ++r) load_row<4>(runs, count, r * Wp, d[r]);
     __m512 t[4][4];
@@ -311,7 +359,7 @@ FASTCONV_AVX512 inline void input_transform(const WindowRun* runs, int count, in
     __m512 t[6][6];  // d B, row by row
     for (int r = 0; r < 6; ++r) {
       __m512 d[6];
-      load_row<6>(runs, count, r * Wp, d);
+      load_row<6, M>(runs, count, r * Wp, d);
       input_points6(d, t[r]);
     }
     for (int j = 0; j < 6; ++j) {  // B^T (d B), column by column
@@ -332,14 +380,15 @@ inline void make_windows(const std::vector<TileRun>& runs, std::vector<int>& fir
   first.push_back(static_cast<int>(runs.size()));
 }
 
-// Window runs for channel plane `base` (offset of each run's patch: ((n*channels + c)*rows + 2i)*pitch + 2j0).
+// Window runs for channel plane `base` (offset of each run's patch: ((n*channels + c)*rows + M*i)*pitch +
+// M*j0, tiles of M x M pixels).
 inline int window_runs(const std::vector<TileRun>& runs, int k0, int k1, const float* plane0, int64_t image_stride,
-                       int64_t row_pitch, WindowRun* out) {
+                       int64_t row_pitch, WindowRun* out, int64_t M = 2) {
   int count = 0;
   for (int k = k0; k < k1; ++k) {
     const TileRun& r = runs[k];
     const int64_t lane = r.t % 16;
-    out[count++] = {plane0 + r.n * image_stride + 2 * r.i * row_pitch + 2 * (r.j0 - lane),
+    out[count++] = {plane0 + r.n * image_stride + M * r.i * row_pitch + M * (r.j0 - lane),
                     lane_mask(lane, lane + r.len)};
   }
   return count;
@@ -359,13 +408,38 @@ FASTCONV_AVX512 inline void grad_points6(__m512 x, __m512 y, __m512 v[6]) {
   v[3] = _mm512_fmadd_ps(two, y, x), v[4] = _mm512_fnmadd_ps(two, y, x), v[5] = y;
 }
 
+// A^T x of F(4x4, 3x3) (4x6, points 0, +-1, +-2, infinity): x0 + x1 + x2 + x3 + x4,
+// x1 - x2 + 2 (x3 - x4), x1 + x2 + 4 (x3 + x4), x1 - x2 + 8 (x3 - x4) + x5.
+FASTCONV_AVX512 inline void output_points4(const __m512 x[6], __m512 y[4]) {
+  const __m512 d12 = _mm512_sub_ps(x[1], x[2]), s12 = _mm512_add_ps(x[1], x[2]);
+  const __m512 d34 = _mm512_sub_ps(x[3], x[4]), s34 = _mm512_add_ps(x[3], x[4]);
+  y[0] = _mm512_add_ps(_mm512_add_ps(x[0], s12), s34);
+  y[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.f), d34, d12);
+  y[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.f), s34, s12);
+  y[3] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.f), d34, d12), x[5]);
+}
+
 // Y = A^T m A (+ bias, ReLU) for 16 consecutive tiles of an item, m[xi] at m + xi*xi_stride:
-// y[0], y[1] are the two pixels of each tile's top output row, y[2], y[3] of its bottom row.
-// A^T is [1 1 1 0; 0 1 -1 -1] for R = 3, [1 1 1 1 1 0; 0 1 -1 2 -2 1] for R = 5.
-template <int R>
-FASTCONV_AVX512 inline void output_transform(const float* m, int64_t xi_stride, float bias, bool relu, __m512 y[4]) {
+// y[M*r + q] is pixel (r, q) of each tile (for M = 2: y[0], y[1] its top row, y[2], y[3] its bottom).
+// A^T is [1 1 1 0; 0 1 -1 -1] for F(2x2, 3x3), [1 1 1 1 1 0; 0 1 -1 2 -2 1] for F(2x2, 5x5),
+// output_points4 for F(4x4, 3x3).
+template <int R, int M = 2>
+FASTCONV_AVX512 inline void output_transform(const float* m, int64_t xi_stride, float bias, bool relu,
+                                             __m512 y[M * M]) {
   const __m512 bv = _mm512_set1_ps(bias);
-  if constexpr (R == 3) {
+  if constexpr (M == 4) {
+    __m512 a[6][4];
+    for (int s = 0; s < 6; ++s) {  // A^T m: rows
+      __m512 col[6];
+      for (int i = 0; i < 6; ++i) col[i] = _mm512_loadu_ps(m + (i * 6 + s) * xi_stride);
+      output_points4(col, a[s]);
+    }
+    for (int r = 0; r < 4; ++r) {  // (A^T m) A
+      const __m512 row[6] = {a[0][r], a[1][r], a[2][r], a[3][r], a[4][r], a[5][r]};
+      output_points4(row, y + 4 * r);
+    }
+    for (int r = 0; r < 16; ++r) y[r] = _mm512_add_ps(y[r], bv);
+  } else if constexpr (R == 3) {
     __m512 a[4], b[4];
     for (int s = 0; s < 4; ++s) {  // A^T m: rows
       const __m512 m0 = _mm512_loadu_ps(m + (0 * 4 + s) * xi_stride), m1 = _mm512_loadu_ps(m + (1 * 4 + s) * xi_stride);
@@ -389,7 +463,7 @@ FASTCONV_AVX512 inline void output_transform(const float* m, int64_t xi_stride, 
     for (int r = 0; r < 4; ++r) y[r] = _mm512_add_ps(y[r], bv);
   }
   if (relu) {
-    for (int r = 0; r < 4; ++r) y[r] = _mm512_max_ps(_mm512_setzero_ps(), y[r]);  // NaN stays NaN
+    for (int r = 0; r < M * M; ++r) y[r] = _mm512_max_ps(_mm512_setzero_ps(), y[r]);  // NaN stays NaN
   }
 }
 
@@ -408,10 +482,35 @@ FASTCONV_AVX512 inline void store_run(const __m512 y[4], int64_t lane, float* ou
   }
 }
 
+// The same for 4x4 tiles: output rows 4i .. 4i + rows - 1, `cols` pixels of each from column 4*j0.
+// Per row, the run's tiles are moved to lane 0 and their four pixels interleaved (pairs, then pairs of
+// pairs): 16 tiles are 64 pixels, four vectors.
+FASTCONV_AVX512 inline void store_run4(const __m512 y[16], int64_t lane, float* out, int64_t OW, int64_t cols,
+                                       int64_t rows) {
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i shift = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(lane)));
+  const __m512i pairs_lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i pairs_hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i quads_lo = _mm512_set_epi32(23, 22, 7, 6, 21, 20, 5, 4, 19, 18, 3, 2, 17, 16, 1, 0);
+  const __m512i quads_hi = _mm512_set_epi32(31, 30, 15, 14, 29, 28, 13, 12, 27, 26, 11, 10, 25, 24, 9, 8);
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 q[4];
+    for (int j = 0; j < 4; ++j) q[j] = lane ? _mm512_permutexvar_ps(shift, y[4 * r + j]) : y[4 * r + j];
+    const __m512 p01[2] = {_mm512_permutex2var_ps(q[0], pairs_lo, q[1]), _mm512_permutex2var_ps(q[0], pairs_hi, q[1])};
+    const __m512 p23[2] = {_mm512_permutex2var_ps(q[2], pairs_lo, q[3]), _mm512_permutex2var_ps(q[2], pairs_hi, q[3])};
+    for (int v = 0; v < 4; ++v) {  // pixels 16v .. 16v + 15: tiles 4v .. 4v + 3
+      const __mmask16 m = lane_mask(0, cols - 16 * v);
+      if (!m) break;
+      const __m512 px = _mm512_permutex2var_ps(p01[v / 2], v % 2 ? quads_hi : quads_lo, p23[v / 2]);
+      _mm512_mask_storeu_ps(out + r * OW + 16 * v, m, px);
+    }
+  }
+}
+
 // Y = A^T M A (+ bias, ReLU) of an item's output tiles, M[xi][oc][NT] (xi `m_xi_stride` apart), stored
 // into NCHW `out`: per output channel, one 16-tile window of M at a time, then each run in it.
-template <int R>
-FASTCONV_AVX512 inline void store_outputs(const float* M, int64_t NT, int64_t m_xi_stride,
+template <int R, int M = 2>
+FASTCONV_AVX512 inline void store_outputs(const float* prod, int64_t NT, int64_t m_xi_stride,
                                           const std::vector<TileRun>& runs, const float* bias, bool relu, float* out,
                                           const Conv2dParams& p) {
   const int64_t OC = p.out_channels, OW = p.out_w, L = p.out_plane();
@@ -419,12 +518,17 @@ FASTCONV_AVX512 inline void store_outputs(const float* M, int64_t NT, int64_t m_
     const float bias_oc = bias ? bias[oc] : 0.f;
     for (size_t k = 0; k < runs.size();) {
       const int64_t window = runs[k].t / 16;
-      __m512 y[4];
-      output_transform<R>(M + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
+      __m512 y[M * M];
+      output_transform<R, M>(prod + oc * NT + window * 16, m_xi_stride, bias_oc, relu, y);
       for (; k < runs.size() && runs[k].t / 16 == window; ++k) {
         const TileRun& r = runs[k];
-        store_run(y, r.t % 16, out + (r.n * OC + oc) * L + 2 * r.i * OW + 2 * r.j0, OW,
-                  std::min(2 * r.len, OW - 2 * r.j0), 2 * r.i + 1 < p.out_h);
+        float* dst = out + (r.n * OC + oc) * L + M * r.i * OW + M * r.j0;
+        const int64_t cols = std::min(M * r.len, OW - M * r.j0);
+        if constexpr (M == 2) {
+          store_run(y, r.t % 16, dst, OW, cols, 2 * r.i + 1 < p.out_h);
+        } else {
+          store_run4(y, r.t % 16, dst, OW, cols, std::min<int64_t>(4, p.out_h - 4 * r.i));
+        }
       }
     }
   }
@@ -434,31 +538,34 @@ template <int R>
 inline void forward_decomposed(const float* input, const float* weight, const float* bias, float* out,
                                const Conv2dParams& p, bool relu);
 
-template <int R>
+// F(MxM, RxR) on an RxR kernel (other sizes: forward_decomposed, M = 2).
+template <int R, int M = 2>
 inline void forward_tiles(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
                           bool relu) {
-  if (p.kernel_h != R || p.kernel_w != R) return forward_decomposed<R>(input, weight, bias, out, p, relu);
-  constexpr int P = kPoints<R>;
+  if constexpr (M == 2) {
+    if (p.kernel_h != R || p.kernel_w != R) return forward_decomposed<R>(input, weight, bias, out, p, relu);
+  }
+  constexpr int P = kPoints<R, M>;
   const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w;
-  const int64_t th = ceil_div(p.out_h, 2), tw = ceil_div(OW, 2), per_image = th * tw, T = p.batch * per_image;
-  const int64_t Hp = 2 * th + R - 1, Wp = 2 * tw + R - 1, plane = Hp * Wp;
+  const int64_t th = ceil_div(p.out_h, M), tw = ceil_div(OW, M), per_image = th * tw, T = p.batch * per_image;
+  const int64_t Hp = M * th + R - 1, Wp = M * tw + R - 1, plane = Hp * Wp;
   const int64_t ob_count = ceil_div(OC, kTileRows);
   thread_local AlignedBuffer u_buf;  // not zeroed: transform_weights writes every row
   float* U = u_buf.get(P * ob_count * C * kTileRows);
-  transform_weights<R>(weight, OC, C, U);
-  // zero-padded input: padded row ph + h holds input row h; tiles read rows [2i, 2i + R + 1)
+  transform_weights<R, M>(weight, OC, C, U);
+  // zero-padded input: padded row ph + h holds input row h; tiles read rows [Mi, Mi + M + R - 1)
   AlignedBuffer pad_buf;
-  float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
+  float* padded = pad_buf.get(p.batch * C * plane + 128);  // +128: the last run's loads read past its row
   engine::copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
   // items of whole 16-tile windows, balanced over the threads; NT: the largest, in whole panels
-  const engine::BalancedItems items(T, tiles_per_item<R>(p), 16);
+  const engine::BalancedItems items(T, tiles_per_item<R, M>(p), 16);
   const int64_t NT = ceil_div(items.largest(), kTileCols) * kTileCols, npanels = NT / kTileCols;
   const int64_t kb_count = ceil_div(C, kMaxBlockC), kc_max = ceil_div(C, kb_count);
   const int64_t panel_stride_max = kc_max * kTileCols + 16;  // +16: room for the last row's junk lanes
   at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer vbuf, mbuf;
     float* V = vbuf.get(P * npanels * panel_stride_max);
-    float* M = mbuf.get(P * ob_count * kTileRows * NT + 16);
+    float* prod = mbuf.get(P * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs;
     std::vector<int> windows;
     for (int64_t item = begin; item < end; ++item) {
@@ -472,10 +579,11 @@ inline void forward_tiles(const float* input, const float* weight, const float* 
         for (int64_t c = 0; c < kc; ++c) {
           for (size_t w = 0; w + 1 < windows.size(); ++w) {
             WindowRun wr[16];
-            const int cnt = window_runs(runs, windows[w], windows[w + 1], padded + (c0 + c) * plane, C * plane, Wp, wr);
+            const int cnt =
+                window_runs(runs, windows[w], windows[w + 1], padded + (c0 + c) * plane, C * plane, Wp, wr, M);
             const int64_t t = runs[windows[w]].t / 16 * 16;
-            input_transform<R>(wr, cnt, Wp, V + (t / kTileCols) * panel_stride + c * kTileCols + t % kTileCols,
-                               xi_stride);
+            input_transform<R, M>(wr, cnt, Wp, V + (t / kTileCols) * panel_stride + c * kTileCols + t % kTileCols,
+                                  xi_stride);
           }
         }
         const int64_t live_panels = ceil_div(t1 - t0, kTileCols);
@@ -489,7 +597,7 @@ inline void forward_tiles(const float* input, const float* weight, const float* 
               d.ldc = NT;
               for (int v = 0; v < kTileVectors; ++v) {
                 d.ptr[v][0] = d.ptr[v][1] =
-                    M + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
+                    prod + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
                 d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
                 d.mask[v][1] = 0;
               }
@@ -499,7 +607,7 @@ inline void forward_tiles(const float* input, const float* weight, const float* 
           }
         }
       }
-      store_outputs<R>(M, NT, ob_count * kTileRows * NT, runs, bias, relu, out, p);
+      store_outputs<R, M>(prod, NT, ob_count * kTileRows * NT, runs, bias, relu, out, p);
     }
   });
 }
@@ -604,6 +712,7 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
 inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
                     bool relu = false) {
   if (tile_kernel(p) == 5) return forward_tiles<5>(input, weight, bias, out, p, relu);
+  if (four_by_four(p)) return forward_tiles<3, 4>(input, weight, bias, out, p, relu);
   forward_tiles<3>(input, weight, bias, out, p, relu);
 }
 
