@@ -138,10 +138,13 @@ def test_winograd_3x3_output_tiles_match_torch(tile, monkeypatch, poison):
 @pytest.mark.parametrize(
     "shape", [(3, 192, 13, 11, 200, 3, 1), (2, 24, 13, 12, 20, 5, 2), (8, 64, 27, 27, 64, 5, 2), (2, 16, 9, 9, 24, 4, 1)]
 )
-def test_winograd_backward_weight_over_whole_tiles_is_thread_count_independent(shape):
+@pytest.mark.parametrize("tile", ["2", "4"])
+def test_winograd_backward_weight_over_whole_tiles_is_thread_count_independent(shape, tile, monkeypatch):
     # all tiles in one or two chunks (3x3 with 192+ channels), in any number of chunks for F(2x2, 5x5)
     # (8x64x27x27: two chunks; 4x4 zero-padded): each task owns its rows of grad_U and reduces over
-    # every tile in a fixed order, so 1, 2 and 3 threads give the same bits (and torch's values)
+    # every tile in a fixed order, so 1, 2 and 3 threads give the same bits (and torch's values); 3x3 on
+    # 2x2 and on 4x4 output tiles (F(4x4, 3x3): always over whole tiles)
+    monkeypatch.setenv("FASTCONV_WINOGRAD_TILE", tile)
     n, c, h, w_, oc, k, pad = shape
     x = torch.randn(n, c, h, w_)
     w = torch.randn(oc, c, k, k)

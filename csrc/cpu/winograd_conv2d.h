@@ -123,6 +123,16 @@ inline bool four_by_four(const Conv2dParams& p) {
   return work_items_4x4(p) >= 4 * at::get_num_threads();
 }
 
+// The same for backward-weight: from 64 input and output channels (measured, Intel host, 2 threads,
+// against F(2x2, 3x3): 0.73-0.94x the time at 64-384 channels on 13x13-56x56 planes at batch 2-32;
+// 1.37x at 32->64 channels (MNIST conv2), where transforming grad_output outweighs the products).
+inline bool weight_grad_four_by_four(const Conv2dParams& p) {
+  if (p.kernel_h != 3 || p.kernel_w != 3) return false;
+  const char* e = std::getenv("FASTCONV_WINOGRAD_TILE");
+  if (e && (e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] == '4';
+  return p.in_channels >= 64 && p.out_channels >= 64;
+}
+
 // Work items of the forward pass (blocks of tiles; Winograd is not split over channels, so these are
 // what the threads share).
 inline int64_t work_items(const Conv2dParams& p) {
@@ -417,6 +427,16 @@ FASTCONV_AVX512 inline void output_points4(const __m512 x[6], __m512 y[4]) {
   y[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.f), d34, d12);
   y[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.f), s34, s12);
   y[3] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.f), d34, d12), x[5]);
+}
+
+// A x of F(4x4, 3x3), A = (A^T)^T (6x4): [x0, x0 + x1 + x2 + x3, x0 - x1 + x2 - x3, x0 + 2x1 + 4x2 + 8x3,
+// x0 - 2x1 + 4x2 - 8x3, x3].
+FASTCONV_AVX512 inline void grad_points4(__m512 x0, __m512 x1, __m512 x2, __m512 x3, __m512 v[6]) {
+  const __m512 e = _mm512_add_ps(x0, x2), o = _mm512_add_ps(x1, x3);
+  const __m512 e4 = _mm512_fmadd_ps(_mm512_set1_ps(4.f), x2, x0);
+  const __m512 o4 = _mm512_mul_ps(_mm512_set1_ps(2.f), _mm512_fmadd_ps(_mm512_set1_ps(4.f), x3, x1));
+  v[0] = x0, v[1] = _mm512_add_ps(e, o), v[2] = _mm512_sub_ps(e, o);
+  v[3] = _mm512_add_ps(e4, o4), v[4] = _mm512_sub_ps(e4, o4), v[5] = x3;
 }
 
 // Y = A^T m A (+ bias, ReLU) for 16 consecutive tiles of an item, m[xi] at m + xi*xi_stride:
@@ -729,12 +749,42 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // and row: 16 channels x 16 pixels -> one vector of channels per pixel, 4 transposes per window), then
 // each tile is transformed on vectors of channels and stored as is: 4x fewer shuffles than
 // transforming per channel and transposing each of the 16 results (that took 1.01-1.06x the time of
-// Winograd backward-weight, interleaved A/B on the Intel host). Writes `tiles` rows per xi.
-template <int R>
+// Winograd backward-weight, interleaved A/B on the Intel host). Writes `tiles` rows per xi. 4x4 tiles
+// (F(4x4, 3x3)): a quarter window (4 tiles, 16 pixels) per row, four rows.
+template <int R, int M = 2>
 FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int count, int64_t plane, int64_t Wq,
                                                   int64_t channels, float* gmt, int64_t xi_stride, int64_t ld,
                                                   int64_t tiles) {
   const __m512 zero = _mm512_setzero_ps();
+  if constexpr (M == 4) {
+    for (int h = 0; h < 4 && 4 * h < tiles; ++h) {  // tiles 4h .. 4h+3: pixels 16h .. 16h+15 of each row
+      __m512 px[4][16];                             // [row][channel], then [row][pixel]
+      for (int r = 0; r < 4; ++r)
+        for (int o = 0; o < 16; ++o) px[r][o] = zero;
+      for (int k = 0; k < count; ++k) {
+        const uint64_t pm = _pdep_u64(runs[k].lanes, 0x1111111111111111ull) * 15u;  // each tile's four pixels
+        const __mmask16 m = static_cast<__mmask16>(pm >> (16 * h));
+        if (!m) continue;
+        for (int64_t o = 0; o < channels; ++o) {
+          const float* row = runs[k].src + o * plane + 16 * h;
+          for (int r = 0; r < 4; ++r) px[r][o] = _mm512_mask_loadu_ps(px[r][o], m, row + r * Wq);
+        }
+      }
+      for (int r = 0; r < 4; ++r) engine::transpose16(px[r]);
+      for (int l = 0; l < 4 && 4 * h + l < tiles; ++l) {
+        float* out = gmt + (4 * h + l) * ld;
+        __m512 col[4][6];  // A gy, column by column
+        for (int q = 0; q < 4; ++q)
+          grad_points4(px[0][4 * l + q], px[1][4 * l + q], px[2][4 * l + q], px[3][4 * l + q], col[q]);
+        for (int i = 0; i < 6; ++i) {  // then (A gy) A^T, row by row
+          __m512 v[6];
+          grad_points4(col[0][i], col[1][i], col[2][i], col[3][i], v);
+          for (int j = 0; j < 6; ++j) _mm512_storeu_ps(out + (i * 6 + j) * xi_stride, v[j]);
+        }
+      }
+    }
+    return;
+  }
   for (int h = 0; h < 2 && 8 * h < tiles; ++h) {  // tiles 8h .. 8h+7: pixels 16h .. 16h+15 of each row
     __m512 px[2][16];                             // [row][channel], then [row][pixel]
     for (int r = 0; r < 2; ++r)
@@ -754,7 +804,7 @@ FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int cou
     for (int l = 0; l < 8 && 8 * h + l < tiles; ++l) {
       const __m512 g00 = px[0][2 * l], g01 = px[0][2 * l + 1], g10 = px[1][2 * l], g11 = px[1][2 * l + 1];
       float* out = gmt + (8 * h + l) * ld;
-      if constexpr (R == 3) {
+      if constexpr (R == 3 && M == 2) {
         // A gy: rows [g0, g0 + g1, g0 - g1, -g1]; then each row (x, y) -> [x, x + y, x - y, -y]
         const __m512 rows[4][2] = {{g00, g01},
                                    {_mm512_add_ps(g00, g10), _mm512_add_ps(g01, g11)},
@@ -781,12 +831,13 @@ FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int cou
   }
 }
 
-// y = G^T x for F(2x2, 5x5)'s G (kG5).
-FASTCONV_AVX512 inline void weight_points6(const __m512 x[6], __m512 y[5]) {
-  for (int k = 0; k < 5; ++k) {
+// y = G^T x for a 6-point transform's G (kG5: K = 5, kG43: K = 3).
+template <int K>
+FASTCONV_AVX512 inline void weight_points6(const float (&G)[6][K], const __m512 x[6], __m512 y[K]) {
+  for (int k = 0; k < K; ++k) {
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < 6; ++i)
-      if (kG5[i][k] != 0.f) acc = _mm512_fmadd_ps(_mm512_set1_ps(kG5[i][k]), x[i], acc);
+      if (G[i][k] != 0.f) acc = _mm512_fmadd_ps(_mm512_set1_ps(G[i][k]), x[i], acc);
     y[k] = acc;
   }
 }
@@ -795,11 +846,11 @@ FASTCONV_AVX512 inline void weight_points6(const __m512 x[6], __m512 y[5]) {
 // KK taps), grad_U summed over `slots` partials [xi][c][ldo] (`part` floats apart) in slot order; 16
 // output channels per vector: the rows of every xi are read along the output channels (contiguous)
 // (done element by element, this pass took a fifth of AlexNet conv5's backward-weight on an Intel host).
-template <int R>
+template <int R, int M = 2>
 FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t slots, int64_t part, int64_t C,
                                                    int64_t OC, int64_t ldo, int64_t c, const SubKernel<R>& sk,
                                                    int64_t KK, float* grad_weight) {
-  constexpr int P = kPoints<R>;
+  constexpr int P = kPoints<R, M>;
   alignas(64) float taps[R * R][16];
   const __m512 half = _mm512_set1_ps(0.5f);
   for (int64_t o0 = 0; o0 < OC; o0 += 16) {
@@ -812,7 +863,7 @@ FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t s
         sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(m, parts + s * part + (xi * C + c) * ldo + o0));
       u[xi] = sum;
     }
-    if constexpr (R == 3) {
+    if constexpr (R == 3 && M == 2) {
       __m512 t[3][4];  // G^T u
       for (int j = 0; j < 4; ++j) {
         const __m512 a = _mm512_mul_ps(half, _mm512_add_ps(u[4 + j], u[8 + j]));
@@ -827,17 +878,25 @@ FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t s
         _mm512_store_ps(taps[i * 3 + 2], _mm512_add_ps(a, t[i][3]));
       }
     } else {
-      __m512 t[5][6];  // G^T u, column by column
+      __m512 t[R][6];  // G^T u, column by column (kG5 or kG43)
       for (int j = 0; j < 6; ++j) {
         const __m512 col[6] = {u[j], u[6 + j], u[12 + j], u[18 + j], u[24 + j], u[30 + j]};
-        __m512 y[5];
-        weight_points6(col, y);
-        for (int k = 0; k < 5; ++k) t[k][j] = y[k];
+        __m512 y[R];
+        if constexpr (R == 5) {
+          weight_points6<5>(kG5, col, y);
+        } else {
+          weight_points6<3>(kG43, col, y);
+        }
+        for (int k = 0; k < R; ++k) t[k][j] = y[k];
       }
-      for (int k = 0; k < 5; ++k) {  // (G^T u) G, row by row
-        __m512 y[5];
-        weight_points6(t[k], y);
-        for (int l = 0; l < 5; ++l) _mm512_store_ps(taps[k * 5 + l], y[l]);
+      for (int k = 0; k < R; ++k) {  // (G^T u) G, row by row
+        __m512 y[R];
+        if constexpr (R == 5) {
+          weight_points6<5>(kG5, t[k], y);
+        } else {
+          weight_points6<3>(kG43, t[k], y);
+        }
+        for (int l = 0; l < R; ++l) _mm512_store_ps(taps[k * R + l], y[l]);
       }
     }
     for (int64_t l = 0; l < n; ++l) {
@@ -850,7 +909,7 @@ FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t s
 // The geometry of backward-weight: the tile grid (TH x TW per image: the output's th x tw tiles plus
 // na-1 rows and nb-1 columns for kernels past RxR, see forward_decomposed) and the zero-padded copies
 // of the input and of grad_output the transforms read.
-template <int R>
+template <int R, int M = 2>
 struct WeightGradGrid {
   int64_t C, OC, na, nb, nab, th, tw, TH, TW, per_image, T, halo, Wp, plane, Wq, qplane, ldo;
   AlignedBuffer pad_buf, gpad_buf;
@@ -862,22 +921,22 @@ struct WeightGradGrid {
         na(sub_kernels<R>(p.kernel_h)),
         nb(sub_kernels<R>(p.kernel_w)),
         nab(na * nb),
-        th(ceil_div(p.out_h, 2)),
-        tw(ceil_div(p.out_w, 2)),
+        th(ceil_div(p.out_h, M)),
+        tw(ceil_div(p.out_w, M)),
         TH(th + na - 1),
         TW(tw + nb - 1),
         per_image(TH * TW),
         T(p.batch * per_image),
         halo((na - 1) * TW + (nb - 1)),
-        Wp(2 * TW + R - 1),
-        plane((2 * TH + R - 1) * Wp),
-        Wq(2 * tw + 32),
-        qplane(2 * th * Wq),
+        Wp(M * TW + R - 1),
+        plane((M * TH + R - 1) * Wp),
+        Wq(M * tw + 16 * M),
+        qplane(M * th * Wq),
         ldo(ceil_div(OC, 16) * 16) {
-    float* pad = pad_buf.get(p.batch * C * plane + 64);
+    float* pad = pad_buf.get(p.batch * C * plane + 128);
     float* gp = gpad_buf.get(p.batch * OC * qplane + 64);  // (+32 per row, +64: the 16-tile loads)
-    engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, pad, 2 * TH + R - 1, Wp, p.pad_h, p.pad_w);
-    engine::copy_padded(grad_output, p.batch * OC, p.out_h, p.out_w, gp, 2 * th, Wq, 0, 0);
+    engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, pad, M * TH + R - 1, Wp, p.pad_h, p.pad_w);
+    engine::copy_padded(grad_output, p.batch * OC, p.out_h, p.out_w, gp, M * th, Wq, 0, 0);
     padded = pad, gpad = gp;
   }
 };
@@ -887,9 +946,9 @@ struct WeightGradGrid {
 // apart, xi planes `m_xi` apart) of the output tiles among [t0, t0 + len), positions counted from t0.
 // V is zero from the batch's end up to v_len (grad_M is zero there, but 0 * a stale NaN is not),
 // grad_M^T on the grid's extra tiles.
-template <int R>
-inline void transform_tiles(const WeightGradGrid<R>& g, int64_t t0, int64_t len, int64_t v_len, float* V, int64_t ntv,
-                            int64_t v_xi, float* GMT, int64_t m_xi, std::vector<TileRun>& runs,
+template <int R, int M = 2>
+inline void transform_tiles(const WeightGradGrid<R, M>& g, int64_t t0, int64_t len, int64_t v_len, float* V,
+                            int64_t ntv, int64_t v_xi, float* GMT, int64_t m_xi, std::vector<TileRun>& runs,
                             std::vector<int>& windows) {
   const int64_t tv = std::min(g.T, t0 + v_len) - t0;
   tile_runs(t0, t0 + tv, g.per_image, g.TW, g.TH, g.TW, runs);
@@ -898,33 +957,34 @@ inline void transform_tiles(const WeightGradGrid<R>& g, int64_t t0, int64_t len,
   for (size_t w = 0; w + 1 < windows.size(); ++w) {
     const int64_t t = runs[windows[w]].t / 16 * 16;
     for (int64_t c = 0; c < g.C; ++c) {
-      const int cnt = window_runs(runs, windows[w], windows[w + 1], g.padded + c * g.plane, g.C * g.plane, g.Wp, wr);
-      input_transform<R>(wr, cnt, g.Wp, V + c * ntv + t, v_xi);
+      const int cnt = window_runs(runs, windows[w], windows[w + 1], g.padded + c * g.plane, g.C * g.plane, g.Wp, wr, M);
+      input_transform<R, M>(wr, cnt, g.Wp, V + c * ntv + t, v_xi);
     }
   }
   if (tv < v_len) {
-    for (int64_t xi = 0; xi < kPoints<R>; ++xi)
+    for (int64_t xi = 0; xi < kPoints<R, M>; ++xi)
       for (int64_t c = 0; c < g.C; ++c) std::fill(V + xi * v_xi + c * ntv + tv, V + xi * v_xi + c * ntv + v_len, 0.f);
   }
   if (g.nab > 1) {
-    for (int64_t xi = 0; xi < kPoints<R>; ++xi) std::fill(GMT + xi * m_xi, GMT + xi * m_xi + len * g.ldo, 0.f);
+    for (int64_t xi = 0; xi < kPoints<R, M>; ++xi) std::fill(GMT + xi * m_xi, GMT + xi * m_xi + len * g.ldo, 0.f);
   }
   tile_runs(t0, t0 + len, g.per_image, g.TW, g.th, g.tw, runs);  // the output tiles
   make_windows(runs, windows);
   for (size_t w = 0; w + 1 < windows.size(); ++w) {
     const int64_t t = runs[windows[w]].t / 16 * 16, tiles = std::min<int64_t>(16, len - t);
     for (int64_t o0 = 0; o0 < g.OC; o0 += 16) {  // 16 channels at a time
-      const int cnt = window_runs(runs, windows[w], windows[w + 1], g.gpad + o0 * g.qplane, g.OC * g.qplane, g.Wq, wr);
-      grad_output_transform<R>(wr, cnt, g.qplane, g.Wq, std::min<int64_t>(16, g.OC - o0), GMT + t * g.ldo + o0, m_xi,
-                               g.ldo, tiles);
+      const int cnt =
+          window_runs(runs, windows[w], windows[w + 1], g.gpad + o0 * g.qplane, g.OC * g.qplane, g.Wq, wr, M);
+      grad_output_transform<R, M>(wr, cnt, g.qplane, g.Wq, std::min<int64_t>(16, g.OC - o0), GMT + t * g.ldo + o0, m_xi,
+                                  g.ldo, tiles);
     }
   }
 }
 
 // acc[ab][xi][c][o] = init + sum over t < len of V[xi][c][t + shift(ab)] * grad_M^T[xi][t][o], for one
 // xi, every sub-kernel ab and output channels [o_begin, o_end) (whole tiles of vectors_of_tile).
-template <int R>
-inline void weight_grad_products(const WeightGradGrid<R>& g, int64_t xi, int64_t o_begin, int64_t o_end, int64_t len,
+template <int R, int M = 2>
+inline void weight_grad_products(const WeightGradGrid<R, M>& g, int64_t xi, int64_t o_begin, int64_t o_end, int64_t len,
                                  const float* V, int64_t ntv, int64_t v_xi, const float* GMT, int64_t m_xi, float* acc,
                                  Init init) {
   for (int64_t o0 = o_begin, nv = 0; o0 < o_end; o0 += 16 * nv) {
@@ -935,7 +995,7 @@ inline void weight_grad_products(const WeightGradGrid<R>& g, int64_t xi, int64_t
         TileDest d;
         d.ldc = g.ldo;
         for (int v = 0; v < kTileVectors; ++v) {
-          d.ptr[v][0] = d.ptr[v][1] = acc + ((ab * kPoints<R> + xi) * g.C + c0) * g.ldo + o0 + 16 * v;
+          d.ptr[v][0] = d.ptr[v][1] = acc + ((ab * kPoints<R, M> + xi) * g.C + c0) * g.ldo + o0 + 16 * v;
           d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
           d.mask[v][1] = 0;
         }
@@ -949,16 +1009,16 @@ inline void weight_grad_products(const WeightGradGrid<R>& g, int64_t xi, int64_t
 
 // grad_W from grad_U^T [ab][xi][c][ldo] (`slots` partials `part` floats apart, summed in order): G^T
 // grad_U G per sub-kernel, each kernel tap from the sub-kernel that owns it.
-template <int R>
-inline void write_weight_grad(const WeightGradGrid<R>& g, const float* parts, int64_t slots, int64_t part,
+template <int R, int M = 2>
+inline void write_weight_grad(const WeightGradGrid<R, M>& g, const float* parts, int64_t slots, int64_t part,
                               const Conv2dParams& p, float* grad_weight) {
   std::vector<SubKernel<R>> subs;
   for (int64_t ab = 0; ab < g.nab; ++ab) subs.emplace_back(p.kernel_h, p.kernel_w, ab / g.nb, ab % g.nb);
-  at::parallel_for(0, g.C, engine::grain_for(kPoints<R> * g.OC * slots * g.nab), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, g.C, engine::grain_for(kPoints<R, M> * g.OC * slots * g.nab), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t ab = 0; ab < g.nab; ++ab) {
-        weight_grad_from_slots<R>(parts + ab * kPoints<R> * g.C * g.ldo, slots, part, g.C, g.OC, g.ldo, c, subs[ab],
-                                  p.kernel_h * p.kernel_w, grad_weight);
+        weight_grad_from_slots<R, M>(parts + ab * kPoints<R, M> * g.C * g.ldo, slots, part, g.C, g.OC, g.ldo, c,
+                                     subs[ab], p.kernel_h * p.kernel_w, grad_weight);
       }
     }
   });
@@ -976,17 +1036,18 @@ constexpr int64_t kWholeTilesBytes = int64_t(16) << 20;  // backward-weight's V 
 // past 3x3 (four products per transform point) gain at any width: AlexNet conv2 at batch 8 0.94x,
 // 5x5 128->128 at 28x28 0.90x. F(2x2, 5x5) (36 points: its grad_M^T of a 48-tile item alone outgrows
 // L2 beside the per-slot grad_U) gains in any number of chunks: AlexNet conv2 at batch 2/8/32 0.84x/
-// 0.92x/0.92x, 5x5 128->128 at 28x28 0.93x (four chunks at batch 8 and up).
-template <int R>
-inline bool whole_tiles_wanted(const WeightGradGrid<R>& g) {
-  const int64_t per_tile = kPoints<R> * (g.C + g.ldo) * 4;
-  if (R == 5) return true;  // F(2x2, 5x5): in any number of chunks (see above)
+// 0.92x/0.92x, 5x5 128->128 at 28x28 0.93x (four chunks at batch 8 and up). F(4x4, 3x3) (36 points
+// too) always takes it as well.
+template <int R, int M = 2>
+inline bool whole_tiles_wanted(const WeightGradGrid<R, M>& g) {
+  const int64_t per_tile = kPoints<R, M> * (g.C + g.ldo) * 4;
+  if (R == 5 || M == 4) return true;  // 36 points: in any number of chunks (see above)
   return (g.nab > 1 || (g.C >= 192 && g.OC >= 192)) && g.T * per_tile <= 2 * kWholeTilesBytes;
 }
 
-template <int R>
-inline void backward_weight_whole_tiles(WeightGradGrid<R>& g, const Conv2dParams& p, float* grad_weight) {
-  constexpr int P = kPoints<R>;
+template <int R, int M = 2>
+inline void backward_weight_whole_tiles(WeightGradGrid<R, M>& g, const Conv2dParams& p, float* grad_weight) {
+  constexpr int P = kPoints<R, M>;
   const int64_t chunk = std::min(g.T, std::max<int64_t>(16, kWholeTilesBytes / (P * (g.C + g.ldo) * 4) / 16 * 16));
   const int64_t NT = ceil_div(chunk, 16) * 16, m_xi = NT * g.ldo + 16;
   const int64_t NTV = ceil_div(chunk + g.halo, 16) * 16 + 16, v_xi = g.C * NTV + 16;  // (+16: junk lanes)
@@ -1028,13 +1089,13 @@ inline void backward_weight_whole_tiles(WeightGradGrid<R>& g, const Conv2dParams
 
 // Backward-weight, per slot of tile items: each thread reduces its items into its own partial grad_U
 // (P x C x OC floats per sub-kernel), summed in slot order at the end.
-template <int R>
+template <int R, int M = 2>
 inline void backward_weight_tiles(const float* grad_output, const float* input, float* grad_weight,
                                   const Conv2dParams& p) {
-  constexpr int P = kPoints<R>;
-  WeightGradGrid<R> g(grad_output, input, p);
+  constexpr int P = kPoints<R, M>;
+  WeightGradGrid<R, M> g(grad_output, input, p);
   if (whole_tiles_wanted(g)) return backward_weight_whole_tiles(g, p, grad_weight);
-  const engine::BalancedItems tile_items(g.T, tiles_per_item<R>(p), 16);  // as in forward()
+  const engine::BalancedItems tile_items(g.T, tiles_per_item<R, M>(p), 16);  // as in forward()
   const int64_t NT = ceil_div(tile_items.largest(), kTileCols) * kTileCols, items = tile_items.count;
   const int64_t NTV = ceil_div(NT + g.halo, 16) * 16 + 16;  // V tiles of an item: its own, the halo, junk lanes
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
@@ -1064,6 +1125,7 @@ inline void backward_weight_tiles(const float* grad_output, const float* input, 
 
 inline void backward_weight(const float* grad_output, const float* input, float* grad_weight, const Conv2dParams& p) {
   if (tile_kernel(p) == 5) return backward_weight_tiles<5>(grad_output, input, grad_weight, p);
+  if (weight_grad_four_by_four(p)) return backward_weight_tiles<3, 4>(grad_output, input, grad_weight, p);
   backward_weight_tiles<3>(grad_output, input, grad_weight, p);
 }
 
