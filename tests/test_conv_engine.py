@@ -122,16 +122,19 @@ def test_engine_tiles_match_torch(case, algorithm, poison):
         run_case(n, c, h, w, oc, k, s, p, d, g)
 
 
+@pytest.mark.parametrize("whole", ["0", "1"])
 @pytest.mark.parametrize("tile", ["2", "4"])
-def test_winograd_3x3_output_tiles_match_torch(tile, monkeypatch, poison):
-    # F(2x2, 3x3) and F(4x4, 3x3) on every 3x3 stride-1 case (auto takes 4x4 tiles only where they give
-    # every thread 4+ work items, so the small shapes here are forced): 4-pixel tile remainders, 1x1 and
-    # 3x3 planes, tile rows of 64+ pixels (several 16-tile windows per row), one and several images
+def test_winograd_tiles_and_work_splits_match_torch(tile, whole, monkeypatch, poison):
+    # every stride-1 Winograd case on F(2x2, 3x3) and F(4x4, 3x3) (3x3; auto takes 4x4 tiles from 128 of
+    # them, so the small shapes here are forced), 5x5 on F(2x2, 5x5), each in blocks of tiles and over
+    # whole tiles (auto: whole tiles where blocks would be few): 4-pixel tile remainders, 1x1 and 3x3
+    # planes, tile rows of 64+ pixels (several 16-tile windows per row), one and several images
     monkeypatch.setenv("FASTCONV_WINOGRAD_TILE", tile)
+    monkeypatch.setenv("FASTCONV_WINOGRAD_WHOLE_TILES", whole)
     extra = [(1, 16, 70, 75, 8, (3, 3), 1, 1, 1, 1), (2, 16, 17, 66, 24, (3, 3), 1, 1, 1, 1)]
     with fastconv.conv_algorithm("winograd"):
         for n, c, h, w, oc, k, s, p, d, g in ENGINE_CASES + extra:
-            if k == (3, 3) and s == 1 and d == 1 and g == 1:
+            if k[0] >= 3 and k[1] >= 3 and s == 1 and d == 1 and g == 1:
                 run_case(n, c, h, w, oc, k, s, p, d, g)
 
 

@@ -181,10 +181,13 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
     if (C < 16 || OC < 16 || C * OC * subs > 131072) return false;
     return weight_grad || cpu::winograd::work_items(p) >= 3 * at::get_num_threads();
   }
-  // Winograd's work is split over blocks of tiles only: with fewer than 3 per thread (batch 1, small
-  // planes) the GEMM, which also splits output channels, wins (AlexNet conv2 at batch 1: 1.86x vs 1.34x
-  // torch; conv4: 2.7x).
-  if (cpu::winograd::work_items(p) < 3 * at::get_num_threads()) return false;
+  // Few tiles: 3x3 from 128 of F(2x2,3x3)'s tiles (over whole tiles where items would be few: the
+  // products split over transform points, not tiles); below that (batch 1-2 on 13x13 planes) the GEMM,
+  // which also splits output channels, wins (AlexNet conv3 at batch 1: 1.40x the GEMM's time, 256 at
+  // 13x13 at batch 2: 1.04x). Sums of sub-kernels need 3+ items per thread.
+  if (p.kernel_h == 3 && p.kernel_w == 3 ? cpu::winograd::grid_tiles(p) < 128
+                                         : cpu::winograd::work_items(p) < 3 * at::get_num_threads())
+    return false;
   // backward-weight: measured (2 threads, Zen 4) ahead of the GEMM on 28x28 and 56x56 planes at 64-128
   // channels, behind it on 13x13/14x14 planes (odd sizes waste a tile row; short tile reductions). On
   // an Intel host (two 512-bit FMA units) it is ahead on those planes too from 192 channels and 256
@@ -209,9 +212,11 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   }
   // 3x3: up to 512x512 channels on planes of 144+ pixels (VGG's 512 at 14x14, Intel host: forward
   // 0.74x and backward-input 0.81x the GEMM's time; U, 16 MiB there, stays in L3 across the blocks
-  // of tiles), up to 131072 on smaller ones (ResNet's 512x512 at 7x7: 1.24-1.33x the GEMM's time)
+  // of tiles) or over whole tiles (U read once: ResNet's 512 at 7x7, batch 8, 0.90x), up to 131072
+  // otherwise (ResNet's 512 at 7x7 in blocks of tiles: 1.24-1.33x the GEMM's time)
   if (p.kernel_h == 3 && p.kernel_w == 3) {
-    return C >= 16 && OC >= 16 && (C * OC <= 131072 || (p.out_plane() >= 144 && C * OC <= 262144));
+    return C >= 16 && OC >= 16 &&
+           (C * OC <= 131072 || ((p.out_plane() >= 144 || cpu::winograd::whole_tiles_forward(p)) && C * OC <= 262144));
   }
   // kernels 3 wide one way and longer the other (sums of 3x3 sub-kernels): where they save at least 15%
   // of the multiplications (measured when 5x5 too ran as such sums, 2 threads on Zen 4: ahead of the
@@ -316,11 +321,9 @@ std::vector<int> backward_input_candidates(const Conv2dParams& p) {
 void run_backward_input(BackwardInputRoute route, const float* grad_output, const float* weight, float* grad_input,
                         const Conv2dParams& p) {
   switch (route) {
-    case BackwardInputRoute::kWinograd: {
-      const std::vector<float> w_t = cpu::flipped_transposed_weight(weight, p);
-      cpu::winograd::forward(grad_output, w_t.data(), nullptr, grad_input, cpu::backward_input_params(p), false);
+    case BackwardInputRoute::kWinograd:  // one group: the weights flip inside the weight transform
+      cpu::winograd::forward(grad_output, weight, nullptr, grad_input, cpu::backward_input_params(p), false, true);
       break;
-    }
     case BackwardInputRoute::kForwardEngine:
       cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
       break;

@@ -110,17 +110,44 @@ inline int64_t work_items_4x4(const Conv2dParams& p) {
   return ceil_div(p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4), tiles_per_item<3, 4>(p));
 }
 
-// Whether a 3x3 forward runs on F(4x4, 3x3) rather than F(2x2, 3x3): where its larger tiles still
-// give every thread 4+ work items (measured, Intel host, 2 threads, against F(2x2, 3x3): 0.67-0.75x
-// the time at 64-128 channels on 28x28-56x56 planes at batch 8, 0.84x MNIST conv2 at batch 100,
-// 0.83-0.89x AlexNet conv3-5 at batch 32; at batch 8 on 13x13/14x14 planes (3 items of 48 tiles)
-// 0.94-1.15x, also with the items' output channels split over the threads (1.0-1.08x slower still)).
-// FASTCONV_WINOGRAD_TILE=2 or 4 forces one (tests run every 3x3 case on both).
+// Whether a 3x3 forward runs on F(4x4, 3x3) rather than F(2x2, 3x3): from 128 of its 4x4 tiles
+// (measured, Intel host, 2 threads, against F(2x2, 3x3): 0.67-0.75x the time at 64-128 channels on
+// 28x28-56x56 planes at batch 8, 0.84x MNIST conv2 at batch 100, 0.83-0.89x AlexNet conv3-5 at batch
+// 32, 0.88-0.96x at batch 8 (over whole tiles, below); behind under 128 tiles: 1.06x at batch 1 on
+// 13x13, 1.16-1.42x on 7x7 and at batch 2 on 13x13). FASTCONV_WINOGRAD_TILE=2 or 4 forces one (tests
+// run every 3x3 case on both).
 inline bool four_by_four(const Conv2dParams& p) {
   if (p.kernel_h != 3 || p.kernel_w != 3) return false;
   const char* e = std::getenv("FASTCONV_WINOGRAD_TILE");
   if (e && (e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] == '4';
-  return work_items_4x4(p) >= 4 * at::get_num_threads();
+  return p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4) >= 128;
+}
+
+constexpr int64_t kWholeForwardBytes = int64_t(32) << 20;  // V and M of all tiles
+
+// Whether a forward of `points` transform points over T tiles (items of `per_item`) runs over all tiles
+// at once (forward_whole_tiles): where items would leave a thread fewer than 4 and all tiles' V and M
+// fit in kWholeForwardBytes. Measured (Intel host, 2 threads, against items): 0.71-0.85x the time on
+// AlexNet conv3-4 at batch 8, 0.73x on VGG's 512 at 14x14, 0.64x on ResNet's 512 at 7x7 (batch 8),
+// 0.82x at batch 1-2; F(2x2, 5x5) at batch 1 1.05x. FASTCONV_WINOGRAD_WHOLE_TILES=0 or 1 forces it
+// (tests cover both).
+inline bool whole_tiles_forward(const Conv2dParams& p, int64_t points, int64_t T, int64_t per_item) {
+  const char* e = std::getenv("FASTCONV_WINOGRAD_WHOLE_TILES");
+  if (e && (e[0] == '0' || e[0] == '1') && e[1] == 0) return e[0] == '1';
+  const int64_t bytes = points * (p.in_channels + p.out_channels) * (T + kTileCols) * 4;
+  return ceil_div(T, per_item) < 4 * at::get_num_threads() && bytes <= kWholeForwardBytes;
+}
+
+// The same for the forward `forward` below runs on these parameters (3x3 and 5x5 kernels; the sums of
+// sub-kernels always run in items).
+inline bool whole_tiles_forward(const Conv2dParams& p) {
+  if (tile_kernel(p) == 5) {
+    return p.kernel_h == 5 && p.kernel_w == 5 && whole_tiles_forward(p, 36, grid_tiles(p), tiles_per_item<5>(p));
+  }
+  if (p.kernel_h != 3 || p.kernel_w != 3) return false;
+  if (four_by_four(p))
+    return whole_tiles_forward(p, 36, p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4), tiles_per_item<3, 4>(p));
+  return whole_tiles_forward(p, 16, grid_tiles(p), tiles_per_item<3>(p));
 }
 
 // The same for backward-weight: from 64 input and output channels (measured, Intel host, 2 threads,
@@ -198,9 +225,39 @@ FASTCONV_AVX512 inline void weight_points_x8(const float (&G)[6][K], const float
     }
 }
 
-// U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c] (RxR), zero rows past OC.
+// G x of F(4x4, 3x3) (kG43) for 8 kernels per vector: x0/4, -(x0 + x1 + x2)/6, -(x0 - x1 + x2)/6,
+// (x0 + 2 x1 + 4 x2)/24, (x0 - 2 x1 + 4 x2)/24, x2.
+FASTCONV_AVX512 inline void weight_points43(__m256 x0, __m256 x1, __m256 x2, __m256 y[6]) {
+  const __m256 a = _mm256_add_ps(x0, x2), m6 = _mm256_set1_ps(-1.f / 6);
+  const __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(1.f / 24), x0, _mm256_mul_ps(_mm256_set1_ps(1.f / 6), x2));
+  const __m256 d = _mm256_mul_ps(_mm256_set1_ps(1.f / 12), x1);
+  y[0] = _mm256_mul_ps(_mm256_set1_ps(0.25f), x0);
+  y[1] = _mm256_mul_ps(m6, _mm256_add_ps(a, x1));
+  y[2] = _mm256_mul_ps(m6, _mm256_sub_ps(a, x1));
+  y[3] = _mm256_add_ps(c, d);
+  y[4] = _mm256_sub_ps(c, d);
+  y[5] = x2;
+}
+
+// (G g G^T)[xi] of F(4x4, 3x3) for 8 kernels at once, as weight_points_x8 (which took 9.6% of AlexNet
+// conv3's backward-input at batch 8 with its generic sums).
+FASTCONV_AVX512 inline void weight_points43_x8(const float (*g8)[8], float* u, int64_t xi_step) {
+  __m256 t[3][6];  // G g, column by column
+  for (int j = 0; j < 3; ++j)
+    weight_points43(_mm256_load_ps(g8[j]), _mm256_load_ps(g8[3 + j]), _mm256_load_ps(g8[6 + j]), t[j]);
+  for (int i = 0; i < 6; ++i) {  // (G g) G^T, row by row
+    __m256 y[6];
+    weight_points43(t[0][i], t[1][i], t[2][i], y);
+    for (int j = 0; j < 6; ++j) _mm256_storeu_ps(u + (i * 6 + j) * xi_step, y[j]);
+  }
+}
+
+// U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c] (RxR), zero rows past OC. With `flipped`, g is
+// the flipped, transposed kernel of a backward-input (flipped_conv.h) read straight from the forward
+// weights w[c][oc] (taps reversed): no flipped copy (it, and zeroing it, took 7.6% of AlexNet conv3's
+// Winograd backward-input at batch 8).
 template <int R, int M = 2>
-inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
+inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U, bool flipped = false) {
   constexpr int P = kPoints<R, M>;
   constexpr bool f23 = R == 3 && M == 2;
   const int64_t ob_count = ceil_div(OC, kTileRows);
@@ -222,7 +279,12 @@ inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
             }
             continue;
           }
-          const float* g = w + (oc * C + c) * R * R;
+          float g[R * R];
+          if (flipped) {
+            for (int k = 0; k < R * R; ++k) g[k] = w[(c * OC + oc) * R * R + R * R - 1 - k];
+          } else {
+            for (int k = 0; k < R * R; ++k) g[k] = w[(oc * C + c) * R * R + k];
+          }
           if constexpr (f23) {
             float t[4][3];  // G g
             for (int j = 0; j < 3; ++j) {
@@ -245,7 +307,7 @@ inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U) {
           if constexpr (R == 5) {
             weight_points_x8<5>(kG5, g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
           } else {
-            weight_points_x8<3>(kG43, g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
+            weight_points43_x8(g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
           }
           continue;
         }
@@ -528,13 +590,14 @@ FASTCONV_AVX512 inline void store_run4(const __m512 y[16], int64_t lane, float* 
 }
 
 // Y = A^T M A (+ bias, ReLU) of an item's output tiles, M[xi][oc][NT] (xi `m_xi_stride` apart), stored
-// into NCHW `out`: per output channel, one 16-tile window of M at a time, then each run in it.
+// into NCHW `out`: per output channel in [oc_begin, oc_end) (default: all), one 16-tile window of M at a
+// time, then each run in it.
 template <int R, int M = 2>
 FASTCONV_AVX512 inline void store_outputs(const float* prod, int64_t NT, int64_t m_xi_stride,
                                           const std::vector<TileRun>& runs, const float* bias, bool relu, float* out,
-                                          const Conv2dParams& p) {
+                                          const Conv2dParams& p, int64_t oc_begin = 0, int64_t oc_end = -1) {
   const int64_t OC = p.out_channels, OW = p.out_w, L = p.out_plane();
-  for (int64_t oc = 0; oc < OC; ++oc) {
+  for (int64_t oc = oc_begin; oc < (oc_end < 0 ? OC : oc_end); ++oc) {
     const float bias_oc = bias ? bias[oc] : 0.f;
     for (size_t k = 0; k < runs.size();) {
       const int64_t window = runs[k].t / 16;
@@ -556,14 +619,78 @@ FASTCONV_AVX512 inline void store_outputs(const float* prod, int64_t NT, int64_t
 
 template <int R>
 inline void forward_decomposed(const float* input, const float* weight, const float* bias, float* out,
-                               const Conv2dParams& p, bool relu);
+                               const Conv2dParams& p, bool relu, bool flipped);
+
+// The forward over all tiles at once (few tiles: small planes, small batches): every tile's V first
+// (the threads split 16-tile windows and channel chunks), then one task per (transform point, group of
+// output-channel blocks) multiplies U_xi by all of V_xi (U is read once in all, and the threads share
+// the work however few tiles there are), then the output transforms (the threads split the channels).
+template <int R, int M>
+inline void forward_whole_tiles(const float* U, const float* padded, int64_t plane, int64_t Wp, int64_t th, int64_t tw,
+                                const float* bias, bool relu, float* out, const Conv2dParams& p) {
+  constexpr int P = kPoints<R, M>;
+  const int64_t C = p.in_channels, OC = p.out_channels, per_image = th * tw, T = p.batch * per_image;
+  const int64_t ob_count = ceil_div(OC, kTileRows);
+  const int64_t NT = ceil_div(T, kTileCols) * kTileCols, npanels = NT / kTileCols;
+  const int64_t panel_stride = C * kTileCols + 16, xi_stride = npanels * panel_stride;  // V[xi][panel][c][48]
+  thread_local AlignedBuffer vbuf, mbuf;
+  float* V = vbuf.get(P * xi_stride);
+  float* prod = mbuf.get(P * ob_count * kTileRows * NT + 16);
+  const int64_t windows = ceil_div(T, 16);
+  const int64_t c_chunks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), windows), 1, ceil_div(C, 16));
+  at::parallel_for(0, windows * c_chunks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<TileRun> runs;
+    for (int64_t task = b0; task < b1; ++task) {
+      const int64_t t0 = task / c_chunks * 16, cc = task % c_chunks;
+      tile_runs(t0, std::min(T, t0 + 16), per_image, tw, th, tw, runs);
+      WindowRun wr[16];
+      for (int64_t c = cc * C / c_chunks; c < (cc + 1) * C / c_chunks; ++c) {
+        const int cnt = window_runs(runs, 0, static_cast<int>(runs.size()), padded + c * plane, C * plane, Wp, wr, M);
+        input_transform<R, M>(wr, cnt, Wp, V + (t0 / kTileCols) * panel_stride + c * kTileCols + t0 % kTileCols,
+                              xi_stride);
+      }
+    }
+  });
+  const int64_t kb_count = ceil_div(C, kMaxBlockC), kc_max = ceil_div(C, kb_count);
+  const int64_t o_groups = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), P), 1, ob_count);
+  at::parallel_for(0, P * o_groups, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t task = b0; task < b1; ++task) {
+      const int64_t xi = task / o_groups, og = task % o_groups;
+      for (int64_t cb = 0; cb < kb_count; ++cb) {
+        const int64_t c0 = cb * kc_max, kc = std::min(kc_max, C - c0);
+        for (int64_t ob = og * ob_count / o_groups; ob < (og + 1) * ob_count / o_groups; ++ob) {
+          const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
+          const float* a = U + ((xi * ob_count + ob) * C + c0) * kTileRows;
+          for (int64_t j = 0; j < npanels; ++j) {
+            const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(T - j * kTileCols, 16)));
+            TileDest d;
+            d.ldc = NT;
+            for (int v = 0; v < kTileVectors; ++v) {
+              d.ptr[v][0] = d.ptr[v][1] = prod + (xi * ob_count + ob) * kTileRows * NT + j * kTileCols + 16 * v;
+              d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
+              d.mask[v][1] = 0;
+            }
+            run_micro_kernel(mr, nv, kc, a, 1, kTileRows,
+                             PanelB{V + xi * xi_stride + j * panel_stride + c0 * kTileCols, kTileCols}, d,
+                             cb == 0 ? Init::kZero : Init::kAccumulate, nullptr);
+          }
+        }
+      }
+    }
+  });
+  std::vector<TileRun> runs;
+  tile_runs(0, T, per_image, tw, th, tw, runs);
+  at::parallel_for(0, OC, engine::grain_for(P * 16 * ceil_div(T, 16)), [&](int64_t o0, int64_t o1) {
+    store_outputs<R, M>(prod, NT, ob_count * kTileRows * NT, runs, bias, relu, out, p, o0, o1);
+  });
+}
 
 // F(MxM, RxR) on an RxR kernel (other sizes: forward_decomposed, M = 2).
 template <int R, int M = 2>
 inline void forward_tiles(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
-                          bool relu) {
+                          bool relu, bool flipped) {
   if constexpr (M == 2) {
-    if (p.kernel_h != R || p.kernel_w != R) return forward_decomposed<R>(input, weight, bias, out, p, relu);
+    if (p.kernel_h != R || p.kernel_w != R) return forward_decomposed<R>(input, weight, bias, out, p, relu, flipped);
   }
   constexpr int P = kPoints<R, M>;
   const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w;
@@ -572,11 +699,14 @@ inline void forward_tiles(const float* input, const float* weight, const float* 
   const int64_t ob_count = ceil_div(OC, kTileRows);
   thread_local AlignedBuffer u_buf;  // not zeroed: transform_weights writes every row
   float* U = u_buf.get(P * ob_count * C * kTileRows);
-  transform_weights<R, M>(weight, OC, C, U);
+  transform_weights<R, M>(weight, OC, C, U, flipped);
   // zero-padded input: padded row ph + h holds input row h; tiles read rows [Mi, Mi + M + R - 1)
   AlignedBuffer pad_buf;
   float* padded = pad_buf.get(p.batch * C * plane + 128);  // +128: the last run's loads read past its row
   engine::copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
+  if (whole_tiles_forward(p, P, T, tiles_per_item<R, M>(p))) {
+    return forward_whole_tiles<R, M>(U, padded, plane, Wp, th, tw, bias, relu, out, p);
+  }
   // items of whole 16-tile windows, balanced over the threads; NT: the largest, in whole panels
   const engine::BalancedItems items(T, tiles_per_item<R, M>(p), 16);
   const int64_t NT = ceil_div(items.largest(), kTileCols) * kTileCols, npanels = NT / kTileCols;
@@ -644,7 +774,7 @@ inline void forward_tiles(const float* input, const float* weight, const float* 
 // than RxR (4x4 on F(2x2, 5x5)) is one sub-kernel, zero-padded.
 template <int R>
 inline void forward_decomposed(const float* input, const float* weight, const float* bias, float* out,
-                               const Conv2dParams& p, bool relu) {
+                               const Conv2dParams& p, bool relu, bool flipped) {
   constexpr int P = kPoints<R>;
   const int64_t C = p.in_channels, OC = p.out_channels, OW = p.out_w, OH = p.out_h;
   const int64_t KH = p.kernel_h, KW = p.kernel_w, na = sub_kernels<R>(KH), nb = sub_kernels<R>(KW), nab = na * nb;
@@ -663,7 +793,9 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
         for (int64_t ab = 0; ab < nab; ++ab) {
           const SubKernel<R>& sk = subs[ab];
           for (int j = 0; j < sk.count; ++j)
-            sub[((oc * C + c) * nab + ab) * R * R + sk.tap[j]] = weight[(oc * C + c) * KH * KW + sk.dst[j]];
+            sub[((oc * C + c) * nab + ab) * R * R + sk.tap[j]] =
+                flipped ? weight[(c * OC + oc) * KH * KW + KH * KW - 1 - sk.dst[j]]
+                        : weight[(oc * C + c) * KH * KW + sk.dst[j]];
         }
   });
   thread_local AlignedBuffer u_buf;  // not zeroed: transform_weights writes every row
@@ -729,11 +861,13 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
   });
 }
 
+// `flipped_weights`: p is a backward-input's flipped convolution (flipped_conv.h) and `weight` the forward
+// convolution's weights, flipped and transposed on the fly.
 inline void forward(const float* input, const float* weight, const float* bias, float* out, const Conv2dParams& p,
-                    bool relu = false) {
-  if (tile_kernel(p) == 5) return forward_tiles<5>(input, weight, bias, out, p, relu);
-  if (four_by_four(p)) return forward_tiles<3, 4>(input, weight, bias, out, p, relu);
-  forward_tiles<3>(input, weight, bias, out, p, relu);
+                    bool relu = false, bool flipped_weights = false) {
+  if (tile_kernel(p) == 5) return forward_tiles<5>(input, weight, bias, out, p, relu, flipped_weights);
+  if (four_by_four(p)) return forward_tiles<3, 4>(input, weight, bias, out, p, relu, flipped_weights);
+  forward_tiles<3>(input, weight, bias, out, p, relu, flipped_weights);
 }
 
 // ---- backward-weight -------------------------------------------------------------------------
