@@ -252,6 +252,24 @@ FASTCONV_AVX512 inline void weight_points43_x8(const float (*g8)[8], float* u, i
   }
 }
 
+// (G g G^T)[xi] of F(2x2, 3x3) for 8 kernels at once: G x = x0, (x0 + x1 + x2)/2, (x0 - x1 + x2)/2, x2.
+FASTCONV_AVX512 inline void weight_points23_x8(const float (*g8)[8], float* u, int64_t xi_step) {
+  const __m256 half = _mm256_set1_ps(0.5f);
+  __m256 t[4][3];  // G g
+  for (int j = 0; j < 3; ++j) {
+    const __m256 x0 = _mm256_load_ps(g8[j]), x1 = _mm256_load_ps(g8[3 + j]), x2 = _mm256_load_ps(g8[6 + j]);
+    const __m256 a = _mm256_mul_ps(half, _mm256_add_ps(x0, x2)), b = _mm256_mul_ps(half, x1);
+    t[0][j] = x0, t[1][j] = _mm256_add_ps(a, b), t[2][j] = _mm256_sub_ps(a, b), t[3][j] = x2;
+  }
+  for (int i = 0; i < 4; ++i) {  // (G g) G^T
+    const __m256 a = _mm256_mul_ps(half, _mm256_add_ps(t[i][0], t[i][2])), b = _mm256_mul_ps(half, t[i][1]);
+    _mm256_storeu_ps(u + (i * 4 + 0) * xi_step, t[i][0]);
+    _mm256_storeu_ps(u + (i * 4 + 1) * xi_step, _mm256_add_ps(a, b));
+    _mm256_storeu_ps(u + (i * 4 + 2) * xi_step, _mm256_sub_ps(a, b));
+    _mm256_storeu_ps(u + (i * 4 + 3) * xi_step, t[i][2]);
+  }
+}
+
 // U[xi][ob][c][8] = (G g G^T)[xi] for g = w[ob*8 + r][c] (RxR), zero rows past OC. With `flipped`, g is
 // the flipped, transposed kernel of a backward-input (flipped_conv.h) read straight from the forward
 // weights w[c][oc] (taps reversed): no flipped copy (it, and zeroing it, took 7.6% of AlexNet conv3's
@@ -259,61 +277,33 @@ FASTCONV_AVX512 inline void weight_points43_x8(const float (*g8)[8], float* u, i
 template <int R, int M = 2>
 inline void transform_weights(const float* w, int64_t OC, int64_t C, float* U, bool flipped = false) {
   constexpr int P = kPoints<R, M>;
-  constexpr bool f23 = R == 3 && M == 2;
   const int64_t ob_count = ceil_div(OC, kTileRows);
-  // Per block of 8 output channels and input channel: the 8 transforms, then each of the P
-  // positions stored as one contiguous run of 8 floats (it was P scattered floats per (oc, c):
-  // a quarter of AlexNet conv5's Winograd forward at batch 8, measured).
+  // Per block of 8 output channels and input channel: the 8 kernels gathered tap-major, transformed
+  // 8 per vector, each of the P positions stored as one contiguous run of 8 floats (it was P scattered
+  // floats per (oc, c): a quarter of AlexNet conv5's Winograd forward at batch 8, measured; and the
+  // F(2x2, 3x3) transform in scalar code took 20-24% of ResNet's 512 at 7x7 over whole tiles).
   at::parallel_for(0, ob_count, engine::grain_for(P * C * kTileRows), [&](int64_t b0, int64_t b1) {
     for (int64_t ob = b0; ob < b1; ++ob) {
       for (int64_t c = 0; c < C; ++c) {
-        float u[P][kTileRows];
-        alignas(32) float g8[R * R][kTileRows];  // 6x6 points: the 8 kernels, tap-major
+        alignas(32) float g8[R * R][kTileRows];
         for (int64_t r = 0; r < kTileRows; ++r) {
           const int64_t oc = ob * kTileRows + r;
           if (oc >= OC) {
-            if constexpr (f23) {
-              for (int xi = 0; xi < P; ++xi) u[xi][r] = 0.f;
-            } else {
-              for (int k = 0; k < R * R; ++k) g8[k][r] = 0.f;
-            }
-            continue;
-          }
-          float g[R * R];
-          if (flipped) {
-            for (int k = 0; k < R * R; ++k) g[k] = w[(c * OC + oc) * R * R + R * R - 1 - k];
+            for (int k = 0; k < R * R; ++k) g8[k][r] = 0.f;
+          } else if (flipped) {
+            for (int k = 0; k < R * R; ++k) g8[k][r] = w[(c * OC + oc) * R * R + R * R - 1 - k];
           } else {
-            for (int k = 0; k < R * R; ++k) g[k] = w[(oc * C + c) * R * R + k];
-          }
-          if constexpr (f23) {
-            float t[4][3];  // G g
-            for (int j = 0; j < 3; ++j) {
-              t[0][j] = g[j];
-              t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
-              t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
-              t[3][j] = g[6 + j];
-            }
-            for (int i = 0; i < 4; ++i) {  // (G g) G^T
-              u[i * 4 + 0][r] = t[i][0];
-              u[i * 4 + 1][r] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
-              u[i * 4 + 2][r] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
-              u[i * 4 + 3][r] = t[i][2];
-            }
-          } else {
-            for (int k = 0; k < R * R; ++k) g8[k][r] = g[k];
+            for (int k = 0; k < R * R; ++k) g8[k][r] = w[(oc * C + c) * R * R + k];
           }
         }
-        if constexpr (!f23) {
-          if constexpr (R == 5) {
-            weight_points_x8<5>(kG5, g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
-          } else {
-            weight_points43_x8(g8, U + (ob * C + c) * kTileRows, ob_count * C * kTileRows);
-          }
-          continue;
-        }
-        for (int xi = 0; xi < P; ++xi) {
-          float* dst = U + ((xi * ob_count + ob) * C + c) * kTileRows;
-          for (int64_t r = 0; r < kTileRows; ++r) dst[r] = u[xi][r];
+        float* u = U + (ob * C + c) * kTileRows;
+        const int64_t xi_step = ob_count * C * kTileRows;
+        if constexpr (R == 5) {
+          weight_points_x8<5>(kG5, g8, u, xi_step);
+        } else if constexpr (M == 4) {
+          weight_points43_x8(g8, u, xi_step);
+        } else {
+          weight_points23_x8(g8, u, xi_step);
         }
       }
     }
