@@ -152,12 +152,13 @@ inline bool whole_tiles_forward(const Conv2dParams& p) {
 
 // The same for backward-weight: from 64 input and output channels (measured, Intel host, 2 threads,
 // against F(2x2, 3x3): 0.73-0.94x the time at 64-384 channels on 13x13-56x56 planes at batch 2-32;
-// 1.37x at 32->64 channels (MNIST conv2), where transforming grad_output outweighs the products).
+// 1.37x at 32->64 channels (MNIST conv2), where transforming grad_output outweighs the products;
+// 1.02-1.03x under 128 tiles of 4x4, as in the forward).
 inline bool weight_grad_four_by_four(const Conv2dParams& p) {
   if (p.kernel_h != 3 || p.kernel_w != 3) return false;
   const char* e = std::getenv("FASTCONV_WINOGRAD_TILE");
   if (e && (e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] == '4';
-  return p.in_channels >= 64 && p.out_channels >= 64;
+  return p.in_channels >= 64 && p.out_channels >= 64 && p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4) >= 128;
 }
 
 // Work items of the forward pass (blocks of tiles; Winograd is not split over channels, so these are
