@@ -310,3 +310,40 @@ def test_environment_variable_sets_the_starting_algorithm():
     env = dict(os.environ, FASTCONV_CONV_ALGORITHM="winograd")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "winograd"
+
+
+def test_winograd_random_shapes_every_variant(monkeypatch):
+    # 80 random stride-1 shapes (kernels 3x3 to 7x7, square or not, any padding below the kernel, 8-70
+    # channels, batch 1-4) on a random Winograd variant each (2x2 or 4x4 tiles for 3x3, blocks of tiles
+    # or whole tiles): every pass within the 1e-4 of the largest element asked of Winograd in float32
+    rng = torch.Generator().manual_seed(7)
+
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (1,), generator=rng))]
+
+    def randint(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    kernels = [(3, 3), (3, 3), (4, 4), (5, 5), (5, 5), (3, 5), (5, 3), (6, 6), (7, 7), (4, 6), (7, 5)]
+    for _ in range(80):
+        monkeypatch.setenv("FASTCONV_WINOGRAD_TILE", pick(["2", "4"]))
+        monkeypatch.setenv("FASTCONV_WINOGRAD_WHOLE_TILES", pick(["0", "1"]))
+        k = pick(kernels)
+        ph, pw = randint(0, k[0] - 1), randint(0, k[1] - 1)
+        n, c, oc = randint(1, 4), randint(8, 70), randint(8, 70)
+        h, w = randint(max(1, k[0] - 2 * ph), 40), randint(max(1, k[1] - 2 * pw), 40)
+        x = torch.randn(n, c, h, w, dtype=torch.float64, generator=rng)
+        wt = torch.randn(oc, c, *k, dtype=torch.float64, generator=rng)
+        xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        ref = F.conv2d(xr, wr, None, 1, (ph, pw))
+        go = torch.randn(ref.shape, dtype=torch.float64, generator=rng)
+        ref.backward(go)
+        xf, wf = x.float().requires_grad_(), wt.float().requires_grad_()
+        with fastconv.conv_algorithm("winograd"):
+            out = FC.conv2d(xf, wf, None, 1, (ph, pw))
+            out.backward(go.float())
+            assert fastconv.conv2d_algorithm(xf, wf, 1, (ph, pw)).startswith("winograd")
+        for name, got, want in (("output", out, ref), ("grad_input", xf.grad, xr.grad), ("grad_weight", wf.grad, wr.grad)):
+            assert torch.isfinite(got).all(), f"{name} not finite for {(n, c, h, w, oc, k, ph, pw)}"
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-4, f"{name}: error {err:.2e} for {(n, c, h, w, oc, k, ph, pw)}"
