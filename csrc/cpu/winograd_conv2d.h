@@ -876,6 +876,28 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // transforming per channel and transposing each of the 16 results (that took 1.01-1.06x the time of
 // Winograd backward-weight, interleaved A/B on the Intel host). Writes `tiles` rows per xi. 4x4 tiles
 // (F(4x4, 3x3)): a quarter window (4 tiles, 16 pixels) per row, four rows.
+// Pixels 16h .. 16h+15 of rows 0 .. M-1 of a window's runs (tiles M pixels wide) for `channels` channels
+// (channel o of run k at runs[k].src + o*plane; zero past them and outside the runs), transposed:
+// px[r][p] holds the 16 channels of pixel 16h + p of row r.
+template <int M>
+FASTCONV_AVX512 inline void load_grad_output_pixels(const WindowRun* runs, int count, int64_t plane, int64_t Wq,
+                                                    int64_t channels, int h, __m512 px[M][16]) {
+  for (int r = 0; r < M; ++r)
+    for (int o = 0; o < 16; ++o) px[r][o] = _mm512_setzero_ps();
+  for (int k = 0; k < count; ++k) {
+    // each tile's M pixels
+    const uint64_t pm = M == 4 ? _pdep_u64(runs[k].lanes, 0x1111111111111111ull) * 15u
+                               : uint64_t(_pdep_u32(runs[k].lanes, 0x55555555u)) * 3u;
+    const __mmask16 m = static_cast<__mmask16>(pm >> (16 * h));
+    if (!m) continue;
+    for (int64_t o = 0; o < channels; ++o) {
+      const float* row = runs[k].src + o * plane + 16 * h;
+      for (int r = 0; r < M; ++r) px[r][o] = _mm512_mask_loadu_ps(px[r][o], m, row + r * Wq);
+    }
+  }
+  for (int r = 0; r < M; ++r) engine::transpose16(px[r]);
+}
+
 template <int R, int M = 2>
 FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int count, int64_t plane, int64_t Wq,
                                                   int64_t channels, float* gmt, int64_t xi_stride, int64_t ld,
@@ -883,19 +905,8 @@ FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int cou
   const __m512 zero = _mm512_setzero_ps();
   if constexpr (M == 4) {
     for (int h = 0; h < 4 && 4 * h < tiles; ++h) {  // tiles 4h .. 4h+3: pixels 16h .. 16h+15 of each row
-      __m512 px[4][16];                             // [row][channel], then [row][pixel]
-      for (int r = 0; r < 4; ++r)
-        for (int o = 0; o < 16; ++o) px[r][o] = zero;
-      for (int k = 0; k < count; ++k) {
-        const uint64_t pm = _pdep_u64(runs[k].lanes, 0x1111111111111111ull) * 15u;  // each tile's four pixels
-        const __mmask16 m = static_cast<__mmask16>(pm >> (16 * h));
-        if (!m) continue;
-        for (int64_t o = 0; o < channels; ++o) {
-          const float* row = runs[k].src + o * plane + 16 * h;
-          for (int r = 0; r < 4; ++r) px[r][o] = _mm512_mask_loadu_ps(px[r][o], m, row + r * Wq);
-        }
-      }
-      for (int r = 0; r < 4; ++r) engine::transpose16(px[r]);
+      __m512 px[4][16];
+      load_grad_output_pixels<4>(runs, count, plane, Wq, channels, h, px);
       for (int l = 0; l < 4 && 4 * h + l < tiles; ++l) {
         float* out = gmt + (4 * h + l) * ld;
         __m512 col[4][6];  // A gy, column by column
@@ -911,21 +922,8 @@ FASTCONV_AVX512 inline void grad_output_transform(const WindowRun* runs, int cou
     return;
   }
   for (int h = 0; h < 2 && 8 * h < tiles; ++h) {  // tiles 8h .. 8h+7: pixels 16h .. 16h+15 of each row
-    __m512 px[2][16];                             // [row][channel], then [row][pixel]
-    for (int r = 0; r < 2; ++r)
-      for (int o = 0; o < 16; ++o) px[r][o] = zero;
-    for (int k = 0; k < count; ++k) {
-      const uint32_t pm = _pdep_u32(runs[k].lanes, 0x55555555u) * 3u;  // each tile's two pixels
-      const __mmask16 m = static_cast<__mmask16>(pm >> (16 * h));
-      if (!m) continue;
-      for (int64_t o = 0; o < channels; ++o) {
-        const float* row = runs[k].src + o * plane + 16 * h;
-        px[0][o] = _mm512_mask_loadu_ps(px[0][o], m, row);
-        px[1][o] = _mm512_mask_loadu_ps(px[1][o], m, row + Wq);
-      }
-    }
-    engine::transpose16(px[0]);
-    engine::transpose16(px[1]);
+    __m512 px[2][16];
+    load_grad_output_pixels<2>(runs, count, plane, Wq, channels, h, px);
     for (int l = 0; l < 8 && 8 * h + l < tiles; ++l) {
       const __m512 g00 = px[0][2 * l], g01 = px[0][2 * l + 1], g10 = px[1][2 * l], g11 = px[1][2 * l + 1];
       float* out = gmt + (8 * h + l) * ld;
