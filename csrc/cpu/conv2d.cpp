@@ -161,10 +161,11 @@ int benchmark_choice(const ChoiceKey& key, Candidates&& make_candidates, Run&& r
 }
 
 // Winograd for the forward pass (and backward-input, a forward pass itself) / backward-weight.
-// auto: measured on Zen 4 (benchmarks/README.md): the transforms cost about as much as 8-16 channels
-// of products, so narrow layers keep GEMM; and the 16 transformed weight matrices (16*OC*C floats)
-// are re-read for every block of tiles, so very wide layers (ResNet's 512x512 at 7x7) keep GEMM.
-// Backward-weight transposes its grad_output transform, which only pays from 64 channels up.
+// auto: measured on Zen 4 and on the Intel host (benchmarks/README.md): the transforms cost about as
+// much as 8-16 channels of products, so narrow layers keep GEMM; the transformed weight matrices
+// (16 or 36 x OC x C floats) are re-read for every block of tiles, so very wide layers on small planes
+// take Winograd only over whole tiles (read once). Backward-weight transposes its grad_output
+// transform, which only pays from 64 channels up.
 bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   const int setting = g_algorithm_setting.load();
@@ -192,8 +193,8 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   // channels, behind it on 13x13/14x14 planes (odd sizes waste a tile row; short tile reductions). On
   // an Intel host (two 512-bit FMA units) it is ahead on those planes too from 192 channels and 256
   // tiles (AlexNet conv3-5, ResNet layer3, VGG's 512 at 14x14 at batch 8-32: 0.70-0.93x the GEMM's time), behind on
-  // 7x7 planes (1.1x) and at batch 1-2 (1.14-1.30x): taken there on Intel only, as measured. The
-  // "benchmark" setting measures the host it runs on.
+  // 7x7 planes (1.1x, session 6; 512 at 7x7 over whole tiles now 0.92x) and at batch 1-2 (1.14-1.30x):
+  // taken there on Intel only, as measured. The "benchmark" setting measures the host it runs on.
   if (weight_grad) {
     if (C < 64 || OC < 64) return false;
     const int64_t tiles = cpu::winograd::grid_tiles(p);
