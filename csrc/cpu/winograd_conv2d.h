@@ -127,15 +127,19 @@ constexpr int64_t kWholeForwardBytes = int64_t(32) << 20;  // V and M of all til
 
 // Whether a forward of `points` transform points over T tiles (items of `per_item`) runs over all tiles
 // at once (forward_whole_tiles): where items would leave a thread fewer than 4 and all tiles' V and M
-// fit in kWholeForwardBytes. Measured (Intel host, 2 threads, against items): 0.71-0.85x the time on
-// AlexNet conv3-4 at batch 8, 0.73x on VGG's 512 at 14x14, 0.64x on ResNet's 512 at 7x7 (batch 8),
-// 0.82x at batch 1-2; F(2x2, 5x5) at batch 1 1.05x. FASTCONV_WINOGRAD_WHOLE_TILES=0 or 1 forces it
-// (tests cover both).
+// fit in kWholeForwardBytes, or where the layer is wide for its tiles (C*OC >= 64 (C + OC): blocks of
+// tiles re-read U, points*C*OC floats, per block; whole tiles write and read V and M, points*(C + OC)
+// floats per tile, once) and they fit in twice that. Measured (Intel host, 2 threads, against items):
+// 0.71-0.85x the time on AlexNet conv3-4 at batch 8, 0.73x on VGG's 512 at 14x14, 0.64x on ResNet's 512
+// at 7x7 (batch 8), 0.82x at batch 1-2, 0.89-0.96x on AlexNet conv3-5 at batch 32, 0.92x on 128 at 28x28
+// (batch 8); 1.09-2.4x on AlexNet conv2 (64->192), 1.3x on 64 at 56x56, 1.26-1.41x on MNIST conv2
+// (32->64). FASTCONV_WINOGRAD_WHOLE_TILES=0 or 1 forces it (tests cover both).
 inline bool whole_tiles_forward(const Conv2dParams& p, int64_t points, int64_t T, int64_t per_item) {
   const char* e = std::getenv("FASTCONV_WINOGRAD_WHOLE_TILES");
   if (e && (e[0] == '0' || e[0] == '1') && e[1] == 0) return e[0] == '1';
-  const int64_t bytes = points * (p.in_channels + p.out_channels) * (T + kTileCols) * 4;
-  return ceil_div(T, per_item) < 4 * at::get_num_threads() && bytes <= kWholeForwardBytes;
+  const int64_t C = p.in_channels, OC = p.out_channels, bytes = points * (C + OC) * (T + kTileCols) * 4;
+  if (ceil_div(T, per_item) < 4 * at::get_num_threads()) return bytes <= kWholeForwardBytes;
+  return C * OC >= 64 * (C + OC) && bytes <= 2 * kWholeForwardBytes;
 }
 
 // The same for the forward `forward` below runs on these parameters (3x3 and 5x5 kernels; the sums of
