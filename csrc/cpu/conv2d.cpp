@@ -175,19 +175,23 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   // F(2x2, 5x5) (kernels of 4x4 and up): 0.39-0.45x the direct convolution's multiplications. Measured
   // (2 threads, Intel host, against the GEMM): AlexNet conv2 at batch 2-32 forward 0.63-0.78x,
   // backward-input 0.70-0.81x, backward-weight 0.69-0.91x (batch 1 too: its whole-tiles form splits
-  // over transform points, not tiles), 5x5 256->256 at 14x14 0.50-0.72x, 32->32 at 28x28 0.71-0.95x.
-  // Behind: backward-input at batch 1 (1.08x; the forward at batch 1 0.95x).
+  // over transform points, not tiles), 5x5 256->256 at 14x14 0.50-0.72x, 32->32 at 28x28 0.71-0.95x;
+  // at batch 1 too since the weight transform is vectorised and few tiles run over whole tiles (AlexNet
+  // conv2: forward 0.77x, backward-input 0.79x; 32->64 at 28x28 0.96-1.01x), with the tile-count
+  // rule of 3x3 below (16->32 on an 8x8 output at batch 1-8: 1.1-2x the GEMM's time).
+  const bool few_tiles =
+      cpu::winograd::grid_tiles(p) < 128 || (cpu::winograd::work_items(p) < 3 * at::get_num_threads() && C * OC < 4096);
   if (cpu::winograd::tile_kernel(p) == 5) {
     const int64_t subs = cpu::winograd::sub_kernel_count(p);
-    if (C < 16 || OC < 16 || C * OC * subs > 131072) return false;
-    return weight_grad || cpu::winograd::work_items(p) >= 3 * at::get_num_threads();
+    return C >= 16 && OC >= 16 && C * OC * subs <= 131072 && !few_tiles;
   }
   // Few tiles: 3x3 from 128 of F(2x2,3x3)'s tiles (over whole tiles where items would be few: the
   // products split over transform points, not tiles); below that (batch 1-2 on 13x13 planes) the GEMM,
   // which also splits output channels, wins (AlexNet conv3 at batch 1: 1.40x the GEMM's time, 256 at
-  // 13x13 at batch 2: 1.04x). Sums of sub-kernels need 3+ items per thread.
-  if (p.kernel_h == 3 && p.kernel_w == 3 ? cpu::winograd::grid_tiles(p) < 128
-                                         : cpu::winograd::work_items(p) < 3 * at::get_num_threads())
+  // 13x13 at batch 2: 1.04x), and where items are few also under 4096 input x output channels (16->32
+  // at 28x28 and 32->64 at 14x14, 196 tiles: 1.2-1.4x; 64->64 at 28x28 0.9x). Sums of sub-kernels need
+  // 3+ items per thread.
+  if (p.kernel_h == 3 && p.kernel_w == 3 ? few_tiles : cpu::winograd::work_items(p) < 3 * at::get_num_threads())
     return false;
   // backward-weight: measured (2 threads, Zen 4) ahead of the GEMM on 28x28 and 56x56 planes at 64-128
   // channels, behind it on 13x13/14x14 planes (odd sizes waste a tile row; short tile reductions). On
