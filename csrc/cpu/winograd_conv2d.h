@@ -1,22 +1,24 @@
-// Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1 convolutions on AVX-512 (float32), F(2x2, 5x5)
-// for 5x5 (and 4x4, zero-padded); larger kernels as sums of such sub-kernels (forward_decomposed;
-// backward-weight likewise).
+// Winograd convolutions on AVX-512 (float32), stride 1, dilation 1: F(2x2, 3x3) and F(4x4, 3x3) for
+// 3x3, F(2x2, 5x5) for 5x5 (and 4x4, zero-padded); other kernels as sums of such sub-kernels
+// (forward_decomposed; backward-weight likewise).
 //
-// Each 2x2 block of output pixels (a tile) is computed from its (R+1)x(R+1) input patch d as
+// Each MxM block of output pixels (a tile) is computed from its (M+R-1)x(M+R-1) input patch d as
 //   Y = A^T [ sum_c (G g_c G^T) .* (B^T d_c B) ] A
-// (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR'16): for R = 3, 16
-// multiplications per tile and channel pair instead of 36 (2.25x fewer); for R = 5, 36 instead of 100
-// (2.78x). The (R+1)^2 element-wise products summed over channels are as many independent GEMMs,
-// M_xi[oc][tile] = U_xi[oc][c] * V_xi[c][tile], run on the same micro-kernel as the im2col engine (gemm.h).
+// (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR'16): per tile and channel
+// pair, F(2x2, 3x3) takes 16 multiplications instead of 36 (2.25x fewer), F(4x4, 3x3) 36 instead of
+// 144 (4x), F(2x2, 5x5) 36 instead of 100 (2.78x). The P = (M+R-1)^2 element-wise products summed over
+// channels are P independent GEMMs, M_xi[oc][tile] = U_xi[oc][c] * V_xi[c][tile], run on the same
+// micro-kernel as the im2col engine (gemm.h).
 //
 // Per work item (a block of tiles, flattened over the batch like the engine's pixels):
 //   for each block of input channels: V = B^T d B for every tile (16 tiles of a tile row per vector,
 //   deinterleaved from contiguous loads of a zero-padded copy of the input) into 48-tile panels per xi; M_xi += U_xi
 //   V_xi; then Y = A^T M A + bias (+ ReLU), interleaved back into NCHW output rows (masked at odd edges).
+// With few items per thread, or wide layers, the forward runs over whole tiles (forward_whole_tiles).
 // Backward-input of a stride-1 conv is again such a conv (flipped weights), so it runs here too.
 // float32 error (relative to the sum of the products' magnitudes, random data, 64 channels, measured in
 // float64 numpy): about 1e-7 for F(2x2, 3x3) (its transforms use only 0.5, 1 and -1), 7e-7 for
-// F(2x2, 5x5) on the points 0, +-1, +-2 (the same B as F(4x4, 3x3)).
+// F(2x2, 5x5) and 1e-6 for F(4x4, 3x3) on the points 0, +-1, +-2 (both have the same B).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -867,7 +869,7 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 
 // ---- backward-weight -------------------------------------------------------------------------
 // grad_U[xi][oc][c] = sum over tiles of grad_M[xi][oc][t] * V[xi][c][t], grad_M = A gY A^T the
-// transform of each 2x2 block of grad_output, then grad_W = G^T grad_U G. The tile sum is the GEMM's
+// transform of each MxM block of grad_output, then grad_W = G^T grad_U G. The tile sum is the GEMM's
 // long reduction (as in the engine's backward-weight). Kernels past 3x3 as in forward_decomposed: the
 // tiles run over the larger grid, grad_M is zero on its extra tiles, and sub-kernel (a, b) reduces
 // grad_M[t] against V[t + a*TW + b] (the A operand shifted along its row), one grad_U per sub-kernel;
