@@ -107,9 +107,15 @@ inline int64_t grid_cols(const Conv2dParams& p) {
 // Tiles of the grid the Winograd passes run over, all images.
 inline int64_t grid_tiles(const Conv2dParams& p) { return p.batch * grid_rows(p) * grid_cols(p); }
 
-// Work items of F(4x4, 3x3)'s forward.
-inline int64_t work_items_4x4(const Conv2dParams& p) {
-  return ceil_div(p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4), tiles_per_item<3, 4>(p));
+// Tiles of F(4x4, 3x3)'s grid, all images.
+inline int64_t tiles_4x4(const Conv2dParams& p) { return p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4); }
+
+// An environment switch, read per call: 1 where `name` is `on`, 0 where it is `off`, else -1 (the rules
+// decide).
+inline int forced(const char* name, char off, char on) {
+  const char* e = std::getenv(name);
+  if (!e || (e[0] != off && e[0] != on) || e[1] != 0) return -1;
+  return e[0] == on;
 }
 
 // Whether a 3x3 forward runs on F(4x4, 3x3) rather than F(2x2, 3x3): from 128 of its 4x4 tiles
@@ -120,9 +126,8 @@ inline int64_t work_items_4x4(const Conv2dParams& p) {
 // run every 3x3 case on both).
 inline bool four_by_four(const Conv2dParams& p) {
   if (p.kernel_h != 3 || p.kernel_w != 3) return false;
-  const char* e = std::getenv("FASTCONV_WINOGRAD_TILE");
-  if (e && (e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] == '4';
-  return p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4) >= 128;
+  if (const int f = forced("FASTCONV_WINOGRAD_TILE", '2', '4'); f >= 0) return f;
+  return tiles_4x4(p) >= 128;
 }
 
 constexpr int64_t kWholeForwardBytes = int64_t(32) << 20;  // V and M of all tiles
@@ -137,23 +142,29 @@ constexpr int64_t kWholeForwardBytes = int64_t(32) << 20;  // V and M of all til
 // (batch 8); 1.09-2.4x on AlexNet conv2 (64->192), 1.3x on 64 at 56x56, 1.26-1.41x on MNIST conv2
 // (32->64). FASTCONV_WINOGRAD_WHOLE_TILES=0 or 1 forces it (tests cover both).
 inline bool whole_tiles_forward(const Conv2dParams& p, int64_t points, int64_t T, int64_t per_item) {
-  const char* e = std::getenv("FASTCONV_WINOGRAD_WHOLE_TILES");
-  if (e && (e[0] == '0' || e[0] == '1') && e[1] == 0) return e[0] == '1';
+  if (const int f = forced("FASTCONV_WINOGRAD_WHOLE_TILES", '0', '1'); f >= 0) return f;
   const int64_t C = p.in_channels, OC = p.out_channels, bytes = points * (C + OC) * (T + kTileCols) * 4;
   if (ceil_div(T, per_item) < 4 * at::get_num_threads()) return bytes <= kWholeForwardBytes;
   return C * OC >= 64 * (C + OC) && bytes <= 2 * kWholeForwardBytes;
 }
 
-// The same for the forward `forward` below runs on these parameters (3x3 and 5x5 kernels; the sums of
+// The tiles of the variant `forward` below runs these parameters on: transform points, tiles of its
+// grid (all images), tiles per work item.
+struct ForwardTiles {
+  int64_t points, tiles, per_item;
+};
+inline ForwardTiles forward_tiles_of(const Conv2dParams& p) {
+  if (tile_kernel(p) == 5) return {36, grid_tiles(p), tiles_per_item<5>(p)};
+  if (four_by_four(p)) return {36, tiles_4x4(p), tiles_per_item<3, 4>(p)};
+  return {16, grid_tiles(p), tiles_per_item<3>(p)};
+}
+
+// Whether the forward on these parameters runs over whole tiles (3x3 and 5x5 kernels; the sums of
 // sub-kernels always run in items).
 inline bool whole_tiles_forward(const Conv2dParams& p) {
-  if (tile_kernel(p) == 5) {
-    return p.kernel_h == 5 && p.kernel_w == 5 && whole_tiles_forward(p, 36, grid_tiles(p), tiles_per_item<5>(p));
-  }
-  if (p.kernel_h != 3 || p.kernel_w != 3) return false;
-  if (four_by_four(p))
-    return whole_tiles_forward(p, 36, p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4), tiles_per_item<3, 4>(p));
-  return whole_tiles_forward(p, 16, grid_tiles(p), tiles_per_item<3>(p));
+  if (!((p.kernel_h == 3 && p.kernel_w == 3) || (p.kernel_h == 5 && p.kernel_w == 5))) return false;
+  const ForwardTiles f = forward_tiles_of(p);
+  return whole_tiles_forward(p, f.points, f.tiles, f.per_item);
 }
 
 // The same for backward-weight: from 64 input and output channels (measured, Intel host, 2 threads,
@@ -162,16 +173,15 @@ inline bool whole_tiles_forward(const Conv2dParams& p) {
 // 1.02-1.03x under 128 tiles of 4x4, as in the forward).
 inline bool weight_grad_four_by_four(const Conv2dParams& p) {
   if (p.kernel_h != 3 || p.kernel_w != 3) return false;
-  const char* e = std::getenv("FASTCONV_WINOGRAD_TILE");
-  if (e && (e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] == '4';
-  return p.in_channels >= 64 && p.out_channels >= 64 && p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4) >= 128;
+  if (const int f = forced("FASTCONV_WINOGRAD_TILE", '2', '4'); f >= 0) return f;
+  return p.in_channels >= 64 && p.out_channels >= 64 && tiles_4x4(p) >= 128;
 }
 
-// Work items of the forward pass (blocks of tiles; Winograd is not split over channels, so these are
+// Work items of the forward pass in blocks of tiles (Winograd is not split over channels, so these are
 // what the threads share).
 inline int64_t work_items(const Conv2dParams& p) {
-  if (four_by_four(p)) return work_items_4x4(p);
-  return ceil_div(grid_tiles(p), tile_kernel(p) == 5 ? tiles_per_item<5>(p) : tiles_per_item<3>(p));
+  const ForwardTiles f = forward_tiles_of(p);
+  return ceil_div(f.tiles, f.per_item);
 }
 
 // Stride 1, dilation 1, one group, kernels from 3x3 up, padding at most kernel - 1 (the padded copy's
@@ -211,8 +221,8 @@ constexpr float kG5[6][5] = {{1.f / 4, 0.f, 0.f, 0.f, 0.f},
                              {1.f / 24, -2.f / 24, 4.f / 24, -8.f / 24, 16.f / 24},
                              {0.f, 0.f, 0.f, 0.f, 1.f}};
 
-// (G g G^T)[xi] of a 6x6-point transform (F(2x2, 5x5): K = 5, kG5; F(4x4, 3x3): K = 3, kG43) for 8
-// kernels at once (g8[tap][lane]), lane r to u + xi*xi_step + r.
+// (G g G^T)[xi] of a 6x6-point transform with a K-tap G (F(2x2, 5x5)'s kG5; F(4x4, 3x3) has its own
+// explicit weight_points43_x8) for 8 kernels at once (g8[tap][lane]), lane r to u + xi*xi_step + r.
 template <int K>
 FASTCONV_AVX512 inline void weight_points_x8(const float (&G)[6][K], const float (*g8)[8], float* u, int64_t xi_step) {
   __m256 t[6][K];  // G g
@@ -348,7 +358,7 @@ FASTCONV_AVX512 inline __m512i odd_lanes() {
 }
 
 // A 16-tile window of an item is made of runs (one per tile row it touches). Each run's inputs are
-// loaded as if its first tile sat in lane 0 of a window starting 2*lane floats earlier, so the
+// loaded as if its first tile sat in lane 0 of a window starting M*lane floats earlier, so the
 // deinterleaved lanes line up, and merged under the run's lane mask: the transforms then work on
 // dense 16-tile vectors however short the tile rows are.
 struct WindowRun {
@@ -546,14 +556,20 @@ FASTCONV_AVX512 inline void output_transform(const float* m, int64_t xi_stride, 
   }
 }
 
+// permutex2var(a, ., b) indices interleaving lanes 0-7 (lo) or 8-15 (hi) of a and b: a0 b0 a1 b1 ...
+FASTCONV_AVX512 inline __m512i interleave_lo() {
+  return _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+FASTCONV_AVX512 inline __m512i interleave_hi() {
+  return _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+}
+
 // Writes the tiles of lanes [lane, lane + len) of y (one tile-row run) interleaved into output rows
 // 2i (and 2i+1 when `second_row`) from column 2*j0; `cols` of them are inside the output.
 FASTCONV_AVX512 inline void store_run(const __m512 y[4], int64_t lane, float* out, int64_t OW, int64_t cols,
                                       bool second_row) {
   const __m512i shift = _mm512_set1_epi32(static_cast<int>(lane));
-  const __m512i lo = _mm512_add_epi32(_mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), shift);
-  const __m512i hi =
-      _mm512_add_epi32(_mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), shift);
+  const __m512i lo = _mm512_add_epi32(interleave_lo(), shift), hi = _mm512_add_epi32(interleave_hi(), shift);
   const __mmask16 m_lo = lane_mask(0, cols), m_hi = lane_mask(0, cols - 16);
   for (int r = 0; r < (second_row ? 2 : 1); ++r) {
     _mm512_mask_storeu_ps(out + r * OW, m_lo, _mm512_permutex2var_ps(y[2 * r], lo, y[2 * r + 1]));
@@ -568,8 +584,7 @@ FASTCONV_AVX512 inline void store_run4(const __m512 y[16], int64_t lane, float* 
                                        int64_t rows) {
   const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i shift = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(lane)));
-  const __m512i pairs_lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i pairs_hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i pairs_lo = interleave_lo(), pairs_hi = interleave_hi();
   const __m512i quads_lo = _mm512_set_epi32(23, 22, 7, 6, 21, 20, 5, 4, 19, 18, 3, 2, 17, 16, 1, 0);
   const __m512i quads_hi = _mm512_set_epi32(31, 30, 15, 14, 29, 28, 13, 12, 27, 26, 11, 10, 25, 24, 9, 8);
   for (int64_t r = 0; r < rows; ++r) {
@@ -610,6 +625,29 @@ FASTCONV_AVX512 inline void store_outputs(const float* prod, int64_t NT, int64_t
           store_run4(y, r.t % 16, dst, OW, cols, std::min<int64_t>(4, p.out_h - 4 * r.i));
         }
       }
+    }
+  }
+}
+
+// M_xi = (Init::kZero) or += (Init::kAccumulate) U_xi V_xi for the output-channel blocks [ob0, ob1) and
+// the first `tiles` columns: U[xi][ob][c][8] from input channel c0, kc deep; V_xi in 48-tile panels
+// `panel_stride` floats apart from v (kc rows of 48 each); M_xi rows NT floats apart from m.
+inline void transformed_products(const float* U, int64_t xi, int64_t ob_count, int64_t C, int64_t c0, int64_t kc,
+                                 int64_t OC, int64_t ob0, int64_t ob1, const float* v, int64_t panel_stride,
+                                 int64_t tiles, float* m, int64_t NT, Init init) {
+  for (int64_t ob = ob0; ob < ob1; ++ob) {
+    const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
+    const float* a = U + ((xi * ob_count + ob) * C + c0) * kTileRows;
+    for (int64_t j = 0; j < ceil_div(tiles, kTileCols); ++j) {
+      const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(tiles - j * kTileCols, 16)));
+      TileDest d;
+      d.ldc = NT;
+      for (int q = 0; q < kTileVectors; ++q) {
+        d.ptr[q][0] = d.ptr[q][1] = m + ob * kTileRows * NT + j * kTileCols + 16 * q;
+        d.mask[q][0] = q < nv ? __mmask16(0xFFFF) : __mmask16(0);
+        d.mask[q][1] = 0;
+      }
+      run_micro_kernel(mr, nv, kc, a, 1, kTileRows, PanelB{v + j * panel_stride, kTileCols}, d, init, nullptr);
     }
   }
 }
@@ -655,23 +693,9 @@ inline void forward_whole_tiles(const float* U, const float* padded, int64_t pla
       const int64_t xi = task / o_groups, og = task % o_groups;
       for (int64_t cb = 0; cb < kb_count; ++cb) {
         const int64_t c0 = cb * kc_max, kc = std::min(kc_max, C - c0);
-        for (int64_t ob = og * ob_count / o_groups; ob < (og + 1) * ob_count / o_groups; ++ob) {
-          const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
-          const float* a = U + ((xi * ob_count + ob) * C + c0) * kTileRows;
-          for (int64_t j = 0; j < npanels; ++j) {
-            const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(T - j * kTileCols, 16)));
-            TileDest d;
-            d.ldc = NT;
-            for (int v = 0; v < kTileVectors; ++v) {
-              d.ptr[v][0] = d.ptr[v][1] = prod + (xi * ob_count + ob) * kTileRows * NT + j * kTileCols + 16 * v;
-              d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
-              d.mask[v][1] = 0;
-            }
-            run_micro_kernel(mr, nv, kc, a, 1, kTileRows,
-                             PanelB{V + xi * xi_stride + j * panel_stride + c0 * kTileCols, kTileCols}, d,
-                             cb == 0 ? Init::kZero : Init::kAccumulate, nullptr);
-          }
-        }
+        transformed_products(U, xi, ob_count, C, c0, kc, OC, og * ob_count / o_groups, (og + 1) * ob_count / o_groups,
+                             V + xi * xi_stride + c0 * kTileCols, panel_stride, T,
+                             prod + xi * ob_count * kTileRows * NT, NT, cb == 0 ? Init::kZero : Init::kAccumulate);
       }
     }
   });
@@ -733,25 +757,9 @@ inline void forward_tiles(const float* input, const float* weight, const float* 
                                   xi_stride);
           }
         }
-        const int64_t live_panels = ceil_div(t1 - t0, kTileCols);
         for (int64_t xi = 0; xi < P; ++xi) {
-          for (int64_t ob = 0; ob < ob_count; ++ob) {
-            const int mr = static_cast<int>(std::min<int64_t>(kTileRows, OC - ob * kTileRows));
-            const float* a = U + ((xi * ob_count + ob) * C + c0) * kTileRows;
-            for (int64_t j = 0; j < live_panels; ++j) {
-              const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, ceil_div(t1 - t0 - j * kTileCols, 16)));
-              TileDest d;
-              d.ldc = NT;
-              for (int v = 0; v < kTileVectors; ++v) {
-                d.ptr[v][0] = d.ptr[v][1] =
-                    prod + (xi * ob_count * kTileRows + ob * kTileRows) * NT + j * kTileCols + 16 * v;
-                d.mask[v][0] = v < nv ? __mmask16(0xFFFF) : __mmask16(0);
-                d.mask[v][1] = 0;
-              }
-              run_micro_kernel(mr, nv, kc, a, 1, kTileRows, PanelB{V + xi * xi_stride + j * panel_stride, kTileCols}, d,
-                               cb == 0 ? Init::kZero : Init::kAccumulate, nullptr);
-            }
-          }
+          transformed_products(U, xi, ob_count, C, c0, kc, OC, 0, ob_count, V + xi * xi_stride, panel_stride, t1 - t0,
+                               prod + xi * ob_count * kTileRows * NT, NT, cb == 0 ? Init::kZero : Init::kAccumulate);
         }
       }
       store_outputs<R, M>(prod, NT, ob_count * kTileRows * NT, runs, bias, relu, out, p);
