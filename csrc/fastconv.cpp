@@ -1,7 +1,7 @@
 // The op schemas of fastconv and the Python module init. Kernels register themselves per backend
 // in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(fastconv, CPU, m)) and csrc/cuda/*.cu (..., CUDA, m);
-// the forward ops' autograd is csrc/autograd.cpp; fake (meta) kernels, autocast and the backward ops'
-// autograd are registered from Python, in fastconv/_ops.py.
+// every op's autograd is csrc/autograd.cpp; fake (meta) kernels and autocast are registered from
+// Python, in fastconv/_ops.py.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

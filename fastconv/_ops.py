@@ -1,10 +1,8 @@
-"""Fake (meta) kernels, autograd formulas and autocast rules of the registered ops ``torch.ops.fastconv.*``.
+"""Fake (meta) kernels, autocast rules and decompositions of the registered ops ``torch.ops.fastconv.*``.
 
 The C++/CUDA kernels compute; this file registers, on the dispatcher, what every caller of the ops
 gets (``fastconv.functional``, the modules and ``torch.ops.fastconv.*`` alike):
 - fake kernels: output shapes for torch.compile/FakeTensor tracing, and the kernels of meta tensors;
-- autograd of the backward ops (double backward); the forward ops' autograd is C++ (csrc/autograd.cpp:
-  a Python autograd formula cost about 20 us per call);
 - autocast (``AutocastCPU``/``AutocastCUDA``), as torchvision's ``csrc/ops/autocast`` kernels do;
 - decompositions into the equivalent aten ops, which only exporters that run torch's whole
   decomposition table apply: ``torch.onnx.export(model, args, dynamo=True)`` then writes standard
@@ -68,67 +66,6 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
 @torch.library.register_fake("fastconv::_max_pool2d_backward")
 def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
     return input.new_empty(input.shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# autograd of the backward ops (double backward); conv2d's and max_pool2d's own is csrc/autograd.cpp
-# ---------------------------------------------------------------------------------------------
-def _given(t):
-    # an unused output's gradient may arrive as None or as the op's empty placeholder
-    return t is not None and t.numel() > 0
-
-
-def _conv2d_backward_setup_context(ctx, inputs, output):
-    grad_output, input, weight, stride, padding, dilation, groups, output_mask = inputs
-    ctx.save_for_backward(grad_output, input, weight)
-    ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.output_mask = list(output_mask)
-
-
-def _conv2d_double_backward(ctx, ggi, ggw, ggb):
-    # grad_input, grad_weight and grad_bias are bilinear in (grad_output, weight) and
-    # (grad_output, input): each term below is one of the two partial derivatives, written with
-    # the same ops, so it is differentiable again.
-    go, input, weight = ctx.saved_tensors
-    args = ctx.conv_args
-    has_gi = ctx.output_mask[0] and _given(ggi)
-    has_gw = ctx.output_mask[1] and _given(ggw)
-    has_gb = ctx.output_mask[2] and _given(ggb)
-    g_go = g_input = g_weight = None
-    if ctx.needs_input_grad[0]:
-        g_go = torch.zeros_like(go)
-        if has_gi:
-            g_go = g_go + ops.conv2d(ggi, weight, None, *args)
-        if has_gw:
-            g_go = g_go + ops.conv2d(input, ggw, None, *args)
-        if has_gb:
-            g_go = g_go + ggb.view(1, -1, 1, 1)
-    if ctx.needs_input_grad[1] and has_gw:
-        g_input = ops._conv2d_backward(go, input, ggw, *args, [True, False, False])[0]
-    if ctx.needs_input_grad[2] and has_gi:
-        g_weight = ops._conv2d_backward(go, ggi, weight, *args, [False, True, False])[1]
-    return g_go, g_input, g_weight, None, None, None, None, None
-
-
-def _max_pool2d_backward_setup_context(ctx, inputs, output):
-    grad_output, input, indices, *_ = inputs
-    ctx.save_for_backward(indices)
-    ctx.out_shape = grad_output.shape
-
-
-def _max_pool2d_double_backward(ctx, ggi):
-    # grad_input scatters grad_output to the argmax positions: its adjoint gathers from them.
-    (indices,) = ctx.saved_tensors
-    g_go = None
-    if ctx.needs_input_grad[0] and _given(ggi):
-        g_go = ggi.flatten(2).gather(2, indices.flatten(2)).view(ctx.out_shape)
-    return g_go, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("fastconv::_conv2d_backward", _conv2d_double_backward,
-                                setup_context=_conv2d_backward_setup_context)
-torch.library.register_autograd("fastconv::_max_pool2d_backward", _max_pool2d_double_backward,
-                                setup_context=_max_pool2d_backward_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,3 +103,61 @@ def test_torch_compile_fullgraph_training_step():
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(eager.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_backward_ops_are_differentiable(device):
+    # the backward ops' own autograd (csrc/autograd.cpp), called directly: gradcheck of every output
+    # and mask, gradgradcheck (the convolution's third order)
+    conv_args = ([2, 1], [1, 0], [1, 2], 2)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    go = torch.randn_like(ops.conv2d(x, w, None, *conv_args)).requires_grad_()
+    for mask in ([True, True, True], [True, False, False], [False, True, False], [False, True, True]):
+        def conv_backward(go, x, w, mask=mask):
+            return tuple(g for g, m in zip(ops._conv2d_backward(go, x, w, *conv_args, mask), mask) if m)
+        assert torch.autograd.gradcheck(conv_backward, (go, x, w))
+    assert torch.autograd.gradgradcheck(
+        lambda go, x, w: ops._conv2d_backward(go, x, w, *conv_args, [True, True, False])[:2], (go, x, w),
+        fast_mode=True)
+    xp = torch.randperm(2 * 3 * 9 * 9, dtype=torch.float64).view(2, 3, 9, 9).to(device)
+    pool_args = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    _, idx = ops.max_pool2d(xp, *pool_args)
+    pgo = torch.randn(idx.shape, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g: ops._max_pool2d_backward(g, xp, idx, *pool_args), (pgo,))
+    assert torch.autograd.gradgradcheck(lambda g: ops._max_pool2d_backward(g, xp, idx, *pool_args), (pgo,))
+
+
+def test_graph_only_where_a_gradient_is_needed():
+    # calls that need no gradient skip the autograd Function (no graph); the others build one
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = ops.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    assert y.grad_fn is not None
+    go = torch.randn_like(y)
+    with torch.no_grad():
+        assert ops.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1).grad_fn is None
+        assert ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)[0].grad_fn is None
+    assert ops.conv2d(x.detach(), w.detach(), None, [1, 1], [1, 1], [1, 1], 1).grad_fn is None
+    gi, gw, _ = ops._conv2d_backward(go, x.detach(), w.detach(), [1, 1], [1, 1], [1, 1], 1, [True, True, False])
+    assert gi.grad_fn is None and gw.grad_fn is None
+    torch.testing.assert_close((gi, gw), torch.autograd.grad(y, (x, w), go))
+    gi2, _, _ = ops._conv2d_backward(go.requires_grad_(), x, w, [1, 1], [1, 1], [1, 1], 1, [True, False, False])
+    assert gi2.grad_fn is not None
+    torch.testing.assert_close(gi2, gi)
+
+
+def test_forward_mode_ad_is_refused():
+    # no jvp formulas: a dual input is an error, never a result whose tangent was silently dropped
+    import torch.autograd.forward_ad as fwAD
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            ops.conv2d(xd, w, None, [1, 1], [0, 0], [1, 1], 1)
+        with pytest.raises(RuntimeError, match="jvp"):
+            ops.max_pool2d(xd, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        with pytest.raises(RuntimeError, match="jvp"):
+            ops._conv2d_backward(torch.randn(1, 3, 4, 4, dtype=torch.float64), xd, w, [1, 1], [0, 0], [1, 1], 1,
+                                 [True, True, False])
