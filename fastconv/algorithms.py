@@ -9,8 +9,8 @@ On float32 and an AVX-512 CPU each conv pass picks one of:
   stem and AlexNet's conv1; backward-weight): register tiles over all channels, broadcasts straight
   from the padded input, no im2col (``"gemm"`` runs these on im2col+gemm instead);
 - ``im2col+gemm``: im2col packed into 48-pixel panels, then the same register-blocked micro-kernel;
-- ``stride-phases`` (backward-input of strided layers): one stride-1 convolution per phase of
-  grad_input on the forward engine (``im2col+gemm+col2im`` is the alternative);
+- ``stride-phases`` (backward-input of strided layers, under ``"benchmark"`` only): one stride-1
+  convolution per phase of grad_input on the forward engine (``im2col+gemm+col2im`` is the default);
 - ``direct``: grouped convolutions with at most 4 channels per group (depthwise);
 - ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX-512, ``FASTCONV_CPU_GEMM=aten``).
 

@@ -98,9 +98,10 @@ ENGINE_CASES = [
     (1, 9, 9, 8, 17, (5, 5), 1, 4, 1, 1),
     (2, 16, 12, 15, 20, (7, 5), 1, (3, 1), 1, 1),
     (2, 12, 14, 13, 8, (5, 7), 1, (0, 3), 1, 1),
-    # strided backward-input one phase at a time (output planes under 128 pixels, >= 256 in the
-    # batch): phases with 1 and 2 taps, 5x5 (3-tap phases, shifted grad_output), unequal strides,
-    # a stride past the kernel (a phase no tap reaches: zero gradient), stride 4
+    # strided backward-input (col2im over groups of images where W^T is large and planes whole; one
+    # phase at a time under FASTCONV_STRIDE_PHASES=1, test_stride_phases_match_torch): phases with 1
+    # and 2 taps, 5x5 (3-tap phases, shifted grad_output), unequal strides, a stride past the kernel
+    # (a phase no tap reaches: zero gradient), stride 4
     (8, 16, 13, 11, 20, (3, 3), 2, 1, 1, 1),
     (8, 16, 9, 13, 10, (5, 5), 2, 2, 1, 1),
     (8, 16, 12, 9, 12, (3, 3), (2, 1), (1, 0), 1, 1),
@@ -120,6 +121,28 @@ def test_engine_tiles_match_torch(case, algorithm, poison):
     n, c, h, w, oc, k, s, p, d, g = case
     with fastconv.conv_algorithm(algorithm):
         run_case(n, c, h, w, oc, k, s, p, d, g)
+
+
+def test_stride_phases_match_torch(monkeypatch, poison):
+    # the stride-phase backward-input ("benchmark" candidate) on every strided engine case, and col2im
+    # over groups of images: ResNet layer4-like downsampling (W^T 2.9 MB, past 2 MiB; 7x7 output planes)
+    # at batch 8 and 3 (one group; channels split over 1, 2 and 3 threads) and batch 1
+    monkeypatch.setenv("FASTCONV_STRIDE_PHASES", "1")
+    strided = [c for c in ENGINE_CASES if c[6] != 1 and c[8] == 1 and c[9] == 1]
+    assert len(strided) >= 6
+    for n, c, h, w, oc, k, s, p, d, g in strided:
+        run_case(n, c, h, w, oc, k, s, p, d, g)
+        name = fastconv.conv2d_algorithm(torch.empty(n, c, h, w), torch.empty(oc, c, *k), stride=s, padding=p)
+        assert name == "im2col+gemm-aten" or name.split("/")[1] == "stride-phases"
+    monkeypatch.delenv("FASTCONV_STRIDE_PHASES")
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for n in (8, 3, 1):
+                run_case(n, 256, 14, 14, 320, (3, 3), stride=2)
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("whole", ["0", "1"])
@@ -276,9 +299,9 @@ def test_algorithm_setting_and_report():
         assert "winograd" not in fastconv.conv2d_algorithm(x, w, stride=2, padding=1)
         assert fastconv.conv2d_algorithm(torch.empty(2, 8, 9, 9), torch.empty(8, 1, 3, 3), padding=1, groups=8) == "direct"
     assert fastconv.conv2d_algorithm(x.double(), w.double(), padding=1) == "im2col+gemm-aten"
-    # strided backward-input by phases where col2im's per-image GEMM is short (7x7 output planes)
+    # strided backward-input through col2im (stride phases only under FASTCONV_STRIDE_PHASES=1)
     name = fastconv.conv2d_algorithm(torch.empty(8, 32, 14, 14), torch.empty(64, 32, 3, 3), stride=2, padding=1)
-    assert name.split("/")[1] == "stride-phases" or name == "im2col+gemm-aten"
+    assert name.split("/")[1] == "im2col+gemm+col2im" or name == "im2col+gemm-aten"
     with pytest.raises(ValueError, match="expected one of"):
         fastconv.set_conv_algorithm("fft")
 

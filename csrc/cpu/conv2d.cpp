@@ -299,16 +299,20 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
 
 // How the AVX-512 engine computes grad_input: stride 1 is a forward convolution of grad_output with the
 // flipped weights (flipped_conv.h), on Winograd where wanted, else on the forward engine from batch 2
-// (cpu::engine::backward_input_through_forward); strided layers with small output planes run one
-// stride-1 convolution per phase of grad_input (phase_backward_input.h); otherwise grad_cols and col2im.
+// (cpu::engine::backward_input_through_forward); otherwise grad_cols and col2im. One stride-1
+// convolution per phase of grad_input (phase_backward_input.h) is a candidate of "benchmark" only;
+// FASTCONV_STRIDE_PHASES=1 (read per call; tests) takes it wherever it applies.
 enum class BackwardInputRoute { kWinograd, kForwardEngine, kPhases, kCol2im };
 BackwardInputRoute backward_input_rule(const Conv2dParams& p) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  const char* phases = std::getenv("FASTCONV_STRIDE_PHASES");
+  if (phases && phases[0] == '1' && cpu::backward_input_by_phases_applicable(p)) return BackwardInputRoute::kPhases;
+#endif
   if (cpu::backward_input_as_forward(p) && winograd_wanted(cpu::backward_input_params(p))) {
     return BackwardInputRoute::kWinograd;
   }
 #if FASTCONV_HAVE_AVX512_KERNELS
   if (cpu::engine::backward_input_through_forward(p)) return BackwardInputRoute::kForwardEngine;
-  if (cpu::backward_input_by_phases_wanted(p)) return BackwardInputRoute::kPhases;
 #endif
   return BackwardInputRoute::kCol2im;
 }

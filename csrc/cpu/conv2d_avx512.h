@@ -699,27 +699,67 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
   q.groups = 1;
   const KBlocks ob(OCg, kMaxBlockK);
   const int64_t rows = col2im_band_rows(p);
-  // Work items: (image, block of each group's input channels); an item computes the grad_cols rows of
-  // its channels and adds them into those channels only, so items never write the same element. Blocks
-  // start at whole 8-row tiles of grad_cols (channels multiple of cg); there are just enough of them
-  // that the items share evenly over the threads (batch 1 included).
+  // Work items: (group of images, block of each group's input channels); an item computes the grad_cols
+  // rows of its channels and adds them into those channels only, so items never write the same element.
+  // Blocks start at whole 8-row tiles of grad_cols (channels multiple of cg); there are just enough of
+  // them that the items share evenly over the threads (batch 1 included).
+  // Every item streams its rows of W^T once. Where W^T is past 2 MiB (L2 on the Intel host) and a band
+  // is a whole plane, the images form as few groups as keep an item's grad_cols within 2 MiB, one GEMM
+  // over all their pixels: ResNet layer4's 3x3/2 backward-input (W^T 4.7 MB, 7x7 output planes) at
+  // batch 8 in one group, the channels split over the 2 threads, took 0.72x the time of one image per
+  // item (and 0.81x that of 2 groups of 4), at batch 2 0.75x, at batch 32 (groups of 4) 0.82x; 3x3/2
+  // 256->256 on 7x7 outputs (W^T 2.4 MB) 0.80x; 128->256 on 14x14 (W^T 1.2 MB, re-read from L2) 1.08x,
+  // so it keeps one image per item. Measured, 2 threads, Intel host, interleaved.
   const int64_t KK = p.kernel_h * p.kernel_w, Cg = p.in_channels_per_group(), threads = at::get_num_threads();
   const int64_t cg = kTileRows / std::gcd(KK, kTileRows), c_grains = ceil_div(Cg, cg);
-  const int64_t c_blocks = std::clamp<int64_t>(threads / std::gcd(p.batch, threads), 1, c_grains);
-  at::parallel_for(0, p.batch * c_blocks, 1, [&](int64_t begin, int64_t end) {
+  const auto blocks_for = [&](int64_t groups) {
+    return std::clamp<int64_t>(threads / std::gcd(groups, threads), 1, c_grains);
+  };
+  int64_t n_groups = p.batch;
+  if (rows == p.out_h && G * Kg * OCg * 4 > 2 * kMaxPartialBytes) {
+    for (int64_t groups = 1; groups < p.batch; ++groups) {
+      if (G * Kg / blocks_for(groups) * ceil_div(p.batch, groups) * L * 4 <= 2 * kMaxPartialBytes) {
+        n_groups = groups;
+        break;
+      }
+    }
+  }
+  const int64_t per_item = ceil_div(p.batch, n_groups), c_blocks = blocks_for(n_groups);
+  const int64_t L_band = rows * p.out_w;
+  at::parallel_for(0, n_groups * c_blocks, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer gbuf, cbuf;
-    const int64_t width_max = rows * p.out_w;
+    const int64_t width_max = L_band * per_item;
     float* go_panels = gbuf.get(ceil_div(width_max, kPanel) * (kPanel * ob.size + kPanelPad));
     float* gcol = cbuf.get(G * Kg * width_max);
     std::vector<Segment> segs;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / c_blocks, cb = item % c_blocks;
+      const int64_t ng = item / c_blocks, cb = item % c_blocks;
       const int64_t c0 = std::min(Cg, cg * (cb * c_grains / c_blocks));
       const int64_t c1 = cb + 1 == c_blocks ? Cg : std::min(Cg, cg * ((cb + 1) * c_grains / c_blocks));
       if (c0 >= c1) continue;
+      const int64_t n0 = ng * p.batch / n_groups, n1 = (ng + 1) * p.batch / n_groups, images = n1 - n0;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t g = 0; g < G; ++g)
+          std::fill(grad_input + (n * C + g * Cg + c0) * p.in_plane(),
+                    grad_input + (n * C + g * Cg + c1) * p.in_plane(), 0.f);
+      if (images > 1) {  // whole planes of several images, one GEMM over all their pixels
+        const int64_t width = images * L, g0 = n0 * L, g1 = g0 + width;
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t b = 0; b < ob.count; ++b) {
+            const int64_t o0 = b * ob.size, oc = std::min(ob.size, OCg - o0);
+            make_segments(q, g0, g1, kPanel, oc * kPanel + kPanelPad, segs);
+            pack_columns(grad_output, q, g * OCg + o0, 0, oc, segs, kPanel, go_panels);
+            gemm_item(wt, g, OCg, o0, oc, c0 * KK, c1 * KK, go_panels, 0, width, gcol + g * Kg * width, Kg, width, 0,
+                      b == 0 ? Init::kZero : Init::kAccumulate, nullptr, false);
+          }
+          for (int64_t n = n0; n < n1; ++n)
+            col2im_band_add(gcol + (g * Kg + c0 * KK) * width + (n - n0) * L, width, c1 - c0, p, 0, p.out_h,
+                            grad_input + (n * C + g * Cg + c0) * p.in_plane());
+        }
+        continue;
+      }
+      const int64_t n = n0;
       float* gi = grad_input + n * C * p.in_plane();
-      for (int64_t g = 0; g < G; ++g)
-        std::fill(gi + (g * Cg + c0) * p.in_plane(), gi + (g * Cg + c1) * p.in_plane(), 0.f);
       for (int64_t oh0 = 0; oh0 < p.out_h; oh0 += rows) {
         const int64_t oh1 = std::min(p.out_h, oh0 + rows), width = (oh1 - oh0) * p.out_w;
         const int64_t g0 = n * L + oh0 * p.out_w, g1 = g0 + width;

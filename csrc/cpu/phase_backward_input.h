@@ -9,12 +9,14 @@
 // the GEMM's long dimension is all phase pixels of all images rather than one image's output
 // plane (a 7x7 plane fills one 48-pixel panel and one 1-pixel panel under col2im).
 //
-// Wanted where col2im's per-image GEMM is short (output planes under 128 pixels) and the batch
-// gives the phases enough pixels to split (measured, 2 threads, Intel Xeon with AMX; ResNet-18's
-// layer4 downsampling 3x3/2, 14x14 -> 7x7 planes: 0.82x col2im's time at batch 8, 0.69x at batch
-// 32; equal at 28x28 -> 14x14; 1.3x at 56x56 -> 28x28 and 2x at batch 1, where col2im stays).
-// Needs stride > 1, dilation 1, groups 1, a kernel past 1x1 (a 1x1 col2im is a plain GEMM) and
-// enough input channels to fill the engine's 8-row tiles (stems with 3 channels keep col2im).
+// Needs stride > 1, dilation 1, groups 1. Not taken by auto any more, a candidate of the "benchmark"
+// setting: it was wanted where col2im's per-image GEMM was short (output planes under 128 pixels;
+// measured then, 2 threads, Intel Xeon with AMX: ResNet-18's layer4 downsampling 3x3/2, 14x14 -> 7x7,
+// 0.82x col2im's time at batch 8, 0.69x at batch 32), until col2im took several images per GEMM
+// (conv2d_avx512.h, backward_input_col2im): then col2im measured 0.74x this route's time there at
+// batch 8, 0.87x at batch 32, 0.56-0.93x on 3x3/2 and 5x5/2 layers with 16-64 pixel output planes
+// (equal on a 2x2/2), interleaved, same host. Copying the weights into the phases' sub-kernels alone
+// (4.7 MB through L3 on that layer) took 12-14% of this route.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -31,11 +33,6 @@ namespace cpu {
 
 inline bool backward_input_by_phases_applicable(const Conv2dParams& p) {
   return (p.stride_h > 1 || p.stride_w > 1) && p.dilation_h == 1 && p.dilation_w == 1 && p.groups == 1;
-}
-
-inline bool backward_input_by_phases_wanted(const Conv2dParams& p) {
-  return backward_input_by_phases_applicable(p) && p.in_channels >= 16 && p.kernel_h * p.kernel_w > 1 &&
-         p.out_plane() < 128 && p.batch * p.out_plane() >= 256;
 }
 
 // One dimension of one phase: the phase's rows a, a+s, ... of grad_input (count), the sub-kernel's
