@@ -133,19 +133,23 @@ inline bool four_by_four(const Conv2dParams& p) {
 constexpr int64_t kWholeForwardBytes = int64_t(32) << 20;  // V and M of all tiles
 
 // Whether a forward of `points` transform points over T tiles (items of `per_item`) runs over all tiles
-// at once (forward_whole_tiles): where items would leave a thread fewer than 4 and all tiles' V and M
-// fit in kWholeForwardBytes, or where the layer is wide for its tiles (C*OC >= 64 (C + OC): blocks of
-// tiles re-read U, points*C*OC floats, per block; whole tiles write and read V and M, points*(C + OC)
-// floats per tile, once) and they fit in twice that. Measured (Intel host, 2 threads, against items):
-// 0.71-0.85x the time on AlexNet conv3-4 at batch 8, 0.73x on VGG's 512 at 14x14, 0.64x on ResNet's 512
-// at 7x7 (batch 8), 0.82x at batch 1-2, 0.89-0.96x on AlexNet conv3-5 at batch 32, 0.92x on 128 at 28x28
-// (batch 8); 1.09-2.4x on AlexNet conv2 (64->192), 1.3x on 64 at 56x56, 1.26-1.41x on MNIST conv2
-// (32->64). FASTCONV_WINOGRAD_WHOLE_TILES=0 or 1 forces it (tests cover both).
+// at once (forward_whole_tiles): where all tiles' V and M fit in kWholeForwardBytes and items would
+// leave a thread fewer than 4, or the layer is wide for its tiles (C*OC >= 64 (C + OC): blocks of tiles
+// re-read U, points*C*OC floats, per block; whole tiles write and read V and M, points*(C + OC) floats
+// per tile, once). Measured (Intel host, 2 threads, against items): 0.71-0.85x the time on AlexNet
+// conv3-4 at batch 8, 0.73x on VGG's 512 at 14x14, 0.64x on ResNet's 512 at 7x7 (batch 8), 0.82x at
+// batch 1-2, 0.92x on 128 at 28x28 (batch 8); 1.09-2.4x on AlexNet conv2 (64->192), 1.3x on 64 at
+// 56x56, 1.26-1.41x on MNIST conv2 (32->64). Past kWholeForwardBytes (AlexNet conv3-5 at batch 32:
+// 41-51 MB) whole tiles took 0.95-1.05x the blocks' time when called back to back, but 1.04-1.07x
+// (forward) and 1.05-1.09x (backward-input) when torch's convolution ran between calls, as other
+// layers do in a network: their V and M come back from memory. FASTCONV_WINOGRAD_WHOLE_TILES=0 or 1
+// forces it (tests cover both).
 inline bool whole_tiles_forward(const Conv2dParams& p, int64_t points, int64_t T, int64_t per_item) {
   if (const int f = forced("FASTCONV_WINOGRAD_WHOLE_TILES", '0', '1'); f >= 0) return f;
   const int64_t C = p.in_channels, OC = p.out_channels, bytes = points * (C + OC) * (T + kTileCols) * 4;
-  if (ceil_div(T, per_item) < 4 * at::get_num_threads()) return bytes <= kWholeForwardBytes;
-  return C * OC >= 64 * (C + OC) && bytes <= 2 * kWholeForwardBytes;
+  if (bytes > kWholeForwardBytes) return false;
+  if (ceil_div(T, per_item) < 4 * at::get_num_threads()) return true;
+  return C * OC >= 64 * (C + OC);
 }
 
 // The tiles of the variant `forward` below runs these parameters on: transform points, tiles of its
