@@ -55,6 +55,9 @@ ENGINE_CASES = [
     (2, 130, 5, 5, 33, (3, 3), 1, 1, 1, 1),
     (2, 600, 4, 5, 9, (1, 1), 1, 0, 1, 1),
     (1, 40, 5, 7, 24, (1, 1), 1, 0, 1, 1),    # 1x1 planes read in place as one row: 35-pixel tail, batch 1
+    # more output channels than pixels: one pixel item, the channels split (9 blocks, the last of 6 rows)
+    (1, 32, 6, 5, 70, (3, 3), 1, 1, 1, 1),
+    (1, 20, 11, 9, 70, (3, 3), 2, 1, 1, 1),
     (3, 32, 4, 8, 20, (1, 1), 1, 0, 1, 1),    # ... whole vectors
     (3, 5, 13, 13, 50, (3, 3), 2, 1, 1, 1),
     (2, 6, 40, 45, 10, (3, 3), 2, 1, 1, 1),   # stride-2 col2im: output rows past 16 columns
