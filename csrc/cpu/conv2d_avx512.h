@@ -748,38 +748,24 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
         for (int64_t g = 0; g < G; ++g)
           std::fill(grad_input + (n * C + g * Cg + c0) * p.in_plane(),
                     grad_input + (n * C + g * Cg + c1) * p.in_plane(), 0.f);
-      if (images > 1) {  // whole planes of several images, one GEMM over all their pixels
-        const int64_t width = images * L, g0 = n0 * L, g1 = g0 + width;
+      // bands: the whole planes of the item's images in one GEMM over all their pixels, or bands of
+      // `rows` output rows of its one image
+      const int64_t band_rows = images > 1 ? p.out_h : rows;
+      for (int64_t oh0 = 0; oh0 < p.out_h; oh0 += band_rows) {
+        const int64_t oh1 = std::min(p.out_h, oh0 + band_rows), width = images * (oh1 - oh0) * p.out_w;
+        const int64_t g0 = n0 * L + oh0 * p.out_w, g1 = g0 + width;
         for (int64_t g = 0; g < G; ++g) {
           for (int64_t b = 0; b < ob.count; ++b) {
             const int64_t o0 = b * ob.size, oc = std::min(ob.size, OCg - o0);
             make_segments(q, g0, g1, kPanel, oc * kPanel + kPanelPad, segs);
             pack_columns(grad_output, q, g * OCg + o0, 0, oc, segs, kPanel, go_panels);
+            // gcol rows k of group g: the band's `width` pixels per row, "image" 0 of a 1-image batch
             gemm_item(wt, g, OCg, o0, oc, c0 * KK, c1 * KK, go_panels, 0, width, gcol + g * Kg * width, Kg, width, 0,
                       b == 0 ? Init::kZero : Init::kAccumulate, nullptr, false);
           }
-          for (int64_t n = n0; n < n1; ++n)
-            col2im_band_add(gcol + (g * Kg + c0 * KK) * width + (n - n0) * L, width, c1 - c0, p, 0, p.out_h,
+          for (int64_t n = n0; n < n1; ++n)  // each image's part of the band: its L pixels
+            col2im_band_add(gcol + (g * Kg + c0 * KK) * width + (n - n0) * L, width, c1 - c0, p, oh0, oh1,
                             grad_input + (n * C + g * Cg + c0) * p.in_plane());
-        }
-        continue;
-      }
-      const int64_t n = n0;
-      float* gi = grad_input + n * C * p.in_plane();
-      for (int64_t oh0 = 0; oh0 < p.out_h; oh0 += rows) {
-        const int64_t oh1 = std::min(p.out_h, oh0 + rows), width = (oh1 - oh0) * p.out_w;
-        const int64_t g0 = n * L + oh0 * p.out_w, g1 = g0 + width;
-        for (int64_t g = 0; g < G; ++g) {
-          for (int64_t b = 0; b < ob.count; ++b) {
-            const int64_t o0 = b * ob.size, oc = std::min(ob.size, OCg - o0);
-            make_segments(q, g0, g1, kPanel, oc * kPanel + kPanelPad, segs);
-            pack_columns(grad_output, q, g * OCg + o0, 0, oc, segs, kPanel, go_panels);
-            // gcol rows k of group g: a plane of `width` pixels per row, "image" 0 of a 1-image batch
-            gemm_item(wt, g, OCg, o0, oc, c0 * KK, c1 * KK, go_panels, 0, width, gcol + g * Kg * width, Kg, width, 0,
-                      b == 0 ? Init::kZero : Init::kAccumulate, nullptr, false);
-          }
-          col2im_band_add(gcol + (g * Kg + c0 * KK) * width, width, c1 - c0, p, oh0, oh1,
-                          gi + (g * Cg + c0) * p.in_plane());
         }
       }
     }
