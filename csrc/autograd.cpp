@@ -45,6 +45,33 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// The ops' handles, each looked up once.
+const c10::TypedOperatorHandle<ConvSig>& conv_op(bool relu) {
+  static const auto conv = find_op<ConvSig>("fastconv::conv2d");
+  static const auto conv_relu = find_op<ConvSig>("fastconv::conv2d_relu");
+  return relu ? conv_relu : conv;
+}
+const c10::TypedOperatorHandle<ConvBackwardSig>& conv_backward_op() {
+  static const auto op = find_op<ConvBackwardSig>("fastconv::_conv2d_backward");
+  return op;
+}
+const c10::TypedOperatorHandle<PoolSig>& pool_op() {
+  static const auto op = find_op<PoolSig>("fastconv::max_pool2d");
+  return op;
+}
+const c10::TypedOperatorHandle<PoolBackwardSig>& pool_backward_op() {
+  static const auto op = find_op<PoolBackwardSig>("fastconv::_max_pool2d_backward");
+  return op;
+}
+
+// An op's kernel, called below the Autograd key (no graph): the Functions' forwards, and every call
+// that needs no gradient.
+template <typename Sig, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Sig>& op, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(args...);
+}
+
 // The convolution arguments kept for backward.
 void save_conv_args(AutogradContext* ctx, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                     int64_t groups, bool has_bias) {
@@ -58,7 +85,6 @@ void save_conv_args(AutogradContext* ctx, at::IntArrayRef stride, at::IntArrayRe
 // Gradients of (input, weight, bias, stride, padding, dilation, groups) from grad_output.
 variable_list conv_backward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& input,
                             const at::Tensor& weight) {
-  static const auto backward_op = find_op<ConvBackwardSig>("fastconv::_conv2d_backward");
   const bool has_bias = ctx->saved_data["has_bias"].toBool();
   const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                     has_bias && ctx->needs_input_grad(2)};
@@ -71,8 +97,8 @@ variable_list conv_backward(AutogradContext* ctx, const at::Tensor& grad_output,
   // autograd (ConvBackwardFunction below).
   std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
   if (!at::GradMode::is_enabled()) below_autograd.emplace();
-  auto [gi, gw, gb] = backward_op.call(grad_output.contiguous(), input, weight, stride, padding, dilation,
-                                       ctx->saved_data["groups"].toInt(), mask);
+  auto [gi, gw, gb] = conv_backward_op().call(grad_output.contiguous(), input, weight, stride, padding, dilation,
+                                              ctx->saved_data["groups"].toInt(), mask);
   if (mask[0]) grads[0] = gi;
   if (mask[1]) grads[1] = gw;
   if (mask[2]) grads[2] = gb;
@@ -86,10 +112,8 @@ class ConvFunction : public torch::autograd::Function<ConvFunction<kRelu>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups) {
-    static const auto op = find_op<ConvSig>(kRelu ? "fastconv::conv2d_relu" : "fastconv::conv2d");
-    at::AutoDispatchBelowADInplaceOrView guard;
     save_conv_args(ctx, stride, padding, dilation, groups, bias.has_value() && bias->defined());
-    at::Tensor output = op.call(input, weight, bias, stride, padding, dilation, groups);
+    at::Tensor output = call_below_autograd(conv_op(kRelu), input, weight, bias, stride, padding, dilation, groups);
     if (kRelu) {
       ctx->save_for_backward({input, weight, output});
     } else {
@@ -111,9 +135,7 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                bool ceil_mode) {
-    static const auto op = find_op<PoolSig>("fastconv::max_pool2d");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [output, indices] = op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
+    auto [output, indices] = call_below_autograd(pool_op(), input, kernel_size, stride, padding, dilation, ceil_mode);
     ctx->mark_non_differentiable({indices});
     ctx->save_for_backward({input, indices});
     ctx->saved_data["kernel_size"] = kernel_size.vec();
@@ -125,16 +147,15 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = find_op<PoolBackwardSig>("fastconv::_max_pool2d_backward");
     variable_list result(6);
     if (!ctx->needs_input_grad(0) || !grads[0].defined()) return result;
     const auto saved = ctx->get_saved_variables();
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;  // as in conv_backward
     if (!at::GradMode::is_enabled()) below_autograd.emplace();
     result[0] =
-        backward_op.call(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["kernel_size"].toIntVector(),
-                         ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-                         ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["ceil_mode"].toBool());
+        pool_backward_op().call(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["kernel_size"].toIntVector(),
+                                ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+                                ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["ceil_mode"].toBool());
     return result;
   }
 };
@@ -151,18 +172,17 @@ class ConvBackwardFunction : public torch::autograd::Function<ConvBackwardFuncti
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& input,
                                const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
-    static const auto op = find_op<ConvBackwardSig>("fastconv::_conv2d_backward");
-    at::AutoDispatchBelowADInplaceOrView guard;
     save_conv_args(ctx, stride, padding, dilation, groups, false);
     for (int i = 0; i < 3; ++i) ctx->saved_data["mask" + std::to_string(i)] = output_mask[i];
     ctx->save_for_backward({grad_output, input, weight});
-    auto [gi, gw, gb] = op.call(grad_output, input, weight, stride, padding, dilation, groups, output_mask);
+    auto [gi, gw, gb] = call_below_autograd(conv_backward_op(), grad_output, input, weight, stride, padding, dilation,
+                                            groups, output_mask);
     return {gi, gw, gb};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto conv_op = find_op<ConvSig>("fastconv::conv2d");
-    static const auto backward_op = find_op<ConvBackwardSig>("fastconv::_conv2d_backward");
+    const auto& conv = conv_op(false);
+    const auto& backward_op = conv_backward_op();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &go = saved[0], &input = saved[1], &weight = saved[2];
     const auto stride = ctx->saved_data["stride"].toIntVector();
@@ -175,8 +195,8 @@ class ConvBackwardFunction : public torch::autograd::Function<ConvBackwardFuncti
     variable_list result(8);
     if (ctx->needs_input_grad(0)) {
       at::Tensor g_go = at::zeros_like(go);
-      if (has_gi) g_go = g_go + conv_op.call(grads[0], weight, c10::nullopt, stride, padding, dilation, groups);
-      if (has_gw) g_go = g_go + conv_op.call(input, grads[1], c10::nullopt, stride, padding, dilation, groups);
+      if (has_gi) g_go = g_go + conv.call(grads[0], weight, c10::nullopt, stride, padding, dilation, groups);
+      if (has_gw) g_go = g_go + conv.call(input, grads[1], c10::nullopt, stride, padding, dilation, groups);
       if (has_gb) g_go = g_go + grads[2].view({1, -1, 1, 1});
       result[0] = g_go;
     }
@@ -198,11 +218,10 @@ class MaxPool2dBackwardFunction : public torch::autograd::Function<MaxPool2dBack
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& input,
                             const at::Tensor& indices, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
-    static const auto op = find_op<PoolBackwardSig>("fastconv::_max_pool2d_backward");
-    at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({indices});
     ctx->saved_data["out_shape"] = grad_output.sizes().vec();
-    return op.call(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+    return call_below_autograd(pool_backward_op(), grad_output, input, indices, kernel_size, stride, padding, dilation,
+                               ceil_mode);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -231,9 +250,7 @@ bool needs_autograd(std::initializer_list<const at::Tensor*> tensors) {
 at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   if (!needs_autograd({&input, &weight, bias ? &*bias : nullptr})) {
-    static const auto op = find_op<ConvSig>("fastconv::conv2d");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(input, weight, bias, stride, padding, dilation, groups);
+    return call_below_autograd(conv_op(false), input, weight, bias, stride, padding, dilation, groups);
   }
   return ConvFunction<false>::apply(input, weight, bias, stride, padding, dilation, groups);
 }
@@ -242,9 +259,7 @@ at::Tensor conv2d_relu_autograd(const at::Tensor& input, const at::Tensor& weigh
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups) {
   if (!needs_autograd({&input, &weight, bias ? &*bias : nullptr})) {
-    static const auto op = find_op<ConvSig>("fastconv::conv2d_relu");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(input, weight, bias, stride, padding, dilation, groups);
+    return call_below_autograd(conv_op(true), input, weight, bias, stride, padding, dilation, groups);
   }
   return ConvFunction<true>::apply(input, weight, bias, stride, padding, dilation, groups);
 }
@@ -253,9 +268,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& input, 
                                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                                        at::IntArrayRef dilation, bool ceil_mode) {
   if (!needs_autograd({&input})) {
-    static const auto op = find_op<PoolSig>("fastconv::max_pool2d");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
+    return call_below_autograd(pool_op(), input, kernel_size, stride, padding, dilation, ceil_mode);
   }
   auto out = MaxPool2dFunction::apply(input, kernel_size, stride, padding, dilation, ceil_mode);
   return {out[0], out[1]};
@@ -265,9 +278,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   if (!needs_autograd({&grad_output, &input, &weight})) {
-    static const auto op = find_op<ConvBackwardSig>("fastconv::_conv2d_backward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(grad_output, input, weight, stride, padding, dilation, groups, output_mask);
+    return call_below_autograd(conv_backward_op(), grad_output, input, weight, stride, padding, dilation, groups,
+                               output_mask);
   }
   auto out = ConvBackwardFunction::apply(grad_output, input, weight, stride, padding, dilation, groups, output_mask);
   return {out[0], out[1], out[2]};
@@ -277,9 +289,8 @@ at::Tensor max_pool2d_backward_autograd(const at::Tensor& grad_output, const at:
                                         const at::Tensor& indices, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   if (!needs_autograd({&grad_output, &input, &indices})) {
-    static const auto op = find_op<PoolBackwardSig>("fastconv::_max_pool2d_backward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+    return call_below_autograd(pool_backward_op(), grad_output, input, indices, kernel_size, stride, padding, dilation,
+                               ceil_mode);
   }
   return MaxPool2dBackwardFunction::apply(grad_output, input, indices, kernel_size, stride, padding, dilation,
                                           ceil_mode);

@@ -305,8 +305,9 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
 enum class BackwardInputRoute { kWinograd, kForwardEngine, kPhases, kCol2im };
 BackwardInputRoute backward_input_rule(const Conv2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
-  const char* phases = std::getenv("FASTCONV_STRIDE_PHASES");
-  if (phases && phases[0] == '1' && cpu::backward_input_by_phases_applicable(p)) return BackwardInputRoute::kPhases;
+  if (cpu::winograd::forced("FASTCONV_STRIDE_PHASES", '0', '1') == 1 && cpu::backward_input_by_phases_applicable(p)) {
+    return BackwardInputRoute::kPhases;
+  }
 #endif
   if (cpu::backward_input_as_forward(p) && winograd_wanted(cpu::backward_input_params(p))) {
     return BackwardInputRoute::kWinograd;

@@ -7,7 +7,8 @@
 // r, r+s, ... flipped and transposed (in and out channels swap roles). Every phase runs on the
 // forward engine, which flattens pixels over the batch: no scatter-add (col2im), no races, and
 // the GEMM's long dimension is all phase pixels of all images rather than one image's output
-// plane (a 7x7 plane fills one 48-pixel panel and one 1-pixel panel under col2im).
+// plane (a 7x7 plane fills one 48-pixel panel and one 1-pixel panel under col2im with one image per
+// item, which col2im now keeps only where W^T fits in L2).
 //
 // Needs stride > 1, dilation 1, groups 1. Not taken by auto any more, a candidate of the "benchmark"
 // setting: it was wanted where col2im's per-image GEMM was short (output planes under 128 pixels;
