@@ -194,12 +194,21 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
   if (p.kernel_h == 3 && p.kernel_w == 3 ? few_tiles : cpu::winograd::work_items(p) < 3 * at::get_num_threads())
     return false;
   // backward-weight: measured (2 threads, Zen 4) ahead of the GEMM on 28x28 and 56x56 planes at 64-128
-  // channels, behind it on 13x13/14x14 planes (odd sizes waste a tile row; short tile reductions). On
-  // an Intel host (two 512-bit FMA units) it is ahead on those planes too from 192 channels and 256
-  // tiles (AlexNet conv3-5, ResNet layer3, VGG's 512 at 14x14 at batch 8-32: 0.70-0.93x the GEMM's time), behind on
-  // 7x7 planes (1.1x, session 6; 512 at 7x7 over whole tiles now 0.92x) and at batch 1-2 (1.14-1.30x):
-  // taken there on Intel only, as measured. The "benchmark" setting measures the host it runs on.
+  // channels, behind it on 13x13/14x14 planes (odd sizes waste a tile row; short tile reductions);
+  // taken there as measured. The "benchmark" setting measures the host it runs on.
   if (weight_grad) {
+    // 3x3 on an Intel host (two 512-bit FMA units), since grad_output is read in place (its padded copy
+    // had cost 20-25%): measured (2 threads, interleaved, time against the narrow-direct kernel or the
+    // GEMM that auto took before): ahead from 16 channels on planes of 144+ pixels (MNIST conv2 32->64
+    // at batch 100 0.80x, 32->64 at 28x28 0.76x, 16->16 / 16->32 / 32->32 0.84-0.96x, 96 at 12x12 0.75x,
+    // 32->64 at 13x13 and 27x27 0.92-0.95x) and from 8192 input x output channels on any plane (128 at
+    // 14x14 0.65-0.68x; at 7x7 0.70x at batch 32, 0.97x at batch 8; 192 and 256 at 7x7 0.89-0.94x;
+    // 64->128 at 8x8 0.80x; AlexNet conv3-5 at batch 4 0.76-0.79x; earlier: AlexNet conv3-5, ResNet
+    // layer3, VGG's 512 at 14x14 at batch 8-32 0.70-0.93x); behind at 64->64 on 7x7-10x10 planes
+    // (0.99-1.14x).
+    if (p.kernel_h == 3 && p.kernel_w == 3 && cpu::intel_avx512()) {
+      return C >= 16 && OC >= 16 && C * OC <= 262144 && (p.out_plane() >= 144 || C * OC >= 8192);
+    }
     if (C < 64 || OC < 64) return false;
     const int64_t tiles = cpu::winograd::grid_tiles(p);
     if (p.kernel_h != 3 || p.kernel_w != 3) {
@@ -212,10 +221,7 @@ bool winograd_wanted(const Conv2dParams& p, bool weight_grad = false) {
       return p.out_plane() >= 400 && tiles >= 1024 && C * OC * subs <= 131072 &&
              cpu::winograd::multiplication_ratio(p) <= 0.85;
     }
-    if (C * OC <= 65536 && p.out_plane() >= 400) return true;
-    // (also ResNet's 512 at 7x7, batch 8, 128 tiles over whole tiles: 0.92x the GEMM's time)
-    return cpu::intel_avx512() && C * OC >= 36864 && C * OC <= 262144 &&
-           ((p.out_plane() >= 144 && tiles >= 256) || (C * OC >= 131072 && tiles >= 128));
+    return C * OC <= 65536 && p.out_plane() >= 400;
   }
   // 3x3: up to 512x512 channels on planes of 144+ pixels (VGG's 512 at 14x14, Intel host: forward
   // 0.74x and backward-input 0.81x the GEMM's time; U, 16 MiB there, stays in L3 across the blocks
