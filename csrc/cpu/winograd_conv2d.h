@@ -12,7 +12,7 @@
 //
 // Per work item (a block of tiles, flattened over the batch like the engine's pixels):
 //   for each block of input channels: V = B^T d B for every tile (16 tiles of a tile row per vector,
-//   deinterleaved from contiguous loads of a zero-padded copy of the input) into 48-tile panels per xi; M_xi += U_xi
+//   deinterleaved from masked loads of the input, read in place) into 48-tile panels per xi; M_xi += U_xi
 //   V_xi; then Y = A^T M A + bias (+ ReLU), interleaved back into NCHW output rows (masked at odd edges).
 // With few items per thread, or wide layers, the forward runs over whole tiles (forward_whole_tiles).
 // Backward-input of a stride-1 conv is again such a conv (flipped weights), so it runs here too.
@@ -160,8 +160,10 @@ constexpr int64_t kWholeForwardBytes = int64_t(32) << 20;  // V and M of all til
 // layers do in a network: their V and M come back from memory. FASTCONV_WINOGRAD_WHOLE_TILES=0 or 1
 // forces it (tests cover both).
 inline bool whole_tiles_forward(const Conv2dParams& p, int64_t points, int64_t T, int64_t per_item) {
-  if (const int f = forced("FASTCONV_WINOGRAD_WHOLE_TILES", '0', '1'); f >= 0) return f;
   const int64_t C = p.in_channels, OC = p.out_channels, bytes = points * (C + OC) * (T + kTileCols) * 4;
+  // forced (tests) up to the engine's bound on scratch that grows with the batch
+  if (const int f = forced("FASTCONV_WINOGRAD_WHOLE_TILES", '0', '1'); f >= 0)
+    return f == 1 && bytes <= engine::kMaxPaddedCopyBytes;
   if (bytes > kWholeForwardBytes) return false;
   if (ceil_div(T, per_item) < 4 * at::get_num_threads()) return true;
   return C * OC >= 64 * (C + OC);
@@ -203,18 +205,13 @@ inline int64_t work_items(const Conv2dParams& p) {
   return ceil_div(f.tiles, f.per_item);
 }
 
-// Stride 1, dilation 1, one group, kernels from 3x3 up, padding at most kernel - 1 (the padded copy's
-// border), copies that fit.
+// Stride 1, dilation 1, one group, kernels from 3x3 up, padding at most kernel - 1 (a tile's patch reaches
+// at most that far past the plane), from 8 channels. Nothing is copied per batch: the scratch (per item,
+// or all tiles in bounded chunks) does not grow with it.
 inline bool applicable(const Conv2dParams& p) {
-  if (!(p.kernel_h >= 3 && p.kernel_w >= 3 && p.stride_h == 1 && p.stride_w == 1 && p.dilation_h == 1 &&
-        p.dilation_w == 1 && p.groups == 1 && p.pad_h < p.kernel_h && p.pad_w < p.kernel_w))
-    return false;
-  if (p.in_channels < 8 || p.out_channels < 8) return false;
-  const int64_t th = grid_rows(p), tw = grid_cols(p), border = tile_kernel(p) - 1;
-  // backward-weight holds padded copies of the input and of grad_output
-  const int64_t copies =
-      p.batch * (p.in_channels * (2 * th + border) * (2 * tw + border) + p.out_channels * 2 * th * (2 * tw + 32));
-  return copies * 4 <= engine::kMaxPaddedCopyBytes;
+  return p.kernel_h >= 3 && p.kernel_w >= 3 && p.stride_h == 1 && p.stride_w == 1 && p.dilation_h == 1 &&
+         p.dilation_w == 1 && p.groups == 1 && p.pad_h < p.kernel_h && p.pad_w < p.kernel_w && p.in_channels >= 8 &&
+         p.out_channels >= 8;
 }
 
 // Multiplications of the Winograd forward relative to the direct convolution's ((R+1)^2 per 2x2 tile
@@ -412,27 +409,39 @@ FASTCONV_AVX512 inline __m512i odd_lanes() {
 // loaded as if its first tile sat in lane 0 of a window starting M*lane floats earlier, so the
 // deinterleaved lanes line up, and merged under the run's lane mask: the transforms then work on
 // dense 16-tile vectors however short the tile rows are.
+// Both the input and grad_output are read in place, not from zero-padded copies (which had cost 10-14%
+// of MNIST conv2's forward and backward-weight, 20-25% more for grad_output's): a run knows which of its
+// rows and columns lie inside the plane, and everything outside reads as zero.
 struct WindowRun {
   const float* src;  // row 0 of the window-aligned patch: the run's first tile minus M*lane floats
   __mmask16 lanes;
-  // grad_output runs only (read in place, not from a padded copy): the rows of the tile row inside the
-  // plane (M, or fewer at the bottom) and the pixels of each row inside it, counted from src
-  int rows;
-  int64_t width;
+  int row_lo, row_hi;  // the patch rows inside the plane
+  int64_t width;       // grad_output: the pixels of each row inside the plane, counted from src
+  __mmask16 cols[8];   // input: the lanes of each of load_row's loads inside the plane and the run's patch
 };
 
-// Row `offset` of the patches of the 16 tiles of a window, tiles M pixels apart: tile lane l reads
-// d[s] = src[offset + M*l + s] of its run, s < N (for M = 4: up to 68 floats past src).
+// The column (from src) that load_row's load `idx` starts at: M floats per step of s, then 16 per vector.
+template <int M>
+constexpr int load_column(int idx) {
+  return (idx / M) * M + (idx % M) * 16;
+}
+
+// Row r of the patches of the 16 tiles of a window (row r of run k at src + r*pitch + coff), tiles M
+// pixels apart: tile lane l reads d[s] = src[r*pitch + coff + M*l + s] of its run, s < N, under the
+// run's column masks (zero outside them and outside its rows).
 template <int N, int M = 2>
-FASTCONV_AVX512 inline void load_row(const WindowRun* runs, int count, int64_t offset, __m512 d[N]) {
+FASTCONV_AVX512 inline void load_row(const WindowRun* runs, int count, int r, int64_t pitch, int64_t coff,
+                                     __m512 d[N]) {
   for (int s = 0; s < N; ++s) d[s] = _mm512_setzero_ps();
   if constexpr (M == 2) {
     const __m512i ev = even_lanes(), od = odd_lanes();
     for (int k = 0; k < count; ++k) {
+      if (r < runs[k].row_lo || r >= runs[k].row_hi) continue;
       const __mmask16 m = runs[k].lanes;
-      const float* row = runs[k].src + offset;
+      const float* row = runs[k].src + coff + r * pitch;
       for (int s = 0; s < N; s += 2) {
-        const __m512 a0 = _mm512_loadu_ps(row + s), a1 = _mm512_loadu_ps(row + s + 16);
+        const __m512 a0 = _mm512_maskz_loadu_ps(runs[k].cols[s], row + s);
+        const __m512 a1 = _mm512_maskz_loadu_ps(runs[k].cols[s + 1], row + s + 16);
         d[s] = _mm512_mask_mov_ps(d[s], m, _mm512_permutex2var_ps(a0, ev, a1));
         d[s + 1] = _mm512_mask_mov_ps(d[s + 1], m, _mm512_permutex2var_ps(a0, od, a1));
       }
@@ -440,11 +449,14 @@ FASTCONV_AVX512 inline void load_row(const WindowRun* runs, int count, int64_t o
   } else {  // M = 4: tiles 0-7 from the first 32 floats, 8-15 from the next 32, joined by 128-bit blocks
     const __m512i every4 = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);
     for (int k = 0; k < count; ++k) {
+      if (r < runs[k].row_lo || r >= runs[k].row_hi) continue;
       const __mmask16 m = runs[k].lanes;
-      const float* row = runs[k].src + offset;
+      const float* row = runs[k].src + coff + r * pitch;
       for (int base = 0; base < N; base += 4) {
-        const __m512 a0 = _mm512_loadu_ps(row + base), a1 = _mm512_loadu_ps(row + base + 16);
-        const __m512 a2 = _mm512_loadu_ps(row + base + 32), a3 = _mm512_loadu_ps(row + base + 48);
+        const __mmask16* cm = runs[k].cols + base;  // loads base .. base + 3
+        const __m512 a0 = _mm512_maskz_loadu_ps(cm[0], row + base), a1 = _mm512_maskz_loadu_ps(cm[1], row + base + 16);
+        const __m512 a2 = _mm512_maskz_loadu_ps(cm[2], row + base + 32);
+        const __m512 a3 = _mm512_maskz_loadu_ps(cm[3], row + base + 48);
         for (int q = 0; q < 4 && base + q < N; ++q) {
           const __m512i idx = _mm512_add_epi32(every4, _mm512_set1_epi32(q));
           const __m512 lo = _mm512_permutex2var_ps(a0, idx, a1), hi = _mm512_permutex2var_ps(a2, idx, a3);
@@ -469,13 +481,14 @@ FASTCONV_AVX512 inline void input_points6(const __m512 x[6], __m512 y[6]) {
   y[5] = _mm512_fmadd_ps(four, x[1], _mm512_fnmadd_ps(five, x[3], x[5]));
 }
 
-// V = B^T d B for one window; 16 lanes per xi at v_out + xi*xi_stride.
+// V = B^T d B for one window of one channel (runs from input_runs, rows `pitch` floats apart, the
+// channel `coff` floats past them); 16 lanes per xi at v_out + xi*xi_stride.
 template <int R, int M = 2>
-FASTCONV_AVX512 inline void input_transform(const WindowRun* runs, int count, int64_t Wp, float* v_out,
+FASTCONV_AVX512 inline void input_transform(const WindowRun* runs, int count, int64_t pitch, int64_t coff, float* v_out,
                                             int64_t xi_stride) {
   if constexpr (R == 3 && M == 2) {
     __m512 d[4][4];
-    for (int r = 0; r < 4; ++r) load_row<4>(runs, count, r * Wp, d[r]);
+    for (int r = 0; r < 4; ++r) load_row<4>(runs, count, r, pitch, coff, d[r]);
     __m512 t[4][4];
     for (int s = 0; s < 4; ++s) {
       t[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
@@ -493,7 +506,7 @@ FASTCONV_AVX512 inline void input_transform(const WindowRun* runs, int count, in
     __m512 t[6][6];  // d B, row by row
     for (int r = 0; r < 6; ++r) {
       __m512 d[6];
-      load_row<6, M>(runs, count, r * Wp, d);
+      load_row<6, M>(runs, count, r, pitch, coff, d);
       input_points6(d, t[r]);
     }
     for (int j = 0; j < 6; ++j) {  // B^T (d B), column by column
@@ -523,9 +536,44 @@ inline int window_runs(const std::vector<TileRun>& runs, int k0, int k1, const f
     const TileRun& r = runs[k];
     const int64_t lane = r.t % 16;
     out[count++] = {plane0 + r.n * image_stride + M * r.i * row_pitch + M * (r.j0 - lane),
-                    lane_mask(lane, lane + r.len), static_cast<int>(M), 16 * M};
+                    lane_mask(lane, lane + r.len),
+                    0,
+                    static_cast<int>(M),
+                    16 * M,
+                    {}};
   }
   return count;
+}
+
+// The planes the input transform reads in place: C channels of H x W per image, padded by pad_h/pad_w
+// (patch row r of tile row i is input row M*i + r - pad_h; column x of tile column j input column
+// M*j + x - pad_w; zero outside the plane).
+struct InputPlanes {
+  const float* data;
+  int64_t C, H, W, pad_h, pad_w;
+};
+
+// The window runs of all `runs` (out[k] for runs[k]) on channel 0 of `in`, for RxR kernels and MxM tiles
+// (input_transform adds the channel's offset): each run's rows inside the plane and, per load of
+// load_row, the lanes inside both the plane's columns and the run's patch (tiles [lane, lane + len):
+// columns [M*lane, M*(lane + len) + R - 1) from src).
+template <int R, int M>
+inline void input_runs(const std::vector<TileRun>& runs, const InputPlanes& in, std::vector<WindowRun>& out) {
+  constexpr int N = M + R - 1, loads = M == 2 ? N : 8;
+  out.resize(runs.size());
+  for (size_t k = 0; k < runs.size(); ++k) {
+    const TileRun& r = runs[k];
+    const int64_t lane = r.t % 16, x0 = M * (r.j0 - lane) - in.pad_w, y0 = M * r.i - in.pad_h;
+    WindowRun& w = out[k];
+    w.src = in.data + r.n * in.C * in.H * in.W + y0 * in.W + x0;
+    w.lanes = lane_mask(lane, lane + r.len);
+    w.row_lo = static_cast<int>(std::clamp<int64_t>(-y0, 0, N));
+    w.row_hi = static_cast<int>(std::clamp<int64_t>(in.H - y0, 0, N));
+    w.width = 0;
+    const int64_t lo = std::max(M * lane, -x0), hi = std::min(M * (lane + r.len) + R - 1, in.W - x0);
+    for (int idx = 0; idx < 8; ++idx)
+      w.cols[idx] = idx < loads ? lane_mask(lo - load_column<M>(idx), hi - load_column<M>(idx)) : 0;
+  }
 }
 
 // The same for the output tiles of an H x W plane read in place (planes H*W floats apart, rows W): the
@@ -535,7 +583,7 @@ inline int grad_output_runs(const std::vector<TileRun>& runs, int k0, int k1, co
   const int count = window_runs(runs, k0, k1, plane0, image_stride, W, out, M);
   for (int k = 0; k < count; ++k) {
     const TileRun& r = runs[k0 + k];
-    out[k].rows = static_cast<int>(std::min(M, H - M * r.i));
+    out[k].row_hi = static_cast<int>(std::min(M, H - M * r.i));
     out[k].width = W - M * (r.j0 - r.t % 16);
   }
   return count;
@@ -729,8 +777,8 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
 // output-channel blocks) multiplies U_xi by all of V_xi (U is read once in all, and the threads share
 // the work however few tiles there are), then the output transforms (the threads split the channels).
 template <int R, int M>
-inline void forward_whole_tiles(const float* U, const float* padded, int64_t plane, int64_t Wp, int64_t th, int64_t tw,
-                                const float* bias, bool relu, float* out, const Conv2dParams& p) {
+inline void forward_whole_tiles(const float* U, const InputPlanes& in, int64_t th, int64_t tw, const float* bias,
+                                bool relu, float* out, const Conv2dParams& p) {
   constexpr int P = kPoints<R, M>;
   const int64_t C = p.in_channels, OC = p.out_channels, per_image = th * tw, T = p.batch * per_image;
   const int64_t ob_count = ceil_div(OC, kTileRows);
@@ -742,14 +790,14 @@ inline void forward_whole_tiles(const float* U, const float* padded, int64_t pla
   const int64_t c_chunks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), windows), 1, ceil_div(C, 16));
   at::parallel_for(0, windows * c_chunks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<TileRun> runs;
+    std::vector<WindowRun> wr;
     for (int64_t task = b0; task < b1; ++task) {
       const int64_t t0 = task / c_chunks * 16, cc = task % c_chunks;
       tile_runs(t0, std::min(T, t0 + 16), per_image, tw, th, tw, runs);
-      WindowRun wr[16];
+      input_runs<R, M>(runs, in, wr);
       for (int64_t c = cc * C / c_chunks; c < (cc + 1) * C / c_chunks; ++c) {
-        const int cnt = window_runs(runs, 0, static_cast<int>(runs.size()), padded + c * plane, C * plane, Wp, wr, M);
-        input_transform<R, M>(wr, cnt, Wp, V + (t0 / kTileCols) * panel_stride + c * kTileCols + t0 % kTileCols,
-                              xi_stride);
+        input_transform<R, M>(wr.data(), static_cast<int>(wr.size()), in.W, c * in.H * in.W,
+                              V + (t0 / kTileCols) * panel_stride + c * kTileCols + t0 % kTileCols, xi_stride);
       }
     }
   });
@@ -783,16 +831,12 @@ inline void forward_tiles(const float* input, const float* weight, const float* 
   constexpr int P = kPoints<R, M>;
   const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OW = p.out_w;
   const int64_t th = ceil_div(p.out_h, M), tw = ceil_div(OW, M), per_image = th * tw, T = p.batch * per_image;
-  const int64_t Hp = M * th + R - 1, Wp = M * tw + R - 1, plane = Hp * Wp;
   const int64_t ob_count = ceil_div(OC, kTileRows);
   float* U = scratch(Scratch::kU, P * ob_count * C * kTileRows);  // not zeroed: every row is written
   transform_weights<R, M>(weight, OC, C, U, flipped);
-  // zero-padded input: padded row ph + h holds input row h; tiles read rows [Mi, Mi + M + R - 1)
-  AlignedBuffer pad_buf;
-  float* padded = pad_buf.get(p.batch * C * plane + 128);  // +128: the last run's loads read past its row
-  engine::copy_padded(input, p.batch * C, H, W, padded, Hp, Wp, p.pad_h, p.pad_w);
+  const InputPlanes in{input, C, H, W, p.pad_h, p.pad_w};  // tiles read patch rows [Mi, Mi + M + R - 1)
   if (whole_tiles_forward(p, P, T, tiles_per_item<R, M>(p))) {
-    return forward_whole_tiles<R, M>(U, padded, plane, Wp, th, tw, bias, relu, out, p);
+    return forward_whole_tiles<R, M>(U, in, th, tw, bias, relu, out, p);
   }
   // items of whole 16-tile windows, balanced over the threads; NT: the largest, in whole panels
   const engine::BalancedItems items(T, tiles_per_item<R, M>(p), 16);
@@ -804,22 +848,21 @@ inline void forward_tiles(const float* input, const float* weight, const float* 
     float* prod = scratch(Scratch::kM, P * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs;
     std::vector<int> windows;
+    std::vector<WindowRun> wr;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t0 = items.begin(item), t1 = items.end(item);
       tile_runs(t0, t1, per_image, tw, th, tw, runs);
       make_windows(runs, windows);
+      input_runs<R, M>(runs, in, wr);
       for (int64_t cb = 0; cb < kb_count; ++cb) {
         const int64_t c0 = cb * kc_max, kc = std::min(kc_max, C - c0);
         // V[xi][panel][c][48]
         const int64_t panel_stride = kc * kTileCols + 16, xi_stride = npanels * panel_stride;
         for (int64_t c = 0; c < kc; ++c) {
           for (size_t w = 0; w + 1 < windows.size(); ++w) {
-            WindowRun wr[16];
-            const int cnt =
-                window_runs(runs, windows[w], windows[w + 1], padded + (c0 + c) * plane, C * plane, Wp, wr, M);
             const int64_t t = runs[windows[w]].t / 16 * 16;
-            input_transform<R, M>(wr, cnt, Wp, V + (t / kTileCols) * panel_stride + c * kTileCols + t % kTileCols,
-                                  xi_stride);
+            input_transform<R, M>(wr.data() + windows[w], windows[w + 1] - windows[w], W, (c0 + c) * H * W,
+                                  V + (t / kTileCols) * panel_stride + c * kTileCols + t % kTileCols, xi_stride);
           }
         }
         for (int64_t xi = 0; xi < P; ++xi) {
@@ -850,7 +893,6 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
   const int64_t KH = p.kernel_h, KW = p.kernel_w, na = sub_kernels<R>(KH), nb = sub_kernels<R>(KW), nab = na * nb;
   const int64_t th = ceil_div(OH, 2), tw = ceil_div(OW, 2), TH = th + na - 1, TW = tw + nb - 1;
   const int64_t per_image = TH * TW, T = p.batch * per_image, halo = (na - 1) * TW + (nb - 1);
-  const int64_t Hp = 2 * TH + R - 1, Wp = 2 * TW + R - 1, plane = Hp * Wp;
   const int64_t ob_count = ceil_div(OC, kTileRows);
   // the sub-kernels as RxR kernels of C*nab "channels" (c, a, b), then their transforms U[xi][ob][k][8]
   std::vector<float> sub(OC * C * nab * R * R);
@@ -870,9 +912,7 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
   });
   float* U = scratch(Scratch::kU, P * ob_count * C * nab * kTileRows);  // not zeroed: every row is written
   transform_weights<R>(sub.data(), OC, C * nab, U);
-  AlignedBuffer pad_buf;
-  float* padded = pad_buf.get(p.batch * C * plane + 64);  // +64: the last run's loads read past its row
-  engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, padded, Hp, Wp, p.pad_h, p.pad_w);
+  const InputPlanes in{input, C, p.in_h, p.in_w, p.pad_h, p.pad_w};
   const engine::BalancedItems items(T, tiles_per_item<R>(p), 16);  // as in forward()
   const int64_t NT = ceil_div(items.largest(), kTileCols) * kTileCols, npanels = NT / kTileCols;
   const int64_t NTV = ceil_div(NT + halo, 16) * 16 + 16;  // V tiles of an item: its own, the halo, junk lanes
@@ -885,19 +925,20 @@ inline void forward_decomposed(const float* input, const float* weight, const fl
     float* M = scratch(Scratch::kM, P * ob_count * kTileRows * NT + 16);
     std::vector<TileRun> runs, out_runs;
     std::vector<int> windows;
+    std::vector<WindowRun> wr;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t0 = items.begin(item), t1 = items.end(item), tv1 = std::min(T, t1 + halo);
       tile_runs(t0, tv1, per_image, TW, TH, TW, runs);     // every grid tile whose V the item reads
       tile_runs(t0, t1, per_image, TW, th, tw, out_runs);  // the item's output tiles
       if (out_runs.empty()) continue;
       make_windows(runs, windows);
+      input_runs<R, 2>(runs, in, wr);
       for (int64_t cb = 0; cb < kb_count; ++cb) {
         const int64_t c0 = cb * kc_max, kc = std::min(kc_max, C - c0), xi_stride = kc * NTV;
         for (int64_t c = 0; c < kc; ++c) {  // V[xi][c][NTV]
           for (size_t w = 0; w + 1 < windows.size(); ++w) {
-            WindowRun wr[16];
-            const int cnt = window_runs(runs, windows[w], windows[w + 1], padded + (c0 + c) * plane, C * plane, Wp, wr);
-            input_transform<R>(wr, cnt, Wp, V + c * NTV + runs[windows[w]].t / 16 * 16, xi_stride);
+            input_transform<R>(wr.data() + windows[w], windows[w + 1] - windows[w], in.W, (c0 + c) * in.H * in.W,
+                               V + c * NTV + runs[windows[w]].t / 16 * 16, xi_stride);
           }
         }
         const int64_t live_panels = std::min(npanels, ceil_div(t1 - t0, kTileCols));
@@ -946,8 +987,8 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // grad_M[t] against V[t + a*TW + b] (the A operand shifted along its row), one grad_U per sub-kernel;
 // each kernel tap takes its gradient from the sub-kernel that owns it (SubKernel).
 
-// gMT[xi][t][o] for one 16-tile window x 16 channels: grad_output blocks from the padded copy
-// (channel o of run k at runs[k].src + o*plane). The raw pixels are transposed first (per half window
+// gMT[xi][t][o] for one 16-tile window x 16 channels: grad_output blocks read in place (channel o of
+// run k at runs[k].src + o*plane). The raw pixels are transposed first (per half window
 // and row: 16 channels x 16 pixels -> one vector of channels per pixel, 4 transposes per window), then
 // each tile is transformed on vectors of channels and stored as is: 4x fewer shuffles than
 // transforming per channel and transposing each of the 16 results (that took 1.01-1.06x the time of
@@ -967,7 +1008,7 @@ FASTCONV_AVX512 inline void load_grad_output_pixels(const WindowRun* runs, int c
                                : uint64_t(_pdep_u32(runs[k].lanes, 0x55555555u)) * 3u;
     const __mmask16 m = static_cast<__mmask16>(pm >> (16 * h)) & lane_mask(0, runs[k].width - 16 * h);
     if (!m) continue;
-    const int rows = runs[k].rows;
+    const int rows = runs[k].row_hi;
     for (int64_t o = 0; o < channels; ++o) {
       const float* row = runs[k].src + o * plane + 16 * h;
       for (int r = 0; r < M; ++r)
@@ -1109,14 +1150,13 @@ FASTCONV_AVX512 inline void weight_grad_from_slots(const float* parts, int64_t s
 }
 
 // The geometry of backward-weight: the tile grid (TH x TW per image: the output's th x tw tiles plus
-// na-1 rows and nb-1 columns for kernels past RxR, see forward_decomposed) and the zero-padded copies
-// of the input and of grad_output the transforms read.
+// na-1 rows and nb-1 columns for kernels past RxR, see forward_decomposed) and the input and grad_output
+// the transforms read in place.
 template <int R, int M = 2>
 struct WeightGradGrid {
-  int64_t C, OC, na, nb, nab, th, tw, TH, TW, per_image, T, halo, Wp, plane, OH, OW, ldo;
-  AlignedBuffer pad_buf;
-  const float* padded;
-  const float* grad_output;  // read in place (the transform's loads are masked to the plane)
+  int64_t C, OC, na, nb, nab, th, tw, TH, TW, per_image, T, halo, OH, OW, ldo;
+  InputPlanes in;            // the input, read in place
+  const float* grad_output;  // read in place too (the transform's loads are masked to the plane)
   WeightGradGrid(const float* grad_output, const float* input, const Conv2dParams& p)
       : C(p.in_channels),
         OC(p.out_channels),
@@ -1130,19 +1170,14 @@ struct WeightGradGrid {
         per_image(TH * TW),
         T(p.batch * per_image),
         halo((na - 1) * TW + (nb - 1)),
-        Wp(M * TW + R - 1),
-        plane((M * TH + R - 1) * Wp),
         OH(p.out_h),
         OW(p.out_w),
-        ldo(ceil_div(OC, 16) * 16) {
-    float* pad = pad_buf.get(p.batch * C * plane + 128);
-    // grad_output is read in place: the transform's loads are masked to each run's tiles and to the plane
-    // (a zero-padded copy with rows M*tw wide had taken 20-25% of MNIST conv2's backward-weight;
-    // interleaved A/B, Intel host, 2 threads: 0.77x the time without it, 0.92x on 128 at 28x28)
-    engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, pad, M * TH + R - 1, Wp, p.pad_h, p.pad_w);
-    this->grad_output = grad_output;
-    padded = pad;
-  }
+        ldo(ceil_div(OC, 16) * 16),
+        in{input, C, p.in_h, p.in_w, p.pad_h, p.pad_w},
+        // grad_output had been copied zero-padded to rows M*tw wide: 20-25% of MNIST conv2's
+        // backward-weight (interleaved A/B, Intel host, 2 threads: 0.77x the time without it, 0.92x on
+        // 128 at 28x28)
+        grad_output(grad_output) {}
 };
 
 // V[xi][c][t] (channel rows `ntv` apart, xi planes `v_xi` apart) of the grid tiles [t0, t0 + v_len)
@@ -1157,12 +1192,13 @@ inline void transform_tiles(const WeightGradGrid<R, M>& g, int64_t t0, int64_t l
   const int64_t tv = std::min(g.T, t0 + v_len) - t0;
   tile_runs(t0, t0 + tv, g.per_image, g.TW, g.TH, g.TW, runs);
   make_windows(runs, windows);
-  WindowRun wr[16];
+  std::vector<WindowRun> in_runs;
+  input_runs<R, M>(runs, g.in, in_runs);
   for (size_t w = 0; w + 1 < windows.size(); ++w) {
     const int64_t t = runs[windows[w]].t / 16 * 16;
     for (int64_t c = 0; c < g.C; ++c) {
-      const int cnt = window_runs(runs, windows[w], windows[w + 1], g.padded + c * g.plane, g.C * g.plane, g.Wp, wr, M);
-      input_transform<R, M>(wr, cnt, g.Wp, V + c * ntv + t, v_xi);
+      input_transform<R, M>(in_runs.data() + windows[w], windows[w + 1] - windows[w], g.in.W, c * g.in.H * g.in.W,
+                            V + c * ntv + t, v_xi);
     }
   }
   if (tv < v_len) {
@@ -1174,6 +1210,7 @@ inline void transform_tiles(const WeightGradGrid<R, M>& g, int64_t t0, int64_t l
   }
   tile_runs(t0, t0 + len, g.per_image, g.TW, g.th, g.tw, runs);  // the output tiles
   make_windows(runs, windows);
+  WindowRun wr[16];
   for (size_t w = 0; w + 1 < windows.size(); ++w) {
     const int64_t t = runs[windows[w]].t / 16 * 16, tiles = std::min<int64_t>(16, len - t);
     for (int64_t o0 = 0; o0 < g.OC; o0 += 16) {  // 16 channels at a time
