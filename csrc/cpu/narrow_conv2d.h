@@ -124,7 +124,7 @@ FASTCONV_AVX512 void store_tile_to_planes(const float* tile, int64_t valid, int6
 // With `whole_batch` false nothing is copied up front: each thread fills its own image's worth with
 // copy_rows (the forward).
 struct PaddedInput {
-  AlignedBuffer buf;
+  AlignedBuffer buf{false};  // written in full by copy_padded
   const float* input;
   const float* data = nullptr;
   int64_t Hp, Wp, plane, image;
@@ -181,7 +181,7 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
   const PaddedInput padded(input, p, ceil_div(OW, NPX) * NPX, false);
   const int64_t kh_span = (p.kernel_h - 1) * p.dilation_h + 1;
   // transposed weights wt[k][width], zero channels past OC
-  AlignedBuffer wt_buf;
+  AlignedBuffer wt_buf(false);  // written in full below
   float* wt = wt_buf.get(K * width);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t o = 0; o < width; ++o) wt[k * width + o] = o < OC ? weight[o * K + k] : 0.f;
