@@ -409,9 +409,9 @@ FASTCONV_AVX512 inline __m512i odd_lanes() {
 // loaded as if its first tile sat in lane 0 of a window starting M*lane floats earlier, so the
 // deinterleaved lanes line up, and merged under the run's lane mask: the transforms then work on
 // dense 16-tile vectors however short the tile rows are.
-// Both the input and grad_output are read in place, not from zero-padded copies (which had cost 10-14%
-// of MNIST conv2's forward and backward-weight, 20-25% more for grad_output's): a run knows which of its
-// rows and columns lie inside the plane, and everything outside reads as zero.
+// Both the input and grad_output are read in place, not from zero-padded copies (the input's had cost
+// 10-14% of MNIST conv2's forward and backward-weight, grad_output's 20-25% of its backward-weight): a
+// run knows which of its rows and columns lie inside the plane, and everything outside reads as zero.
 struct WindowRun {
   const float* src;  // row 0 of the window-aligned patch: the run's first tile minus M*lane floats
   __mmask16 lanes;
