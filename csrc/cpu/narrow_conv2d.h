@@ -152,20 +152,9 @@ struct PaddedInput {
   }
   // Padded rows [r0, r1) of every channel of image n into dst (one image's worth: C planes of Hp x Wp).
   void copy_rows(const Conv2dParams& p, int64_t n, int64_t r0, int64_t r1, float* dst) const {
-    const int64_t H = p.in_h, W = p.in_w, cols = std::max<int64_t>(0, std::min(W, Wp - p.pad_w));
-    for (int64_t c = 0; c < p.in_channels; ++c) {
-      const float* src = input + (n * p.in_channels + c) * H * W;
-      for (int64_t r = r0; r < r1; ++r) {
-        float* row = dst + c * plane + r * Wp;
-        const int64_t h = r - p.pad_h;
-        if (h < 0 || h >= H) {
-          std::fill(row, row + Wp, 0.f);
-          continue;
-        }
-        std::fill(row, row + p.pad_w, 0.f);
-        std::copy(src + h * W, src + h * W + cols, row + p.pad_w);
-        std::fill(row + p.pad_w + cols, row + Wp, 0.f);
-      }
+    for (int64_t c = 0; c < p.in_channels; ++c) {  // each plane's rows as a plane of r1 - r0 rows
+      engine::copy_padded(input + (n * p.in_channels + c) * p.in_h * p.in_w, 1, p.in_h, p.in_w,
+                          dst + c * plane + r0 * Wp, r1 - r0, Wp, p.pad_h - r0, p.pad_w);
     }
   }
 };

@@ -527,24 +527,6 @@ inline void make_windows(const std::vector<TileRun>& runs, std::vector<int>& fir
   first.push_back(static_cast<int>(runs.size()));
 }
 
-// Window runs for channel plane `base` (offset of each run's patch: ((n*channels + c)*rows + M*i)*pitch +
-// M*j0, tiles of M x M pixels).
-inline int window_runs(const std::vector<TileRun>& runs, int k0, int k1, const float* plane0, int64_t image_stride,
-                       int64_t row_pitch, WindowRun* out, int64_t M = 2) {
-  int count = 0;
-  for (int k = k0; k < k1; ++k) {
-    const TileRun& r = runs[k];
-    const int64_t lane = r.t % 16;
-    out[count++] = {plane0 + r.n * image_stride + M * r.i * row_pitch + M * (r.j0 - lane),
-                    lane_mask(lane, lane + r.len),
-                    0,
-                    static_cast<int>(M),
-                    16 * M,
-                    {}};
-  }
-  return count;
-}
-
 // The planes the input transform reads in place: C channels of H x W per image, padded by pad_h/pad_w
 // (patch row r of tile row i is input row M*i + r - pad_h; column x of tile column j input column
 // M*j + x - pad_w; zero outside the plane).
@@ -576,15 +558,22 @@ inline void input_runs(const std::vector<TileRun>& runs, const InputPlanes& in, 
   }
 }
 
-// The same for the output tiles of an H x W plane read in place (planes H*W floats apart, rows W): the
-// parts of the tiles past the plane's last row or column are not read (they count as zeros).
+// The window runs of runs[k0, k1), MxM output tiles of H x W planes read in place (image n's plane at
+// plane0 + n*image_stride, rows W apart): each run's rows inside the plane (M, or fewer at the bottom)
+// and its pixels per row inside it, counted from src; the parts of the tiles past the plane's last row
+// or column are not read (they count as zeros).
 inline int grad_output_runs(const std::vector<TileRun>& runs, int k0, int k1, const float* plane0, int64_t image_stride,
                             int64_t H, int64_t W, WindowRun* out, int64_t M) {
-  const int count = window_runs(runs, k0, k1, plane0, image_stride, W, out, M);
-  for (int k = 0; k < count; ++k) {
-    const TileRun& r = runs[k0 + k];
-    out[k].row_hi = static_cast<int>(std::min(M, H - M * r.i));
-    out[k].width = W - M * (r.j0 - r.t % 16);
+  int count = 0;
+  for (int k = k0; k < k1; ++k) {
+    const TileRun& r = runs[k];
+    const int64_t lane = r.t % 16;
+    WindowRun& w = out[count++];
+    w.src = plane0 + r.n * image_stride + M * r.i * W + M * (r.j0 - lane);
+    w.lanes = lane_mask(lane, lane + r.len);
+    w.row_lo = 0;
+    w.row_hi = static_cast<int>(std::min(M, H - M * r.i));
+    w.width = W - M * (r.j0 - lane);
   }
   return count;
 }
@@ -1188,11 +1177,10 @@ struct WeightGradGrid {
 template <int R, int M = 2>
 inline void transform_tiles(const WeightGradGrid<R, M>& g, int64_t t0, int64_t len, int64_t v_len, float* V,
                             int64_t ntv, int64_t v_xi, float* GMT, int64_t m_xi, std::vector<TileRun>& runs,
-                            std::vector<int>& windows) {
+                            std::vector<int>& windows, std::vector<WindowRun>& in_runs) {
   const int64_t tv = std::min(g.T, t0 + v_len) - t0;
   tile_runs(t0, t0 + tv, g.per_image, g.TW, g.TH, g.TW, runs);
   make_windows(runs, windows);
-  std::vector<WindowRun> in_runs;
   input_runs<R, M>(runs, g.in, in_runs);
   for (size_t w = 0; w + 1 < windows.size(); ++w) {
     const int64_t t = runs[windows[w]].t / 16 * 16;
@@ -1310,10 +1298,11 @@ inline void backward_weight_whole_tiles(WeightGradGrid<R, M>& g, const Conv2dPar
     at::parallel_for(0, pieces.count, 1, [&](int64_t b0, int64_t b1) {
       std::vector<TileRun> runs;
       std::vector<int> windows;
+      std::vector<WindowRun> in_runs;
       for (int64_t item = b0; item < b1; ++item) {
         const int64_t s0 = pieces.begin(item), n = pieces.end(item) - s0;  // the last piece adds the halo
         transform_tiles(g, c0 + s0, n, item + 1 == pieces.count ? n + g.halo : n, V + s0, NTV, v_xi, GMT + s0 * g.ldo,
-                        m_xi, runs, windows);
+                        m_xi, runs, windows, in_runs);
       }
     });
     at::parallel_for(0, P * o_groups, 1, [&](int64_t b0, int64_t b1) {
@@ -1348,10 +1337,11 @@ inline void backward_weight_tiles(const float* grad_output, const float* input, 
     float* GMT = scratch(Scratch::kM, P * m_xi + 16);
     std::vector<TileRun> runs;
     std::vector<int> windows;
+    std::vector<WindowRun> in_runs;
     for (int64_t s = s0; s < s1; ++s) {
       for (int64_t item = s * items / slots; item < (s + 1) * items / slots; ++item) {
         const int64_t t0 = tile_items.begin(item), len = tile_items.end(item) - t0;
-        transform_tiles(g, t0, len, len + g.halo, V, NTV, v_xi, GMT, m_xi, runs, windows);
+        transform_tiles(g, t0, len, len + g.halo, V, NTV, v_xi, GMT, m_xi, runs, windows, in_runs);
         for (int64_t xi = 0; xi < P; ++xi) {
           weight_grad_products(g, xi, 0, g.ldo, len, V, NTV, v_xi, GMT, m_xi, parts.get() + s * part,
                                item == s * items / slots ? Init::kZero : Init::kAccumulate);
