@@ -43,7 +43,7 @@ constexpr int64_t kMaxBlockK = 512;                // reduction rows per block: 
 constexpr int64_t kColumnBlockBytes = 192 * 1024;  // one item's packed columns per k-block (L2; at least)
 constexpr int64_t kPanel = kTileCols;              // 48 pixels per panel
 constexpr int64_t kMaxPartialBytes = 1 << 20;      // backward-weight: per-thread partials up to L2's size
-constexpr int64_t kPanelPad = 16;                  // floats after each packed panel (pack_columns' overrun)
+constexpr int64_t kPanelPad = 16;                  // floats after each packed panel (spacing)
 
 // 64-byte aligned scratch. Every lane a kernel reads is either written first or lies in a lane whose
 // result is never stored (the junk lanes of partial vectors), but junk lanes still go through the
