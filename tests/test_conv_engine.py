@@ -77,6 +77,7 @@ ENGINE_CASES = [
     (1, 4, 9, 27, 40, (3, 3), 2, 1, 1, 1),
     (2, 8, 7, 9, 17, (3, 2), 2, (1, 0), (2, 1), 1),
     (2, 3, 35, 37, 50, (11, 11), 4, 2, 1, 1),  # ... weights past 64 KiB: k-blocks summed in a row buffer
+    (1, 3, 35, 90, 40, (11, 11), 4, 2, 1, 1),  # ... stored 16 pixels at a time: a 21-pixel row, 3 vectors
     (1, 16, 20, 20, 8, (3, 3), 1, 3, 1, 1),
     (2, 12, 9, 9, 24, (3, 3), 1, 1, 1, 2),
     (1, 12, 9, 9, 24, (3, 3), 1, 1, 1, 2),    # batch 1, stride 1: backward-input through col2im

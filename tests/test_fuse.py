@@ -87,6 +87,23 @@ def test_conv2d_relu_keeps_nan_like_relu(algorithm):
     torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("geometry", [
+    ((2, 3, 35, 90), (40, 3, 11, 11), 4, 2),  # narrow-direct, weights past 64 KiB: a row buffer, 21-pixel rows
+    ((2, 3, 30, 37), (50, 3, 7, 7), 2, 3),    # narrow-direct, tile by tile
+])
+def test_conv2d_relu_is_relu_of_conv2d_on_the_narrow_kernel(geometry):
+    # the narrow-direct forward applies bias and ReLU as it stores: bitwise the unfused op then relu
+    xs, ws, s, p = geometry
+    x, w, b = torch.randn(xs), torch.randn(ws), torch.randn(ws[0])
+    args = ([s, s], [p, p], [1, 1], 1)
+    if fastconv.conv2d_algorithm(x, w, s, p).split("/")[0] != "narrow-direct":
+        pytest.skip("no AVX-512 narrow-direct kernel on this CPU")
+    fused = torch.ops.fastconv.conv2d_relu(x, w, b, *args)
+    torch.testing.assert_close(fused, torch.ops.fastconv.conv2d(x, w, b, *args).relu(), rtol=0, atol=0)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), s, p).relu()
+    torch.testing.assert_close(fused.double(), ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)])
 def test_conv_relu_pool_is_bitwise_the_unfused_chain(pool, poison):
     # the fused chain runs conv -> pool -> ReLU (they commute): exactly the unfused conv -> ReLU -> pool,

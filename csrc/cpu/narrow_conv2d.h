@@ -118,6 +118,33 @@ FASTCONV_AVX512 void store_tile_to_planes(const float* tile, int64_t valid, int6
   }
 }
 
+// A pixel-major row [px][NV*16] (rows past `valid` unread) into NCHW, 16 pixels at a time: each 16 x 16
+// block of pixels x channels transposed in registers, then one store of 16 pixels per channel. Tile by
+// tile (store_tile_to_planes) a 5-pixel tile paid a whole 16 x 16 transpose and 64 five-float stores.
+template <int NV>
+FASTCONV_AVX512 void store_row_to_planes(const float* row, int64_t valid, int64_t OC, const float* bias, bool relu,
+                                         float* out, int64_t L) {
+  constexpr int64_t width = NV * 16;
+  for (int64_t px0 = 0; px0 < valid; px0 += 16) {
+    const int64_t n = std::min<int64_t>(16, valid - px0);
+    const __mmask16 m = lane_mask(0, n);
+    for (int v = 0; v < NV; ++v) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] = i < n ? _mm512_load_ps(row + (px0 + i) * width + 16 * v) : _mm512_setzero_ps();
+      }
+      engine::transpose16(r);  // r[l]: channel 16v + l, pixels in the lanes
+      const int64_t channels = std::min<int64_t>(16, OC - 16 * v);
+      for (int64_t l = 0; l < channels; ++l) {
+        const int64_t o = 16 * v + l;
+        __m512 y = bias ? _mm512_add_ps(r[l], _mm512_set1_ps(bias[o])) : r[l];
+        if (relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // NaN (the second operand) stays NaN, as torch.relu
+        _mm512_mask_storeu_ps(out + o * L + px0, m, y);
+      }
+    }
+  }
+}
+
 // A zero-padded copy of the input holding every tap of output pixels [0, OH) x [0, ow_end) (ow_end >= OW:
 // a forward row's last tile computes a few pixels past OW, whose sums are not stored), and the offset
 // of each tap k = (c, kh, kw) from its output pixel's top-left input position.
@@ -213,6 +240,13 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
           }
           continue;
         }
+        // The row's output lines into L2 while it is summed: stored together at its end, each store
+        // would otherwise wait for its line from memory
+        for (int64_t o = 0; o < OC; ++o) {
+          const float* line = row_out + o * L;
+          for (int64_t x = 0; x < OW; x += 16) _mm_prefetch(reinterpret_cast<const char*>(line + x), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(line + OW - 1), _MM_HINT_T1);
+        }
         for (int64_t b = 0; b < kb.count; ++b) {
           const int64_t k0 = b * kb.size, kc = std::min(kb.size, K - k0);
           for (int64_t t = 0; t < tiles; ++t) {
@@ -220,10 +254,7 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
                                 acc + t * NPX * width, b > 0);
           }
         }
-        for (int64_t t = 0; t < tiles; ++t) {
-          store_tile_to_planes<NV, NPX>(acc + t * NPX * width, std::min<int64_t>(NPX, OW - t * NPX), OC, bias, relu,
-                                        row_out + t * NPX, L);
-        }
+        store_row_to_planes<NV>(acc, OW, OC, bias, relu, row_out, L);
       }
     }
   });
