@@ -718,14 +718,14 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // the 5x5 1->30 layer 0.48x, 3x3 3->32 0.83x the forward route's time; LeNet conv1's 1->6 1.07x; from
 // 6 input channels up the forward route wins, LeNet conv2 by 1.7x).
 inline bool backward_input_through_forward(const Conv2dParams& p) {
-  // batch 1: where grad_input has fewer channels than grad_output, col2im (it reads the weights in
-  // place; AlexNet conv2 64->192: the forward route 1.10x, conv3 192->384 1.00x), and for 1x1 kernels
-  // with as many (256->256 at 14x14: 1.25x). With as many channels and larger kernels the forward
-  // route, since pack_columns packs a channel's taps together (measured, 2 threads, Intel host, against
-  // col2im: 3x3 at 256 on 13x13 0.91-0.93x, 384 on 13x13 0.83x, 512 on 7x7 0.87-0.89x, 128 on 28x28
-  // 0.88x, 32 on 14x14 1.04x); with more (AlexNet conv4 0.91x, 1x1 256->64 at 56x56 0.82x).
+  // batch 1: col2im where grad_input has fewer channels than grad_output and the kernel is past 1x1 (it
+  // reads the weights in place; AlexNet conv2 64->192: the forward route 1.05-1.10x, conv3 192->384
+  // 1.00x). Otherwise the forward route, since pack_columns packs a channel's taps together and 1x1
+  // layers pack (measured, 2 threads, Intel host, against col2im: 3x3 at 256 on 13x13 0.91-0.93x, 384
+  // on 13x13 0.83x, 512 on 7x7 0.87-0.89x, 128 on 28x28 0.88x, 32 on 14x14 1.04x; 1x1 256->256 and
+  // 512->512 0.74-0.87x, 64->256 at 56x56 0.55x, 512->2048 at 7x7 0.86x; AlexNet conv4 0.91x).
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
-  if (p.batch == 1 && (Cg < OCg || (Cg == OCg && p.kernel_h * p.kernel_w == 1))) return false;
+  if (p.batch == 1 && Cg < OCg && p.kernel_h * p.kernel_w > 1) return false;
   return backward_input_as_forward(p) && Cg > kTileRows / 2;
 }
 
