@@ -62,6 +62,8 @@ ENGINE_CASES = [
     (2, 26, 5, 7, 40, (1, 1), 1, 0, 1, 2),    # 1x1 backward-input's W^T blocks: 13 channels per group (8 + 5)
     (2, 13, 6, 7, 40, (1, 1), 1, 0, 1, 1),    # 1x1 backward-weight as the swapped problem (C < OC), by pixels
     (1, 400, 3, 5, 700, (1, 1), 1, 0, 1, 1),  # ... by rows (a 1.1 MB partial)
+    (3, 40, 12, 13, 24, (1, 1), 1, 0, 1, 1),  # 1x1 backward-weight reading the input in place: items across images
+    (2, 64, 12, 12, 32, (1, 1), 1, 0, 1, 2),  # ... groups
     (3, 5, 13, 13, 50, (3, 3), 2, 1, 1, 1),
     (2, 6, 40, 45, 10, (3, 3), 2, 1, 1, 1),   # stride-2 col2im: output rows past 16 columns
     (3, 1, 17, 19, 7, (3, 3), 1, 1, 1, 1),    # backward-weight's dot form (C*KH*KW <= 25): 3 + 3 + 1
