@@ -198,6 +198,17 @@ def extra_cases(n, scale=1):
             conv("bottleneck1x1", n, 256, 28 // scale, 64, 1)]
 
 
+def resnet50_1x1_cases(n, scale=1):
+    """ResNet-50's bottleneck 1x1 convolutions (torchvision's layout, no biases): the expanding and
+    reducing 1x1s at each stage's plane size and two 1x1/2 shortcuts."""
+    return [conv("resnet50.layer1.0.conv3", n, 64, 56 // scale, 256, 1, bias=False),
+            conv("resnet50.layer2.0.conv1", n, 256, 56 // scale, 128, 1, bias=False),
+            conv("resnet50.layer2.0.downsample.0", n, 256, 56 // scale, 512, 1, stride=2, bias=False),
+            conv("resnet50.layer3.1.conv1", n, 1024, 14 // scale, 256, 1, bias=False),
+            conv("resnet50.layer4.0.downsample.0", n, 1024, 14 // scale, 2048, 1, stride=2, bias=False),
+            conv("resnet50.layer4.0.conv3", n, 512, max(1, 7 // scale), 2048, 1, bias=False)]
+
+
 def core_cases(tiny=False):
     """The core suite: exactly these rows, forward+backward, float32."""
     n, n_alex, n_pool, size = (100, 4, 8, 224) if not tiny else (2, 1, 2, 67)
@@ -267,6 +278,7 @@ def build_rows(suite, tiny=False):
             cases += alexnet_cases(n, size)
         cases += resnet18_cases(n_res, 224 // scale, n_stem=n_stem)
         cases += extra_cases(n_res, scale)
+        cases += resnet50_1x1_cases(n_res, scale)
         cases += issue8 + core
         passes = {"conv2d": CONV_PASSES, "max_pool2d": POOL_PASSES}
     else:
