@@ -89,6 +89,16 @@ ENGINE_CASES = [
     (1, 8, 11, 10, 16, (3, 3), 1, 2, 2, 4),
     (2, 8, 10, 10, 8, (3, 3), 1, 1, 1, 8),
     (1, 4, 3, 300, 4, (3, 3), 1, 1, 1, 4),    # depthwise backward-weight: rows past 256 columns
+    # depthwise on phase planes (strides past 1, rows under 32 pixels): odd and even sizes and paddings,
+    # channel multipliers, strides 2-4 (2: vector split and gather, over 32 columns too; 3, 4: scalar),
+    # dilation, kernels past 3x3
+    (2, 6, 13, 17, 6, (3, 3), 2, 1, 1, 6),
+    (2, 5, 12, 15, 10, (3, 3), 2, 1, 1, 5),
+    (1, 3, 9, 70, 3, (3, 3), 2, 1, 1, 3),
+    (1, 4, 20, 70, 4, (5, 3), (3, 2), (2, 1), 2, 4),
+    (3, 16, 7, 7, 16, (5, 5), 1, 2, 1, 16),
+    (2, 4, 10, 37, 8, (3, 7), (1, 4), (1, 3), 1, 4),
+    (1, 7, 1, 1, 21, (3, 3), 2, 1, 1, 7),
     (2, 4, 9, 20, 4, (3, 3), (2, 1), 1, 1, 4),
     (1, 3, 12, 40, 6, (3, 5), 1, (1, 2), 2, 3),
     (2, 8, 10, 10, 16, (3, 3), 2, 1, 1, 8),

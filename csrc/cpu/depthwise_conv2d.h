@@ -4,7 +4,10 @@
 // group, which no register tile can fill. These kernels work on whole planes instead: each output
 // row accumulates KH*KW shifted input rows (vectorised along the row, 16 floats per AVX-512 step for
 // stride 1), backward-input of a stride-1 conv is the same kernel on grad_output with flipped weights,
-// and backward-weight is a dot product of grad_output rows with shifted input rows.
+// and backward-weight is a dot product of grad_output rows with shifted input rows. With one input
+// channel per group (depthwise, channel multipliers) on AVX-512, strided layers and rows under 32
+// pixels run on phase planes instead (PhasePlanes below: any stride as contiguous runs, no idle lanes
+// on short rows).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,6 +19,7 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "cpu/conv2d_avx512.h"
 #include "cpu/flipped_conv.h"
 #include "cpu/gemm.h"
 
@@ -152,6 +156,250 @@ FASTCONV_AVX512 inline void dot_rows_taps_avx512(const float* a, int64_t a_ld, c
 }
 #endif
 
+#if FASTCONV_HAVE_AVX512_KERNELS
+// ---- One input channel per group, float32, any stride: phase planes -----------------------------
+// The zero-padded input plane is split into stride_h x stride_w phase planes (rows i = a mod sh,
+// columns j = b mod sw) of Hq x Wq floats. Tap (kh, kw) of output pixel (oh, ow) then reads phase
+// (kh*dh mod sh, kw*dw mod sw) at row oh + kh*dh/sh and column ow + kw*dw/sw: on the "virtual" output
+// plane v = oh*Wq + ow (columns ow >= OW are junk) every tap is one contiguous run at a fixed offset,
+// so each 16-lane vector of virtual outputs is KH*KW loads and FMAs whatever the stride or the plane
+// width. Row by row (conv_row_avx512) a 7-pixel row used 7 of 16 lanes, and strides past 1 ran scalar
+// (MobileNet's layers: 1.1-3.1x torch's time).
+// dst[0, n) = src[0, n), 16 floats per step (rows here are short: a memcpy call each cost more)
+FASTCONV_AVX512 inline void copy_floats(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lane_mask(0, n - i);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
+  }
+}
+
+struct PhasePlanes {
+  int64_t sh, sw, pad_h, pad_w, H, W, Hq, Wq, plane, size, OH, OW, V, vecs;
+  std::vector<int64_t> off;      // per tap: its run's offset in the phase planes
+  std::vector<__mmask16> valid;  // per virtual vector: the lanes of real outputs (ow < OW, v < V)
+  explicit PhasePlanes(const Conv2dParams& p)
+      : sh(p.stride_h), sw(p.stride_w), pad_h(p.pad_h), pad_w(p.pad_w), H(p.in_h), W(p.in_w), OH(p.out_h), OW(p.out_w) {
+    Hq = engine::ceil_div(H + 2 * pad_h, sh);
+    Wq = engine::ceil_div(W + 2 * pad_w, sw);
+    plane = Hq * Wq;
+    V = OH * Wq;
+    vecs = engine::ceil_div(V, 16);
+    int64_t most = 0;
+    for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+        const int64_t r = kh * p.dilation_h, c = kw * p.dilation_w;
+        off.push_back(((r % sh) * sw + c % sw) * plane + (r / sh) * Wq + c / sw);
+        most = std::max(most, off.back());
+      }
+    }
+    size = std::max(sh * sw * plane, most + 16 * vecs) + 16;  // runs of junk lanes read past the planes
+    valid.resize(vecs);
+    for (int64_t j = 0; j < vecs; ++j) {
+      uint32_t m = 0;
+      for (int l = 0; l < 16; ++l) {
+        const int64_t v = 16 * j + l;
+        if (v < V && v % Wq < OW) m |= 1u << l;
+      }
+      valid[j] = __mmask16(m);
+    }
+  }
+  // q[size] all zero: the padding of the phase planes (split writes only the input's positions, the
+  // same ones for every plane of a call, so a task clears its buffer once)
+  void clear(float* q) const { std::memset(q, 0, size * sizeof(float)); }
+  // the phase planes of one input plane into q (cleared before, by this call's geometry)
+  FASTCONV_AVX512 void split(const float* in, float* q) const {
+    for (int64_t ih = 0; ih < H; ++ih) {
+      const int64_t i = ih + pad_h;
+      float* row = q + (i % sh) * sw * plane + (i / sh) * Wq;
+      const float* src = in + ih * W;
+      if (sw == 1) {
+        copy_floats(row + pad_w, src, W);
+      } else if (sw == 2) {
+        // 32 input columns per step: the even ones to one phase row, the odd ones to the other
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        for (int64_t iw = 0; iw < W; iw += 32) {
+          const int64_t n = std::min<int64_t>(32, W - iw);
+          const __m512 v0 = _mm512_maskz_loadu_ps(lane_mask(0, n), src + iw);
+          const __m512 v1 = _mm512_maskz_loadu_ps(lane_mask(0, n - 16), src + iw + 16);
+          const int64_t j0 = iw + pad_w, j1 = j0 + 1;  // columns of lanes 0 and 1
+          _mm512_mask_storeu_ps(row + (j0 % 2) * plane + j0 / 2, lane_mask(0, (n + 1) / 2),
+                                _mm512_permutex2var_ps(v0, even, v1));
+          _mm512_mask_storeu_ps(row + (j1 % 2) * plane + j1 / 2, lane_mask(0, n / 2),
+                                _mm512_permutex2var_ps(v0, odd, v1));
+        }
+      } else {
+        for (int64_t iw = 0; iw < W; ++iw) {
+          const int64_t j = iw + pad_w;
+          row[(j % sw) * plane + j / sw] = src[iw];
+        }
+      }
+    }
+  }
+  // the inverse for gradients: g[ih][iw] = q at the padded position (ih + pad_h, iw + pad_w)
+  FASTCONV_AVX512 void gather(const float* q, float* g) const {
+    for (int64_t ih = 0; ih < H; ++ih) {
+      const int64_t i = ih + pad_h;
+      const float* row = q + (i % sh) * sw * plane + (i / sh) * Wq;
+      float* dst = g + ih * W;
+      if (sw == 1) {
+        copy_floats(dst, row + pad_w, W);
+      } else if (sw == 2) {
+        const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+        for (int64_t iw = 0; iw < W; iw += 32) {
+          const int64_t n = std::min<int64_t>(32, W - iw);
+          const int64_t j0 = iw + pad_w, j1 = j0 + 1;
+          const __m512 a = _mm512_loadu_ps(row + (j0 % 2) * plane + j0 / 2);  // lanes 0, 2, 4, ...
+          const __m512 b = _mm512_loadu_ps(row + (j1 % 2) * plane + j1 / 2);  // lanes 1, 3, 5, ...
+          _mm512_mask_storeu_ps(dst + iw, lane_mask(0, n), _mm512_permutex2var_ps(a, lo, b));
+          _mm512_mask_storeu_ps(dst + iw + 16, lane_mask(0, n - 16), _mm512_permutex2var_ps(a, hi, b));
+        }
+      } else {
+        for (int64_t iw = 0; iw < W; ++iw) {
+          const int64_t j = iw + pad_w;
+          dst[iw] = row[(j % sw) * plane + j / sw];
+        }
+      }
+    }
+  }
+};
+
+// out_v[v] = bias + sum over taps t of w[t] * q[off[t] + v], every virtual vector (junk lanes too)
+FASTCONV_AVX512 inline void conv_virtual(const float* q, const PhasePlanes& pp, const float* w, int64_t taps,
+                                         float bias, float* out_v) {
+  int64_t j = 0;
+  for (; j + 4 <= pp.vecs; j += 4) {  // four independent accumulators per step of the taps
+    __m512 acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = _mm512_set1_ps(bias);
+    for (int64_t t = 0; t < taps; ++t) {
+      const __m512 wv = _mm512_set1_ps(w[t]);
+      const float* src = q + pp.off[t] + 16 * j;
+      for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(src + 16 * u), acc[u]);
+    }
+    for (int u = 0; u < 4; ++u) _mm512_storeu_ps(out_v + 16 * (j + u), acc[u]);
+  }
+  for (; j < pp.vecs; ++j) {
+    __m512 acc = _mm512_set1_ps(bias);
+    for (int64_t t = 0; t < taps; ++t) {
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(w[t]), _mm512_loadu_ps(q + pp.off[t] + 16 * j), acc);
+    }
+    _mm512_storeu_ps(out_v + 16 * j, acc);
+  }
+}
+
+inline bool use_phase_planes(const Conv2dParams& p) {
+  return has_avx512() && p.in_channels_per_group() == 1 && (p.stride_h > 1 || p.stride_w > 1 || p.out_w < 32);
+}
+
+// out[n][oc] for one input channel per group: per (image, output channel) plane, its input's phase
+// planes (kept while consecutive output channels share the input channel), then every virtual vector
+// as KH*KW FMAs, the real columns copied out row by row.
+inline void forward_phases(const float* input, const float* weight, const float* bias, float* output,
+                           const Conv2dParams& p) {
+  const PhasePlanes pp(p);
+  const int64_t OCg = p.out_channels_per_group(), KK = p.kernel_h * p.kernel_w;
+  at::parallel_for(0, p.batch * p.out_channels, 1, [&](int64_t begin, int64_t end) {
+    thread_local engine::AlignedBuffer qbuf, vbuf;
+    float* q = qbuf.get(pp.size);
+    float* out_v = vbuf.get(16 * pp.vecs);
+    pp.clear(q);
+    int64_t split_of = -1;
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / p.out_channels, oc = plane % p.out_channels, c = oc / OCg;
+      if (n * p.in_channels + c != split_of) {
+        pp.split(input + (n * p.in_channels + c) * p.in_plane(), q);
+        split_of = n * p.in_channels + c;
+      }
+      conv_virtual(q, pp, weight + oc * KK, KK, bias ? bias[oc] : 0.f, out_v);
+      float* out = output + plane * p.out_plane();
+      for (int64_t oh = 0; oh < p.out_h; ++oh) copy_floats(out + oh * p.out_w, out_v + oh * pp.Wq, p.out_w);
+    }
+  });
+}
+
+// grad_output's plane in the virtual layout (rows Wq floats apart; the junk columns are left as they are)
+FASTCONV_AVX512 inline void to_virtual(const float* go, const PhasePlanes& pp, float* go_v) {
+  for (int64_t oh = 0; oh < pp.OH; ++oh) copy_floats(go_v + oh * pp.Wq, go + oh * pp.OW, pp.OW);
+}
+
+// gq[off[t] + v] += w[t] * go_v[v] over the real virtual outputs v, tap after tap
+FASTCONV_AVX512 inline void scatter_virtual(const float* go_v, const PhasePlanes& pp, const float* w, int64_t taps,
+                                            float* gq) {
+  for (int64_t t = 0; t < taps; ++t) {
+    const __m512 wv = _mm512_set1_ps(w[t]);
+    float* dst = gq + pp.off[t];
+    for (int64_t j = 0; j < pp.vecs; ++j) {
+      const __m512 acc = _mm512_loadu_ps(dst + 16 * j);
+      _mm512_storeu_ps(dst + 16 * j, _mm512_mask3_fmadd_ps(wv, _mm512_loadu_ps(go_v + 16 * j), acc, pp.valid[j]));
+    }
+  }
+}
+
+// grad_input for one input channel per group: per (image, input channel), the phase planes of its
+// gradient summed over the group's output channels tap by tap, then gathered back into the plane.
+inline void backward_input_phases(const float* grad_output, const float* weight, float* grad_input,
+                                  const Conv2dParams& p) {
+  const PhasePlanes pp(p);
+  const int64_t OCg = p.out_channels_per_group(), KK = p.kernel_h * p.kernel_w;
+  at::parallel_for(0, p.batch * p.in_channels, 1, [&](int64_t begin, int64_t end) {
+    thread_local engine::AlignedBuffer qbuf, vbuf;
+    float* gq = qbuf.get(pp.size);
+    float* go_v = vbuf.get(16 * pp.vecs);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / p.in_channels, c = plane % p.in_channels;
+      pp.clear(gq);
+      for (int64_t o = 0; o < OCg; ++o) {
+        const int64_t oc = c * OCg + o;
+        to_virtual(grad_output + (n * p.out_channels + oc) * p.out_plane(), pp, go_v);
+        scatter_virtual(go_v, pp, weight + oc * KK, KK, gq);
+      }
+      pp.gather(gq, grad_input + plane * p.in_plane());
+    }
+  });
+}
+
+FASTCONV_AVX512 inline float reduce_lanes(const float* v) { return _mm512_reduce_add_ps(_mm512_load_ps(v)); }
+
+// acc[t] (16 lane sums per tap) += go_v[v] * q[off[t] + v] over the real virtual outputs v
+FASTCONV_AVX512 inline void dot_virtual(const float* go_v, const float* q, const PhasePlanes& pp, int64_t taps,
+                                        float* acc) {
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* src = q + pp.off[t];
+    __m512 a = _mm512_load_ps(acc + 16 * t);
+    for (int64_t j = 0; j < pp.vecs; ++j) {
+      a = _mm512_mask3_fmadd_ps(_mm512_loadu_ps(go_v + 16 * j), _mm512_loadu_ps(src + 16 * j), a, pp.valid[j]);
+    }
+    _mm512_store_ps(acc + 16 * t, a);
+  }
+}
+
+// grad_weight for one input channel per group: one output channel per task, images in order, lane sums
+// reduced once at the end (the result does not depend on the thread count).
+inline void backward_weight_phases(const float* grad_output, const float* input, float* grad_weight,
+                                   const Conv2dParams& p) {
+  const PhasePlanes pp(p);
+  const int64_t OCg = p.out_channels_per_group(), KK = p.kernel_h * p.kernel_w;
+  at::parallel_for(0, p.out_channels, 1, [&](int64_t begin, int64_t end) {
+    thread_local engine::AlignedBuffer qbuf, vbuf, abuf;
+    float* q = qbuf.get(pp.size);
+    float* go_v = vbuf.get(16 * pp.vecs);
+    float* acc = abuf.get(16 * KK);
+    pp.clear(q);
+    for (int64_t oc = begin; oc < end; ++oc) {
+      const int64_t c = oc / OCg;
+      std::fill(acc, acc + 16 * KK, 0.f);
+      for (int64_t n = 0; n < p.batch; ++n) {
+        pp.split(input + (n * p.in_channels + c) * p.in_plane(), q);
+        to_virtual(grad_output + (n * p.out_channels + oc) * p.out_plane(), pp, go_v);
+        dot_virtual(go_v, q, pp, KK, acc);
+      }
+      for (int64_t t = 0; t < KK; ++t) grad_weight[oc * KK + t] = reduce_lanes(acc + 16 * t);
+    }
+  });
+}
+#endif
+
 // acc[o] += w * src[o * stride] for o in [lo, hi)
 template <typename T>
 inline void axpy_row(T* acc, const T* src, T w, int64_t lo, int64_t hi, int64_t stride) {
@@ -179,6 +427,11 @@ inline T dot_row(const T* a, const T* b, int64_t lo, int64_t hi, int64_t stride)
 // out[n][oc] = bias[oc] + sum over the group's input channels c of conv(in[n][c], w[oc][c]).
 template <typename T>
 void forward(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_phase_planes(p)) return forward_phases(input, weight, bias, output, p);
+  }
+#endif
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
   std::vector<int64_t> lo(KW), hi(KW);
@@ -226,6 +479,11 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
 // within each group) with flipped weights and padding dilation*(K-1) - pad; other strides scatter.
 template <typename T>
 void backward_input(const T* grad_output, const T* weight, T* grad_input, const Conv2dParams& p) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_phase_planes(p)) return backward_input_phases(grad_output, weight, grad_input, p);
+  }
+#endif
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w;
   if (backward_input_as_forward(p)) {
@@ -292,6 +550,11 @@ inline void weight_taps_stride1(const float* grad_output, const float* input, co
 
 template <typename T>
 void backward_weight(const T* grad_output, const T* input, T* grad_weight, const Conv2dParams& p) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_phase_planes(p)) return backward_weight_phases(grad_output, input, grad_weight, p);
+  }
+#endif
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
   std::vector<int64_t> lo(KW), hi(KW);
