@@ -479,17 +479,17 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
 // within each group) with flipped weights and padding dilation*(K-1) - pad; other strides scatter.
 template <typename T>
 void backward_input(const T* grad_output, const T* weight, T* grad_input, const Conv2dParams& p) {
-#if FASTCONV_HAVE_AVX512_KERNELS
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_phase_planes(p)) return backward_input_phases(grad_output, weight, grad_input, p);
-  }
-#endif
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w;
   if (backward_input_as_forward(p)) {
     const std::vector<T> w_t = flipped_transposed_weight(weight, p);
     return forward<T>(grad_output, w_t.data(), nullptr, grad_input, backward_input_params(p));
   }
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_phase_planes(p)) return backward_input_phases(grad_output, weight, grad_input, p);
+  }
+#endif
   // scatter, one input plane per task: every contribution to it comes from this task
   at::parallel_for(0, p.batch * p.in_channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
