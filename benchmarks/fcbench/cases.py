@@ -209,6 +209,20 @@ def resnet50_1x1_cases(n, scale=1):
             conv("resnet50.layer4.0.conv3", n, 512, max(1, 7 // scale), 2048, 1, bias=False)]
 
 
+def mobilenet_v2_depthwise_cases(n, scale=1):
+    """MobileNetV2's depthwise 3x3 convolutions (torchvision's layout, no biases): the strided ones of
+    three stages and two stride-1 ones on small planes."""
+    return [conv("mobilenet_v2.features.2.conv.1.0", n, 96, 112 // scale, 96, 3, stride=2, padding=1, groups=96,
+                 bias=False),
+            conv("mobilenet_v2.features.4.conv.1.0", n, 144, 56 // scale, 144, 3, stride=2, padding=1, groups=144,
+                 bias=False),
+            conv("mobilenet_v2.features.12.conv.1.0", n, 576, 14 // scale, 576, 3, padding=1, groups=576, bias=False),
+            conv("mobilenet_v2.features.14.conv.1.0", n, 576, 14 // scale, 576, 3, stride=2, padding=1, groups=576,
+                 bias=False),
+            conv("mobilenet_v2.features.17.conv.1.0", n, 960, max(1, 7 // scale), 960, 3, padding=1, groups=960,
+                 bias=False)]
+
+
 def core_cases(tiny=False):
     """The core suite: exactly these rows, forward+backward, float32."""
     n, n_alex, n_pool, size = (100, 4, 8, 224) if not tiny else (2, 1, 2, 67)
@@ -279,6 +293,7 @@ def build_rows(suite, tiny=False):
         cases += resnet18_cases(n_res, 224 // scale, n_stem=n_stem)
         cases += extra_cases(n_res, scale)
         cases += resnet50_1x1_cases(n_res, scale)
+        cases += mobilenet_v2_depthwise_cases(n_res, scale)
         cases += issue8 + core
         passes = {"conv2d": CONV_PASSES, "max_pool2d": POOL_PASSES}
     else:
