@@ -95,32 +95,12 @@ FASTCONV_AVX512 void pixel_tile(const float* in, int64_t sw, const int64_t* koff
   }
 }
 
-// The pixel-major tile [i][16v + l] into NCHW: each 16 x NPX block of channels x pixels transposed in
-// registers, then one masked store of `valid` pixels per channel (+ bias, ReLU). Element by element
-// these scattered stores to 64 planes took 30% of the ResNet stem's forward on an Intel host (2 FMA
-// units per core, so everything that is not an FMA weighs twice what it does on Zen 4).
-template <int NV, int NPX>
-FASTCONV_AVX512 void store_tile_to_planes(const float* tile, int64_t valid, int64_t OC, const float* bias, bool relu,
-                                          float* out, int64_t L) {
-  static_assert(NPX <= 16, "one vector of pixels per channel");
-  const __mmask16 m = lane_mask(0, valid);
-  for (int v = 0; v < NV; ++v) {
-    __m512 r[16];
-    for (int i = 0; i < 16; ++i) r[i] = i < NPX ? _mm512_load_ps(tile + (i * NV + v) * 16) : _mm512_setzero_ps();
-    engine::transpose16(r);  // r[l]: channel 16v + l, pixels in the lanes
-    const int64_t channels = std::min<int64_t>(16, OC - 16 * v);
-    for (int64_t l = 0; l < channels; ++l) {
-      const int64_t o = 16 * v + l;
-      __m512 y = bias ? _mm512_add_ps(r[l], _mm512_set1_ps(bias[o])) : r[l];
-      if (relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // NaN (the second operand) stays NaN, as torch.relu
-      _mm512_mask_storeu_ps(out + o * L, m, y);
-    }
-  }
-}
-
-// A pixel-major row [px][NV*16] (rows past `valid` unread) into NCHW, 16 pixels at a time: each 16 x 16
-// block of pixels x channels transposed in registers, then one store of 16 pixels per channel. Tile by
-// tile (store_tile_to_planes) a 5-pixel tile paid a whole 16 x 16 transpose and 64 five-float stores.
+// A pixel-major row or tile [px][NV*16] (rows past `valid` unread) into NCHW (+ bias, ReLU), 16 pixels
+// at a time: each 16 x 16 block of pixels x channels transposed in registers, then one masked store of
+// up to 16 pixels per channel. Element by element these scattered stores to 64 planes took 30% of the
+// ResNet stem's forward on an Intel host (2 FMA units per core, so everything that is not an FMA
+// weighs twice what it does on Zen 4); tile by tile, a 5-pixel tile of AlexNet conv1's blocked path
+// paid a whole transpose, so that path stores whole rows.
 template <int NV>
 FASTCONV_AVX512 void store_row_to_planes(const float* row, int64_t valid, int64_t OC, const float* bias, bool relu,
                                          float* out, int64_t L) {
@@ -235,8 +215,7 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
           alignas(64) float tile[NPX * NV * 16];
           for (int64_t t = 0; t < tiles; ++t) {
             pixel_tile<NV, NPX>(in_row + t * NPX * p.stride_w, p.stride_w, padded.koff.data(), K, wt, tile);
-            store_tile_to_planes<NV, NPX>(tile, std::min<int64_t>(NPX, OW - t * NPX), OC, bias, relu, row_out + t * NPX,
-                                          L);
+            store_row_to_planes<NV>(tile, std::min<int64_t>(NPX, OW - t * NPX), OC, bias, relu, row_out + t * NPX, L);
           }
           continue;
         }
