@@ -157,14 +157,6 @@ FASTCONV_AVX512 inline void dot_rows_taps_avx512(const float* a, int64_t a_ld, c
 #endif
 
 #if FASTCONV_HAVE_AVX512_KERNELS
-// ---- One input channel per group, float32, any stride: phase planes -----------------------------
-// The zero-padded input plane is split into stride_h x stride_w phase planes (rows i = a mod sh,
-// columns j = b mod sw) of Hq x Wq floats. Tap (kh, kw) of output pixel (oh, ow) then reads phase
-// (kh*dh mod sh, kw*dw mod sw) at row oh + kh*dh/sh and column ow + kw*dw/sw: on the "virtual" output
-// plane v = oh*Wq + ow (columns ow >= OW are junk) every tap is one contiguous run at a fixed offset,
-// so each 16-lane vector of virtual outputs is KH*KW loads and FMAs whatever the stride or the plane
-// width. Row by row (conv_row_avx512) a 7-pixel row used 7 of 16 lanes, and strides past 1 ran scalar
-// (MobileNet's layers: 1.1-3.1x torch's time).
 // dst[0, n) = src[0, n), 16 floats per step (rows here are short: a memcpy call each cost more)
 FASTCONV_AVX512 inline void copy_floats(float* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
@@ -173,6 +165,14 @@ FASTCONV_AVX512 inline void copy_floats(float* dst, const float* src, int64_t n)
   }
 }
 
+// ---- One input channel per group, float32, any stride: phase planes -----------------------------
+// The zero-padded input plane is split into stride_h x stride_w phase planes (rows i = a mod sh,
+// columns j = b mod sw) of Hq x Wq floats. Tap (kh, kw) of output pixel (oh, ow) then reads phase
+// (kh*dh mod sh, kw*dw mod sw) at row oh + kh*dh/sh and column ow + kw*dw/sw: on the "virtual" output
+// plane v = oh*Wq + ow (columns ow >= OW are junk) every tap is one contiguous run at a fixed offset,
+// so each 16-lane vector of virtual outputs is KH*KW loads and FMAs whatever the stride or the plane
+// width. Row by row (conv_row_avx512) a 7-pixel row used 7 of 16 lanes, and strides past 1 ran scalar
+// (MobileNet's layers: 1.1-3.1x torch's time).
 struct PhasePlanes {
   int64_t sh, sw, pad_h, pad_w, H, W, Hq, Wq, plane, size, OH, OW, V, vecs;
   std::vector<int64_t> off;      // per tap: its run's offset in the phase planes
