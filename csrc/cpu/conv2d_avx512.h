@@ -831,6 +831,7 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
   q.stride_h = q.stride_w = q.dilation_h = q.dilation_w = 1;
   q.pad_h = q.pad_w = 0;
   q.groups = 1;
+  q = flatten_pointwise(q);  // one row of L pixels: segments end only at panels, not at every output row
   const KBlocks ob(OCg, kMaxBlockK);
   const int64_t rows = col2im_band_rows(p);
   // Work items: (group of images, block of each group's input channels); an item computes the grad_cols
