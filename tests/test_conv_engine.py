@@ -131,6 +131,12 @@ ENGINE_CASES = [
     # rows end in a partial 8-row block
     (1, 64, 13, 13, 20, (3, 3), 1, 1, 1, 1),
     (4, 140, 12, 12, 24, (3, 3), 2, 1, 1, 2),
+    # batch-1 backward-input through the forward engine in one pixel item, the flipped weights packed
+    # block by block: 130 rows (16 blocks + 2), k-blocks of 293 and 288 rows ending inside an output
+    # channel's taps (65 x 9, 23 x 25), an odd output channel count, groups
+    (1, 130, 6, 7, 65, (3, 3), 1, 1, 1, 1),
+    (1, 140, 5, 5, 23, (5, 5), 1, 2, 1, 1),
+    (1, 144, 5, 6, 66, (3, 3), 1, 1, 1, 2),
 ]
 
 

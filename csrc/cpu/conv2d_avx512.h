@@ -294,9 +294,14 @@ inline bool panel_dest(float* out, int64_t channels, int64_t L, int64_t ch0, int
 // at data[g*group_stride + (i/8)*block_stride + (i%8)*rs + k*cs]. The forward weights as they are,
 // [g][o][k] (rs K, cs 1, blocks 8K apart), packed [g][ob][k][8] (rs 1, cs 8, blocks 8K apart), or the
 // transposed weights of backward-input read in place, W^T (rs 1, cs K, blocks 8 apart).
+struct FlippedWeights;
+
 struct WeightsA {
   const float* data;
   int64_t group_stride, block_stride, rs, cs;
+  // set: the flipped, transposed weights of a stride-1 backward-input, packed block by block as the
+  // GEMM reaches them (flipped_block), `data` unused
+  const FlippedWeights* flipped = nullptr;
   const float* block(int64_t g, int64_t ob, int64_t k0) const {
     return data + g * group_stride + ob * block_stride + k0 * cs;
   }
@@ -369,6 +374,83 @@ inline void transpose_weight_blocks(const float* weight, int64_t G, int64_t OCg,
   });
 }
 
+// transpose8 on both 256-bit halves of r at once: two independent 8x8 transposes.
+FASTCONV_AVX512 inline void transpose8_pairs(__m512 r[8]) {
+  __m512 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  // per half, as transpose8's permute2f128: low 128 bits of u[i] and u[i + 4], then the high ones
+  const __m512i lo = _mm512_set_epi32(27, 26, 25, 24, 11, 10, 9, 8, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i hi = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 23, 22, 21, 20, 7, 6, 5, 4);
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_permutex2var_ps(u[i], lo, u[i + 4]);
+    r[i + 4] = _mm512_permutex2var_ps(u[i], hi, u[i + 4]);
+  }
+}
+
+// flip_transpose_rows for two weight rows at once (src0 -> dst0, src1 -> dst1), one in each half of
+// the registers: the shuffles of a transpose serve both. The last columns, when at most 4 are left
+// (the ninth tap of a 3x3 kernel), are gathered one column at a time instead.
+FASTCONV_AVX512 inline void flip_transpose_row_pairs(const float* src0, const float* src1, int64_t rows, int64_t KK,
+                                                     float* dst0, float* dst1) {
+  int64_t j0 = 0;
+  for (; KK - j0 > 4; j0 += 8) {
+    const int64_t n = std::min<int64_t>(8, KK - j0);
+    const __mmask8 m = static_cast<__mmask8>((1u << n) - 1);
+    __m512 r[8];
+    for (int i = 0; i < 8; ++i) {
+      r[i] = i < rows ? _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, src0 + i * KK + j0)),
+                                           _mm256_maskz_loadu_ps(m, src1 + i * KK + j0), 1)
+                      : _mm512_setzero_ps();
+    }
+    transpose8_pairs(r);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      _mm256_storeu_ps(dst0 + (KK - 1 - (j0 + jj)) * kTileRows, _mm512_castps512_ps256(r[jj]));
+      _mm256_storeu_ps(dst1 + (KK - 1 - (j0 + jj)) * kTileRows, _mm512_extractf32x8_ps(r[jj], 1));
+    }
+  }
+  if (j0 < KK) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(int(KK)));
+    const __mmask8 m = static_cast<__mmask8>((1u << rows) - 1);
+    for (int64_t j = j0; j < KK; ++j) {
+      _mm256_storeu_ps(dst0 + (KK - 1 - j) * kTileRows,
+                       _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, idx, src0 + j, 4));
+      _mm256_storeu_ps(dst1 + (KK - 1 - j) * kTileRows,
+                       _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, idx, src1 + j, 4));
+    }
+  }
+}
+
+// The forward weights of a stride-1 backward-input whose flipped, transposed weights
+// (pack_flipped_weights_by_8's layout) are packed one 8-row block and k-block at a time.
+struct FlippedWeights {
+  const float* weight;
+  int64_t Cg, OCg, KK;
+};
+
+// Rows [8 ob, 8 ob + 8) and k-rows [k0, k0 + kc) of the flipped, transposed weights of group g in
+// pack_flipped_weights_by_8's layout, built in `buf` (at least (kc + 2 KK) * 8 floats): the whole
+// output channels o that the k-rows touch (k = o * KK + tap).
+FASTCONV_AVX512 inline const float* flipped_block(const FlippedWeights& f, int64_t g, int64_t ob, int64_t k0,
+                                                  int64_t kc, float* buf) {
+  const int64_t KK = f.KK, c0 = ob * kTileRows, rows = std::min<int64_t>(kTileRows, f.Cg - c0);
+  const int64_t o0 = k0 / KK, o1 = ceil_div(k0 + kc, KK);
+  const auto src = [&](int64_t o) { return f.weight + ((g * f.OCg + o) * f.Cg + c0) * KK; };
+  const auto dst = [&](int64_t o) { return buf + (o - o0) * KK * kTileRows; };
+  int64_t o = o0;
+  for (; o + 1 < o1; o += 2) flip_transpose_row_pairs(src(o), src(o + 1), rows, KK, dst(o), dst(o + 1));
+  if (o < o1) flip_transpose_rows(src(o), rows, KK, dst(o));
+  return buf + (k0 - o0 * KK) * kTileRows;
+}
+
 // The same layout for the flipped, transposed weights of a stride-1 backward-input (flipped_conv.h)
 // straight from the forward weights: row c of group g, column (o, j) = w[g*OCg + o][c][KK-1-j].
 inline WeightsA pack_flipped_weights_by_8(const float* weight, const Conv2dParams& p) {
@@ -382,12 +464,22 @@ inline WeightsA pack_flipped_weights_by_8(const float* weight, const Conv2dParam
     transpose_weight_blocks(weight, G, OCg, Cg, packed);
     return {packed, c_blocks * K * kTileRows, K * kTileRows, 1, kTileRows};
   }
-  at::parallel_for(0, G * c_blocks, grain_for(K * kTileRows), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t g = b / c_blocks, c0 = (b % c_blocks) * kTileRows, rows = std::min<int64_t>(kTileRows, Cg - c0);
-      for (int64_t o = 0; o < OCg; ++o) {
-        flip_transpose_rows(weight + ((g * OCg + o) * Cg + c0) * KK, rows, KK,
-                            packed + b * K * kTileRows + o * KK * kTileRows);
+  // Tasks of a pair of weight rows (output channels o, o + 1), each read front to back: consecutive
+  // blocks of 8 input channels are consecutive 8*KK floats of a row, which the prefetchers follow
+  // (block by block over every o, each step had read 8*KK floats Cg*KK apart).
+  const int64_t pairs = ceil_div(OCg, 2);
+  at::parallel_for(0, G * pairs, grain_for(2 * Cg * KK), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / pairs, o = (t % pairs) * 2;
+      for (int64_t cb = 0; cb < c_blocks; ++cb) {
+        const int64_t c0 = cb * kTileRows, rows = std::min<int64_t>(kTileRows, Cg - c0);
+        const auto src = [&](int64_t oo) { return weight + ((g * OCg + oo) * Cg + c0) * KK; };
+        const auto dst = [&](int64_t oo) { return packed + (g * c_blocks + cb) * K * kTileRows + oo * KK * kTileRows; };
+        if (o + 1 < OCg) {
+          flip_transpose_row_pairs(src(o), src(o + 1), rows, KK, dst(o), dst(o + 1));
+        } else {
+          flip_transpose_rows(src(o), rows, KK, dst(o));
+        }
       }
     }
   });
@@ -442,9 +534,12 @@ FASTCONV_AVX512 inline void gemm_item(WeightsA w, int64_t group, int64_t K, int6
                                       int64_t channels, int64_t L, int64_t ch0, Init init, const float* bias,
                                       bool relu) {
   const int64_t npanels = ceil_div(g1 - g0, kPanel);
+  thread_local AlignedBuffer flipped_buf;
   for (int64_t ob = r0 / kTileRows; ob * kTileRows < r1; ++ob) {
     const int mr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - ob * kTileRows));
-    const float* a = w.block(group, ob, k0);
+    const float* a =
+        w.flipped ? flipped_block(*w.flipped, group, ob, k0, kc, flipped_buf.get((kc + 2 * w.flipped->KK) * kTileRows))
+                  : w.block(group, ob, k0);
     const float* bias_b = bias ? bias + ob * kTileRows : nullptr;
     const int64_t row0 = ch0 + ob * kTileRows;
     for (int64_t j = 0; j < npanels; ++j) {
@@ -517,21 +612,28 @@ struct BalancedItems {
   int64_t largest() const { return grain * ceil_div(grains, count); }
 };
 
-// out = conv2d(input, weight) + bias [, relu], float32 NCHW contiguous, any stride/padding/dilation/groups.
-inline void forward_packed(const float* input, WeightsA wa, const float* bias, float* out, const Conv2dParams& p,
-                           bool relu = false) {
-  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
-  const int64_t Cg = p.in_channels_per_group(), L = p.out_plane(), total = p.batch * L;
-  const KBlocks kb(Kg, kMaxBlockK);
-  const int64_t oc_blocks = ceil_div(OCg, kTileRows);
-  BalancedItems items(total, item_pixels(kb.size, total), 16);
+// forward_packed's items of output pixels.
+inline BalancedItems forward_pixel_items(const Conv2dParams& p) {
+  const int64_t total = p.batch * p.out_plane();
+  BalancedItems items(total, item_pixels(KBlocks(p.col_rows_per_group(), kMaxBlockK).size, total), 16);
   // Few pixel items (batch 1, small planes): split the output channels so every thread works. Where
   // the weights have more rows than there are pixels, all pixels in one item and only the channels
   // split: each thread streams its part of the weights once instead of all of them once per item, at
   // the price of packing the columns on every thread (measured, 2 threads, Intel host, 13x13 and 14x14
   // planes at batch 1 with 256-512 output channels: 0.88-0.95x the time; ResNet layer4's 3x3/2 0.97x,
   // its 1x1 shortcut 0.95x; backward-input of AlexNet conv4 on this engine 0.92x).
-  if (items.count <= at::get_num_threads() && G * OCg > total) items.count = 1;
+  if (items.count <= at::get_num_threads() && p.out_channels > total) items.count = 1;
+  return items;
+}
+
+// out = conv2d(input, weight) + bias [, relu], float32 NCHW contiguous, any stride/padding/dilation/groups.
+inline void forward_packed(const float* input, WeightsA wa, const float* bias, float* out, const Conv2dParams& p,
+                           bool relu = false) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
+  const int64_t Cg = p.in_channels_per_group(), L = p.out_plane();
+  const KBlocks kb(Kg, kMaxBlockK);
+  const int64_t oc_blocks = ceil_div(OCg, kTileRows);
+  const BalancedItems items = forward_pixel_items(p);
   const int64_t pix_items = items.count;
   int64_t oc_split, oc_per_split;
   channel_split(pix_items, oc_blocks, oc_split, oc_per_split);
@@ -732,6 +834,18 @@ inline bool backward_input_through_forward(const Conv2dParams& p) {
 // grad_output with the flipped, transposed weights packed straight from `weight`.
 inline void backward_input_stride1(const float* grad_output, const float* weight, float* grad_input,
                                    const Conv2dParams& p) {
+  // One item of pixels (batch 1, small planes): every block of the flipped weights meets the GEMM once,
+  // so each is packed right before it, into L1, instead of all of them first: a pass over the whole
+  // weight tensor that waits on memory (measured, 2 threads, Intel host, batch 1: AlexNet conv4 and
+  // conv5 0.94/0.91x the time, 3x3 256 at 14x14 0.89x, 512 at 7x7 0.92x)
+  const Conv2dParams q = flatten_pointwise(backward_input_params(p));
+  if (p.kernel_h * p.kernel_w > 1 && !use_padded_direct(q) && forward_pixel_items(q).count == 1) {
+    const FlippedWeights flipped{weight, p.in_channels_per_group(), p.out_channels_per_group(),
+                                 p.kernel_h * p.kernel_w};
+    WeightsA wa{nullptr, 0, 0, 1, kTileRows};
+    wa.flipped = &flipped;
+    return forward_packed(grad_output, wa, nullptr, grad_input, q, false);
+  }
   forward_with(grad_output, pack_flipped_weights_by_8(weight, p), nullptr, grad_input, backward_input_params(p), false);
 }
 
