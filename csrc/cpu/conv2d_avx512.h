@@ -806,6 +806,14 @@ inline void forward(const float* input, const float* weight, const float* bias, 
   forward_with(input, forward_weights(weight, p), bias, out, p, relu);
 }
 
+// Whether a stride-1 backward-input on the forward engine packs the flipped weights block by block
+// (backward_input_stride1): kernels past 1x1 whose grad_input is one item of pixels (batch 1, small
+// planes, more input channels than pixels).
+inline bool flipped_weights_by_block(const Conv2dParams& p) {
+  const Conv2dParams q = flatten_pointwise(backward_input_params(p));
+  return p.kernel_h * p.kernel_w > 1 && !use_padded_direct(q) && forward_pixel_items(q).count == 1;
+}
+
 // Whether backward-input runs as the forward engine over grad_output (stride 1, flipped_conv.h) rather
 // than through grad_cols and col2im. At batch 1 the col2im route wins where grad_input has as many or
 // fewer channels than grad_output (measured, 2 threads, Zen 4: ResNet 3x3 256 at 14x14 0.64x, 512 at
@@ -820,13 +828,15 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // 6 input channels up the forward route wins, LeNet conv2 by 1.7x).
 inline bool backward_input_through_forward(const Conv2dParams& p) {
   // batch 1: col2im where grad_input has fewer channels than grad_output and the kernel is past 1x1 (it
-  // reads the weights in place; AlexNet conv2 64->192: the forward route 1.05-1.10x, conv3 192->384
-  // 1.00x). Otherwise the forward route, since pack_columns packs a channel's taps together and 1x1
+  // reads the weights in place), unless the forward route packs its weights block by block (measured,
+  // 2 threads, Intel host, the forward route against col2im: 3x3 32->64 at 14x14 1.18x, 96->256 at
+  // 13x13 1.08x, AlexNet conv2 0.99x, without block packing; with it AlexNet conv3 0.94x, 256->512 at
+  // 7x7 0.84x). Otherwise the forward route, since pack_columns packs a channel's taps together and 1x1
   // layers pack (measured, 2 threads, Intel host, against col2im: 3x3 at 256 on 13x13 0.91-0.93x, 384
   // on 13x13 0.83x, 512 on 7x7 0.87-0.89x, 128 on 28x28 0.88x, 32 on 14x14 1.04x; 1x1 256->256 and
   // 512->512 0.74-0.87x, 64->256 at 56x56 0.55x, 512->2048 at 7x7 0.86x; AlexNet conv4 0.91x).
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
-  if (p.batch == 1 && Cg < OCg && p.kernel_h * p.kernel_w > 1) return false;
+  if (p.batch == 1 && Cg < OCg && p.kernel_h * p.kernel_w > 1 && !flipped_weights_by_block(p)) return false;
   return backward_input_as_forward(p) && Cg > kTileRows / 2;
 }
 
@@ -838,13 +848,12 @@ inline void backward_input_stride1(const float* grad_output, const float* weight
   // so each is packed right before it, into L1, instead of all of them first: a pass over the whole
   // weight tensor that waits on memory (measured, 2 threads, Intel host, batch 1: AlexNet conv4 and
   // conv5 0.94/0.91x the time, 3x3 256 at 14x14 0.89x, 512 at 7x7 0.92x)
-  const Conv2dParams q = flatten_pointwise(backward_input_params(p));
-  if (p.kernel_h * p.kernel_w > 1 && !use_padded_direct(q) && forward_pixel_items(q).count == 1) {
+  if (flipped_weights_by_block(p)) {
     const FlippedWeights flipped{weight, p.in_channels_per_group(), p.out_channels_per_group(),
                                  p.kernel_h * p.kernel_w};
     WeightsA wa{nullptr, 0, 0, 1, kTileRows};
     wa.flipped = &flipped;
-    return forward_packed(grad_output, wa, nullptr, grad_input, q, false);
+    return forward_packed(grad_output, wa, nullptr, grad_input, flatten_pointwise(backward_input_params(p)), false);
   }
   forward_with(grad_output, pack_flipped_weights_by_8(weight, p), nullptr, grad_input, backward_input_params(p), false);
 }
