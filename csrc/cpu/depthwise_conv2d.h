@@ -177,6 +177,11 @@ struct PhasePlanes {
   int64_t sh, sw, pad_h, pad_w, H, W, Hq, Wq, plane, size, OH, OW, V, vecs;
   std::vector<int64_t> off;      // per tap: its run's offset in the phase planes
   std::vector<__mmask16> valid;  // per virtual vector: the lanes of real outputs (ow < OW, v < V)
+  std::vector<int64_t> first;    // per virtual vector: the real outputs before it (their plane offset)
+  // stride 1 (one phase plane, the padded plane): per vector of it, the lanes holding input and the
+  // input floats before it
+  std::vector<__mmask16> in_lanes;
+  std::vector<int64_t> in_first;
   explicit PhasePlanes(const Conv2dParams& p)
       : sh(p.stride_h), sw(p.stride_w), pad_h(p.pad_h), pad_w(p.pad_w), H(p.in_h), W(p.in_w), OH(p.out_h), OW(p.out_w) {
     Hq = engine::ceil_div(H + 2 * pad_h, sh);
@@ -194,13 +199,31 @@ struct PhasePlanes {
     }
     size = std::max(sh * sw * plane, most + 16 * vecs) + 16;  // runs of junk lanes read past the planes
     valid.resize(vecs);
-    for (int64_t j = 0; j < vecs; ++j) {
+    first.resize(vecs);
+    for (int64_t j = 0, count = 0; j < vecs; ++j) {
       uint32_t m = 0;
       for (int l = 0; l < 16; ++l) {
         const int64_t v = 16 * j + l;
         if (v < V && v % Wq < OW) m |= 1u << l;
       }
       valid[j] = __mmask16(m);
+      first[j] = count;
+      count += __builtin_popcount(m);
+    }
+    if (sh == 1 && sw == 1) {
+      const int64_t n = engine::ceil_div(plane, 16);
+      in_lanes.resize(n);
+      in_first.resize(n);
+      for (int64_t j = 0, count = 0; j < n; ++j) {
+        uint32_t m = 0;
+        for (int l = 0; l < 16; ++l) {
+          const int64_t i = 16 * j + l, r = i / Wq - pad_h, c = i % Wq - pad_w;
+          if (i < plane && r >= 0 && r < H && c >= 0 && c < W) m |= 1u << l;
+        }
+        in_lanes[j] = __mmask16(m);
+        in_first[j] = count;
+        count += __builtin_popcount(m);
+      }
     }
   }
   // q[size] all zero: the padding of the phase planes (split writes only the input's positions, the
@@ -208,6 +231,13 @@ struct PhasePlanes {
   void clear(float* q) const { std::memset(q, 0, size * sizeof(float)); }
   // the phase planes of one input plane into q (cleared before, by this call's geometry)
   FASTCONV_AVX512 void split(const float* in, float* q) const {
+    if (sh == 1 && sw == 1) {  // the padded plane, 16 floats at a time: the input's next floats spread to its lanes
+      for (size_t j = 0; j < in_lanes.size(); ++j) {
+        const __m512 x = _mm512_maskz_loadu_ps(lane_mask(0, __builtin_popcount(in_lanes[j])), in + in_first[j]);
+        _mm512_storeu_ps(q + 16 * j, _mm512_maskz_expand_ps(in_lanes[j], x));
+      }
+      return;
+    }
     for (int64_t ih = 0; ih < H; ++ih) {
       const int64_t i = ih + pad_h;
       float* row = q + (i % sh) * sw * plane + (i / sh) * Wq;
@@ -265,9 +295,17 @@ struct PhasePlanes {
   }
 };
 
-// out_v[v] = bias + sum over taps t of w[t] * q[off[t] + v], every virtual vector (junk lanes too)
+// Virtual vector j of a result into its output plane: the real lanes packed together, stored at their
+// place (rows of virtual outputs are Wq apart, the output's OW: copying them row by row through a
+// buffer was more than the FMAs on 7x7 planes).
+FASTCONV_AVX512 inline void store_virtual(const PhasePlanes& pp, int64_t j, __m512 acc, float* out) {
+  _mm512_mask_storeu_ps(out + pp.first[j], lane_mask(0, __builtin_popcount(pp.valid[j])),
+                        _mm512_maskz_compress_ps(pp.valid[j], acc));
+}
+
+// out = bias + sum over taps t of w[t] * q[off[t] + v] for the real virtual outputs v, into the plane
 FASTCONV_AVX512 inline void conv_virtual(const float* q, const PhasePlanes& pp, const float* w, int64_t taps,
-                                         float bias, float* out_v) {
+                                         float bias, float* out) {
   int64_t j = 0;
   for (; j + 4 <= pp.vecs; j += 4) {  // four independent accumulators per step of the taps
     __m512 acc[4];
@@ -277,14 +315,14 @@ FASTCONV_AVX512 inline void conv_virtual(const float* q, const PhasePlanes& pp, 
       const float* src = q + pp.off[t] + 16 * j;
       for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(src + 16 * u), acc[u]);
     }
-    for (int u = 0; u < 4; ++u) _mm512_storeu_ps(out_v + 16 * (j + u), acc[u]);
+    for (int u = 0; u < 4; ++u) store_virtual(pp, j + u, acc[u], out);
   }
   for (; j < pp.vecs; ++j) {
     __m512 acc = _mm512_set1_ps(bias);
     for (int64_t t = 0; t < taps; ++t) {
       acc = _mm512_fmadd_ps(_mm512_set1_ps(w[t]), _mm512_loadu_ps(q + pp.off[t] + 16 * j), acc);
     }
-    _mm512_storeu_ps(out_v + 16 * j, acc);
+    store_virtual(pp, j, acc, out);
   }
 }
 
@@ -294,15 +332,14 @@ inline bool use_phase_planes(const Conv2dParams& p) {
 
 // out[n][oc] for one input channel per group: per (image, output channel) plane, its input's phase
 // planes (kept while consecutive output channels share the input channel), then every virtual vector
-// as KH*KW FMAs, the real columns copied out row by row.
+// as KH*KW FMAs, the real lanes stored into the output plane.
 inline void forward_phases(const float* input, const float* weight, const float* bias, float* output,
                            const Conv2dParams& p) {
   const PhasePlanes pp(p);
   const int64_t OCg = p.out_channels_per_group(), KK = p.kernel_h * p.kernel_w;
   at::parallel_for(0, p.batch * p.out_channels, 1, [&](int64_t begin, int64_t end) {
-    thread_local engine::AlignedBuffer qbuf, vbuf;
+    thread_local engine::AlignedBuffer qbuf;
     float* q = qbuf.get(pp.size);
-    float* out_v = vbuf.get(16 * pp.vecs);
     pp.clear(q);
     int64_t split_of = -1;
     for (int64_t plane = begin; plane < end; ++plane) {
@@ -311,16 +348,17 @@ inline void forward_phases(const float* input, const float* weight, const float*
         pp.split(input + (n * p.in_channels + c) * p.in_plane(), q);
         split_of = n * p.in_channels + c;
       }
-      conv_virtual(q, pp, weight + oc * KK, KK, bias ? bias[oc] : 0.f, out_v);
-      float* out = output + plane * p.out_plane();
-      for (int64_t oh = 0; oh < p.out_h; ++oh) copy_floats(out + oh * p.out_w, out_v + oh * pp.Wq, p.out_w);
+      conv_virtual(q, pp, weight + oc * KK, KK, bias ? bias[oc] : 0.f, output + plane * p.out_plane());
     }
   });
 }
 
-// grad_output's plane in the virtual layout (rows Wq floats apart; the junk columns are left as they are)
+// grad_output's plane in the virtual layout (rows Wq floats apart, junk lanes zero): store_virtual undone
 FASTCONV_AVX512 inline void to_virtual(const float* go, const PhasePlanes& pp, float* go_v) {
-  for (int64_t oh = 0; oh < pp.OH; ++oh) copy_floats(go_v + oh * pp.Wq, go + oh * pp.OW, pp.OW);
+  for (int64_t j = 0; j < pp.vecs; ++j) {
+    const __m512 x = _mm512_maskz_loadu_ps(lane_mask(0, __builtin_popcount(pp.valid[j])), go + pp.first[j]);
+    _mm512_storeu_ps(go_v + 16 * j, _mm512_maskz_expand_ps(pp.valid[j], x));
+  }
 }
 
 // gq[off[t] + v] += w[t] * go_v[v] over the real virtual outputs v, tap after tap
