@@ -5,9 +5,9 @@
 // row accumulates KH*KW shifted input rows (vectorised along the row, 16 floats per AVX-512 step for
 // stride 1), backward-input of a stride-1 conv is the same kernel on grad_output with flipped weights,
 // and backward-weight is a dot product of grad_output rows with shifted input rows. With one input
-// channel per group (depthwise, channel multipliers) on AVX-512, strided layers and rows under 32
-// pixels run on phase planes instead (PhasePlanes below: any stride as contiguous runs, no idle lanes
-// on short rows).
+// channel per group (depthwise, channel multipliers) on AVX-512, every layer whose planes fit in cache
+// runs on phase planes instead (PhasePlanes below: any stride as contiguous runs, no idle lanes on
+// short rows; use_phase_planes).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -326,8 +326,18 @@ FASTCONV_AVX512 inline void conv_virtual(const float* q, const PhasePlanes& pp, 
   }
 }
 
-inline bool use_phase_planes(const Conv2dParams& p) {
-  return has_avx512() && p.in_channels_per_group() == 1 && (p.stride_h > 1 || p.stride_w > 1 || p.out_w < 32);
+// Strides past 1 and rows under 32 pixels always; stride-1 rows of 32+ pixels while the padded plane
+// (backward-weight: with grad_output's virtual plane beside it) stays within cache, past which the row
+// kernels win. Measured, 2 threads, Intel host, batch 8, phase planes against the row kernels: forward and
+// backward-input 96 at 56x56 0.63x the time, 144 at 56x56 0.60-0.62x, 32 at 112x112 0.80-0.82x, 16 at
+// 150x150 0.74-0.83x, 32 at 224x224 (a 200 KiB padded plane) 0.99-1.06x; backward-weight 96 at 36x36
+// 0.75x, at 56x56 (26 KiB) 0.94-0.97x, 32 at 112x112 (103 KiB) 1.69x.
+inline bool use_phase_planes(const Conv2dParams& p, bool weight_grad = false) {
+  if (!has_avx512() || p.in_channels_per_group() != 1) return false;
+  if (p.stride_h > 1 || p.stride_w > 1 || p.out_w < 32) return true;
+  const int64_t padded = (p.in_h + 2 * p.pad_h) * (p.in_w + 2 * p.pad_w);
+  return weight_grad ? (padded + p.out_h * (p.in_w + 2 * p.pad_w)) * 4 <= (int64_t(32) << 10)
+                     : padded * 4 <= (int64_t(128) << 10);
 }
 
 // out[n][oc] for one input channel per group: per (image, output channel) plane, its input's phase
@@ -590,7 +600,7 @@ template <typename T>
 void backward_weight(const T* grad_output, const T* input, T* grad_weight, const Conv2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
-    if (use_phase_planes(p)) return backward_weight_phases(grad_output, input, grad_weight, p);
+    if (use_phase_planes(p, true)) return backward_weight_phases(grad_output, input, grad_weight, p);
   }
 #endif
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
