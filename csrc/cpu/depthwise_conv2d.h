@@ -328,15 +328,16 @@ FASTCONV_AVX512 inline void conv_virtual(const float* q, const PhasePlanes& pp, 
 
 // Strides past 1 and rows under 32 pixels always; stride-1 rows of 32+ pixels while the padded plane
 // (backward-weight: with grad_output's virtual plane beside it) stays within cache, past which the row
-// kernels win. Measured, 2 threads, Intel host, batch 8, phase planes against the row kernels: forward and
-// backward-input 96 at 56x56 0.63x the time, 144 at 56x56 0.60-0.62x, 32 at 112x112 0.80-0.82x, 16 at
-// 150x150 0.74-0.83x, 32 at 224x224 (a 200 KiB padded plane) 0.99-1.06x; backward-weight 96 at 36x36
-// 0.75x, at 56x56 (26 KiB) 0.94-0.97x, 32 at 112x112 (103 KiB) 1.69x.
+// kernels win. Measured, 2 threads, Intel host, batch 8, phase planes against the row kernels: forward
+// and backward-input 96 at 56x56 0.63x the time, 144 at 56x56 0.60-0.62x, 32 at 112x112 0.80-0.82x,
+// 16 at 150x150 0.74-0.83x, 32 at 224x224 (a 200 KiB padded plane) 0.99-1.06x; backward-weight 64 at
+// 72x72 0.74x, 32 at 112x112 (103 KiB) 0.83x, 16 at 150x150 (183 KiB) 0.76x, 32 at 224x224 (407 KiB)
+// 0.99x, 16 at 300x300 (725 KiB) 1.37x.
 inline bool use_phase_planes(const Conv2dParams& p, bool weight_grad = false) {
   if (!has_avx512() || p.in_channels_per_group() != 1) return false;
   if (p.stride_h > 1 || p.stride_w > 1 || p.out_w < 32) return true;
   const int64_t padded = (p.in_h + 2 * p.pad_h) * (p.in_w + 2 * p.pad_w);
-  return weight_grad ? (padded + p.out_h * (p.in_w + 2 * p.pad_w)) * 4 <= (int64_t(32) << 10)
+  return weight_grad ? (padded + p.out_h * (p.in_w + 2 * p.pad_w)) * 4 <= (int64_t(256) << 10)
                      : padded * 4 <= (int64_t(128) << 10);
 }
 
@@ -409,16 +410,57 @@ inline void backward_input_phases(const float* grad_output, const float* weight,
 
 FASTCONV_AVX512 inline float reduce_lanes(const float* v) { return _mm512_reduce_add_ps(_mm512_load_ps(v)); }
 
-// acc[t] (16 lane sums per tap) += go_v[v] * q[off[t] + v] over the real virtual outputs v
+// acc[t] (16 lane sums per tap) += go_v[v] * q[off[t] + v] over the real virtual outputs v, for NT taps
+// in one pass over go_v, an accumulator per tap (tap after tap, each FMA had waited on the one before:
+// a chain of FMA latencies)
+template <int NT>
+FASTCONV_AVX512 inline void dot_virtual_taps(const float* go_v, const float* q, const PhasePlanes& pp,
+                                             const int64_t* off, float* acc) {
+  __m512 a[NT];
+  for (int t = 0; t < NT; ++t) a[t] = _mm512_load_ps(acc + 16 * t);
+  for (int64_t j = 0; j < pp.vecs; ++j) {
+    const __m512 g = _mm512_loadu_ps(go_v + 16 * j);
+    for (int t = 0; t < NT; ++t)
+      a[t] = _mm512_mask3_fmadd_ps(g, _mm512_loadu_ps(q + off[t] + 16 * j), a[t], pp.valid[j]);
+  }
+  for (int t = 0; t < NT; ++t) _mm512_store_ps(acc + 16 * t, a[t]);
+}
+
+// dot_virtual_taps over all taps, 9 at a time (a 3x3 kernel in one pass)
 FASTCONV_AVX512 inline void dot_virtual(const float* go_v, const float* q, const PhasePlanes& pp, int64_t taps,
                                         float* acc) {
-  for (int64_t t = 0; t < taps; ++t) {
-    const float* src = q + pp.off[t];
-    __m512 a = _mm512_load_ps(acc + 16 * t);
-    for (int64_t j = 0; j < pp.vecs; ++j) {
-      a = _mm512_mask3_fmadd_ps(_mm512_loadu_ps(go_v + 16 * j), _mm512_loadu_ps(src + 16 * j), a, pp.valid[j]);
+  for (int64_t t0 = 0; t0 < taps; t0 += 9) {
+    const int64_t* off = pp.off.data() + t0;
+    float* a = acc + 16 * t0;
+    switch (std::min<int64_t>(9, taps - t0)) {
+      case 1:
+        dot_virtual_taps<1>(go_v, q, pp, off, a);
+        break;
+      case 2:
+        dot_virtual_taps<2>(go_v, q, pp, off, a);
+        break;
+      case 3:
+        dot_virtual_taps<3>(go_v, q, pp, off, a);
+        break;
+      case 4:
+        dot_virtual_taps<4>(go_v, q, pp, off, a);
+        break;
+      case 5:
+        dot_virtual_taps<5>(go_v, q, pp, off, a);
+        break;
+      case 6:
+        dot_virtual_taps<6>(go_v, q, pp, off, a);
+        break;
+      case 7:
+        dot_virtual_taps<7>(go_v, q, pp, off, a);
+        break;
+      case 8:
+        dot_virtual_taps<8>(go_v, q, pp, off, a);
+        break;
+      default:
+        dot_virtual_taps<9>(go_v, q, pp, off, a);
+        break;
     }
-    _mm512_store_ps(acc + 16 * t, a);
   }
 }
 
