@@ -316,38 +316,6 @@ inline WeightsA forward_weights(const float* weight, const Conv2dParams& p) {
   return {weight, p.out_channels_per_group() * Kg, kTileRows * Kg, Kg, 1};
 }
 
-// 8x8 transpose in registers: r[i] lane j -> r[j] lane i.
-FASTCONV_AVX512 inline void transpose8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
-
-// dst[j][8] = src[r][KK-1-j] for the `rows` (<= 8) rows of KK floats at src (rows past `rows` zero):
-// 8 x 8 blocks through registers.
-FASTCONV_AVX512 inline void flip_transpose_rows(const float* src, int64_t rows, int64_t KK, float* dst) {
-  for (int64_t j0 = 0; j0 < KK; j0 += 8) {
-    const int64_t n = std::min<int64_t>(8, KK - j0);
-    const __mmask8 m = static_cast<__mmask8>((1u << n) - 1);
-    __m256 r[8];
-    for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_maskz_loadu_ps(m, src + i * KK + j0) : _mm256_setzero_ps();
-    transpose8(r);
-    for (int64_t jj = 0; jj < n; ++jj) _mm256_storeu_ps(dst + (KK - 1 - (j0 + jj)) * kTileRows, r[jj]);
-  }
-}
-
 // packed[g][b][o][r] = w[g*OCg + o][8b + r] (zero past Kg): the weights' rows cut into blocks of 8
 // columns, each block an [OCg][8] A operand (W^T, 8 rows of it per block). 16 weight rows at a time,
 // each read front to back across the blocks: 16 sequential streams the prefetchers follow (block by
@@ -374,20 +342,29 @@ inline void transpose_weight_blocks(const float* weight, int64_t G, int64_t OCg,
   });
 }
 
-// transpose8 on both 256-bit halves of r at once: two independent 8x8 transposes.
-FASTCONV_AVX512 inline void transpose8_pairs(__m512 r[8]) {
-  __m512 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
+// The first two steps of the register transposes below, for N rows (a multiple of 4): within every
+// 128-bit lane, each group of 4 rows' 4x4 block transposed (r[4a + j] lane 4c + i <- r[4a + i] lane 4c + j).
+template <int N>
+FASTCONV_AVX512 inline void transpose_4x4_blocks(__m512 r[N]) {
+  __m512 t[N];
+  for (int i = 0; i < N; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
   }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  for (int i = 0; i < N; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
   }
-  // per half, as transpose8's permute2f128: low 128 bits of u[i] and u[i + 4], then the high ones
+}
+
+// Two independent 8x8 transposes, one in each 256-bit half of r: r[i] lane j -> r[j] lane i per half.
+FASTCONV_AVX512 inline void transpose8_pairs(__m512 r[8]) {
+  __m512 u[8];
+  transpose_4x4_blocks<8>(r);
+  for (int i = 0; i < 8; ++i) u[i] = r[i];
+  // per half: the low 128 bits of u[i] and u[i + 4], then the high ones
   const __m512i lo = _mm512_set_epi32(27, 26, 25, 24, 11, 10, 9, 8, 19, 18, 17, 16, 3, 2, 1, 0);
   const __m512i hi = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 23, 22, 21, 20, 7, 6, 5, 4);
   for (int i = 0; i < 4; ++i) {
@@ -396,7 +373,8 @@ FASTCONV_AVX512 inline void transpose8_pairs(__m512 r[8]) {
   }
 }
 
-// flip_transpose_rows for two weight rows at once (src0 -> dst0, src1 -> dst1), one in each half of
+// dst[j][8] = src[r][KK-1-j] for the `rows` (<= 8) rows of KK floats at src (rows past `rows` zero),
+// for two weight rows at once (src0 -> dst0, src1 -> dst1; dst1 null: src0 alone), one in each half of
 // the registers: the shuffles of a transpose serve both. The last columns, when at most 4 are left
 // (the ninth tap of a 3x3 kernel), are gathered one column at a time instead.
 FASTCONV_AVX512 inline void flip_transpose_row_pairs(const float* src0, const float* src1, int64_t rows, int64_t KK,
@@ -408,13 +386,13 @@ FASTCONV_AVX512 inline void flip_transpose_row_pairs(const float* src0, const fl
     __m512 r[8];
     for (int i = 0; i < 8; ++i) {
       r[i] = i < rows ? _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, src0 + i * KK + j0)),
-                                           _mm256_maskz_loadu_ps(m, src1 + i * KK + j0), 1)
+                                           _mm256_maskz_loadu_ps(m, (dst1 ? src1 : src0) + i * KK + j0), 1)
                       : _mm512_setzero_ps();
     }
     transpose8_pairs(r);
     for (int64_t jj = 0; jj < n; ++jj) {
       _mm256_storeu_ps(dst0 + (KK - 1 - (j0 + jj)) * kTileRows, _mm512_castps512_ps256(r[jj]));
-      _mm256_storeu_ps(dst1 + (KK - 1 - (j0 + jj)) * kTileRows, _mm512_extractf32x8_ps(r[jj], 1));
+      if (dst1) _mm256_storeu_ps(dst1 + (KK - 1 - (j0 + jj)) * kTileRows, _mm512_extractf32x8_ps(r[jj], 1));
     }
   }
   if (j0 < KK) {
@@ -423,8 +401,10 @@ FASTCONV_AVX512 inline void flip_transpose_row_pairs(const float* src0, const fl
     for (int64_t j = j0; j < KK; ++j) {
       _mm256_storeu_ps(dst0 + (KK - 1 - j) * kTileRows,
                        _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, idx, src0 + j, 4));
-      _mm256_storeu_ps(dst1 + (KK - 1 - j) * kTileRows,
-                       _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, idx, src1 + j, 4));
+      if (dst1) {
+        _mm256_storeu_ps(dst1 + (KK - 1 - j) * kTileRows,
+                         _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, idx, src1 + j, 4));
+      }
     }
   }
 }
@@ -447,7 +427,7 @@ FASTCONV_AVX512 inline const float* flipped_block(const FlippedWeights& f, int64
   const auto dst = [&](int64_t o) { return buf + (o - o0) * KK * kTileRows; };
   int64_t o = o0;
   for (; o + 1 < o1; o += 2) flip_transpose_row_pairs(src(o), src(o + 1), rows, KK, dst(o), dst(o + 1));
-  if (o < o1) flip_transpose_rows(src(o), rows, KK, dst(o));
+  if (o < o1) flip_transpose_row_pairs(src(o), nullptr, rows, KK, dst(o), nullptr);
   return buf + (k0 - o0 * KK) * kTileRows;
 }
 
@@ -478,7 +458,7 @@ inline WeightsA pack_flipped_weights_by_8(const float* weight, const Conv2dParam
         if (o + 1 < OCg) {
           flip_transpose_row_pairs(src(o), src(o + 1), rows, KK, dst(o), dst(o + 1));
         } else {
-          flip_transpose_rows(src(o), rows, KK, dst(o));
+          flip_transpose_row_pairs(src(o), nullptr, rows, KK, dst(o), nullptr);
         }
       }
     }
@@ -1029,16 +1009,7 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
 // 16x16 in-register transpose: rows r[0..15] -> columns.
 FASTCONV_AVX512 inline void transpose16(__m512 r[16]) {
   __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
+  transpose_4x4_blocks<16>(r);
   for (int i = 0; i < 4; ++i) {
     t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
     t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);

@@ -426,41 +426,21 @@ FASTCONV_AVX512 inline void dot_virtual_taps(const float* go_v, const float* q, 
   for (int t = 0; t < NT; ++t) _mm512_store_ps(acc + 16 * t, a[t]);
 }
 
+// dot_virtual_taps for the NT (at most 9) taps at off, NT fixed at compile time
+template <int NT = 9>
+FASTCONV_AVX512 inline void dot_virtual_block(int64_t nt, const float* go_v, const float* q, const PhasePlanes& pp,
+                                              const int64_t* off, float* acc) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return dot_virtual_block<NT - 1>(nt, go_v, q, pp, off, acc);
+  }
+  dot_virtual_taps<NT>(go_v, q, pp, off, acc);
+}
+
 // dot_virtual_taps over all taps, 9 at a time (a 3x3 kernel in one pass)
 FASTCONV_AVX512 inline void dot_virtual(const float* go_v, const float* q, const PhasePlanes& pp, int64_t taps,
                                         float* acc) {
   for (int64_t t0 = 0; t0 < taps; t0 += 9) {
-    const int64_t* off = pp.off.data() + t0;
-    float* a = acc + 16 * t0;
-    switch (std::min<int64_t>(9, taps - t0)) {
-      case 1:
-        dot_virtual_taps<1>(go_v, q, pp, off, a);
-        break;
-      case 2:
-        dot_virtual_taps<2>(go_v, q, pp, off, a);
-        break;
-      case 3:
-        dot_virtual_taps<3>(go_v, q, pp, off, a);
-        break;
-      case 4:
-        dot_virtual_taps<4>(go_v, q, pp, off, a);
-        break;
-      case 5:
-        dot_virtual_taps<5>(go_v, q, pp, off, a);
-        break;
-      case 6:
-        dot_virtual_taps<6>(go_v, q, pp, off, a);
-        break;
-      case 7:
-        dot_virtual_taps<7>(go_v, q, pp, off, a);
-        break;
-      case 8:
-        dot_virtual_taps<8>(go_v, q, pp, off, a);
-        break;
-      default:
-        dot_virtual_taps<9>(go_v, q, pp, off, a);
-        break;
-    }
+    dot_virtual_block(std::min<int64_t>(9, taps - t0), go_v, q, pp, pp.off.data() + t0, acc + 16 * t0);
   }
 }
 
