@@ -7,7 +7,8 @@
 // output pixels of one output row x every output channel (NV <= 4 vectors of 16); each step of the
 // reduction over (c, kh, kw) loads one row of the transposed weights (NV vectors) and broadcasts NPX
 // input floats straight from a zero-padded copy of the input, stride and dilation included; the sums
-// stay in registers over the whole reduction and the tile is written to NCHW once, with bias and ReLU.
+// stay in registers over the whole reduction (or a block of it), the tile goes to a row buffer, and
+// each output row is written to NCHW once, with bias and ReLU.
 // Backward-weight: the tile is 6 taps x every output channel, the reduction runs over pixels, each step
 // one row of grad_output^T (transposed once per item) and 6 broadcasts from the padded input.
 #pragma once
@@ -95,12 +96,12 @@ FASTCONV_AVX512 void pixel_tile(const float* in, int64_t sw, const int64_t* koff
   }
 }
 
-// A pixel-major row or tile [px][NV*16] (rows past `valid` unread) into NCHW (+ bias, ReLU), 16 pixels
-// at a time: each 16 x 16 block of pixels x channels transposed in registers, then one masked store of
-// up to 16 pixels per channel. Element by element these scattered stores to 64 planes took 30% of the
+// A pixel-major row [px][NV*16] (rows past `valid` unread) into NCHW (+ bias, ReLU), 16 pixels at a
+// time: each 16 x 16 block of pixels x channels transposed in registers, then one masked store of up
+// to 16 pixels per channel. Element by element these scattered stores to 64 planes took 30% of the
 // ResNet stem's forward on an Intel host (2 FMA units per core, so everything that is not an FMA
-// weighs twice what it does on Zen 4); tile by tile, a 5-pixel tile of AlexNet conv1's blocked path
-// paid a whole transpose, so that path stores whole rows.
+// weighs twice what it does on Zen 4); tile by tile, a 5-6 pixel tile paid a whole transpose and a
+// partial-line store per channel.
 template <int NV>
 FASTCONV_AVX512 void store_row_to_planes(const float* row, int64_t valid, int64_t OC, const float* bias, bool relu,
                                          float* out, int64_t L) {
@@ -185,10 +186,12 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
   // The transposed weights stream through L1 once per tile. Past any L1 (AlexNet conv1: 363 taps x 64
   // channels, 93 KiB) they come from L2 at 4 vectors per step, which a core with two FMA units cannot
   // feed; then the reduction runs in blocks of at most 24 KiB of weights, each over the whole output
-  // row (its sums kept in a row buffer, in L1), and the row is stored after the last. Measured, 2
-  // threads, Intel Xeon with AMX: AlexNet conv1 0.85x (batch 1) and 0.92x (batch 8) the time of one
-  // block; the ResNet stem's 37 KiB (in a 48 KiB L1) 1.15x, so it keeps one block (on Zen 4, one FMA
-  // unit, blocks measured 1.02-1.06x for both).
+  // row. Measured, 2 threads, Intel Xeon with AMX: AlexNet conv1 0.85x (batch 1) and 0.92x (batch 8)
+  // the time of one block; the ResNet stem's 37 KiB (in a 48 KiB L1) 1.15x, so it keeps one block (on
+  // Zen 4, one FMA unit, blocks measured 1.02-1.06x for both). Either way the row's sums go to a row
+  // buffer and the row is stored after the last block, its output lines prefetched into L2 while it
+  // is summed: storing tile by tile instead, each partial-line store waited on its line (ResNet stem
+  // 1.05-1.11x the time at 2 threads, 1.06x at one; other layers level).
   const int64_t tiles = ceil_div(OW, NPX);
   const int64_t kblock =
       K * width * 4 > (int64_t(64) << 10) ? std::max<int64_t>(16, (int64_t(24) << 10) / (width * 4)) : K;
@@ -197,7 +200,7 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
   at::parallel_for(0, rows.count, 1, [&](int64_t b0, int64_t b1) {
     if (b0 >= b1) return;
     thread_local AlignedBuffer row_buf, image_buf;
-    float* acc = kb.count > 1 ? row_buf.get(tiles * NPX * width) : nullptr;
+    float* acc = row_buf.get(tiles * NPX * width);
     float* image = image_buf.get(padded.image);
     const int64_t last = rows.end(b1 - 1) - 1;  // this thread's last output row (all images)
     int64_t copied = -1;                        // the image in `image`
@@ -211,16 +214,7 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
         }
         const float* in_row = image + oh * p.stride_h * padded.Wp;
         float* row_out = out + n * OC * L + oh * OW;
-        if (kb.count == 1) {  // each tile stored as soon as it is summed (a row buffer would evict weights)
-          alignas(64) float tile[NPX * NV * 16];
-          for (int64_t t = 0; t < tiles; ++t) {
-            pixel_tile<NV, NPX>(in_row + t * NPX * p.stride_w, p.stride_w, padded.koff.data(), K, wt, tile);
-            store_row_to_planes<NV>(tile, std::min<int64_t>(NPX, OW - t * NPX), OC, bias, relu, row_out + t * NPX, L);
-          }
-          continue;
-        }
-        // The row's output lines into L2 while it is summed: stored together at its end, each store
-        // would otherwise wait for its line from memory
+        // the row's output lines into L2 while it is summed
         for (int64_t o = 0; o < OC; ++o) {
           const float* line = row_out + o * L;
           for (int64_t x = 0; x < OW; x += 16) _mm_prefetch(reinterpret_cast<const char*>(line + x), _MM_HINT_T1);
