@@ -89,7 +89,7 @@ def test_conv2d_relu_keeps_nan_like_relu(algorithm):
 
 @pytest.mark.parametrize("geometry", [
     ((2, 3, 35, 90), (40, 3, 11, 11), 4, 2),  # narrow-direct, weights past 64 KiB: a row buffer, 21-pixel rows
-    ((2, 3, 30, 37), (50, 3, 7, 7), 2, 3),    # narrow-direct, tile by tile
+    ((2, 3, 30, 37), (50, 3, 7, 7), 2, 3),    # narrow-direct, weights in one block
 ])
 def test_conv2d_relu_is_relu_of_conv2d_on_the_narrow_kernel(geometry):
     # the narrow-direct forward applies bias and ReLU as it stores: bitwise the unfused op then relu

@@ -416,19 +416,27 @@ struct FlippedWeights {
   int64_t Cg, OCg, KK;
 };
 
+// Input channels [c0, c0 + 8) of group g's output channels [o0, o1), flipped and transposed into dst
+// (pack_flipped_weights_by_8's layout for that 8-row block, from o0's KK x 8 floats on), two output
+// channels per register pass.
+FASTCONV_AVX512 inline void flip_transpose_channels(const FlippedWeights& f, int64_t g, int64_t c0, int64_t o0,
+                                                    int64_t o1, float* dst) {
+  const int64_t KK = f.KK, rows = std::min<int64_t>(kTileRows, f.Cg - c0);
+  const auto src = [&](int64_t o) { return f.weight + ((g * f.OCg + o) * f.Cg + c0) * KK; };
+  const auto out = [&](int64_t o) { return dst + (o - o0) * KK * kTileRows; };
+  int64_t o = o0;
+  for (; o + 1 < o1; o += 2) flip_transpose_row_pairs(src(o), src(o + 1), rows, KK, out(o), out(o + 1));
+  if (o < o1) flip_transpose_row_pairs(src(o), nullptr, rows, KK, out(o), nullptr);
+}
+
 // Rows [8 ob, 8 ob + 8) and k-rows [k0, k0 + kc) of the flipped, transposed weights of group g in
 // pack_flipped_weights_by_8's layout, built in `buf` (at least (kc + 2 KK) * 8 floats): the whole
 // output channels o that the k-rows touch (k = o * KK + tap).
 FASTCONV_AVX512 inline const float* flipped_block(const FlippedWeights& f, int64_t g, int64_t ob, int64_t k0,
                                                   int64_t kc, float* buf) {
-  const int64_t KK = f.KK, c0 = ob * kTileRows, rows = std::min<int64_t>(kTileRows, f.Cg - c0);
-  const int64_t o0 = k0 / KK, o1 = ceil_div(k0 + kc, KK);
-  const auto src = [&](int64_t o) { return f.weight + ((g * f.OCg + o) * f.Cg + c0) * KK; };
-  const auto dst = [&](int64_t o) { return buf + (o - o0) * KK * kTileRows; };
-  int64_t o = o0;
-  for (; o + 1 < o1; o += 2) flip_transpose_row_pairs(src(o), src(o + 1), rows, KK, dst(o), dst(o + 1));
-  if (o < o1) flip_transpose_row_pairs(src(o), nullptr, rows, KK, dst(o), nullptr);
-  return buf + (k0 - o0 * KK) * kTileRows;
+  const int64_t o0 = k0 / f.KK;
+  flip_transpose_channels(f, g, ob * kTileRows, o0, ceil_div(k0 + kc, f.KK), buf);
+  return buf + (k0 - o0 * f.KK) * kTileRows;
 }
 
 // The same layout for the flipped, transposed weights of a stride-1 backward-input (flipped_conv.h)
@@ -447,19 +455,14 @@ inline WeightsA pack_flipped_weights_by_8(const float* weight, const Conv2dParam
   // Tasks of a pair of weight rows (output channels o, o + 1), each read front to back: consecutive
   // blocks of 8 input channels are consecutive 8*KK floats of a row, which the prefetchers follow
   // (block by block over every o, each step had read 8*KK floats Cg*KK apart).
+  const FlippedWeights flipped{weight, Cg, OCg, KK};
   const int64_t pairs = ceil_div(OCg, 2);
   at::parallel_for(0, G * pairs, grain_for(2 * Cg * KK), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / pairs, o = (t % pairs) * 2;
       for (int64_t cb = 0; cb < c_blocks; ++cb) {
-        const int64_t c0 = cb * kTileRows, rows = std::min<int64_t>(kTileRows, Cg - c0);
-        const auto src = [&](int64_t oo) { return weight + ((g * OCg + oo) * Cg + c0) * KK; };
-        const auto dst = [&](int64_t oo) { return packed + (g * c_blocks + cb) * K * kTileRows + oo * KK * kTileRows; };
-        if (o + 1 < OCg) {
-          flip_transpose_row_pairs(src(o), src(o + 1), rows, KK, dst(o), dst(o + 1));
-        } else {
-          flip_transpose_row_pairs(src(o), nullptr, rows, KK, dst(o), nullptr);
-        }
+        flip_transpose_channels(flipped, g, cb * kTileRows, o, std::min(OCg, o + 2),
+                                packed + ((g * c_blocks + cb) * K + o * KK) * kTileRows);
       }
     }
   });
@@ -790,8 +793,9 @@ inline void forward(const float* input, const float* weight, const float* bias, 
 // (backward_input_stride1): kernels past 1x1 whose grad_input is one item of pixels (batch 1, small
 // planes, more input channels than pixels).
 inline bool flipped_weights_by_block(const Conv2dParams& p) {
-  const Conv2dParams q = flatten_pointwise(backward_input_params(p));
-  return p.kernel_h * p.kernel_w > 1 && !use_padded_direct(q) && forward_pixel_items(q).count == 1;
+  if (p.kernel_h * p.kernel_w == 1) return false;
+  const Conv2dParams q = backward_input_params(p);
+  return !use_padded_direct(q) && forward_pixel_items(q).count == 1;
 }
 
 // Whether backward-input runs as the forward engine over grad_output (stride 1, flipped_conv.h) rather
@@ -833,7 +837,7 @@ inline void backward_input_stride1(const float* grad_output, const float* weight
                                  p.kernel_h * p.kernel_w};
     WeightsA wa{nullptr, 0, 0, 1, kTileRows};
     wa.flipped = &flipped;
-    return forward_packed(grad_output, wa, nullptr, grad_input, flatten_pointwise(backward_input_params(p)), false);
+    return forward_packed(grad_output, wa, nullptr, grad_input, backward_input_params(p), false);
   }
   forward_with(grad_output, pack_flipped_weights_by_8(weight, p), nullptr, grad_input, backward_input_params(p), false);
 }

@@ -166,6 +166,34 @@ FASTCONV_AVX512 inline void copy_floats(float* dst, const float* src, int64_t n)
 }
 
 // ---- One input channel per group, float32, any stride: phase planes -----------------------------
+// Lanes of `vectors` 16-lane vectors picked by keep(i) (i the flat lane index): per vector its mask
+// and the number of kept lanes before it, so a contiguous run of the kept values maps to the vectors by
+// expand (expand_runs) and back by compress (store_virtual).
+template <typename Keep>
+inline void lane_runs(int64_t vectors, Keep keep, std::vector<__mmask16>& masks, std::vector<int64_t>& firsts) {
+  masks.resize(vectors);
+  firsts.resize(vectors);
+  for (int64_t j = 0, count = 0; j < vectors; ++j) {
+    uint32_t m = 0;
+    for (int l = 0; l < 16; ++l) {
+      if (keep(16 * j + l)) m |= 1u << l;
+    }
+    masks[j] = __mmask16(m);
+    firsts[j] = count;
+    count += __builtin_popcount(m);
+  }
+}
+
+// dst vector j = the next popcount(masks[j]) floats of src from firsts[j], spread to the lanes of
+// masks[j], the other lanes zero
+FASTCONV_AVX512 inline void expand_runs(const float* src, const std::vector<__mmask16>& masks,
+                                        const std::vector<int64_t>& firsts, float* dst) {
+  for (size_t j = 0; j < masks.size(); ++j) {
+    const __m512 x = _mm512_maskz_loadu_ps(lane_mask(0, __builtin_popcount(masks[j])), src + firsts[j]);
+    _mm512_storeu_ps(dst + 16 * j, _mm512_maskz_expand_ps(masks[j], x));
+  }
+}
+
 // The zero-padded input plane is split into stride_h x stride_w phase planes (rows i = a mod sh,
 // columns j = b mod sw) of Hq x Wq floats. Tap (kh, kw) of output pixel (oh, ow) then reads phase
 // (kh*dh mod sh, kw*dw mod sw) at row oh + kh*dh/sh and column ow + kw*dw/sw: on the "virtual" output
@@ -198,32 +226,15 @@ struct PhasePlanes {
       }
     }
     size = std::max(sh * sw * plane, most + 16 * vecs) + 16;  // runs of junk lanes read past the planes
-    valid.resize(vecs);
-    first.resize(vecs);
-    for (int64_t j = 0, count = 0; j < vecs; ++j) {
-      uint32_t m = 0;
-      for (int l = 0; l < 16; ++l) {
-        const int64_t v = 16 * j + l;
-        if (v < V && v % Wq < OW) m |= 1u << l;
-      }
-      valid[j] = __mmask16(m);
-      first[j] = count;
-      count += __builtin_popcount(m);
-    }
+    lane_runs(vecs, [&](int64_t v) { return v < V && v % Wq < OW; }, valid, first);
     if (sh == 1 && sw == 1) {
-      const int64_t n = engine::ceil_div(plane, 16);
-      in_lanes.resize(n);
-      in_first.resize(n);
-      for (int64_t j = 0, count = 0; j < n; ++j) {
-        uint32_t m = 0;
-        for (int l = 0; l < 16; ++l) {
-          const int64_t i = 16 * j + l, r = i / Wq - pad_h, c = i % Wq - pad_w;
-          if (i < plane && r >= 0 && r < H && c >= 0 && c < W) m |= 1u << l;
-        }
-        in_lanes[j] = __mmask16(m);
-        in_first[j] = count;
-        count += __builtin_popcount(m);
-      }
+      lane_runs(
+          engine::ceil_div(plane, 16),
+          [&](int64_t i) {
+            const int64_t r = i / Wq - pad_h, c = i % Wq - pad_w;
+            return i < plane && r >= 0 && r < H && c >= 0 && c < W;
+          },
+          in_lanes, in_first);
     }
   }
   // q[size] all zero: the padding of the phase planes (split writes only the input's positions, the
@@ -231,13 +242,7 @@ struct PhasePlanes {
   void clear(float* q) const { std::memset(q, 0, size * sizeof(float)); }
   // the phase planes of one input plane into q (cleared before, by this call's geometry)
   FASTCONV_AVX512 void split(const float* in, float* q) const {
-    if (sh == 1 && sw == 1) {  // the padded plane, 16 floats at a time: the input's next floats spread to its lanes
-      for (size_t j = 0; j < in_lanes.size(); ++j) {
-        const __m512 x = _mm512_maskz_loadu_ps(lane_mask(0, __builtin_popcount(in_lanes[j])), in + in_first[j]);
-        _mm512_storeu_ps(q + 16 * j, _mm512_maskz_expand_ps(in_lanes[j], x));
-      }
-      return;
-    }
+    if (sh == 1 && sw == 1) return expand_runs(in, in_lanes, in_first, q);  // the padded plane, 16 floats at a time
     for (int64_t ih = 0; ih < H; ++ih) {
       const int64_t i = ih + pad_h;
       float* row = q + (i % sh) * sw * plane + (i / sh) * Wq;
@@ -366,10 +371,7 @@ inline void forward_phases(const float* input, const float* weight, const float*
 
 // grad_output's plane in the virtual layout (rows Wq floats apart, junk lanes zero): store_virtual undone
 FASTCONV_AVX512 inline void to_virtual(const float* go, const PhasePlanes& pp, float* go_v) {
-  for (int64_t j = 0; j < pp.vecs; ++j) {
-    const __m512 x = _mm512_maskz_loadu_ps(lane_mask(0, __builtin_popcount(pp.valid[j])), go + pp.first[j]);
-    _mm512_storeu_ps(go_v + 16 * j, _mm512_maskz_expand_ps(pp.valid[j], x));
-  }
+  expand_runs(go, pp.valid, pp.first, go_v);
 }
 
 // gq[off[t] + v] += w[t] * go_v[v] over the real virtual outputs v, tap after tap
