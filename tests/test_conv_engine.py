@@ -245,6 +245,28 @@ def test_both_b_sources_match_torch(b_source, monkeypatch, poison):
             run_case(n, c, h, w, oc, k, s, p, d, g)
 
 
+# Stride-1 layers read from a zero-padded copy skip, per panel of three row vectors, the kernel rows
+# that read only padding: backward-input of unpadded 5x5/7x7 layers (grad_output padded by 4 or 6),
+# forward with padding past the kernel (whole panels of padding: bias only), two-row vectors (rows of
+# at most 8 pixels), panels straddling images (rows per image not a multiple of 3), dilation, k-blocks
+# that cut a channel's taps (K = 120 x 25 past 512).
+@pytest.mark.parametrize("case", [
+    (3, 6, 12, 12, 16, (5, 5), 1, 0, 1, 1),
+    (2, 8, 13, 11, 9, (5, 5), 1, 0, 1, 1),
+    (2, 8, 8, 8, 10, (5, 5), 1, 0, 1, 1),
+    (3, 6, 11, 7, 9, (7, 7), 1, 0, 1, 1),
+    (2, 8, 17, 14, 9, (3, 5), 1, 0, 2, 1),
+    (2, 9, 6, 20, 10, (3, 3), 1, (5, 1), 1, 1),
+    (2, 9, 5, 6, 10, (3, 3), 1, (4, 2), 1, 1),
+    (2, 120, 9, 10, 12, (5, 5), 1, 1, 1, 1),
+    (2, 16, 10, 12, 12, (5, 5), 1, 0, 1, 2),
+], ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[5][0]}{c[5][1]}-p{c[7]}-d{c[8]}-g{c[9]}")
+def test_padded_direct_skips_padding_rows(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_CPU_GEMM_B", "direct")
+    with fastconv.conv_algorithm("gemm"):
+        run_case(*case)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_counts(threads, poison):
     old = torch.get_num_threads()

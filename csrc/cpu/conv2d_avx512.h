@@ -710,7 +710,14 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
   const int64_t pix_items = items.count;
   int64_t oc_split, oc_per_split;
   channel_split(pix_items, oc_blocks, oc_split, oc_per_split);
+  // Kernel rows [lo, hi) that read any real (unpadded) input row for output rows [oh0, oh1].
+  const auto kernel_rows_read = [&](int64_t oh0, int64_t oh1, int64_t& lo, int64_t& hi) {
+    const int64_t dh = p.dilation_h;
+    lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(0, p.pad_h - oh1), dh));
+    hi = p.pad_h + H - 1 - oh0 < 0 ? 0 : std::min(p.kernel_h, (p.pad_h + H - 1 - oh0) / dh + 1);
+  };
   at::parallel_for(0, pix_items * oc_split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<KRun> runs;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pi = item / oc_split, os = item % oc_split;
       const int64_t j0 = items.begin(pi), j1 = items.end(pi);
@@ -724,6 +731,7 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
           // one panel of three row vectors (its inputs stay in L1) against every block of 8 channels
           for (int64_t j = j0; j < j1; ++j) {
             const int nv = static_cast<int>(std::min<int64_t>(kTileVectors, vectors - j * kTileVectors));
+            int64_t kh_lo = p.kernel_h, kh_hi = 0;  // the kernel rows any of the panel's vectors reads real rows with
             TwoRowOffsetB bs;
             bs.koff = koff.data() + k0;
             TileDest d0;
@@ -743,7 +751,25 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
                 d0.ptr[v][1] = o + p.out_w - 8;
                 d0.mask[v][1] = v < nv && oh + 1 < p.out_h ? lane_mask(8, 8 + p.out_w) : __mmask16(0);
               }
+              if (v < nv) {
+                int64_t lo, hi;
+                kernel_rows_read(oh, std::min(p.out_h - 1, oh + (two_rows ? 1 : 0)), lo, hi);
+                if (lo < hi) kh_lo = std::min(kh_lo, lo), kh_hi = std::max(kh_hi, hi);
+              }
             }
+            // Taps of kernel rows that read only the zero padding for every vector of the panel are
+            // skipped: runs of the block's k, one per input channel (a 5x5 unpadded layer's backward-input
+            // on 8x8 grad_output planes, padded by 4: a quarter of its taps).
+            const bool skip = kh_lo > 0 || kh_hi < p.kernel_h;
+            if (skip) {
+              runs.clear();
+              const int64_t KW = p.kernel_w;
+              for (int64_t c = k0 / KK; c * KK < k0 + kc; ++c) {
+                const int64_t lo = std::max(k0, c * KK + kh_lo * KW), hi = std::min(k0 + kc, c * KK + kh_hi * KW);
+                if (lo < hi) runs.push_back({lo - k0, hi - k0});
+              }
+            }
+            const KRuns kr{runs.data(), static_cast<int64_t>(runs.size())};
             for (int64_t ob = r0 / kTileRows; ob * kTileRows < r1; ++ob) {
               const int mr = static_cast<int>(std::min<int64_t>(kTileRows, r1 - ob * kTileRows));
               const float* a = wa.block(g, ob, k0);
@@ -753,11 +779,18 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
                 d.ptr[v][0] += ch * L;
                 d.ptr[v][1] += ch * L;
               }
+              const float* bias_ch = bias ? bias + ch : nullptr;
               if (two_rows) {
-                run_micro_kernel(mr, nv, kc, a, wa.rs, wa.cs, bs, d, init, bias ? bias + ch : nullptr, relu && last);
+                if (skip)
+                  run_micro_kernel(mr, nv, kr, a, wa.rs, wa.cs, bs, d, init, bias_ch, relu && last);
+                else
+                  run_micro_kernel(mr, nv, kc, a, wa.rs, wa.cs, bs, d, init, bias_ch, relu && last);
               } else {
                 const OffsetB b1{{bs.base[0], bs.base[1], bs.base[2]}, bs.koff};
-                run_micro_kernel(mr, nv, kc, a, wa.rs, wa.cs, b1, d, init, bias ? bias + ch : nullptr, relu && last);
+                if (skip)
+                  run_micro_kernel(mr, nv, kr, a, wa.rs, wa.cs, b1, d, init, bias_ch, relu && last);
+                else
+                  run_micro_kernel(mr, nv, kc, a, wa.rs, wa.cs, b1, d, init, bias_ch, relu && last);
               }
             }
           }

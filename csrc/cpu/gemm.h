@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -102,10 +103,29 @@ struct TwoRowOffsetB {
   }
 };
 
-// acc = init + sum_k A(i, k) * B(k, 16v + lane); A(i, k) = a[i*a_rs + k*a_cs]. Only lanes under the
-// masks of d are written (B's other lanes may hold anything).
-template <int MR, int NV, typename BSrc>
-FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const BSrc& bs,
+// The reduction a micro-kernel call runs over: every k in [0, K) (WholeK), or the k of a list of runs
+// [begin, end) (KRuns: taps that read only zero padding skipped, forward_padded_direct).
+struct WholeK {
+  int64_t K;
+  int64_t count() const { return 1; }
+  int64_t begin(int64_t) const { return 0; }
+  int64_t end(int64_t) const { return K; }
+};
+struct KRun {
+  int64_t begin, end;
+};
+struct KRuns {
+  const KRun* runs;
+  int64_t n;
+  int64_t count() const { return n; }
+  int64_t begin(int64_t r) const { return runs[r].begin; }
+  int64_t end(int64_t r) const { return runs[r].end; }
+};
+
+// acc = init + sum_k A(i, k) * B(k, 16v + lane) over the k of `red`; A(i, k) = a[i*a_rs + k*a_cs]. Only
+// lanes under the masks of d are written (B's other lanes may hold anything).
+template <int MR, int NV, typename BSrc, typename Red>
+FASTCONV_AVX512 inline void micro_kernel(const Red& red, const float* a, int64_t a_rs, int64_t a_cs, const BSrc& bs,
                                          const TileDest& d, Init init, const float* bias, bool relu) {
   __m512 acc[MR][NV];
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
@@ -113,12 +133,14 @@ FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs
   }
   const float* ar[MR];
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) ar[i] = a + i * a_rs;
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 bv[NV];
-    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) bv[v] = bs.load(k, v);
-    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(ar[i][k * a_cs]);
-      _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+  for (int64_t r = 0; r < red.count(); ++r) {
+    for (int64_t k = red.begin(r), k1 = red.end(r); k < k1; ++k) {
+      __m512 bv[NV];
+      _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) bv[v] = bs.load(k, v);
+      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_set1_ps(ar[i][k * a_cs]);
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+      }
     }
   }
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
@@ -142,19 +164,28 @@ FASTCONV_AVX512 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs
   }
 }
 
-// The same for any mr in [1, 8] and nv in [1, 3] (the tails of a blocked loop).
-template <typename BSrc>
-FASTCONV_AVX512 inline void run_micro_kernel(int mr, int nv, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
-                                             const BSrc& bs, const TileDest& d, Init init, const float* bias,
-                                             bool relu = false) {
-#define FASTCONV_MK_CASE(MR)                                          \
-  case MR:                                                            \
-    if (nv == 3)                                                      \
-      micro_kernel<MR, 3>(K, a, a_rs, a_cs, bs, d, init, bias, relu); \
-    else if (nv == 2)                                                 \
-      micro_kernel<MR, 2>(K, a, a_rs, a_cs, bs, d, init, bias, relu); \
-    else                                                              \
-      micro_kernel<MR, 1>(K, a, a_rs, a_cs, bs, d, init, bias, relu); \
+// The same for any mr in [1, 8] and nv in [1, 3] (the tails of a blocked loop); `red` is K (every k in
+// [0, K)) or KRuns.
+template <typename BSrc, typename Red>
+FASTCONV_AVX512 inline void run_micro_kernel(int mr, int nv, const Red& red_or_k, const float* a, int64_t a_rs,
+                                             int64_t a_cs, const BSrc& bs, const TileDest& d, Init init,
+                                             const float* bias, bool relu = false) {
+  using R = std::conditional_t<std::is_integral_v<Red>, WholeK, Red>;
+  const R red = [&] {
+    if constexpr (std::is_integral_v<Red>) {
+      return WholeK{static_cast<int64_t>(red_or_k)};
+    } else {
+      return red_or_k;
+    }
+  }();
+#define FASTCONV_MK_CASE(MR)                                            \
+  case MR:                                                              \
+    if (nv == 3)                                                        \
+      micro_kernel<MR, 3>(red, a, a_rs, a_cs, bs, d, init, bias, relu); \
+    else if (nv == 2)                                                   \
+      micro_kernel<MR, 2>(red, a, a_rs, a_cs, bs, d, init, bias, relu); \
+    else                                                                \
+      micro_kernel<MR, 1>(red, a, a_rs, a_cs, bs, d, init, bias, relu); \
     break;
   switch (mr) {
     FASTCONV_MK_CASE(8)
