@@ -108,6 +108,15 @@ ENGINE_CASES = [
     (2, 8, 10, 10, 16, (3, 3), 2, 1, 1, 8),
     (2, 8, 11, 10, 16, (3, 3), 1, 1, 2, 4),
     (4, 6, 12, 12, 16, (5, 5), 1, 0, 1, 1),
+    # groups of 2-4 channels on the engine (the direct kernels run depthwise only): backward-input
+    # through the forward engine at any channel count, backward-weight's dot form for up to 8 output
+    # channels per group past 25 column rows (36-288), batch 1, stride 2, 5x5; one group of 8 channels
+    (2, 128, 9, 10, 128, (3, 3), 1, 1, 1, 32),
+    (3, 12, 11, 9, 24, (3, 3), 2, 1, 1, 4),
+    (1, 16, 8, 9, 32, (3, 3), 1, 1, 1, 8),
+    (2, 64, 10, 10, 64, (3, 3), 1, 1, 1, 8),
+    (2, 16, 7, 7, 24, (5, 5), 1, 2, 1, 4),
+    (2, 32, 9, 9, 8, (3, 3), 1, 1, 1, 1),
     # kernels past 3x3 on Winograd (sums of 3x3 sub-kernels on a shifted tile grid): odd and even
     # sizes, non-square, padding from 0 to kernel - 1, grids whose extra row/column straddles images
     (2, 16, 13, 12, 24, (5, 5), 1, 2, 1, 1),
@@ -352,6 +361,11 @@ def test_algorithm_setting_and_report():
     with fastconv.conv_algorithm("winograd"):
         assert "winograd" not in fastconv.conv2d_algorithm(x, w, stride=2, padding=1)
         assert fastconv.conv2d_algorithm(torch.empty(2, 8, 9, 9), torch.empty(8, 1, 3, 3), padding=1, groups=8) == "direct"
+    # groups of 2-4 channels: the engine where it runs, the direct kernels on the portable path
+    x4, w4 = torch.empty(2, 32, 9, 9), torch.empty(32, 4, 3, 3)
+    assert fastconv.conv2d_algorithm(x4.double(), w4.double(), padding=1, groups=8) == "direct"
+    assert (fastconv.conv2d_algorithm(x4, w4, padding=1, groups=8) != "direct") == (
+        fastconv.conv2d_algorithm(x, w, padding=1) != "im2col+gemm-aten")
     assert fastconv.conv2d_algorithm(x.double(), w.double(), padding=1) == "im2col+gemm-aten"
     # strided backward-input through col2im (stride phases only under FASTCONV_STRIDE_PHASES=1)
     name = fastconv.conv2d_algorithm(torch.empty(8, 32, 14, 14), torch.empty(64, 32, 3, 3), stride=2, padding=1)

@@ -851,7 +851,9 @@ inline bool flipped_weights_by_block(const Conv2dParams& p) {
 // channels per group keep col2im: the forward route's output channels are their input channels, at
 // most half of its 8-row tile (measured, 2 threads, Intel Xeon with AMX, batch 100: MNIST conv1 0.65x,
 // the 5x5 1->30 layer 0.48x, 3x3 3->32 0.83x the forward route's time; LeNet conv1's 1->6 1.07x; from
-// 6 input channels up the forward route wins, LeNet conv2 by 1.7x).
+// 6 input channels up the forward route wins, LeNet conv2 by 1.7x). Grouped layers take the forward
+// route at any channel count: col2im's GEMM reduces over a group's few output channels (ResNeXt's 32
+// groups of 4 at 56x56, batch 8: the forward route 0.47x col2im's time; groups of 3 at 28x28 0.42x).
 inline bool backward_input_through_forward(const Conv2dParams& p) {
   // batch 1: col2im where grad_input has fewer channels than grad_output and the kernel is past 1x1 (it
   // reads the weights in place), unless the forward route packs its weights block by block (measured,
@@ -863,7 +865,7 @@ inline bool backward_input_through_forward(const Conv2dParams& p) {
   // 512->512 0.74-0.87x, 64->256 at 56x56 0.55x, 512->2048 at 7x7 0.86x; AlexNet conv4 0.91x).
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   if (p.batch == 1 && Cg < OCg && p.kernel_h * p.kernel_w > 1 && !flipped_weights_by_block(p)) return false;
-  return backward_input_as_forward(p) && Cg > kTileRows / 2;
+  return backward_input_as_forward(p) && (Cg > kTileRows / 2 || p.groups > 1);
 }
 
 // Backward-input of a stride-1 convolution (flipped_conv.h) on this engine: the forward pass over
@@ -1296,6 +1298,12 @@ FASTCONV_AVX512 inline void sum_lanes(const float* src, int64_t n, float* dst) {
 // GEMM form: MNIST CNN conv1 (9 rows) 0.73x, LeNet conv1 (25) 0.59x, a 3x3 conv on 3 channels (27)
 // 1.07x the time).
 constexpr int64_t kDotRows = 25;
+// ... and output channels (per group) up to which it does at any row count: the GEMM form's columns
+// are the output channels, a 16-lane vector for 2-8 of them (measured, 2 threads, Intel host, batch 8,
+// against the GEMM form: ResNeXt's 32 groups of 4 at 56x56 0.43x the time, 4->8 per group at 112x112
+// 0.58x, 32 groups of 8 at 28x28 0.88x, 8 groups of 8 0.79x, groups of 8 at stride 2 1.21x; at 16 per
+// group 1.3-1.9x), while its lane partials fit in L2.
+constexpr int64_t kDotMaxOutChannels = 8;
 constexpr int kDotOc = 3, kDotK = 9;  // register block: 3 output channels x 9 column rows (27 zmm)
 
 inline void run_weight_grad_dots(int ocb, int kb, const float* go, int64_t go_ld, const float* cols, int64_t cols_ld,
@@ -1322,7 +1330,8 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
   const KBlocks kb(Kg, std::max<int64_t>(kTileRows, kColumnBlockBytes / (npix * 4) / kTileRows * kTileRows));
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t part = G * Kg * ldo;  // grad_W^T per group: [Kg][ldo]
-  const bool dots = Kg <= kDotRows;   // see weight_grad_dots
+  // see weight_grad_dots: its lane partials (16 floats per element) while they fit in L2
+  const bool dots = Kg <= kDotRows || (OCg <= kDotMaxOutChannels && 16 * part * 4 <= 2 * kMaxPartialBytes);
   // not zeroed (but for the dot form): the first item of each slot writes its whole partial (Init::kZero)
   std::unique_ptr<float[]> parts(new float[slots * part]);
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
@@ -1339,19 +1348,22 @@ inline void backward_weight_by_pixels(const float* grad_output, const float* inp
         make_segments(p, g0, g1, npix, 0, segs);  // one panel: cols[k][t]
         if (dots) {
           for (int64_t g = 0; g < G; ++g) {
-            pack_columns(input, p, g * Cg, 0, Kg, segs, npix, cols);
-            for (int64_t t0 = g0; t0 < g1;) {  // grad_output rows are contiguous within an image
-              const int64_t n = t0 / L, q = t0 % L, seg = std::min(L - q, g1 - t0);
-              const float* go = grad_output + (n * p.out_channels + g * OCg) * L + q;
-              for (int64_t k0 = 0; k0 < Kg; k0 += kDotK) {
-                for (int64_t o0 = 0; o0 < OCg; o0 += kDotOc) {
-                  run_weight_grad_dots(static_cast<int>(std::min<int64_t>(kDotOc, OCg - o0)),
-                                       static_cast<int>(std::min<int64_t>(kDotK, Kg - k0)), go + o0 * L, L,
-                                       cols + k0 * npix + (t0 - g0), npix, seg, vacc + ((g * Kg + k0) * ldo + o0) * 16,
-                                       ldo);
+            for (int64_t b = 0; b < kb.count; ++b) {
+              const int64_t kb0 = b * kb.size, kb1 = std::min(Kg, kb0 + kb.size);
+              pack_columns(input, p, g * Cg, kb0, kb1, segs, npix, cols);
+              for (int64_t t0 = g0; t0 < g1;) {  // grad_output rows are contiguous within an image
+                const int64_t n = t0 / L, q = t0 % L, seg = std::min(L - q, g1 - t0);
+                const float* go = grad_output + (n * p.out_channels + g * OCg) * L + q;
+                for (int64_t k0 = kb0; k0 < kb1; k0 += kDotK) {
+                  for (int64_t o0 = 0; o0 < OCg; o0 += kDotOc) {
+                    run_weight_grad_dots(static_cast<int>(std::min<int64_t>(kDotOc, OCg - o0)),
+                                         static_cast<int>(std::min<int64_t>(kDotK, kb1 - k0)), go + o0 * L, L,
+                                         cols + (k0 - kb0) * npix + (t0 - g0), npix, seg,
+                                         vacc + ((g * Kg + k0) * ldo + o0) * 16, ldo);
+                  }
                 }
+                t0 += seg;
               }
-              t0 += seg;
             }
           }
           continue;
