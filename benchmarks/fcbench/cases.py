@@ -223,6 +223,17 @@ def mobilenet_v2_depthwise_cases(n, scale=1):
                  bias=False)]
 
 
+def resnext50_grouped_cases(n, scale=1):
+    """ResNeXt-50 32x4d's grouped 3x3 convolutions (torchvision's layout, 32 groups, no biases): 4, 8,
+    16 and 32 channels per group, the stride-2 one of layer2 and stride-1 ones."""
+    return [conv("resnext50_32x4d.layer1.0.conv2", n, 128, 56 // scale, 128, 3, padding=1, groups=32, bias=False),
+            conv("resnext50_32x4d.layer2.0.conv2", n, 256, 56 // scale, 256, 3, stride=2, padding=1, groups=32,
+                 bias=False),
+            conv("resnext50_32x4d.layer3.1.conv2", n, 512, 14 // scale, 512, 3, padding=1, groups=32, bias=False),
+            conv("resnext50_32x4d.layer4.1.conv2", n, 1024, max(1, 7 // scale), 1024, 3, padding=1, groups=32,
+                 bias=False)]
+
+
 def core_cases(tiny=False):
     """The core suite: exactly these rows, forward+backward, float32."""
     n, n_alex, n_pool, size = (100, 4, 8, 224) if not tiny else (2, 1, 2, 67)
@@ -294,6 +305,7 @@ def build_rows(suite, tiny=False):
         cases += extra_cases(n_res, scale)
         cases += resnet50_1x1_cases(n_res, scale)
         cases += mobilenet_v2_depthwise_cases(n_res, scale)
+        cases += resnext50_grouped_cases(n_res, scale)
         cases += issue8 + core
         passes = {"conv2d": CONV_PASSES, "max_pool2d": POOL_PASSES}
     else:
