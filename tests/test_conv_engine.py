@@ -117,6 +117,11 @@ ENGINE_CASES = [
     (2, 64, 10, 10, 64, (3, 3), 1, 1, 1, 8),
     (2, 16, 7, 7, 24, (5, 5), 1, 2, 1, 4),
     (2, 32, 9, 9, 8, (3, 3), 1, 1, 1, 1),
+    # ... without im2col at stride 1 (up to 8 output channels per group, past 25 column rows): the
+    # cases above, dilation, uneven kernel and padding, batch 1
+    (2, 24, 11, 13, 24, (3, 3), 1, 2, 2, 4),
+    (3, 16, 6, 17, 16, (3, 5), 1, (0, 2), 1, 2),
+    (1, 40, 7, 7, 40, (3, 3), 1, 1, 1, 8),
     # kernels past 3x3 on Winograd (sums of 3x3 sub-kernels on a shifted tile grid): odd and even
     # sizes, non-square, padding from 0 to kernel - 1, grids whose extra row/column straddles images
     (2, 16, 13, 12, 24, (5, 5), 1, 2, 1, 1),
@@ -274,6 +279,27 @@ def test_padded_direct_skips_padding_rows(case, monkeypatch, poison):
     monkeypatch.setenv("FASTCONV_CPU_GEMM_B", "direct")
     with fastconv.conv_algorithm("gemm"):
         run_case(*case)
+
+
+# A NaN in the input reaches only the weight-gradient taps whose windows hold it: kernels that run over
+# padded planes with rows of the padded width (the implicit dot form's extra columns read the next
+# row's first inputs) must mask those columns, not multiply them by zero.
+@pytest.mark.parametrize("case", [(16, 16, 4), (32, 32, 1), (16, 8, 2)], ids=lambda c: "x".join(map(str, c)))
+def test_weight_grad_keeps_nan_in_its_taps(case, poison):
+    c, oc, g = case
+    x = torch.randn(2, c, 9, 10, dtype=torch.float64)
+    x[:, :, 3, -1] = float("nan")
+    x[1, :, 0, 0] = float("inf")
+    w = torch.randn(oc, c // g, 3, 3, dtype=torch.float64)
+    go = torch.randn(2, oc, 9, 10, dtype=torch.float64)
+    ref = torch.nn.grad.conv2d_weight(x, w.shape, go, padding=1, groups=g)
+    with fastconv.conv_algorithm("gemm"):
+        got = torch.ops.fastconv._conv2d_backward(go.float(), x.float(), w.float(), [1, 1], [1, 1], [1, 1], g,
+                                                  [False, True, False])[1]
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(ref).any() and torch.isfinite(ref).any()
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin)
+    assert ((got.double()[fin] - ref[fin]).abs().max() / ref[fin].abs().max()).item() < 2e-5
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
