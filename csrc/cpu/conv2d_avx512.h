@@ -711,6 +711,10 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
   const int64_t oc_blocks = ceil_div(OCg, kTileRows);
   // a vector is a run of 16 pixels of one output row, or two rows of at most 8 pixels
   const bool two_rows = p.out_w <= 8;
+  // ... read with one load where the two padded rows fit in 16 floats (Wp + out_w <= 16: 3x3 kernels on
+  // planes up to 7 wide): row oh + 1 in lanes Wp.., no merge of two loads (measured, 2 threads, Intel
+  // host, batch 8: ResNet layer4's 3x3 on 7x7 forward, ResNeXt's 32 groups of 32 at 7x7 0.8x the time)
+  const bool rows_adjacent = two_rows && Wp + p.out_w <= 16;
   const int64_t per_row = ceil_div(p.out_w, 16), rows_per_image = two_rows ? ceil_div(p.out_h, 2) : p.out_h;
   const int64_t vectors = p.batch * rows_per_image * per_row;
   const int64_t panels = ceil_div(vectors, kTileVectors);
@@ -755,10 +759,11 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
               d0.mask[v][0] = v < nv ? lane_mask(0, std::min<int64_t>(p.out_w - ow0, two_rows ? 8 : 16)) : __mmask16(0);
               d0.mask[v][1] = 0;
               bs.second[v] = bs.base[v];
-              if (two_rows) {  // lanes 8.. hold row oh + 1 (when there is one)
+              if (two_rows) {  // lanes 8.. (Wp.. where the rows are adjacent) hold row oh + 1 (when there is one)
+                const int64_t lane = rows_adjacent ? Wp : 8;
                 bs.second[v] = bs.base[v] + Wp - 8;
-                d0.ptr[v][1] = o + p.out_w - 8;
-                d0.mask[v][1] = v < nv && oh + 1 < p.out_h ? lane_mask(8, 8 + p.out_w) : __mmask16(0);
+                d0.ptr[v][1] = o + p.out_w - lane;
+                d0.mask[v][1] = v < nv && oh + 1 < p.out_h ? lane_mask(lane, lane + p.out_w) : __mmask16(0);
               }
               if (v < nv) {
                 int64_t lo, hi;
@@ -789,7 +794,7 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
                 d.ptr[v][1] += ch * L;
               }
               const float* bias_ch = bias ? bias + ch : nullptr;
-              if (two_rows) {
+              if (two_rows && !rows_adjacent) {
                 if (skip)
                   run_micro_kernel(mr, nv, kr, a, wa.rs, wa.cs, bs, d, init, bias_ch, relu && last);
                 else
