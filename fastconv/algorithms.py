@@ -11,7 +11,8 @@ On float32 and an AVX-512 CPU each conv pass picks one of:
 - ``im2col+gemm``: im2col packed into 48-pixel panels, then the same register-blocked micro-kernel;
 - ``stride-phases`` (backward-input of strided layers, under ``"benchmark"`` only): one stride-1
   convolution per phase of grad_input on the forward engine (``im2col+gemm+col2im`` is the default);
-- ``direct``: grouped convolutions with at most 4 channels per group (depthwise);
+- ``direct``: depthwise convolutions (one input channel per group); on the portable path also groups of
+  2-4 channels, which run on the engine otherwise;
 - ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX-512, ``FASTCONV_CPU_GEMM=aten``).
 
 ``"auto"`` (the default) decides per pass from the layer's shape (rules measured on the benchmark

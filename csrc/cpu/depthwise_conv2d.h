@@ -27,7 +27,8 @@ namespace fastconv {
 namespace cpu {
 namespace direct {
 
-// Few channels per group: the direct kernels beat a GEMM whose M and K are a handful.
+// Few channels per group: the direct kernels beat a GEMM whose M and K are a handful (on the AVX-512
+// engine only depthwise layers take them: conv2d.cpp, run_direct).
 inline bool use_direct(const Conv2dParams& p) {
   return p.groups > 1 && p.in_channels_per_group() <= 4 && p.out_channels_per_group() <= 4;
 }
