@@ -1395,8 +1395,7 @@ inline void backward_weight_implicit_dots(const float* grad_output, const float*
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t Hp = p.in_h + 2 * p.pad_h, Wp = p.in_w + 2 * p.pad_w, plane = Hp * Wp;
   const int64_t KK = p.kernel_h * p.kernel_w, vplane = p.out_h * Wp, nvec = ceil_div(vplane, 16);
-  // both group-major ([g][n][channel of the group][plane]): a task's planes are contiguous (image by
-  // image C * plane floats apart, a multiple of 4 KiB on 7x7 and 14x14 planes, they had shared L1 sets)
+  // both group-major ([g][n][channel of the group][plane]): a task's planes are contiguous
   AlignedBuffer pad_buf(false), go_buf(false);  // written in full
   float* padded = pad_buf.get(N * C * plane);
   float* gov = go_buf.get(N * OC * vplane);
