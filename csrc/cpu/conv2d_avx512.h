@@ -661,10 +661,26 @@ inline void forward_packed(const float* input, WeightsA wa, const float* bias, f
 // A zero-padded copy of the whole input is fine up to this size; past it, pack instead.
 constexpr int64_t kMaxPaddedCopyBytes = int64_t(512) << 20;
 
+// Bytes of a zero-padded copy of the whole input (pad_h/pad_w on every side).
+inline int64_t padded_input_bytes(const Conv2dParams& p) {
+  return p.batch * p.in_channels * (p.in_h + 2 * p.pad_h) * (p.in_w + 2 * p.pad_w) * 4;
+}
+
+// The offset of each tap k = (c, kh, kw) (k < rows) from its output pixel's top-left input position
+// in zero-padded planes of `plane` floats, rows Wp floats apart (stride and dilation of p).
+inline std::vector<int64_t> padded_tap_offsets(const Conv2dParams& p, int64_t rows, int64_t plane, int64_t Wp) {
+  const int64_t KK = p.kernel_h * p.kernel_w;
+  std::vector<int64_t> off(rows);
+  for (int64_t k = 0; k < rows; ++k) {
+    off[k] = (k / KK) * plane + ((k % KK) / p.kernel_w) * p.dilation_h * Wp + (k % p.kernel_w) * p.dilation_w;
+  }
+  return off;
+}
+
 inline bool use_padded_direct(const Conv2dParams& p) {
   if (p.stride_h != 1 || p.stride_w != 1) return false;
-  const int64_t padded = p.batch * p.in_channels * (p.in_h + 2 * p.pad_h) * (p.in_w + 2 * p.pad_w) * 4;
-  if (padded > kMaxPaddedCopyBytes && (p.pad_h > 0 || p.pad_w > 0)) return false;  // unpadded: read in place
+  if (padded_input_bytes(p) > kMaxPaddedCopyBytes && (p.pad_h > 0 || p.pad_w > 0))
+    return false;                                          // unpadded: read in place
   const char* force = std::getenv("FASTCONV_CPU_GEMM_B");  // "packed" or "direct": tests and benchmarks
   if (force && std::string(force) == "packed") return false;
   if (force && std::string(force) == "direct") return true;
@@ -703,10 +719,7 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
     std::fill(tail + C * plane, tail + C * plane + slack, 0.f);
     last_image = tail;
   }
-  std::vector<int64_t> koff(Kg);
-  for (int64_t k = 0; k < Kg; ++k) {
-    koff[k] = (k / KK) * plane + ((k % KK) / p.kernel_w) * p.dilation_h * Wp + (k % p.kernel_w) * p.dilation_w;
-  }
+  const std::vector<int64_t> koff = padded_tap_offsets(p, Kg, plane, Wp);
   const KBlocks kb(Kg, kMaxBlockK);
   const int64_t oc_blocks = ceil_div(OCg, kTileRows);
   // a vector is a run of 16 pixels of one output row, or two rows of at most 8 pixels
@@ -793,19 +806,17 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
                 d.ptr[v][0] += ch * L;
                 d.ptr[v][1] += ch * L;
               }
-              const float* bias_ch = bias ? bias + ch : nullptr;
-              if (two_rows && !rows_adjacent) {
+              const auto run = [&](const auto& b_src) {  // over the panel's k-runs or the whole block
+                const float* bias_ch = bias ? bias + ch : nullptr;
                 if (skip)
-                  run_micro_kernel(mr, nv, kr, a, wa.rs, wa.cs, bs, d, init, bias_ch, relu && last);
+                  run_micro_kernel(mr, nv, kr, a, wa.rs, wa.cs, b_src, d, init, bias_ch, relu && last);
                 else
-                  run_micro_kernel(mr, nv, kc, a, wa.rs, wa.cs, bs, d, init, bias_ch, relu && last);
-              } else {
-                const OffsetB b1{{bs.base[0], bs.base[1], bs.base[2]}, bs.koff};
-                if (skip)
-                  run_micro_kernel(mr, nv, kr, a, wa.rs, wa.cs, b1, d, init, bias_ch, relu && last);
-                else
-                  run_micro_kernel(mr, nv, kc, a, wa.rs, wa.cs, b1, d, init, bias_ch, relu && last);
-              }
+                  run_micro_kernel(mr, nv, kc, a, wa.rs, wa.cs, b_src, d, init, bias_ch, relu && last);
+              };
+              if (two_rows && !rows_adjacent)
+                run(bs);
+              else
+                run(OffsetB{{bs.base[0], bs.base[1], bs.base[2]}, bs.koff});
             }
           }
         }
@@ -1323,7 +1334,7 @@ inline void run_weight_grad_dots(int ocb, int kb, const float* go, int64_t go_ld
   table[ocb - 1][kb - 1](go, go_ld, cols, cols_ld, len, acc, ldo);
 }
 
-// acc[(i*Kg + kk)*16 + lane] += the lane's share of the sum over `images` virtual planes of go[i][t] *
+// acc[(i*Kg + kk)*16 + lane] = the lane's share of the sum over `images` virtual planes of go[i][t] *
 // src[off[kk] + t], for i < OB output channels (rows `go_ld` floats apart) and kk < KB column rows (input
 // offsets `off`), t over nvec vectors of 16 under masks[v] (the lanes of real output columns); image m
 // at go + m * go_image, src + m * src_image.
@@ -1385,8 +1396,7 @@ inline bool weight_grad_implicit_dots(const Conv2dParams& p) {
   if (p.stride_h != 1 || p.stride_w != 1 || p.is_pointwise() || Kg <= kDotRows || OCg > kDotMaxOutChannels) {
     return false;
   }
-  const int64_t padded = p.batch * p.in_channels * (p.in_h + 2 * p.pad_h) * (p.in_w + 2 * p.pad_w) * 4;
-  return OCg * Kg * 16 * 4 <= kMaxPartialBytes && padded <= kMaxPaddedCopyBytes;
+  return OCg * Kg * 16 * 4 <= kMaxPartialBytes && padded_input_bytes(p) <= kMaxPaddedCopyBytes;
 }
 
 inline void backward_weight_implicit_dots(const float* grad_output, const float* input, float* grad_weight,
@@ -1394,7 +1404,7 @@ inline void backward_weight_implicit_dots(const float* grad_output, const float*
   const int64_t N = p.batch, C = p.in_channels, OC = p.out_channels, G = p.groups;
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group(), Kg = p.col_rows_per_group();
   const int64_t Hp = p.in_h + 2 * p.pad_h, Wp = p.in_w + 2 * p.pad_w, plane = Hp * Wp;
-  const int64_t KK = p.kernel_h * p.kernel_w, vplane = p.out_h * Wp, nvec = ceil_div(vplane, 16);
+  const int64_t vplane = p.out_h * Wp, nvec = ceil_div(vplane, 16);
   // both group-major ([g][n][channel of the group][plane]): a task's planes are contiguous
   AlignedBuffer pad_buf(false), go_buf(false);  // written in full
   float* padded = pad_buf.get(N * C * plane);
@@ -1408,10 +1418,7 @@ inline void backward_weight_implicit_dots(const float* grad_output, const float*
                   p.out_h, Wp, 0, 0);
     }
   });
-  std::vector<int64_t> off(Kg);
-  for (int64_t k = 0; k < Kg; ++k) {
-    off[k] = (k / KK) * plane + ((k % KK) / p.kernel_w) * p.dilation_h * Wp + (k % p.kernel_w) * p.dilation_w;
-  }
+  const std::vector<int64_t> off = padded_tap_offsets(p, Kg, plane, Wp);
   std::vector<__mmask16> masks(nvec);
   for (int64_t v = 0; v < nvec; ++v) {
     uint32_t m = 0;

@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
-#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -166,18 +165,14 @@ FASTCONV_AVX512 inline void micro_kernel(const Red& red, const float* a, int64_t
 
 // The same for any mr in [1, 8] and nv in [1, 3] (the tails of a blocked loop); `red` is K (every k in
 // [0, K)) or KRuns.
+inline WholeK as_reduction(int64_t K) { return {K}; }
+inline const KRuns& as_reduction(const KRuns& runs) { return runs; }
+
 template <typename BSrc, typename Red>
 FASTCONV_AVX512 inline void run_micro_kernel(int mr, int nv, const Red& red_or_k, const float* a, int64_t a_rs,
                                              int64_t a_cs, const BSrc& bs, const TileDest& d, Init init,
                                              const float* bias, bool relu = false) {
-  using R = std::conditional_t<std::is_integral_v<Red>, WholeK, Red>;
-  const R red = [&] {
-    if constexpr (std::is_integral_v<Red>) {
-      return WholeK{static_cast<int64_t>(red_or_k)};
-    } else {
-      return red_or_k;
-    }
-  }();
+  const auto& red = as_reduction(red_or_k);
 #define FASTCONV_MK_CASE(MR)                                            \
   case MR:                                                              \
     if (nv == 3)                                                        \

@@ -148,11 +148,7 @@ struct PaddedInput {
       engine::copy_padded(input, p.batch * C, p.in_h, p.in_w, d, Hp, Wp, p.pad_h, p.pad_w);
       data = d;
     }
-    koff.resize(C * KH * KW);
-    for (int64_t k = 0; k < C * KH * KW; ++k) {
-      const int64_t c = k / (KH * KW), kh = (k / KW) % KH, kw = k % KW;
-      koff[k] = c * plane + kh * p.dilation_h * Wp + kw * p.dilation_w;
-    }
+    koff = engine::padded_tap_offsets(p, C * KH * KW, plane, Wp);
   }
   // the top-left input position of output pixel (n, oh, ow)
   const float* at(const Conv2dParams& p, int64_t n, int64_t oh, int64_t ow) const {
