@@ -1419,15 +1419,7 @@ inline void backward_weight_implicit_dots(const float* grad_output, const float*
     }
   });
   const std::vector<int64_t> off = padded_tap_offsets(p, Kg, plane, Wp);
-  std::vector<__mmask16> masks(nvec);
-  for (int64_t v = 0; v < nvec; ++v) {
-    uint32_t m = 0;
-    for (int l = 0; l < 16; ++l) {
-      const int64_t t = 16 * v + l;
-      if (t < vplane && t % Wp < p.out_w) m |= 1u << l;
-    }
-    masks[v] = static_cast<__mmask16>(m);
-  }
+  const std::vector<__mmask16> masks = lane_masks(nvec, [&](int64_t t) { return t < vplane && t % Wp < p.out_w; });
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::clamp<int64_t>(ceil_div(2 * threads, G), 1, N);
   const int64_t part = G * OCg * Kg;

@@ -172,16 +172,11 @@ FASTCONV_AVX512 inline void copy_floats(float* dst, const float* src, int64_t n)
 // expand (expand_runs) and back by compress (store_virtual).
 template <typename Keep>
 inline void lane_runs(int64_t vectors, Keep keep, std::vector<__mmask16>& masks, std::vector<int64_t>& firsts) {
-  masks.resize(vectors);
+  masks = lane_masks(vectors, keep);
   firsts.resize(vectors);
   for (int64_t j = 0, count = 0; j < vectors; ++j) {
-    uint32_t m = 0;
-    for (int l = 0; l < 16; ++l) {
-      if (keep(16 * j + l)) m |= 1u << l;
-    }
-    masks[j] = __mmask16(m);
     firsts[j] = count;
-    count += __builtin_popcount(m);
+    count += __builtin_popcount(masks[j]);
   }
 }
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -66,6 +67,21 @@ inline __mmask16 lane_mask(int64_t lo, int64_t hi) {  // lanes [lo, hi) of 16, c
   lo = std::clamp<int64_t>(lo, 0, 16);
   hi = std::clamp<int64_t>(hi, lo, 16);
   return __mmask16(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+// Per vector of `vectors` 16-lane vectors, the mask of the lanes that keep(i) picks (i the flat lane
+// index over all vectors).
+template <typename Keep>
+inline std::vector<__mmask16> lane_masks(int64_t vectors, Keep keep) {
+  std::vector<__mmask16> masks(vectors);
+  for (int64_t j = 0; j < vectors; ++j) {
+    uint32_t m = 0;
+    for (int l = 0; l < 16; ++l) {
+      if (keep(16 * j + l)) m |= 1u << l;
+    }
+    masks[j] = __mmask16(m);
+  }
+  return masks;
 }
 
 // Where a tile's results go: vector v of row i lands at ptr[v][s] + i*ldc under mask[v][s], for the
