@@ -281,6 +281,55 @@ def test_padded_direct_skips_padding_rows(case, monkeypatch, poison):
         run_case(*case)
 
 
+# Grouped layers with 16+ output channels per group run on the channel-lane direct kernel
+# (grouped_conv2d.h), forward and stride-1 backward-input (its output channels: the input channels per
+# group), here forced on wherever it applies: 1-4 vectors of channels and blocks past 64 (100 = 64 + 36,
+# 144 = 3 x 48), partial last vectors (17, 20, 24), row segments shifted back onto the row (15, 29, 40
+# pixels), pairs of rows with an odd last row, one-row outputs, stride 2 along rows and 3 down,
+# dilation, uneven kernels and padding, kernels wider than the plane, no padding (input read in place),
+# batch 1 with rows split over items (one shared padded copy), 1x1.
+GROUPED_DIRECT_CASES = [
+    (2, 64, 7, 7, 64, (3, 3), 1, 1, 1, 2),
+    (3, 32, 14, 15, 64, (3, 3), 1, 1, 1, 2),
+    (1, 96, 9, 11, 96, (3, 3), 2, 1, 1, 3),
+    (2, 48, 13, 5, 144, (5, 3), 1, (2, 1), 2, 3),
+    (1, 40, 8, 8, 200, (3, 3), 1, 1, 1, 2),
+    (2, 36, 6, 29, 72, (3, 3), (1, 2), 1, 1, 3),
+    (2, 32, 1, 9, 32, (1, 3), 1, (0, 1), 1, 2),
+    (2, 32, 10, 10, 48, (3, 3), (3, 1), 0, 1, 2),
+    (1, 512, 4, 4, 512, (3, 3), 1, 1, 1, 32),
+    (2, 34, 5, 40, 34, (3, 3), 1, 1, 1, 2),
+    (3, 64, 6, 6, 128, (1, 1), 1, 0, 1, 2),
+    (2, 32, 3, 3, 32, (5, 5), 1, 2, 1, 2),
+    (1, 32, 30, 31, 32, (3, 3), 1, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def test_grouped_direct_matches_torch(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    n, c, h, w, oc, k, s, p, d, g = case
+    x, wt = torch.randn(n, c, h, w), torch.randn(oc, c // g, *k)
+    if fastconv.conv2d_algorithm(x, wt, s, p, d, g).split("/")[0] != "grouped-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    run_case(*case)
+    run_case(*case, bias=False)
+
+
+def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
+    # bias and ReLU in the kernel's epilogue: bitwise the unfused op then relu, NaN kept
+    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    x, w, b = torch.randn(2, 64, 7, 9), torch.randn(96, 32, 3, 3), torch.randn(96)
+    x[1, 40, 3, 3] = float("nan")
+    args = ([1, 1], [1, 1], [1, 1], 2)
+    if fastconv.conv2d_algorithm(x, w, 1, 1, 1, 2).split("/")[0] != "grouped-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    fused = torch.ops.fastconv.conv2d_relu(x, w, b, *args)
+    plain = torch.ops.fastconv.conv2d(x, w, b, *args)
+    assert torch.isnan(fused).any() and (fused == 0).any()
+    torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)
+
+
 # A NaN in the input reaches only the weight-gradient taps whose windows hold it: kernels that run over
 # padded planes with rows of the padded width (the implicit dot form's extra columns read the next
 # row's first inputs) must mask those columns, not multiply them by zero.

@@ -32,6 +32,7 @@
 #include "cpu/conv2d_avx512.h"
 #include "cpu/depthwise_conv2d.h"
 #include "cpu/gemm.h"
+#include "cpu/grouped_conv2d.h"
 #include "cpu/im2col.h"
 #include "cpu/narrow_conv2d.h"
 #include "cpu/phase_backward_input.h"
@@ -294,6 +295,7 @@ void run_forward(int algo, const float* input, const float* weight, const float*
                  const Conv2dParams& p, bool relu) {
   if (algo == kWinograd) return cpu::winograd::forward(input, weight, bias, output, p, relu);
   if (algo == kNarrow) return cpu::narrow::forward(input, weight, bias, output, p, relu);
+  if (cpu::engine::use_grouped_direct(p)) return cpu::engine::grouped_forward(input, weight, bias, output, p, relu);
   cpu::engine::forward(input, weight, bias, output, p, relu);
 }
 #endif
@@ -355,6 +357,10 @@ void run_backward_input(BackwardInputRoute route, const float* grad_output, cons
       cpu::winograd::forward(grad_output, weight, nullptr, grad_input, cpu::backward_input_params(p), false, true);
       break;
     case BackwardInputRoute::kForwardEngine:
+      if (cpu::engine::use_grouped_direct(cpu::backward_input_params(p))) {
+        cpu::engine::grouped_backward_input_stride1(grad_output, weight, grad_input, p);
+        break;
+      }
       cpu::engine::backward_input_stride1(grad_output, weight, grad_input, p);
       break;
     case BackwardInputRoute::kPhases:
@@ -392,6 +398,7 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   if (!float32 || !use_engine<float>()) return "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
   const auto gemm_name = [](const Conv2dParams& q) {
+    if (cpu::engine::use_grouped_direct(q)) return std::string("grouped-direct");
     return cpu::engine::use_padded_direct(cpu::engine::flatten_pointwise(q)) ? std::string("implicit-gemm")
                                                                              : std::string("im2col+gemm");
   };

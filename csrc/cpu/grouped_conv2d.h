@@ -1,0 +1,308 @@
+// Grouped convolutions with 16 or more output channels per group (ResNeXt's 16-64, RegNet's group
+// widths) on AVX-512: a direct kernel with a group's output channels in the vector lanes.
+//
+// The engine's GEMM (conv2d_avx512.h) puts pixels in the lanes and 8 output channels in the rows of its
+// tile. Per group that is a small GEMM (ResNeXt-50's last stage: 32 output channels, 288 taps, 49 pixels
+// an image), whose per-tile work (packing the columns, or the padded planes' partial vectors: 49
+// pixels of a 7x7 plane fill 64 lanes) weighs as much as its FMAs. Here a tile is up to 64 output
+// channels (1-4 vectors) x a few output pixels of one or two rows, the accumulators stay in registers
+// over the group's whole reduction, and each step of it loads 1-4 weight vectors and broadcasts one
+// input float per pixel, straight from a zero-padded copy of the planes (no im2col):
+//
+//   per (image, group, block of <= 64 output channels), per tile of R rows x P pixels:
+//     for k = (c, kh, kw) in the group's taps:  acc[px][v] += input[c][oh*SH + kh*DH][ow*SW + kw*DW] * w[k][v]
+//     then 16x16 register transposes turn acc[pixel][channel] into rows of NCHW planes.
+//
+// A row of OW pixels is cut into near-equal segments of P <= 16/14/9/6 pixels (for 1/2/3/4 vectors:
+// at most 28 accumulators); the last segment of a row is shifted back onto the row, recomputing a few
+// pixels (same values, same order), and an odd last row of pairs runs the one-row kernel.
+// The weights are packed once per call, [g][block][k][lanes], flipped and transposed for a stride-1
+// backward-input, which is this forward over grad_output (flipped_conv.h).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "conv_params.h"
+#include "cpu/conv2d_avx512.h"
+#include "cpu/flipped_conv.h"
+#include "cpu/gemm.h"
+
+#if FASTCONV_HAVE_AVX512_KERNELS
+namespace fastconv {
+namespace cpu {
+namespace engine {
+
+constexpr int kGroupedMaxVectors = 4;  // output channels per block: 64
+
+// Pixels per tile for NV vectors of output channels: NV*P accumulators + NV weight vectors + one
+// broadcast within the 32 zmm registers.
+constexpr int grouped_max_pixels(int nv) { return nv == 1 ? 16 : nv == 2 ? 14 : nv == 3 ? 9 : 6; }
+
+// Whether a grouped convolution runs on the channel-lane kernel (FASTCONV_GROUPED_DIRECT=0/1 forces
+// it off/on where it applies: tests and benchmarks).
+inline bool use_grouped_direct(const Conv2dParams& p) {
+  if (p.stride_w > 2) return false;
+  if (padded_input_bytes(p) > kMaxPaddedCopyBytes) return false;
+  const char* force = std::getenv("FASTCONV_GROUPED_DIRECT");
+  if (force && std::string(force) == "0") return false;
+  if (force && std::string(force) == "1") return true;
+  // From 16 output channels per group, where the vectors of channels are mostly full: past 32 channels a
+  // group, a last vector under 90% full leaves the GEMM ahead (measured, 2 threads, Intel host, batch 8,
+  // against the engine's GEMM: 32 groups of 32 at 7x7 0.70x the time, 16 at 14x14 0.85x, groups of 24,
+  // 48, 64, 96, 128 channels 0.83-0.97x; groups of 40 and 56 1.02-1.05x; one group of 64 (MNIST conv2)
+  // 1.06x)
+  const int64_t OCg = p.out_channels_per_group(), lanes = ceil_div(OCg, 16) * 16;
+  return p.groups > 1 && OCg >= 16 && (OCg < 32 || OCg * 10 >= lanes * 9);
+}
+
+// Floats of one group's packed weights: K rows of ceil(OCg/16) vectors, block after block.
+inline int64_t grouped_weight_floats(int64_t OCg, int64_t K) { return ceil_div(OCg, 16) * 16 * K; }
+
+// dst(i)[0, 16) = column i of the rows x cols matrix at src (rows ld floats apart, rows <= 16), zero past
+// `rows`: 16x16 register transposes, 16 columns at a time.
+template <typename Dst>
+FASTCONV_AVX512 inline void columns_to_lanes(const float* src, int64_t ld, int64_t rows, int64_t cols, Dst dst) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const int64_t n = std::min<int64_t>(16, cols - c0);
+    const __mmask16 m = lane_mask(0, n);
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j) r[j] = j < rows ? _mm512_maskz_loadu_ps(m, src + j * ld + c0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t i = 0; i < n; ++i) _mm512_store_ps(dst(c0 + i), r[i]);
+  }
+}
+
+// The weights of p's groups, packed[g][k][o] in blocks of 64 output channels: block b of group g at
+// g*grouped_weight_floats + b*64*K, row k of it nv_b*16 floats (nv_b = the block's vectors), lanes past
+// OCg zero. flipped: the weights of the stride-1 backward-input of `fwd` (p = backward_input_params(fwd)):
+// row k = (o, t) of output channel c is fwd's w[g*OCg + o][c][KK-1-t].
+inline const float* pack_grouped_weights(const float* weight, const Conv2dParams& p, const Conv2dParams* fwd,
+                                         AlignedBuffer& buf) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
+  const int64_t per_group = grouped_weight_floats(OCg, K), chunks = ceil_div(OCg, 16);
+  float* packed = buf.get(G * per_group);
+  at::parallel_for(0, G * chunks, grain_for(16 * K), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / chunks, o0 = (t % chunks) * 16, rows = std::min<int64_t>(16, OCg - o0);
+      const int64_t b = o0 / 64, ld = std::min<int64_t>(64, ceil_div(OCg - b * 64, 16) * 16);
+      float* dst = packed + g * per_group + b * 64 * K + (o0 - b * 64);
+      if (!fwd) {
+        columns_to_lanes(weight + (g * OCg + o0) * K, K, rows, K, [&](int64_t k) { return dst + k * ld; });
+        continue;
+      }
+      // lanes: fwd's input channels o0.. of group g; rows: (fwd output channel o, tap t), the taps reversed
+      const int64_t KK = fwd->kernel_h * fwd->kernel_w, Cf = fwd->in_channels_per_group();
+      for (int64_t o = 0; o < fwd->out_channels_per_group(); ++o) {
+        const float* src = weight + ((g * fwd->out_channels_per_group() + o) * Cf + o0) * KK;
+        columns_to_lanes(src, KK, rows, KK, [&](int64_t tap) { return dst + (o * KK + KK - 1 - tap) * ld; });
+      }
+    }
+  });
+  return packed;
+}
+
+// One tile: R rows x P pixels (SW apart, row starts row_stride apart in the padded input) x NV vectors
+// of output channels, over the K taps at in + koff[k]; stored to `channels` NCHW planes at out
+// (out_plane floats apart, rows out_w apart), with bias and ReLU.
+template <int NV, int R, int P, int SW>
+FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int64_t* koff, int64_t K, const float* w,
+                                  const float* bias, bool relu, float* out, int64_t out_w, int64_t out_plane,
+                                  int64_t channels) {
+  constexpr int PX = R * P;
+  __m512 acc[PX][NV];
+  for (int v = 0; v < NV; ++v) {
+    const __m512 init =
+        bias ? _mm512_maskz_loadu_ps(lane_mask(0, channels - 16 * v), bias + 16 * v) : _mm512_setzero_ps();
+    for (int px = 0; px < PX; ++px) acc[px][v] = init;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* q = in + koff[k];
+    const float* wk = w + k * (NV * 16);
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(wk + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const float* qr = q + r * row_stride;
+      for (int i = 0; i < P; ++i) {
+        const __m512 x = _mm512_set1_ps(qr[i * SW]);
+        for (int v = 0; v < NV; ++v) acc[r * P + i][v] = _mm512_fmadd_ps(x, wv[v], acc[r * P + i][v]);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t lanes = std::min<int64_t>(16, channels - 16 * v);
+    for (int px0 = 0; px0 < PX; px0 += 16) {
+      __m512 t[16];
+      for (int j = 0; j < 16; ++j) {
+        t[j] = px0 + j < PX ? acc[px0 + j][v] : _mm512_setzero_ps();
+        if (relu) t[j] = _mm512_max_ps(_mm512_setzero_ps(), t[j]);  // NaN (the second operand) stays NaN
+      }
+      transpose16(t);  // t[l]: channel 16v + l over pixels px0..px0+15
+      for (int r = 0; r < R; ++r) {
+        const int a = std::max(r * P, px0), b = std::min(r * P + P, std::min(px0 + 16, PX));
+        if (a >= b) continue;
+        const __mmask16 m = lane_mask(a - px0, b - px0);
+        float* row = out + 16 * v * out_plane + r * out_w + (px0 - r * P);  // lane j: column px0 + j - rP
+        for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(row + l * out_plane, m, t[l]);
+      }
+    }
+  }
+}
+
+using GroupedTileFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, const float*, bool, float*,
+                               int64_t, int64_t, int64_t);
+
+template <int NV, int R, int SW, int... Ps>
+constexpr std::array<GroupedTileFn, sizeof...(Ps)> grouped_tiles(std::integer_sequence<int, Ps...>) {
+  return {&grouped_tile<NV, R, Ps + 1, SW>...};
+}
+
+// The kernel for nv vectors, r rows of p pixels (p <= grouped_max_pixels(nv) / r, r <= 2), stride sw <= 2.
+template <int NV, int SW>
+GroupedTileFn grouped_tile_for(int r, int p) {
+  constexpr int Pm = grouped_max_pixels(NV);
+  static constexpr auto one = grouped_tiles<NV, 1, SW>(std::make_integer_sequence<int, Pm>());
+  static constexpr auto two = grouped_tiles<NV, 2, SW>(std::make_integer_sequence<int, Pm / 2>());
+  return r == 1 ? one[p - 1] : two[p - 1];
+}
+
+template <int SW>
+GroupedTileFn grouped_tile_for(int nv, int r, int p) {
+  switch (nv) {
+    case 1:
+      return grouped_tile_for<1, SW>(r, p);
+    case 2:
+      return grouped_tile_for<2, SW>(r, p);
+    case 3:
+      return grouped_tile_for<3, SW>(r, p);
+    default:
+      return grouped_tile_for<4, SW>(r, p);
+  }
+}
+
+// Zero-padded copies of `planes` H x W planes into Hp x Wp planes (input at row top, column left; H + top
+// <= Hp, W + left <= Wp), written front to back with whole-vector stores: dst needs 16 floats of slack.
+// (copy_padded's masked row stores and per-row calls took 4x a plain copy's time on 7x7 planes.)
+FASTCONV_AVX512 inline void pad_planes(const float* src, int64_t planes, int64_t H, int64_t W, float* dst, int64_t Hp,
+                                       int64_t Wp, int64_t top, int64_t left) {
+  const __m512 zero = _mm512_setzero_ps();
+  const int64_t plane = Hp * Wp, chunks = ceil_div(W + left, 16);
+  for (int64_t c = 0; c < planes; ++c) {
+    float* d = dst + c * plane;
+    const float* s = src + c * H * W;
+    for (int64_t i = 0; i < top * Wp; i += 16) _mm512_storeu_ps(d + i, zero);
+    for (int64_t h = 0; h < H; ++h) {
+      float* row = d + (top + h) * Wp;
+      for (int64_t j = 0; j < chunks; ++j) {  // lanes [left, left + W) of the row's chunks hold the input row
+        const __mmask16 m = lane_mask(left - 16 * j, left + W - 16 * j);
+        _mm512_storeu_ps(row + 16 * j, _mm512_maskz_loadu_ps(m, s + h * W + 16 * j - left));
+      }
+      for (int64_t i = 16 * chunks; i < Wp; i += 16) _mm512_storeu_ps(row + i, zero);
+    }
+    for (int64_t i = (top + H) * Wp; i < plane; i += 16) _mm512_storeu_ps(d + i, zero);
+  }
+}
+
+// The forward convolution of p (any stride_h, stride_w <= 2, any dilation) with weights packed by
+// pack_grouped_weights.
+inline void grouped_direct_forward(const float* input, const float* packed, const float* bias, float* out,
+                                   const Conv2dParams& p, bool relu) {
+  const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
+  const int64_t C = p.in_channels, Cg = p.in_channels_per_group(), L = p.out_plane();
+  const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
+  const std::vector<int64_t> koff = padded_tap_offsets(p, K, plane, Wp);
+  const int64_t blocks = ceil_div(OCg, 64), per_group = grouped_weight_floats(OCg, K);
+  // Row tiles of each block: rows of segments of P pixels, or pairs of rows where a row is at most half a
+  // tile (an odd last row on its own: one = the one-row kernel).
+  struct Shape {
+    GroupedTileFn fn, one;
+    int64_t rows, p, segments, row_tiles;
+  };
+  const auto shape_of = [&](int nv) {
+    const int pm = grouped_max_pixels(nv);
+    Shape s;
+    s.segments = ceil_div(p.out_w, pm);
+    s.p = ceil_div(p.out_w, s.segments);
+    s.rows = 2 * s.p <= pm && p.out_h >= 2 ? 2 : 1;
+    s.row_tiles = ceil_div(p.out_h, s.rows);
+    const auto pick = [&](int r) {
+      return p.stride_w == 1 ? grouped_tile_for<1>(nv, r, int(s.p)) : grouped_tile_for<2>(nv, r, int(s.p));
+    };
+    s.fn = pick(int(s.rows));
+    s.one = pick(1);
+    return s;
+  };
+  std::array<Shape, kGroupedMaxVectors + 1> shapes;
+  for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) shapes[nv] = shape_of(nv);
+  // Work items: (group, image, run of row tiles), the rows split where groups x images give fewer than 4
+  // items a thread. An item of whole planes copies its group's planes, zero-padded, into a buffer of its
+  // own, which the kernel then reads from L1/L2 (one padded copy of the whole input first: 1.2x the time
+  // on ResNeXt's 7x7 planes); split rows read one shared padded copy.
+  const int64_t units = G * p.batch, max_tiles = shapes[1].row_tiles;
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), units), 1, max_tiles);
+  const bool padding = p.pad_h > 0 || p.pad_w > 0, shared_copy = padding && splits > 1;
+  AlignedBuffer pad_buf(false);  // written in full
+  const float* padded = input;
+  if (shared_copy) {
+    float* copy = pad_buf.get(p.batch * C * plane);
+    copy_padded(input, p.batch * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
+    padded = copy;
+  }
+  at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
+    thread_local AlignedBuffer own(false);  // written in full
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t u = item / splits, part = item % splits, g = u / p.batch, n = u % p.batch;
+      const float* img = padded + (n * C + g * Cg) * plane;
+      if (padding && !shared_copy) {
+        float* dst = own.get(Cg * plane + 16);
+        pad_planes(input + (n * C + g * Cg) * H * W, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+        img = dst;
+      }
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t ch0 = b * 64, channels = std::min<int64_t>(64, OCg - ch0);
+        const Shape& s = shapes[ceil_div(channels, 16)];
+        const int64_t t0 = s.row_tiles * part / splits, t1 = s.row_tiles * (part + 1) / splits;
+        const float* w = packed + g * per_group + b * 64 * K;
+        const float* bias_b = bias ? bias + g * OCg + ch0 : nullptr;
+        float* o = out + (n * p.out_channels + g * OCg + ch0) * L;
+        for (int64_t rt = t0; rt < t1; ++rt) {
+          const int64_t oh = rt * s.rows;
+          const GroupedTileFn fn = oh + s.rows <= p.out_h ? s.fn : s.one;
+          for (int64_t seg = 0; seg < s.segments; ++seg) {
+            const int64_t ow = std::min(seg * s.p, p.out_w - s.p);  // the last segment shifted back onto the row
+            fn(img + oh * p.stride_h * Wp + ow * p.stride_w, p.stride_h * Wp, koff.data(), K, w, bias_b, relu,
+               o + oh * p.out_w + ow, p.out_w, L, channels);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Forward pass: weights packed, then the direct kernel.
+inline void grouped_forward(const float* input, const float* weight, const float* bias, float* out,
+                            const Conv2dParams& p, bool relu) {
+  AlignedBuffer buf(false);  // every lane written (zero past OCg)
+  grouped_direct_forward(input, pack_grouped_weights(weight, p, nullptr, buf), bias, out, p, relu);
+}
+
+// Backward-input of a stride-1 grouped convolution p: the forward over grad_output with the flipped,
+// transposed weights.
+inline void grouped_backward_input_stride1(const float* grad_output, const float* weight, float* grad_input,
+                                           const Conv2dParams& p) {
+  const Conv2dParams q = backward_input_params(p);
+  AlignedBuffer buf(false);
+  grouped_direct_forward(grad_output, pack_grouped_weights(weight, q, &p, buf), nullptr, grad_input, q, false);
+}
+
+}  // namespace engine
+}  // namespace cpu
+}  // namespace fastconv
+#endif
