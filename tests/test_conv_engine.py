@@ -316,6 +316,35 @@ def test_grouped_direct_matches_torch(case, monkeypatch, poison):
     run_case(*case, bias=False)
 
 
+# Strided grouped backward-input on the same kernel, one stride-1 correlation per phase of grad_input
+# (16+ input channels per group): stride 2 (whole rows interleaved from two phases; odd and even widths),
+# 2 down only, 2 across only, 3 (element by element), a stride past the kernel (phases no tap reaches:
+# zeros), 1x1 downsampling, 5x5 (phases of 3 and 2 taps), padding 0 to past the kernel's half, batch 1,
+# blocks past 64 channels (80 = 64 + 16) and partial vectors (17, 24, 40).
+GROUPED_PHASE_CASES = [
+    (2, 64, 14, 14, 64, (3, 3), 2, 1, 1, 2),
+    (3, 34, 13, 11, 40, (3, 3), 2, 1, 1, 2),
+    (2, 48, 12, 9, 24, (3, 3), (2, 1), (1, 0), 1, 2),
+    (2, 32, 9, 12, 48, (3, 3), (1, 2), 1, 1, 2),
+    (2, 48, 16, 17, 36, (3, 3), 3, 1, 1, 3),
+    (2, 64, 11, 10, 32, (2, 2), 3, 0, 1, 2),
+    (2, 96, 10, 13, 64, (1, 1), 2, 0, 1, 2),
+    (1, 160, 15, 16, 80, (5, 5), 2, 2, 1, 2),
+    (2, 64, 9, 9, 32, (3, 3), 2, (3, 2), 1, 2),
+    (1, 160, 7, 8, 96, (3, 3), 2, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_PHASE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
+def test_grouped_strided_backward_input_by_phases(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    n, c, h, w, oc, k, s, p, d, g = case
+    x, wt = torch.randn(n, c, h, w), torch.randn(oc, c // g, *k)
+    if fastconv.conv2d_algorithm(x, wt, s, p, d, g).split("/")[1] != "grouped-direct-phases":
+        pytest.skip("no AVX-512 engine on this CPU")
+    run_case(*case)
+
+
 def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
     # bias and ReLU in the kernel's epilogue: bitwise the unfused op then relu, NaN kept
     monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")

@@ -322,7 +322,7 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
 // (cpu::engine::backward_input_through_forward); otherwise grad_cols and col2im. One stride-1
 // convolution per phase of grad_input (phase_backward_input.h) is a candidate of "benchmark" only;
 // FASTCONV_STRIDE_PHASES=1 (read per call; tests) takes it wherever it applies.
-enum class BackwardInputRoute { kWinograd, kForwardEngine, kPhases, kCol2im };
+enum class BackwardInputRoute { kWinograd, kForwardEngine, kPhases, kGroupedPhases, kCol2im };
 BackwardInputRoute backward_input_rule(const Conv2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   if (cpu::winograd::forced("FASTCONV_STRIDE_PHASES", '0', '1') == 1 && cpu::backward_input_by_phases_applicable(p)) {
@@ -334,6 +334,7 @@ BackwardInputRoute backward_input_rule(const Conv2dParams& p) {
   }
 #if FASTCONV_HAVE_AVX512_KERNELS
   if (cpu::engine::backward_input_through_forward(p)) return BackwardInputRoute::kForwardEngine;
+  if (cpu::engine::grouped_backward_input_by_phases(p)) return BackwardInputRoute::kGroupedPhases;
 #endif
   return BackwardInputRoute::kCol2im;
 }
@@ -346,6 +347,7 @@ std::vector<int> backward_input_candidates(const Conv2dParams& p) {
     c.push_back(int(BackwardInputRoute::kForwardEngine));
   }
   if (cpu::backward_input_by_phases_applicable(p)) c.push_back(int(BackwardInputRoute::kPhases));
+  if (cpu::engine::grouped_backward_input_by_phases(p)) c.push_back(int(BackwardInputRoute::kGroupedPhases));
   c.push_back(int(BackwardInputRoute::kCol2im));
   return c;
 }
@@ -367,6 +369,9 @@ void run_backward_input(BackwardInputRoute route, const float* grad_output, cons
       cpu::backward_input_by_phases(grad_output, weight, grad_input, p,
                                     [](const float* in, const float* w, const float* b, float* out,
                                        const Conv2dParams& q) { engine_forward(in, w, b, out, q); });
+      break;
+    case BackwardInputRoute::kGroupedPhases:
+      cpu::engine::grouped_backward_input_phases(grad_output, weight, grad_input, p);
       break;
     case BackwardInputRoute::kCol2im:
       cpu::engine::backward_input_col2im(grad_output, weight, grad_input, p, cpu::engine::col2im_band_add_avx512);
@@ -410,6 +415,7 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   const std::string bwi = route == BackwardInputRoute::kWinograd        ? "winograd"
                           : route == BackwardInputRoute::kForwardEngine ? gemm_name(cpu::backward_input_params(p))
                           : route == BackwardInputRoute::kPhases        ? "stride-phases"
+                          : route == BackwardInputRoute::kGroupedPhases ? "grouped-direct-phases"
                                                                         : "im2col+gemm+col2im";
   const int bww_measured = measured ? measured_choice(choice_key(p, 2)) : -1;
   const std::string bww = kEngineKernelNames[bww_measured >= 0 ? bww_measured : engine_rule(p, true)];
