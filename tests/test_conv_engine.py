@@ -345,6 +345,35 @@ def test_grouped_strided_backward_input_by_phases(case, monkeypatch, poison):
     run_case(*case)
 
 
+# Grouped 3x3 backward-weight on the channel-lane kernels: output channels in the lanes (1-3 vectors a
+# block: 16, 32, 48; 64 = 2 + 2, 80 = 3 + 2 vectors; 1-3 input channels a block at one vector, 17 and 40
+# with partial last vectors), or, at most 16 input and 16 output channels per group, input channels in
+# the lanes (blocks of 3 output channels: 16 = 5 x 3 + 1, 14 = 4 x 3 + 2; 5 and 16 input channels);
+# stride 2, 3 down, (1, 2), padding 0 and 2, batch 1, planes of 1 row.
+GROUPED_WEIGHT_GRAD_CASES = [
+    (2, 32, 7, 7, 64, (3, 3), 1, 1, 1, 2),
+    (3, 34, 9, 8, 32, (3, 3), 1, 1, 1, 2),
+    (2, 40, 6, 11, 96, (3, 3), 2, 1, 1, 2),
+    (1, 64, 8, 9, 128, (3, 3), 1, 1, 1, 2),
+    (2, 48, 10, 7, 160, (3, 3), (3, 1), 0, 1, 2),
+    (2, 80, 9, 9, 34, (3, 3), (1, 2), 2, 1, 2),
+    (2, 32, 7, 7, 32, (3, 3), 1, 1, 1, 2),
+    (3, 10, 9, 12, 28, (3, 3), 2, 1, 1, 2),
+    (2, 64, 1, 12, 64, (3, 3), 1, 1, 1, 4),
+    (1, 48, 5, 5, 48, (3, 3), 1, 0, 1, 3),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_WEIGHT_GRAD_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def test_grouped_weight_grad_matches_torch(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    n, c, h, w, oc, k, s, p, d, g = case
+    x, wt = torch.randn(n, c, h, w), torch.randn(oc, c // g, *k)
+    if fastconv.conv2d_algorithm(x, wt, s, p, d, g).split("/")[-1] != "grouped-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    run_case(*case)
+
+
 def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
     # bias and ReLU in the kernel's epilogue: bitwise the unfused op then relu, NaN kept
     monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")

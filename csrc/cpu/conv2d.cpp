@@ -383,6 +383,8 @@ void run_weight_grad(int algo, const float* grad_output, const float* input, flo
                      const Conv2dParams& p) {
   if (algo == kWinograd) return cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
   if (algo == kNarrow) return cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
+  if (cpu::engine::grouped_weight_grad_wanted(p))
+    return cpu::engine::grouped_backward_weight(grad_output, input, grad_weight, p);
   cpu::engine::backward_weight(grad_output, input, grad_weight, p);
 }
 #endif
@@ -418,7 +420,10 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
                           : route == BackwardInputRoute::kGroupedPhases ? "grouped-direct-phases"
                                                                         : "im2col+gemm+col2im";
   const int bww_measured = measured ? measured_choice(choice_key(p, 2)) : -1;
-  const std::string bww = kEngineKernelNames[bww_measured >= 0 ? bww_measured : engine_rule(p, true)];
+  const int bww_algo = bww_measured >= 0 ? bww_measured : engine_rule(p, true);
+  const std::string bww = bww_algo == kGemm && cpu::engine::grouped_weight_grad_wanted(p)
+                              ? std::string("grouped-direct")
+                              : kEngineKernelNames[bww_algo];
   if (fwd == bwi && bwi == bww) return fwd;
   return fwd + "/" + bwi + "/" + bww;
 #else

@@ -702,7 +702,9 @@ inline void forward_padded_direct(const float* input, WeightsA wa, const float* 
   // The padded copy. Without padding the input is read in place, and only the last image is copied:
   // the unused lanes of its last vectors read past the tensor's end, by up to a row and a kernel width
   // plus a vector (two-row vectors read the row after an odd last row), hence the zeroed slack.
-  AlignedBuffer pad_buf(false), tail_buf(false);  // written in full (copies and zeroed slack)
+  // written in full (copies and zeroed slack); per calling thread, kept across calls: fresh buffers of
+  // these sizes can page-fault on every call under glibc's default allocator settings
+  thread_local AlignedBuffer pad_buf(false), tail_buf(false);
   const int64_t slack = 2 * Wp + 32;
   const bool in_place = p.pad_h == 0 && p.pad_w == 0;
   const float* padded = input;
@@ -1406,7 +1408,7 @@ inline void backward_weight_implicit_dots(const float* grad_output, const float*
   const int64_t Hp = p.in_h + 2 * p.pad_h, Wp = p.in_w + 2 * p.pad_w, plane = Hp * Wp;
   const int64_t vplane = p.out_h * Wp, nvec = ceil_div(vplane, 16);
   // both group-major ([g][n][channel of the group][plane]): a task's planes are contiguous
-  AlignedBuffer pad_buf(false), go_buf(false);  // written in full
+  thread_local AlignedBuffer pad_buf(false), go_buf(false);  // written in full; kept across calls
   float* padded = pad_buf.get(N * C * plane);
   float* gov = go_buf.get(N * OC * vplane);
   at::parallel_for(0, G * N, 1, [&](int64_t b0, int64_t b1) {

@@ -281,7 +281,7 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
   const int64_t units = G * p.batch, max_tiles = shapes[1].row_tiles;
   const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), units), 1, max_tiles);
   const bool padding = p.pad_h > 0 || p.pad_w > 0, shared_copy = padding && splits > 1;
-  AlignedBuffer pad_buf(false);  // written in full
+  thread_local AlignedBuffer pad_buf(false);  // written in full; kept (fresh buffers page-fault on every call)
   const float* padded = input;
   if (shared_copy) {
     float* copy = pad_buf.get(p.batch * C * plane);
@@ -312,7 +312,7 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
 // Forward pass: weights packed, then the direct kernel.
 inline void grouped_forward(const float* input, const float* weight, const float* bias, float* out,
                             const Conv2dParams& p, bool relu) {
-  AlignedBuffer buf(false);  // every lane written (zero past OCg)
+  thread_local AlignedBuffer buf(false);  // every lane written (zero past OCg)
   grouped_direct_forward(input, pack_grouped_weights(weight, p, nullptr, {}, buf), bias, out, p, relu);
 }
 
@@ -324,7 +324,7 @@ inline void grouped_backward_input_stride1(const float* grad_output, const float
   const int64_t KK = p.kernel_h * p.kernel_w;
   std::vector<int64_t> reversed(KK);
   for (int64_t j = 0; j < KK; ++j) reversed[j] = KK - 1 - j;
-  AlignedBuffer buf(false);
+  thread_local AlignedBuffer buf(false);
   grouped_direct_forward(grad_output, pack_grouped_weights(weight, q, &p, reversed, buf), nullptr, grad_input, q,
                          false);
 }
@@ -392,10 +392,11 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
     bool zero;                               // no tap reaches it
     std::vector<int64_t> koff;
     std::array<GroupedShape, kGroupedMaxVectors + 1> shapes;
-    AlignedBuffer weights{false};
     const float* packed = nullptr;
   };
   std::vector<Phase> phases(SH * SW);
+  thread_local std::vector<AlignedBuffer> weight_bufs;  // kept across calls
+  while (static_cast<int64_t>(weight_bufs.size()) < SH * SW) weight_bufs.emplace_back(false);
   int64_t scratch = 0;
   for (int64_t a = 0; a < SH; ++a) {
     for (int64_t b = 0; b < SW; ++b) {
@@ -413,7 +414,7 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
       for (int64_t u = 0; u < dh.taps; ++u)
         for (int64_t v = 0; v < dw.taps; ++v)
           taps.push_back((dh.r + SH * (dh.taps - 1 - u)) * KW + dw.r + SW * (dw.taps - 1 - v));
-      ph.packed = pack_grouped_weights(weight, q, &p, taps, ph.weights);
+      ph.packed = pack_grouped_weights(weight, q, &p, taps, weight_bufs[a * SW + b]);
       ph.koff = padded_tap_offsets(q, q.col_rows_per_group(), plane, Wq);
       for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) ph.shapes[nv] = grouped_shape(nv, dh.count, dw.count, 1);
       scratch = std::max(scratch, dh.count * dw.count);
@@ -450,6 +451,217 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
           write_phase_rows(planes.data(), cj.data(), channels, rows[a].count, gi + ch0 * H * W, H, W, a, SH, SW);
         }
       }
+    }
+  });
+}
+
+// Backward-weight of grouped 3x3 convolutions (16+ output channels per group, dilation 1, stride_w <= 2)
+// with the output channels in the lanes: grad_w[o][c][kh][kw] = sum over images and output pixels of
+// grad_output[o][pixel] x input[c][pixel's tap (kh, kw)]. A register block is CB input channels x 9
+// taps x NV vectors of output channels (<= 27 accumulators); each step of the reduction (one output
+// pixel) loads NV vectors of grad_output, transposed to pixel-major once per call, and broadcasts
+// CB x 9 input floats from zero-padded planes. The reduction runs over every image inside one block,
+// so each grad_w element is one sum in a fixed order: no per-thread partials, any thread count gives
+// the same bits.
+inline bool grouped_weight_grad_wanted(const Conv2dParams& p) {
+  if (p.kernel_h != 3 || p.kernel_w != 3 || p.dilation_h != 1 || p.dilation_w != 1 || p.stride_w > 2) return false;
+  return use_grouped_direct(p);
+}
+
+template <int CB, int NV, int SW>
+FASTCONV_AVX512 void grouped_weight_grad_block(const float* x, int64_t x_channel, int64_t x_image, int64_t Wp,
+                                               int64_t row_step, const float* go, int64_t go_pixel, int64_t go_image,
+                                               int64_t N, int64_t OH, int64_t OW, float* dst, int64_t dst_o,
+                                               int64_t channels) {
+  __m512 acc[CB][9][NV];
+  for (int cb = 0; cb < CB; ++cb)
+    for (int t = 0; t < 9; ++t)
+      for (int v = 0; v < NV; ++v) acc[cb][t][v] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const float* row = x + n * x_image + oh * row_step;
+      const float* g = go + n * go_image + oh * OW * go_pixel;
+      for (int64_t ow = 0; ow < OW; ++ow, g += go_pixel) {
+        __m512 gv[NV];
+        for (int v = 0; v < NV; ++v) gv[v] = _mm512_load_ps(g + 16 * v);
+        const float* px = row + ow * SW;
+        for (int cb = 0; cb < CB; ++cb) {
+          for (int kh = 0; kh < 3; ++kh) {
+            for (int kw = 0; kw < 3; ++kw) {
+              const __m512 b = _mm512_set1_ps(px[cb * x_channel + kh * Wp + kw]);
+              for (int v = 0; v < NV; ++v) acc[cb][kh * 3 + kw][v] = _mm512_fmadd_ps(b, gv[v], acc[cb][kh * 3 + kw][v]);
+            }
+          }
+        }
+      }
+    }
+  }
+  alignas(64) float lanes[16];
+  for (int cb = 0; cb < CB; ++cb) {
+    for (int t = 0; t < 9; ++t) {
+      for (int v = 0; v < NV; ++v) {
+        _mm512_store_ps(lanes, acc[cb][t][v]);
+        for (int64_t l = 0; l < std::min<int64_t>(16, channels - 16 * v); ++l)
+          dst[(16 * v + l) * dst_o + cb * 9 + t] = lanes[l];
+      }
+    }
+  }
+}
+
+using GroupedWeightGradFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                                     int64_t, int64_t, int64_t, float*, int64_t, int64_t);
+
+template <int SW>
+GroupedWeightGradFn grouped_weight_grad_for(int cb, int nv) {
+  if (nv == 1)
+    return cb == 1   ? &grouped_weight_grad_block<1, 1, SW>
+           : cb == 2 ? &grouped_weight_grad_block<2, 1, SW>
+                     : &grouped_weight_grad_block<3, 1, SW>;
+  return nv == 2 ? &grouped_weight_grad_block<1, 2, SW> : &grouped_weight_grad_block<1, 3, SW>;
+}
+
+// dst[n][pixel][o] (rows of `ld` floats, lanes past OCg zero) = grad_output[n][g*OCg + o][pixel] for
+// group g: 16x16 register transposes.
+FASTCONV_AVX512 inline void transpose_group_grad_output(const float* go, const Conv2dParams& p, int64_t g, int64_t n,
+                                                        float* dst, int64_t ld) {
+  const int64_t OCg = p.out_channels_per_group(), L = p.out_plane();
+  const float* src = go + (n * p.out_channels + g * OCg) * L;
+  for (int64_t o0 = 0; o0 < ld; o0 += 16) {
+    for (int64_t px0 = 0; px0 < L; px0 += 16) {
+      const int64_t np = std::min<int64_t>(16, L - px0);
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = o0 + j < OCg ? _mm512_maskz_loadu_ps(lane_mask(0, np), src + (o0 + j) * L + px0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t i = 0; i < np; ++i) _mm512_store_ps(dst + (px0 + i) * ld + o0, r[i]);
+    }
+  }
+}
+
+// The same sum with the input channels in the lanes, for groups of at most 16 input channels (one vector)
+// whose few output channels would leave the block above short of accumulators and heavy on broadcasts
+// (9 per 9 FMAs at 16 output channels): a block is OB output channels x 9 taps (27 accumulators at OB =
+// 3), each step loads the 9 taps' channel vectors from a pixel-major padded copy of the group's input
+// and broadcasts OB grad_output floats straight from its planes.
+template <int OB, int SW>
+FASTCONV_AVX512 void grouped_weight_grad_channel_lanes(const float* xt, int64_t x_image, int64_t Wp, int64_t row_step,
+                                                       const float* go, int64_t go_o, int64_t go_image, int64_t N,
+                                                       int64_t OH, int64_t OW, float* dst, int64_t dst_o,
+                                                       int64_t channels) {
+  __m512 acc[OB][9];
+  for (int ob = 0; ob < OB; ++ob)
+    for (int t = 0; t < 9; ++t) acc[ob][t] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const float* row = xt + n * x_image + oh * row_step;
+      const float* g = go + n * go_image + oh * OW;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        __m512 b[OB];
+        for (int ob = 0; ob < OB; ++ob) b[ob] = _mm512_set1_ps(g[ob * go_o + ow]);
+        const float* px = row + ow * SW * 16;
+        for (int kh = 0; kh < 3; ++kh) {
+          for (int kw = 0; kw < 3; ++kw) {
+            const __m512 xv = _mm512_load_ps(px + kh * Wp * 16 + kw * 16);
+            for (int ob = 0; ob < OB; ++ob) acc[ob][kh * 3 + kw] = _mm512_fmadd_ps(b[ob], xv, acc[ob][kh * 3 + kw]);
+          }
+        }
+      }
+    }
+  }
+  alignas(64) float lanes[16];
+  for (int ob = 0; ob < OB; ++ob) {
+    for (int t = 0; t < 9; ++t) {
+      _mm512_store_ps(lanes, acc[ob][t]);
+      for (int64_t c = 0; c < channels; ++c) dst[ob * dst_o + c * 9 + t] = lanes[c];
+    }
+  }
+}
+
+using GroupedChannelLanesFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                                       int64_t, int64_t, float*, int64_t, int64_t);
+
+template <int SW>
+GroupedChannelLanesFn grouped_channel_lanes_for(int ob) {
+  return ob == 1   ? &grouped_weight_grad_channel_lanes<1, SW>
+         : ob == 2 ? &grouped_weight_grad_channel_lanes<2, SW>
+                   : &grouped_weight_grad_channel_lanes<3, SW>;
+}
+
+// dst[hp][wp][c] (16 lanes, zero past Cg and in the padding) = the zero-padded input of group g, image n.
+FASTCONV_AVX512 inline void transpose_group_input_padded(const float* input, const Conv2dParams& p, int64_t g,
+                                                         int64_t n, float* dst) {
+  const int64_t Cg = p.in_channels_per_group(), H = p.in_h, W = p.in_w, Wp = W + 2 * p.pad_w;
+  const int64_t Hp = H + 2 * p.pad_h;
+  const float* src = input + (n * p.in_channels + g * Cg) * H * W;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t hp = 0; hp < Hp; ++hp) {
+    float* row = dst + hp * Wp * 16;
+    const int64_t h = hp - p.pad_h;
+    if (h < 0 || h >= H) {
+      for (int64_t i = 0; i < Wp; ++i) _mm512_store_ps(row + i * 16, zero);
+      continue;
+    }
+    for (int64_t i = 0; i < p.pad_w; ++i) {
+      _mm512_store_ps(row + i * 16, zero);
+      _mm512_store_ps(row + (p.pad_w + W + i) * 16, zero);
+    }
+    for (int64_t w0 = 0; w0 < W; w0 += 16) {
+      const int64_t nw = std::min<int64_t>(16, W - w0);
+      __m512 r[16];
+      for (int c = 0; c < 16; ++c)
+        r[c] = c < Cg ? _mm512_maskz_loadu_ps(lane_mask(0, nw), src + (c * H + h) * W + w0) : zero;
+      transpose16(r);
+      for (int64_t i = 0; i < nw; ++i) _mm512_store_ps(row + (p.pad_w + w0 + i) * 16, r[i]);
+    }
+  }
+}
+
+inline void grouped_backward_weight(const float* grad_output, const float* input, float* grad_weight,
+                                    const Conv2dParams& p) {
+  const int64_t N = p.batch, G = p.groups, C = p.in_channels, Cg = p.in_channels_per_group();
+  const int64_t OCg = p.out_channels_per_group(), L = p.out_plane();
+  const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
+  thread_local AlignedBuffer pad_buf(false), go_buf(false);  // written in full; kept across calls
+  if (OCg <= 16 && Cg <= 16) {  // the input channels in the lanes: output channels 3 a block
+    float* xt = pad_buf.get(G * N * plane * 16);
+    at::parallel_for(0, G * N, grain_for(plane * 16), [&](int64_t b0, int64_t b1) {
+      for (int64_t t = b0; t < b1; ++t) transpose_group_input_padded(input, p, t / N, t % N, xt + t * plane * 16);
+    });
+    const int64_t o_blocks = ceil_div(OCg, 3);
+    at::parallel_for(0, G * o_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t t = b0; t < b1; ++t) {
+        const int64_t g = t / o_blocks, o0 = (t % o_blocks) * 3, ob = std::min<int64_t>(3, OCg - o0);
+        const GroupedChannelLanesFn fn =
+            p.stride_w == 1 ? grouped_channel_lanes_for<1>(int(ob)) : grouped_channel_lanes_for<2>(int(ob));
+        fn(xt + g * N * plane * 16, plane * 16, Wp, p.stride_h * Wp * 16, grad_output + (g * OCg + o0) * L, L,
+           p.out_channels * L, N, p.out_h, p.out_w, grad_weight + (g * OCg + o0) * Cg * 9, Cg * 9, Cg);
+      }
+    });
+    return;
+  }
+  const float* padded = input;
+  if (p.pad_h > 0 || p.pad_w > 0) {
+    float* copy = pad_buf.get(N * C * plane);
+    copy_padded(input, N * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
+    padded = copy;
+  }
+  const int64_t ld = ceil_div(OCg, 16) * 16;  // grad_output transposed: [g][n][pixel][ld]
+  float* got = go_buf.get(G * N * L * ld);
+  at::parallel_for(0, G * N, grain_for(ld * L), [&](int64_t b0, int64_t b1) {
+    for (int64_t t = b0; t < b1; ++t) transpose_group_grad_output(grad_output, p, t / N, t % N, got + t * L * ld, ld);
+  });
+  // blocks of output channels: <= 3 vectors each, near-equal; one vector: 3 input channels a block
+  const int64_t vectors = ld / 16, o_blocks = ceil_div(vectors, 3), per_block = ceil_div(vectors, o_blocks);
+  const int64_t cb = per_block == 1 ? 3 : 1, c_blocks = ceil_div(Cg, cb);
+  at::parallel_for(0, G * o_blocks * c_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = b0; t < b1; ++t) {
+      const int64_t g = t / (o_blocks * c_blocks), ob = (t / c_blocks) % o_blocks, c0 = (t % c_blocks) * cb;
+      const int64_t v0 = ob * per_block, nv = std::min(per_block, vectors - v0), o0 = 16 * v0;
+      const int64_t ncb = std::min(cb, Cg - c0), channels = std::min<int64_t>(16 * nv, OCg - o0);
+      const GroupedWeightGradFn fn = p.stride_w == 1 ? grouped_weight_grad_for<1>(int(ncb), int(nv))
+                                                     : grouped_weight_grad_for<2>(int(ncb), int(nv));
+      fn(padded + (g * Cg + c0) * plane, plane, C * plane, Wp, p.stride_h * Wp, got + g * N * L * ld + o0, ld, L * ld,
+         N, p.out_h, p.out_w, grad_weight + ((g * OCg + o0) * Cg + c0) * 9, Cg * 9, channels);
     }
   });
 }

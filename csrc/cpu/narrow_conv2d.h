@@ -174,7 +174,7 @@ void forward_nv(const float* input, const float* weight, const float* bias, floa
   const PaddedInput padded(input, p, ceil_div(OW, NPX) * NPX, false);
   const int64_t kh_span = (p.kernel_h - 1) * p.dilation_h + 1;
   // transposed weights wt[k][width], zero channels past OC
-  AlignedBuffer wt_buf(false);  // written in full below
+  thread_local AlignedBuffer wt_buf(false);  // written in full below; kept across calls
   float* wt = wt_buf.get(K * width);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t o = 0; o < width; ++o) wt[k * width + o] = o < OC ? weight[o * K + k] : 0.f;
