@@ -317,7 +317,7 @@ def test_grouped_direct_matches_torch(case, monkeypatch, poison):
 
 
 # Strided grouped backward-input on the same kernel, one stride-1 correlation per phase of grad_input
-# (16+ input channels per group): stride 2 (whole rows interleaved from two phases; odd and even widths),
+# (8+ input channels per group): stride 2 (whole rows interleaved from two phases; odd and even widths),
 # 2 down only, 2 across only, 3 (element by element), a stride past the kernel (phases no tap reaches:
 # zeros), 1x1 downsampling, 5x5 (phases of 3 and 2 taps), padding 0 to past the kernel's half, batch 1,
 # blocks past 64 channels (80 = 64 + 16) and partial vectors (17, 24, 40).
@@ -332,6 +332,7 @@ GROUPED_PHASE_CASES = [
     (1, 160, 15, 16, 80, (5, 5), 2, 2, 1, 2),
     (2, 64, 9, 9, 32, (3, 3), 2, (3, 2), 1, 2),
     (1, 160, 7, 8, 96, (3, 3), 2, 1, 1, 2),
+    (2, 32, 11, 12, 32, (3, 3), 2, 1, 1, 4),  # 8 input channels per group: half-full vectors
 ]
 
 
