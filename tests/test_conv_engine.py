@@ -283,11 +283,11 @@ def test_padded_direct_skips_padding_rows(case, monkeypatch, poison):
 
 # Grouped layers with 16+ output channels per group run on the channel-lane direct kernel
 # (grouped_conv2d.h), forward and stride-1 backward-input (its output channels: the input channels per
-# group), here forced on wherever it applies: 1-4 vectors of channels and blocks past 64 (100 = 64 + 36,
-# 144 = 3 x 48), partial last vectors (17, 20, 24), row segments shifted back onto the row (15, 29, 40
-# pixels), pairs of rows with an odd last row, one-row outputs, stride 2 along rows and 3 down,
-# dilation, uneven kernels and padding, kernels wider than the plane, no padding (input read in place),
-# batch 1 with rows split over items (one shared padded copy), 1x1.
+# group), here forced on wherever it applies: 1-3 vectors of channels and blocks of 32 past 48 (100 =
+# 3 x 32 + 4, 144 = 4 x 32 + 16), k-blocks, partial last vectors (17, 20, 24), row segments shifted back
+# onto the row (15, 29, 40 pixels), pairs of rows with an odd last row, one-row outputs, stride 2 along
+# rows and 3 down, dilation, uneven kernels and padding, kernels wider than the plane, no padding (input
+# read in place), batch 1 with rows split over items (one shared padded copy), 1x1.
 GROUPED_DIRECT_CASES = [
     (2, 64, 7, 7, 64, (3, 3), 1, 1, 1, 2),
     (3, 32, 14, 15, 64, (3, 3), 1, 1, 1, 2),
@@ -302,6 +302,7 @@ GROUPED_DIRECT_CASES = [
     (3, 64, 6, 6, 128, (1, 1), 1, 0, 1, 2),
     (2, 32, 3, 3, 32, (5, 5), 1, 2, 1, 2),
     (1, 32, 30, 31, 32, (3, 3), 1, 1, 1, 2),
+    (2, 128, 7, 9, 128, (3, 3), 1, 1, 1, 2),  # 576 taps in k-blocks of 192, partial sums kept per tile
 ]
 
 

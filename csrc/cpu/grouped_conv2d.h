@@ -4,20 +4,21 @@
 // The engine's GEMM (conv2d_avx512.h) puts pixels in the lanes and 8 output channels in the rows of its
 // tile. Per group that is a small GEMM (ResNeXt-50's last stage: 32 output channels, 288 taps, 49 pixels
 // an image), whose per-tile work (packing the columns, or the padded planes' partial vectors: 49
-// pixels of a 7x7 plane fill 64 lanes) weighs as much as its FMAs. Here a tile is up to 64 output
-// channels (1-4 vectors) x a few output pixels of one or two rows, the accumulators stay in registers
-// over the group's whole reduction, and each step of it loads 1-4 weight vectors and broadcasts one
+// pixels of a 7x7 plane fill 64 lanes) weighs as much as its FMAs. Here a tile is up to 48 output
+// channels (1-3 vectors) x a few output pixels of one or two rows, the accumulators stay in registers
+// over the group's taps (or k-blocks of them), and each step loads 1-3 weight vectors and broadcasts one
 // input float per pixel, straight from a zero-padded copy of the planes (no im2col):
 //
-//   per (image, group, block of <= 64 output channels), per tile of R rows x P pixels:
+//   per (image, group, block of <= 48 output channels), per tile of R rows x P pixels:
 //     for k = (c, kh, kw) in the group's taps:  acc[px][v] += input[c][oh*SH + kh*DH][ow*SW + kw*DW] * w[k][v]
 //     then 16x16 register transposes turn acc[pixel][channel] into rows of NCHW planes.
 //
-// A row of OW pixels is cut into near-equal segments of P <= 16/14/9/6 pixels (for 1/2/3/4 vectors:
+// A row of OW pixels is cut into near-equal segments of P <= 16/14/9 pixels (for 1/2/3 vectors:
 // at most 28 accumulators); the last segment of a row is shifted back onto the row, recomputing a few
 // pixels (same values, same order), and an odd last row of pairs runs the one-row kernel.
 // The weights are packed once per call, [g][block][k][lanes], flipped and transposed for a stride-1
-// backward-input, which is this forward over grad_output (flipped_conv.h).
+// backward-input, which is this forward over grad_output (flipped_conv.h); a strided one runs it once
+// per phase of grad_input. Backward-weight has kernels of its own at the end of this file.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,11 +42,16 @@ namespace fastconv {
 namespace cpu {
 namespace engine {
 
-constexpr int kGroupedMaxVectors = 4;  // output channels per block: 64
+constexpr int kGroupedMaxVectors = 3;  // output channels per block: up to 48 (grouped_block_channels)
+// Weights of a block's k-block, in L1 with the tile's inputs: the taps of a block whose weights are more
+// (32-channel blocks past 21 input channels per group) run in k-blocks, each tile's accumulators kept in
+// memory in between (measured, 2 threads, Intel host, batch 8, groups of 48-128 channels: 0.95-0.99x
+// the time of one pass over all taps)
+constexpr int64_t kGroupedWeightBlockBytes = 24 * 1024;
 
 // Pixels per tile for NV vectors of output channels: NV*P accumulators + NV weight vectors + one
 // broadcast within the 32 zmm registers.
-constexpr int grouped_max_pixels(int nv) { return nv == 1 ? 16 : nv == 2 ? 14 : nv == 3 ? 9 : 6; }
+constexpr int grouped_max_pixels(int nv) { return nv == 1 ? 16 : nv == 2 ? 14 : 9; }
 
 // Whether a grouped convolution runs on the channel-lane kernel (FASTCONV_GROUPED_DIRECT=0/1 forces
 // it off/on where it applies: tests and benchmarks).
@@ -63,6 +69,14 @@ inline bool use_grouped_direct(const Conv2dParams& p) {
   const int64_t OCg = p.out_channels_per_group(), lanes = ceil_div(OCg, 16) * 16;
   return p.groups > 1 && OCg >= 16 && (OCg < 32 || OCg * 10 >= lanes * 9);
 }
+
+// Output channels per block: a group of up to 48 in one (1-3 vectors), past that blocks of 32. Two
+// vectors a tile take 14 pixels (two rows of a 7x7 plane, a row of 14, halves of 28 and quarters of 56),
+// where four take 6 (rows of 7 and 14 in segments of 4 and 5: 16-20 accumulators); each input float
+// broadcast then feeds 2 FMAs instead of 4, which the load ports still keep up with (measured, 2
+// threads, Intel host, batch 8, blocks of 32 against 64: groups of 64 at 14x14 0.87x the time, of 96
+// and 128 at 7x7 0.85x, ResNeXt-101's 64 at 7x7 0.84x).
+inline int64_t grouped_block_channels(int64_t OCg) { return OCg <= 48 ? ceil_div(OCg, 16) * 16 : 32; }
 
 // Floats of one group's packed weights: K rows of ceil(OCg/16) vectors, block after block.
 inline int64_t grouped_weight_floats(int64_t OCg, int64_t K) { return ceil_div(OCg, 16) * 16 * K; }
@@ -84,15 +98,15 @@ FASTCONV_AVX512 inline void columns_to_lanes(const float* src, int64_t ld, int64
   }
 }
 
-// The weights of p's groups, packed[g][k][o] in blocks of 64 output channels: block b of group g at
-// g*grouped_weight_floats + b*64*K, row k of it nv_b*16 floats (nv_b = the block's vectors), lanes past
+// The weights of p's groups, packed[g][k][o] in blocks of grouped_block_channels (bc): block b of group g
+// at g*grouped_weight_floats + b*bc*K, row k of it nv_b*16 floats (nv_b = the block's vectors), lanes past
 // OCg zero. With `fwd`, p is a convolution over fwd's grad_output (output channels: fwd's input channels)
 // whose kernel taps are fwd's taps taps[j]: row k = (o, j) of output channel c is fwd's w[g*OCg + o][c][taps[j]]
 // (a stride-1 backward-input: every tap, reversed; one phase of a strided one: its taps, reversed).
 inline const float* pack_grouped_weights(const float* weight, const Conv2dParams& p, const Conv2dParams* fwd,
                                          const std::vector<int64_t>& taps, AlignedBuffer& buf) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
-  const int64_t per_group = grouped_weight_floats(OCg, K), chunks = ceil_div(OCg, 16);
+  const int64_t per_group = grouped_weight_floats(OCg, K), chunks = ceil_div(OCg, 16), bc = grouped_block_channels(OCg);
   float* packed = buf.get(G * per_group);
   std::vector<int64_t> row_of_tap;  // fwd's tap -> j (-1: not one of p's)
   if (fwd) {
@@ -102,8 +116,8 @@ inline const float* pack_grouped_weights(const float* weight, const Conv2dParams
   at::parallel_for(0, G * chunks, grain_for(16 * K), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / chunks, o0 = (t % chunks) * 16, rows = std::min<int64_t>(16, OCg - o0);
-      const int64_t b = o0 / 64, ld = std::min<int64_t>(64, ceil_div(OCg - b * 64, 16) * 16);
-      float* dst = packed + g * per_group + b * 64 * K + (o0 - b * 64);
+      const int64_t b = o0 / bc, ld = std::min<int64_t>(bc, ceil_div(OCg - b * bc, 16) * 16);
+      float* dst = packed + g * per_group + b * bc * K + (o0 - b * bc);
       if (!fwd) {
         columns_to_lanes(weight + (g * OCg + o0) * K, K, rows, K, [&](int64_t k) { return dst + k * ld; });
         continue;
@@ -127,13 +141,13 @@ inline const float* pack_grouped_weights(const float* weight, const Conv2dParams
 template <int NV, int R, int P, int SW>
 FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int64_t* koff, int64_t K, const float* w,
                                   const float* bias, bool relu, float* out, int64_t out_w, int64_t out_plane,
-                                  int64_t channels) {
+                                  int64_t channels, const float* acc_in, float* acc_out) {
   constexpr int PX = R * P;
   __m512 acc[PX][NV];
   for (int v = 0; v < NV; ++v) {
     const __m512 init =
         bias ? _mm512_maskz_loadu_ps(lane_mask(0, channels - 16 * v), bias + 16 * v) : _mm512_setzero_ps();
-    for (int px = 0; px < PX; ++px) acc[px][v] = init;
+    for (int px = 0; px < PX; ++px) acc[px][v] = acc_in ? _mm512_load_ps(acc_in + (px * NV + v) * 16) : init;
   }
   for (int64_t k = 0; k < K; ++k) {
     const float* q = in + koff[k];
@@ -147,6 +161,11 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
         for (int v = 0; v < NV; ++v) acc[r * P + i][v] = _mm512_fmadd_ps(x, wv[v], acc[r * P + i][v]);
       }
     }
+  }
+  if (acc_out) {  // a partial sum over some of the taps, kept as it is for the next ones
+    for (int px = 0; px < PX; ++px)
+      for (int v = 0; v < NV; ++v) _mm512_store_ps(acc_out + (px * NV + v) * 16, acc[px][v]);
+    return;
   }
   for (int v = 0; v < NV; ++v) {
     const int64_t lanes = std::min<int64_t>(16, channels - 16 * v);
@@ -169,7 +188,7 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
 }
 
 using GroupedTileFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, const float*, bool, float*,
-                               int64_t, int64_t, int64_t);
+                               int64_t, int64_t, int64_t, const float*, float*);
 
 template <int NV, int R, int SW, int... Ps>
 constexpr std::array<GroupedTileFn, sizeof...(Ps)> grouped_tiles(std::integer_sequence<int, Ps...>) {
@@ -192,10 +211,8 @@ GroupedTileFn grouped_tile_for(int nv, int r, int p) {
       return grouped_tile_for<1, SW>(r, p);
     case 2:
       return grouped_tile_for<2, SW>(r, p);
-    case 3:
-      return grouped_tile_for<3, SW>(r, p);
     default:
-      return grouped_tile_for<4, SW>(r, p);
+      return grouped_tile_for<3, SW>(r, p);
   }
 }
 
@@ -245,20 +262,23 @@ inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t 
   return s;
 }
 
-// Row tiles [t0, t1) of one block of `channels` output channels: output pixel (oh, ow) reads the input
-// at img + oh*row_stride + ow*stride_w (+ koff[k]); out: the block's first plane (out_w x out_h planes,
-// out_plane floats apart).
+// Row tiles [t0, t1) of one block of `channels` output channels over the taps koff[0, K) (weights w):
+// output pixel (oh, ow) reads the input at img + oh*row_stride + ow*stride_w (+ koff[k]); out: the block's
+// first plane (out_w x out_h planes, out_plane floats apart). With `partial` (a k-block of the taps), tile
+// i's accumulators start from partial[i] unless `first` and are kept there unless `last`.
 inline void grouped_row_tiles(const GroupedShape& s, int64_t t0, int64_t t1, const float* img, int64_t row_stride,
-                              int64_t stride_w, const std::vector<int64_t>& koff, const float* w, const float* bias,
-                              bool relu, float* out, int64_t out_h, int64_t out_w, int64_t out_plane,
-                              int64_t channels) {
+                              int64_t stride_w, const int64_t* koff, int64_t K, const float* w, const float* bias,
+                              bool relu, float* out, int64_t out_h, int64_t out_w, int64_t out_plane, int64_t channels,
+                              float* partial = nullptr, bool first = true, bool last = true) {
+  const int64_t tile_floats = s.rows * s.p * ceil_div(channels, 16) * 16;
   for (int64_t rt = t0; rt < t1; ++rt) {
     const int64_t oh = rt * s.rows;
     const GroupedTileFn fn = oh + s.rows <= out_h ? s.fn : s.one;
     for (int64_t seg = 0; seg < s.segments; ++seg) {
       const int64_t ow = std::min(seg * s.p, out_w - s.p);  // the last segment shifted back onto the row
-      fn(img + oh * row_stride + ow * stride_w, row_stride, koff.data(), static_cast<int64_t>(koff.size()), w, bias,
-         relu, out + oh * out_w + ow, out_w, out_plane, channels);
+      float* acc = partial ? partial + ((rt - t0) * s.segments + seg) * tile_floats : nullptr;
+      fn(img + oh * row_stride + ow * stride_w, row_stride, koff, K, w, bias, relu, out + oh * out_w + ow, out_w,
+         out_plane, channels, first ? nullptr : acc, last ? nullptr : acc);
     }
   }
 }
@@ -271,7 +291,7 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
   const int64_t C = p.in_channels, Cg = p.in_channels_per_group(), L = p.out_plane();
   const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
   const std::vector<int64_t> koff = padded_tap_offsets(p, K, plane, Wp);
-  const int64_t blocks = ceil_div(OCg, 64), per_group = grouped_weight_floats(OCg, K);
+  const int64_t bc = grouped_block_channels(OCg), blocks = ceil_div(OCg, bc), per_group = grouped_weight_floats(OCg, K);
   std::array<GroupedShape, kGroupedMaxVectors + 1> shapes;
   for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) shapes[nv] = grouped_shape(nv, p.out_h, p.out_w, p.stride_w);
   // Work items: (group, image, run of row tiles), the rows split where groups x images give fewer than 4
@@ -289,7 +309,7 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
     padded = copy;
   }
   at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
-    thread_local AlignedBuffer own(false);  // written in full
+    thread_local AlignedBuffer own(false), partial_buf(false);  // written in full before read
     for (int64_t item = begin; item < end; ++item) {
       const int64_t u = item / splits, part = item % splits, g = u / p.batch, n = u % p.batch;
       const float* img = padded + (n * C + g * Cg) * plane;
@@ -299,11 +319,21 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
         img = dst;
       }
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t ch0 = b * 64, channels = std::min<int64_t>(64, OCg - ch0);
-        const GroupedShape& s = shapes[ceil_div(channels, 16)];
-        grouped_row_tiles(s, s.row_tiles * part / splits, s.row_tiles * (part + 1) / splits, img, p.stride_h * Wp,
-                          p.stride_w, koff, packed + g * per_group + b * 64 * K, bias ? bias + g * OCg + ch0 : nullptr,
-                          relu, out + (n * p.out_channels + g * OCg + ch0) * L, p.out_h, p.out_w, L, channels);
+        const int64_t ch0 = b * bc, channels = std::min<int64_t>(bc, OCg - ch0);
+        const int64_t nv = ceil_div(channels, 16);
+        const GroupedShape& s = shapes[nv];
+        const int64_t t0 = s.row_tiles * part / splits, t1 = s.row_tiles * (part + 1) / splits;
+        // k-blocks where the block's weights outgrow L1: every tile's partial sums kept in `partial`
+        const int64_t kc =
+            std::min(K, std::max<int64_t>(p.kernel_h * p.kernel_w, kGroupedWeightBlockBytes / (nv * 64)));
+        float* partial = kc < K ? partial_buf.get((t1 - t0) * s.segments * s.rows * s.p * nv * 16) : nullptr;
+        const float* w = packed + g * per_group + b * bc * K;
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+          grouped_row_tiles(s, t0, t1, img, p.stride_h * Wp, p.stride_w, koff.data() + k0, std::min(kc, K - k0),
+                            w + k0 * nv * 16, bias ? bias + g * OCg + ch0 : nullptr, relu,
+                            out + (n * p.out_channels + g * OCg + ch0) * L, p.out_h, p.out_w, L, channels, partial,
+                            k0 == 0, k0 + kc >= K);
+        }
       }
     }
   });
@@ -425,7 +455,7 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
       scratch = std::max(scratch, dh.count * dw.count);
     }
   }
-  const int64_t blocks = ceil_div(Cg, 64), block_scratch = std::min<int64_t>(64, Cg) * scratch;
+  const int64_t bc = grouped_block_channels(Cg), blocks = ceil_div(Cg, bc), block_scratch = std::min(bc, Cg) * scratch;
   at::parallel_for(0, G * N, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer padded_buf(false), phase_buf(false);  // written in full before read
     float* padded = padded_buf.get(OCg * plane + 16);
@@ -439,7 +469,7 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
       for (int64_t a = 0; a < SH; ++a) {
         if (rows[a].count == 0) continue;
         for (int64_t b = 0; b < blocks; ++b) {
-          const int64_t ch0 = b * 64, channels = std::min<int64_t>(64, Cg - ch0);
+          const int64_t ch0 = b * bc, channels = std::min<int64_t>(bc, Cg - ch0);
           for (int64_t bb = 0; bb < SW; ++bb) {
             const Phase& ph = phases[a * SW + bb];
             cj[bb] = ph.count_j;
@@ -448,8 +478,8 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
             const int64_t K = static_cast<int64_t>(ph.koff.size()), L = ph.count_i * ph.count_j;
             float* o = out + bb * block_scratch;
             const GroupedShape& s = ph.shapes[ceil_div(channels, 16)];
-            grouped_row_tiles(s, 0, s.row_tiles, padded + ph.origin, Wq, 1, ph.koff,
-                              ph.packed + g * grouped_weight_floats(Cg, K) + b * 64 * K, nullptr, false, o, ph.count_i,
+            grouped_row_tiles(s, 0, s.row_tiles, padded + ph.origin, Wq, 1, ph.koff.data(), K,
+                              ph.packed + g * grouped_weight_floats(Cg, K) + b * bc * K, nullptr, false, o, ph.count_i,
                               ph.count_j, L, channels);
             planes[bb] = o;
           }
