@@ -285,6 +285,17 @@ inline void grouped_row_tiles(const GroupedShape& s, int64_t t0, int64_t t1, con
   }
 }
 
+// pad_planes over many planes on every thread: runs of planes, each run's last plane through copy_padded
+// (exact stores), so that no vector runs into a plane another thread writes.
+inline void pad_planes_parallel(const float* src, int64_t planes, int64_t H, int64_t W, float* dst, int64_t Hp,
+                                int64_t Wp, int64_t top, int64_t left) {
+  const int64_t plane = Hp * Wp;
+  at::parallel_for(0, planes, std::max<int64_t>(2, grain_for(plane)), [&](int64_t b0, int64_t b1) {
+    pad_planes(src + b0 * H * W, b1 - 1 - b0, H, W, dst + b0 * plane, Hp, Wp, top, left);
+    copy_padded(src + (b1 - 1) * H * W, 1, H, W, dst + (b1 - 1) * plane, Hp, Wp, top, left);
+  });
+}
+
 // The forward convolution of p (any stride_h, stride_w <= 2, any dilation) with weights packed by
 // pack_grouped_weights.
 inline void grouped_direct_forward(const float* input, const float* packed, const float* bias, float* out,
@@ -307,7 +318,7 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
   const float* padded = input;
   if (shared_copy) {
     float* copy = pad_buf.get(p.batch * C * plane);
-    copy_padded(input, p.batch * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
+    pad_planes_parallel(input, p.batch * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
     padded = copy;
   }
   at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
@@ -679,7 +690,7 @@ inline void grouped_backward_weight(const float* grad_output, const float* input
   const float* padded = input;
   if (p.pad_h > 0 || p.pad_w > 0) {
     float* copy = pad_buf.get(N * C * plane);
-    copy_padded(input, N * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
+    pad_planes_parallel(input, N * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
     padded = copy;
   }
   const int64_t ld = ceil_div(OCg, 16) * 16;  // grad_output transposed: [g][n][pixel][ld]
