@@ -303,6 +303,7 @@ GROUPED_DIRECT_CASES = [
     (2, 32, 3, 3, 32, (5, 5), 1, 2, 1, 2),
     (1, 32, 30, 31, 32, (3, 3), 1, 1, 1, 2),
     (2, 128, 7, 9, 128, (3, 3), 1, 1, 1, 2),  # 576 taps in k-blocks of 192, partial sums kept per tile
+    (1, 64, 2, 1, 64, (3, 3), 1, 1, 1, 2),    # a shared padded copy of 12-float planes
 ]
 
 
@@ -363,6 +364,7 @@ GROUPED_WEIGHT_GRAD_CASES = [
     (3, 10, 9, 12, 28, (3, 3), 2, 1, 1, 2),
     (2, 64, 1, 12, 64, (3, 3), 1, 1, 1, 4),
     (1, 48, 5, 5, 48, (3, 3), 1, 0, 1, 3),
+    (2, 64, 1, 1, 64, (3, 3), 1, 1, 1, 2),  # 9-float padded planes: vectors of a plane's copy run two planes on
 ]
 
 

@@ -285,14 +285,16 @@ inline void grouped_row_tiles(const GroupedShape& s, int64_t t0, int64_t t1, con
   }
 }
 
-// pad_planes over many planes on every thread: runs of planes, each run's last plane through copy_padded
-// (exact stores), so that no vector runs into a plane another thread writes.
+// pad_planes over many planes on every thread: runs of planes, each run's last planes (those whose
+// vectors could run past the run: up to 15 floats past a plane's end) through copy_padded (exact stores),
+// so that no vector reaches a plane another thread writes.
 inline void pad_planes_parallel(const float* src, int64_t planes, int64_t H, int64_t W, float* dst, int64_t Hp,
                                 int64_t Wp, int64_t top, int64_t left) {
-  const int64_t plane = Hp * Wp;
-  at::parallel_for(0, planes, std::max<int64_t>(2, grain_for(plane)), [&](int64_t b0, int64_t b1) {
-    pad_planes(src + b0 * H * W, b1 - 1 - b0, H, W, dst + b0 * plane, Hp, Wp, top, left);
-    copy_padded(src + (b1 - 1) * H * W, 1, H, W, dst + (b1 - 1) * plane, Hp, Wp, top, left);
+  const int64_t plane = Hp * Wp, tail = ceil_div(15, plane);
+  at::parallel_for(0, planes, std::max(tail + 1, grain_for(plane)), [&](int64_t b0, int64_t b1) {
+    const int64_t exact = std::max(b0, b1 - tail);
+    pad_planes(src + b0 * H * W, exact - b0, H, W, dst + b0 * plane, Hp, Wp, top, left);
+    copy_padded(src + exact * H * W, b1 - exact, H, W, dst + exact * plane, Hp, Wp, top, left);
   });
 }
 
