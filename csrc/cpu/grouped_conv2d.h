@@ -64,10 +64,10 @@ inline bool use_grouped_direct(const Conv2dParams& p) {
   // From 16 output channels per group, where the vectors of channels are mostly full: past 32 channels a
   // group, a last vector under 90% full leaves the GEMM ahead (measured, 2 threads, Intel host, batch 8,
   // against the engine's GEMM: 32 groups of 32 at 7x7 0.70x the time, 16 at 14x14 0.85x, groups of 24,
-  // 48, 64, 96, 128 channels 0.83-0.97x; groups of 40 and 56 1.02-1.05x; one group of 64 (MNIST conv2)
+  // 48, 64, 96, 128 channels 0.83-0.96x; groups of 40 and 56 1.00-1.13x; one group of 64 (MNIST conv2)
   // 1.06x)
   // 1x1 layers stay on the GEMM, whose panels of a group's few input channels pack cheaply (ShuffleNet's
-  // 3 groups of 80 at 28x28, batch 8: 0.90x the time forward, 0.8x backward-input)
+  // 3 groups of 80 at 28x28, batch 8: 0.90x the time forward, 0.85x backward-input)
   const int64_t OCg = p.out_channels_per_group(), lanes = ceil_div(OCg, 16) * 16;
   return p.groups > 1 && p.kernel_h * p.kernel_w > 1 && OCg >= 16 && (OCg < 32 || OCg * 10 >= lanes * 9);
 }
