@@ -307,22 +307,30 @@ GROUPED_DIRECT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", GROUPED_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
-def test_grouped_direct_matches_torch(case, monkeypatch, poison):
+def run_grouped_case(case, monkeypatch, pass_index, algorithm, both_biases=False):
+    """run_case with the grouped direct kernels forced on, after checking that the pass (0 forward,
+    1 backward-input, 2 backward-weight) runs `algorithm` (skipped without the AVX-512 engine)."""
     monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
     n, c, h, w, oc, k, s, p, d, g = case
     x, wt = torch.randn(n, c, h, w), torch.randn(oc, c // g, *k)
-    if fastconv.conv2d_algorithm(x, wt, s, p, d, g).split("/")[0] != "grouped-direct":
+    names = fastconv.conv2d_algorithm(x, wt, s, p, d, g).split("/")
+    if names[min(pass_index, len(names) - 1)] != algorithm:
         pytest.skip("no AVX-512 engine on this CPU")
     run_case(*case)
-    run_case(*case, bias=False)
+    if both_biases:
+        run_case(*case, bias=False)
+
+
+@pytest.mark.parametrize("case", GROUPED_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def test_grouped_direct_matches_torch(case, monkeypatch, poison):
+    run_grouped_case(case, monkeypatch, 0, "grouped-direct", both_biases=True)
 
 
 # Strided grouped backward-input on the same kernel, one stride-1 correlation per phase of grad_input
 # (8+ input channels per group): stride 2 (whole rows interleaved from two phases; odd and even widths),
 # 2 down only, 2 across only, 3 (element by element), a stride past the kernel (phases no tap reaches:
 # zeros), 1x1 downsampling, 5x5 (phases of 3 and 2 taps), padding 0 to past the kernel's half, batch 1,
-# blocks past 64 channels (80 = 64 + 16) and partial vectors (17, 24, 40).
+# blocks of 32 past 48 channels (80 = 32 + 32 + 16) and partial vectors (17, 24, 40).
 GROUPED_PHASE_CASES = [
     (2, 64, 14, 14, 64, (3, 3), 2, 1, 1, 2),
     (3, 34, 13, 11, 40, (3, 3), 2, 1, 1, 2),
@@ -340,12 +348,7 @@ GROUPED_PHASE_CASES = [
 
 @pytest.mark.parametrize("case", GROUPED_PHASE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
 def test_grouped_strided_backward_input_by_phases(case, monkeypatch, poison):
-    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
-    n, c, h, w, oc, k, s, p, d, g = case
-    x, wt = torch.randn(n, c, h, w), torch.randn(oc, c // g, *k)
-    if fastconv.conv2d_algorithm(x, wt, s, p, d, g).split("/")[1] != "grouped-direct-phases":
-        pytest.skip("no AVX-512 engine on this CPU")
-    run_case(*case)
+    run_grouped_case(case, monkeypatch, 1, "grouped-direct-phases")
 
 
 # Grouped 3x3 backward-weight on the channel-lane kernels: output channels in the lanes (1-3 vectors a
@@ -370,12 +373,7 @@ GROUPED_WEIGHT_GRAD_CASES = [
 
 @pytest.mark.parametrize("case", GROUPED_WEIGHT_GRAD_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
 def test_grouped_weight_grad_matches_torch(case, monkeypatch, poison):
-    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
-    n, c, h, w, oc, k, s, p, d, g = case
-    x, wt = torch.randn(n, c, h, w), torch.randn(oc, c // g, *k)
-    if fastconv.conv2d_algorithm(x, wt, s, p, d, g).split("/")[-1] != "grouped-direct":
-        pytest.skip("no AVX-512 engine on this CPU")
-    run_case(*case)
+    run_grouped_case(case, monkeypatch, 2, "grouped-direct")
 
 
 def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
