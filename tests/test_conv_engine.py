@@ -351,6 +351,18 @@ def test_grouped_strided_backward_input_by_phases(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 1, "grouped-direct-phases")
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_grouped_phases_split_rows_over_threads(threads, monkeypatch, poison):
+    # fewer (group, image) items than threads: each item's phase rows split in pairs, odd row counts too
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_grouped_case((1, 64, 15, 13, 64, (3, 3), 2, 1, 1, 2), monkeypatch, 1, "grouped-direct-phases")
+        run_grouped_case((1, 32, 11, 9, 32, (3, 3), (2, 1), 1, 1, 1), monkeypatch, 1, "grouped-direct-phases")
+    finally:
+        torch.set_num_threads(old)
+
+
 # Grouped 3x3 backward-weight on the channel-lane kernels: output channels in the lanes (1-3 vectors a
 # block: 16, 32, 48; 64 = 2 + 2, 80 = 3 + 2 vectors; 1-3 input channels a block at one vector, 17 and 40
 # with partial last vectors), or, at most 16 input and 16 output channels per group, input channels in

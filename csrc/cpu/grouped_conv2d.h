@@ -389,15 +389,16 @@ inline bool grouped_backward_input_by_phases(const Conv2dParams& p) {
   return p.groups > 1 && p.in_channels_per_group() >= 8;
 }
 
-// Rows a + SH i (i < ci) of `channels` grad_input planes from the phase planes of their column phases
+// Rows a + SH i (i0 <= i < i1) of `channels` grad_input planes from the phase planes of their column phases
 // b < SW (plane[b]: channels x ci x cj[b], null where no tap reaches the phase: zeros). Stride 2 writes
 // whole rows, 8 pixels of each phase interleaved per vector (one masked store per phase had written every
 // cache line twice, half each time: as long as the phases' kernel); other strides element by element.
 FASTCONV_AVX512 inline void write_phase_rows(const float* const* plane, const int64_t* cj, int64_t channels, int64_t ci,
-                                             float* dst, int64_t H, int64_t W, int64_t a, int64_t SH, int64_t SW) {
+                                             int64_t i0, int64_t i1, float* dst, int64_t H, int64_t W, int64_t a,
+                                             int64_t SH, int64_t SW) {
   const __m512i interleave = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t i = 0; i < ci; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       float* row = dst + c * H * W + (a + SH * i) * W;
       const auto src = [&](int64_t b) { return plane[b] + (c * ci + i) * cj[b]; };
       if (SW == 2) {
@@ -420,7 +421,7 @@ FASTCONV_AVX512 inline void write_phase_rows(const float* const* plane, const in
 // (PhaseDim, phase_backward_input.h), a stride-1 correlation of grad_output with those taps reversed.
 // Each runs on the direct kernel into a per-item phase plane, which is then spread into grad_input; all
 // phases read one zero-padded copy of the item's grad_output planes, padded for every phase's window.
-// Work items: (group, image). (col2im, which this replaces for these layers, reduced over a group's 16-32
+// (col2im, which this replaces for these layers, reduced over a group's 16-32
 // output channels per GEMM: 1.8-2.2x torch's time.)
 inline void grouped_backward_input_phases(const float* grad_output, const float* weight, float* grad_input,
                                           const Conv2dParams& p) {
@@ -471,18 +472,26 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
     }
   }
   const int64_t bc = grouped_block_channels(Cg), blocks = ceil_div(Cg, bc), block_scratch = std::min(bc, Cg) * scratch;
-  at::parallel_for(0, G * N, 1, [&](int64_t begin, int64_t end) {
+  // Items: (group, image, part of the phase rows), rows split in pairs only where groups x images are
+  // fewer than the threads: each part pads the item's grad_output planes again (at 4 items a thread,
+  // batch 1 with 2 groups on 2 threads took 1.07-1.11x the time of one item per group)
+  int64_t max_rows = 1;
+  for (const PhaseDim& d : rows) max_rows = std::max(max_rows, d.count);
+  const int64_t parts = std::clamp<int64_t>(ceil_div(at::get_num_threads(), G * N), 1, ceil_div(max_rows, 2));
+  at::parallel_for(0, G * N * parts, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer padded_buf(false), phase_buf(false);  // written in full before read
     float* padded = padded_buf.get(OCg * plane + 16);
     float* out = phase_buf.get(SW * block_scratch);
     std::vector<const float*> planes(SW);
     std::vector<int64_t> cj(SW);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / N, n = item % N;
+      const int64_t g = item / (N * parts), n = (item / parts) % N, part = item % parts;
       pad_planes(grad_output + (n * OC + g * OCg) * OH * OW, OCg, OH, OW, padded, Hq, Wq, top, left);
       float* gi = grad_input + (n * C + g * Cg) * H * W;
       for (int64_t a = 0; a < SH; ++a) {
-        if (rows[a].count == 0) continue;
+        const int64_t pairs = ceil_div(rows[a].count, 2);
+        const int64_t i0 = 2 * (pairs * part / parts), i1 = std::min(rows[a].count, 2 * (pairs * (part + 1) / parts));
+        if (i0 >= i1) continue;
         for (int64_t b = 0; b < blocks; ++b) {
           const int64_t ch0 = b * bc, channels = std::min<int64_t>(bc, Cg - ch0);
           for (int64_t bb = 0; bb < SW; ++bb) {
@@ -493,12 +502,13 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
             const int64_t K = static_cast<int64_t>(ph.koff.size()), L = ph.count_i * ph.count_j;
             float* o = out + bb * block_scratch;
             const GroupedShape& s = ph.shapes[ceil_div(channels, 16)];
-            grouped_row_tiles(s, 0, s.row_tiles, padded + ph.origin, Wq, 1, ph.koff.data(), K,
+            grouped_row_tiles(s, i0 / s.rows, ceil_div(i1, s.rows), padded + ph.origin, Wq, 1, ph.koff.data(), K,
                               ph.packed + g * grouped_weight_floats(Cg, K) + b * bc * K, nullptr, false, o, ph.count_i,
                               ph.count_j, L, channels);
             planes[bb] = o;
           }
-          write_phase_rows(planes.data(), cj.data(), channels, rows[a].count, gi + ch0 * H * W, H, W, a, SH, SW);
+          write_phase_rows(planes.data(), cj.data(), channels, rows[a].count, i0, i1, gi + ch0 * H * W, H, W, a, SH,
+                           SW);
         }
       }
     }
