@@ -139,7 +139,9 @@ inline const float* pack_grouped_weights(const float* weight, const Conv2dParams
 
 // One tile: R rows x P pixels (SW apart, row starts row_stride apart in the padded input) x NV vectors
 // of output channels, over the K taps at in + koff[k]; stored to `channels` NCHW planes at out
-// (out_plane floats apart, rows out_w apart), with bias and ReLU.
+// (out_plane floats apart, rows out_w apart), with bias and ReLU. For k-blocks: acc_in, the partial sums
+// of the blocks before (instead of the bias); acc_out, where this block's partial sums go instead of
+// the planes (every block but the last).
 template <int NV, int R, int P, int SW>
 FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int64_t* koff, int64_t K, const float* w,
                                   const float* bias, bool relu, float* out, int64_t out_w, int64_t out_plane,
