@@ -1073,7 +1073,7 @@ void backward_input_col2im(const float* grad_output, const float* weight, float*
 // grad_weight (OC x Cg*KH*KW) = sum over pixels of grad_output x columns. Deterministic for a given
 // thread count: items are dealt to slots in fixed contiguous ranges, slots summed in order.
 // 16x16 in-register transpose: rows r[0..15] -> columns.
-FASTCONV_AVX512 inline void transpose16(__m512 r[16]) {
+FASTCONV_AVX512 __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
   __m512 t[16];
   transpose_4x4_blocks<16>(r);
   for (int i = 0; i < 4; ++i) {
