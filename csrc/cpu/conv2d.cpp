@@ -325,7 +325,7 @@ void engine_forward(const float* input, const float* weight, const float* bias, 
 enum class BackwardInputRoute { kWinograd, kForwardEngine, kPhases, kGroupedPhases, kCol2im };
 BackwardInputRoute backward_input_rule(const Conv2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
-  if (cpu::winograd::forced("FASTCONV_STRIDE_PHASES", '0', '1') == 1 && cpu::backward_input_by_phases_applicable(p)) {
+  if (cpu::forced("FASTCONV_STRIDE_PHASES", '0', '1') == 1 && cpu::backward_input_by_phases_applicable(p)) {
     return BackwardInputRoute::kPhases;
   }
 #endif

@@ -28,6 +28,14 @@
 namespace fastconv {
 namespace cpu {
 
+// An environment switch, read per call: 1 where `name` is `on`, 0 where it is `off`, else -1 (the rules
+// decide).
+inline int forced(const char* name, char off, char on) {
+  const char* e = std::getenv(name);
+  if (!e || (e[0] != off && e[0] != on) || e[1] != 0) return -1;
+  return e[0] == on;
+}
+
 // FASTCONV_CPU_GEMM=aten turns every AVX-512 kernel off (the conv engine and the stride-2 max-pool),
 // to compare against or to test the portable paths.
 inline bool has_avx512() {

@@ -26,8 +26,6 @@
 
 #include <array>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -58,9 +56,7 @@ constexpr int grouped_max_pixels(int nv) { return nv == 1 ? 16 : nv == 2 ? 14 : 
 inline bool use_grouped_direct(const Conv2dParams& p) {
   if (p.stride_w > 2) return false;
   if (padded_input_bytes(p) > kMaxPaddedCopyBytes) return false;
-  const char* force = std::getenv("FASTCONV_GROUPED_DIRECT");
-  if (force && std::string(force) == "0") return false;
-  if (force && std::string(force) == "1") return true;
+  if (const int f = forced("FASTCONV_GROUPED_DIRECT", '0', '1'); f >= 0) return f == 1;
   // From 16 output channels per group, where the vectors of channels are mostly full: past 32 channels a
   // group, a last vector under 90% full leaves the GEMM ahead (measured, 2 threads, Intel host, batch 8,
   // against the engine's GEMM: 32 groups of 32 at 7x7 0.70x the time, 16 at 14x14 0.85x, groups of 24,
@@ -386,8 +382,7 @@ inline bool grouped_backward_input_by_phases(const Conv2dParams& p) {
   q.stride_h = q.stride_w = 1;
   q.pad_h = q.pad_w = 0;
   if (padded_input_bytes(q) > kMaxPaddedCopyBytes) return false;
-  const char* force = std::getenv("FASTCONV_GROUPED_DIRECT");
-  if (force && (std::string(force) == "0" || std::string(force) == "1")) return force[0] == '1';
+  if (const int f = forced("FASTCONV_GROUPED_DIRECT", '0', '1'); f >= 0) return f == 1;
   return p.groups > 1 && p.in_channels_per_group() >= 8;
 }
 
@@ -583,20 +578,14 @@ GroupedWeightGradFn grouped_weight_grad_for(int cb, int nv) {
 }
 
 // dst[n][pixel][o] (rows of `ld` floats, lanes past OCg zero) = grad_output[n][g*OCg + o][pixel] for
-// group g: 16x16 register transposes.
-FASTCONV_AVX512 inline void transpose_group_grad_output(const float* go, const Conv2dParams& p, int64_t g, int64_t n,
-                                                        float* dst, int64_t ld) {
+// group g.
+inline void transpose_group_grad_output(const float* go, const Conv2dParams& p, int64_t g, int64_t n, float* dst,
+                                        int64_t ld) {
   const int64_t OCg = p.out_channels_per_group(), L = p.out_plane();
   const float* src = go + (n * p.out_channels + g * OCg) * L;
   for (int64_t o0 = 0; o0 < ld; o0 += 16) {
-    for (int64_t px0 = 0; px0 < L; px0 += 16) {
-      const int64_t np = std::min<int64_t>(16, L - px0);
-      __m512 r[16];
-      for (int j = 0; j < 16; ++j)
-        r[j] = o0 + j < OCg ? _mm512_maskz_loadu_ps(lane_mask(0, np), src + (o0 + j) * L + px0) : _mm512_setzero_ps();
-      transpose16(r);
-      for (int64_t i = 0; i < np; ++i) _mm512_store_ps(dst + (px0 + i) * ld + o0, r[i]);
-    }
+    columns_to_lanes(src + o0 * L, L, std::min<int64_t>(16, OCg - o0), L,
+                     [&](int64_t px) { return dst + px * ld + o0; });
   }
 }
 
@@ -667,14 +656,7 @@ FASTCONV_AVX512 inline void transpose_group_input_padded(const float* input, con
       _mm512_store_ps(row + i * 16, zero);
       _mm512_store_ps(row + (p.pad_w + W + i) * 16, zero);
     }
-    for (int64_t w0 = 0; w0 < W; w0 += 16) {
-      const int64_t nw = std::min<int64_t>(16, W - w0);
-      __m512 r[16];
-      for (int c = 0; c < 16; ++c)
-        r[c] = c < Cg ? _mm512_maskz_loadu_ps(lane_mask(0, nw), src + (c * H + h) * W + w0) : zero;
-      transpose16(r);
-      for (int64_t i = 0; i < nw; ++i) _mm512_store_ps(row + (p.pad_w + w0 + i) * 16, r[i]);
-    }
+    columns_to_lanes(src + h * W, H * W, Cg, W, [&](int64_t w) { return row + (p.pad_w + w) * 16; });
   }
 }
 

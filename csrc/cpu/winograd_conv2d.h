@@ -110,14 +110,6 @@ inline int64_t grid_tiles(const Conv2dParams& p) { return p.batch * grid_rows(p)
 // Tiles of F(4x4, 3x3)'s grid, all images.
 inline int64_t tiles_4x4(const Conv2dParams& p) { return p.batch * ceil_div(p.out_h, 4) * ceil_div(p.out_w, 4); }
 
-// An environment switch, read per call: 1 where `name` is `on`, 0 where it is `off`, else -1 (the rules
-// decide).
-inline int forced(const char* name, char off, char on) {
-  const char* e = std::getenv(name);
-  if (!e || (e[0] != off && e[0] != on) || e[1] != 0) return -1;
-  return e[0] == on;
-}
-
 // Per-thread scratch shared by every Winograd pass: U (transformed weights, or backward-weight's
 // grad_U), V (transformed input tiles) and M (products, or backward-weight's transformed grad_output).
 // A layer's forward, backward-input and backward-weight, and every other layer's, reuse the same
