@@ -11,6 +11,11 @@ On float32 and an AVX-512 CPU each conv pass picks one of:
 - ``im2col+gemm``: im2col packed into 48-pixel panels, then the same register-blocked micro-kernel;
 - ``stride-phases`` (backward-input of strided layers, under ``"benchmark"`` only): one stride-1
   convolution per phase of grad_input on the forward engine (``im2col+gemm+col2im`` is the default);
+- ``grouped-direct``: grouped convolutions with 16+ output channels per group (not 1x1): tiles of up to
+  48 channels in the vector lanes x a few pixels, broadcasts from a zero-padded input, all three passes
+  (3x3 for backward-weight); ``grouped-direct-phases``: strided backward-input of grouped layers with 8+
+  input channels per group, one stride-1 pass per phase of grad_input on that kernel. ``"gemm"`` keeps
+  them; ``FASTCONV_GROUPED_DIRECT=0`` (or ``1``) turns them off (or on wherever they can run);
 - ``direct``: depthwise convolutions (one input channel per group); on the portable path also groups of
   2-4 channels, which run on the engine otherwise;
 - ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX-512, ``FASTCONV_CPU_GEMM=aten``).
