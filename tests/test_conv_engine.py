@@ -402,6 +402,51 @@ def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
     torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)
 
 
+# Depthwise forward and stride-1 backward-input with 16 channels in the lanes (forced on, and off: the
+# phase planes): one block, partial blocks (17, 33, 40 channels), rows cut into tiles of 1-8 pixels
+# (1, 7, 23, 40, 140 and 300 wide: past 128 each row goes to the planes alone), kernels 3/5/7 wide
+# (registers reused across the row) and others (1x7, 4x4, 3x5), strides 2 and 3, dilation, no
+# padding, padding past the kernel's half, 1x1 planes, batch 1 (rows split into runs).
+DW_LANE_CASES = [
+    (2, 16, 7, 7, 16, (7, 7), 1, 3, 1, 16),
+    (3, 40, 9, 11, 40, (5, 5), 1, 2, 1, 40),
+    (1, 17, 20, 23, 17, (3, 3), 1, 1, 1, 17),
+    (2, 24, 15, 13, 24, (5, 5), 2, 2, 1, 24),
+    (2, 20, 16, 17, 20, (3, 3), 3, 1, 1, 20),
+    (2, 16, 12, 14, 16, (3, 5), (1, 2), (2, 1), (2, 1), 16),
+    (1, 32, 1, 1, 32, (7, 7), 1, 3, 1, 32),
+    (2, 33, 10, 9, 33, (7, 7), 1, 0, 1, 33),
+    (1, 16, 5, 40, 16, (1, 7), 1, (0, 3), 1, 16),
+    (2, 8, 8, 9, 8, (4, 4), 1, (2, 1), 1, 8),
+    (1, 16, 6, 6, 16, (3, 3), 1, 2, 1, 16),
+    (1, 16, 3, 300, 16, (5, 5), 1, 2, 1, 16),
+    (4, 16, 5, 140, 16, (5, 5), 1, 2, 1, 16),
+]
+
+
+@pytest.mark.parametrize("lanes", ["1", "0"])
+@pytest.mark.parametrize("case", DW_LANE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[5][0]}{c[5][1]}")
+def test_depthwise_channel_lanes_match_torch(case, lanes, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_DW_LANES", lanes)
+    run_case(*case)
+    if case[0] == 1:
+        run_case(*case, bias=False)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_depthwise_channel_lanes_split_rows_over_threads(threads, monkeypatch, poison):
+    # batch 1 with one or two blocks of channels: the rows cut into runs (each its own zero padding)
+    monkeypatch.setenv("FASTCONV_DW_LANES", "1")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        run_case(1, 16, 13, 9, 16, (5, 5), 1, 2, 1, 16)
+        run_case(1, 24, 11, 12, 24, (7, 7), 2, 3, 1, 24)
+        run_case(2, 16, 9, 9, 16, (3, 3), 1, 1, 1, 16)
+    finally:
+        torch.set_num_threads(old)
+
+
 # A NaN in the input reaches only the weight-gradient taps whose windows hold it: kernels that run over
 # padded planes with rows of the padded width (the implicit dot form's extra columns read the next
 # row's first inputs) must mask those columns, not multiply them by zero.

@@ -79,23 +79,6 @@ inline int64_t grouped_block_channels(int64_t OCg) { return OCg <= 48 ? ceil_div
 // Floats of one group's packed weights: K rows of ceil(OCg/16) vectors, block after block.
 inline int64_t grouped_weight_floats(int64_t OCg, int64_t K) { return ceil_div(OCg, 16) * 16 * K; }
 
-// dst(i)[0, 16) = column i of the rows x cols matrix at src (rows ld floats apart, rows <= 16), zero past
-// `rows` (columns whose dst(i) is null skipped): 16x16 register transposes, 16 columns at a time.
-template <typename Dst>
-FASTCONV_AVX512 inline void columns_to_lanes(const float* src, int64_t ld, int64_t rows, int64_t cols, Dst dst) {
-  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-    const int64_t n = std::min<int64_t>(16, cols - c0);
-    const __mmask16 m = lane_mask(0, n);
-    __m512 r[16];
-    for (int j = 0; j < 16; ++j) r[j] = j < rows ? _mm512_maskz_loadu_ps(m, src + j * ld + c0) : _mm512_setzero_ps();
-    transpose16(r);
-    for (int64_t i = 0; i < n; ++i) {
-      float* d = dst(c0 + i);
-      if (d) _mm512_store_ps(d, r[i]);
-    }
-  }
-}
-
 // The weights of p's groups, packed[g][k][o] in blocks of grouped_block_channels (bc): block b of group g
 // at g*grouped_weight_floats + b*bc*K, row k of it nv_b*16 floats (nv_b = the block's vectors), lanes past
 // OCg zero. With `fwd`, p is a convolution over fwd's grad_output (output channels: fwd's input channels)

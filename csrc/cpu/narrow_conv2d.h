@@ -31,6 +31,7 @@ namespace narrow {
 
 using engine::AlignedBuffer;
 using engine::ceil_div;
+using engine::store_row_to_planes;
 
 constexpr int64_t kMaxChannels = 64;  // 4 vectors of output channels
 
@@ -93,36 +94,6 @@ FASTCONV_AVX512 void pixel_tile(const float* in, int64_t sw, const int64_t* koff
   }
   _Pragma("GCC unroll 16") for (int i = 0; i < NPX; ++i) {
     _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) _mm512_store_ps(tile + (i * NV + v) * 16, acc[i][v]);
-  }
-}
-
-// A pixel-major row [px][NV*16] (rows past `valid` unread) into NCHW (+ bias, ReLU), 16 pixels at a
-// time: each 16 x 16 block of pixels x channels transposed in registers, then one masked store of up
-// to 16 pixels per channel. Element by element these scattered stores to 64 planes took 30% of the
-// ResNet stem's forward on an Intel host (2 FMA units per core, so everything that is not an FMA
-// weighs twice what it does on Zen 4); tile by tile, a 5-6 pixel tile paid a whole transpose and a
-// partial-line store per channel.
-template <int NV>
-FASTCONV_AVX512 void store_row_to_planes(const float* row, int64_t valid, int64_t OC, const float* bias, bool relu,
-                                         float* out, int64_t L) {
-  constexpr int64_t width = NV * 16;
-  for (int64_t px0 = 0; px0 < valid; px0 += 16) {
-    const int64_t n = std::min<int64_t>(16, valid - px0);
-    const __mmask16 m = lane_mask(0, n);
-    for (int v = 0; v < NV; ++v) {
-      __m512 r[16];
-      for (int64_t i = 0; i < 16; ++i) {
-        r[i] = i < n ? _mm512_load_ps(row + (px0 + i) * width + 16 * v) : _mm512_setzero_ps();
-      }
-      engine::transpose16(r);  // r[l]: channel 16v + l, pixels in the lanes
-      const int64_t channels = std::min<int64_t>(16, OC - 16 * v);
-      for (int64_t l = 0; l < channels; ++l) {
-        const int64_t o = 16 * v + l;
-        __m512 y = bias ? _mm512_add_ps(r[l], _mm512_set1_ps(bias[o])) : r[l];
-        if (relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // NaN (the second operand) stays NaN, as torch.relu
-        _mm512_mask_storeu_ps(out + o * L + px0, m, y);
-      }
-    }
   }
 }
 
