@@ -485,7 +485,7 @@ constexpr int kLanePixels = 8;  // accumulators of a tile: at most 8 pixels of o
 // Where (auto): kernels of 20+ taps (5x5, 7x7) at any size and stride, and 3x3 on planes at most 8
 // wide; phase planes for the other 3x3 layers, where the two transposes cost more than the lanes save.
 // Measured, 2 threads, Intel host, batch 8, time against phase planes (forward / stride-1
-// backward-input): ConvNeXt's 7x7 at 56x56 0.52/0.59x, 28x28 0.58/0.63x, 14x14 0.54/0.54x, 7x7
+// backward-input): ConvNeXt's 7x7 at 56x56 0.50/0.59x, 28x28 0.58/0.63x, 14x14 0.54/0.54x, 7x7
 // 0.31/0.33x; EfficientNet's 5x5 at 28x28 0.79/0.82x, 7x7 0.48/0.47x, stride 2 0.56x (forward);
 // MobileNetV3's 5x5 with 40 channels at 56x56 0.84x; MobileNet's 3x3 at 7x7 0.71/0.67x, but at 14x14
 // 1.38x, stride 2 1.30x, 112x112 1.11x. FASTCONV_DW_LANES=0/1 forces them off/on (depthwise float32
