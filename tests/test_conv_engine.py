@@ -402,8 +402,8 @@ def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
     torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)
 
 
-# Depthwise forward and stride-1 backward-input with 16 channels in the lanes (forced on, and off: the
-# phase planes): one block, partial blocks (17, 33, 40 channels), rows cut into tiles of 1-8 pixels
+# Depthwise forward and backward-input with 16 channels in the lanes (forced on, and off: the phase
+# planes): one block, partial blocks (17, 33, 40 channels), rows cut into tiles of 1-8 pixels
 # (1, 7, 23, 40, 140 and 300 wide: past 128 each row goes to the planes alone), kernels 3/5/7 wide
 # (registers reused across the row) and others (1x7, 4x4, 3x5), strides 2 and 3, dilation, no
 # padding, padding past the kernel's half, 1x1 planes, batch 1 (rows split into runs).
@@ -421,6 +421,13 @@ DW_LANE_CASES = [
     (1, 16, 6, 6, 16, (3, 3), 1, 2, 1, 16),
     (1, 16, 3, 300, 16, (5, 5), 1, 2, 1, 16),
     (4, 16, 5, 140, 16, (5, 5), 1, 2, 1, 16),
+    # backward-input by phases of grad_input: stride 2 with dilation 2 (phases no tap reaches: zero rows
+    # and columns), uneven strides and dilations, a stride past the kernel, stride 1 with padding past
+    # dilation * (kernel - 1) (not a forward convolution)
+    (2, 16, 11, 12, 16, (3, 3), 2, 2, 2, 16),
+    (1, 20, 9, 13, 20, (5, 3), (3, 1), (1, 2), (1, 2), 20),
+    (2, 16, 9, 10, 16, (2, 2), 3, 0, 1, 16),
+    (1, 16, 5, 6, 16, (3, 3), 1, 3, 1, 16),
 ]
 
 

@@ -7,8 +7,8 @@
 // and backward-weight is a dot product of grad_output rows with shifted input rows. With one input
 // channel per group (depthwise, channel multipliers) on AVX-512, every layer whose planes fit in cache
 // runs on phase planes instead (PhasePlanes below: any stride as contiguous runs, no idle lanes on
-// short rows; use_phase_planes), and the forward and stride-1 backward-input of depthwise layers with
-// 5x5 and larger kernels, or small planes, with 16 channels in the lanes (use_channel_lanes).
+// short rows; use_phase_planes), and the forward and backward-input of depthwise layers with 5x5 and
+// larger kernels, or small planes, with 16 channels in the lanes (use_channel_lanes).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -488,8 +489,9 @@ constexpr int kLanePixels = 8;  // accumulators of a tile: at most 8 pixels of o
 // backward-input): ConvNeXt's 7x7 at 56x56 0.50/0.59x, 28x28 0.58/0.63x, 14x14 0.54/0.54x, 7x7
 // 0.31/0.33x; EfficientNet's 5x5 at 28x28 0.79/0.82x, 7x7 0.48/0.47x, stride 2 0.56x (forward);
 // MobileNetV3's 5x5 with 40 channels at 56x56 0.84x; MobileNet's 3x3 at 7x7 0.71/0.67x, but at 14x14
-// 1.38x, stride 2 1.30x, 112x112 1.11x. FASTCONV_DW_LANES=0/1 forces them off/on (depthwise float32
-// forward, and the stride-1 backward-input that runs as one).
+// 1.38x, stride 2 1.30x, 112x112 1.11x. Strided backward-input (by phases, against the phase planes'
+// scatter): EfficientNet's 5x5/2 at 14x14 0.66x, 72 channels at 56x56 0.78x, 3x3/2 level (1.00-1.03x).
+// FASTCONV_DW_LANES=0/1 forces them off/on (depthwise float32 forward and backward-input).
 inline bool use_channel_lanes(const Conv2dParams& p) {
   if (!has_avx512() || p.in_channels_per_group() != 1 || p.out_channels_per_group() != 1) return false;
   const int f = forced("FASTCONV_DW_LANES", '0', '1');
@@ -557,85 +559,220 @@ inline LaneTile lane_tile_for(int64_t npx, int64_t sw, int64_t dw, int64_t KW) {
   return (sw == 1 ? one : sw == 2 ? two : any)[npx - 1];
 }
 
-// out = conv2d(input, weight) + bias for one channel per group and one output channel per group.
-inline void forward_channel_lanes(const float* input, const float* weight, const float* bias, float* output,
-                                  const Conv2dParams& p) {
-  const int64_t C = p.out_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w, L = p.out_plane();
-  const int64_t KH = p.kernel_h, KW = p.kernel_w, KK = KH * KW, blocks = engine::ceil_div(C, 16);
-  const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
-  const int64_t Wp = (OW - 1) * sw + (KW - 1) * dw + 1;  // buffer columns: input columns -pad_w .. Wp - pad_w - 1
-  const int64_t row_floats = Wp * 16;
-  // the weights of each block of 16 channels, one vector per tap
-  engine::AlignedBuffer wbuf(false);  // written in full (lanes past C zero)
-  float* wt = wbuf.get(blocks * KK * 16);
+// The weights of each block of 16 channels (one per group), one vector per tap: wt[b][tap][16], lanes
+// past C zero.
+inline const float* lane_weights(const float* weight, int64_t C, int64_t KK, engine::AlignedBuffer& buf) {
+  const int64_t blocks = engine::ceil_div(C, 16);
+  float* wt = buf.get(blocks * KK * 16);
   for (int64_t b = 0; b < blocks; ++b) {
     engine::columns_to_lanes(weight + b * 16 * KK, KK, std::min<int64_t>(16, C - 16 * b), KK,
                              [&](int64_t t) { return wt + (b * KK + t) * 16; });
   }
+  return wt;
+}
+
+// Runs of rows of a lane kernel's output planes over (image, block of 16 channels) pairs: the rows are
+// split only when the pairs are too few for the threads (4 items a thread).
+struct LaneRuns {
+  int64_t blocks, pairs, run_rows, runs, flush_rows;
+  LaneRuns(int64_t batch, int64_t C, int64_t rows, int64_t width) {
+    blocks = engine::ceil_div(C, 16);
+    pairs = batch * blocks;
+    const int64_t threads = at::get_num_threads();
+    const int64_t wanted = pairs >= 4 * threads ? 1 : std::min(rows, engine::ceil_div(4 * threads, pairs));
+    run_rows = engine::ceil_div(rows, wanted);
+    runs = engine::ceil_div(rows, run_rows);
+    // rows go to the planes `flush_rows` at a time: ~256 pixels, 16 to a transpose (a 7-pixel row alone
+    // used 7 of its 16)
+    flush_rows = std::clamp<int64_t>(256 / width, 1, run_rows);
+  }
+};
+
+// A zero-padded [row][column][16] copy of 16 channel planes (H x W, plane floats apart) for the rows
+// [r_lo, r_lo + rows) and columns [c_lo, c_lo + cols) of the planes' coordinates (outside: zeros).
+struct LaneBuffer {
+  int64_t H, W, c_lo, cols, row_floats, in_lo, in_hi;  // [in_lo, in_hi): the buffer columns holding input
+  LaneBuffer(int64_t H_, int64_t W_, int64_t c_lo_, int64_t cols_)
+      : H(H_), W(W_), c_lo(c_lo_), cols(cols_), row_floats(cols_ * 16) {
+    in_lo = std::clamp<int64_t>(-c_lo, 0, cols);
+    in_hi = std::clamp<int64_t>(W - c_lo, in_lo, cols);
+  }
+  // `zero`: write the zeros too (a thread's previous fill of the same call and the same rows left them)
+  FASTCONV_AVX512 void fill(const float* planes, int64_t plane, int64_t nc, int64_t r_lo, int64_t rows, float* buf,
+                            bool zero) const {
+    const int64_t r0 = std::clamp<int64_t>(-r_lo, 0, rows), r1 = std::clamp<int64_t>(H - r_lo, r0, rows);
+    if (zero) {
+      std::memset(buf, 0, r0 * row_floats * sizeof(float));
+      std::memset(buf + r1 * row_floats, 0, (rows - r1) * row_floats * sizeof(float));
+      for (int64_t r = r0; r < r1; ++r) {
+        std::memset(buf + r * row_floats, 0, in_lo * 16 * sizeof(float));
+        std::memset(buf + r * row_floats + in_hi * 16, 0, (cols - in_hi) * 16 * sizeof(float));
+      }
+    }
+    if (r1 <= r0 || in_hi <= in_lo) return;
+    // rows [r_lo + r0, r_lo + r1), contiguous in each plane: 16 pixels to a transpose whatever the row
+    // length, each pixel to its place (row and column followed pixel by pixel, no division)
+    int64_t at_r = r0, at_w = 0;
+    const int64_t w_lo = in_lo + c_lo, w_hi = in_hi + c_lo;  // the plane columns kept
+    engine::columns_to_lanes(planes + (r_lo + r0) * W, plane, nc, (r1 - r0) * W, [&](int64_t) -> float* {
+      float* d = at_w >= w_lo && at_w < w_hi ? buf + at_r * row_floats + (at_w - c_lo) * 16 : nullptr;
+      if (++at_w == W) at_w = 0, ++at_r;
+      return d;
+    });
+  }
+};
+
+// Whether this thread must write a LaneBuffer's zeros for run `run` of call `call` (a new call, or
+// another run of rows since its last fill).
+inline bool lane_zeros_needed(uint64_t call, int64_t run) {
+  thread_local uint64_t zeroed_call = 0;
+  thread_local int64_t zeroed_run = -1;
+  if (zeroed_call == call && zeroed_run == run) return false;
+  zeroed_call = call, zeroed_run = run;
+  return true;
+}
+
+inline uint64_t lane_call_id() {
+  static std::atomic<uint64_t> calls{0};
+  return ++calls;
+}
+
+// out = conv2d(input, weight) + bias for one channel per group and one output channel per group.
+inline void forward_channel_lanes(const float* input, const float* weight, const float* bias, float* output,
+                                  const Conv2dParams& p) {
+  const int64_t C = p.out_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w, L = p.out_plane();
+  const int64_t KH = p.kernel_h, KW = p.kernel_w, KK = KH * KW;
+  const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
+  engine::AlignedBuffer wbuf(false);  // written in full
+  const float* wt = lane_weights(weight, C, KK, wbuf);
+  // the buffer's columns: input columns -pad_w .. -pad_w + Wp - 1, every tap of the output row
+  const LaneBuffer lb(H, W, -p.pad_w, (OW - 1) * sw + (KW - 1) * dw + 1);
   // the row's tiles: T of them, the first OW % T one pixel wider
   const int64_t tiles = engine::ceil_div(OW, kLanePixels), base = OW / tiles, wider = OW % tiles;
-  const int64_t pairs = p.batch * blocks, threads = at::get_num_threads();
-  const int64_t runs_wanted = pairs >= 4 * threads ? 1 : std::min(OH, engine::ceil_div(4 * threads, pairs));
-  const int64_t run_rows = engine::ceil_div(OH, runs_wanted), runs = engine::ceil_div(OH, run_rows);
-  const int64_t cols = std::clamp<int64_t>(std::min(W, Wp - p.pad_w), 0, W);  // input columns the buffer holds
-  const int64_t left = std::min(p.pad_w, Wp);                                 // zero columns before them
-  // output rows go to the planes `flush_rows` at a time: ~256 pixels, 16 to a transpose (a 7-pixel row
-  // alone used 7 of its 16)
-  const int64_t flush_rows = std::clamp<int64_t>(256 / OW, 1, run_rows);
-  const auto zero_padding = [&](float* buf, int64_t rows, int64_t r0, int64_t r1) {
-    std::memset(buf, 0, r0 * row_floats * sizeof(float));
-    std::memset(buf + r1 * row_floats, 0, (rows - r1) * row_floats * sizeof(float));
-    for (int64_t r = r0; r < r1; ++r) {
-      float* row = buf + r * row_floats;
-      std::memset(row, 0, left * 16 * sizeof(float));
-      std::memset(row + (left + cols) * 16, 0, std::max<int64_t>(0, Wp - left - cols) * 16 * sizeof(float));
-    }
-  };
-  static std::atomic<uint64_t> calls{0};
-  const uint64_t call = ++calls;
-  at::parallel_for(0, pairs * runs, 1, [&](int64_t begin, int64_t end) {
+  const LaneRuns lr(p.batch, C, OH, OW);
+  const uint64_t call = lane_call_id();
+  at::parallel_for(0, lr.pairs * lr.runs, 1, [&](int64_t begin, int64_t end) {
     thread_local engine::AlignedBuffer in_buf(false), out_buf(false);  // written before read, every item
-    float* out_rows = out_buf.get(flush_rows * OW * 16);
+    float* out_rows = out_buf.get(lr.flush_rows * OW * 16);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / (blocks * runs), b = (item / runs) % blocks, run = item % runs;
+      const int64_t n = item / (lr.blocks * lr.runs), b = (item / lr.runs) % lr.blocks, run = item % lr.runs;
       const int64_t c0 = 16 * b, nc = std::min<int64_t>(16, C - c0);
-      const int64_t oh0 = run * run_rows, oh1 = std::min(OH, oh0 + run_rows);
+      const int64_t oh0 = run * lr.run_rows, oh1 = std::min(OH, oh0 + lr.run_rows);
       const int64_t ih0 = oh0 * sh - p.pad_h, rows = (oh1 - 1 - oh0) * sh + (KH - 1) * dh + 1;
-      float* buf = in_buf.get(rows * row_floats);
-      // the zero rows and columns around the input (kept from this thread's previous item of the call when
-      // that one had the same run of rows: the input overwrites only the input's places)
-      const int64_t r0 = std::clamp<int64_t>(-ih0, 0, rows), r1 = std::clamp<int64_t>(H - ih0, r0, rows);
-      thread_local uint64_t zeroed_call = 0;
-      thread_local int64_t zeroed_run = -1;
-      if (zeroed_call != call || zeroed_run != run) {
-        zeroed_call = call, zeroed_run = run;
-        zero_padding(buf, rows, r0, r1);
-      }
-
-      // input rows [ih0 + r0, ih0 + r1), contiguous in each plane: 16 pixels to a transpose whatever the
-      // row length, each pixel to its padded place (row and column followed pixel by pixel, no division)
-      int64_t at_r = r0, at_w = 0;
-      engine::columns_to_lanes(input + ((n * C + c0) * H + ih0 + r0) * W, H * W, nc, (r1 - r0) * W,
-                               [&](int64_t) -> float* {
-                                 float* d = at_w < cols ? buf + at_r * row_floats + (p.pad_w + at_w) * 16 : nullptr;
-                                 if (++at_w == W) at_w = 0, ++at_r;
-                                 return d;
-                               });
+      float* buf = in_buf.get(rows * lb.row_floats);
+      lb.fill(input + (n * C + c0) * H * W, H * W, nc, ih0, rows, buf, lane_zeros_needed(call, run));
       const float* wb = wt + b * KK * 16;
-      for (int64_t f0 = oh0; f0 < oh1; f0 += flush_rows) {
-        const int64_t f1 = std::min(oh1, f0 + flush_rows);
+      for (int64_t f0 = oh0; f0 < oh1; f0 += lr.flush_rows) {
+        const int64_t f1 = std::min(oh1, f0 + lr.flush_rows);
         for (int64_t oh = f0; oh < f1; ++oh) {
-          const float* in_row = buf + (oh - oh0) * sh * row_floats;
+          const float* in_row = buf + (oh - oh0) * sh * lb.row_floats;
           float* out_row = out_rows + (oh - f0) * OW * 16;
           for (int64_t t = 0, x0 = 0; t < tiles; ++t) {
             const int64_t npx = base + (t < wider);
-            lane_tile_for(npx, sw, dw, KW)(in_row + x0 * sw * 16, dh * row_floats, dw * 16, sw * 16, wb, KH, KW,
+            lane_tile_for(npx, sw, dw, KW)(in_row + x0 * sw * 16, dh * lb.row_floats, dw * 16, sw * 16, wb, KH, KW,
                                            out_row + x0 * 16);
             x0 += npx;
           }
         }
         engine::store_row_to_planes<1>(out_rows, (f1 - f0) * OW, nc, bias ? bias + c0 : nullptr, false,
                                        output + (n * C + c0) * L + f0 * OW, L);
+      }
+    }
+  });
+}
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// The taps k < K (kernel positions, dilation d) that reach positions of phase r under stride s
+// (k*d = r mod s), last first: a grad_input pixel of that phase reads grad_output at (its padded
+// position - k*d)/s, which grows by d/gcd(s, d) from one tap of the list to the next.
+inline std::vector<int64_t> phase_taps(int64_t K, int64_t s, int64_t d, int64_t r) {
+  std::vector<int64_t> taps;
+  for (int64_t k = K - 1; k >= 0; --k) {
+    if ((k * d) % s == r) taps.push_back(k);
+  }
+  return taps;
+}
+
+// grad_input of a depthwise conv (one channel per group and one output channel per group), any stride,
+// dilation and padding, with 16 channels in the lanes. A grad_input pixel at padded position y reads
+// the taps of its phase y mod s only, and the pixels of one phase along a row read consecutive
+// grad_output columns: each (row, column phase) is a stride-1 correlation of a zero-padded lane copy of
+// grad_output with the phase's taps, last tap first (lane_tile); its pixels, stride apart, are
+// copied into the row.
+inline void backward_input_channel_lanes(const float* grad_output, const float* weight, float* grad_input,
+                                         const Conv2dParams& p) {
+  const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
+  const int64_t KH = p.kernel_h, KW = p.kernel_w, KK = KH * KW;
+  const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
+  const int64_t eh = dh / std::gcd(sh, dh), ew = dw / std::gcd(sw, dw);  // grad_output steps per phase tap
+  engine::AlignedBuffer wbuf(false), pbuf(false);                        // written in full
+  const float* wt = lane_weights(weight, C, KK, wbuf);
+  // the phases' taps and weights: wp[b][(rho, phi) taps in order][16], phase (rho, phi) from offset[rho][phi]
+  std::vector<std::vector<int64_t>> th(sh), tw(sw);
+  for (int64_t r = 0; r < sh; ++r) th[r] = phase_taps(KH, sh, dh, r);
+  for (int64_t r = 0; r < sw; ++r) tw[r] = phase_taps(KW, sw, dw, r);
+  const int64_t blocks = engine::ceil_div(C, 16);
+  std::vector<int64_t> offset(sh * sw);
+  float* wp = pbuf.get(blocks * KK * 16);
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t at = 0;  // every tap is in one phase: KK vectors a block
+    for (int64_t rho = 0; rho < sh; ++rho) {
+      for (int64_t phi = 0; phi < sw; ++phi) {
+        offset[rho * sw + phi] = at;
+        for (const int64_t kh : th[rho]) {
+          for (const int64_t kw : tw[phi]) {
+            std::memcpy(wp + (b * KK + at++) * 16, wt + (b * KK + kh * KW + kw) * 16, 16 * sizeof(float));
+          }
+        }
+      }
+    }
+  }
+  // grad_output columns [ow_lo, ow_hi] in the buffer (every tap of every grad_input column)
+  const int64_t ow_lo = floor_div(p.pad_w - (KW - 1) * dw, sw), ow_hi = floor_div(W - 1 + p.pad_w, sw);
+  const LaneBuffer lb(OH, OW, ow_lo, ow_hi - ow_lo + 1);
+  const LaneRuns lr(p.batch, C, H, W);
+  const uint64_t call = lane_call_id();
+  at::parallel_for(0, lr.pairs * lr.runs, 1, [&](int64_t begin, int64_t end) {
+    thread_local engine::AlignedBuffer go_buf(false), out_buf(false);  // written before read, every item
+    float* out_rows = out_buf.get(lr.flush_rows * W * 16);
+    alignas(64) float tile[kLanePixels * 16];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (lr.blocks * lr.runs), b = (item / lr.runs) % lr.blocks, run = item % lr.runs;
+      const int64_t c0 = 16 * b, nc = std::min<int64_t>(16, C - c0);
+      const int64_t ih0 = run * lr.run_rows, ih1 = std::min(H, ih0 + lr.run_rows);
+      const int64_t oh_lo = floor_div(ih0 + p.pad_h - (KH - 1) * dh, sh), oh_hi = floor_div(ih1 - 1 + p.pad_h, sh);
+      float* buf = go_buf.get((oh_hi - oh_lo + 1) * lb.row_floats);
+      lb.fill(grad_output + (n * C + c0) * OH * OW, OH * OW, nc, oh_lo, oh_hi - oh_lo + 1, buf,
+              lane_zeros_needed(call, run));
+      for (int64_t f0 = ih0; f0 < ih1; f0 += lr.flush_rows) {
+        const int64_t f1 = std::min(ih1, f0 + lr.flush_rows);
+        for (int64_t ih = f0; ih < f1; ++ih) {
+          float* out_row = out_rows + (ih - f0) * W * 16;
+          const int64_t y = ih + p.pad_h, rho = y % sh;
+          for (int64_t phi = 0; phi < sw; ++phi) {
+            const int64_t iw0 = ((phi - p.pad_w) % sw + sw) % sw;  // the phase's first column
+            if (iw0 >= W) continue;
+            const int64_t count = engine::ceil_div(W - iw0, sw);
+            if (th[rho].empty() || tw[phi].empty()) {  // no tap reaches these pixels
+              for (int64_t j = 0; j < count; ++j) std::memset(out_row + (iw0 + j * sw) * 16, 0, 16 * sizeof(float));
+              continue;
+            }
+            const int64_t nh = th[rho].size(), nw = tw[phi].size();
+            const float* src = buf + ((y - th[rho][0] * dh) / sh - oh_lo) * lb.row_floats +
+                               ((iw0 + p.pad_w - tw[phi][0] * dw) / sw - ow_lo) * 16;
+            const float* wph = wp + (b * KK + offset[rho * sw + phi]) * 16;
+            for (int64_t j0 = 0; j0 < count; j0 += kLanePixels) {
+              const int64_t npx = std::min<int64_t>(kLanePixels, count - j0);
+              lane_tile_for(npx, 1, ew, nw)(src + j0 * 16, eh * lb.row_floats, ew * 16, 16, wph, nh, nw, tile);
+              for (int64_t j = 0; j < npx; ++j) {
+                std::memcpy(out_row + (iw0 + (j0 + j) * sw) * 16, tile + j * 16, 16 * sizeof(float));
+              }
+            }
+          }
+        }
+        engine::store_row_to_planes<1>(out_rows, (f1 - f0) * W, nc, nullptr, false,
+                                       grad_input + (n * C + c0) * H * W + f0 * W, H * W);
       }
     }
   });
@@ -724,6 +861,12 @@ template <typename T>
 void backward_input(const T* grad_output, const T* weight, T* grad_input, const Conv2dParams& p) {
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w;
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<T, float>) {
+    if (!backward_input_as_forward(p) && use_channel_lanes(p))
+      return backward_input_channel_lanes(grad_output, weight, grad_input, p);
+  }
+#endif
   if (backward_input_as_forward(p)) {
     const std::vector<T> w_t = flipped_transposed_weight(weight, p);
     return forward<T>(grad_output, w_t.data(), nullptr, grad_input, backward_input_params(p));
