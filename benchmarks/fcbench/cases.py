@@ -5,8 +5,10 @@ Suites:
         batch (quick; the number the project has tracked from the start).
   full  every conv and pool layer of the five seed models (fastconv.models) at batch 1, 100 and 512
         (AlexNet at 224x224, batch 1, 8 and 32), every conv layer of a ResNet-18 (stem at batch 4,
-        the rest at batch 8), a depthwise 3x3, the rows of issue #8's table, and the core rows; convs
-        in four passes (fwd, bwd-input, bwd-weight, fwd+bwd), pools in three (fwd, bwd, fwd+bwd).
+        the rest at batch 8), a depthwise 3x3, ResNet-50's 1x1s, MobileNetV2's depthwise 3x3s,
+        ConvNeXt-T's 7x7 and EfficientNet-B0's 5x5 depthwise, ResNeXt-50's grouped 3x3s (batch 8),
+        the rows of issue #8's table, and the core rows; convs in four passes (fwd, bwd-input,
+        bwd-weight, fwd+bwd), pools in three (fwd, bwd, fwd+bwd).
 Layers with the same geometry merge into one row; the other names are kept as aliases.
 """
 from dataclasses import dataclass, field
@@ -223,6 +225,19 @@ def mobilenet_v2_depthwise_cases(n, scale=1):
                  bias=False)]
 
 
+def large_kernel_depthwise_cases(n, scale=1):
+    """Depthwise convolutions with 5x5 and 7x7 kernels (torchvision's layouts): ConvNeXt-T's 7x7 of each
+    stage (with biases) and EfficientNet-B0's 5x5, strided and not (no biases)."""
+    convnext = [conv(f"convnext_tiny.features.{2 * i + 1}.0.block.0", n, c, max(1, hw // scale), c, 7, padding=3,
+                     groups=c) for i, (c, hw) in enumerate(((96, 56), (192, 28), (384, 14), (768, 7)))]
+    return convnext + [
+        conv("efficientnet_b0.features.3.0.block.1.0", n, 144, 56 // scale, 144, 5, stride=2, padding=2, groups=144,
+             bias=False),
+        conv("efficientnet_b0.features.5.1.block.1.0", n, 672, 14 // scale, 672, 5, padding=2, groups=672, bias=False),
+        conv("efficientnet_b0.features.6.0.block.1.0", n, 672, 14 // scale, 672, 5, stride=2, padding=2, groups=672,
+             bias=False)]
+
+
 def resnext50_grouped_cases(n, scale=1):
     """ResNeXt-50 32x4d's grouped 3x3 convolutions (torchvision's layout, 32 groups, no biases): 4, 8,
     16 and 32 channels per group, the stride-2 one of layer2 and stride-1 ones."""
@@ -305,6 +320,7 @@ def build_rows(suite, tiny=False):
         cases += extra_cases(n_res, scale)
         cases += resnet50_1x1_cases(n_res, scale)
         cases += mobilenet_v2_depthwise_cases(n_res, scale)
+        cases += large_kernel_depthwise_cases(n_res, scale)
         cases += resnext50_grouped_cases(n_res, scale)
         cases += issue8 + core
         passes = {"conv2d": CONV_PASSES, "max_pool2d": POOL_PASSES}
