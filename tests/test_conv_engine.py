@@ -388,6 +388,35 @@ def test_grouped_weight_grad_matches_torch(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 2, "grouped-direct")
 
 
+# Groups of 8-15 output channels (half-empty vectors) take the grouped kernels by rule (not forced)
+# for the strided forward and for backward-weight on planes of at most 64 pixels; the GEMM otherwise,
+# its work items split over the groups (few pixels: every thread gets groups). Threads 1-3.
+SMALL_GROUP_CASES = [
+    ((2, 64, 14, 14, 64, (3, 3), 2, 1, 1, 8), ("grouped-direct", "grouped-direct")),
+    ((2, 48, 9, 11, 36, (3, 3), 2, 1, 1, 4), ("grouped-direct", "grouped-direct")),
+    ((1, 40, 8, 8, 40, (3, 3), 1, 1, 1, 5), (None, "grouped-direct")),
+    ((2, 64, 20, 20, 64, (3, 3), 1, 1, 1, 8), (None, None)),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", SMALL_GROUP_CASES, ids=lambda c: "x".join(map(str, c[0][:5])) + f"-g{c[0][9]}")
+def test_small_groups_match_torch(case, threads, poison):
+    (n, c, h, w, oc, k, s, p, d, g), (fwd, bww) = case
+    names = fastconv.conv2d_algorithm(torch.empty(n, c, h, w), torch.empty(oc, c // g, *k), s, p, d, g).split("/")
+    if "im2col+gemm-aten" in names:
+        pytest.skip("no AVX-512 engine on this CPU")
+    names = names * 3 if len(names) == 1 else names
+    assert (names[0] == "grouped-direct") == (fwd == "grouped-direct"), names
+    assert (names[2] == "grouped-direct") == (bww == "grouped-direct"), names
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        run_case(n, c, h, w, oc, k, s, p, d, g)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
     # bias and ReLU in the kernel's epilogue: bitwise the unfused op then relu, NaN kept
     monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")

@@ -53,7 +53,7 @@ constexpr int grouped_max_pixels(int nv) { return nv == 1 ? 16 : nv == 2 ? 14 : 
 
 // Whether a grouped convolution runs on the channel-lane kernel (FASTCONV_GROUPED_DIRECT=0/1 forces
 // it off/on where it applies: tests and benchmarks).
-inline bool use_grouped_direct(const Conv2dParams& p) {
+inline bool use_grouped_direct(const Conv2dParams& p, bool weight_grad = false) {
   if (p.stride_w > 2) return false;
   if (padded_input_bytes(p) > kMaxPaddedCopyBytes) return false;
   if (const int f = forced("FASTCONV_GROUPED_DIRECT", '0', '1'); f >= 0) return f == 1;
@@ -64,8 +64,17 @@ inline bool use_grouped_direct(const Conv2dParams& p) {
   // 1.06x)
   // 1x1 layers stay on the GEMM, whose panels of a group's few input channels pack cheaply (ShuffleNet's
   // 3 groups of 80 at 28x28, batch 8: 0.90x the time forward, 0.85x backward-input)
+  // Groups of 8-15 (half-empty vectors, RegNet's 8 a group) only where the GEMM's per-group overhead
+  // weighs most: the strided forward up to 16x16 outputs (its columns packed; stride 1 packs nothing)
+  // and backward-weight on planes of at most 64 pixels. Measured, 2 threads, Intel host, batch 8, 8
+  // channels a group, against the GEMM: forward 3x3/2 from 14x14 0.63x the time, from 28x28 0.90x,
+  // from 56x56 0.94-1.08x, from 112x112 1.07x; stride 1 at 14x14-56x56 1.13-1.22x; backward-weight at
+  // 7x7 0.58-0.67x, 3x3/2 from 14x14 0.83x, larger planes 0.91-1.85x.
   const int64_t OCg = p.out_channels_per_group(), lanes = ceil_div(OCg, 16) * 16;
-  return p.groups > 1 && p.kernel_h * p.kernel_w > 1 && OCg >= 16 && (OCg < 32 || OCg * 10 >= lanes * 9);
+  const bool wide = OCg >= 16 && (OCg < 32 || OCg * 10 >= lanes * 9);
+  const bool strided = p.stride_h > 1 || p.stride_w > 1;
+  const bool small = OCg >= 8 && OCg < 16 && (weight_grad ? p.out_plane() <= 64 : strided && p.out_plane() <= 256);
+  return p.groups > 1 && p.kernel_h * p.kernel_w > 1 && (wide || small);
 }
 
 // Output channels per block: a group of up to 48 in one (1-3 vectors), past that blocks of 32. Two
@@ -505,7 +514,7 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
 // the same bits.
 inline bool grouped_weight_grad_wanted(const Conv2dParams& p) {
   if (p.kernel_h != 3 || p.kernel_w != 3 || p.dilation_h != 1 || p.dilation_w != 1 || p.stride_w > 2) return false;
-  return use_grouped_direct(p);
+  return use_grouped_direct(p, true);
 }
 
 template <int CB, int NV, int SW>
