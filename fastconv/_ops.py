@@ -43,7 +43,17 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
                  lambda: f"fastconv.conv2d: input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
     oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return input.new_empty((input.shape[0], weight.shape[0], oh, ow))
+    return _conv_output_like(input, (input.shape[0], weight.shape[0], oh, ow))
+
+
+def _conv_output_like(input, shape):
+    """An empty conv output: channels_last where the CPU kernels give one (a channels_last input that
+    is not NCHW-contiguous too, as torch's conv2d), else contiguous."""
+    out = input.new_empty(shape)
+    if (input.device.type == "cpu" and input.dim() == 4 and not input.is_contiguous()
+            and input.is_contiguous(memory_format=torch.channels_last)):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 @torch.library.register_fake("fastconv::_conv2d_backward")

@@ -469,6 +469,41 @@ def test_depthwise_channel_lanes_match_torch(case, lanes, monkeypatch, poison):
         run_case(*case, bias=False)
 
 
+# A channels_last input runs the lane forward in place (NHWC in, NHWC out: no transposes); every
+# other kernel on an NCHW copy. Either way the output is channels_last, as torch's, and the fake
+# kernel (torch.compile / export tracing) gives the same strides.
+@pytest.mark.parametrize("lanes", ["1", "0"])
+@pytest.mark.parametrize("case", [DW_LANE_CASES[i] for i in (0, 1, 2, 3, 5, 7)] + [(2, 16, 9, 10, 24, (3, 3), 1, 1, 1, 1)],
+                         ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def test_channels_last_conv_matches_torch(case, lanes, monkeypatch, poison):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("FASTCONV_DW_LANES", lanes)
+    n, c, h, w, oc, k, s, p, d, g = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(oc, c // g, *k, dtype=torch.float64), torch.randn(oc, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    ref = F.conv2d(xr, wr, b, s, p, d, g)
+    go = torch.randn_like(ref)
+    ref.backward(go)
+    xf, wf = x.float().requires_grad_(), wt.float().requires_grad_()
+    assert xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous()
+    out = FC.conv2d(xf, wf, b.float(), s, p, d, g)
+    out.backward(go.float())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for name, got, want in (("output", out, ref), ("grad_input", xf.grad, xr.grad), ("grad_weight", wf.grad, wr.grad)):
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert err < 2e-5, f"{name}: max error {err:.2e}"
+    args = tuple(list(v) if isinstance(v, tuple) else [v, v] for v in (s, p, d)) + (g,)
+    xd, wd = xf.detach(), wf.detach()
+    real = torch.ops.fastconv.conv2d(xd, wd, None, *args)
+    mode = FakeTensorMode()
+    fx, fw = mode.from_tensor(xd), mode.from_tensor(wd)
+    with mode:
+        fake = torch.ops.fastconv.conv2d(fx, fw, None, *args)
+    assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_depthwise_channel_lanes_split_rows_over_threads(threads, monkeypatch, poison):
     # batch 1 with one or two blocks of channels: the rows cut into runs (each its own zero padding)

@@ -592,11 +592,28 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
     return conv2d_cpu_impl(input.to(at::kFloat), weight.to(at::kFloat), bias_f, stride, padding, dilation, groups, relu)
         .to(input.scalar_type());
   }
-  const at::Tensor input_c = input.contiguous();
+  // A channels_last input (not NCHW-contiguous too) gives a channels_last output, as torch's conv2d
+  // (fastconv/_ops.py's fake kernel says the same); the kernels that read NHWC run on it in place,
+  // the others on an NCHW copy.
+  const bool channels_last =
+      input.dim() == 4 && !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if (channels_last && input.scalar_type() == at::kFloat && run_direct<float>(p) && cpu::direct::use_channel_lanes(p)) {
+    at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w},
+                                  input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (p.batch == 0) return output;
+    cpu::direct::forward_channel_lanes(input.const_data_ptr<float>(), weight_c.const_data_ptr<float>(),
+                                       has_bias ? bias_c.const_data_ptr<float>() : nullptr, output.data_ptr<float>(), p,
+                                       true);
+    if (relu) output.relu_();
+    return output;
+  }
+#endif
+  const at::Tensor input_c = input.contiguous();
   at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, input.options());
-  if (p.batch == 0) return output;
+  if (p.batch == 0) return channels_last ? output.contiguous(at::MemoryFormat::ChannelsLast) : output;
   bool relu_done = false;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastconv_conv2d_cpu", [&] {
     relu_done = conv2d_forward_kernel<scalar_t>(input_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(),
@@ -604,7 +621,7 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
                                                 output.data_ptr<scalar_t>(), p, relu);
   });
   if (relu && !relu_done) output.relu_();
-  return output;
+  return channels_last ? output.contiguous(at::MemoryFormat::ChannelsLast) : output;
 }
 
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
