@@ -579,6 +579,36 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   }
 }
 
+// A channels_last tensor (not NCHW-contiguous too) as an NCHW-contiguous one, and back; float32 on
+// AVX-512 by 16x16 register transposes (engine::transpose_batch), else ATen's copy.
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor contiguous_nchw(const at::Tensor& t) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if (t.scalar_type() == at::kFloat && is_channels_last(t) && use_engine<float>()) {
+    at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+    cpu::engine::transpose_batch(t.const_data_ptr<float>(), t.size(0), t.size(2) * t.size(3), t.size(1),
+                                 out.data_ptr<float>());
+    return out;
+  }
+#endif
+  return t.contiguous();
+}
+
+at::Tensor to_channels_last(const at::Tensor& t) {  // t NCHW-contiguous
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if (t.scalar_type() == at::kFloat && t.dim() == 4 && t.is_contiguous() && use_engine<float>()) {
+    at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
+    cpu::engine::transpose_batch(t.const_data_ptr<float>(), t.size(0), t.size(1), t.size(2) * t.size(3),
+                                 out.data_ptr<float>());
+    return out;
+  }
+#endif
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            bool relu) {
@@ -595,8 +625,7 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
   // A channels_last input (not NCHW-contiguous too) gives a channels_last output, as torch's conv2d
   // (fastconv/_ops.py's fake kernel says the same); the kernels that read NHWC run on it in place,
   // the others on an NCHW copy.
-  const bool channels_last =
-      input.dim() == 4 && !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = is_channels_last(input);
   const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -611,7 +640,7 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
     return output;
   }
 #endif
-  const at::Tensor input_c = input.contiguous();
+  const at::Tensor input_c = contiguous_nchw(input);
   at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, input.options());
   if (p.batch == 0) return channels_last ? output.contiguous(at::MemoryFormat::ChannelsLast) : output;
   bool relu_done = false;
@@ -621,7 +650,7 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
                                                 output.data_ptr<scalar_t>(), p, relu);
   });
   if (relu && !relu_done) output.relu_();
-  return channels_last ? output.contiguous(at::MemoryFormat::ChannelsLast) : output;
+  return channels_last ? to_channels_last(output) : output;
 }
 
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -651,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   }
   // masked-out gradients are empty tensors, each its own (outputs must not alias)
   const auto empty = [&] { return at::empty({0}, input.options()); };
-  const at::Tensor go_c = grad_output.contiguous();
+  const at::Tensor go_c = contiguous_nchw(grad_output);
   at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : at::Tensor();
   // every kernel writes grad_weight whole (tests allocate it NaN-filled to check); zeros only for an
   // empty batch, where no kernel runs
@@ -660,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
                                            : at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_bias = output_mask[2] ? go_c.sum({0, 2, 3}) : empty();
   if (p.batch > 0 && (output_mask[0] || output_mask[1])) {
-    const at::Tensor input_c = input.contiguous();
+    const at::Tensor input_c = contiguous_nchw(input);
     const at::Tensor weight_c = weight.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastconv_conv2d_backward_cpu", [&] {
       conv2d_backward_kernel<scalar_t>(go_c.const_data_ptr<scalar_t>(), input_c.const_data_ptr<scalar_t>(),
