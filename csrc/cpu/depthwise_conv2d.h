@@ -624,7 +624,8 @@ struct LaneBuffer {
 };
 
 // Whether this thread must write a LaneBuffer's zeros for run `run` of call `call` (a new call, or
-// another run of rows since its last fill).
+// another run of rows since its last fill). One state for both lane kernels, each with its own
+// buffer: every call takes a new id (lane_call_id) and fills one buffer.
 inline bool lane_zeros_needed(uint64_t call, int64_t run) {
   thread_local uint64_t zeroed_call = 0;
   thread_local int64_t zeroed_run = -1;
