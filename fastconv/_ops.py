@@ -46,12 +46,16 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
     return _conv_output_like(input, (input.shape[0], weight.shape[0], oh, ow))
 
 
+def _channels_last(t):
+    """Whether t is a channels_last tensor that is not NCHW-contiguous too."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _conv_output_like(input, shape):
-    """An empty conv output: channels_last where the CPU kernels give one (a channels_last input that
-    is not NCHW-contiguous too, as torch's conv2d), else contiguous."""
+    """An empty conv output: channels_last where the CPU kernels give one (a channels_last input, as
+    torch's conv2d), else contiguous."""
     out = input.new_empty(shape)
-    if (input.device.type == "cpu" and input.dim() == 4 and not input.is_contiguous()
-            and input.is_contiguous(memory_format=torch.channels_last)):
+    if input.device.type == "cpu" and _channels_last(input):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
+from ._ops import _channels_last
 
 ops = torch.ops.fastconv
 
@@ -36,10 +37,6 @@ def _pair(value, name, op):
     if len(items) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     return (int(items[0]), int(items[1]))
-
-
-def _channels_last(t):
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class Conv2dFunction:

@@ -1091,21 +1091,27 @@ FASTCONV_AVX512 __attribute__((always_inline)) inline void transpose16(__m512 r[
   }
 }
 
-// dst(i)[0, 16) = column i of the rows x cols matrix at src (rows ld floats apart, rows <= 16), zero past
-// `rows` (columns whose dst(i) is null skipped): 16x16 register transposes, 16 columns at a time.
-template <typename Dst>
-FASTCONV_AVX512 inline void columns_to_lanes(const float* src, int64_t ld, int64_t rows, int64_t cols, Dst dst) {
+// store(i, v) for every column i of the rows x cols matrix at src (rows ld floats apart, rows <= 16),
+// v the column as a vector, zero past `rows`: 16x16 register transposes, 16 columns at a time.
+template <typename Store>
+FASTCONV_AVX512 inline void transpose_columns(const float* src, int64_t ld, int64_t rows, int64_t cols, Store store) {
   for (int64_t c0 = 0; c0 < cols; c0 += 16) {
     const int64_t n = std::min<int64_t>(16, cols - c0);
     const __mmask16 m = lane_mask(0, n);
     __m512 r[16];
     for (int j = 0; j < 16; ++j) r[j] = j < rows ? _mm512_maskz_loadu_ps(m, src + j * ld + c0) : _mm512_setzero_ps();
     transpose16(r);
-    for (int64_t i = 0; i < n; ++i) {
-      float* d = dst(c0 + i);
-      if (d) _mm512_store_ps(d, r[i]);
-    }
+    for (int64_t i = 0; i < n; ++i) store(c0 + i, r[i]);
   }
+}
+
+// dst(i)[0, 16) = column i of the rows x cols matrix at src (transpose_columns; dst(i) 64-byte aligned,
+// columns whose dst(i) is null skipped).
+template <typename Dst>
+FASTCONV_AVX512 inline void columns_to_lanes(const float* src, int64_t ld, int64_t rows, int64_t cols, Dst dst) {
+  transpose_columns(src, ld, rows, cols, [&](int64_t i, __m512 v) FASTCONV_AVX512 {
+    if (float* d = dst(i)) _mm512_store_ps(d, v);
+  });
 }
 
 // A pixel-major row [px][NV*16] (rows past `valid` unread) into NCHW (+ bias, ReLU), 16 pixels at a
@@ -1138,26 +1144,6 @@ FASTCONV_AVX512 void store_row_to_planes(const float* row, int64_t valid, int64_
   }
 }
 
-// dst[c*ld_dst + r] = src[r*ld_src + c] for r < rows, c < cols (any sizes): 16x16 register transposes,
-// masked at the edges.
-FASTCONV_AVX512 inline void transpose_matrix(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
-                                             int64_t ld_dst) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-    const int64_t nr = std::min<int64_t>(16, rows - r0);
-    const __mmask16 rm = lane_mask(0, nr);
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const int64_t nc = std::min<int64_t>(16, cols - c0);
-      const __mmask16 cm = lane_mask(0, nc);
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = i < nr ? _mm512_maskz_loadu_ps(cm, src + (r0 + i) * ld_src + c0) : _mm512_setzero_ps();
-      }
-      transpose16(r);
-      for (int64_t i = 0; i < nc; ++i) _mm512_mask_storeu_ps(dst + (c0 + i) * ld_dst + r0, rm, r[i]);
-    }
-  }
-}
-
 // Batches of `count` [rows][cols] matrices (rows*cols floats apart) into [cols][rows] ones: NHWC <->
 // NCHW (rows = H*W, cols = C one way; the other, rows = C, cols = H*W). Work items of 16 source rows,
 // over every matrix. ATen's copy of a channels_last tensor into NCHW took 24 ms for 8x256x56x56 here
@@ -1166,9 +1152,11 @@ inline void transpose_batch(const float* src, int64_t count, int64_t rows, int64
   const int64_t strips = ceil_div(rows, 16);
   at::parallel_for(0, count * strips, grain_for(16 * cols), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t m = t / strips, r0 = (t % strips) * 16;
-      transpose_matrix(src + m * rows * cols + r0 * cols, cols, std::min<int64_t>(16, rows - r0), cols,
-                       dst + m * rows * cols + r0, rows);
+      const int64_t m = t / strips, r0 = (t % strips) * 16, nr = std::min<int64_t>(16, rows - r0);
+      float* d = dst + m * rows * cols + r0;
+      const __mmask16 rm = lane_mask(0, nr);
+      transpose_columns(src + m * rows * cols + r0 * cols, cols, nr, cols,
+                        [&](int64_t i, __m512 v) FASTCONV_AVX512 { _mm512_mask_storeu_ps(d + i * rows, rm, v); });
     }
   });
 }

@@ -597,20 +597,29 @@ struct LaneBuffer {
     in_lo = std::clamp<int64_t>(-c_lo, 0, cols);
     in_hi = std::clamp<int64_t>(W - c_lo, in_lo, cols);
   }
-  // `zero`: write the zeros too (a thread's previous fill of the same call and the same rows left them)
-  // (`data` false: the zeros only)
-  FASTCONV_AVX512 void fill(const float* planes, int64_t plane, int64_t nc, int64_t r_lo, int64_t rows, float* buf,
-                            bool zero, bool data = true) const {
-    const int64_t r0 = std::clamp<int64_t>(-r_lo, 0, rows), r1 = std::clamp<int64_t>(H - r_lo, r0, rows);
-    if (zero) {
-      std::memset(buf, 0, r0 * row_floats * sizeof(float));
-      std::memset(buf + r1 * row_floats, 0, (rows - r1) * row_floats * sizeof(float));
-      for (int64_t r = r0; r < r1; ++r) {
-        std::memset(buf + r * row_floats, 0, in_lo * 16 * sizeof(float));
-        std::memset(buf + r * row_floats + in_hi * 16, 0, (cols - in_hi) * 16 * sizeof(float));
-      }
+  // The buffer rows [r0, r1) that hold input rows, for rows [r_lo, r_lo + rows).
+  void input_rows(int64_t r_lo, int64_t rows, int64_t& r0, int64_t& r1) const {
+    r0 = std::clamp<int64_t>(-r_lo, 0, rows);
+    r1 = std::clamp<int64_t>(H - r_lo, r0, rows);
+  }
+  // The zeros around the input (a thread's previous fill of the same call and the same rows left them).
+  void zero(float* buf, int64_t r_lo, int64_t rows) const {
+    int64_t r0, r1;
+    input_rows(r_lo, rows, r0, r1);
+    std::memset(buf, 0, r0 * row_floats * sizeof(float));
+    std::memset(buf + r1 * row_floats, 0, (rows - r1) * row_floats * sizeof(float));
+    for (int64_t r = r0; r < r1; ++r) {
+      std::memset(buf + r * row_floats, 0, in_lo * 16 * sizeof(float));
+      std::memset(buf + r * row_floats + in_hi * 16, 0, (cols - in_hi) * 16 * sizeof(float));
     }
-    if (!data || r1 <= r0 || in_hi <= in_lo) return;
+  }
+  // From NCHW planes (`nc` of them, `plane` floats apart); `zero_too`: write the zeros too.
+  FASTCONV_AVX512 void fill(const float* planes, int64_t plane, int64_t nc, int64_t r_lo, int64_t rows, float* buf,
+                            bool zero_too) const {
+    if (zero_too) zero(buf, r_lo, rows);
+    int64_t r0, r1;
+    input_rows(r_lo, rows, r0, r1);
+    if (r1 <= r0 || in_hi <= in_lo) return;
     // rows [r_lo + r0, r_lo + r1), contiguous in each plane: 16 pixels to a transpose whatever the row
     // length, each pixel to its place (row and column followed pixel by pixel, no division)
     int64_t at_r = r0, at_w = 0;
@@ -620,6 +629,23 @@ struct LaneBuffer {
       if (++at_w == W) at_w = 0, ++at_r;
       return d;
     });
+  }
+  // From a channels_last image (its pixels C floats apart, `image` at its first channel): each pixel's
+  // nc channels one masked load, no transposes.
+  FASTCONV_AVX512 void fill_channels_last(const float* image, int64_t C, int64_t nc, int64_t r_lo, int64_t rows,
+                                          float* buf, bool zero_too) const {
+    if (zero_too) zero(buf, r_lo, rows);
+    int64_t r0, r1;
+    input_rows(r_lo, rows, r0, r1);
+    const __mmask16 m = lane_mask(0, nc);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = image + ((r_lo + r) * W + in_lo + c_lo) * C;
+      float* dst = buf + r * row_floats + in_lo * 16;
+      for (int64_t w = in_lo; w < in_hi; ++w, src += C, dst += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + 8 * C), _MM_HINT_T0);  // pixels C floats apart
+        _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m, src));
+      }
+    }
   }
 };
 
@@ -637,23 +663,6 @@ inline bool lane_zeros_needed(uint64_t call, int64_t run) {
 inline uint64_t lane_call_id() {
   static std::atomic<uint64_t> calls{0};
   return ++calls;
-}
-
-// LaneBuffer::fill from a channels_last image (its pixels C floats apart, `image` at channel c0):
-// each pixel's nc channels one masked load, no transposes.
-FASTCONV_AVX512 inline void fill_from_channels_last(const LaneBuffer& lb, const float* image, int64_t C, int64_t nc,
-                                                    int64_t r_lo, int64_t rows, float* buf, bool zero) {
-  const int64_t r0 = std::clamp<int64_t>(-r_lo, 0, rows), r1 = std::clamp<int64_t>(lb.H - r_lo, r0, rows);
-  if (zero) lb.fill(nullptr, 0, nc, r_lo, rows, buf, true, false);
-  const __mmask16 m = lane_mask(0, nc);
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* src = image + ((r_lo + r) * lb.W + lb.in_lo + lb.c_lo) * C;
-    float* dst = buf + r * lb.row_floats + lb.in_lo * 16;
-    for (int64_t w = lb.in_lo; w < lb.in_hi; ++w, src += C, dst += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + 8 * C), _MM_HINT_T0);  // pixels C floats apart
-      _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m, src));
-    }
-  }
 }
 
 // Pixel-major rows [px][16] (`count` pixels) into a channels_last output (pixels C floats apart, `out` at
@@ -693,7 +702,7 @@ inline void forward_channel_lanes(const float* input, const float* weight, const
       const int64_t ih0 = oh0 * sh - p.pad_h, rows = (oh1 - 1 - oh0) * sh + (KH - 1) * dh + 1;
       float* buf = in_buf.get(rows * lb.row_floats);
       if (channels_last) {
-        fill_from_channels_last(lb, input + n * H * W * C + c0, C, nc, ih0, rows, buf, lane_zeros_needed(call, run));
+        lb.fill_channels_last(input + n * H * W * C + c0, C, nc, ih0, rows, buf, lane_zeros_needed(call, run));
       } else {
         lb.fill(input + (n * C + c0) * H * W, H * W, nc, ih0, rows, buf, lane_zeros_needed(call, run));
       }
