@@ -29,6 +29,12 @@ struct Conv2dParams {
   }
 };
 
+// A channels_last tensor that is not NCHW-contiguous too (a 1x1 plane or one channel is both): the
+// CPU kernels then give channels_last results, as torch's conv2d and max_pool2d do.
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 struct Pool2dParams {
   int64_t batch, channels, in_h, in_w, out_h, out_w;
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;

@@ -43,7 +43,7 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
                  lambda: f"fastconv.conv2d: input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
     oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return _conv_output_like(input, (input.shape[0], weight.shape[0], oh, ow))
+    return _output_like(input, (input.shape[0], weight.shape[0], oh, ow))
 
 
 def _channels_last(t):
@@ -51,13 +51,14 @@ def _channels_last(t):
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _conv_output_like(input, shape):
-    """An empty conv output: channels_last where the CPU kernels give one (a channels_last input, as
-    torch's conv2d), else contiguous."""
-    out = input.new_empty(shape)
+def _output_like(input, shape, dtype=None):
+    """An empty conv or max-pool result: channels_last where the CPU kernels give one (a channels_last
+    input, as torch's conv2d and max_pool2d), else contiguous."""
     if input.device.type == "cpu" and _channels_last(input):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+        # (torch.empty's channels_last strides, as the kernels' at::empty: a 1x1 result's differ from
+        # .contiguous(memory_format=...)'s, which keeps a tensor that is both layouts as it is)
+        return torch.empty(shape, dtype=dtype or input.dtype, device=input.device, memory_format=torch.channels_last)
+    return input.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("fastconv::_conv2d_backward")
@@ -74,12 +75,12 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
     oh = pool_out_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
     ow = pool_out_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
     shape = (input.shape[0], input.shape[1], oh, ow)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
+    return _output_like(input, shape), _output_like(input, shape, torch.long)
 
 
 @torch.library.register_fake("fastconv::_max_pool2d_backward")
 def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
-    return input.new_empty(input.shape)
+    return _output_like(input, input.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ so ReLU and its backward mask touch the pooled tensor, a quarter of the conv out
 import torch
 from torch import nn
 
-from ._ops import _conv_output_like, conv_out_size
+from ._ops import _output_like, conv_out_size
 from .modules import Conv2d, MaxPool2d
 
 __all__ = ["Conv2dReLU", "fuse"]
@@ -33,7 +33,7 @@ def _conv2d_relu_fake(input, weight, bias, stride, padding, dilation, groups):
     torch._check(input.dim() == 4, lambda: f"fastconv.conv2d_relu: expected a 4-D input, got {input.dim()}-D")
     oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return _conv_output_like(input, (input.shape[0], weight.shape[0], oh, ow))
+    return _output_like(input, (input.shape[0], weight.shape[0], oh, ow))
 
 
 class Conv2dReLU(Conv2d):

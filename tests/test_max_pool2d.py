@@ -210,3 +210,69 @@ def test_float32_backward_bitwise_like_torch_on_random_geometries():
         assert torch.equal(got, want), args
         checked += 1
     assert checked == 150
+
+
+# channels_last inputs on the CPU: values, indices and grad_input channels_last (as torch's) and bit for
+# bit torch's, on random geometries (overlapping and padded windows, dilation, ceil mode, stride 1 with
+# many windows over one pixel), channel counts around the 16-lane vectors (the backward runs in place
+# from 16 channels, through NCHW below), inputs with ties and a NaN, at 1-3 threads; the fake kernels
+# give the same strides.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_channels_last_cpu_bitwise_like_torch(dtype, threads, poison):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(11 + threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for trial in range(40):
+            kh, kw, sh, sw = (int(v) for v in torch.randint(1, 5, (4,), generator=gen))
+            dh, dw = (int(v) for v in torch.randint(1, 3, (2,), generator=gen))
+            ph = int(torch.randint(0, kh // 2 + 1, (1,), generator=gen))
+            pw = int(torch.randint(0, kw // 2 + 1, (1,), generator=gen))
+            h = (kh - 1) * dh + 1 + int(torch.randint(0, 14, (1,), generator=gen))
+            w = (kw - 1) * dw + 1 + int(torch.randint(0, 14, (1,), generator=gen))
+            n, c = int(torch.randint(1, 3, (1,), generator=gen)), (3, 16, 17, 40)[trial % 4]
+            ceil = bool(trial % 3 == 0)
+            x = torch.randn(n, c, h, w, generator=gen).mul(2).round().to(dtype)  # many ties
+            x.view(-1)[int(torch.randint(0, x.numel(), (1,), generator=gen))] = float("nan")
+            x = x.contiguous(memory_format=torch.channels_last)
+            args = [[kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil]
+            ref, ref_idx = torch.ops.aten.max_pool2d_with_indices(x, *args)
+            out, idx = torch.ops.fastconv.max_pool2d(x, *args)
+            assert torch.equal(out, ref) or torch.allclose(out, ref, equal_nan=True, rtol=0, atol=0), args
+            assert torch.equal(idx, ref_idx), args
+            assert out.stride() == ref.stride() and idx.stride() == ref_idx.stride(), args
+            go = torch.randn(ref.shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+            want = torch.ops.aten.max_pool2d_with_indices_backward(go, x, *args, ref_idx)
+            got = torch.ops.fastconv._max_pool2d_backward(go, x, idx, *args)
+            assert torch.equal(got, want), args
+            assert got.stride() == want.stride(), args
+            got_nchw_go = torch.ops.fastconv._max_pool2d_backward(go.contiguous(), x, idx.contiguous(), *args)
+            assert torch.equal(got_nchw_go, want), args
+            with FakeTensorMode() as mode:
+                fx = mode.from_tensor(x)
+                fo, fi = torch.ops.fastconv.max_pool2d(fx, *args)
+                fg = torch.ops.fastconv._max_pool2d_backward(mode.from_tensor(go), fx, fi, *args)
+            assert fo.stride() == out.stride() and fi.stride() == idx.stride() and fg.stride() == got.stride()
+    finally:
+        torch.set_num_threads(old)
+
+
+# The channels_last backward in place (16+ channels) drops indices outside their window, as the NCHW one.
+def test_channels_last_backward_drops_indices_outside_their_window(poison):
+    x = distinct_input(2, 20, 15, 17, torch.float32, "cpu").contiguous(memory_format=torch.channels_last)
+    args = [[3, 3], [2, 2], [1, 1], [1, 1], True]
+    vals, idx = torch.ops.fastconv.max_pool2d(x, *args)
+    bad = idx.clone()
+    flat = bad.permute(0, 2, 3, 1).view(-1)  # memory order: channels innermost
+    flat[0::5] = (flat[0::5] + 3) % (15 * 17)
+    flat[1::7] = -3
+    flat[2::11] = 15 * 17 + 1
+    flat[3::13] = flat[3::13] + (1 << 33)
+    go = torch.randn(vals.shape).contiguous(memory_format=torch.channels_last)
+    got = torch.ops.fastconv._max_pool2d_backward(go, x, bad, *args)
+    want = torch.ops.fastconv._max_pool2d_backward(go.contiguous(), x.contiguous(), bad.contiguous(), *args)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want)

@@ -579,12 +579,8 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   }
 }
 
-// A channels_last tensor (not NCHW-contiguous too) as an NCHW-contiguous one, and back; float32 on
+// A channels_last tensor (is_channels_last) as an NCHW-contiguous one, and back; float32 on
 // AVX-512 by 16x16 register transposes (engine::transpose_batch), else ATen's copy.
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 at::Tensor contiguous_nchw(const at::Tensor& t) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   if (t.scalar_type() == at::kFloat && is_channels_last(t) && use_engine<float>()) {
