@@ -77,16 +77,20 @@ def test_nan_and_inf_like_torch(device):
 @pytest.mark.parametrize("kernel", [2, 3])
 @pytest.mark.parametrize("shape", [(2, 3, 10, 75), (1, 2, 7, 34), (3, 1, 4, 32), (2, 2, 3, 3), (1, 2, 9, 35)])
 def test_stride2_ties_nan_and_row_tails(shape, kernel, dtype, device, poison):
-    # small integers: many ties (real images have flat backgrounds); rows of 1 to 37 outputs cover
-    # the vectorised stride-2 path's full and partial 16-output steps, odd sizes, and ceil mode
+    # small integers: many ties (real images have flat backgrounds); rows of 1 to 38 outputs cover
+    # the vectorised stride-2 paths' full and partial 16-output steps, odd sizes, ceil mode, and
+    # padding (ResNet's 3x3/2 p1; asymmetric too), where windows at the borders and a run of -inf
+    # (the window's first element inside the input wins) reach outside the input
     x = torch.randint(-2, 3, shape).to(device, dtype)
     x.view(-1)[::29] = math.nan
     x.view(-1)[5::31] = -math.inf
+    x[..., 0, :3] = -math.inf
     for ceil in (False, True):
-        out, idx = FC.max_pool2d(x, kernel, 2, ceil_mode=ceil, return_indices=True)
-        ref, ref_idx = F.max_pool2d(x.cpu(), kernel, 2, ceil_mode=ceil, return_indices=True)
-        torch.testing.assert_close(out.cpu(), ref, equal_nan=True, rtol=0, atol=0)
-        assert torch.equal(idx.cpu(), ref_idx)
+        for pad in (0, 1, (1, 0), (0, 1)):
+            out, idx = FC.max_pool2d(x, kernel, 2, pad, ceil_mode=ceil, return_indices=True)
+            ref, ref_idx = F.max_pool2d(x.cpu(), kernel, 2, pad, ceil_mode=ceil, return_indices=True)
+            torch.testing.assert_close(out.cpu(), ref, equal_nan=True, rtol=0, atol=0)
+            assert torch.equal(idx.cpu(), ref_idx), (pad, ceil)
 
 
 @pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)

@@ -42,19 +42,23 @@ inline V select_bits(bool take, V a, V b) {
 // still visits its elements in torch's order (row by row), so ties (first wins), NaN (last NaN
 // wins) and all -inf windows (first in-range element) give torch's exact indices.
 #if FASTCONV_HAVE_AVX512_KERNELS
-// KxK windows (K = 2 or 3), stride 2, no padding or dilation, float32: 16 outputs per step. The
-// even and odd input columns are split with two-source permutes and the K*K candidates compared in
+// 2x2 windows, stride 2, inside the input (no padding or dilation), float32: 16 outputs per step. The
+// even and odd input columns are split with two-source permutes and the 4 candidates compared in
 // torch's visiting order (row by row, column by column) with "greater, or NaN" masks, so ties, NaN
-// and -inf give torch's indices exactly. The MNIST CNN, LeNet and SimpleConvNet pool 2x2/2,
-// AlexNet 3x3/2.
-int max_pool2d_vector_kernel(const Pool2dParams& p) {
+// and -inf give torch's indices exactly. The MNIST CNN, LeNet and SimpleConvNet pool 2x2/2.
+// Returns K, or 0 where neither vector kernel applies; `padded`: run max_pool2d_stride2_padded_planes
+// below, for windows that reach outside the input (padding, or the ceil mode's clipped last window) and
+// for every 3x3 (measured, 2 threads, Zen 4, against the kernel above: AlexNet's 3x3/2 pools 0.64-0.91x
+// the time; 2x2 on 8x8 planes 1.3x, so 2x2 windows inside the input stay there).
+int max_pool2d_vector_kernel(const Pool2dParams& p, bool& padded) {
   const bool shape = p.kernel_h == p.kernel_w && (p.kernel_h == 2 || p.kernel_h == 3) && p.stride_h == 2 &&
-                     p.stride_w == 2 && p.pad_h == 0 && p.pad_w == 0 && p.dilation_h == 1 && p.dilation_w == 1;
+                     p.stride_w == 2 && p.dilation_h == 1 && p.dilation_w == 1 &&
+                     p.in_w + 64 < std::numeric_limits<int32_t>::max();  // (columns in int32 lanes)
   if (!shape || !cpu::has_avx512()) return 0;
   const int64_t k = p.kernel_h;
-  // every window wholly inside the input (true in floor mode; ceil mode may clip the last one)
-  const bool inside = 2 * (p.out_h - 1) + k <= p.in_h && 2 * (p.out_w - 1) + k <= p.in_w;
-  return inside ? static_cast<int>(k) : 0;
+  // every 3x3, and 2x2 windows that reach outside the input (floor mode without padding: none do)
+  padded = k == 3 || p.pad_h != 0 || p.pad_w != 0 || 2 * (p.out_h - 1) + k > p.in_h || 2 * (p.out_w - 1) + k > p.in_w;
+  return static_cast<int>(k);
 }
 
 template <int K>
@@ -72,14 +76,10 @@ __attribute__((target("avx512f"))) void max_pool2d_stride2_planes(const float* i
       int64_t* ind = idx + pl * out_plane + oh * OW;
       for (int64_t ow = 0; ow < OW; ow += 16) {
         const int64_t n = std::min<int64_t>(16, OW - ow);
-        // input columns 2*ow .. 2*ow + 2n - 1 (the last odd one is read only when K == 2 or 3 needs it)
+        // input columns 2*ow .. 2*ow + 2n - 1
         const int64_t cols = 2 * n;
         const __mmask16 lo = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1u);
         const __mmask16 hi = cols > 16 ? __mmask16((1u << (cols - 16)) - 1u) : __mmask16(0);
-        // third column of each window, 2*ow + 2 + 2*lane: only even lanes 0 .. 2n - 2 are needed
-        const int64_t cols3 = 2 * n - 1;
-        const __mmask16 lo3 = cols3 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols3) - 1u);
-        const __mmask16 hi3 = cols3 > 16 ? __mmask16((1u << (cols3 - 16)) - 1u) : __mmask16(0);
         __m512 v[kCand];
         int64_t offset[kCand];
         for (int r = 0; r < K; ++r) {
@@ -89,11 +89,6 @@ __attribute__((target("avx512f"))) void max_pool2d_stride2_planes(const float* i
           v[r * K + 1] = _mm512_permutex2var_ps(a0, odd, a1);
           offset[r * K + 0] = r * W;
           offset[r * K + 1] = r * W + 1;
-          if constexpr (K == 3) {
-            const __m512 c0 = _mm512_maskz_loadu_ps(lo3, row + 2), c1 = _mm512_maskz_loadu_ps(hi3, row + 18);
-            v[r * K + 2] = _mm512_permutex2var_ps(c0, even, c1);
-            offset[r * K + 2] = r * W + 2;
-          }
         }
         __m512 best = v[0];
         __mmask16 pick[kCand];  // which candidate each lane holds, as masks
@@ -153,18 +148,94 @@ FASTCONV_AVX512 void max_pool2d_pixel_channels_last(const float* image, float* o
     _mm512_mask_storeu_epi64(ind + c0 + 8, static_cast<__mmask8>(m >> 8), hi);
   }
 }
+
+// KxK windows (K = 2 or 3), stride 2, with padding (ResNet's 3x3/2 p1) or windows the ceil mode clips,
+// float32: 16 outputs per step as above, each candidate taken only in the lanes whose column lies inside
+// the input (rows outside are skipped whole), from -inf and the window's first element inside the input,
+// as the scalar loop does; positions tracked as two int64 vectors.
+template <int K>
+FASTCONV_AVX512 void max_pool2d_stride2_padded_planes(const float* in, float* out, int64_t* idx, const Pool2dParams& p,
+                                                      int64_t begin, int64_t end) {
+  const int64_t H = p.in_h, W = p.in_w, OW = p.out_w, in_plane = H * W, out_plane = p.out_h * OW;
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512i lane2 = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);  // 2 * lane, lanes 0-7
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t pl = begin; pl < end; ++pl) {
+    const float* src = in + pl * in_plane;
+    for (int64_t oh = 0; oh < p.out_h; ++oh) {
+      const int64_t h0 = 2 * oh - p.pad_h, h_first = std::max<int64_t>(h0, 0);
+      float* dst = out + pl * out_plane + oh * OW;
+      int64_t* ind = idx + pl * out_plane + oh * OW;
+      for (int64_t ow = 0; ow < OW; ow += 16) {
+        const int64_t n = std::min<int64_t>(16, OW - ow), w0 = 2 * ow - p.pad_w;  // lane l's window: w0 + 2l
+        const __mmask16 lanes = cpu::lane_mask(0, n);
+        // the lanes whose candidate kw lies in [0, W): 0 <= w0 + 2l + kw < W
+        __mmask16 inside[K];
+        const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(w0)), _mm512_add_epi32(iota, iota));
+        for (int kw = 0; kw < K; ++kw) {
+          const __m512i c = _mm512_add_epi32(col, _mm512_set1_epi32(kw));
+          inside[kw] = _mm512_mask_cmpge_epi32_mask(lanes, c, _mm512_setzero_si512()) &
+                       _mm512_cmplt_epi32_mask(c, _mm512_set1_epi32(static_cast<int32_t>(W)));
+        }
+        // columns w0 .. w0 + 33 of a row, bit j for column w0 + j, those inside the input (the masked
+        // loads touch no other)
+        const int64_t skip = std::clamp<int64_t>(-w0, 0, 34);
+        const uint64_t cols = (((uint64_t(1) << std::clamp<int64_t>(W - w0, 0, 34)) - 1) >> skip) << skip;
+        __m512 best = minus_inf;
+        // the window's first element inside the input: row h_first, column max(w0 + 2l, 0)
+        const __m512i first = _mm512_max_epi32(col, _mm512_setzero_si512());
+        __m512i at_lo =
+            _mm512_add_epi64(_mm512_set1_epi64(h_first * W), _mm512_cvtepi32_epi64(_mm512_castsi512_si256(first)));
+        __m512i at_hi = _mm512_add_epi64(_mm512_set1_epi64(h_first * W),
+                                         _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(first, 1)));
+        for (int r = 0; r < K; ++r) {
+          const int64_t ih = h0 + r;
+          if (ih < 0 || ih >= H) continue;
+          const float* row = src + ih * W + w0;
+          const __m512 a0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(cols), row);
+          const __m512 a1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(cols >> 16), row + 16);
+          __m512 v[K];
+          v[0] = _mm512_permutex2var_ps(a0, even, a1);
+          v[1] = _mm512_permutex2var_ps(a0, odd, a1);
+          if constexpr (K == 3) {  // column w0 + 2l + 2: the even columns from w0 + 2
+            const uint64_t c2 = cols >> 2;
+            const __m512 b0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(c2), row + 2);
+            const __m512 b1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(c2 >> 16), row + 18);
+            v[2] = _mm512_permutex2var_ps(b0, even, b1);
+          }
+          for (int kw = 0; kw < K; ++kw) {
+            const __mmask16 take = inside[kw] & (_mm512_cmp_ps_mask(v[kw], best, _CMP_GT_OQ) |
+                                                 _mm512_cmp_ps_mask(v[kw], v[kw], _CMP_UNORD_Q));
+            best = _mm512_mask_mov_ps(best, take, v[kw]);
+            const __m512i pos = _mm512_add_epi64(_mm512_set1_epi64(ih * W + w0 + kw), lane2);
+            at_lo = _mm512_mask_mov_epi64(at_lo, static_cast<__mmask8>(take), pos);
+            at_hi = _mm512_mask_mov_epi64(at_hi, static_cast<__mmask8>(take >> 8),
+                                          _mm512_add_epi64(pos, _mm512_set1_epi64(16)));
+          }
+        }
+        _mm512_mask_storeu_ps(dst + ow, lanes, best);
+        _mm512_mask_storeu_epi64(ind + ow, static_cast<__mmask8>(lanes), at_lo);
+        _mm512_mask_storeu_epi64(ind + ow + 8, static_cast<__mmask8>(lanes >> 8), at_hi);
+      }
+    }
+  }
+}
 #endif
 
 template <typename T>
 void max_pool2d_forward_kernel(const T* in, T* out, int64_t* idx, const Pool2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
-    if (const int k = max_pool2d_vector_kernel(p)) {
+    bool padded = false;
+    if (const int k = max_pool2d_vector_kernel(p, padded)) {
       at::parallel_for(0, p.batch * p.channels, 16, [&](int64_t begin, int64_t end) {
-        if (k == 2) {
+        if (!padded) {
           max_pool2d_stride2_planes<2>(in, out, idx, p, begin, end);
         } else {
-          max_pool2d_stride2_planes<3>(in, out, idx, p, begin, end);
+          (k == 2 ? max_pool2d_stride2_padded_planes<2> : max_pool2d_stride2_padded_planes<3>)(in, out, idx, p, begin,
+                                                                                               end);
         }
       });
       return;
