@@ -431,8 +431,8 @@ def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
     torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)
 
 
-# Depthwise forward and backward-input with 16 channels in the lanes (forced on, and off: the phase
-# planes): one block, partial blocks (17, 33, 40 channels), rows cut into tiles of 1-8 pixels
+# Depthwise forward, backward-input and backward-weight with 16 channels in the lanes (forced on, and
+# off: the phase planes): one block, partial blocks (17, 33, 40 channels), rows cut into tiles of 1-8 pixels
 # (1, 7, 23, 40, 140 and 300 wide: past 128 each row goes to the planes alone), kernels 3/5/7 wide
 # (registers reused across the row) and others (1x7, 4x4, 3x5), strides 2 and 3, dilation, no
 # padding, padding past the kernel's half, 1x1 planes, batch 1 (rows split into runs).
@@ -516,6 +516,29 @@ def test_depthwise_channel_lanes_split_rows_over_threads(threads, monkeypatch, p
         run_case(2, 16, 9, 9, 16, (3, 3), 1, 1, 1, 16)
     finally:
         torch.set_num_threads(old)
+
+
+# The depthwise lane backward-weight sums fixed slots of images (set by the shapes, not the threads) in
+# order: bitwise the same at 1, 2, 3 and 5 threads (3 blocks of channels, the last partial; 5 images in
+# slots).
+def test_depthwise_channel_lanes_weight_grad_independent_of_threads(monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_DW_LANES", "1")
+    x, go = torch.randn(5, 40, 9, 8), torch.randn(5, 40, 5, 4)
+    w = torch.randn(40, 1, 3, 3)
+    old = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            grads.append(torch.ops.fastconv._conv2d_backward(go, x, w, [2, 2], [1, 1], [1, 1], 40,
+                                                             [False, True, False])[1])
+    finally:
+        torch.set_num_threads(old)
+    ref = torch.ops.aten.convolution_backward(go.double(), x.double(), w.double(), None, [2, 2], [1, 1], [1, 1],
+                                              False, [0, 0], 40, [False, True, False])[1]
+    torch.testing.assert_close(grads[0].double(), ref, rtol=2e-5, atol=2e-5)
+    for g in grads[1:]:
+        assert torch.equal(g, grads[0])
 
 
 # A NaN in the input reaches only the weight-gradient taps whose windows hold it: kernels that run over

@@ -1101,7 +1101,11 @@ FASTCONV_AVX512 inline void transpose_columns(const float* src, int64_t ld, int6
     __m512 r[16];
     for (int j = 0; j < 16; ++j) r[j] = j < rows ? _mm512_maskz_loadu_ps(m, src + j * ld + c0) : _mm512_setzero_ps();
     transpose16(r);
-    for (int64_t i = 0; i < n; ++i) store(c0 + i, r[i]);
+    if (n == 16) {  // unrolled: r stays in registers (a loop to n spilled it to the stack and back)
+      _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i) store(c0 + i, r[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) store(c0 + i, r[i]);
+    }
   }
 }
 

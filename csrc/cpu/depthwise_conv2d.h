@@ -491,12 +491,16 @@ constexpr int kLanePixels = 8;  // accumulators of a tile: at most 8 pixels of o
 // MobileNetV3's 5x5 with 40 channels at 56x56 0.84x; MobileNet's 3x3 at 7x7 0.71/0.67x, but at 14x14
 // 1.38x, stride 2 1.30x, 112x112 1.11x. Strided backward-input (by phases, against the phase planes'
 // scatter): EfficientNet's 5x5/2 at 14x14 0.66x, 72 channels at 56x56 0.78x, 3x3/2 level (1.00-1.03x).
-// FASTCONV_DW_LANES=0/1 forces them off/on (depthwise float32 forward and backward-input).
+// That is the rule on Intel hosts. On AMD hosts the lanes take every layer: measured, 2 threads, Zen 4,
+// batch 8, after LaneBuffer::fill's rewrite, time against the phase planes (forward / backward-input):
+// MobileNetV2's 3x3 at 14x14 0.90/0.97x, 3x3/2 from 56x56 0.78/1.08x, from 112x112 0.52/0.86x, 3x3 at
+// 56x56 0.96/0.87x. FASTCONV_DW_LANES=0/1 forces them off/on (depthwise float32 forward,
+// backward-input and backward-weight).
 inline bool use_channel_lanes(const Conv2dParams& p) {
   if (!has_avx512() || p.in_channels_per_group() != 1 || p.out_channels_per_group() != 1) return false;
   const int f = forced("FASTCONV_DW_LANES", '0', '1');
   if (f >= 0) return f == 1;
-  return p.kernel_h * p.kernel_w >= 20 || p.out_w <= 8;
+  return !intel_avx512() || p.kernel_h * p.kernel_w >= 20 || p.out_w <= 8;
 }
 
 // out[i][0, 16) = sum over taps (kh, kw) of wt[kh*KW + kw] * in[kh*dh_step + kw*dw_step + i*sw_step], for
@@ -621,14 +625,31 @@ struct LaneBuffer {
     input_rows(r_lo, rows, r0, r1);
     if (r1 <= r0 || in_hi <= in_lo) return;
     // rows [r_lo + r0, r_lo + r1), contiguous in each plane: 16 pixels to a transpose whatever the row
-    // length, each pixel to its place (row and column followed pixel by pixel, no division)
-    int64_t at_r = r0, at_w = 0;
+    // length, each pixel to its place, row and column followed pixel by pixel in locals (through
+    // transpose_columns' store callback, members and counters were reloaded from memory around every
+    // vector store, which may alias them, and the vectors spilled: 0.33 -> 0.24 ms for MobileNetV2's
+    // 3x3/2 backward-weight at 14x14, 2 threads, Zen 4)
+    const float* src = planes + (r_lo + r0) * W;
+    const int64_t total = (r1 - r0) * W, width = W, row_step = row_floats;
     const int64_t w_lo = in_lo + c_lo, w_hi = in_hi + c_lo;  // the plane columns kept
-    engine::columns_to_lanes(planes + (r_lo + r0) * W, plane, nc, (r1 - r0) * W, [&](int64_t) -> float* {
-      float* d = at_w >= w_lo && at_w < w_hi ? buf + at_r * row_floats + (at_w - c_lo) * 16 : nullptr;
-      if (++at_w == W) at_w = 0, ++at_r;
-      return d;
-    });
+    float* at = buf + r0 * row_floats - c_lo * 16;           // pixel (row, column 0)
+    int64_t w = 0;
+    auto put = [&](const __m512& v) FASTCONV_AVX512 {
+      if (w >= w_lo && w < w_hi) _mm512_store_ps(at + w * 16, v);
+      if (++w == width) w = 0, at += row_step;
+    };
+    for (int64_t p0 = 0; p0 < total; p0 += 16) {
+      const int64_t n = std::min<int64_t>(16, total - p0);
+      const __mmask16 m = lane_mask(0, n);
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = j < nc ? _mm512_maskz_loadu_ps(m, src + j * plane + p0) : _mm512_setzero_ps();
+      engine::transpose16(r);
+      if (n == 16) {
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i) put(r[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) put(r[i]);
+      }
+    }
   }
   // From a channels_last image (its pixels C floats apart, `image` at its first channel): each pixel's
   // nc channels one masked load, no transposes.
@@ -853,6 +874,97 @@ inline T dot_row(const T* a, const T* b, int64_t lo, int64_t hi, int64_t stride)
   return s;
 }
 
+#if FASTCONV_HAVE_AVX512_KERNELS
+// acc[kw][16] += sum over the OW pixels ow of go[ow] * in[ow*sw_step + kw*dw_step] (KW taps of one kernel
+// row; floats, vectors of 16 channels, steps multiples of 16), the KW accumulators in registers.
+template <int KW>
+FASTCONV_AVX512 void lane_weight_row(const float* go, const float* in, int64_t OW, int64_t sw_step, int64_t dw_step,
+                                     float* acc) {
+  __m512 a[KW];
+  for (int kw = 0; kw < KW; ++kw) a[kw] = _mm512_load_ps(acc + 16 * kw);
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const __m512 g = _mm512_load_ps(go + 16 * ow);
+    const float* x = in + ow * sw_step;
+    for (int kw = 0; kw < KW; ++kw) a[kw] = _mm512_fmadd_ps(g, _mm512_load_ps(x + kw * dw_step), a[kw]);
+  }
+  for (int kw = 0; kw < KW; ++kw) _mm512_store_ps(acc + 16 * kw, a[kw]);
+}
+
+// lane_weight_row for any KW, up to 8 taps at a time
+FASTCONV_AVX512 inline void lane_weight_taps(const float* go, const float* in, int64_t OW, int64_t sw_step,
+                                             int64_t dw_step, int64_t KW, float* acc) {
+  using Row = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*);
+  static constexpr Row rows[8] = {&lane_weight_row<1>, &lane_weight_row<2>, &lane_weight_row<3>, &lane_weight_row<4>,
+                                  &lane_weight_row<5>, &lane_weight_row<6>, &lane_weight_row<7>, &lane_weight_row<8>};
+  for (int64_t k0 = 0; k0 < KW; k0 += 8) {
+    rows[std::min<int64_t>(8, KW - k0) - 1](go, in + k0 * dw_step, OW, sw_step, dw_step, acc + 16 * k0);
+  }
+}
+
+// grad_weight of a depthwise conv (one channel per group and one output channel per group), any
+// stride, dilation and padding, with 16 channels in the lanes: per (block of 16 channels, slot of
+// images), each image's input rows (zero-padded) and grad_output rows transposed into [column][16], then
+// per output row and kernel row the KW taps' sums over the row's pixels (lane_weight_taps). The slots'
+// partials are summed in slot order: the result does not depend on the thread count.
+inline void backward_weight_channel_lanes(const float* grad_output, const float* input, float* grad_weight,
+                                          const Conv2dParams& p) {
+  const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
+  const int64_t KH = p.kernel_h, KW = p.kernel_w, KK = KH * KW;
+  const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
+  const LaneBuffer lb(H, W, -p.pad_w, (OW - 1) * sw + (KW - 1) * dw + 1);
+  const LaneBuffer gb(OH, OW, 0, OW);  // grad_output's rows: no padding
+  const int64_t rows = (OH - 1) * sh + (KH - 1) * dh + 1;
+  const int64_t blocks = engine::ceil_div(C, 16);
+  // slots of images: enough items for 64 threads, fixed by the shapes alone
+  const int64_t slots = std::clamp<int64_t>(engine::ceil_div(64, blocks), 1, p.batch);
+  const int64_t per_slot = engine::ceil_div(p.batch, slots);
+  engine::AlignedBuffer partial_buf(false);  // written in full
+  float* partial = partial_buf.get(blocks * slots * KK * 16);
+  const uint64_t call = lane_call_id();
+  at::parallel_for(0, blocks * slots, 1, [&](int64_t begin, int64_t end) {
+    thread_local engine::AlignedBuffer in_buf(false), go_buf(false);  // written before read
+    float* buf = in_buf.get(rows * lb.row_floats);
+    float* gbuf = go_buf.get(OH * gb.row_floats);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / slots, slot = item % slots, c0 = 16 * b, nc = std::min<int64_t>(16, C - c0);
+      float* acc = partial + item * KK * 16;
+      std::fill(acc, acc + KK * 16, 0.f);
+      for (int64_t n = slot * per_slot; n < std::min(p.batch, (slot + 1) * per_slot); ++n) {
+        lb.fill(input + (n * C + c0) * H * W, H * W, nc, -p.pad_h, rows, buf, lane_zeros_needed(call, 0));
+        gb.fill(grad_output + (n * C + c0) * OH * OW, OH * OW, nc, 0, OH, gbuf, false);
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            lane_weight_taps(gbuf + oh * gb.row_floats, buf + (oh * sh + kh * dh) * lb.row_floats, OW, sw * 16, dw * 16,
+                             KW, acc + kh * KW * 16);
+          }
+        }
+      }
+    }
+  });
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = 16 * b, nc = std::min<int64_t>(16, C - c0);
+    for (int64_t t = 0; t < KK; ++t) {
+      for (int64_t l = 0; l < nc; ++l) {
+        float sum = 0.f;
+        for (int64_t slot = 0; slot < slots; ++slot) sum += partial[((b * slots + slot) * KK + t) * 16 + l];
+        grad_weight[(c0 + l) * KK + t] = sum;
+      }
+    }
+  }
+}
+
+// Where (auto): every depthwise layer. Measured, 2 threads, Zen 4, time against the phase planes: batch
+// 8, MobileNetV2's 3x3/2 from 14x14 0.50x, 3x3 at 7x7 0.77x, 3x3/2 from 56x56 0.65x, from 112x112
+// 0.47x, 3x3 at 56x56 0.64x, at 28x28 0.93-1.05x, at 14x14 1.02-1.15x; EfficientNet's 5x5 at 14x14
+// 0.80x, 5x5/2 0.60x; ConvNeXt's 7x7 at 7x7 0.51x, 14x14 0.65x, 56x56 0.61x; 32 channels at 224x224
+// batch 4 0.90x (a 3.3 MB lane copy of the padded plane per thread). FASTCONV_DW_LANES=0 forces the
+// phase planes (and their row kernels past the cache).
+inline bool use_channel_lanes_weight(const Conv2dParams& p) {
+  if (!has_avx512() || p.in_channels_per_group() != 1 || p.out_channels_per_group() != 1) return false;
+  return forced("FASTCONV_DW_LANES", '0', '1') != 0;
+}
+#endif
+
 // out[n][oc] = bias[oc] + sum over the group's input channels c of conv(in[n][c], w[oc][c]).
 template <typename T>
 void forward(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
@@ -988,6 +1100,7 @@ template <typename T>
 void backward_weight(const T* grad_output, const T* input, T* grad_weight, const Conv2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
+    if (use_channel_lanes_weight(p)) return backward_weight_channel_lanes(grad_output, input, grad_weight, p);
     if (use_phase_planes(p, true)) return backward_weight_phases(grad_output, input, grad_weight, p);
   }
 #endif
