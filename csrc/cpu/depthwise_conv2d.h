@@ -491,16 +491,18 @@ constexpr int kLanePixels = 8;  // accumulators of a tile: at most 8 pixels of o
 // MobileNetV3's 5x5 with 40 channels at 56x56 0.84x; MobileNet's 3x3 at 7x7 0.71/0.67x, but at 14x14
 // 1.38x, stride 2 1.30x, 112x112 1.11x. Strided backward-input (by phases, against the phase planes'
 // scatter): EfficientNet's 5x5/2 at 14x14 0.66x, 72 channels at 56x56 0.78x, 3x3/2 level (1.00-1.03x).
-// That is the rule on Intel hosts. On AMD hosts the lanes take every layer: measured, 2 threads, Zen 4,
-// batch 8, after LaneBuffer::fill's rewrite, time against the phase planes (forward / backward-input):
-// MobileNetV2's 3x3 at 14x14 0.90/0.97x, 3x3/2 from 56x56 0.78/1.08x, from 112x112 0.52/0.86x, 3x3 at
-// 56x56 0.96/0.87x. FASTCONV_DW_LANES=0/1 forces them off/on (depthwise float32 forward,
-// backward-input and backward-weight).
-inline bool use_channel_lanes(const Conv2dParams& p) {
+// That is the rule on Intel hosts. On AMD hosts the lanes take every forward (and stride-1
+// backward-input, the forward with flipped weights): measured, 2 threads, Zen 4, batch 8, after
+// LaneBuffer::fill's rewrite, time against the phase planes (forward / backward-input): MobileNetV2's
+// 3x3 at 14x14 0.90/0.97x, 3x3 at 56x56 0.96/0.87x, 3x3/2 from 56x56 0.78x, from 112x112 0.52x; the
+// strided backward-input keeps the rule above (3x3/2 from 56x56 1.08x, from 112x112 0.86x).
+// FASTCONV_DW_LANES=0/1 forces them off/on (depthwise float32 forward, backward-input and
+// backward-weight).
+inline bool use_channel_lanes(const Conv2dParams& p, bool strided_backward_input = false) {
   if (!has_avx512() || p.in_channels_per_group() != 1 || p.out_channels_per_group() != 1) return false;
   const int f = forced("FASTCONV_DW_LANES", '0', '1');
   if (f >= 0) return f == 1;
-  return !intel_avx512() || p.kernel_h * p.kernel_w >= 20 || p.out_w <= 8;
+  return (!intel_avx512() && !strided_backward_input) || p.kernel_h * p.kernel_w >= 20 || p.out_w <= 8;
 }
 
 // out[i][0, 16) = sum over taps (kh, kw) of wt[kh*KW + kw] * in[kh*dh_step + kw*dw_step + i*sw_step], for
@@ -1025,7 +1027,7 @@ void backward_input(const T* grad_output, const T* weight, T* grad_input, const 
   const int64_t KH = p.kernel_h, KW = p.kernel_w;
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
-    if (!backward_input_as_forward(p) && use_channel_lanes(p))
+    if (!backward_input_as_forward(p) && use_channel_lanes(p, true))
       return backward_input_channel_lanes(grad_output, weight, grad_input, p);
   }
 #endif
