@@ -119,38 +119,30 @@ __attribute__((target("avx512f"))) void max_pool2d_stride2_planes(const float* i
 }
 #endif
 
-// f(ih, iw) for the elements of the window with top-left corner (h0, w0) that lie inside the input, in
-// torch's visiting order (row by row)
-template <typename F>
-inline void for_window_elements(const Pool2dParams& p, int64_t h0, int64_t w0, F f) {
-  for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
-    const int64_t ih = h0 + kh * p.dilation_h;
-    if (ih < 0 || ih >= p.in_h) continue;
-    for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
-      const int64_t iw = w0 + kw * p.dilation_w;
-      if (iw >= 0 && iw < p.in_w) f(ih, iw);
-    }
-  }
-}
-
 #if FASTCONV_HAVE_AVX512_KERNELS
 // One output pixel of a channels_last float32 max-pool, all C channels, 16 a vector: the running max and
 // its int64 position (two vectors of 8) per channel, taking an element when greater or NaN.
 FASTCONV_AVX512 void max_pool2d_pixel_channels_last(const float* image, float* out, int64_t* ind, const Pool2dParams& p,
                                                     int64_t h0, int64_t w0, int64_t first) {
-  const int64_t C = p.channels, W = p.in_w;
+  const int64_t C = p.channels, H = p.in_h, W = p.in_w;
   for (int64_t c0 = 0; c0 < C; c0 += 16) {
     const __mmask16 m = cpu::lane_mask(0, C - c0);
     __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     __m512i lo = _mm512_set1_epi64(first), hi = lo;
-    for_window_elements(p, h0, w0, [&](int64_t ih, int64_t iw) FASTCONV_AVX512 {
-      const __m512 v = _mm512_maskz_loadu_ps(m, image + (ih * W + iw) * C + c0);
-      const __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      best = _mm512_mask_mov_ps(best, take, v);
-      const __m512i pos = _mm512_set1_epi64(ih * W + iw);
-      lo = _mm512_mask_mov_epi64(lo, static_cast<__mmask8>(take), pos);
-      hi = _mm512_mask_mov_epi64(hi, static_cast<__mmask8>(take >> 8), pos);
-    });
+    for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+      const int64_t ih = h0 + kh * p.dilation_h;
+      if (ih < 0 || ih >= H) continue;
+      for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+        const int64_t iw = w0 + kw * p.dilation_w;
+        if (iw < 0 || iw >= W) continue;
+        const __m512 v = _mm512_maskz_loadu_ps(m, image + (ih * W + iw) * C + c0);
+        const __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        best = _mm512_mask_mov_ps(best, take, v);
+        const __m512i pos = _mm512_set1_epi64(ih * W + iw);
+        lo = _mm512_mask_mov_epi64(lo, static_cast<__mmask8>(take), pos);
+        hi = _mm512_mask_mov_epi64(hi, static_cast<__mmask8>(take >> 8), pos);
+      }
+    }
     _mm512_mask_storeu_ps(out + c0, m, best);
     _mm512_mask_storeu_epi64(ind + c0, static_cast<__mmask8>(m), lo);
     _mm512_mask_storeu_epi64(ind + c0 + 8, static_cast<__mmask8>(m >> 8), hi);
@@ -530,16 +522,22 @@ void max_pool2d_forward_channels_last(const T* in, T* out, int64_t* idx, const P
 #endif
           std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
           std::fill(where.begin(), where.end(), h_first * W + w_first);
-          for_window_elements(p, h0, w0, [&](int64_t ih, int64_t iw) {
-            const T* src = image + (ih * W + iw) * C;
-            const int64_t pos = ih * W + iw;
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t v = static_cast<acc_t>(src[c]);
-              const bool take = (v > best[c]) | (v != v);  // NaN propagates, as in torch
-              best[c] = select_bits(take, v, best[c]);
-              where[c] = select_bits(take, pos, where[c]);
+          for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+            const int64_t ih = h0 + kh * p.dilation_h;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+              const int64_t iw = w0 + kw * p.dilation_w;
+              if (iw < 0 || iw >= W) continue;
+              const T* src = image + (ih * W + iw) * C;
+              const int64_t pos = ih * W + iw;
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t v = static_cast<acc_t>(src[c]);
+                const bool take = (v > best[c]) | (v != v);  // NaN propagates, as in torch
+                best[c] = select_bits(take, v, best[c]);
+                where[c] = select_bits(take, pos, where[c]);
+              }
             }
-          });
+          }
           for (int64_t c = 0; c < C; ++c) out[o * C + c] = static_cast<T>(best[c]), idx[o * C + c] = where[c];
         }
       });
