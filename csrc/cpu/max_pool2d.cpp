@@ -61,9 +61,9 @@ int max_pool2d_vector_kernel(const Pool2dParams& p, bool& padded) {
   return static_cast<int>(k);
 }
 
-template <int K>
 __attribute__((target("avx512f"))) void max_pool2d_stride2_planes(const float* in, float* out, int64_t* idx,
                                                                   const Pool2dParams& p, int64_t begin, int64_t end) {
+  constexpr int K = 2;
   const int64_t W = p.in_w, OW = p.out_w, in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
@@ -119,29 +119,38 @@ __attribute__((target("avx512f"))) void max_pool2d_stride2_planes(const float* i
 }
 #endif
 
+// The flat positions (ih*W + iw) of the elements of the window with top-left corner (h0, w0) that lie
+// inside the input, in torch's visiting order (row by row), into pos; returns how many.
+inline int64_t window_positions(const Pool2dParams& p, int64_t h0, int64_t w0, int64_t* pos) {
+  int64_t count = 0;
+  for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+    const int64_t ih = h0 + kh * p.dilation_h;
+    if (ih < 0 || ih >= p.in_h) continue;
+    for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+      const int64_t iw = w0 + kw * p.dilation_w;
+      if (iw >= 0 && iw < p.in_w) pos[count++] = ih * p.in_w + iw;
+    }
+  }
+  return count;
+}
+
 #if FASTCONV_HAVE_AVX512_KERNELS
 // One output pixel of a channels_last float32 max-pool, all C channels, 16 a vector: the running max and
-// its int64 position (two vectors of 8) per channel, taking an element when greater or NaN.
-FASTCONV_AVX512 void max_pool2d_pixel_channels_last(const float* image, float* out, int64_t* ind, const Pool2dParams& p,
-                                                    int64_t h0, int64_t w0, int64_t first) {
-  const int64_t C = p.channels, H = p.in_h, W = p.in_w;
+// its int64 position (two vectors of 8) per channel over the window's `count` elements at `pos`, from
+// -inf and `first`, taking an element when greater or NaN.
+FASTCONV_AVX512 void max_pool2d_pixel_channels_last(const float* image, float* out, int64_t* ind, int64_t C,
+                                                    int64_t first, const int64_t* pos, int64_t count) {
   for (int64_t c0 = 0; c0 < C; c0 += 16) {
     const __mmask16 m = cpu::lane_mask(0, C - c0);
     __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     __m512i lo = _mm512_set1_epi64(first), hi = lo;
-    for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
-      const int64_t ih = h0 + kh * p.dilation_h;
-      if (ih < 0 || ih >= H) continue;
-      for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
-        const int64_t iw = w0 + kw * p.dilation_w;
-        if (iw < 0 || iw >= W) continue;
-        const __m512 v = _mm512_maskz_loadu_ps(m, image + (ih * W + iw) * C + c0);
-        const __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        best = _mm512_mask_mov_ps(best, take, v);
-        const __m512i pos = _mm512_set1_epi64(ih * W + iw);
-        lo = _mm512_mask_mov_epi64(lo, static_cast<__mmask8>(take), pos);
-        hi = _mm512_mask_mov_epi64(hi, static_cast<__mmask8>(take >> 8), pos);
-      }
+    for (int64_t e = 0; e < count; ++e) {
+      const __m512 v = _mm512_maskz_loadu_ps(m, image + pos[e] * C + c0);
+      const __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      best = _mm512_mask_mov_ps(best, take, v);
+      const __m512i at = _mm512_set1_epi64(pos[e]);
+      lo = _mm512_mask_mov_epi64(lo, static_cast<__mmask8>(take), at);
+      hi = _mm512_mask_mov_epi64(hi, static_cast<__mmask8>(take >> 8), at);
     }
     _mm512_mask_storeu_ps(out + c0, m, best);
     _mm512_mask_storeu_epi64(ind + c0, static_cast<__mmask8>(m), lo);
@@ -232,7 +241,7 @@ void max_pool2d_forward_kernel(const T* in, T* out, int64_t* idx, const Pool2dPa
     if (const int k = max_pool2d_vector_kernel(p, padded)) {
       at::parallel_for(0, p.batch * p.channels, 16, [&](int64_t begin, int64_t end) {
         if (!padded) {
-          max_pool2d_stride2_planes<2>(in, out, idx, p, begin, end);
+          max_pool2d_stride2_planes(in, out, idx, p, begin, end);
         } else {
           (k == 2 ? max_pool2d_stride2_padded_planes<2> : max_pool2d_stride2_padded_planes<3>)(in, out, idx, p, begin,
                                                                                                end);
@@ -501,46 +510,41 @@ template <typename T>
 void max_pool2d_forward_channels_last(const T* in, T* out, int64_t* idx, const Pool2dParams& p) {
   const int64_t C = p.channels, H = p.in_h, W = p.in_w, L = p.out_h * p.out_w;
   using acc_t = at::opmath_type<T>;
-  at::parallel_for(
-      0, p.batch * L, std::max<int64_t>(1, 4096 / (C * p.kernel_h * p.kernel_w)), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> best(C);
-        std::vector<int64_t> where(C);
-        for (int64_t o = begin; o < end; ++o) {
-          const int64_t n = o / L, oh = o % L / p.out_w, ow = o % p.out_w;
-          const int64_t h0 = oh * p.stride_h - p.pad_h, w0 = ow * p.stride_w - p.pad_w;
-          int64_t h_first = h0, w_first = w0;  // the window's first element inside the input
-          while (h_first < 0) h_first += p.dilation_h;
-          while (w_first < 0) w_first += p.dilation_w;
-          const T* image = in + n * H * W * C;
+  at::parallel_for(0, p.batch * L, std::max<int64_t>(1, 4096 / (C * p.kernel_h * p.kernel_w)),
+                   [&](int64_t begin, int64_t end) {
+                     std::vector<acc_t> best(C);
+                     std::vector<int64_t> where(C), pos(p.kernel_h * p.kernel_w);
+                     for (int64_t o = begin; o < end; ++o) {
+                       const int64_t n = o / L, oh = o % L / p.out_w, ow = o % p.out_w;
+                       const int64_t h0 = oh * p.stride_h - p.pad_h, w0 = ow * p.stride_w - p.pad_w;
+                       int64_t h_first = h0, w_first = w0;  // the window's first element inside the input
+                       while (h_first < 0) h_first += p.dilation_h;
+                       while (w_first < 0) w_first += p.dilation_w;
+                       const int64_t first = h_first * W + w_first, count = window_positions(p, h0, w0, pos.data());
+                       const T* image = in + n * H * W * C;
 #if FASTCONV_HAVE_AVX512_KERNELS
-          if constexpr (std::is_same_v<T, float>) {
-            if (cpu::has_avx512()) {
-              max_pool2d_pixel_channels_last(image, out + o * C, idx + o * C, p, h0, w0, h_first * W + w_first);
-              continue;
-            }
-          }
+                       if constexpr (std::is_same_v<T, float>) {
+                         if (cpu::has_avx512()) {
+                           max_pool2d_pixel_channels_last(image, out + o * C, idx + o * C, C, first, pos.data(), count);
+                           continue;
+                         }
+                       }
 #endif
-          std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
-          std::fill(where.begin(), where.end(), h_first * W + w_first);
-          for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
-            const int64_t ih = h0 + kh * p.dilation_h;
-            if (ih < 0 || ih >= H) continue;
-            for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
-              const int64_t iw = w0 + kw * p.dilation_w;
-              if (iw < 0 || iw >= W) continue;
-              const T* src = image + (ih * W + iw) * C;
-              const int64_t pos = ih * W + iw;
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t v = static_cast<acc_t>(src[c]);
-                const bool take = (v > best[c]) | (v != v);  // NaN propagates, as in torch
-                best[c] = select_bits(take, v, best[c]);
-                where[c] = select_bits(take, pos, where[c]);
-              }
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) out[o * C + c] = static_cast<T>(best[c]), idx[o * C + c] = where[c];
-        }
-      });
+                       std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
+                       std::fill(where.begin(), where.end(), first);
+                       for (int64_t e = 0; e < count; ++e) {
+                         const T* src = image + pos[e] * C;
+                         for (int64_t c = 0; c < C; ++c) {
+                           const acc_t v = static_cast<acc_t>(src[c]);
+                           const bool take = (v > best[c]) | (v != v);  // NaN propagates, as in torch
+                           best[c] = select_bits(take, v, best[c]);
+                           where[c] = select_bits(take, pos[e], where[c]);
+                         }
+                       }
+                       for (int64_t c = 0; c < C; ++c)
+                         out[o * C + c] = static_cast<T>(best[c]), idx[o * C + c] = where[c];
+                     }
+                   });
 }
 
 // For each input position i (a row or a column), the windows that cover it, in order: list[first[i] ..
@@ -681,8 +685,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
   // kernel too), computed in place. (Measured, 2 threads, Zen 4, against torch's channels_last pool:
   // 0.83-0.99x for 64 channels at 112x112 3x3/2 p1, 0.23-0.65x for 3 and 8 channels; through NCHW
   // copies, as before, 12x for (8,64,112,112).)
-  const bool channels_last = is_channels_last(input);
-  if (channels_last) {
+  if (is_channels_last(input)) {
     const auto cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
     at::Tensor out = at::empty({p.batch, p.channels, p.out_h, p.out_w}, cl);
     at::Tensor idx = at::empty({p.batch, p.channels, p.out_h, p.out_w}, cl.dtype(at::kLong));
@@ -701,8 +704,6 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
     max_pool2d_forward_kernel<scalar_t>(input_c.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                         idx.data_ptr<int64_t>(), p);
   });
-  if (channels_last)
-    return {out.contiguous(at::MemoryFormat::ChannelsLast), idx.contiguous(at::MemoryFormat::ChannelsLast)};
   return {out, idx};
 }
 
