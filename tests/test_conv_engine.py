@@ -388,14 +388,63 @@ def test_grouped_weight_grad_matches_torch(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 2, "grouped-direct")
 
 
+# The input-channel-lane backward-weight with several groups to a vector (lane c*gi + i: channel c of
+# group i of the set): 2 groups of 8, 4 of 4, 8 of 2 input channels, partial vectors (3 channels: 4
+# groups in 12 lanes; 5 and 6: 2 groups in 10 and 12), a last set with fewer groups than the vector
+# holds (3 groups of 4, 5 of 8, 9 of 2), blocks of 3 output channels and their remainders (1, 2, 4, 5,
+# 8, 16 a group), stride 2, (3, 1) and (1, 2), padding 0 and 2, and images in chunks of at least 1024
+# output pixels (a partial grad_weight per chunk, added in order): 1 image a chunk at 32x33, chunks of
+# 3 with a last one of 1 at 20x20, one chunk of all images at 7x7.
+INTERLEAVED_WEIGHT_GRAD_CASES = [
+    (2, 64, 9, 10, 64, (3, 3), 1, 1, 1, 8),
+    (2, 64, 11, 12, 64, (3, 3), 2, 1, 1, 8),
+    (3, 32, 7, 7, 32, (3, 3), 1, 1, 1, 8),
+    (2, 16, 10, 9, 8, (3, 3), (3, 1), 0, 1, 8),
+    (2, 16, 9, 13, 40, (3, 3), (1, 2), 2, 1, 8),
+    (2, 12, 8, 8, 12, (3, 3), 1, 1, 1, 3),
+    (2, 40, 6, 7, 40, (3, 3), 2, 1, 1, 5),
+    (2, 18, 7, 9, 36, (3, 3), 1, 1, 1, 9),
+    (2, 12, 8, 7, 20, (3, 3), 1, 1, 1, 4),
+    (2, 30, 6, 6, 10, (3, 3), 1, 1, 1, 5),
+    (2, 24, 5, 8, 64, (3, 3), 1, 1, 1, 4),
+    (2, 16, 32, 33, 16, (3, 3), 1, 1, 1, 2),
+    (4, 32, 20, 20, 32, (3, 3), 1, 1, 1, 4),
+]
+
+
+@pytest.mark.parametrize("case", INTERLEAVED_WEIGHT_GRAD_CASES,
+                         ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
+def test_grouped_weight_grad_groups_share_vectors(case, monkeypatch, poison):
+    run_grouped_case(case, monkeypatch, 2, "grouped-direct")
+
+
+def test_grouped_weight_grad_chunks_same_bits_at_any_thread_count():
+    # partial grad_weights per chunk of images, added in order: independent of the threads
+    x, w = torch.randn(5, 64, 20, 20), torch.randn(64, 8, 3, 3)
+    go = torch.randn(5, 64, 20, 20)
+    if fastconv.conv2d_algorithm(x, w, 1, 1, 1, 8).split("/")[-1] != "grouped-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    old = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            grads.append(torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 8,
+                                                             [False, True, False])[1])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
 # Groups of 8-15 output channels (half-empty vectors) take the grouped kernels by rule (not forced)
-# for the strided forward and for backward-weight on planes of at most 64 pixels; the GEMM otherwise,
-# its work items split over the groups (few pixels: every thread gets groups). Threads 1-3.
+# for the strided forward (the GEMM otherwise, its work items split over the groups: few pixels, every
+# thread gets groups), and for backward-weight (at most 16 input channels a group: several groups a
+# vector). Threads 1-3.
 SMALL_GROUP_CASES = [
     ((2, 64, 14, 14, 64, (3, 3), 2, 1, 1, 8), ("grouped-direct", "grouped-direct")),
     ((2, 48, 9, 11, 36, (3, 3), 2, 1, 1, 4), ("grouped-direct", "grouped-direct")),
     ((1, 40, 8, 8, 40, (3, 3), 1, 1, 1, 5), (None, "grouped-direct")),
-    ((2, 64, 20, 20, 64, (3, 3), 1, 1, 1, 8), (None, None)),
+    ((2, 64, 20, 20, 64, (3, 3), 1, 1, 1, 8), (None, "grouped-direct")),
 ]
 
 

@@ -26,6 +26,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -66,11 +67,18 @@ inline bool use_grouped_direct(const Conv2dParams& p, bool weight_grad = false) 
   // 3 groups of 80 at 28x28, batch 8: 0.90x the time forward, 0.85x backward-input)
   // Groups of 8-15 (half-empty vectors, RegNet's 8 a group) only where the GEMM's per-group overhead
   // weighs most: the strided forward up to 16x16 outputs (its columns packed; stride 1 packs nothing)
-  // and backward-weight on planes of at most 64 pixels. Measured, 2 threads, Intel host, batch 8, 8
+  // and backward-weight on planes of at most 64 pixels (now only past 16 input channels a group, see
+  // below). Measured, 2 threads, Intel host, batch 8, 8
   // channels a group, against the GEMM: forward 3x3/2 from 14x14 0.63x the time, from 28x28 0.90x,
   // from 56x56 0.94-1.08x, from 112x112 1.07x; stride 1 at 14x14-56x56 1.13-1.22x; backward-weight at
   // 7x7 0.58-0.67x, 3x3/2 from 14x14 0.83x, larger planes 0.91-1.85x.
   const int64_t OCg = p.out_channels_per_group(), lanes = ceil_div(OCg, 16) * 16;
+  // Backward-weight of groups of at most 16 input and output channels runs on the channel-lane kernel
+  // (grouped_backward_weight), several groups to a vector where they fit, at any plane size. Measured, 2
+  // threads, Zen 4, batch 8, against the GEMM: ResNeXt's 32 groups of 8 at 3x3/2 from 56x56 0.35x the
+  // time, at 28x28 0.72x, 14x14 0.67x, 7x7 0.47x; 32 groups of 4 at 56x56 0.68x; 64 groups of 16 at 7x7
+  // 0.53x.
+  if (weight_grad && OCg <= 16 && p.in_channels_per_group() <= 16) return p.groups > 1 && p.kernel_h * p.kernel_w > 1;
   const bool wide = OCg >= 16 && (OCg < 32 || OCg * 10 >= lanes * 9);
   const bool strided = p.stride_h > 1 || p.stride_w > 1;
   const bool small = OCg >= 8 && OCg < 16 && (weight_grad ? p.out_plane() <= 64 : strided && p.out_plane() <= 256);
@@ -584,23 +592,41 @@ inline void transpose_group_grad_output(const float* go, const Conv2dParams& p, 
 // The same sum with the input channels in the lanes, for groups of at most 16 input channels (one vector)
 // whose few output channels would leave the block above short of accumulators and heavy on broadcasts
 // (9 per 9 FMAs at 16 output channels): a block is OB output channels x 9 taps (27 accumulators at OB =
-// 3), each step loads the 9 taps' channel vectors from a pixel-major padded copy of the group's input
-// and broadcasts OB grad_output floats straight from its planes.
-template <int OB, int SW>
+// 3), each step loads the 9 taps' channel vectors from a pixel-major padded copy of the input and
+// broadcasts OB grad_output floats. GI groups share the lanes where a group's channels fill at most
+// 16 / GI of them (ResNeXt's 8 a group: 2 groups a vector, not half-empty vectors): lane c*GI + i is
+// input channel c of group i of the set, and each broadcast puts the GI groups' grad_output floats, which
+// lie side by side ([o][pixel][GI], interleaved_grad_output), in every GI lanes.
+template <int GI>
+FASTCONV_AVX512 inline __m512 broadcast_lanes(const float* p) {
+  if constexpr (GI == 1) {
+    return _mm512_set1_ps(*p);
+  } else if constexpr (GI == 2) {
+    double d;
+    std::memcpy(&d, p, sizeof d);
+    return _mm512_castpd_ps(_mm512_set1_pd(d));
+  } else if constexpr (GI == 4) {
+    return _mm512_maskz_broadcast_f32x4(__mmask16(0xFFFF), _mm_loadu_ps(p));  // (unmasked: gcc warns of its undefined)
+  } else {
+    return _mm512_castpd_ps(_mm512_maskz_broadcast_f64x4(__mmask8(0xFF), _mm256_castps_pd(_mm256_loadu_ps(p))));
+  }
+}
+
+template <int OB, int SW, int GI>
 FASTCONV_AVX512 void grouped_weight_grad_channel_lanes(const float* xt, int64_t x_image, int64_t Wp, int64_t row_step,
                                                        const float* go, int64_t go_o, int64_t go_image, int64_t N,
                                                        int64_t OH, int64_t OW, float* dst, int64_t dst_o,
-                                                       int64_t channels) {
+                                                       int64_t dst_group, int64_t channels, int64_t groups) {
   __m512 acc[OB][9];
   for (int ob = 0; ob < OB; ++ob)
     for (int t = 0; t < 9; ++t) acc[ob][t] = _mm512_setzero_ps();
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t oh = 0; oh < OH; ++oh) {
       const float* row = xt + n * x_image + oh * row_step;
-      const float* g = go + n * go_image + oh * OW;
+      const float* g = go + n * go_image + oh * OW * GI;
       for (int64_t ow = 0; ow < OW; ++ow) {
         __m512 b[OB];
-        for (int ob = 0; ob < OB; ++ob) b[ob] = _mm512_set1_ps(g[ob * go_o + ow]);
+        for (int ob = 0; ob < OB; ++ob) b[ob] = broadcast_lanes<GI>(g + ob * go_o + ow * GI);
         const float* px = row + ow * SW * 16;
         for (int kh = 0; kh < 3; ++kh) {
           for (int kw = 0; kw < 3; ++kw) {
@@ -615,27 +641,56 @@ FASTCONV_AVX512 void grouped_weight_grad_channel_lanes(const float* xt, int64_t 
   for (int ob = 0; ob < OB; ++ob) {
     for (int t = 0; t < 9; ++t) {
       _mm512_store_ps(lanes, acc[ob][t]);
-      for (int64_t c = 0; c < channels; ++c) dst[ob * dst_o + c * 9 + t] = lanes[c];
+      for (int64_t i = 0; i < groups; ++i)
+        for (int64_t c = 0; c < channels; ++c) dst[i * dst_group + ob * dst_o + c * 9 + t] = lanes[c * GI + i];
     }
   }
 }
 
 using GroupedChannelLanesFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
-                                       int64_t, int64_t, float*, int64_t, int64_t);
+                                       int64_t, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
 
-template <int SW>
+template <int SW, int GI>
 GroupedChannelLanesFn grouped_channel_lanes_for(int ob) {
-  return ob == 1   ? &grouped_weight_grad_channel_lanes<1, SW>
-         : ob == 2 ? &grouped_weight_grad_channel_lanes<2, SW>
-                   : &grouped_weight_grad_channel_lanes<3, SW>;
+  return ob == 1   ? &grouped_weight_grad_channel_lanes<1, SW, GI>
+         : ob == 2 ? &grouped_weight_grad_channel_lanes<2, SW, GI>
+                   : &grouped_weight_grad_channel_lanes<3, SW, GI>;
 }
 
-// dst[hp][wp][c] (16 lanes, zero past Cg and in the padding) = the zero-padded input of group g, image n.
-FASTCONV_AVX512 inline void transpose_group_input_padded(const float* input, const Conv2dParams& p, int64_t g,
-                                                         int64_t n, float* dst) {
+template <int SW>
+GroupedChannelLanesFn grouped_channel_lanes_for(int ob, int64_t gi) {
+  switch (gi) {
+    case 1:
+      return grouped_channel_lanes_for<SW, 1>(ob);
+    case 2:
+      return grouped_channel_lanes_for<SW, 2>(ob);
+    case 4:
+      return grouped_channel_lanes_for<SW, 4>(ob);
+    default:
+      return grouped_channel_lanes_for<SW, 8>(ob);
+  }
+}
+
+// Groups sharing the lanes of the channel-lane backward-weight: the most (1, 2, 4 or 8) whose input
+// channels fit in 16 lanes together, no more than there are groups.
+inline int64_t groups_per_vector(int64_t Cg, int64_t G) {
+  int64_t gi = 1;
+  while (gi < 8 && 2 * gi * Cg <= 16 && gi < G) gi *= 2;
+  return gi;
+}
+
+// dst[hp][wp][16] = the zero-padded input of groups g0 .. g0 + gi - 1 (those below G), image n, input
+// channel c of group i in lane c*gi + i (zero in the lanes past them and in the padding).
+FASTCONV_AVX512 inline void transpose_group_input_padded(const float* input, const Conv2dParams& p, int64_t g0,
+                                                         int64_t gi, int64_t n, float* dst) {
   const int64_t Cg = p.in_channels_per_group(), H = p.in_h, W = p.in_w, Wp = W + 2 * p.pad_w;
-  const int64_t Hp = H + 2 * p.pad_h;
-  const float* src = input + (n * p.in_channels + g * Cg) * H * W;
+  const int64_t Hp = H + 2 * p.pad_h, rows = Cg * std::min(gi, p.groups - g0);
+  const float* src = input + (n * p.in_channels + g0 * Cg) * H * W;
+  // transpose_columns puts channel i*Cg + c of the set in lane i*Cg + c: lane c*gi + i takes it from there
+  alignas(64) int32_t from[16];
+  for (int64_t l = 0; l < 16; ++l) from[l] = static_cast<int32_t>(l < Cg * gi ? (l % gi) * Cg + l / gi : rows % 16);
+  const __m512i order = _mm512_load_si512(from);
+  const bool permute = gi > 1;
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t hp = 0; hp < Hp; ++hp) {
     float* row = dst + hp * Wp * 16;
@@ -648,7 +703,39 @@ FASTCONV_AVX512 inline void transpose_group_input_padded(const float* input, con
       _mm512_store_ps(row + i * 16, zero);
       _mm512_store_ps(row + (p.pad_w + W + i) * 16, zero);
     }
-    columns_to_lanes(src + h * W, H * W, Cg, W, [&](int64_t w) { return row + (p.pad_w + w) * 16; });
+    float* out = row + p.pad_w * 16;
+    transpose_columns(src + h * W, H * W, rows, W, [&](int64_t w, __m512 v) FASTCONV_AVX512 {
+      _mm512_store_ps(out + w * 16, permute ? _mm512_permutexvar_ps(order, v) : v);
+    });
+  }
+}
+
+// dst[o][pixel][gi] = grad_output[n][(g0 + i)*OCg + o][pixel] for the groups i < gi of the set (zero
+// past G): the grad_output floats of a set's groups side by side, for broadcast_lanes<gi>.
+FASTCONV_AVX512 inline void interleaved_grad_output(const float* go, const Conv2dParams& p, int64_t g0, int64_t gi,
+                                                    int64_t n, float* dst) {
+  const int64_t OCg = p.out_channels_per_group(), L = p.out_plane(), present = std::min(gi, p.groups - g0);
+  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t o = 0; o < OCg; ++o) {
+    float* d = dst + o * L * gi;
+    const auto plane = [&](int64_t i) { return go + (n * p.out_channels + (g0 + i) * OCg + o) * L; };
+    if (gi == 2) {  // two planes, 16 pixels of each interleaved into 32 floats
+      const float* a = plane(0);
+      const float* b = present > 1 ? plane(1) : nullptr;
+      for (int64_t px = 0; px < L; px += 16) {
+        const __mmask16 m = lane_mask(0, L - px);
+        const __m512 va = _mm512_maskz_loadu_ps(m, a + px);
+        const __m512 vb = b ? _mm512_maskz_loadu_ps(m, b + px) : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(d + 2 * px, lane_mask(0, 2 * (L - px)), _mm512_permutex2var_ps(va, low, vb));
+        _mm512_mask_storeu_ps(d + 2 * px + 16, lane_mask(0, 2 * (L - px) - 16), _mm512_permutex2var_ps(va, high, vb));
+      }
+      continue;
+    }
+    for (int64_t i = 0; i < gi; ++i) {
+      const float* src = i < present ? plane(i) : nullptr;
+      for (int64_t px = 0; px < L; ++px) d[px * gi + i] = src ? src[px] : 0.f;
+    }
   }
 }
 
@@ -659,20 +746,49 @@ inline void grouped_backward_weight(const float* grad_output, const float* input
   const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
   thread_local AlignedBuffer pad_buf(false), go_buf(false);  // written in full; kept across calls
   if (OCg <= 16 && Cg <= 16) {  // the input channels in the lanes: output channels 3 a block
-    float* xt = pad_buf.get(G * N * plane * 16);
-    at::parallel_for(0, G * N, grain_for(plane * 16), [&](int64_t b0, int64_t b1) {
-      for (int64_t t = b0; t < b1; ++t) transpose_group_input_padded(input, p, t / N, t % N, xt + t * plane * 16);
-    });
-    const int64_t o_blocks = ceil_div(OCg, 3);
-    at::parallel_for(0, G * o_blocks, 1, [&](int64_t b0, int64_t b1) {
+    // Items: (set of gi groups, chunk of images), each transposing its images' padded planes into a
+    // buffer of its own (in L2 for the blocks of output channels that follow) and summing into a partial
+    // grad_weight of the chunk; the partials are then added chunk after chunk. Chunks of at least 1024
+    // output pixels, whatever the thread count (the same bits at any): per block and chunk the kernel
+    // stores 27 vectors lane by lane, which at one 7x7 image a chunk took 1.2x the time of the GEMM.
+    const int64_t gi = groups_per_vector(Cg, G), sets = ceil_div(G, gi), weight_floats = G * OCg * Cg * 9;
+    const int64_t chunk = std::min(N, ceil_div(1024, L)), chunks = ceil_div(N, chunk);
+    float* partial = chunks > 1 ? go_buf.get(chunks * weight_floats) : grad_weight;
+    at::parallel_for(0, sets * chunks, 1, [&](int64_t b0, int64_t b1) {
+      thread_local AlignedBuffer xt_buf(false), go_set_buf(false);  // written in full before read
+      float* xt = xt_buf.get(chunk * plane * 16);
       for (int64_t t = b0; t < b1; ++t) {
-        const int64_t g = t / o_blocks, o0 = (t % o_blocks) * 3, ob = std::min<int64_t>(3, OCg - o0);
-        const GroupedChannelLanesFn fn =
-            p.stride_w == 1 ? grouped_channel_lanes_for<1>(int(ob)) : grouped_channel_lanes_for<2>(int(ob));
-        fn(xt + g * N * plane * 16, plane * 16, Wp, p.stride_h * Wp * 16, grad_output + (g * OCg + o0) * L, L,
-           p.out_channels * L, N, p.out_h, p.out_w, grad_weight + (g * OCg + o0) * Cg * 9, Cg * 9, Cg);
+        const int64_t set = t / chunks, part = t % chunks, n0 = part * chunk, images = std::min(chunk, N - n0);
+        const int64_t g0 = set * gi, present = std::min(gi, G - g0);
+        for (int64_t i = 0; i < images; ++i)
+          transpose_group_input_padded(input, p, g0, gi, n0 + i, xt + i * plane * 16);
+        // grad_output: the set's [o][pixel] planes, or with gi > 1 interleaved [n][o][pixel][gi]
+        const float* go = grad_output + (n0 * p.out_channels + g0 * OCg) * L;
+        int64_t go_o = L, go_image = p.out_channels * L;
+        if (gi > 1) {
+          float* dst = go_set_buf.get(images * OCg * L * gi);
+          for (int64_t i = 0; i < images; ++i)
+            interleaved_grad_output(grad_output, p, g0, gi, n0 + i, dst + i * OCg * L * gi);
+          go = dst, go_o = L * gi, go_image = OCg * L * gi;
+        }
+        for (int64_t o0 = 0; o0 < OCg; o0 += 3) {
+          const int ob = static_cast<int>(std::min<int64_t>(3, OCg - o0));
+          const GroupedChannelLanesFn fn =
+              p.stride_w == 1 ? grouped_channel_lanes_for<1>(ob, gi) : grouped_channel_lanes_for<2>(ob, gi);
+          fn(xt, plane * 16, Wp, p.stride_h * Wp * 16, go + o0 * go_o, go_o, go_image, images, p.out_h, p.out_w,
+             partial + part * weight_floats + (g0 * OCg + o0) * Cg * 9, Cg * 9, OCg * Cg * 9, Cg, present);
+        }
       }
     });
+    if (chunks > 1) {
+      at::parallel_for(0, weight_floats, 4096, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          float sum = partial[e];
+          for (int64_t c = 1; c < chunks; ++c) sum += partial[c * weight_floats + e];
+          grad_weight[e] = sum;
+        }
+      });
+    }
     return;
   }
   const float* padded = input;
