@@ -326,6 +326,33 @@ def test_grouped_direct_matches_torch(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 0, "grouped-direct", both_biases=True)
 
 
+# Groups of 8 or 4 output channels sharing the direct kernel's vectors (2 or 4 groups a vector, the
+# input interleaved), forced on: forward, stride-1 backward-input (groups of 8 or 4 input channels) and
+# the strided backward-input's phases: stride 1 and 2, (2, 1), a last set with fewer groups (3 groups of
+# 4, 5 of 8, 3 of 8), no padding (the interleaved copy still made), padding 2 with a 5x5 kernel,
+# dilation 2, k-blocks (48 input channels a group: 432 taps), batch 1 with rows split over items (one
+# shared interleaved copy), output planes of 1 row and of 1 pixel.
+INTERLEAVED_CASES = [
+    (2, 64, 9, 10, 64, (3, 3), 1, 1, 1, 8),
+    (2, 64, 11, 12, 64, (3, 3), 2, 1, 1, 8),
+    (2, 16, 10, 9, 16, (3, 3), 1, 0, 1, 4),
+    (2, 12, 13, 11, 12, (3, 3), 2, 1, 1, 3),
+    (2, 40, 6, 7, 40, (3, 3), 2, 1, 1, 5),
+    (2, 24, 9, 9, 24, (3, 3), (2, 1), 1, 1, 3),
+    (2, 24, 9, 10, 12, (5, 5), 1, 2, 1, 3),
+    (2, 32, 11, 11, 32, (3, 3), 1, 2, 2, 4),
+    (1, 96, 6, 6, 16, (3, 3), 1, 1, 1, 2),
+    (1, 64, 15, 13, 64, (3, 3), 1, 1, 1, 8),
+    (2, 32, 1, 9, 32, (1, 3), 1, (0, 1), 1, 4),
+    (2, 16, 3, 3, 16, (3, 3), 2, 0, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", INTERLEAVED_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
+def test_grouped_direct_groups_share_vectors(case, monkeypatch, poison):
+    run_grouped_case(case, monkeypatch, 0, "grouped-direct", both_biases=True)
+
+
 # Strided grouped backward-input on the same kernel, one stride-1 correlation per phase of grad_input
 # (8+ input channels per group): stride 2 (whole rows interleaved from two phases; odd and even widths),
 # 2 down only, 2 across only, 3 (element by element), a stride past the kernel (phases no tap reaches:
@@ -437,13 +464,14 @@ def test_grouped_weight_grad_chunks_same_bits_at_any_thread_count():
 
 
 # Groups of 8-15 output channels (half-empty vectors) take the grouped kernels by rule (not forced)
-# for the strided forward (the GEMM otherwise, its work items split over the groups: few pixels, every
-# thread gets groups), and for backward-weight (at most 16 input channels a group: several groups a
-# vector). Threads 1-3.
+# for the strided forward and, 8 a group sharing the vectors two by two, the forward on planes of at
+# most 64 pixels (the GEMM otherwise, its work items split over the groups: few pixels, every thread
+# gets groups), and for backward-weight (at most 16 input channels a group: several groups a vector).
+# Threads 1-3.
 SMALL_GROUP_CASES = [
     ((2, 64, 14, 14, 64, (3, 3), 2, 1, 1, 8), ("grouped-direct", "grouped-direct")),
     ((2, 48, 9, 11, 36, (3, 3), 2, 1, 1, 4), ("grouped-direct", "grouped-direct")),
-    ((1, 40, 8, 8, 40, (3, 3), 1, 1, 1, 5), (None, "grouped-direct")),
+    ((1, 40, 8, 8, 40, (3, 3), 1, 1, 1, 5), ("grouped-direct", "grouped-direct")),
     ((2, 64, 20, 20, 64, (3, 3), 1, 1, 1, 8), (None, "grouped-direct")),
 ]
 

@@ -52,6 +52,13 @@ constexpr int64_t kGroupedWeightBlockBytes = 24 * 1024;
 // broadcast within the 32 zmm registers.
 constexpr int grouped_max_pixels(int nv) { return nv == 1 ? 16 : nv == 2 ? 14 : 9; }
 
+// Groups sharing a vector in the forward kernel (grouped_tile's GI): 2 groups of 8 or 4 of 4 output
+// channels, whose vectors would otherwise be half or a quarter full.
+inline int64_t forward_groups_per_vector(const Conv2dParams& p) {
+  const int64_t OCg = p.out_channels_per_group();
+  return p.groups > 1 && (OCg == 8 || OCg == 4) ? 16 / OCg : 1;
+}
+
 // Whether a grouped convolution runs on the channel-lane kernel (FASTCONV_GROUPED_DIRECT=0/1 forces
 // it off/on where it applies: tests and benchmarks).
 inline bool use_grouped_direct(const Conv2dParams& p, bool weight_grad = false) {
@@ -79,8 +86,17 @@ inline bool use_grouped_direct(const Conv2dParams& p, bool weight_grad = false) 
   // time, at 28x28 0.72x, 14x14 0.67x, 7x7 0.47x; 32 groups of 4 at 56x56 0.68x; 64 groups of 16 at 7x7
   // 0.53x.
   if (weight_grad && OCg <= 16 && p.in_channels_per_group() <= 16) return p.groups > 1 && p.kernel_h * p.kernel_w > 1;
-  const bool wide = OCg >= 16 && (OCg < 32 || OCg * 10 >= lanes * 9);
   const bool strided = p.stride_h > 1 || p.stride_w > 1;
+  // Forward (and stride-1 backward-input) where 2 groups of 8 or 4 of 4 output channels share the vectors
+  // (forward_groups_per_vector). Measured, 2 threads, Zen 4, batch 8, against the GEMM: 4 a group (ResNeXt's
+  // first stage) at 56x56 0.45x the time, 28x28 0.84x, 14x14 0.90x, 3x3/2 from 56x56 0.58x; 8 a group
+  // at 3x3/2 from 56x56 0.73x, from 28x28 0.60x, from 14x14 0.53x, stride 1 at 56x56 0.80x, at 7x7
+  // (RegNet's 55 groups) 0.63x; but at 28x28 1.06x and 14x14 1.18x, where the GEMM's 8-row tiles are
+  // full and its panels need no packing.
+  if (!weight_grad && forward_groups_per_vector(p) > 1 && p.kernel_h * p.kernel_w > 1 &&
+      (OCg == 4 || strided || p.out_plane() <= 64 || p.out_plane() >= 2048))
+    return true;
+  const bool wide = OCg >= 16 && (OCg < 32 || OCg * 10 >= lanes * 9);
   const bool small = OCg >= 8 && OCg < 16 && (weight_grad ? p.out_plane() <= 64 : strided && p.out_plane() <= 256);
   return p.groups > 1 && p.kernel_h * p.kernel_w > 1 && (wide || small);
 }
@@ -93,6 +109,23 @@ inline bool use_grouped_direct(const Conv2dParams& p, bool weight_grad = false) 
 // and 128 at 7x7 0.85x, ResNeXt-101's 64 at 7x7 0.84x).
 inline int64_t grouped_block_channels(int64_t OCg) { return OCg <= 48 ? ceil_div(OCg, 16) * 16 : 32; }
 
+// GI floats from p in every GI lanes (lane l: p[l % GI]): one input or grad_output float of each of the
+// GI groups that share a vector (see grouped_tile and grouped_weight_grad_channel_lanes).
+template <int GI>
+FASTCONV_AVX512 inline __m512 broadcast_lanes(const float* p) {
+  if constexpr (GI == 1) {
+    return _mm512_set1_ps(*p);
+  } else if constexpr (GI == 2) {
+    double d;
+    std::memcpy(&d, p, sizeof d);
+    return _mm512_castpd_ps(_mm512_set1_pd(d));
+  } else if constexpr (GI == 4) {
+    return _mm512_maskz_broadcast_f32x4(__mmask16(0xFFFF), _mm_loadu_ps(p));  // (unmasked: gcc warns of its undefined)
+  } else {
+    return _mm512_castpd_ps(_mm512_maskz_broadcast_f64x4(__mmask8(0xFF), _mm256_castps_pd(_mm256_loadu_ps(p))));
+  }
+}
+
 // Floats of one group's packed weights: K rows of ceil(OCg/16) vectors, block after block.
 inline int64_t grouped_weight_floats(int64_t OCg, int64_t K) { return ceil_div(OCg, 16) * 16 * K; }
 
@@ -101,9 +134,32 @@ inline int64_t grouped_weight_floats(int64_t OCg, int64_t K) { return ceil_div(O
 // OCg zero. With `fwd`, p is a convolution over fwd's grad_output (output channels: fwd's input channels)
 // whose kernel taps are fwd's taps taps[j]: row k = (o, j) of output channel c is fwd's w[g*OCg + o][c][taps[j]]
 // (a stride-1 backward-input: every tap, reversed; one phase of a strided one: its taps, reversed).
+// With gi > 1 (forward_groups_per_vector), gi groups of 16/gi output channels share each vector: set s
+// at s*16*K, row k of it lane o*gi + i = output channel o of group s*gi + i (zero past G).
 inline const float* pack_grouped_weights(const float* weight, const Conv2dParams& p, const Conv2dParams* fwd,
-                                         const std::vector<int64_t>& taps, AlignedBuffer& buf) {
+                                         const std::vector<int64_t>& taps, AlignedBuffer& buf, int64_t gi = 1) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
+  if (gi > 1) {  // a few thousand floats: element by element
+    const int64_t sets = ceil_div(G, gi), KK = fwd ? fwd->kernel_h * fwd->kernel_w : 0;
+    const int64_t T = static_cast<int64_t>(taps.size());
+    float* packed = buf.get(sets * 16 * K);
+    at::parallel_for(0, sets, grain_for(16 * K), [&](int64_t s0, int64_t s1) {
+      for (int64_t set = s0; set < s1; ++set) {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t l = 0; l < 16; ++l) {
+            const int64_t g = set * gi + l % gi, o = l / gi;
+            float v = 0.f;
+            if (g < G && o < OCg) {
+              v = fwd ? weight[((g * fwd->out_channels_per_group() + k / T) * OCg + o) * KK + taps[k % T]]
+                      : weight[(g * OCg + o) * K + k];
+            }
+            packed[(set * K + k) * 16 + l] = v;
+          }
+        }
+      }
+    });
+    return packed;
+  }
   const int64_t per_group = grouped_weight_floats(OCg, K), chunks = ceil_div(OCg, 16), bc = grouped_block_channels(OCg);
   float* packed = buf.get(G * per_group);
   std::vector<int64_t> row_of_tap;  // fwd's tap -> j (-1: not one of p's)
@@ -138,15 +194,31 @@ inline const float* pack_grouped_weights(const float* weight, const Conv2dParams
 // (out_plane floats apart, rows out_w apart), with bias and ReLU. For k-blocks: acc_in, the partial sums
 // of the blocks before (instead of the bias); acc_out, where this block's partial sums go instead of
 // the planes (every block but the last).
-template <int NV, int R, int P, int SW>
+// With GI > 1 (NV = 1), GI groups of 16/GI output channels share the vector (pack_grouped_weights' gi):
+// the input is interleaved ([c][row][column][GI], pad_planes_interleaved), each step broadcasts the GI
+// groups' floats of a pixel, and lane l is channel (l % GI)*(16/GI) + l/GI of the block's planes (the
+// set's groups' channels in NCHW order; `channels` of them there).
+template <int GI>
+constexpr int64_t channel_of_lane(int64_t l) {
+  return GI == 1 ? l : (l % GI) * (16 / GI) + l / GI;
+}
+
+template <int NV, int R, int P, int SW, int GI = 1>
 FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int64_t* koff, int64_t K, const float* w,
                                   const float* bias, bool relu, float* out, int64_t out_w, int64_t out_plane,
                                   int64_t channels, const float* acc_in, float* acc_out) {
+  static_assert(GI == 1 || NV == 1, "groups share one vector");
   constexpr int PX = R * P;
   __m512 acc[PX][NV];
   for (int v = 0; v < NV; ++v) {
-    const __m512 init =
-        bias ? _mm512_maskz_loadu_ps(lane_mask(0, channels - 16 * v), bias + 16 * v) : _mm512_setzero_ps();
+    __m512 init = _mm512_setzero_ps();
+    if (bias && GI == 1) {
+      init = _mm512_maskz_loadu_ps(lane_mask(0, channels - 16 * v), bias + 16 * v);
+    } else if (bias) {
+      alignas(64) float b[16];
+      for (int64_t l = 0; l < 16; ++l) b[l] = channel_of_lane<GI>(l) < channels ? bias[channel_of_lane<GI>(l)] : 0.f;
+      init = _mm512_load_ps(b);
+    }
     for (int px = 0; px < PX; ++px) acc[px][v] = acc_in ? _mm512_load_ps(acc_in + (px * NV + v) * 16) : init;
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -157,7 +229,7 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
     for (int r = 0; r < R; ++r) {
       const float* qr = q + r * row_stride;
       for (int i = 0; i < P; ++i) {
-        const __m512 x = _mm512_set1_ps(qr[i * SW]);
+        const __m512 x = broadcast_lanes<GI>(qr + i * SW * GI);
         for (int v = 0; v < NV; ++v) acc[r * P + i][v] = _mm512_fmadd_ps(x, wv[v], acc[r * P + i][v]);
       }
     }
@@ -181,7 +253,14 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
         if (a >= b) continue;
         const __mmask16 m = lane_mask(a - px0, b - px0);
         float* row = out + 16 * v * out_plane + r * out_w + (px0 - r * P);  // lane j: column px0 + j - rP
-        for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(row + l * out_plane, m, t[l]);
+        if (GI == 1) {
+          for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(row + l * out_plane, m, t[l]);
+        } else {
+          for (int64_t l = 0; l < 16; ++l) {
+            if (channel_of_lane<GI>(l) < channels)
+              _mm512_mask_storeu_ps(row + channel_of_lane<GI>(l) * out_plane, m, t[l]);
+          }
+        }
       }
     }
   }
@@ -190,22 +269,25 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
 using GroupedTileFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, const float*, bool, float*,
                                int64_t, int64_t, int64_t, const float*, float*);
 
-template <int NV, int R, int SW, int... Ps>
+template <int NV, int R, int SW, int GI, int... Ps>
 constexpr std::array<GroupedTileFn, sizeof...(Ps)> grouped_tiles(std::integer_sequence<int, Ps...>) {
-  return {&grouped_tile<NV, R, Ps + 1, SW>...};
+  return {&grouped_tile<NV, R, Ps + 1, SW, GI>...};
 }
 
-// The kernel for nv vectors, r rows of p pixels (p <= grouped_max_pixels(nv) / r, r <= 2), stride sw <= 2.
-template <int NV, int SW>
+// The kernel for nv vectors, r rows of p pixels (p <= grouped_max_pixels(nv) / r, r <= 2), stride sw <= 2,
+// GI groups a vector.
+template <int NV, int SW, int GI = 1>
 GroupedTileFn grouped_tile_for(int r, int p) {
   constexpr int Pm = grouped_max_pixels(NV);
-  static constexpr auto one = grouped_tiles<NV, 1, SW>(std::make_integer_sequence<int, Pm>());
-  static constexpr auto two = grouped_tiles<NV, 2, SW>(std::make_integer_sequence<int, Pm / 2>());
+  static constexpr auto one = grouped_tiles<NV, 1, SW, GI>(std::make_integer_sequence<int, Pm>());
+  static constexpr auto two = grouped_tiles<NV, 2, SW, GI>(std::make_integer_sequence<int, Pm / 2>());
   return r == 1 ? one[p - 1] : two[p - 1];
 }
 
 template <int SW>
-GroupedTileFn grouped_tile_for(int nv, int r, int p) {
+GroupedTileFn grouped_tile_for(int nv, int r, int p, int64_t gi) {
+  if (gi == 2) return grouped_tile_for<1, SW, 2>(r, p);
+  if (gi == 4) return grouped_tile_for<1, SW, 4>(r, p);
   switch (nv) {
     case 1:
       return grouped_tile_for<1, SW>(r, p);
@@ -247,7 +329,7 @@ struct GroupedShape {
   int64_t rows, p, segments, row_tiles;
 };
 
-inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t stride_w) {
+inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t stride_w, int64_t gi = 1) {
   const int pm = grouped_max_pixels(nv);
   GroupedShape s;
   s.segments = ceil_div(out_w, pm);
@@ -255,7 +337,7 @@ inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t 
   s.rows = 2 * s.p <= pm && out_h >= 2 ? 2 : 1;
   s.row_tiles = ceil_div(out_h, s.rows);
   const auto pick = [&](int r) {
-    return stride_w == 1 ? grouped_tile_for<1>(nv, r, int(s.p)) : grouped_tile_for<2>(nv, r, int(s.p));
+    return stride_w == 1 ? grouped_tile_for<1>(nv, r, int(s.p), gi) : grouped_tile_for<2>(nv, r, int(s.p), gi);
   };
   s.fn = pick(int(s.rows));
   s.one = pick(1);
@@ -296,43 +378,99 @@ inline void pad_planes_parallel(const float* src, int64_t planes, int64_t H, int
   });
 }
 
+// The zero-padded planes of gi (2 or 4) groups, interleaved: dst[c][hp][wp][i] (Hp x Wp planes, the input
+// at row top, column left) = channel c of the planes of group i at src + i*group_stride (zero for i >=
+// present). Exact stores: runs written by different threads may adjoin.
+FASTCONV_AVX512 inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64_t present, int64_t gi,
+                                                   int64_t channels, int64_t H, int64_t W, float* dst, int64_t Hp,
+                                                   int64_t Wp, int64_t top, int64_t left) {
+  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512 zero = _mm512_setzero_ps();
+  const int64_t row_floats = Wp * gi;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t hp = 0; hp < Hp; ++hp) {
+      float* d = dst + (c * Hp + hp) * row_floats;
+      const int64_t h = hp - top;
+      if (h < 0 || h >= H) {
+        for (int64_t i = 0; i < row_floats; i += 16) _mm512_mask_storeu_ps(d + i, lane_mask(0, row_floats - i), zero);
+        continue;
+      }
+      for (int64_t j = 0; j < Wp; j += 16) {  // padded columns j..j+15: input columns j - left..
+        const __mmask16 m = lane_mask(left - j, left + W - j);
+        __m512 v[4];
+        for (int64_t i = 0; i < gi; ++i)
+          v[i] = i < present ? _mm512_maskz_loadu_ps(m, src + i * group_stride + (c * H + h) * W + j - left) : zero;
+        __m512 out[4];
+        if (gi == 2) {
+          out[0] = _mm512_permutex2var_ps(v[0], low, v[1]), out[1] = _mm512_permutex2var_ps(v[0], high, v[1]);
+        } else {  // interleave (0, 2) and (1, 3), then the two results
+          const __m512 a0 = _mm512_permutex2var_ps(v[0], low, v[2]), a1 = _mm512_permutex2var_ps(v[0], high, v[2]);
+          const __m512 b0 = _mm512_permutex2var_ps(v[1], low, v[3]), b1 = _mm512_permutex2var_ps(v[1], high, v[3]);
+          out[0] = _mm512_permutex2var_ps(a0, low, b0), out[1] = _mm512_permutex2var_ps(a0, high, b0);
+          out[2] = _mm512_permutex2var_ps(a1, low, b1), out[3] = _mm512_permutex2var_ps(a1, high, b1);
+        }
+        const int64_t floats = std::min<int64_t>(16, Wp - j) * gi;
+        for (int64_t q = 0; q < gi; ++q)
+          _mm512_mask_storeu_ps(d + j * gi + 16 * q, lane_mask(0, floats - 16 * q), out[q]);
+      }
+    }
+  }
+}
+
 // The forward convolution of p (any stride_h, stride_w <= 2, any dilation) with weights packed by
-// pack_grouped_weights.
+// pack_grouped_weights (gi = forward_groups_per_vector(p)).
 inline void grouped_direct_forward(const float* input, const float* packed, const float* bias, float* out,
                                    const Conv2dParams& p, bool relu) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
   const int64_t C = p.in_channels, Cg = p.in_channels_per_group(), L = p.out_plane();
   const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
-  const std::vector<int64_t> koff = padded_tap_offsets(p, K, plane, Wp);
-  const int64_t bc = grouped_block_channels(OCg), blocks = ceil_div(OCg, bc), per_group = grouped_weight_floats(OCg, K);
+  // A set of gi groups shares the vectors (gi = 1: one group), its input read from an interleaved copy
+  const int64_t gi = forward_groups_per_vector(p), sets = ceil_div(G, gi), OCs = gi * OCg;
+  std::vector<int64_t> koff = padded_tap_offsets(p, K, plane, Wp);
+  for (int64_t& o : koff) o *= gi;
+  const int64_t bc = grouped_block_channels(OCs), blocks = ceil_div(OCs, bc), per_set = grouped_weight_floats(OCs, K);
   std::array<GroupedShape, kGroupedMaxVectors + 1> shapes;
-  for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) shapes[nv] = grouped_shape(nv, p.out_h, p.out_w, p.stride_w);
-  // Work items: (group, image, run of row tiles), the rows split where groups x images give fewer than 4
-  // items a thread. An item of whole planes copies its group's planes, zero-padded, into a buffer of its
+  for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) shapes[nv] = grouped_shape(nv, p.out_h, p.out_w, p.stride_w, gi);
+  // Work items: (set, image, run of row tiles), the rows split where sets x images give fewer than 4
+  // items a thread. An item of whole planes copies its set's planes, zero-padded, into a buffer of its
   // own, which the kernel then reads from L1/L2 (one padded copy of the whole input first: 1.2x the time
   // on ResNeXt's 7x7 planes); split rows read one shared padded copy.
-  const int64_t units = G * p.batch, max_tiles = shapes[1].row_tiles;
+  const int64_t units = sets * p.batch, max_tiles = shapes[1].row_tiles;
   const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), units), 1, max_tiles);
-  const bool padding = p.pad_h > 0 || p.pad_w > 0, shared_copy = padding && splits > 1;
-  thread_local AlignedBuffer pad_buf(false);  // written in full; kept (fresh buffers page-fault on every call)
+  const bool padding = p.pad_h > 0 || p.pad_w > 0 || gi > 1, shared_copy = padding && splits > 1;
+  const int64_t set_floats = Cg * plane * gi;  // a set's (interleaved) padded planes of one image
+  thread_local AlignedBuffer pad_buf(false);   // written in full; kept (fresh buffers page-fault on every call)
   const float* padded = input;
-  if (shared_copy) {
-    float* copy = pad_buf.get(p.batch * C * plane);
-    pad_planes_parallel(input, p.batch * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
+  const auto pad_set = [&](int64_t set, int64_t n, float* dst) {
+    const float* src = input + (n * C + set * gi * Cg) * H * W;
+    if (gi == 1) return pad_planes(src, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+    pad_planes_interleaved(src, Cg * H * W, std::min(gi, G - set * gi), gi, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+  };
+  if (shared_copy) {  // [n][set][set_floats]
+    float* copy = pad_buf.get(p.batch * sets * set_floats);
+    if (gi == 1) {
+      pad_planes_parallel(input, p.batch * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
+    } else {
+      at::parallel_for(0, p.batch * sets, grain_for(set_floats), [&](int64_t b0, int64_t b1) {
+        for (int64_t t = b0; t < b1; ++t) pad_set(t % sets, t / sets, copy + t * set_floats);
+      });
+    }
     padded = copy;
   }
   at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer own(false), partial_buf(false);  // written in full before read
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t u = item / splits, part = item % splits, g = u / p.batch, n = u % p.batch;
-      const float* img = padded + (n * C + g * Cg) * plane;
+      const int64_t u = item / splits, part = item % splits, set = u / p.batch, n = u % p.batch;
+      const int64_t g0 = set * gi, set_channels = std::min(OCs, (G - g0) * OCg);
+      const float* img = padded + (n * sets + set) * set_floats;
       if (padding && !shared_copy) {
-        float* dst = own.get(Cg * plane + 16);
-        pad_planes(input + (n * C + g * Cg) * H * W, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+        float* dst = own.get(set_floats + 16);
+        pad_set(set, n, dst);
         img = dst;
       }
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t ch0 = b * bc, channels = std::min<int64_t>(bc, OCg - ch0);
+        const int64_t ch0 = b * bc, channels = std::min<int64_t>(bc, set_channels - ch0);
         const int64_t nv = ceil_div(channels, 16);
         const GroupedShape& s = shapes[nv];
         const int64_t t0 = s.row_tiles * part / splits, t1 = s.row_tiles * (part + 1) / splits;
@@ -340,11 +478,11 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
         const int64_t kc =
             std::min(K, std::max<int64_t>(p.kernel_h * p.kernel_w, kGroupedWeightBlockBytes / (nv * 64)));
         float* partial = kc < K ? partial_buf.get((t1 - t0) * s.segments * s.rows * s.p * nv * 16) : nullptr;
-        const float* w = packed + g * per_group + b * bc * K;
+        const float* w = packed + set * per_set + b * bc * K;
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
-          grouped_row_tiles(s, t0, t1, img, p.stride_h * Wp, p.stride_w, koff.data() + k0, std::min(kc, K - k0),
-                            w + k0 * nv * 16, bias ? bias + g * OCg + ch0 : nullptr, relu,
-                            out + (n * p.out_channels + g * OCg + ch0) * L, p.out_h, p.out_w, L, channels, partial,
+          grouped_row_tiles(s, t0, t1, img, p.stride_h * Wp * gi, p.stride_w * gi, koff.data() + k0,
+                            std::min(kc, K - k0), w + k0 * nv * 16, bias ? bias + g0 * OCg + ch0 : nullptr, relu,
+                            out + (n * p.out_channels + g0 * OCg + ch0) * L, p.out_h, p.out_w, L, channels, partial,
                             k0 == 0, k0 + kc >= K);
         }
       }
@@ -356,7 +494,8 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
 inline void grouped_forward(const float* input, const float* weight, const float* bias, float* out,
                             const Conv2dParams& p, bool relu) {
   thread_local AlignedBuffer buf(false);  // every lane written (zero past OCg)
-  grouped_direct_forward(input, pack_grouped_weights(weight, p, nullptr, {}, buf), bias, out, p, relu);
+  grouped_direct_forward(input, pack_grouped_weights(weight, p, nullptr, {}, buf, forward_groups_per_vector(p)), bias,
+                         out, p, relu);
 }
 
 // Backward-input of a stride-1 grouped convolution p: the forward over grad_output with the flipped,
@@ -368,8 +507,8 @@ inline void grouped_backward_input_stride1(const float* grad_output, const float
   std::vector<int64_t> reversed(KK);
   for (int64_t j = 0; j < KK; ++j) reversed[j] = KK - 1 - j;
   thread_local AlignedBuffer buf(false);
-  grouped_direct_forward(grad_output, pack_grouped_weights(weight, q, &p, reversed, buf), nullptr, grad_input, q,
-                         false);
+  grouped_direct_forward(grad_output, pack_grouped_weights(weight, q, &p, reversed, buf, forward_groups_per_vector(q)),
+                         nullptr, grad_input, q, false);
 }
 
 // Whether backward-input of a strided grouped convolution runs here, one stride-1 correlation per phase
@@ -435,6 +574,11 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
   for (const PhaseDim& d : cols)
     if (d.count > 0 && d.taps > 0) left = std::max(left, -d.shift), right = std::max(right, d.shift + d.span() - OW);
   const int64_t Hq = OH + top + bottom, Wq = OW + left + right, plane = Hq * Wq;
+  // gi groups of a set share the vectors where they are 2 of 8 or 4 of 4 input channels (the phases'
+  // output channels): grad_output's planes interleaved, offsets in the padded planes gi times larger
+  Conv2dParams whole = backward_input_params(p);
+  whole.stride_h = whole.stride_w = 1;
+  const int64_t gi = forward_groups_per_vector(whole), sets = ceil_div(G, gi), Cs = gi * Cg;
   struct Phase {
     int64_t a, b, count_i, count_j, origin;  // origin: phase pixel (0, 0)'s window in the padded planes
     bool zero;                               // no tap reaches it
@@ -453,7 +597,7 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
       ph.a = a, ph.b = b, ph.count_i = dh.count, ph.count_j = dw.count;
       ph.zero = dh.taps == 0 || dw.taps == 0;
       if (ph.count_i == 0 || ph.count_j == 0 || ph.zero) continue;
-      ph.origin = (dh.shift + top) * Wq + dw.shift + left;
+      ph.origin = ((dh.shift + top) * Wq + dw.shift + left) * gi;
       Conv2dParams q{};
       q.batch = N, q.in_channels = OC, q.in_h = Hq, q.in_w = Wq, q.out_channels = C, q.groups = G;
       q.kernel_h = dh.taps, q.kernel_w = dw.taps, q.out_h = dh.count, q.out_w = dw.count;
@@ -462,35 +606,42 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
       for (int64_t u = 0; u < dh.taps; ++u)
         for (int64_t v = 0; v < dw.taps; ++v)
           taps.push_back((dh.r + SH * (dh.taps - 1 - u)) * KW + dw.r + SW * (dw.taps - 1 - v));
-      ph.packed = pack_grouped_weights(weight, q, &p, taps, weight_bufs[a * SW + b]);
+      ph.packed = pack_grouped_weights(weight, q, &p, taps, weight_bufs[a * SW + b], gi);
       ph.koff = padded_tap_offsets(q, q.col_rows_per_group(), plane, Wq);
-      for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) ph.shapes[nv] = grouped_shape(nv, dh.count, dw.count, 1);
+      for (int64_t& o : ph.koff) o *= gi;
+      for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) ph.shapes[nv] = grouped_shape(nv, dh.count, dw.count, 1, gi);
       scratch = std::max(scratch, dh.count * dw.count);
     }
   }
-  const int64_t bc = grouped_block_channels(Cg), blocks = ceil_div(Cg, bc), block_scratch = std::min(bc, Cg) * scratch;
+  const int64_t bc = grouped_block_channels(Cs), blocks = ceil_div(Cs, bc), block_scratch = std::min(bc, Cs) * scratch;
   // Items: (group, image, part of the phase rows), rows split in pairs only where groups x images are
   // fewer than the threads: each part pads the item's grad_output planes again (at 4 items a thread,
   // batch 1 with 2 groups on 2 threads took 1.07-1.11x the time of one item per group)
   int64_t max_rows = 1;
   for (const PhaseDim& d : rows) max_rows = std::max(max_rows, d.count);
-  const int64_t parts = std::clamp<int64_t>(ceil_div(at::get_num_threads(), G * N), 1, ceil_div(max_rows, 2));
-  at::parallel_for(0, G * N * parts, 1, [&](int64_t begin, int64_t end) {
+  const int64_t parts = std::clamp<int64_t>(ceil_div(at::get_num_threads(), sets * N), 1, ceil_div(max_rows, 2));
+  at::parallel_for(0, sets * N * parts, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedBuffer padded_buf(false), phase_buf(false);  // written in full before read
-    float* padded = padded_buf.get(OCg * plane + 16);
+    float* padded = padded_buf.get(OCg * plane * gi + 16);
     float* out = phase_buf.get(SW * block_scratch);
     std::vector<const float*> planes(SW);
     std::vector<int64_t> cj(SW);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / (N * parts), n = (item / parts) % N, part = item % parts;
-      pad_planes(grad_output + (n * OC + g * OCg) * OH * OW, OCg, OH, OW, padded, Hq, Wq, top, left);
-      float* gi = grad_input + (n * C + g * Cg) * H * W;
+      const int64_t set = item / (N * parts), n = (item / parts) % N, part = item % parts, g0 = set * gi;
+      const float* src = grad_output + (n * OC + g0 * OCg) * OH * OW;
+      if (gi == 1) {
+        pad_planes(src, OCg, OH, OW, padded, Hq, Wq, top, left);
+      } else {
+        pad_planes_interleaved(src, OCg * OH * OW, std::min(gi, G - g0), gi, OCg, OH, OW, padded, Hq, Wq, top, left);
+      }
+      const int64_t set_channels = std::min(Cs, (G - g0) * Cg);
+      float* gi_planes = grad_input + (n * C + g0 * Cg) * H * W;
       for (int64_t a = 0; a < SH; ++a) {
         const int64_t pairs = ceil_div(rows[a].count, 2);
         const int64_t i0 = 2 * (pairs * part / parts), i1 = std::min(rows[a].count, 2 * (pairs * (part + 1) / parts));
         if (i0 >= i1) continue;
         for (int64_t b = 0; b < blocks; ++b) {
-          const int64_t ch0 = b * bc, channels = std::min<int64_t>(bc, Cg - ch0);
+          const int64_t ch0 = b * bc, channels = std::min<int64_t>(bc, set_channels - ch0);
           for (int64_t bb = 0; bb < SW; ++bb) {
             const Phase& ph = phases[a * SW + bb];
             cj[bb] = ph.count_j;
@@ -499,13 +650,13 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
             const int64_t K = static_cast<int64_t>(ph.koff.size()), L = ph.count_i * ph.count_j;
             float* o = out + bb * block_scratch;
             const GroupedShape& s = ph.shapes[ceil_div(channels, 16)];
-            grouped_row_tiles(s, i0 / s.rows, ceil_div(i1, s.rows), padded + ph.origin, Wq, 1, ph.koff.data(), K,
-                              ph.packed + g * grouped_weight_floats(Cg, K) + b * bc * K, nullptr, false, o, ph.count_i,
-                              ph.count_j, L, channels);
+            grouped_row_tiles(s, i0 / s.rows, ceil_div(i1, s.rows), padded + ph.origin, Wq * gi, gi, ph.koff.data(), K,
+                              ph.packed + set * grouped_weight_floats(Cs, K) + b * bc * K, nullptr, false, o,
+                              ph.count_i, ph.count_j, L, channels);
             planes[bb] = o;
           }
-          write_phase_rows(planes.data(), cj.data(), channels, rows[a].count, i0, i1, gi + ch0 * H * W, H, W, a, SH,
-                           SW);
+          write_phase_rows(planes.data(), cj.data(), channels, rows[a].count, i0, i1, gi_planes + ch0 * H * W, H, W, a,
+                           SH, SW);
         }
       }
     }
@@ -597,20 +748,6 @@ inline void transpose_group_grad_output(const float* go, const Conv2dParams& p, 
 // 16 / GI of them (ResNeXt's 8 a group: 2 groups a vector, not half-empty vectors): lane c*GI + i is
 // input channel c of group i of the set, and each broadcast puts the GI groups' grad_output floats, which
 // lie side by side ([o][pixel][GI], interleaved_grad_output), in every GI lanes.
-template <int GI>
-FASTCONV_AVX512 inline __m512 broadcast_lanes(const float* p) {
-  if constexpr (GI == 1) {
-    return _mm512_set1_ps(*p);
-  } else if constexpr (GI == 2) {
-    double d;
-    std::memcpy(&d, p, sizeof d);
-    return _mm512_castpd_ps(_mm512_set1_pd(d));
-  } else if constexpr (GI == 4) {
-    return _mm512_maskz_broadcast_f32x4(__mmask16(0xFFFF), _mm_loadu_ps(p));  // (unmasked: gcc warns of its undefined)
-  } else {
-    return _mm512_castpd_ps(_mm512_maskz_broadcast_f64x4(__mmask8(0xFF), _mm256_castps_pd(_mm256_loadu_ps(p))));
-  }
-}
 
 template <int OB, int SW, int GI>
 FASTCONV_AVX512 void grouped_weight_grad_channel_lanes(const float* xt, int64_t x_image, int64_t Wp, int64_t row_step,
