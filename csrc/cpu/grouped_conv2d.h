@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -88,11 +89,11 @@ inline bool use_grouped_direct(const Conv2dParams& p, bool weight_grad = false) 
   if (weight_grad && OCg <= 16 && p.in_channels_per_group() <= 16) return p.groups > 1 && p.kernel_h * p.kernel_w > 1;
   const bool strided = p.stride_h > 1 || p.stride_w > 1;
   // Forward (and stride-1 backward-input) where 2 groups of 8 or 4 of 4 output channels share the vectors
-  // (forward_groups_per_vector). Measured, 2 threads, Zen 4, batch 8, against the GEMM: 4 a group (ResNeXt's
-  // first stage) at 56x56 0.45x the time, 28x28 0.84x, 14x14 0.90x, 3x3/2 from 56x56 0.58x; 8 a group
-  // at 3x3/2 from 56x56 0.73x, from 28x28 0.60x, from 14x14 0.53x, stride 1 at 56x56 0.80x, at 7x7
-  // (RegNet's 55 groups) 0.63x; but at 28x28 1.06x and 14x14 1.18x, where the GEMM's 8-row tiles are
-  // full and its panels need no packing.
+  // (forward_groups_per_vector). Measured, 2 threads, Zen 4, batch 8, against the GEMM, the two
+  // alternating in one process: 4 a group (ResNeXt's first stage) at 56x56 0.90x the time forward, 0.88x
+  // backward-input, at 28x28 0.89x; 8 a group at 3x3/2 from 56x56 0.74x, at 56x56 0.76x (0.74x
+  // backward-input), at 7x7 0.81-0.87x (both passes; RegNet's 55 groups and ResNeXt's 32); but at 14x14
+  // 1.01-1.03x and 28x28 0.93x forward, 1.05x backward-input, where the GEMM's 8-row tiles are full.
   if (!weight_grad && forward_groups_per_vector(p) > 1 && p.kernel_h * p.kernel_w > 1 &&
       (OCg == 4 || strided || p.out_plane() <= 64 || p.out_plane() >= 2048))
     return true;
@@ -139,21 +140,27 @@ inline int64_t grouped_weight_floats(int64_t OCg, int64_t K) { return ceil_div(O
 inline const float* pack_grouped_weights(const float* weight, const Conv2dParams& p, const Conv2dParams* fwd,
                                          const std::vector<int64_t>& taps, AlignedBuffer& buf, int64_t gi = 1) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
-  if (gi > 1) {  // a few thousand floats: element by element
+  if (gi > 1) {  // lane by lane: a set's block zeroed, then each present group's channels written in
     const int64_t sets = ceil_div(G, gi), KK = fwd ? fwd->kernel_h * fwd->kernel_w : 0;
-    const int64_t T = static_cast<int64_t>(taps.size());
+    const int64_t T = static_cast<int64_t>(taps.size()), OCf = fwd ? fwd->out_channels_per_group() : 0;
     float* packed = buf.get(sets * 16 * K);
     at::parallel_for(0, sets, grain_for(16 * K), [&](int64_t s0, int64_t s1) {
       for (int64_t set = s0; set < s1; ++set) {
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t l = 0; l < 16; ++l) {
-            const int64_t g = set * gi + l % gi, o = l / gi;
-            float v = 0.f;
-            if (g < G && o < OCg) {
-              v = fwd ? weight[((g * fwd->out_channels_per_group() + k / T) * OCg + o) * KK + taps[k % T]]
-                      : weight[(g * OCg + o) * K + k];
+        float* dst = packed + set * K * 16;
+        std::fill(dst, dst + K * 16, 0.f);
+        for (int64_t i = 0; i < std::min(gi, G - set * gi); ++i) {
+          const int64_t g = set * gi + i;
+          for (int64_t o = 0; o < std::min(OCg, 16 / gi); ++o) {
+            float* lane = dst + o * gi + i;
+            if (!fwd) {
+              const float* src = weight + (g * OCg + o) * K;
+              for (int64_t k = 0; k < K; ++k) lane[k * 16] = src[k];
+              continue;
             }
-            packed[(set * K + k) * 16 + l] = v;
+            for (int64_t of = 0; of < OCf; ++of) {  // row (of, j): fwd's w[g*OCf + of][o][taps[j]]
+              const float* src = weight + ((g * OCf + of) * OCg + o) * KK;
+              for (int64_t j = 0; j < T; ++j) lane[(of * T + j) * 16] = src[taps[j]];
+            }
           }
         }
       }
