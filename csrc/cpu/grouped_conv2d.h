@@ -1,5 +1,8 @@
 // Grouped convolutions with 16 or more output channels per group (ResNeXt's 16-64, RegNet's group
-// widths) on AVX-512: a direct kernel with a group's output channels in the vector lanes.
+// widths) on AVX-512: a direct kernel with a group's output channels in the vector lanes. Groups of 8 or 4
+// output channels share the lanes, 2 or 4 groups a vector (their input copied interleaved, each step
+// broadcasting the groups' floats of a pixel together: forward_groups_per_vector), and backward-weight of
+// groups of at most 16 channels puts input channels, of up to 8 groups, in the lanes.
 //
 // The engine's GEMM (conv2d_avx512.h) puts pixels in the lanes and 8 output channels in the rows of its
 // tile. Per group that is a small GEMM (ResNeXt-50's last stage: 32 output channels, 288 taps, 49 pixels
@@ -83,9 +86,9 @@ inline bool use_grouped_direct(const Conv2dParams& p, bool weight_grad = false) 
   const int64_t OCg = p.out_channels_per_group(), lanes = ceil_div(OCg, 16) * 16;
   // Backward-weight of groups of at most 16 input and output channels runs on the channel-lane kernel
   // (grouped_backward_weight), several groups to a vector where they fit, at any plane size. Measured, 2
-  // threads, Zen 4, batch 8, against the GEMM: ResNeXt's 32 groups of 8 at 3x3/2 from 56x56 0.35x the
-  // time, at 28x28 0.72x, 14x14 0.67x, 7x7 0.47x; 32 groups of 4 at 56x56 0.68x; 64 groups of 16 at 7x7
-  // 0.53x.
+  // threads, Zen 4, batch 8, against the GEMM, the two alternating in one process: ResNeXt's 32 groups of
+  // 8 at 3x3/2 from 56x56 0.39x the time, at 28x28 0.62x, 14x14 0.67x, 7x7 0.45x; 32 groups of 4 at
+  // 56x56 0.75x; 64 groups of 16 at 7x7 0.53x.
   if (weight_grad && OCg <= 16 && p.in_channels_per_group() <= 16) return p.groups > 1 && p.kernel_h * p.kernel_w > 1;
   const bool strided = p.stride_h > 1 || p.stride_w > 1;
   // Forward (and stride-1 backward-input) where 2 groups of 8 or 4 of 4 output channels share the vectors
