@@ -394,7 +394,13 @@ def test_grouped_phases_split_rows_over_threads(threads, monkeypatch, poison):
 # block: 16, 32, 48; 64 = 2 + 2, 80 = 3 + 2 vectors; 1-3 input channels a block at one vector, 17 and 40
 # with partial last vectors), or, at most 16 input and 16 output channels per group, input channels in
 # the lanes (blocks of 3 output channels: 16 = 5 x 3 + 1, 14 = 4 x 3 + 2; 5 and 16 input channels);
-# stride 2, 3 down, (1, 2), padding 0 and 2, batch 1, planes of 1 row.
+# stride 2, 3 down, (1, 2), padding 0 and 2, batch 1, planes of 1 row. With at most 8 input channels a
+# group, several groups share the vector: 2 groups of 8, 4 of 4, 8 of 2 input channels, partial vectors
+# (3 channels: 4 groups in 12 lanes; 6: 2 groups in 12), a last set with fewer groups than the vector
+# holds (3 groups of 4, 5 of 8, 9 of 2), blocks of 3 output channels and their remainders (1, 2, 4, 5,
+# 8, 16 a group), stride 2, (3, 1) and (1, 2), padding 0 and 2, and images in chunks of at least 1024
+# output pixels (a partial grad_weight per chunk, added in order): 1 image a chunk at 32x33, chunks of
+# 3 with a last one of 1 at 20x20, one chunk of all images at 7x7.
 GROUPED_WEIGHT_GRAD_CASES = [
     (2, 32, 7, 7, 64, (3, 3), 1, 1, 1, 2),
     (3, 34, 9, 8, 32, (3, 3), 1, 1, 1, 2),
@@ -407,22 +413,7 @@ GROUPED_WEIGHT_GRAD_CASES = [
     (2, 64, 1, 12, 64, (3, 3), 1, 1, 1, 4),
     (1, 48, 5, 5, 48, (3, 3), 1, 0, 1, 3),
     (2, 64, 1, 1, 64, (3, 3), 1, 1, 1, 2),  # 9-float padded planes: vectors of a plane's copy run two planes on
-]
-
-
-@pytest.mark.parametrize("case", GROUPED_WEIGHT_GRAD_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
-def test_grouped_weight_grad_matches_torch(case, monkeypatch, poison):
-    run_grouped_case(case, monkeypatch, 2, "grouped-direct")
-
-
-# The input-channel-lane backward-weight with several groups to a vector (lane c*gi + i: channel c of
-# group i of the set): 2 groups of 8, 4 of 4, 8 of 2 input channels, partial vectors (3 channels: 4
-# groups in 12 lanes; 5 and 6: 2 groups in 10 and 12), a last set with fewer groups than the vector
-# holds (3 groups of 4, 5 of 8, 9 of 2), blocks of 3 output channels and their remainders (1, 2, 4, 5,
-# 8, 16 a group), stride 2, (3, 1) and (1, 2), padding 0 and 2, and images in chunks of at least 1024
-# output pixels (a partial grad_weight per chunk, added in order): 1 image a chunk at 32x33, chunks of
-# 3 with a last one of 1 at 20x20, one chunk of all images at 7x7.
-INTERLEAVED_WEIGHT_GRAD_CASES = [
+    # several groups to a vector (lane c*gi + i: channel c of group i of the set)
     (2, 64, 9, 10, 64, (3, 3), 1, 1, 1, 8),
     (2, 64, 11, 12, 64, (3, 3), 2, 1, 1, 8),
     (3, 32, 7, 7, 32, (3, 3), 1, 1, 1, 8),
@@ -439,9 +430,8 @@ INTERLEAVED_WEIGHT_GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", INTERLEAVED_WEIGHT_GRAD_CASES,
-                         ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
-def test_grouped_weight_grad_groups_share_vectors(case, monkeypatch, poison):
+@pytest.mark.parametrize("case", GROUPED_WEIGHT_GRAD_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def test_grouped_weight_grad_matches_torch(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 2, "grouped-direct")
 
 
