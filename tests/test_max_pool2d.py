@@ -218,9 +218,9 @@ def test_float32_backward_bitwise_like_torch_on_random_geometries():
 
 # channels_last inputs on the CPU: values, indices and grad_input channels_last (as torch's) and bit for
 # bit torch's, on random geometries (overlapping and padded windows, dilation, ceil mode, stride 1 with
-# many windows over one pixel), channel counts around the 16-lane vectors (the backward runs in place
-# from 16 channels, through NCHW below), inputs with ties and a NaN, at 1-3 threads; the fake kernels
-# give the same strides.
+# many windows over one pixel), channel counts around the 16-lane vectors (the backward: per pixel
+# from 16 channels, a per-channel scatter below), inputs with ties and a NaN, at 1-3 threads; the fake
+# kernels give the same strides.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_channels_last_cpu_bitwise_like_torch(dtype, threads, poison):
@@ -264,9 +264,11 @@ def test_channels_last_cpu_bitwise_like_torch(dtype, threads, poison):
         torch.set_num_threads(old)
 
 
-# The channels_last backward in place (16+ channels) drops indices outside their window, as the NCHW one.
-def test_channels_last_backward_drops_indices_outside_their_window(poison):
-    x = distinct_input(2, 20, 15, 17, torch.float32, "cpu").contiguous(memory_format=torch.channels_last)
+# The channels_last backward (per pixel from 16 channels, the per-channel scatter below) drops indices
+# outside their window, as the NCHW one.
+@pytest.mark.parametrize("channels", [20, 5])
+def test_channels_last_backward_drops_indices_outside_their_window(channels, poison):
+    x = distinct_input(2, channels, 15, 17, torch.float32, "cpu").contiguous(memory_format=torch.channels_last)
     args = [[3, 3], [2, 2], [1, 1], [1, 1], True]
     vals, idx = torch.ops.fastconv.max_pool2d(x, *args)
     bad = idx.clone()
