@@ -745,7 +745,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
   // the NCHW copies and scatter it replaces: (8,3,224,224) 2x2 1.0x the time, (8,8,112,112) 3x3/2 p1
   // 0.52x, (100,6,24,24) 2x2 0.66x, batch 1 0.61x, (8,12,56,56) 2x2/1 0.47x, (8,8,56,56) 3x3/1 0.69x,
   // (8,3,112,112) 3x3/2 0.83x, but (8,3,56,56) 3x3/1 1.5x (3 of 16 lanes, an output per input pixel);
-  // still 1.2-3.2x torch's unchecked scatter.
+  // still 1.2-3.2x torch's scatter.
   const bool channels_last = is_channels_last(input);
   if (channels_last) {
     at::Tensor grad_input =
