@@ -484,13 +484,15 @@ def test_small_groups_match_torch(case, threads, poison):
         torch.set_num_threads(old)
 
 
-def test_grouped_direct_relu_is_relu_of_conv2d(monkeypatch):
+# (2 groups of 48 channels; 5 groups of 8, 2 to a vector, the last set one group)
+@pytest.mark.parametrize("groups, out_channels", [(2, 96), (5, 40)])
+def test_grouped_direct_relu_is_relu_of_conv2d(groups, out_channels, monkeypatch):
     # bias and ReLU in the kernel's epilogue: bitwise the unfused op then relu, NaN kept
     monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
-    x, w, b = torch.randn(2, 64, 7, 9), torch.randn(96, 32, 3, 3), torch.randn(96)
+    x, w, b = torch.randn(2, 80, 7, 9), torch.randn(out_channels, 80 // groups, 3, 3), torch.randn(out_channels)
     x[1, 40, 3, 3] = float("nan")
-    args = ([1, 1], [1, 1], [1, 1], 2)
-    if fastconv.conv2d_algorithm(x, w, 1, 1, 1, 2).split("/")[0] != "grouped-direct":
+    args = ([1, 1], [1, 1], [1, 1], groups)
+    if fastconv.conv2d_algorithm(x, w, 1, 1, 1, groups).split("/")[0] != "grouped-direct":
         pytest.skip("no AVX-512 engine on this CPU")
     fused = torch.ops.fastconv.conv2d_relu(x, w, b, *args)
     plain = torch.ops.fastconv.conv2d(x, w, b, *args)
