@@ -369,7 +369,9 @@ GROUPED_PHASE_CASES = [
     (1, 160, 15, 16, 80, (5, 5), 2, 2, 1, 2),
     (2, 64, 9, 9, 32, (3, 3), 2, (3, 2), 1, 2),
     (1, 160, 7, 8, 96, (3, 3), 2, 1, 1, 2),
-    (2, 32, 11, 12, 32, (3, 3), 2, 1, 1, 4),  # 8 input channels per group: half-full vectors
+    (2, 32, 11, 12, 32, (3, 3), 2, 1, 1, 4),  # 8 input channels per group: 2 groups a vector
+    (1, 32, 9, 37, 32, (3, 3), 2, 1, 1, 4),   # rows of 37 and 21: 32 columns a step of the phase rows' write
+    (2, 16, 6, 21, 16, (3, 3), 2, 1, 1, 2),
 ]
 
 

@@ -542,16 +542,18 @@ inline bool grouped_backward_input_by_phases(const Conv2dParams& p) {
 FASTCONV_AVX512 inline void write_phase_rows(const float* const* plane, const int64_t* cj, int64_t channels, int64_t ci,
                                              int64_t i0, int64_t i1, float* dst, int64_t H, int64_t W, int64_t a,
                                              int64_t SH, int64_t SW) {
-  const __m512i interleave = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t i = i0; i < i1; ++i) {
       float* row = dst + c * H * W + (a + SH * i) * W;
       const auto src = [&](int64_t b) { return plane[b] + (c * ci + i) * cj[b]; };
-      if (SW == 2) {
-        for (int64_t j = 0; 2 * j < W; j += 8) {
+      if (SW == 2) {  // 16 pixels of each phase, 32 of the row
+        for (int64_t j = 0; 2 * j < W; j += 16) {
           const __m512 v0 = plane[0] ? _mm512_maskz_loadu_ps(lane_mask(0, cj[0] - j), src(0) + j) : _mm512_setzero_ps();
           const __m512 v1 = plane[1] ? _mm512_maskz_loadu_ps(lane_mask(0, cj[1] - j), src(1) + j) : _mm512_setzero_ps();
-          _mm512_mask_storeu_ps(row + 2 * j, lane_mask(0, W - 2 * j), _mm512_permutex2var_ps(v0, interleave, v1));
+          _mm512_mask_storeu_ps(row + 2 * j, lane_mask(0, W - 2 * j), _mm512_permutex2var_ps(v0, low, v1));
+          _mm512_mask_storeu_ps(row + 2 * j + 16, lane_mask(0, W - 2 * j - 16), _mm512_permutex2var_ps(v0, high, v1));
         }
         continue;
       }
