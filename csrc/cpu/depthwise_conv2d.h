@@ -282,8 +282,7 @@ struct PhasePlanes {
       if (sw == 1) {
         copy_floats(dst, row + pad_w, W);
       } else if (sw == 2) {
-        const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+        const __m512i lo = interleave_lo(), hi = interleave_hi();
         for (int64_t iw = 0; iw < W; iw += 32) {
           const int64_t n = std::min<int64_t>(32, W - iw);
           const int64_t j0 = iw + pad_w, j1 = j0 + 1;

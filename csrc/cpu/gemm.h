@@ -92,6 +92,14 @@ inline std::vector<__mmask16> lane_masks(int64_t vectors, Keep keep) {
   return masks;
 }
 
+// permutex2var(a, ., b) indices interleaving lanes 0-7 (lo) or 8-15 (hi) of a and b: a0 b0 a1 b1 ...
+FASTCONV_AVX512 inline __m512i interleave_lo() {
+  return _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+FASTCONV_AVX512 inline __m512i interleave_hi() {
+  return _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+}
+
 // Where a tile's results go: vector v of row i lands at ptr[v][s] + i*ldc under mask[v][s], for the
 // (at most two) segments s a vector can straddle (two images of a flattened pixel range).
 struct TileDest {

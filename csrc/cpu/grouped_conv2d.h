@@ -394,8 +394,7 @@ inline void pad_planes_parallel(const float* src, int64_t planes, int64_t H, int
 FASTCONV_AVX512 inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64_t present, int64_t gi,
                                                    int64_t channels, int64_t H, int64_t W, float* dst, int64_t Hp,
                                                    int64_t Wp, int64_t top, int64_t left) {
-  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i low = interleave_lo(), high = interleave_hi();
   const __m512 zero = _mm512_setzero_ps();
   const int64_t row_floats = Wp * gi;
   for (int64_t c = 0; c < channels; ++c) {
@@ -542,8 +541,7 @@ inline bool grouped_backward_input_by_phases(const Conv2dParams& p) {
 FASTCONV_AVX512 inline void write_phase_rows(const float* const* plane, const int64_t* cj, int64_t channels, int64_t ci,
                                              int64_t i0, int64_t i1, float* dst, int64_t H, int64_t W, int64_t a,
                                              int64_t SH, int64_t SW) {
-  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i low = interleave_lo(), high = interleave_hi();
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t i = i0; i < i1; ++i) {
       float* row = dst + c * H * W + (a + SH * i) * W;
@@ -864,8 +862,7 @@ FASTCONV_AVX512 inline void transpose_group_input_padded(const float* input, con
 FASTCONV_AVX512 inline void interleaved_grad_output(const float* go, const Conv2dParams& p, int64_t g0, int64_t gi,
                                                     int64_t n, float* dst) {
   const int64_t OCg = p.out_channels_per_group(), L = p.out_plane(), present = std::min(gi, p.groups - g0);
-  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i low = interleave_lo(), high = interleave_hi();
   for (int64_t o = 0; o < OCg; ++o) {
     float* d = dst + o * L * gi;
     const auto plane = [&](int64_t i) { return go + (n * p.out_channels + (g0 + i) * OCg + o) * L; };

@@ -653,14 +653,6 @@ FASTCONV_AVX512 inline void output_transform(const float* m, int64_t xi_stride, 
   }
 }
 
-// permutex2var(a, ., b) indices interleaving lanes 0-7 (lo) or 8-15 (hi) of a and b: a0 b0 a1 b1 ...
-FASTCONV_AVX512 inline __m512i interleave_lo() {
-  return _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-}
-FASTCONV_AVX512 inline __m512i interleave_hi() {
-  return _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-}
-
 // Writes the tiles of lanes [lane, lane + len) of y (one tile-row run) interleaved into output rows
 // 2i (and 2i+1 when `second_row`) from column 2*j0; `cols` of them are inside the output.
 FASTCONV_AVX512 inline void store_run(const __m512 y[4], int64_t lane, float* out, int64_t OW, int64_t cols,
