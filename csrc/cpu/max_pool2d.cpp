@@ -450,6 +450,21 @@ inline bool index_in_window(int64_t at, int64_t h0, int64_t w0, const Pool2dPara
          dw / p.dilation_w < p.kernel_w;
 }
 
+// torch's scatter over one plane of grad_input: dst[at*step] += src[o*step] for the outputs o in order
+// whose index at = ind[o*step] lies in its window (index_in_window; the others add nothing). Elements
+// `step` apart: 1 for an NCHW plane, C for one channel of a channels_last image.
+template <typename T>
+void scatter_plane_checked(const T* src, const int64_t* ind, T* dst, const Pool2dParams& p, int64_t step) {
+  for (int64_t oh = 0; oh < p.out_h; ++oh) {
+    const int64_t h0 = oh * p.stride_h - p.pad_h;
+    for (int64_t ow = 0; ow < p.out_w; ++ow) {
+      const int64_t o = (oh * p.out_w + ow) * step, at = ind[o];
+      const bool inside = index_in_window(at, h0, ow * p.stride_w - p.pad_w, p);
+      dst[(inside ? at : 0) * step] += inside ? src[o] : T(0);  // selects, not branches
+    }
+  }
+}
+
 template <typename T>
 void max_pool2d_backward_kernel(const T* go, const int64_t* idx, T* gi, const Pool2dParams& p) {
   const int64_t planes = p.batch * p.channels, in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
@@ -490,14 +505,7 @@ void max_pool2d_backward_kernel(const T* go, const int64_t* idx, T* gi, const Po
         }
       }
 #endif
-      for (int64_t oh = 0; oh < p.out_h; ++oh) {
-        const int64_t h0 = oh * p.stride_h - p.pad_h;
-        for (int64_t ow = 0; ow < p.out_w; ++ow) {
-          const int64_t o = oh * p.out_w + ow, at = ind[o];
-          const bool inside = index_in_window(at, h0, ow * p.stride_w - p.pad_w, p);
-          dst[inside ? at : 0] += inside ? src[o] : T(0);  // selects, not branches
-        }
-      }
+      scatter_plane_checked(src, ind, dst, p, 1);
     }
   });
 }
@@ -678,9 +686,9 @@ void max_pool2d_backward_channels_last(const T* go, const int64_t* idx, T* gi, c
 }
 
 // The channels_last backward below 16 channels, where the per-pixel vectors would mostly idle: torch's
-// scatter, per image, outputs in order, channels innermost, each index checked against its window (an
-// index outside matches nothing, as everywhere here): each grad_input element sums its windows'
-// gradients in output order from +0, as the dense form does. float32 without dilation on AVX-512 runs
+// scatter, per image and channel, outputs in order, each index checked against its window (an index
+// outside matches nothing, as everywhere here): each grad_input element sums its windows' gradients in
+// output order from +0, as the dense form does. float32 without dilation on AVX-512 runs
 // max_pool2d_backward_scatter_channels_last (a masked vector of the C channels); this is the rest.
 template <typename T>
 void max_pool2d_backward_scatter_channels_last_few(const T* go, const int64_t* idx, T* gi, const Pool2dParams& p) {
@@ -689,17 +697,7 @@ void max_pool2d_backward_scatter_channels_last_few(const T* go, const int64_t* i
     for (int64_t n = begin; n < end; ++n) {
       T* dst = gi + n * HW * C;
       std::fill(dst, dst + HW * C, T(0));
-      for (int64_t oh = 0; oh < p.out_h; ++oh) {
-        const int64_t h0 = oh * p.stride_h - p.pad_h;
-        for (int64_t ow = 0; ow < p.out_w; ++ow) {
-          const int64_t o = (n * L + oh * p.out_w + ow) * C, w0 = ow * p.stride_w - p.pad_w;
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t at = idx[o + c];
-            const bool inside = index_in_window(at, h0, w0, p);
-            dst[(inside ? at : 0) * C + c] += inside ? go[o + c] : T(0);  // selects, not branches
-          }
-        }
-      }
+      for (int64_t c = 0; c < C; ++c) scatter_plane_checked(go + n * L * C + c, idx + n * L * C + c, dst + c, p, C);
     }
   });
 }
@@ -753,29 +751,11 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
     if (grad_input.numel() == 0) return grad_input;
     const at::Tensor go_c = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor idx_c = indices.contiguous(at::MemoryFormat::ChannelsLast);
-    if (p.channels < 16) {
+    const bool few = p.channels < 16;
 #if FASTCONV_HAVE_AVX512_KERNELS
-      if (input.scalar_type() == at::kFloat && cpu::has_avx512() && p.dilation_h == 1 && p.dilation_w == 1) {
-        grad_input.zero_();
-        at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t n = begin; n < end; ++n) {
-            max_pool2d_backward_scatter_channels_last(go_c.const_data_ptr<float>(), idx_c.const_data_ptr<int64_t>(),
-                                                      grad_input.data_ptr<float>(), p, n, 0, p.channels);
-          }
-        });
-        return grad_input;
-      }
-#endif
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_backward_cpu", [&] {
-            max_pool2d_backward_scatter_channels_last_few<scalar_t>(
-                go_c.const_data_ptr<scalar_t>(), idx_c.const_data_ptr<int64_t>(), grad_input.data_ptr<scalar_t>(), p);
-          });
-      return grad_input;
-    }
-#if FASTCONV_HAVE_AVX512_KERNELS
+    // The scatter for overlapping windows, and below 16 channels for any (one item per image there).
     const bool overlapping = p.stride_h < p.kernel_h || p.stride_w < p.kernel_w;
-    if (input.scalar_type() == at::kFloat && cpu::has_avx512() && overlapping && p.dilation_h == 1 &&
+    if (input.scalar_type() == at::kFloat && cpu::has_avx512() && (overlapping || few) && p.dilation_h == 1 &&
         p.dilation_w == 1) {
       grad_input.zero_();
       // channels per item, so that no two items write one element: 64, or 16 (one cache line) where
@@ -794,6 +774,14 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
       return grad_input;
     }
 #endif
+    if (few) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_backward_cpu", [&] {
+            max_pool2d_backward_scatter_channels_last_few<scalar_t>(
+                go_c.const_data_ptr<scalar_t>(), idx_c.const_data_ptr<int64_t>(), grad_input.data_ptr<scalar_t>(), p);
+          });
+      return grad_input;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_backward_cpu", [&] {
           max_pool2d_backward_channels_last<scalar_t>(go_c.const_data_ptr<scalar_t>(), idx_c.const_data_ptr<int64_t>(),
