@@ -388,15 +388,33 @@ inline void pad_planes_parallel(const float* src, int64_t planes, int64_t H, int
   });
 }
 
-// The zero-padded planes of gi (2 or 4) groups, interleaved: dst[c][hp][wp][i] (Hp x Wp planes, the input
-// at row top, column left) = channel c of the planes of group i at src + i*group_stride (zero for i >=
-// present). Exact stores: runs written by different threads may adjoin.
-FASTCONV_AVX512 inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64_t present, int64_t gi,
-                                                   int64_t channels, int64_t H, int64_t W, float* dst, int64_t Hp,
-                                                   int64_t Wp, int64_t top, int64_t left) {
-  const __m512i low = interleave_lo(), high = interleave_hi();
+// out[0, GI): the GI vectors v[0, GI) interleaved lane by lane (out as one run of 16*GI floats: v[0][0],
+// v[1][0], ..., v[GI-1][0], v[0][1], ...): the even and the odd vectors interleaved, then the two runs.
+template <int GI>
+FASTCONV_AVX512 inline void interleave_vectors(const __m512* v, __m512* out) {
+  if constexpr (GI == 1) {
+    out[0] = v[0];
+  } else {
+    __m512 even[GI / 2], odd[GI / 2], e[GI / 2], o[GI / 2];
+    for (int i = 0; i < GI / 2; ++i) even[i] = v[2 * i], odd[i] = v[2 * i + 1];
+    interleave_vectors<GI / 2>(even, e);
+    interleave_vectors<GI / 2>(odd, o);
+    for (int k = 0; k < GI / 2; ++k) {
+      out[2 * k] = _mm512_permutex2var_ps(e[k], interleave_lo(), o[k]);
+      out[2 * k + 1] = _mm512_permutex2var_ps(e[k], interleave_hi(), o[k]);
+    }
+  }
+}
+
+// The zero-padded planes of GI groups, interleaved: dst[c][hp][wp][i] (Hp x Wp planes, the input at row
+// top, column left) = channel c of the planes of group i at src + i*group_stride (zero for i >= present).
+// Exact stores: runs written by different threads may adjoin.
+template <int GI>
+FASTCONV_AVX512 void pad_planes_interleaved(const float* src, int64_t group_stride, int64_t present, int64_t channels,
+                                            int64_t H, int64_t W, float* dst, int64_t Hp, int64_t Wp, int64_t top,
+                                            int64_t left) {
   const __m512 zero = _mm512_setzero_ps();
-  const int64_t row_floats = Wp * gi;
+  const int64_t row_floats = Wp * GI;
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t hp = 0; hp < Hp; ++hp) {
       float* d = dst + (c * Hp + hp) * row_floats;
@@ -407,24 +425,26 @@ FASTCONV_AVX512 inline void pad_planes_interleaved(const float* src, int64_t gro
       }
       for (int64_t j = 0; j < Wp; j += 16) {  // padded columns j..j+15: input columns j - left..
         const __mmask16 m = lane_mask(left - j, left + W - j);
-        __m512 v[4];
-        for (int64_t i = 0; i < gi; ++i)
+        __m512 v[GI], out[GI];
+        for (int64_t i = 0; i < GI; ++i)
           v[i] = i < present ? _mm512_maskz_loadu_ps(m, src + i * group_stride + (c * H + h) * W + j - left) : zero;
-        __m512 out[4];
-        if (gi == 2) {
-          out[0] = _mm512_permutex2var_ps(v[0], low, v[1]), out[1] = _mm512_permutex2var_ps(v[0], high, v[1]);
-        } else {  // interleave (0, 2) and (1, 3), then the two results
-          const __m512 a0 = _mm512_permutex2var_ps(v[0], low, v[2]), a1 = _mm512_permutex2var_ps(v[0], high, v[2]);
-          const __m512 b0 = _mm512_permutex2var_ps(v[1], low, v[3]), b1 = _mm512_permutex2var_ps(v[1], high, v[3]);
-          out[0] = _mm512_permutex2var_ps(a0, low, b0), out[1] = _mm512_permutex2var_ps(a0, high, b0);
-          out[2] = _mm512_permutex2var_ps(a1, low, b1), out[3] = _mm512_permutex2var_ps(a1, high, b1);
-        }
-        const int64_t floats = std::min<int64_t>(16, Wp - j) * gi;
-        for (int64_t q = 0; q < gi; ++q)
-          _mm512_mask_storeu_ps(d + j * gi + 16 * q, lane_mask(0, floats - 16 * q), out[q]);
+        interleave_vectors<GI>(v, out);
+        const int64_t floats = std::min<int64_t>(16, Wp - j) * GI;
+        for (int64_t q = 0; q < GI; ++q)
+          _mm512_mask_storeu_ps(d + j * GI + 16 * q, lane_mask(0, floats - 16 * q), out[q]);
       }
     }
   }
+}
+
+// pad_planes_interleaved for gi = 2, 4 or 8.
+inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64_t present, int64_t gi,
+                                   int64_t channels, int64_t H, int64_t W, float* dst, int64_t Hp, int64_t Wp,
+                                   int64_t top, int64_t left) {
+  const auto fn = gi == 2   ? &pad_planes_interleaved<2>
+                  : gi == 4 ? &pad_planes_interleaved<4>
+                            : &pad_planes_interleaved<8>;
+  fn(src, group_stride, present, channels, H, W, dst, Hp, Wp, top, left);
 }
 
 // The forward convolution of p (any stride_h, stride_w <= 2, any dilation) with weights packed by
@@ -757,7 +777,7 @@ inline void transpose_group_grad_output(const float* go, const Conv2dParams& p, 
 // broadcasts OB grad_output floats. GI groups share the lanes where a group's channels fill at most
 // 16 / GI of them (ResNeXt's 8 a group: 2 groups a vector, not half-empty vectors): lane c*GI + i is
 // input channel c of group i of the set, and each broadcast puts the GI groups' grad_output floats, which
-// lie side by side ([o][pixel][GI], interleaved_grad_output), in every GI lanes.
+// lie side by side ([o][pixel][GI], pad_planes_interleaved), in every GI lanes.
 
 template <int OB, int SW, int GI>
 FASTCONV_AVX512 void grouped_weight_grad_channel_lanes(const float* xt, int64_t x_image, int64_t Wp, int64_t row_step,
@@ -857,34 +877,6 @@ FASTCONV_AVX512 inline void transpose_group_input_padded(const float* input, con
   }
 }
 
-// dst[o][pixel][gi] = grad_output[n][(g0 + i)*OCg + o][pixel] for the groups i < gi of the set (zero
-// past G): the grad_output floats of a set's groups side by side, for broadcast_lanes<gi>.
-FASTCONV_AVX512 inline void interleaved_grad_output(const float* go, const Conv2dParams& p, int64_t g0, int64_t gi,
-                                                    int64_t n, float* dst) {
-  const int64_t OCg = p.out_channels_per_group(), L = p.out_plane(), present = std::min(gi, p.groups - g0);
-  const __m512i low = interleave_lo(), high = interleave_hi();
-  for (int64_t o = 0; o < OCg; ++o) {
-    float* d = dst + o * L * gi;
-    const auto plane = [&](int64_t i) { return go + (n * p.out_channels + (g0 + i) * OCg + o) * L; };
-    if (gi == 2) {  // two planes, 16 pixels of each interleaved into 32 floats
-      const float* a = plane(0);
-      const float* b = present > 1 ? plane(1) : nullptr;
-      for (int64_t px = 0; px < L; px += 16) {
-        const __mmask16 m = lane_mask(0, L - px);
-        const __m512 va = _mm512_maskz_loadu_ps(m, a + px);
-        const __m512 vb = b ? _mm512_maskz_loadu_ps(m, b + px) : _mm512_setzero_ps();
-        _mm512_mask_storeu_ps(d + 2 * px, lane_mask(0, 2 * (L - px)), _mm512_permutex2var_ps(va, low, vb));
-        _mm512_mask_storeu_ps(d + 2 * px + 16, lane_mask(0, 2 * (L - px) - 16), _mm512_permutex2var_ps(va, high, vb));
-      }
-      continue;
-    }
-    for (int64_t i = 0; i < gi; ++i) {
-      const float* src = i < present ? plane(i) : nullptr;
-      for (int64_t px = 0; px < L; ++px) d[px * gi + i] = src ? src[px] : 0.f;
-    }
-  }
-}
-
 inline void grouped_backward_weight(const float* grad_output, const float* input, float* grad_weight,
                                     const Conv2dParams& p) {
   const int64_t N = p.batch, G = p.groups, C = p.in_channels, Cg = p.in_channels_per_group();
@@ -913,8 +905,10 @@ inline void grouped_backward_weight(const float* grad_output, const float* input
         int64_t go_o = L, go_image = p.out_channels * L;
         if (gi > 1) {
           float* dst = go_set_buf.get(images * OCg * L * gi);
-          for (int64_t i = 0; i < images; ++i)
-            interleaved_grad_output(grad_output, p, g0, gi, n0 + i, dst + i * OCg * L * gi);
+          for (int64_t i = 0; i < images; ++i) {  // each image's OCg planes of the set's groups: rows of L pixels
+            pad_planes_interleaved(grad_output + ((n0 + i) * p.out_channels + g0 * OCg) * L, OCg * L, present, gi, OCg,
+                                   1, L, dst + i * OCg * L * gi, 1, L, 0, 0);
+          }
           go = dst, go_o = L * gi, go_image = OCg * L * gi;
         }
         for (int64_t o0 = 0; o0 < OCg; o0 += 3) {
