@@ -16,12 +16,17 @@ On float32 and an AVX-512 CPU each conv pass picks one of:
   (3x3 for backward-weight); ``grouped-direct-phases``: strided backward-input of grouped layers with 8+
   input channels per group, one stride-1 pass per phase of grad_input on that kernel. ``"gemm"`` keeps
   them; ``FASTCONV_GROUPED_DIRECT=0`` (or ``1``) turns them off (or on wherever they can run);
+- ``channels-last-direct`` (backward-weight): a direct convolution over a zero-padded channels-last
+  copy of the input, output channels x (16 input channels, tap) vectors, the pixels the reduction,
+  no im2col; by rule for layers with 32+ input and output channels per group and 2-9 taps (ResNet's
+  3x3 layers, ResNeXt's 32 a group), under ``"benchmark"`` a candidate wherever it applies
+  (``FASTCONV_CPU_WEIGHT_GRAD=channels-last`` or ``gemm`` forces either);
 - ``direct``: depthwise convolutions (one input channel per group); on the portable path also groups of
   2-4 channels, which run on the engine otherwise;
 - ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX-512, ``FASTCONV_CPU_GEMM=aten``).
 
 ``"auto"`` (the default) decides per pass from the layer's shape (rules measured on the benchmark
-layers, see benchmarks/README.md); ``"gemm"`` never uses Winograd or narrow-direct; ``"winograd"``
+layers, see benchmarks/README.md); ``"gemm"`` never uses Winograd, narrow-direct or channels-last-direct; ``"winograd"``
 uses Winograd wherever it applies; ``"benchmark"`` (like ``torch.backends.cudnn.benchmark``) times
 every kernel that can run a pass the first time a shape comes (on its real data, 3 runs each) and
 keeps the fastest for the rest of the process, per shape and thread count: the rules were measured

@@ -311,6 +311,7 @@ def run_grouped_case(case, monkeypatch, pass_index, algorithm, both_biases=False
     """run_case with the grouped direct kernels forced on, after checking that the pass (0 forward,
     1 backward-input, 2 backward-weight) runs `algorithm` (skipped without the AVX-512 engine)."""
     monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "gemm")  # groups of 32+: not the channels-last kernel
     n, c, h, w, oc, k, s, p, d, g = case
     x, wt = torch.randn(n, c, h, w), torch.randn(oc, c // g, *k)
     names = fastconv.conv2d_algorithm(x, wt, s, p, d, g).split("/")
@@ -453,6 +454,76 @@ def test_grouped_weight_grad_chunks_same_bits_at_any_thread_count():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+# The channels-last direct backward-weight, forced on: output channels 13, 8, 24, 17, 9, 3 (8-row tile
+# remainders), input channels a group 20, 17, 2 (idle lanes in the copy's last vector), taps 1, 4, 9,
+# 25, 3x1 and 7x7 (tiles of 3, 2 and 1 vectors; the 7x7's 49 taps written 16 at a time), strides
+# 2, 3 and (2, 1), dilation 2, padding 0-3, groups 2 and 32, batch 1 (grad_output's rows read in
+# place), 1352 pixels (reductions in chunks of 512, the last one short), a copy cropped to the rows
+# the taps reach (stride 3 without padding).
+CHANNELS_LAST_WEIGHT_GRAD_CASES = [
+    (2, 32, 9, 11, 13, (3, 3), 1, 1, 1, 1),
+    (1, 20, 7, 6, 8, (2, 2), 1, 0, 1, 1),
+    (3, 64, 10, 10, 24, (5, 5), 2, 2, 1, 2),
+    (2, 16, 12, 13, 17, (1, 1), 1, 0, 1, 1),
+    (2, 48, 8, 9, 36, (3, 1), (2, 1), (1, 0), 1, 3),
+    (2, 40, 9, 9, 16, (3, 3), 1, 2, 2, 1),
+    (8, 17, 13, 13, 9, (3, 3), 1, 1, 1, 1),
+    (2, 64, 7, 7, 64, (3, 3), 1, 1, 1, 32),
+    (1, 8, 5, 5, 3, (7, 7), 1, 3, 1, 1),
+    (2, 24, 14, 11, 16, (3, 3), 3, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_WEIGHT_GRAD_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-g{c[9]}")
+def test_channels_last_weight_grad_matches_torch(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "channels-last")
+    n, c, h, w, oc, k, s, p, d, g = case
+    name = fastconv.conv2d_algorithm(torch.empty(n, c, h, w), torch.empty(oc, c // g, *k), s, p, d, g)
+    if name.split("/")[-1] != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    run_case(*case)
+
+
+def test_channels_last_weight_grad_same_bits_at_any_thread_count(monkeypatch):
+    # every grad_weight element is one task's fixed-order sum over the whole batch: no partials
+    monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "channels-last")
+    x, w = torch.randn(3, 64, 15, 15), torch.randn(40, 32, 3, 3)
+    go = torch.randn(3, 40, 8, 8)
+    if fastconv.conv2d_algorithm(x, w, 2, 1, 1, 2).split("/")[-1] != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    old = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            grads.append(torch.ops.fastconv._conv2d_backward(go, x, w, [2, 2], [1, 1], [1, 1], 2,
+                                                             [False, True, False])[1])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+def test_channels_last_weight_grad_rule():
+    """By rule on wide 3x3 layers (not Winograd's), not below 32 channels a group, not on 1x1 or 5x5;
+    FASTCONV_CPU_WEIGHT_GRAD=gemm and the "gemm" setting turn it off."""
+    def bww(xs, ws, s=1, p=1, g=1):
+        return fastconv.conv2d_algorithm(torch.empty(xs), torch.empty(ws), s, p, 1, g).split("/")[-1]
+    if bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "im2col+gemm-aten":
+        pytest.skip("no AVX-512 engine on this CPU")
+    assert bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "channels-last-direct"
+    assert bww((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-direct"
+    assert bww((8, 512, 14, 14), (512, 16, 3, 3), g=32) != "channels-last-direct"
+    assert bww((8, 256, 28, 28), (64, 256, 1, 1), p=0) != "channels-last-direct"
+    assert bww((8, 64, 27, 27), (192, 64, 5, 5), p=2) != "channels-last-direct"
+    with fastconv.conv_algorithm("gemm"):
+        assert bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "im2col+gemm"
+    os.environ["FASTCONV_CPU_WEIGHT_GRAD"] = "gemm"
+    try:
+        assert bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "im2col+gemm"
+    finally:
+        del os.environ["FASTCONV_CPU_WEIGHT_GRAD"]
 
 
 # Groups of 8-15 output channels (half-empty vectors) take the grouped kernels by rule (not forced)
@@ -749,7 +820,7 @@ def test_benchmark_setting_measures_once_and_reports_the_choice(poison):
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     known = {"winograd", "implicit-gemm", "im2col+gemm", "narrow-direct", "stride-phases", "im2col+gemm+col2im",
-             "im2col+gemm-aten"}
+             "channels-last-direct", "im2col+gemm-aten"}
     assert set(passes.split("/")) <= known, passes
 
 

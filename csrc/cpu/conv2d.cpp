@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "cpu/channels_last_weight_grad.h"
 #include "cpu/conv2d_avx512.h"
 #include "cpu/depthwise_conv2d.h"
 #include "cpu/gemm.h"
@@ -269,15 +270,31 @@ bool narrow_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #endif
 }
 
+// The channels-last direct backward-weight (cpu/channels_last_weight_grad.h) where its rule wants it,
+// unless the setting is "gemm" or FASTCONV_CPU_WEIGHT_GRAD=gemm.
+bool channels_last_wanted(const Conv2dParams& p) {
+#if FASTCONV_HAVE_AVX512_KERNELS
+  return g_algorithm_setting.load() != kSettingGemm && cpu::engine::channels_last_weight_grad_forced(p) != 0 &&
+         cpu::engine::channels_last_weight_grad_wanted(p);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 // The float32 kernels of the forward and backward-weight passes on the AVX-512 engine, as numbers for
 // the "benchmark" cache.
-enum EngineKernel { kWinograd, kNarrow, kGemm };
-const char* const kEngineKernelNames[] = {"winograd", "narrow-direct", "im2col+gemm"};
+enum EngineKernel { kWinograd, kNarrow, kGemm, kChannelsLast };
+const char* const kEngineKernelNames[] = {"winograd", "narrow-direct", "im2col+gemm", "channels-last-direct"};
 
 #if FASTCONV_HAVE_AVX512_KERNELS
 // The rule's kernel for the forward pass (weight_grad false) or backward-weight.
 int engine_rule(const Conv2dParams& p, bool weight_grad) {
-  return winograd_wanted(p, weight_grad) ? kWinograd : narrow_wanted(p, weight_grad) ? kNarrow : kGemm;
+  if (weight_grad && cpu::engine::channels_last_weight_grad_forced(p) == 1) return kChannelsLast;
+  if (winograd_wanted(p, weight_grad)) return kWinograd;
+  if (narrow_wanted(p, weight_grad)) return kNarrow;
+  if (weight_grad && channels_last_wanted(p)) return kChannelsLast;
+  return kGemm;
 }
 
 // Every kernel that can run the pass ("benchmark" times them all).
@@ -287,6 +304,7 @@ std::vector<int> engine_candidates(const Conv2dParams& p, bool weight_grad) {
   if (weight_grad ? cpu::narrow::backward_weight_applicable(p) : cpu::narrow::forward_applicable(p)) {
     c.push_back(kNarrow);
   }
+  if (weight_grad && cpu::engine::channels_last_weight_grad_applicable(p)) c.push_back(kChannelsLast);
   c.push_back(kGemm);
   return c;
 }
@@ -383,6 +401,7 @@ void run_weight_grad(int algo, const float* grad_output, const float* input, flo
                      const Conv2dParams& p) {
   if (algo == kWinograd) return cpu::winograd::backward_weight(grad_output, input, grad_weight, p);
   if (algo == kNarrow) return cpu::narrow::backward_weight(grad_output, input, grad_weight, p);
+  if (algo == kChannelsLast) return cpu::engine::backward_weight_channels_last(grad_output, input, grad_weight, p);
   if (cpu::engine::grouped_weight_grad_wanted(p))
     return cpu::engine::grouped_backward_weight(grad_output, input, grad_weight, p);
   cpu::engine::backward_weight(grad_output, input, grad_weight, p);
