@@ -1243,6 +1243,11 @@ template <typename Store>
 FASTCONV_AVX512 inline void transpose_grad_output_blocks(const float* go, const Conv2dParams& p, int64_t oc0,
                                                          int64_t OCg, int64_t g0, int64_t g1, const Store& store) {
   const int64_t L = p.out_plane(), vectors = ceil_div(OCg, 16);
+  // Each block reads one line from each of 16 planes, and a pass over 64 channels runs 64 streams at
+  // once, more than the hardware prefetchers follow: the lines two blocks ahead are prefetched.
+  // Measured (in-process A/B, 2 threads, Zen 4): ResNet-18's stem backward-weight at batch 4 0.90-0.92x
+  // the time (this transpose had been a quarter of it, one thread), AlexNet conv1's at batch 32 0.96x,
+  // the MNIST CNN's conv2 at batch 100 0.95-0.97x; 13x13 planes level. Four blocks ahead: 0.93-0.95x.
   for (int64_t g = g0; g < g1;) {
     const int64_t n = g / L, q = g % L, len = std::min(L - q, g1 - g);
     const float* src = go + (n * p.out_channels + oc0) * L + q;
@@ -1251,6 +1256,11 @@ FASTCONV_AVX512 inline void transpose_grad_output_blocks(const float* go, const 
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t o0 = 16 * v;
         __m512 r[16];
+        if (t0 + 32 < len) {  // two blocks ahead, see above
+          for (int i = 0; i < 16 && o0 + i < OCg; ++i) {
+            _mm_prefetch(reinterpret_cast<const char*>(src + (o0 + i) * L + t0 + 32), _MM_HINT_T0);
+          }
+        }
         for (int i = 0; i < 16; ++i) {
           r[i] = o0 + i < OCg ? _mm512_maskz_loadu_ps(tm, src + (o0 + i) * L + t0) : _mm512_setzero_ps();
         }
