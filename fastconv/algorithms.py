@@ -18,7 +18,7 @@ On float32 and an AVX-512 CPU each conv pass picks one of:
   them; ``FASTCONV_GROUPED_DIRECT=0`` (or ``1``) turns them off (or on wherever they can run);
 - ``channels-last-direct`` (backward-weight): a direct convolution over a zero-padded channels-last
   copy of the input, output channels x (16 input channels, tap) vectors, the pixels the reduction,
-  no im2col; by rule for layers with 32+ input and output channels per group and 2-9 taps (ResNet's
+  no im2col; by rule for stride-1 layers with 32+ input and output channels per group and 2-9 taps (ResNet's
   3x3 layers, ResNeXt's 32 a group), under ``"benchmark"`` a candidate wherever it applies
   (``FASTCONV_CPU_WEIGHT_GRAD=channels-last`` or ``gemm`` forces either);
 - ``direct``: depthwise convolutions (one input channel per group); on the portable path also groups of

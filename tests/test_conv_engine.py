@@ -506,22 +506,23 @@ def test_channels_last_weight_grad_same_bits_at_any_thread_count(monkeypatch):
 
 
 def test_channels_last_weight_grad_rule():
-    """By rule on wide 3x3 layers (not Winograd's), not below 32 channels a group, not on 1x1 or 5x5;
-    FASTCONV_CPU_WEIGHT_GRAD=gemm and the "gemm" setting turn it off."""
+    """By rule on wide stride-1 3x3 layers (not Winograd's), not strided, not below 32 channels a group,
+    not on 1x1 or 5x5; FASTCONV_CPU_WEIGHT_GRAD=gemm and the "gemm" setting turn it off."""
     def bww(xs, ws, s=1, p=1, g=1):
         return fastconv.conv2d_algorithm(torch.empty(xs), torch.empty(ws), s, p, 1, g).split("/")[-1]
-    if bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "im2col+gemm-aten":
+    if bww((8, 512, 7, 7), (512, 512, 3, 3)) == "im2col+gemm-aten":
         pytest.skip("no AVX-512 engine on this CPU")
-    assert bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "channels-last-direct"
+    assert bww((8, 512, 7, 7), (512, 512, 3, 3)) == "channels-last-direct"
     assert bww((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-direct"
+    assert bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "im2col+gemm"
     assert bww((8, 512, 14, 14), (512, 16, 3, 3), g=32) != "channels-last-direct"
     assert bww((8, 256, 28, 28), (64, 256, 1, 1), p=0) != "channels-last-direct"
     assert bww((8, 64, 27, 27), (192, 64, 5, 5), p=2) != "channels-last-direct"
     with fastconv.conv_algorithm("gemm"):
-        assert bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "im2col+gemm"
+        assert bww((8, 512, 7, 7), (512, 512, 3, 3)) == "im2col+gemm"
     os.environ["FASTCONV_CPU_WEIGHT_GRAD"] = "gemm"
     try:
-        assert bww((8, 64, 56, 56), (128, 64, 3, 3), 2) == "im2col+gemm"
+        assert bww((8, 512, 7, 7), (512, 512, 3, 3)) == "im2col+gemm"
     finally:
         del os.environ["FASTCONV_CPU_WEIGHT_GRAD"]
 

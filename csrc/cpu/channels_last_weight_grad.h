@@ -177,17 +177,20 @@ inline int channels_last_weight_grad_forced(const Conv2dParams& p) {
   return -1;
 }
 
-// Where backward-weight takes this form by rule rather than the im2col+GEMM engine: at least 32 input
-// and output channels a group with at most a quarter of the copy's lanes idle, kernels of 2-9 taps.
-// Measured (one thread, Zen 4, in-process A/B, the GEMM engine's time = 1): ResNeXt's 32 groups of 32
-// at 7x7 0.93-0.95, ResNet-18's 512 at 7x7 0.95-0.96, 256 at 14x14 0.97, 3x3/2 64->128 from 56x56
-// 0.91-0.99, AlexNet conv4 at batch 8 0.96; the MNIST CNN's conv2 (32 -> 64) level (1.01), so its
-// lower bound; groups of 16 at 14x14 1.04-1.10 (2 threads: one channel vector, 8 accumulators), and
-// AlexNet's 5x5 conv2 1.01-1.04 (2 threads): those stay on the GEMM.
+// Where backward-weight takes this form by rule rather than the im2col+GEMM engine: stride 1, at least
+// 32 input and output channels a group with at most a quarter of the copy's lanes idle, kernels of 2-9
+// taps. Measured (in-process A/B, Zen 4, the GEMM engine's time = 1): ResNeXt's 32 groups of 32 at 7x7
+// 0.93-0.95, ResNet-18's 512 at 7x7 0.95-0.96, 256 at 14x14 0.97, AlexNet conv4 at batch 8 0.96 (one
+// thread); in the suite (2 threads, against torch, GEMM -> this): ResNeXt's 1.27 -> 0.66, ResNet-18's
+// 512 at 7x7 0.99 -> 0.81, 256 at 14x14 1.00 -> 0.87, AlexNet conv4/conv5 at batch 8 1.01 -> 0.91.
+// Strided layers stay on the GEMM: the copy holds every input pixel for a quarter as many outputs
+// (3x3/2 64->128 from 56x56: 0.91-1.06 in A/B runs, 1.03 -> 1.24 against torch in the suite). Also
+// level or worse: the MNIST CNN's conv2 (32 -> 64, 1.01: its lower bound), groups of 16 at 14x14
+// (1.04-1.10, 2 threads: one channel vector, 8 accumulators), AlexNet's 5x5 conv2 (1.01-1.04).
 inline bool channels_last_weight_grad_wanted(const Conv2dParams& p) {
   const int64_t Cg = p.in_channels_per_group(), KK = p.kernel_h * p.kernel_w;
-  return channels_last_weight_grad_applicable(p) && Cg >= 32 && 4 * Cg >= 3 * ChannelsLastCopy(p).Cv &&
-         p.out_channels_per_group() >= 32 && KK >= 2 && KK <= 9;
+  return channels_last_weight_grad_applicable(p) && p.stride_h == 1 && p.stride_w == 1 && Cg >= 32 &&
+         4 * Cg >= 3 * ChannelsLastCopy(p).Cv && p.out_channels_per_group() >= 32 && KK >= 2 && KK <= 9;
 }
 
 }  // namespace engine
