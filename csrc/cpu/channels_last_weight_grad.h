@@ -181,8 +181,9 @@ inline int channels_last_weight_grad_forced(const Conv2dParams& p) {
 // 32 input and output channels a group with at most a quarter of the copy's lanes idle, kernels of 2-9
 // taps. Measured (in-process A/B, Zen 4, the GEMM engine's time = 1): ResNeXt's 32 groups of 32 at 7x7
 // 0.93-0.95, ResNet-18's 512 at 7x7 0.95-0.96, 256 at 14x14 0.97, AlexNet conv4 at batch 8 0.96 (one
-// thread); in the suite (2 threads, against torch, GEMM -> this): ResNeXt's 1.27 -> 0.66, ResNet-18's
-// 512 at 7x7 0.99 -> 0.81, 256 at 14x14 1.00 -> 0.87, AlexNet conv4/conv5 at batch 8 1.01 -> 0.91.
+// thread); in the suite (2 threads, against torch, session 16's run -> 84c841f's): ResNeXt's 1.27 ->
+// 0.66, ResNet-18's 512 at 7x7 0.99 -> 0.81, 256 at 14x14 1.00 -> 0.87, AlexNet conv4/conv5 at batch 8
+// 1.01 -> 0.91.
 // Strided layers stay on the GEMM: the copy holds every input pixel for a quarter as many outputs
 // (3x3/2 64->128 from 56x56: 0.91-1.06 in A/B runs, 1.03 -> 1.24 against torch in the suite). Also
 // level or worse: the MNIST CNN's conv2 (32 -> 64, 1.01: its lower bound), groups of 16 at 14x14
