@@ -433,6 +433,19 @@ GROUPED_WEIGHT_GRAD_CASES = [
 ]
 
 
+def assert_weight_grad_same_bits_at_1_2_3_threads(go, x, w, stride, padding, groups):
+    old = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            grads.append(torch.ops.fastconv._conv2d_backward(go, x, w, [stride] * 2, [padding] * 2, [1, 1], groups,
+                                                             [False, True, False])[1])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
 @pytest.mark.parametrize("case", GROUPED_WEIGHT_GRAD_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
 def test_grouped_weight_grad_matches_torch(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 2, "grouped-direct")
@@ -444,16 +457,7 @@ def test_grouped_weight_grad_chunks_same_bits_at_any_thread_count():
     go = torch.randn(5, 64, 20, 20)
     if fastconv.conv2d_algorithm(x, w, 1, 1, 1, 8).split("/")[-1] != "grouped-direct":
         pytest.skip("no AVX-512 engine on this CPU")
-    old = torch.get_num_threads()
-    grads = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            grads.append(torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 8,
-                                                             [False, True, False])[1])
-    finally:
-        torch.set_num_threads(old)
-    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    assert_weight_grad_same_bits_at_1_2_3_threads(go, x, w, 1, 1, 8)
 
 
 # The channels-last direct backward-weight, forced on: output channels 13, 8, 24, 17, 9, 3 (8-row tile
@@ -493,16 +497,7 @@ def test_channels_last_weight_grad_same_bits_at_any_thread_count(monkeypatch):
     go = torch.randn(3, 40, 8, 8)
     if fastconv.conv2d_algorithm(x, w, 2, 1, 1, 2).split("/")[-1] != "channels-last-direct":
         pytest.skip("no AVX-512 engine on this CPU")
-    old = torch.get_num_threads()
-    grads = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            grads.append(torch.ops.fastconv._conv2d_backward(go, x, w, [2, 2], [1, 1], [1, 1], 2,
-                                                             [False, True, False])[1])
-    finally:
-        torch.set_num_threads(old)
-    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    assert_weight_grad_same_bits_at_1_2_3_threads(go, x, w, 2, 1, 2)
 
 
 def test_channels_last_weight_grad_rule():
