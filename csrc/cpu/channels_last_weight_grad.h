@@ -185,9 +185,11 @@ inline int channels_last_weight_grad_forced(const Conv2dParams& p) {
 // 0.66, ResNet-18's 512 at 7x7 0.99 -> 0.81, 256 at 14x14 1.00 -> 0.87, AlexNet conv4/conv5 at batch 8
 // 1.01 -> 0.91.
 // Strided layers stay on the GEMM: the copy holds every input pixel for a quarter as many outputs
-// (3x3/2 64->128 from 56x56: 0.91-1.06 in A/B runs, 1.03 -> 1.24 against torch in the suite). Also
-// level or worse: the MNIST CNN's conv2 (32 -> 64, 1.01: its lower bound), groups of 16 at 14x14
-// (1.04-1.10, 2 threads: one channel vector, 8 accumulators), AlexNet's 5x5 conv2 (1.01-1.04).
+// (3x3/2 64->128 from 56x56: 0.91-1.06 in A/B runs, 1.03 -> 1.24 against torch in the suite). The
+// kernels that go first keep their layers (forced here, 2 threads): the MNIST CNN's conv2 (32 -> 64)
+// 1.12-1.15x narrow-direct's time, ResNeXt's groups of 16 at 14x14 1.09-1.15x the grouped direct
+// kernel's, AlexNet's 5x5 conv2 1.31-1.54x Winograd's. Below 32 channels a group and past 9 taps it
+// was not measured against the GEMM.
 inline bool channels_last_weight_grad_wanted(const Conv2dParams& p) {
   const int64_t Cg = p.in_channels_per_group(), KK = p.kernel_h * p.kernel_w;
   return channels_last_weight_grad_applicable(p) && p.stride_h == 1 && p.stride_w == 1 && Cg >= 32 &&
