@@ -500,7 +500,7 @@ def test_channels_last_weight_grad_same_bits_at_any_thread_count(monkeypatch):
     assert_weight_grad_same_bits_at_1_2_3_threads(go, x, w, 2, 1, 2)
 
 
-def test_channels_last_weight_grad_rule():
+def test_channels_last_weight_grad_rule(monkeypatch):
     """By rule on wide stride-1 3x3 layers (not Winograd's), not strided, not below 32 channels a group,
     not on 1x1 or 5x5; FASTCONV_CPU_WEIGHT_GRAD=gemm and the "gemm" setting turn it off."""
     def bww(xs, ws, s=1, p=1, g=1):
@@ -515,11 +515,8 @@ def test_channels_last_weight_grad_rule():
     assert bww((8, 64, 27, 27), (192, 64, 5, 5), p=2) != "channels-last-direct"
     with fastconv.conv_algorithm("gemm"):
         assert bww((8, 512, 7, 7), (512, 512, 3, 3)) == "im2col+gemm"
-    os.environ["FASTCONV_CPU_WEIGHT_GRAD"] = "gemm"
-    try:
-        assert bww((8, 512, 7, 7), (512, 512, 3, 3)) == "im2col+gemm"
-    finally:
-        del os.environ["FASTCONV_CPU_WEIGHT_GRAD"]
+    monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "gemm")
+    assert bww((8, 512, 7, 7), (512, 512, 3, 3)) == "im2col+gemm"
 
 
 # Groups of 8-15 output channels (half-empty vectors) take the grouped kernels by rule (not forced)

@@ -270,18 +270,6 @@ bool narrow_wanted(const Conv2dParams& p, bool weight_grad = false) {
 #endif
 }
 
-// The channels-last direct backward-weight (cpu/channels_last_weight_grad.h) where its rule wants it,
-// unless the setting is "gemm" or FASTCONV_CPU_WEIGHT_GRAD=gemm.
-bool channels_last_wanted(const Conv2dParams& p) {
-#if FASTCONV_HAVE_AVX512_KERNELS
-  return g_algorithm_setting.load() != kSettingGemm && cpu::engine::channels_last_weight_grad_forced(p) != 0 &&
-         cpu::engine::channels_last_weight_grad_wanted(p);
-#else
-  (void)p;
-  return false;
-#endif
-}
-
 // The float32 kernels of the forward and backward-weight passes on the AVX-512 engine, as numbers for
 // the "benchmark" cache.
 enum EngineKernel { kWinograd, kNarrow, kGemm, kChannelsLast };
@@ -289,11 +277,16 @@ const char* const kEngineKernelNames[] = {"winograd", "narrow-direct", "im2col+g
 
 #if FASTCONV_HAVE_AVX512_KERNELS
 // The rule's kernel for the forward pass (weight_grad false) or backward-weight.
+// Backward-weight's channels-last direct kernel (cpu/channels_last_weight_grad.h): before every other one
+// under FASTCONV_CPU_WEIGHT_GRAD=channels-last, never under =gemm or the "gemm" setting, else by its rule.
 int engine_rule(const Conv2dParams& p, bool weight_grad) {
-  if (weight_grad && cpu::engine::channels_last_weight_grad_forced(p) == 1) return kChannelsLast;
+  const int channels_last = weight_grad ? cpu::engine::channels_last_weight_grad_forced(p) : 0;
+  if (channels_last == 1) return kChannelsLast;
   if (winograd_wanted(p, weight_grad)) return kWinograd;
   if (narrow_wanted(p, weight_grad)) return kNarrow;
-  if (weight_grad && channels_last_wanted(p)) return kChannelsLast;
+  if (channels_last == -1 && g_algorithm_setting.load() != kSettingGemm &&
+      cpu::engine::channels_last_weight_grad_wanted(p))
+    return kChannelsLast;
   return kGemm;
 }
 
