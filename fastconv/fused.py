@@ -46,20 +46,23 @@ class Conv2dReLU(Conv2d):
         super().__init__(*args, **kwargs)
         self.pool = pool
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() == 3:
-            return self.forward(input.unsqueeze(0)).squeeze(0)
+            return self._fused_forward(input.unsqueeze(0)).squeeze(0)
+        return self._fused_forward(input)
+
+    def _fused_forward(self, input: torch.Tensor) -> torch.Tensor:
+        # (self._conv_forward: Conv2d's forward; TorchScript compiles no super())
         if self.pool is not None:
             # max-pooling and ReLU commute exactly (relu(max(a, b)) == max(relu(a), relu(b)) in floating
             # point, NaN and the pool's -inf padding included), so ReLU runs on the pooled tensor: a
             # quarter of the elements for 2x2 pools, in the forward pass and in ReLU's backward mask
-            return torch.relu(self.pool(super().forward(input)))
+            return torch.relu(self.pool(self._conv_forward(input, self.weight, self.bias)))
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            y = torch.relu(super().forward(input))
-        else:  # autocast is the op's own (fastconv/_ops.py), so meta tensors pass too
-            y = ops.conv2d_relu(input.contiguous(memory_format=torch.contiguous_format), self.weight, self.bias,
-                                list(self.stride), list(self.padding), list(self.dilation), self.groups)
-        return self.pool(y) if self.pool is not None else y
+            return torch.relu(self._conv_forward(input, self.weight, self.bias))
+        # autocast is the op's own (fastconv/_ops.py), so meta tensors pass too
+        return ops.conv2d_relu(input.contiguous(memory_format=torch.contiguous_format), self.weight, self.bias,
+                               self.stride, self.padding, self.dilation, self.groups)
 
 
 def _fused_from(conv, pool):

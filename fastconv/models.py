@@ -20,7 +20,7 @@ Models (all take 1x28x28 inputs by default; ``in_channels`` and ``num_classes`` 
 ``alexnet``          :class:`AlexNet`, the torchvision layout; 28x28 inputs are resized (see class)
 ==================== ==============================================================================
 """
-from typing import Optional, Sequence, Tuple
+from typing import Final, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +206,7 @@ class AlexNet(nn.Module):
     faithful (and ~13x slower) choice.
     """
 
-    MIN_SIZE = 63
+    MIN_SIZE: Final[int] = 63
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, impl: str = "fastconv",
                  resize: Optional[int] = None, dropout: float = 0.5):
@@ -235,10 +235,12 @@ class AlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resize(x)
-        if min(x.shape[-2:]) < self.MIN_SIZE:
+        if min(x.shape[-2], x.shape[-1]) < self.MIN_SIZE:
+            size = str(self.MIN_SIZE)  # (str() and +: the message compiles under torch.jit.script too)
             raise ValueError(
-                f"AlexNet needs inputs of at least {self.MIN_SIZE}x{self.MIN_SIZE} (224x224 is standard), got "
-                f"{tuple(x.shape[-2:])}; build it with resize={self.MIN_SIZE} or resize=224 for small images"
+                "AlexNet needs inputs of at least " + size + "x" + size + " (224x224 is standard), got (" +
+                str(x.shape[-2]) + ", " + str(x.shape[-1]) + "); build it with resize=" + size +
+                " or resize=224 for small images"
             )
         x = self.avgpool(self.features(x))
         return self.classifier(x.flatten(1))

@@ -4,8 +4,12 @@ The classes subclass torch.nn's, so constructor signatures, parameter names, ini
 ``reset_parameters``, ``extra_repr`` and state_dict keys are torch.nn's own; only ``forward``
 differs, running fastconv's kernels. A state_dict moves between fastconv and torch.nn both ways.
 """
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.jit.annotations import BroadcastingList2
 
 from . import functional as FC
 
@@ -19,7 +23,13 @@ class Conv2d(nn.Conv2d):
     padding=0, dilation=1, groups=1, bias=True, padding_mode='zeros', device=None, dtype=None``.
     """
 
-    def _conv_forward(self, input, weight, bias):
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        if torch.jit.is_scripting():
+            if self.padding_mode != "zeros" or isinstance(self.padding, str):  # 'same'/'valid': padded here
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+                return _scripted_conv2d(input, weight, bias, self.stride, (0, 0), self.dilation, self.groups)
+            return _scripted_conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return FC.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
@@ -34,8 +44,49 @@ class MaxPool2d(nn.MaxPool2d):
     """
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            out, indices = _scripted_max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                                                self.ceil_mode)
+            if self.return_indices:
+                return out, indices
+            return out
         return FC.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+# TorchScript's paths (torch.jit.script of a model using the modules): the registered ops with the
+# arguments the module holds. The eager paths above (fastconv.functional) normalise more forms than
+# TorchScript compiles, and are what runs outside a script.
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _scripted_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     stride: BroadcastingList2[int], padding: BroadcastingList2[int], dilation: BroadcastingList2[int],
+                     groups: int) -> torch.Tensor:
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    channels_last = _is_channels_last(input)
+    out = torch.ops.fastconv.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out.squeeze(0) if unbatched else out
+
+
+def _scripted_max_pool2d(input: torch.Tensor, kernel_size: BroadcastingList2[int], stride: BroadcastingList2[int],
+                         padding: BroadcastingList2[int], dilation: BroadcastingList2[int], ceil_mode: bool):
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    channels_last = _is_channels_last(input)
+    out, indices = torch.ops.fastconv.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+        indices = indices.contiguous(memory_format=torch.channels_last)
+    if unbatched:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return out, indices
 
 
 def _copy_conv(m, cls):
