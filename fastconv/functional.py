@@ -10,7 +10,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import _ops  # noqa: F401  (registers autograd and fake kernels)
+from . import _ops, transforms  # noqa: F401  (_ops registers autograd and fake kernels)
 from ._ops import _channels_last
 
 ops = torch.ops.fastconv
@@ -111,7 +111,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:
         padding = _pair(padding, "padding", op)
     channels_last = _channels_last(input)
-    out = ops.conv2d(input, weight, bias, list(stride), list(padding), list(dilation), int(groups))
+    if transforms.active():  # torch.func: the ops' C++ autograd cannot be transformed
+        out = transforms.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    else:
+        out = ops.conv2d(input, weight, bias, list(stride), list(padding), list(dilation), int(groups))
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out.squeeze(0) if unbatched else out
@@ -138,8 +141,11 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if unbatched:
         input = input.unsqueeze(0)
     channels_last = _channels_last(input)
-    out, indices = ops.max_pool2d(input, list(kernel_size), list(stride), list(padding), list(dilation),
-                                  bool(ceil_mode))
+    if transforms.active():
+        out, indices = transforms.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    else:
+        out, indices = ops.max_pool2d(input, list(kernel_size), list(stride), list(padding), list(dilation),
+                                      bool(ceil_mode))
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
         indices = indices.contiguous(memory_format=torch.channels_last)

@@ -20,6 +20,7 @@ so ReLU and its backward mask touch the pooled tensor, a quarter of the conv out
 import torch
 from torch import nn
 
+from . import transforms
 from ._ops import _output_like, conv_out_size
 from .modules import Conv2d, MaxPool2d
 
@@ -60,6 +61,10 @@ class Conv2dReLU(Conv2d):
             return torch.relu(self.pool(self._conv_forward(input, self.weight, self.bias)))
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return torch.relu(self._conv_forward(input, self.weight, self.bias))
+        if not torch.jit.is_scripting():  # (a branch TorchScript does not compile)
+            if transforms.active():  # torch.func (fastconv/transforms.py)
+                return transforms.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                         self.groups, relu=True)
         # autocast is the op's own (fastconv/_ops.py), so meta tensors pass too
         return ops.conv2d_relu(input.contiguous(memory_format=torch.contiguous_format), self.weight, self.bias,
                                self.stride, self.padding, self.dilation, self.groups)
