@@ -37,6 +37,8 @@ import contextlib
 
 import torch
 
+from ._ops import _channels_last
+
 _CHOICES = ("auto", "gemm", "winograd", "benchmark")
 
 
@@ -73,7 +75,8 @@ def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1):
     """The CPU algorithm(s) a conv2d with these arguments runs under the current setting: one name
     when all three passes agree, else ``"forward/backward-input/backward-weight"``. Under
     ``"benchmark"``: the measured choice of a pass once that shape has run, the rule's before. Only shapes and
-    dtypes are read (meta tensors work). ``padding`` may be an int, a pair or 'valid'/'same'."""
+    dtypes are read (meta tensors work), and whether the input is channels_last (whose forward may run
+    on the NHWC direct kernel). ``padding`` may be an int, a pair or 'valid'/'same'."""
     stride, dilation = _pair(stride), _pair(dilation)
     if padding == "valid":
         padding = (0, 0)
@@ -83,6 +86,7 @@ def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1):
     padding = _pair(padding)
     if input.dim() == 3:
         input = input.unsqueeze(0)
-    meta_in = torch.empty(input.shape, dtype=input.dtype, device="meta")
+    layout = torch.channels_last if _channels_last(input) else torch.contiguous_format
+    meta_in = torch.empty(input.shape, dtype=input.dtype, device="meta", memory_format=layout)
     meta_w = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
     return torch.ops.fastconv._cpu_conv_algorithm(meta_in, meta_w, list(stride), list(padding), list(dilation), groups)

@@ -639,6 +639,87 @@ def test_channels_last_conv_matches_torch(case, lanes, monkeypatch, poison):
     assert fake.shape == real.shape and fake.stride() == real.stride()
 
 
+# The NHWC direct forward (cpu/channels_last_conv2d.h), forced on: output channels 1-256 (blocks of
+# 1-3 vectors: 17 = 2 vectors, 64 = 2+2, 80 = 3+2, 256 = 3+3+3+3+2+2), input channels 3-200 (200 with 3x3:
+# three reduction blocks), pixel counts off the 8-pixel tile (tiles across rows and images), stride,
+# dilation, asymmetric and cropping padding, groups, batch 1, unpadded layers read in place.
+CHANNELS_LAST_DIRECT_CASES = [
+    (2, 16, 9, 11, 17, (3, 3), 1, 1, 1, 1),
+    (1, 200, 7, 6, 64, (3, 3), 1, 1, 1, 1),
+    (3, 3, 10, 9, 80, (3, 3), 2, 1, 1, 1),
+    (2, 64, 6, 5, 256, (1, 1), 1, 0, 1, 1),
+    (1, 48, 8, 8, 1, (1, 1), 1, 0, 1, 1),
+    (2, 20, 15, 13, 33, (3, 5), (2, 3), (1, 0), (1, 2), 1),
+    (2, 64, 7, 7, 64, (3, 3), 1, 1, 1, 32),
+    (2, 48, 9, 9, 96, (3, 3), 1, 1, 1, 3),
+    (1, 24, 12, 12, 40, (5, 5), 3, (2, 1), 2, 2),
+    (2, 32, 14, 14, 48, (3, 3), 2, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-g{c[9]}")
+def test_channels_last_direct_forward_matches_torch(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
+    n, c, h, w, oc, k, s, p, d, g = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(oc, c // g, *k, dtype=torch.float64), torch.randn(oc, dtype=torch.float64)
+    if fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/")[0] != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    ref = F.conv2d(x, wt, b, s, p, d, g)
+    args = tuple(list(v) if isinstance(v, tuple) else [v, v] for v in (s, p, d)) + (g,)
+    for bias in (b, None):
+        want = ref if bias is not None else ref - b.view(1, -1, 1, 1)
+        for op, expect in ((torch.ops.fastconv.conv2d, want), (torch.ops.fastconv.conv2d_relu, want.relu())):
+            out = op(x.float(), wt.float(), None if bias is None else bias.float(), *args)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert torch.isfinite(out).all(), "unwritten (NaN) output elements"
+            err = ((out.double() - expect).abs().max() / expect.abs().max()).item()
+            assert err < 2e-5, f"{op}: max error {err:.2e}"
+    # float16 in, float16 out, through the same kernel in float32
+    half = FC.conv2d(x.half(), wt.half(), b.half(), s, p, d, g)
+    assert half.dtype == torch.float16 and half.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(half.double(), F.conv2d(x.half().double(), wt.half().double(), b.half().double(), s, p,
+                                                       d, g), rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+
+
+def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch):
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
+    x = torch.randn(3, 200, 9, 10).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(80, 100, 3, 3), torch.randn(80)
+    if fastconv.conv2d_algorithm(x, w, 1, 1, 1, 2).split("/")[0] != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(FC.conv2d(x, w, b, 1, 1, 1, 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_channels_last_direct_rule(monkeypatch):
+    """channels_last inputs take the NHWC direct forward where the transposes weigh (1x1 at few output
+    channels, grouped, strided from large planes), not on Winograd's or the narrow kernels' layers nor on
+    layers of much work per element; NCHW inputs never; FASTCONV_CPU_CHANNELS_LAST=0 turns it off."""
+    def fwd(xs, ws, s=1, p=1, g=1, cl=True):
+        x = torch.empty(xs, device="meta")
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        return fastconv.conv2d_algorithm(x, torch.empty(ws, device="meta"), s, p, 1, g).split("/")[0]
+    if fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "im2col+gemm-aten":
+        pytest.skip("no AVX-512 engine on this CPU")
+    assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
+    assert fwd((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-direct"
+    assert fwd((8, 64, 56, 56), (128, 64, 3, 3), s=2) == "channels-last-direct"
+    assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0, cl=False) != "channels-last-direct"
+    assert fwd((8, 64, 56, 56), (64, 64, 3, 3)) == "winograd"
+    assert fwd((8, 512, 7, 7), (2048, 512, 1, 1), p=0) != "channels-last-direct"
+    assert fwd((1, 384, 13, 13), (256, 384, 3, 3)) != "channels-last-direct"
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")
+    assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) != "channels-last-direct"
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_depthwise_channel_lanes_split_rows_over_threads(threads, monkeypatch, poison):
     # batch 1 with one or two blocks of channels: the rows cut into runs (each its own zero padding)

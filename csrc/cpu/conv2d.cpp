@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "cpu/channels_last_conv2d.h"
 #include "cpu/channels_last_weight_grad.h"
 #include "cpu/conv2d_avx512.h"
 #include "cpu/depthwise_conv2d.h"
@@ -410,9 +411,12 @@ BackwardInputRoute backward_input_route(const Conv2dParams& p) {
   return backward_input_rule(p);
 }
 
+bool channels_last_direct(const Conv2dParams& p, bool backward_input);
+
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
-// "forward/backward-input/backward-weight", or one name when all three agree.
-std::string algorithm_name(const Conv2dParams& p, bool float32) {
+// "forward/backward-input/backward-weight", or one name when all three agree. channels_last: of a
+// channels_last input (its forward may run on the NHWC direct kernel).
+std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last) {
   if (float32 ? run_direct<float>(p) : run_direct<double>(p)) return "direct";
   if (!float32 || !use_engine<float>()) return "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -424,7 +428,9 @@ std::string algorithm_name(const Conv2dParams& p, bool float32) {
   const bool measured = g_algorithm_setting.load() == kSettingBenchmark;
   const int fwd_measured = measured ? measured_choice(choice_key(p, 0)) : -1;
   const int fwd_algo = fwd_measured >= 0 ? fwd_measured : engine_rule(p, false);
-  const std::string fwd = fwd_algo == kGemm ? gemm_name(p) : kEngineKernelNames[fwd_algo];
+  const std::string fwd = channels_last && float32 && channels_last_direct(p, false) ? "channels-last-direct"
+                          : fwd_algo == kGemm                                        ? gemm_name(p)
+                                                                                     : kEngineKernelNames[fwd_algo];
   const BackwardInputRoute route = backward_input_route(p);
   const std::string bwi = route == BackwardInputRoute::kWinograd        ? "winograd"
                           : route == BackwardInputRoute::kForwardEngine ? gemm_name(cpu::backward_input_params(p))
@@ -591,6 +597,29 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
   }
 }
 
+#if FASTCONV_HAVE_AVX512_KERNELS
+// Whether a channels_last float32 layer's forward (backward_input: its stride-1 backward-input) runs on
+// the NHWC direct kernel (cpu/channels_last_conv2d.h) rather than on an NCHW kernel between two
+// transposes. By rule where the transposes weigh: at most 600 FLOPs per element of input and output
+// (measured, 2 threads, Zen 4, batch 8, time against torch's channels_last conv, direct / transposed:
+// 1x1 256->64 at 56x56 (102 FLOPs an element) 1.06 / 1.70, ResNeXt's 32 groups of 32 at 7x7 (288)
+// 1.13 / 1.41, 3x3/2 64->128 from 56x56 (385) 1.06 / 1.23; behind at 1x1 512->2048 at 7x7 (822) 1.04 /
+// 0.95, 3x3/2 256->512 from 14x14 (1540) 1.27 / 1.14, AlexNet conv4 at batch 1 (2770) 1.21 / 1.07), and
+// not where Winograd or the narrow kernels take the layer (3x3 64-512 at batch 8: 1.11-1.19 / 0.65-0.95).
+// FASTCONV_CPU_CHANNELS_LAST=0/1 forces it off/on (tests, comparisons).
+bool channels_last_direct(const Conv2dParams& p, bool backward_input) {
+  if (!use_engine<float>() || run_direct<float>(p)) return false;
+  if (backward_input && !cpu::backward_input_as_forward(p)) return false;
+  const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1');
+  if (f >= 0) return f == 1;
+  const Conv2dParams q = backward_input ? cpu::backward_input_params(p) : p;
+  if (winograd_wanted(q) || narrow_wanted(q)) return false;
+  const double flops = 2.0 * q.batch * q.out_plane() * q.out_channels * q.col_rows_per_group();
+  const double elements = double(q.batch) * (q.in_channels * q.in_plane() + q.out_channels * q.out_plane());
+  return flops <= 600.0 * elements;
+}
+#endif
+
 // A channels_last tensor (is_channels_last) as an NCHW-contiguous one, and back; float32 on
 // AVX-512 by 16x16 register transposes (engine::transpose_batch), else ATen's copy.
 at::Tensor contiguous_nchw(const at::Tensor& t) {
@@ -645,6 +674,15 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
                                        has_bias ? bias_c.const_data_ptr<float>() : nullptr, output.data_ptr<float>(), p,
                                        true);
     if (relu) output.relu_();
+    return output;
+  }
+  if (channels_last && input.scalar_type() == at::kFloat && channels_last_direct(p, false)) {
+    at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w},
+                                  input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (p.batch == 0) return output;
+    cpu::engine::forward_channels_last(input.const_data_ptr<float>(), weight_c.const_data_ptr<float>(),
+                                       has_bias ? bias_c.const_data_ptr<float>() : nullptr, output.data_ptr<float>(), p,
+                                       relu);
     return output;
   }
 #endif
@@ -733,7 +771,7 @@ std::string cpu_conv_algorithm(const at::Tensor& input, const at::Tensor& weight
   const Conv2dParams p =
       check_conv2d(input, weight, c10::nullopt, stride, padding, dilation, groups, "fastconv.conv2d_algorithm");
   const auto t = input.scalar_type();
-  return algorithm_name(p, t == at::kFloat || t == at::kHalf || t == at::kBFloat16);
+  return algorithm_name(p, t == at::kFloat || t == at::kHalf || t == at::kBFloat16, is_channels_last(input));
 }
 
 TORCH_LIBRARY_FRAGMENT(fastconv, m) {

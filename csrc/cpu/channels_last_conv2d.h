@@ -1,0 +1,257 @@
+// Forward of channels_last tensors, float32 on AVX-512: a direct
+// convolution that reads the NHWC input and writes the NHWC output in place, with output channels in
+// the vector lanes, output pixels as the broadcast rows and (tap, input channel) as the reduction, the
+// way oneDNN's direct kernels block it:
+//
+//   out[n][px][o] = bias[o] + sum over taps t, channels c of x[n][px's position + tap t][c] * W[o][c][t]
+//
+// A tile is 8 pixels x 48 output channels (24 accumulators): per step one broadcast of an input float
+// per pixel (each pixel's channels are consecutive floats, so every pixel has its own row pointer and
+// a tile runs across output rows and images) and three loads of the weights, packed once per call as
+// [group][48-channel block][channel block][tap][channel][48]. The tile's sums are stored straight
+// into the NHWC output, 48 consecutive floats per pixel: no transposes at all, where the NCHW engines
+// transpose the input in and the output back (1x1 256->64 at 56x56, batch 8: 1.9x torch's
+// channels_last time that way, the transposes more than the GEMM).
+//
+// Padding: a zero-padded NHWC copy of the input (rows copied whole, borders zeroed: no transposes);
+// unpadded layers read the input in place. Tasks are (group, block of 48 output channels, block of
+// pixels); the reduction runs in blocks of `kc` channels x every tap, whose packed weights stay in L1
+// across the pixel block's tiles, the tiles' partial sums kept in the output in between. The sums run in
+// a fixed order: the same bits at any thread count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "conv_params.h"
+#include "cpu/conv2d_avx512.h"
+#include "cpu/gemm.h"
+
+#if FASTCONV_HAVE_AVX512_KERNELS
+namespace fastconv {
+namespace cpu {
+namespace engine {
+
+constexpr int kClRows = 8;     // pixels a tile broadcasts
+constexpr int kClVectors = 3;  // vectors of 16 output channels a tile holds
+constexpr int64_t kClWidth = 16 * kClVectors;
+
+// Where a tile's results go: pixel i's channels at out + i*ldc (pointers per pixel: tiles cross rows and
+// images), the last vector's lanes under `last`; init: zero, or the bias, or what is there (accumulate);
+// relu on the last block of the reduction.
+struct ClTileDest {
+  float* const* rows;
+  __mmask16 last;
+  Init init;
+  const float* bias;
+  bool relu;
+};
+
+// acc[i][v] = init + sum over the taps t and channels c < len of rows[i][aoff[t] + c] * b[(t*len + c)*48 + 16v].
+template <int MR, int NV>
+FASTCONV_AVX512 inline void channels_last_tile(const float* const* rows, const int64_t* aoff, int64_t taps, int64_t len,
+                                               const float* b, const ClTileDest& d) {
+  __m512 acc[MR][NV];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* ar[MR];
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) ar[i] = rows[i] + aoff[t];
+    const float* bt = b + t * len * kClWidth;
+    for (int64_t k = 0; k < len; ++k) {
+      __m512 bv[NV];
+      _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) bv[v] = _mm512_load_ps(bt + k * kClWidth + 16 * v);
+      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_set1_ps(ar[i][k]);
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) {
+    const __mmask16 m = v == NV - 1 ? d.last : __mmask16(0xFFFF);
+    const __m512 bias = d.init == Init::kBias ? _mm512_maskz_loadu_ps(m, d.bias + 16 * v) : _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      float* c = d.rows[i] + 16 * v;
+      __m512 r = _mm512_add_ps(acc[i][v], d.init == Init::kAccumulate ? _mm512_maskz_loadu_ps(m, c) : bias);
+      if (d.relu) r = _mm512_max_ps(_mm512_setzero_ps(), r);  // NaN (the second operand) stays NaN, as torch.relu
+      _mm512_mask_storeu_ps(c, m, r);
+    }
+  }
+}
+
+FASTCONV_AVX512 inline void run_channels_last_tile(int mr, int nv, const float* const* rows, const int64_t* aoff,
+                                                   int64_t taps, int64_t len, const float* b, const ClTileDest& d) {
+#define FASTCONV_CL_CASE(MR)                                  \
+  case MR:                                                    \
+    if (nv == 3)                                              \
+      channels_last_tile<MR, 3>(rows, aoff, taps, len, b, d); \
+    else if (nv == 2)                                         \
+      channels_last_tile<MR, 2>(rows, aoff, taps, len, b, d); \
+    else                                                      \
+      channels_last_tile<MR, 1>(rows, aoff, taps, len, b, d); \
+    break;
+  switch (mr) {
+    FASTCONV_CL_CASE(8)
+    FASTCONV_CL_CASE(7)
+    FASTCONV_CL_CASE(6)
+    FASTCONV_CL_CASE(5)
+    FASTCONV_CL_CASE(4)
+    FASTCONV_CL_CASE(3)
+    FASTCONV_CL_CASE(2)
+    default:
+      FASTCONV_CL_CASE(1)
+  }
+#undef FASTCONV_CL_CASE
+}
+
+// Channels per block of the reduction: a block's packed weights (taps x kc x 48 floats) within
+// FASTCONV_CL_KB KiB (default 48), in near-equal blocks.
+inline int64_t channels_last_kc(const Conv2dParams& q) {
+  const int64_t KK = q.kernel_h * q.kernel_w, Cg = q.in_channels_per_group();
+  const char* e = std::getenv("FASTCONV_CL_KB");
+  const int64_t kib = e ? std::atoi(e) : 128;
+  const int64_t most = std::max<int64_t>(1, (kib * 1024) / (KK * kClWidth * 4));
+  return ceil_div(Cg, ceil_div(Cg, most));
+}
+
+// A group's output channels in blocks of 1-3 vectors, the vectors spread evenly (64: 2 + 2, 256: 3+3+3+3
+// +2+2): a 1-vector block broadcasts one input float per FMA. Block j: vectors [first(j), first(j + 1)).
+struct ClBlocks {
+  int64_t vectors, count;
+  explicit ClBlocks(int64_t OCg) : vectors(ceil_div(OCg, 16)), count(ceil_div(vectors, kClVectors)) {}
+  int64_t first(int64_t j) const { return vectors * j / count; }
+};
+
+// The weights as [g][o block][c block][tap][c][48] (o block: ClBlocks' vectors of output channels, zero
+// past the group's last; c block: kc channels), from weight[o][c][tap]: 16x16 register transposes.
+inline void pack_channels_last_weights(const float* weight, const Conv2dParams& q, int64_t kc, float* packed) {
+  const int64_t G = q.groups, OCg = q.out_channels_per_group(), Cg = q.in_channels_per_group();
+  const int64_t KK = q.kernel_h * q.kernel_w, block = Cg * KK * kClWidth;
+  const ClBlocks blocks(OCg);
+  const int64_t obs = blocks.count;
+  std::vector<int64_t> dst_off(Cg * KK);  // where (c, t)'s 48 floats start within a block, at c*KK + t
+  for (int64_t c0 = 0; c0 < Cg; c0 += kc) {
+    const int64_t len = std::min(kc, Cg - c0);
+    for (int64_t c = c0; c < c0 + len; ++c) {
+      for (int64_t t = 0; t < KK; ++t) dst_off[c * KK + t] = (c0 * KK + t * len + (c - c0)) * kClWidth;
+    }
+  }
+  const int64_t* off = dst_off.data();
+  at::parallel_for(0, G * obs * kClVectors, grain_for(Cg * KK * 16), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t g = b / (obs * kClVectors), ob = (b / kClVectors) % obs, v = b % kClVectors;
+      if (blocks.first(ob) + v >= blocks.first(ob + 1)) continue;  // (past the block's vectors: never read)
+      const int64_t o0 = 16 * (blocks.first(ob) + v), on = std::min<int64_t>(16, OCg - o0);
+      float* dst = packed + (g * obs + ob) * block + 16 * v;
+      // 16 rows o of [c][t], transposed: column c*KK + t is (c, t)'s vector
+      transpose_columns(weight + (g * OCg + o0) * Cg * KK, Cg * KK, on, Cg * KK,
+                        [&](int64_t i, __m512 col) FASTCONV_AVX512 { _mm512_store_ps(dst + off[i], col); });
+    }
+  });
+}
+
+// The NHWC input as the kernel reads it: pixel (n, y, x) of the (padded) input at base + ((n*Hp + y)*Wp +
+// x)*C, its channel c at + c.
+struct ClInput {
+  const float* base;
+  int64_t Hp, Wp, C;
+};
+
+// The input in place where nothing is padded, else a zero-padded NHWC copy (rows the taps reach).
+inline ClInput channels_last_input(const float* input, const Conv2dParams& q, AlignedBuffer& buf) {
+  const int64_t C = q.in_channels, H = q.in_h, W = q.in_w;
+  if (q.pad_h == 0 && q.pad_w == 0) return {input, H, W, C};
+  const int64_t Hp = std::max(H + q.pad_h, (q.out_h - 1) * q.stride_h + (q.kernel_h - 1) * q.dilation_h + 1);
+  const int64_t Wp = std::max(W + q.pad_w, (q.out_w - 1) * q.stride_w + (q.kernel_w - 1) * q.dilation_w + 1);
+  float* dst = buf.get(q.batch * Hp * Wp * C);
+  at::parallel_for(0, q.batch * Hp, grain_for(Wp * C), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / Hp, y = b % Hp, ih = y - q.pad_h;
+      float* row = dst + b * Wp * C;
+      if (ih < 0 || ih >= H) {
+        std::memset(row, 0, sizeof(float) * Wp * C);
+        continue;
+      }
+      // input columns [0, W) land in the copy's columns [pad_w, pad_w + W), cropped to Wp
+      const int64_t x1 = std::min(Wp, q.pad_w + W);
+      std::memset(row, 0, sizeof(float) * q.pad_w * C);
+      std::memcpy(row + q.pad_w * C, input + (n * H + ih) * W * C, sizeof(float) * (x1 - q.pad_w) * C);
+      std::memset(row + x1 * C, 0, sizeof(float) * (Wp - x1) * C);
+    }
+  });
+  return {dst, Hp, Wp, C};
+}
+
+// out (NHWC) = conv(input (NHWC), weight) + bias (ReLU).
+inline void forward_channels_last(const float* input, const float* weight, const float* bias, float* out,
+                                  const Conv2dParams& q, bool relu) {
+  const int64_t G = q.groups, OC = q.out_channels, OCg = q.out_channels_per_group(), Cg = q.in_channels_per_group();
+  const int64_t N = q.batch, NL = N * q.out_plane(), KK = q.kernel_h * q.kernel_w;
+  const int64_t kc = channels_last_kc(q), cbs = ceil_div(Cg, kc);
+  const ClBlocks blocks(OCg);
+  const int64_t obs = blocks.count;
+  // per calling thread, kept across calls (fresh buffers page-fault on every call); written before read
+  thread_local AlignedBuffer copy_buf(false), w_buf(false);
+  const ClInput x = channels_last_input(input, q, copy_buf);
+  float* wp = w_buf.get(G * obs * Cg * KK * kClWidth);
+  pack_channels_last_weights(weight, q, kc, wp);
+  std::vector<int64_t> tap_off(KK);
+  for (int64_t t = 0; t < KK; ++t)
+    tap_off[t] = ((t / q.kernel_w) * q.dilation_h * x.Wp + (t % q.kernel_w) * q.dilation_w) * x.C;
+  // each output pixel's top-left tap in the input
+  std::vector<int64_t> pixel_off(NL);
+  for (int64_t n = 0, r = 0; n < N; ++n) {
+    for (int64_t oh = 0; oh < q.out_h; ++oh) {
+      for (int64_t ow = 0; ow < q.out_w; ++ow, ++r)
+        pixel_off[r] = ((n * x.Hp + oh * q.stride_h) * x.Wp + ow * q.stride_w) * x.C;
+    }
+  }
+  // pixel blocks of about 96: 12 tiles reuse each block of weights from L1
+  const int64_t pb = ceil_div(ceil_div(NL, ceil_div(NL, 96)), kClRows) * kClRows, np = ceil_div(NL, pb);
+  // Tasks (group, pixel block): the block's input rows stay in L1/L2 across the output channel blocks
+  // while a reduction block's weights for all of them (OCg x taps x kc floats) sit in L2
+  at::parallel_for(0, G * np, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> aoff(KK);
+    const float* src[kClRows];
+    float* dst[kClRows];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t g = b / np, pi = b % np;
+      const int64_t q0 = pi * pb, q1 = std::min(NL, q0 + pb);
+      for (int64_t cb = 0; cb < cbs; ++cb) {
+        const int64_t c0 = cb * kc, len = std::min(kc, Cg - c0);
+        for (int64_t t = 0; t < KK; ++t) aoff[t] = tap_off[t] + g * Cg + c0;
+        for (int64_t ob = 0; ob < obs; ++ob) {
+          const int64_t o0 = 16 * blocks.first(ob);
+          const int nv = static_cast<int>(blocks.first(ob + 1) - blocks.first(ob));
+          const int64_t on = std::min<int64_t>(16 * nv, OCg - o0);
+          const float* wb = wp + (g * obs + ob) * Cg * KK * kClWidth + c0 * KK * kClWidth;
+          ClTileDest d{dst, lane_mask(0, on - 16 * (nv - 1)),
+                       cb > 0 ? Init::kAccumulate
+                       : bias ? Init::kBias
+                              : Init::kZero,
+                       bias ? bias + g * OCg + o0 : nullptr, relu && cb == cbs - 1};
+          for (int64_t r0 = q0; r0 < q1; r0 += kClRows) {
+            const int mr = static_cast<int>(std::min<int64_t>(kClRows, q1 - r0));
+            for (int i = 0; i < kClRows; ++i) {
+              const int64_t r = r0 + std::min(i, mr - 1);
+              src[i] = x.base + pixel_off[r];
+              dst[i] = out + r * OC + g * OCg + o0;
+            }
+            run_channels_last_tile(mr, nv, src, aoff.data(), KK, len, wb, d);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace engine
+}  // namespace cpu
+}  // namespace fastconv
+#endif  // FASTCONV_HAVE_AVX512_KERNELS
