@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
-import fastconv  # noqa: E402,F401  (the benchmarks need the built extension: no skipping)
+import fastconv  # noqa: E402  (the benchmarks need the built extension: no skipping)
 
 from fcbench import cases, machine, numpy_im2col, peak, timing  # noqa: E402
 
@@ -226,6 +226,23 @@ def test_bench_ops_cold_filtered(tmp_path):
     assert "lower bound" in res["settings"]["peak"]["kind"]
     if machine._glibc():
         assert res["env"]["allocator"]["mode"] == "cold" and "allocator: COLD" in stdout
+
+
+def test_bench_ops_channels_last_filtered(tmp_path):
+    """--channels-last: every peer gets channels_last inputs (checked against torch like any row), and the
+    JSON says so; the algorithm column is the one a channels_last input runs."""
+    out = tmp_path / "cl.json"
+    run_script("bench_ops.py", "--suite", "full", "--tiny", "--device", "cpu", "--channels-last", "--peers", "torch",
+               "--filter", "conv2d/fwd/resnet50.layer1.0.conv3/", "--min-run-time", "0.001", "--min-blocks", "1",
+               "--json", str(out), "--no-png")
+    with open(out) as f:
+        res = json.load(f)
+    assert res["settings"]["memory_format"] == "channels_last" and res["failures"] == []
+    (row,) = res["rows"]
+    geo = row["geometry"]
+    assert row["pass"] == "fwd" and row["check"]
+    x = torch.empty(geo["n"], geo["c"], geo["h"], geo["w"]).contiguous(memory_format=torch.channels_last)
+    assert row["algorithm"] == fastconv.conv2d_algorithm(x, torch.empty(geo["cout"], geo["c"], geo["kh"], geo["kw"]))
 
 
 @pytest.mark.slow

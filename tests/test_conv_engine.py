@@ -716,6 +716,7 @@ def test_channels_last_direct_rule(monkeypatch):
     assert fwd((8, 64, 56, 56), (64, 64, 3, 3)) == "winograd"
     assert fwd((8, 512, 7, 7), (2048, 512, 1, 1), p=0) != "channels-last-direct"
     assert fwd((1, 384, 13, 13), (256, 384, 3, 3)) != "channels-last-direct"
+    assert fwd((8, 128, 56, 56), (128, 4, 3, 3), g=32) != "channels-last-direct"  # 4 of 16 lanes
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")
     assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) != "channels-last-direct"
 

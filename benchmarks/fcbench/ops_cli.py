@@ -50,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="statistic of the block times used for the tables, ratios, rates and geometric means "
                         "(default median; min estimates the unloaded time on a shared machine). All are in the JSON")
+    p.add_argument("--channels-last", action="store_true",
+                   help="inputs, weights and grad_outputs in channels_last memory format, for every peer "
+                        "(as a model run with .to(memory_format=torch.channels_last))")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.suite is None:
@@ -68,6 +71,7 @@ def output_tag(args, threads, gpu):
     tag += f"-{args.dtype}" if args.dtype != "float32" else ""
     tag += "-tf32" if args.tf32 else ""
     tag += "-cold" if args.cold else ""
+    tag += "-channels-last" if args.channels_last else ""
     tag += f"-{args.algorithm}" if args.algorithm != "auto" else ""
     return tag
 
@@ -111,6 +115,7 @@ def main(argv=None):
                 "tf32_flags": tf32, "min_run_time_s": args.min_run_time, "min_blocks": args.min_blocks,
                 "seed": args.seed, "filter": args.filter, "allocator": env["allocator"]["mode"],
                 "fastconv_algorithm_setting": args.algorithm,
+                "memory_format": "channels_last" if args.channels_last else "contiguous",
                 "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None,
                 "tolerance_max_rel_err": tol, "peers": peer_list, "timer": args.timer, "stat": args.stat,
                 "interleaving": "peers alternate block by block, order reversed every cycle",
@@ -151,7 +156,7 @@ def main(argv=None):
         case = row.case
         key = (case.op, case.geometry())
         if key != inputs_key:
-            inputs_key, inp = key, peers.make_inputs(case, device, dtype, args.seed)
+            inputs_key, inp = key, peers.make_inputs(case, device, dtype, args.seed, args.channels_last)
             npin = peers.numpy_inputs(inp) if use_numpy and case.op == "conv2d" else None
         flops, nbytes = cases.work(row, inp["x"].element_size())
         rec = {"id": row.id, "name": row.name, "op": case.op, "pass": row.pass_, "layer": case.layer,

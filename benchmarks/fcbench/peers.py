@@ -154,7 +154,9 @@ def make_peers(names, gpu, dtype, tf32):
 # Inputs and the correctness check
 # --------------------------------------------------------------------------------------------------
 
-def make_inputs(case, device, dtype, seed):
+def make_inputs(case, device, dtype, seed, channels_last=False):
+    """The row's tensors (the same values for every peer); channels_last: 4-D ones in that memory format
+    (x, weight and grad_output, as model.to(memory_format=torch.channels_last) and its activations)."""
     g = torch.Generator().manual_seed(seed)
     oh, ow = case.out_hw
     if case.op == "conv2d":
@@ -167,7 +169,9 @@ def make_inputs(case, device, dtype, seed):
     else:
         t = {"x": torch.randn(case.n, case.c, case.h, case.w, generator=g),
              "go": torch.randn(case.n, case.c, oh, ow, generator=g)}
-    return {k: (v.to(device=device, dtype=dtype) if v is not None else None) for k, v in t.items()}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return {k: (v.to(device=device, dtype=dtype, memory_format=fmt if v.dim() == 4 else torch.preserve_format)
+                if v is not None else None) for k, v in t.items()}
 
 
 def numpy_inputs(inp):
