@@ -702,7 +702,8 @@ def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch)
 def test_channels_last_direct_rule(monkeypatch):
     """channels_last inputs take the NHWC direct forward where the transposes weigh (1x1 at few output
     channels, grouped, strided from large planes), not on Winograd's or the narrow kernels' layers nor on
-    layers of much work per element; NCHW inputs never; FASTCONV_CPU_CHANNELS_LAST=0 turns it off."""
+    layers of much work per element; NCHW inputs never; the "gemm" setting and
+    FASTCONV_CPU_CHANNELS_LAST=0 turn it off."""
     def fwd(xs, ws, s=1, p=1, g=1, cl=True):
         x = torch.empty(xs, device="meta")
         x = x.contiguous(memory_format=torch.channels_last) if cl else x
@@ -717,6 +718,8 @@ def test_channels_last_direct_rule(monkeypatch):
     assert fwd((8, 512, 7, 7), (2048, 512, 1, 1), p=0) != "channels-last-direct"
     assert fwd((1, 384, 13, 13), (256, 384, 3, 3)) != "channels-last-direct"
     assert fwd((8, 128, 56, 56), (128, 4, 3, 3), g=32) != "channels-last-direct"  # 4 of 16 lanes
+    with fastconv.conv_algorithm("gemm"):
+        assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "im2col+gemm"
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")
     assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) != "channels-last-direct"
 

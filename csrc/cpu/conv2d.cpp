@@ -411,7 +411,7 @@ BackwardInputRoute backward_input_route(const Conv2dParams& p) {
   return backward_input_rule(p);
 }
 
-bool channels_last_direct(const Conv2dParams& p, bool backward_input);
+bool channels_last_direct(const Conv2dParams& p);
 
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
 // "forward/backward-input/backward-weight", or one name when all three agree. channels_last: of a
@@ -428,9 +428,9 @@ std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_la
   const bool measured = g_algorithm_setting.load() == kSettingBenchmark;
   const int fwd_measured = measured ? measured_choice(choice_key(p, 0)) : -1;
   const int fwd_algo = fwd_measured >= 0 ? fwd_measured : engine_rule(p, false);
-  const std::string fwd = channels_last && float32 && channels_last_direct(p, false) ? "channels-last-direct"
-                          : fwd_algo == kGemm                                        ? gemm_name(p)
-                                                                                     : kEngineKernelNames[fwd_algo];
+  const std::string fwd = channels_last && float32 && channels_last_direct(p) ? "channels-last-direct"
+                          : fwd_algo == kGemm                                 ? gemm_name(p)
+                                                                              : kEngineKernelNames[fwd_algo];
   const BackwardInputRoute route = backward_input_route(p);
   const std::string bwi = route == BackwardInputRoute::kWinograd        ? "winograd"
                           : route == BackwardInputRoute::kForwardEngine ? gemm_name(cpu::backward_input_params(p))
@@ -598,28 +598,26 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
 }
 
 #if FASTCONV_HAVE_AVX512_KERNELS
-// Whether a channels_last float32 layer's forward (backward_input: its stride-1 backward-input) runs on
-// the NHWC direct kernel (cpu/channels_last_conv2d.h) rather than on an NCHW kernel between two
-// transposes. By rule where the transposes weigh: at most 600 FLOPs per element of input and output
-// (measured, 2 threads, Zen 4, batch 8, time against torch's channels_last conv, direct / transposed:
-// 1x1 256->64 at 56x56 (102 FLOPs an element) 1.06 / 1.70, ResNeXt's 32 groups of 32 at 7x7 (288)
-// 1.13 / 1.41, 3x3/2 64->128 from 56x56 (385) 1.06 / 1.23; behind at 1x1 512->2048 at 7x7 (822) 1.04 /
-// 0.95, 3x3/2 256->512 from 14x14 (1540) 1.27 / 1.14, AlexNet conv4 at batch 1 (2770) 1.21 / 1.07), and
-// not where Winograd or the narrow kernels take the layer (3x3 64-512 at batch 8: 1.11-1.19 / 0.65-0.95).
-// FASTCONV_CPU_CHANNELS_LAST=0/1 forces it off/on (tests, comparisons).
-bool channels_last_direct(const Conv2dParams& p, bool backward_input) {
+// Whether a channels_last float32 layer's forward runs on the NHWC direct kernel
+// (cpu/channels_last_conv2d.h) rather than on an NCHW kernel between two transposes. By rule where the
+// transposes weigh: at most 600 FLOPs per element of input and output (measured in-process, 2 threads,
+// Zen 4, time against torch's channels_last conv, direct / transposed, batch 8: 1x1 256->64 at 56x56
+// (102 FLOPs an element) 1.06 / 1.70, ResNeXt's 32 groups of 32 at 7x7 (288) 1.13 / 1.41, 3x3/2
+// 64->128 from 56x56 (385) 1.06 / 1.23; behind at 1x1 512->2048 at 7x7 (822) 1.04 / 0.95, 3x3/2
+// 256->512 from 14x14 (1540) 1.27 / 1.14, AlexNet conv4 at batch 1 (2770) 1.21 / 1.07), and not where
+// Winograd or the narrow kernels take the layer (3x3 64-512 at batch 8: 1.11-1.19 / 0.65-0.95), nor
+// under the "gemm" setting. FASTCONV_CPU_CHANNELS_LAST=0/1 forces it off/on (tests, comparisons).
+bool channels_last_direct(const Conv2dParams& p) {
   if (!use_engine<float>() || run_direct<float>(p)) return false;
-  if (backward_input && !cpu::backward_input_as_forward(p)) return false;
   const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1');
   if (f >= 0) return f == 1;
-  const Conv2dParams q = backward_input ? cpu::backward_input_params(p) : p;
-  if (winograd_wanted(q) || narrow_wanted(q)) return false;
+  if (g_algorithm_setting.load() == kSettingGemm || winograd_wanted(p) || narrow_wanted(p)) return false;
   // at most a quarter of the vector lanes idle: output channels in the lanes, no group shares a vector
   // (ResNeXt-50's groups of 4 and 8 took 1.23x torch's channels_last time through it)
-  const int64_t OCg = q.out_channels_per_group();
+  const int64_t OCg = p.out_channels_per_group();
   if (4 * OCg < 3 * cpu::engine::ceil_div(OCg, 16) * 16) return false;
-  const double flops = 2.0 * q.batch * q.out_plane() * q.out_channels * q.col_rows_per_group();
-  const double elements = double(q.batch) * (q.in_channels * q.in_plane() + q.out_channels * q.out_plane());
+  const double flops = 2.0 * p.batch * p.out_plane() * p.out_channels * p.col_rows_per_group();
+  const double elements = double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane());
   return flops <= 600.0 * elements;
 }
 #endif
@@ -670,23 +668,21 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
   const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
 #if FASTCONV_HAVE_AVX512_KERNELS
-  if (channels_last && input.scalar_type() == at::kFloat && run_direct<float>(p) && cpu::direct::use_channel_lanes(p)) {
+  const bool fp32_nhwc = channels_last && input.scalar_type() == at::kFloat;
+  const bool lanes = fp32_nhwc && run_direct<float>(p) && cpu::direct::use_channel_lanes(p);
+  if (lanes || (fp32_nhwc && channels_last_direct(p))) {  // NHWC in, NHWC out
     at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w},
                                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (p.batch == 0) return output;
-    cpu::direct::forward_channel_lanes(input.const_data_ptr<float>(), weight_c.const_data_ptr<float>(),
-                                       has_bias ? bias_c.const_data_ptr<float>() : nullptr, output.data_ptr<float>(), p,
-                                       true);
-    if (relu) output.relu_();
-    return output;
-  }
-  if (channels_last && input.scalar_type() == at::kFloat && channels_last_direct(p, false)) {
-    at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w},
-                                  input.options().memory_format(at::MemoryFormat::ChannelsLast));
-    if (p.batch == 0) return output;
-    cpu::engine::forward_channels_last(input.const_data_ptr<float>(), weight_c.const_data_ptr<float>(),
-                                       has_bias ? bias_c.const_data_ptr<float>() : nullptr, output.data_ptr<float>(), p,
-                                       relu);
+    const float* b = has_bias ? bias_c.const_data_ptr<float>() : nullptr;
+    if (lanes) {
+      cpu::direct::forward_channel_lanes(input.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
+                                         output.data_ptr<float>(), p, true);
+      if (relu) output.relu_();
+    } else {
+      cpu::engine::forward_channels_last(input.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
+                                         output.data_ptr<float>(), p, relu);
+    }
     return output;
   }
 #endif
