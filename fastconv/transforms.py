@@ -1,5 +1,5 @@
-"""The ops' autograd for ``torch.func`` transforms: ``grad``, ``vjp``, ``jacrev``/``jacfwd`` over ``vjp``,
-``vmap`` of any of them (per-sample gradients), and gradients of gradients.
+"""The ops' autograd for ``torch.func`` transforms: ``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``,
+``hessian``, ``vmap`` of any of them (per-sample gradients), and gradients of gradients.
 
 The ops' own autograd is C++ (csrc/autograd.cpp: a Python autograd would cost every call
 microseconds), and functorch cannot transform a C++ ``torch::autograd::Function``. While a transform
@@ -39,7 +39,7 @@ class _Conv2d(torch.autograd.Function):
         input, weight, bias, geometry, relu = inputs
         ctx.save_for_backward(input, weight, output if relu else None)
         ctx.save_for_forward(input, weight, output if relu else None)
-        ctx.geometry, ctx.has_bias, ctx.relu = geometry, bias is not None, relu
+        ctx.geometry, ctx.has_bias, ctx.relu, ctx.out_shape = geometry, bias is not None, relu, output.shape
 
     @staticmethod
     def jvp(ctx, d_input, d_weight, d_bias, *_):
@@ -51,7 +51,7 @@ class _Conv2d(torch.autograd.Function):
         if d_weight is not None:
             terms.append(_Conv2d.apply(input, d_weight, None, ctx.geometry, False))
         if d_bias is not None:
-            terms.append(d_bias.view(1, -1, 1, 1))
+            terms.append(d_bias.view(1, -1, 1, 1).expand(ctx.out_shape))
         tangent = sum(terms[1:], terms[0])
         return torch.where(output > 0, tangent, torch.zeros_like(tangent)) if ctx.relu else tangent
 

@@ -132,3 +132,13 @@ def test_outside_transforms_the_ops_autograd_runs():
     assert "fastconv" not in type(y.grad_fn).__module__
     assert not fastconv.transforms.active()
     assert grad(lambda t: (fastconv.transforms.active() * t).sum())(torch.ones(1)).item() == 1.0
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_forward_mode_in_the_bias_alone(relu):
+    """A tangent in the bias only: the output's tangent is the bias tangent broadcast over the output
+    (masked by ReLU's derivative in the fused op)."""
+    x, w, b, fc, th = conv_case(CONVS[0], relu=relu)
+    tangent = torch.cos(b)
+    close(jvp(lambda b: fc(x, w, b), (b,), (tangent,)), jvp(lambda b: th(x, w, b), (b,), (tangent,)))
+    close(jacfwd(lambda b: fc(x[:1], w, b))(b), jacfwd(lambda b: th(x[:1], w, b))(b))
