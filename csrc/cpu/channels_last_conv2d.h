@@ -5,19 +5,20 @@
 //
 //   out[n][px][o] = bias[o] + sum over taps t, channels c of x[n][px's position + tap t][c] * W[o][c][t]
 //
-// A tile is 8 pixels x 48 output channels (24 accumulators): per step one broadcast of an input float
-// per pixel (each pixel's channels are consecutive floats, so every pixel has its own row pointer and
-// a tile runs across output rows and images) and three loads of the weights, packed once per call as
-// [group][48-channel block][channel block][tap][channel][48]. The tile's sums are stored straight
-// into the NHWC output, 48 consecutive floats per pixel: no transposes at all, where the NCHW engines
+// A tile is 8 pixels x 1-3 vectors of 16 output channels (up to 24 accumulators): per step one
+// broadcast of an input float per pixel (each pixel's channels are consecutive floats, so every pixel
+// has its own row pointer and a tile runs across output rows and images) and 1-3 loads of the weights,
+// packed once per call as [group][channel block of 1-3 vectors][reduction block][tap][channel][48].
+// The tile's sums are stored straight into the NHWC output: no transposes at all, where the NCHW engines
 // transpose the input in and the output back (1x1 256->64 at 56x56, batch 8: 1.9x torch's
 // channels_last time that way, the transposes more than the GEMM).
 //
 // Padding: a zero-padded NHWC copy of the input (rows copied whole, borders zeroed: no transposes);
-// unpadded layers read the input in place. Tasks are (group, block of 48 output channels, block of
-// pixels); the reduction runs in blocks of `kc` channels x every tap, whose packed weights stay in L1
-// across the pixel block's tiles, the tiles' partial sums kept in the output in between. The sums run in
-// a fixed order: the same bits at any thread count.
+// unpadded layers read the input in place. Tasks are (group, block of about 96 pixels); inside one,
+// the reduction runs in blocks of `kc` channels x every tap (their packed weights for all the group's
+// output channels in L2) and each output-channel block over the pixel block's tiles (its input rows in
+// L1/L2), the tiles' partial sums kept in the output in between. The sums run in a fixed order: the
+// same bits at any thread count.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -110,13 +111,12 @@ FASTCONV_AVX512 inline void run_channels_last_tile(int mr, int nv, const float* 
 #undef FASTCONV_CL_CASE
 }
 
-// Channels per block of the reduction: a block's packed weights (taps x kc x 48 floats) within
-// FASTCONV_CL_KB KiB (default 48), in near-equal blocks.
+// Channels per block of the reduction: a block's packed weights (taps x kc x 48 floats) within 128 KiB,
+// in L2, in near-equal blocks (measured, one thread, Zen 4, 3x3 64->64 at 56x56: 24 / 48 / 128 / 512
+// KiB 75 / 86 / 101 / 96 GFLOP/s).
 inline int64_t channels_last_kc(const Conv2dParams& q) {
   const int64_t KK = q.kernel_h * q.kernel_w, Cg = q.in_channels_per_group();
-  const char* e = std::getenv("FASTCONV_CL_KB");
-  const int64_t kib = e ? std::atoi(e) : 128;
-  const int64_t most = std::max<int64_t>(1, (kib * 1024) / (KK * kClWidth * 4));
+  const int64_t most = std::max<int64_t>(1, (128 * 1024) / (KK * kClWidth * 4));
   return ceil_div(Cg, ceil_div(Cg, most));
 }
 
@@ -192,7 +192,7 @@ inline ClInput channels_last_input(const float* input, const Conv2dParams& q, Al
 inline void forward_channels_last(const float* input, const float* weight, const float* bias, float* out,
                                   const Conv2dParams& q, bool relu) {
   const int64_t G = q.groups, OC = q.out_channels, OCg = q.out_channels_per_group(), Cg = q.in_channels_per_group();
-  const int64_t N = q.batch, NL = N * q.out_plane(), KK = q.kernel_h * q.kernel_w;
+  const int64_t NL = q.batch * q.out_plane(), KK = q.kernel_h * q.kernel_w;
   const int64_t kc = channels_last_kc(q), cbs = ceil_div(Cg, kc);
   const ClBlocks blocks(OCg);
   const int64_t obs = blocks.count;
@@ -201,18 +201,10 @@ inline void forward_channels_last(const float* input, const float* weight, const
   const ClInput x = channels_last_input(input, q, copy_buf);
   float* wp = w_buf.get(G * obs * Cg * KK * kClWidth);
   pack_channels_last_weights(weight, q, kc, wp);
-  std::vector<int64_t> tap_off(KK);
-  for (int64_t t = 0; t < KK; ++t)
-    tap_off[t] = ((t / q.kernel_w) * q.dilation_h * x.Wp + (t % q.kernel_w) * q.dilation_w) * x.C;
-  // each output pixel's top-left tap in the input
-  std::vector<int64_t> pixel_off(NL);
-  for (int64_t n = 0, r = 0; n < N; ++n) {
-    for (int64_t oh = 0; oh < q.out_h; ++oh) {
-      for (int64_t ow = 0; ow < q.out_w; ++ow, ++r)
-        pixel_off[r] = ((n * x.Hp + oh * q.stride_h) * x.Wp + ow * q.stride_w) * x.C;
-    }
-  }
-  // pixel blocks of about 96: 12 tiles reuse each block of weights from L1
+  const std::vector<int64_t> tap_off = nhwc_tap_offsets(q, x.Wp, x.C);
+  std::vector<int64_t> pixel_off;  // each output pixel's top-left tap in the input
+  nhwc_pixel_offsets(q, x.Hp, x.Wp, x.C, pixel_off);
+  // pixel blocks of about 96 (12 tiles of 8)
   const int64_t pb = ceil_div(ceil_div(NL, ceil_div(NL, 96)), kClRows) * kClRows, np = ceil_div(NL, pb);
   // Tasks (group, pixel block): the block's input rows stay in L1/L2 across the output channel blocks
   // while a reduction block's weights for all of them (OCg x taps x kc floats) sit in L2

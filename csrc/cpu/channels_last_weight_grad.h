@@ -102,18 +102,9 @@ inline void backward_weight_channels_last(const float* grad_output, const float*
     go = t;
   }
   // each pixel's top-left tap in the copy; a tap adds tap_off[t]
-  koff.resize(NL);
-  for (int64_t n = 0, k = 0; n < N; ++n) {
-    for (int64_t oh = 0; oh < p.out_h; ++oh) {
-      for (int64_t ow = 0; ow < p.out_w; ++ow, ++k)
-        koff[k] = ((n * s.Hp + oh * p.stride_h) * s.Wp + ow * p.stride_w) * s.Cv;
-    }
-  }
+  nhwc_pixel_offsets(p, s.Hp, s.Wp, s.Cv, koff);
   const int64_t* pixel_off = koff.data();  // (a thread_local named inside the tasks would be the worker's own)
-  std::vector<int64_t> tap_off(KK);
-  for (int64_t t = 0; t < KK; ++t) {
-    tap_off[t] = ((t / p.kernel_w) * p.dilation_h * s.Wp + (t % p.kernel_w) * p.dilation_w) * s.Cv;
-  }
+  const std::vector<int64_t> tap_off = nhwc_tap_offsets(p, s.Wp, s.Cv);
   // pixels per micro-kernel call: the 8 rows of grad_output it broadcasts from stay in L1 (16 KiB)
   const int64_t chunk = std::min<int64_t>(NL, 512);
   at::parallel_for(0, G * oc_blocks * cvecs, 1, [&](int64_t b0, int64_t b1) {

@@ -667,6 +667,24 @@ inline int64_t padded_input_bytes(const Conv2dParams& p) {
   return p.batch * p.in_channels * (p.in_h + 2 * p.pad_h) * (p.in_w + 2 * p.pad_w) * 4;
 }
 
+// Offsets (floats) into zero-padded NHWC images [n][Hp][Wp][C] (the channels-last kernels' copies):
+// of each output pixel's top-left tap, pixels in (n, oh, ow) order, and of each tap (kh, kw) from it
+// (stride and dilation of p).
+inline void nhwc_pixel_offsets(const Conv2dParams& p, int64_t Hp, int64_t Wp, int64_t C, std::vector<int64_t>& off) {
+  off.resize(p.batch * p.out_plane());
+  for (int64_t n = 0, k = 0; n < p.batch; ++n) {
+    for (int64_t oh = 0; oh < p.out_h; ++oh) {
+      for (int64_t ow = 0; ow < p.out_w; ++ow, ++k) off[k] = ((n * Hp + oh * p.stride_h) * Wp + ow * p.stride_w) * C;
+    }
+  }
+}
+inline std::vector<int64_t> nhwc_tap_offsets(const Conv2dParams& p, int64_t Wp, int64_t C) {
+  std::vector<int64_t> off(p.kernel_h * p.kernel_w);
+  for (int64_t t = 0; t < p.kernel_h * p.kernel_w; ++t)
+    off[t] = ((t / p.kernel_w) * p.dilation_h * Wp + (t % p.kernel_w) * p.dilation_w) * C;
+  return off;
+}
+
 // The offset of each tap k = (c, kh, kw) (k < rows) from its output pixel's top-left input position
 // in zero-padded planes of `plane` floats, rows Wp floats apart (stride and dilation of p).
 inline std::vector<int64_t> padded_tap_offsets(const Conv2dParams& p, int64_t rows, int64_t plane, int64_t Wp) {
