@@ -6,9 +6,11 @@ else lives on the dispatcher: autograd (csrc/autograd.cpp; no graph when no inpu
 autocast and the fake/meta kernels (fastconv/_ops.py).
 """
 import numbers
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.jit.annotations import BroadcastingList2
 
 from . import _ops, transforms  # noqa: F401  (_ops registers autograd and fake kernels)
 from ._ops import _channels_last
@@ -110,14 +112,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             raise ValueError(f"{op}: invalid padding string {padding!r}, should be one of 'valid' or 'same'")
     else:
         padding = _pair(padding, "padding", op)
-    channels_last = _channels_last(input)
-    if transforms.active():  # torch.func: the ops' C++ autograd cannot be transformed
-        out = transforms.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    else:
-        out = ops.conv2d(input, weight, bias, list(stride), list(padding), list(dilation), int(groups))
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out.squeeze(0) if unbatched else out
+    return _run_conv2d(input, weight, bias, stride, padding, dilation, int(groups), unbatched)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -140,15 +135,43 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
+    out, indices = _run_max_pool2d(input, kernel_size, stride, padding, dilation, bool(ceil_mode), unbatched)
+    return (out, indices) if return_indices else out
+
+
+# The registered ops on a 4-D input with normalised arguments, for the functions above and for the
+# modules' TorchScript path (fastconv/modules.py): a channels_last input gives channels_last results on
+# every backend, `unbatched` drops the batch dimension the caller added, and
+# under a torch.func transform the ops go through fastconv/transforms.py (their C++ autograd cannot be
+# transformed; TorchScript compiles only the first branch).
+def _run_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: BroadcastingList2[int], padding: BroadcastingList2[int], dilation: BroadcastingList2[int],
+                groups: int, unbatched: bool) -> torch.Tensor:
     channels_last = _channels_last(input)
-    if transforms.active():
+    if torch.jit.is_scripting():
+        out = torch.ops.fastconv.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    elif transforms.active():
+        out = transforms.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    else:
+        out = ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out.squeeze(0) if unbatched else out
+
+
+def _run_max_pool2d(input: torch.Tensor, kernel_size: BroadcastingList2[int], stride: BroadcastingList2[int],
+                    padding: BroadcastingList2[int], dilation: BroadcastingList2[int], ceil_mode: bool,
+                    unbatched: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    channels_last = _channels_last(input)
+    if torch.jit.is_scripting():
+        out, indices = torch.ops.fastconv.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    elif transforms.active():
         out, indices = transforms.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     else:
-        out, indices = ops.max_pool2d(input, list(kernel_size), list(stride), list(padding), list(dilation),
-                                      bool(ceil_mode))
+        out, indices = ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
         indices = indices.contiguous(memory_format=torch.channels_last)
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
-    return (out, indices) if return_indices else out
+    return out, indices

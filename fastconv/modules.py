@@ -55,38 +55,21 @@ class MaxPool2d(nn.MaxPool2d):
 
 
 # TorchScript's paths (torch.jit.script of a model using the modules): the registered ops with the
-# arguments the module holds. The eager paths above (fastconv.functional) normalise more forms than
-# TorchScript compiles, and are what runs outside a script.
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
+# arguments the module holds, through fastconv.functional's shared tail. The eager paths above
+# (fastconv.functional) normalise more forms than TorchScript compiles, and are what runs outside a script.
 def _scripted_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      stride: BroadcastingList2[int], padding: BroadcastingList2[int], dilation: BroadcastingList2[int],
                      groups: int) -> torch.Tensor:
     unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-    channels_last = _is_channels_last(input)
-    out = torch.ops.fastconv.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out.squeeze(0) if unbatched else out
+    return FC._run_conv2d(input.unsqueeze(0) if unbatched else input, weight, bias, stride, padding, dilation,
+                          groups, unbatched)
 
 
 def _scripted_max_pool2d(input: torch.Tensor, kernel_size: BroadcastingList2[int], stride: BroadcastingList2[int],
                          padding: BroadcastingList2[int], dilation: BroadcastingList2[int], ceil_mode: bool):
     unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-    channels_last = _is_channels_last(input)
-    out, indices = torch.ops.fastconv.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-        indices = indices.contiguous(memory_format=torch.channels_last)
-    if unbatched:
-        out, indices = out.squeeze(0), indices.squeeze(0)
-    return out, indices
+    return FC._run_max_pool2d(input.unsqueeze(0) if unbatched else input, kernel_size, stride, padding, dilation,
+                              ceil_mode, unbatched)
 
 
 def _copy_conv(m, cls):
