@@ -29,10 +29,29 @@ struct Conv2dParams {
   }
 };
 
-// A channels_last tensor that is not NCHW-contiguous too (a 1x1 plane or one channel is both): the
-// CPU kernels then give channels_last results, as torch's conv2d and max_pool2d do.
+// A channels_last tensor that is not NCHW-contiguous too (a 1x1 plane or one channel is both): its
+// memory is NHWC and not NCHW.
 inline bool is_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Whether t's strides suggest channels_last (at::Tensor::suggest_memory_format: a channels_last tensor,
+// a slice of one, or one that is both layouts with channels_last strides). torch's max_pool2d gives its
+// results in its input's suggested layout, its conv2d channels_last when the input's or the weight's
+// suggest it (CPU and cuDNN alike); fastconv's ops do the same on every backend (fastconv/_ops.py's fake
+// kernels too).
+inline bool suggests_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+inline bool conv2d_channels_last(const at::Tensor& input, const at::Tensor& weight) {
+  return suggests_channels_last(input) || suggests_channels_last(weight);
+}
+
+// t's values with channels_last strides as at::empty gives them (for a tensor that is both layouts,
+// .contiguous(ChannelsLast) keeps the strides it has).
+inline at::Tensor copy_channels_last(const at::Tensor& t) {
+  return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(t);
 }
 
 struct Pool2dParams {

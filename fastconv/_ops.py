@@ -43,18 +43,19 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
                  lambda: f"fastconv.conv2d: input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
     oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return _output_like(input, (input.shape[0], weight.shape[0], oh, ow))
+    return _output_like(input, (input.shape[0], weight.shape[0], oh, ow), weight=weight)
 
 
-def _channels_last(t):
-    """Whether t is a channels_last tensor that is not NCHW-contiguous too."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+def _suggests_channels_last(t):
+    """Whether t's strides suggest channels_last (C++'s Tensor::suggest_memory_format: a channels_last
+    tensor, a slice of one, or one that is both layouts with channels_last strides)."""
+    return t.dim() == 4 and torch._prims_common.suggest_memory_format(t) == torch.channels_last
 
 
-def _output_like(input, shape, dtype=None):
-    """An empty conv or max-pool result: channels_last where the CPU kernels give one (a channels_last
-    input, as torch's conv2d and max_pool2d), else contiguous."""
-    if input.device.type == "cpu" and _channels_last(input):
+def _output_like(input, shape, dtype=None, weight=None):
+    """An empty result of the ops, laid out as their kernels' (csrc/conv_params.h, as torch's): channels_last
+    where the input's strides suggest it or, for conv2d (``weight`` given), the weight's do."""
+    if _suggests_channels_last(input) or (weight is not None and _suggests_channels_last(weight)):
         # (torch.empty's channels_last strides, as the kernels' at::empty: a 1x1 result's differ from
         # .contiguous(memory_format=...)'s, which keeps a tensor that is both layouts as it is)
         return torch.empty(shape, dtype=dtype or input.dtype, device=input.device, memory_format=torch.channels_last)
@@ -63,8 +64,9 @@ def _output_like(input, shape, dtype=None):
 
 @torch.library.register_fake("fastconv::_conv2d_backward")
 def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
-    gi = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
-    gw = weight.new_empty(weight.shape) if output_mask[1] else input.new_empty((0,))
+    # (channels_last where the forward's result is)
+    gi = _output_like(input, input.shape, weight=weight) if output_mask[0] else input.new_empty((0,))
+    gw = _output_like(weight, weight.shape, weight=input) if output_mask[1] else input.new_empty((0,))
     gb = input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,))
     return gi, gw, gb
 

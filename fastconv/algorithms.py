@@ -37,8 +37,6 @@ import contextlib
 
 import torch
 
-from ._ops import _channels_last
-
 _CHOICES = ("auto", "gemm", "winograd", "benchmark")
 
 
@@ -86,7 +84,6 @@ def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1):
     padding = _pair(padding)
     if input.dim() == 3:
         input = input.unsqueeze(0)
-    layout = torch.channels_last if _channels_last(input) else torch.contiguous_format
-    meta_in = torch.empty(input.shape, dtype=input.dtype, device="meta", memory_format=layout)
+    meta_in = torch.empty_strided(input.shape, input.stride(), dtype=input.dtype, device="meta")
     meta_w = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
     return torch.ops.fastconv._cpu_conv_algorithm(meta_in, meta_w, list(stride), list(padding), list(dilation), groups)

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch.jit.annotations import BroadcastingList2
 
 from . import _ops, transforms  # noqa: F401  (_ops registers autograd and fake kernels)
-from ._ops import _channels_last
 
 ops = torch.ops.fastconv
 
@@ -140,38 +139,31 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 
 # The registered ops on a 4-D input with normalised arguments, for the functions above and for the
-# modules' TorchScript path (fastconv/modules.py): a channels_last input gives channels_last results on
-# every backend, `unbatched` drops the batch dimension the caller added, and
-# under a torch.func transform the ops go through fastconv/transforms.py (their C++ autograd cannot be
+# modules' TorchScript path (fastconv/modules.py): the ops lay their results out as torch's (channels_last
+# where the input's, or a conv's weight's, strides suggest it), `unbatched` drops the batch dimension the
+# caller added, and under a torch.func transform the ops go through fastconv/transforms.py (their C++ autograd cannot be
 # transformed; TorchScript compiles only the first branch).
 def _run_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 stride: BroadcastingList2[int], padding: BroadcastingList2[int], dilation: BroadcastingList2[int],
                 groups: int, unbatched: bool) -> torch.Tensor:
-    channels_last = _channels_last(input)
     if torch.jit.is_scripting():
         out = torch.ops.fastconv.conv2d(input, weight, bias, stride, padding, dilation, groups)
     elif transforms.active():
         out = transforms.conv2d(input, weight, bias, stride, padding, dilation, groups)
     else:
         out = ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
     return out.squeeze(0) if unbatched else out
 
 
 def _run_max_pool2d(input: torch.Tensor, kernel_size: BroadcastingList2[int], stride: BroadcastingList2[int],
                     padding: BroadcastingList2[int], dilation: BroadcastingList2[int], ceil_mode: bool,
                     unbatched: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    channels_last = _channels_last(input)
     if torch.jit.is_scripting():
         out, indices = torch.ops.fastconv.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     elif transforms.active():
         out, indices = transforms.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     else:
         out, indices = ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-        indices = indices.contiguous(memory_format=torch.channels_last)
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return out, indices

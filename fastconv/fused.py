@@ -34,7 +34,7 @@ def _conv2d_relu_fake(input, weight, bias, stride, padding, dilation, groups):
     torch._check(input.dim() == 4, lambda: f"fastconv.conv2d_relu: expected a 4-D input, got {input.dim()}-D")
     oh = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return _output_like(input, (input.shape[0], weight.shape[0], oh, ow))
+    return _output_like(input, (input.shape[0], weight.shape[0], oh, ow), weight=weight)
 
 
 class Conv2dReLU(Conv2d):

@@ -622,13 +622,16 @@ bool channels_last_direct(const Conv2dParams& p) {
 }
 #endif
 
-// A channels_last tensor (is_channels_last) as an NCHW-contiguous one, and back; float32 on
-// AVX-512 by 16x16 register transposes (engine::transpose_batch), else ATen's copy.
+// A channels_last tensor (or a slice of one) as an NCHW-contiguous one, and an NCHW-contiguous one as
+// channels_last; float32 on AVX-512 by 16x16 register transposes (engine::transpose_batch), else ATen's
+// copy.
 at::Tensor contiguous_nchw(const at::Tensor& t) {
+  if (t.is_contiguous()) return t;
 #if FASTCONV_HAVE_AVX512_KERNELS
-  if (t.scalar_type() == at::kFloat && is_channels_last(t) && use_engine<float>()) {
+  if (t.scalar_type() == at::kFloat && suggests_channels_last(t) && use_engine<float>()) {
+    const at::Tensor nhwc = t.contiguous(at::MemoryFormat::ChannelsLast);  // a slice's rows gathered
     at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
-    cpu::engine::transpose_batch(t.const_data_ptr<float>(), t.size(0), t.size(2) * t.size(3), t.size(1),
+    cpu::engine::transpose_batch(nhwc.const_data_ptr<float>(), t.size(0), t.size(2) * t.size(3), t.size(1),
                                  out.data_ptr<float>());
     return out;
   }
@@ -645,7 +648,7 @@ at::Tensor to_channels_last(const at::Tensor& t) {  // t NCHW-contiguous
     return out;
   }
 #endif
-  return t.contiguous(at::MemoryFormat::ChannelsLast);
+  return copy_channels_last(t);
 }
 
 at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -661,26 +664,27 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
     return conv2d_cpu_impl(input.to(at::kFloat), weight.to(at::kFloat), bias_f, stride, padding, dilation, groups, relu)
         .to(input.scalar_type());
   }
-  // A channels_last input (not NCHW-contiguous too) gives a channels_last output, as torch's conv2d
-  // (fastconv/_ops.py's fake kernel says the same); the kernels that read NHWC run on it in place,
-  // the others on an NCHW copy.
-  const bool channels_last = is_channels_last(input);
+  // A channels_last output where torch's conv2d gives one (conv2d_channels_last: the input's or the
+  // weight's strides suggest it; fastconv/_ops.py's fake kernel says the same). The kernels that read
+  // NHWC run on a channels_last input in place, the others on an NCHW copy.
+  const bool channels_last = conv2d_channels_last(input, weight);
   const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
 #if FASTCONV_HAVE_AVX512_KERNELS
-  const bool fp32_nhwc = channels_last && input.scalar_type() == at::kFloat;
+  const bool fp32_nhwc = suggests_channels_last(input) && input.scalar_type() == at::kFloat;
   const bool lanes = fp32_nhwc && run_direct<float>(p) && cpu::direct::use_channel_lanes(p);
   if (lanes || (fp32_nhwc && channels_last_direct(p))) {  // NHWC in, NHWC out
     at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w},
                                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (p.batch == 0) return output;
+    const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
     const float* b = has_bias ? bias_c.const_data_ptr<float>() : nullptr;
     if (lanes) {
-      cpu::direct::forward_channel_lanes(input.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
+      cpu::direct::forward_channel_lanes(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
                                          output.data_ptr<float>(), p, true);
       if (relu) output.relu_();
     } else {
-      cpu::engine::forward_channels_last(input.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
+      cpu::engine::forward_channels_last(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
                                          output.data_ptr<float>(), p, relu);
     }
     return output;
@@ -688,7 +692,7 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
 #endif
   const at::Tensor input_c = contiguous_nchw(input);
   at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, input.options());
-  if (p.batch == 0) return channels_last ? output.contiguous(at::MemoryFormat::ChannelsLast) : output;
+  if (p.batch == 0) return channels_last ? copy_channels_last(output) : output;
   bool relu_done = false;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastconv_conv2d_cpu", [&] {
     relu_done = conv2d_forward_kernel<scalar_t>(input_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(),
@@ -744,6 +748,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
                                        output_mask[1] ? grad_weight.data_ptr<scalar_t>() : nullptr, p);
     });
   }
+  // grad_input and grad_weight channels_last where the forward's result is (as torch's)
+  if (conv2d_channels_last(input, weight)) {
+    if (output_mask[0]) grad_input = to_channels_last(grad_input);
+    if (output_mask[1]) grad_weight = to_channels_last(grad_weight);
+  }
   return {output_mask[0] ? grad_input : empty(), output_mask[1] ? grad_weight : empty(), grad_bias};
 }
 
@@ -771,7 +780,7 @@ std::string cpu_conv_algorithm(const at::Tensor& input, const at::Tensor& weight
   const Conv2dParams p =
       check_conv2d(input, weight, c10::nullopt, stride, padding, dilation, groups, "fastconv.conv2d_algorithm");
   const auto t = input.scalar_type();
-  return algorithm_name(p, t == at::kFloat || t == at::kHalf || t == at::kBFloat16, is_channels_last(input));
+  return algorithm_name(p, t == at::kFloat || t == at::kHalf || t == at::kBFloat16, suggests_channels_last(input));
 }
 
 TORCH_LIBRARY_FRAGMENT(fastconv, m) {

@@ -706,17 +706,18 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef dilation, bool ceil_mode) {
   const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode);
-  // A channels_last input gives channels_last values and indices, as torch's (fastconv/_ops.py's fake
-  // kernel too), computed in place. (Measured, 2 threads, Zen 4, against torch's channels_last pool:
-  // 0.83-0.99x for 64 channels at 112x112 3x3/2 p1, 0.23-0.65x for 3 and 8 channels; through NCHW
-  // copies, as before, 12x for (8,64,112,112).)
-  if (is_channels_last(input)) {
+  // An input whose strides suggest channels_last gives channels_last values and indices, as torch's
+  // (fastconv/_ops.py's fake kernel too), computed in place (on a copy of a slice). (Measured, 2 threads, Zen 4,
+  // against torch's channels_last pool: 0.83-0.99x for 64 channels at 112x112 3x3/2 p1, 0.23-0.65x for 3 and 8
+  // channels; through NCHW copies, as before, 12x for (8,64,112,112).)
+  if (suggests_channels_last(input)) {
     const auto cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
     at::Tensor out = at::empty({p.batch, p.channels, p.out_h, p.out_w}, cl);
     at::Tensor idx = at::empty({p.batch, p.channels, p.out_h, p.out_w}, cl.dtype(at::kLong));
     if (out.numel() == 0) return {out, idx};
+    const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_cpu", [&] {
-      max_pool2d_forward_channels_last<scalar_t>(input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+      max_pool2d_forward_channels_last<scalar_t>(input_nhwc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                                  idx.data_ptr<int64_t>(), p);
     });
     return {out, idx};
@@ -744,8 +745,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
   // 0.52x, (100,6,24,24) 2x2 0.66x, batch 1 0.61x, (8,12,56,56) 2x2/1 0.47x, (8,8,56,56) 3x3/1 0.69x,
   // (8,3,112,112) 3x3/2 0.83x, but (8,3,56,56) 3x3/1 1.5x (3 of 16 lanes, an output per input pixel);
   // still 1.2-3.2x torch's scatter.
-  const bool channels_last = is_channels_last(input);
-  if (channels_last) {
+  if (suggests_channels_last(input)) {
     at::Tensor grad_input =
         at::empty({p.batch, p.channels, p.in_h, p.in_w}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (grad_input.numel() == 0) return grad_input;

@@ -214,14 +214,17 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   return out;
 }
 
+// The kernels write NCHW; the result is channels_last where torch's (cuDNN's) is (conv2d_channels_last).
 at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  return conv2d_forward_cuda(input, weight, bias, stride, padding, dilation, groups, /*relu=*/false);
+  const at::Tensor out = conv2d_forward_cuda(input, weight, bias, stride, padding, dilation, groups, /*relu=*/false);
+  return conv2d_channels_last(input, weight) ? copy_channels_last(out) : out;
 }
 
 at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  return conv2d_forward_cuda(input, weight, bias, stride, padding, dilation, groups, /*relu=*/true);
+  const at::Tensor out = conv2d_forward_cuda(input, weight, bias, stride, padding, dilation, groups, /*relu=*/true);
+  return conv2d_channels_last(input, weight) ? copy_channels_last(out) : out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(const at::Tensor& grad_output,
@@ -347,12 +350,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(const at::Te
   return std::make_tuple(grad_input, grad_weight, grad_bias);
 }
 
+// grad_input and grad_weight in the forward result's layout
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda_laid_out(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  auto grads = conv2d_backward_cuda(grad_output, input, weight, stride, padding, dilation, groups, output_mask);
+  if (conv2d_channels_last(input, weight)) {
+    if (output_mask[0]) std::get<0>(grads) = copy_channels_last(std::get<0>(grads));
+    if (output_mask[1]) std::get<1>(grads) = copy_channels_last(std::get<1>(grads));
+  }
+  return grads;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(FASTCONV_BACKEND_LIBRARY, FASTCONV_BACKEND_KEY, m) {
   m.impl("conv2d", TORCH_FN(conv2d_cuda));
   m.impl("conv2d_relu", TORCH_FN(conv2d_relu_cuda));
-  m.impl("_conv2d_backward", TORCH_FN(conv2d_backward_cuda));
+  m.impl("_conv2d_backward", TORCH_FN(conv2d_backward_cuda_laid_out));
 }
 
 }  // namespace fastconv

@@ -187,11 +187,30 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
   return grad_input;
 }
 
+// The kernels write NCHW; values, indices and grad_input are channels_last where the input's strides
+// suggest it, as torch's.
+std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda_laid_out(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                                            at::IntArrayRef dilation, bool ceil_mode) {
+  auto [out, idx] = max_pool2d_cuda(input, kernel_size, stride, padding, dilation, ceil_mode);
+  if (!suggests_channels_last(input)) return {out, idx};
+  return {copy_channels_last(out), copy_channels_last(idx)};
+}
+
+at::Tensor max_pool2d_backward_cuda_laid_out(const at::Tensor& grad_output, const at::Tensor& input,
+                                             const at::Tensor& indices, at::IntArrayRef kernel_size,
+                                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                             bool ceil_mode) {
+  const at::Tensor gi =
+      max_pool2d_backward_cuda(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+  return suggests_channels_last(input) ? copy_channels_last(gi) : gi;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(FASTCONV_BACKEND_LIBRARY, FASTCONV_BACKEND_KEY, m) {
-  m.impl("max_pool2d", TORCH_FN(max_pool2d_cuda));
-  m.impl("_max_pool2d_backward", TORCH_FN(max_pool2d_backward_cuda));
+  m.impl("max_pool2d", TORCH_FN(max_pool2d_cuda_laid_out));
+  m.impl("_max_pool2d_backward", TORCH_FN(max_pool2d_backward_cuda_laid_out));
 }
 
 }  // namespace fastconv
