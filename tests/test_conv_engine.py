@@ -682,6 +682,32 @@ def test_channels_last_direct_forward_matches_torch(case, monkeypatch, poison):
                                                        d, g), rtol=2e-3, atol=2e-3 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("case", CHANNELS_LAST_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-g{c[9]}")
+def test_channels_last_direct_backward_input_matches_torch(case, monkeypatch, poison):
+    """The stride-1 backward-input of a channels_last input on the same kernel (grad_output convolved
+    with the flipped, transposed weights): channels_last grad_input, alone or with the weight and bias
+    gradients the NCHW kernels compute beside it."""
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
+    n, c, h, w, oc, k, s, p, d, g = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(oc, c // g, *k, dtype=torch.float64)
+    if fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/")[1] != "channels-last-direct":
+        pytest.skip("strided or cropping (not a forward of grad_output), or no AVX-512 engine on this CPU")
+    go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *((v, v) if isinstance(v, int) else v for v in (s, p, d)),
+                                               False, [0, 0], g, [True, True, True])
+    args = tuple(list(v) if isinstance(v, tuple) else [v, v] for v in (s, p, d)) + (g,)
+    for layout in (torch.channels_last, torch.contiguous_format):  # grad_output of either layout
+        go_f = go.float().contiguous(memory_format=layout)
+        for mask in ([True, False, False], [True, True, True]):
+            got = torch.ops.fastconv._conv2d_backward(go_f, x.float(), wt.float(), *args, mask)
+            assert got[0].is_contiguous(memory_format=torch.channels_last)
+            for i in (i for i in range(3) if mask[i]):
+                assert torch.isfinite(got[i]).all(), "unwritten (NaN) gradient elements"
+                err = ((got[i].double() - want[i]).abs().max() / want[i].abs().max()).item()
+                assert err < 2e-5, f"gradient {i}, mask {mask}: max error {err:.2e}"
+
+
 def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch):
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
     x = torch.randn(3, 200, 9, 10).contiguous(memory_format=torch.channels_last)
@@ -718,6 +744,16 @@ def test_channels_last_direct_rule(monkeypatch):
     assert fwd((8, 512, 7, 7), (2048, 512, 1, 1), p=0) != "channels-last-direct"
     assert fwd((1, 384, 13, 13), (256, 384, 3, 3)) != "channels-last-direct"
     assert fwd((8, 128, 56, 56), (128, 4, 3, 3), g=32) != "channels-last-direct"  # 4 of 16 lanes
+
+    def bwi(xs, ws, s=1, p=1, g=1):
+        x = torch.empty(xs, device="meta").contiguous(memory_format=torch.channels_last)
+        return fastconv.conv2d_algorithm(x, torch.empty(ws, device="meta"), s, p, 1, g).split("/")[1]
+    # backward-input: stride 1, ungrouped, few FLOPs an element (grad_output into the wide side)
+    assert bwi((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
+    assert bwi((8, 64, 56, 56), (256, 64, 1, 1), p=0) == "channels-last-direct"
+    assert bwi((8, 256, 14, 14), (1024, 256, 1, 1), p=0) != "channels-last-direct"
+    assert bwi((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) != "channels-last-direct"
+    assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) != "channels-last-direct"
     with fastconv.conv_algorithm("gemm"):
         assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "im2col+gemm"
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")

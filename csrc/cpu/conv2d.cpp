@@ -412,10 +412,11 @@ BackwardInputRoute backward_input_route(const Conv2dParams& p) {
 }
 
 bool channels_last_direct(const Conv2dParams& p);
+bool channels_last_backward_input(const Conv2dParams& p);
 
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
 // "forward/backward-input/backward-weight", or one name when all three agree. channels_last: of a
-// channels_last input (its forward may run on the NHWC direct kernel).
+// channels_last input (its forward and backward-input may run on the NHWC direct kernel).
 std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last) {
   if (float32 ? run_direct<float>(p) : run_direct<double>(p)) return "direct";
   if (!float32 || !use_engine<float>()) return "im2col+gemm-aten";
@@ -432,7 +433,8 @@ std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_la
                           : fwd_algo == kGemm                                 ? gemm_name(p)
                                                                               : kEngineKernelNames[fwd_algo];
   const BackwardInputRoute route = backward_input_route(p);
-  const std::string bwi = route == BackwardInputRoute::kWinograd        ? "winograd"
+  const std::string bwi = channels_last && float32 && channels_last_backward_input(p) ? "channels-last-direct"
+                          : route == BackwardInputRoute::kWinograd                    ? "winograd"
                           : route == BackwardInputRoute::kForwardEngine ? gemm_name(cpu::backward_input_params(p))
                           : route == BackwardInputRoute::kPhases        ? "stride-phases"
                           : route == BackwardInputRoute::kGroupedPhases ? "grouped-direct-phases"
@@ -598,6 +600,12 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
 }
 
 #if FASTCONV_HAVE_AVX512_KERNELS
+// FLOPs per element of a layer's input and output: what its transposes weigh against its arithmetic.
+double flops_per_element(const Conv2dParams& p) {
+  const double flops = 2.0 * p.batch * p.out_plane() * p.out_channels * p.col_rows_per_group();
+  return flops / (double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane()));
+}
+
 // Whether a channels_last float32 layer's forward runs on the NHWC direct kernel
 // (cpu/channels_last_conv2d.h) rather than on an NCHW kernel between two transposes. By rule where the
 // transposes weigh: at most 600 FLOPs per element of input and output (measured in-process, 2 threads,
@@ -616,9 +624,24 @@ bool channels_last_direct(const Conv2dParams& p) {
   // (ResNeXt-50's groups of 4 and 8 took 1.23x torch's channels_last time through it)
   const int64_t OCg = p.out_channels_per_group();
   if (4 * OCg < 3 * cpu::engine::ceil_div(OCg, 16) * 16) return false;
-  const double flops = 2.0 * p.batch * p.out_plane() * p.out_channels * p.col_rows_per_group();
-  const double elements = double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane());
-  return flops <= 600.0 * elements;
+  return flops_per_element(p) <= 600.0;
+}
+
+// Whether a channels_last float32 layer's backward-input runs on the NHWC direct kernel, as the forward
+// of grad_output with the flipped, transposed weights (flipped_conv.h; stride 1; the grad_input is
+// channels_last, as torch's): where the forward's rule takes that convolution, ungrouped, at most 300
+// FLOPs an element. Measured in-process, 2 threads, Zen 4, batch 8, the whole backward (input, weight
+// and bias gradients; backward-weight still transposes grad_output), NHWC / NCHW kernels between
+// transposes: 1x1 256->64 and 64->256 at 56x56 (102 FLOPs an element) 0.89, 0.94 (backward-input
+// alone 0.54, 0.57), 64->64 0.84, 512->128 and 128->512 at 28x28 (204) 0.96, 0.99; 1024->256 and
+// 256->1024 at 14x14 (409) 0.98, 1.08; ResNeXt's 32 groups of 32 at 7x7 1.18 (its grouped kernel).
+// FASTCONV_CPU_CHANNELS_LAST forces it as the forward's.
+bool channels_last_backward_input(const Conv2dParams& p) {
+  if (!cpu::backward_input_as_forward(p)) return false;
+  const Conv2dParams q = cpu::backward_input_params(p);
+  if (!channels_last_direct(q)) return false;
+  if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1') == 1) return true;
+  return p.groups == 1 && flops_per_element(q) <= 300.0;
 }
 #endif
 
@@ -730,27 +753,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   }
   // masked-out gradients are empty tensors, each its own (outputs must not alias)
   const auto empty = [&] { return at::empty({0}, input.options()); };
-  const at::Tensor go_c = contiguous_nchw(grad_output);
+  const bool channels_last = conv2d_channels_last(input, weight);
   at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : at::Tensor();
+  std::array<bool, 3> nchw_mask = output_mask;  // the gradients the NCHW kernels below compute
+#if FASTCONV_HAVE_AVX512_KERNELS
+  if (output_mask[0] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input) &&
+      channels_last_backward_input(p)) {
+    // NHWC grad_output in, NHWC grad_input out: the direct forward with the flipped, transposed weights
+    grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const at::Tensor go_nhwc = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    const std::vector<float> w_t = cpu::flipped_transposed_weight(weight.contiguous().const_data_ptr<float>(), p);
+    cpu::engine::forward_channels_last(go_nhwc.const_data_ptr<float>(), w_t.data(), nullptr,
+                                       grad_input.data_ptr<float>(), cpu::backward_input_params(p), false);
+    nchw_mask[0] = false;
+  }
+#endif
+  const at::Tensor go_c = nchw_mask[0] || nchw_mask[1] ? contiguous_nchw(grad_output) : grad_output;
   // every kernel writes grad_weight whole (tests allocate it NaN-filled to check); zeros only for an
   // empty batch, where no kernel runs
   at::Tensor grad_weight = !output_mask[1] ? at::Tensor()
                            : p.batch > 0   ? at::empty(weight.sizes(), weight.options())
                                            : at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_bias = output_mask[2] ? go_c.sum({0, 2, 3}) : empty();
-  if (p.batch > 0 && (output_mask[0] || output_mask[1])) {
+  if (p.batch > 0 && (nchw_mask[0] || nchw_mask[1])) {
     const at::Tensor input_c = contiguous_nchw(input);
     const at::Tensor weight_c = weight.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastconv_conv2d_backward_cpu", [&] {
       conv2d_backward_kernel<scalar_t>(go_c.const_data_ptr<scalar_t>(), input_c.const_data_ptr<scalar_t>(),
                                        weight_c.const_data_ptr<scalar_t>(),
-                                       output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
-                                       output_mask[1] ? grad_weight.data_ptr<scalar_t>() : nullptr, p);
+                                       nchw_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                       nchw_mask[1] ? grad_weight.data_ptr<scalar_t>() : nullptr, p);
     });
   }
   // grad_input and grad_weight channels_last where the forward's result is (as torch's)
-  if (conv2d_channels_last(input, weight)) {
-    if (output_mask[0]) grad_input = to_channels_last(grad_input);
+  if (channels_last) {
+    if (nchw_mask[0]) grad_input = to_channels_last(grad_input);
     if (output_mask[1]) grad_weight = to_channels_last(grad_weight);
   }
   return {output_mask[0] ? grad_input : empty(), output_mask[1] ? grad_weight : empty(), grad_bias};
