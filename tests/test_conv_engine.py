@@ -708,6 +708,76 @@ def test_channels_last_direct_backward_input_matches_torch(case, monkeypatch, po
                 assert err < 2e-5, f"gradient {i}, mask {mask}: max error {err:.2e}"
 
 
+# The NHWC depthwise kernels (cpu/channels_last_depthwise.h): channel counts off the 16-lane vector and
+# the 128-channel block (17, 130, 300), border columns and interior 2-pixel tiles with a tail, stride,
+# dilation, asymmetric kernels and padding, padding past the kernel's reach, 1x1, batch 1.
+CHANNELS_LAST_DEPTHWISE_CASES = [
+    (2, 17, 9, 11, (3, 3), 1, 1, 1),
+    (1, 144, 14, 14, (3, 3), 2, 1, 1),
+    (2, 40, 13, 12, (5, 5), 2, 2, 1),
+    (3, 32, 7, 7, (7, 7), 1, 3, 1),
+    (2, 16, 10, 9, (3, 3), 1, 2, 2),
+    (1, 130, 5, 6, (3, 3), 3, 0, 1),
+    (2, 8, 6, 6, (3, 5), (1, 2), (0, 2), (2, 1)),
+    (1, 300, 4, 4, (1, 1), 1, 0, 1),
+    (2, 33, 8, 8, (3, 3), 1, 5, 1),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_DEPTHWISE_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_channels_last_depthwise_matches_torch(case, poison):
+    n, c, h, w, k, s, p, d = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    wt, b = torch.randn(c, 1, *k, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    if fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, c) != "direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    ref = F.conv2d(x, wt, b, s, p, d, c)
+    go = torch.randn(ref.shape, dtype=torch.float64)
+    pairs = tuple((v, v) if isinstance(v, int) else v for v in (s, p, d))
+    want = torch.ops.aten.convolution_backward(go, x, wt, [c], *pairs, False, [0, 0], c, [True, True, True])
+    args = [list(v) for v in pairs] + [c]
+    xf = x.float().contiguous(memory_format=torch.channels_last)
+
+    def check(got, expect, what):
+        assert torch.isfinite(got).all(), f"{what}: unwritten (NaN) elements"
+        err = ((got.double() - expect).abs().max() / expect.abs().max()).item()
+        assert err < 2e-5, f"{what}: max error {err:.2e}"
+    for op, expect in ((torch.ops.fastconv.conv2d, ref), (torch.ops.fastconv.conv2d_relu, ref.relu())):
+        out = op(xf, wt.float(), b.float(), *args)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        check(out, expect, str(op))
+    check(torch.ops.fastconv.conv2d(xf, wt.float(), None, *args), ref - b.view(1, -1, 1, 1), "no bias")
+    for layout in (torch.channels_last, torch.contiguous_format):  # grad_output of either layout
+        go_f = go.float().contiguous(memory_format=layout)
+        for mask in ([True, False, False], [False, True, False], [True, True, True]):
+            got = torch.ops.fastconv._conv2d_backward(go_f, xf, wt.float(), *args, mask)
+            for i in (i for i in range(3) if mask[i]):
+                check(got[i], want[i], f"gradient {i}, mask {mask}")
+            if mask[0]:
+                assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_depthwise_same_bits_at_any_thread_count():
+    x = torch.randn(3, 200, 13, 11).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(200, 1, 3, 3), torch.randn(200)
+    if fastconv.conv2d_algorithm(x, w, 1, 1, 1, 200) != "direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    y = FC.conv2d(x, w, b, 1, 1, 1, 200)
+    go = torch.randn_like(y)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append((FC.conv2d(x, w, b, 1, 1, 1, 200),
+                            *torch.ops.fastconv._conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 200,
+                                                                 [True, True, True])))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch):
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
     x = torch.randn(3, 200, 9, 10).contiguous(memory_format=torch.channels_last)

@@ -30,6 +30,7 @@
 
 #include "conv_params.h"
 #include "cpu/channels_last_conv2d.h"
+#include "cpu/channels_last_depthwise.h"
 #include "cpu/channels_last_weight_grad.h"
 #include "cpu/conv2d_avx512.h"
 #include "cpu/depthwise_conv2d.h"
@@ -600,6 +601,16 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
 }
 
 #if FASTCONV_HAVE_AVX512_KERNELS
+// Whether a channels_last float32 depthwise layer runs its three passes on the NHWC depthwise kernels
+// (cpu/channels_last_depthwise.h) rather than on the NCHW direct kernels between transposes (the
+// forward: the lane kernel on NHWC slab copies). Always: measured in-process, 2 threads, Zen 4, batch 8,
+// time against that path (forward / backward-input / backward-weight): MobileNetV2's 3x3 144 at 56x56
+// 0.32/0.24/0.49, 576 at 14x14 0.46/0.35/0.24, 960 at 7x7 0.46/0.50/0.62, 3x3/2 144 from 56x56
+// 0.17/0.21/0.19, 96 from 112x112 0.28/0.19/0.34, EfficientNet's 5x5 672 at 14x14 0.96/0.70/0.91.
+bool channels_last_depthwise(const Conv2dParams& p) {
+  return run_direct<float>(p) && cpu::direct::is_depthwise(p) && cpu::has_avx512();
+}
+
 // FLOPs per element of a layer's input and output: what its transposes weigh against its arithmetic.
 double flops_per_element(const Conv2dParams& p) {
   const double flops = 2.0 * p.batch * p.out_plane() * p.out_channels * p.col_rows_per_group();
@@ -695,17 +706,16 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
 #if FASTCONV_HAVE_AVX512_KERNELS
   const bool fp32_nhwc = suggests_channels_last(input) && input.scalar_type() == at::kFloat;
-  const bool lanes = fp32_nhwc && run_direct<float>(p) && cpu::direct::use_channel_lanes(p);
-  if (lanes || (fp32_nhwc && channels_last_direct(p))) {  // NHWC in, NHWC out
+  const bool depthwise = fp32_nhwc && channels_last_depthwise(p);
+  if (depthwise || (fp32_nhwc && channels_last_direct(p))) {  // NHWC in, NHWC out
     at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w},
                                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (p.batch == 0) return output;
     const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
     const float* b = has_bias ? bias_c.const_data_ptr<float>() : nullptr;
-    if (lanes) {
-      cpu::direct::forward_channel_lanes(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
-                                         output.data_ptr<float>(), p, true);
-      if (relu) output.relu_();
+    if (depthwise) {
+      cpu::direct::depthwise_forward_channels_last(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(),
+                                                   b, output.data_ptr<float>(), p, relu);
     } else {
       cpu::engine::forward_channels_last(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
                                          output.data_ptr<float>(), p, relu);
@@ -756,7 +766,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   const bool channels_last = conv2d_channels_last(input, weight);
   at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : at::Tensor();
   std::array<bool, 3> nchw_mask = output_mask;  // the gradients the NCHW kernels below compute
+  at::Tensor grad_weight_nhwc;
 #if FASTCONV_HAVE_AVX512_KERNELS
+  if ((output_mask[0] || output_mask[1]) && p.batch > 0 && input.scalar_type() == at::kFloat &&
+      suggests_channels_last(input) && channels_last_depthwise(p)) {
+    // depthwise: both gradients on the NHWC kernels, from NHWC grad_output and input in place
+    const at::Tensor go_nhwc = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor weight_c = weight.contiguous();
+    if (output_mask[0]) {
+      grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+      cpu::direct::depthwise_backward_input_channels_last(
+          go_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), grad_input.data_ptr<float>(), p);
+    }
+    if (output_mask[1]) {
+      const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
+      grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
+      cpu::direct::depthwise_backward_weight_channels_last(
+          go_nhwc.const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(), grad_weight_nhwc.data_ptr<float>(), p);
+    }
+    nchw_mask[0] = nchw_mask[1] = false;
+  }
   if (output_mask[0] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input) &&
       channels_last_backward_input(p)) {
     // NHWC grad_output in, NHWC grad_input out: the direct forward with the flipped, transposed weights
@@ -771,9 +800,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   const at::Tensor go_c = nchw_mask[0] || nchw_mask[1] ? contiguous_nchw(grad_output) : grad_output;
   // every kernel writes grad_weight whole (tests allocate it NaN-filled to check); zeros only for an
   // empty batch, where no kernel runs
-  at::Tensor grad_weight = !output_mask[1] ? at::Tensor()
-                           : p.batch > 0   ? at::empty(weight.sizes(), weight.options())
-                                           : at::zeros(weight.sizes(), weight.options());
+  at::Tensor grad_weight = !output_mask[1]              ? at::Tensor()
+                           : grad_weight_nhwc.defined() ? grad_weight_nhwc
+                           : p.batch > 0                ? at::empty(weight.sizes(), weight.options())
+                                                        : at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_bias = output_mask[2] ? go_c.sum({0, 2, 3}) : empty();
   if (p.batch > 0 && (nchw_mask[0] || nchw_mask[1])) {
     const at::Tensor input_c = contiguous_nchw(input);
