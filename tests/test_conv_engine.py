@@ -778,6 +778,31 @@ def test_channels_last_depthwise_same_bits_at_any_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
+@pytest.mark.parametrize("case", [((2, 64, 9, 11), 128, 2), ((1, 20, 8, 7), 40, (2, 3)), ((3, 48, 10, 10), 16, 3)],
+                         ids=str)
+def test_channels_last_strided_pointwise_backward_input_matches_torch(case, monkeypatch, poison):
+    """A strided 1x1 layer's backward-input of a channels_last input: the dense 1x1 product scattered
+    into the stride's pixels of a zeroed grad_input (odd sizes: the last rows and columns hit or not)."""
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
+    shape, oc, s = case
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(oc, shape[1], 1, 1, dtype=torch.float64)
+    if fastconv.conv2d_algorithm(x.float(), wt.float(), s).split("/")[1] != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    stride = (s, s) if isinstance(s, int) else s
+    go = torch.randn(F.conv2d(x, wt, None, stride).shape, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], stride, (0, 0), (1, 1), False, [0, 0], 1,
+                                               [True, True, False])
+    for mask in ([True, False, False], [True, True, False]):
+        got = torch.ops.fastconv._conv2d_backward(go.float(), x.float(), wt.float(), list(stride), [0, 0], [1, 1], 1,
+                                                  mask)
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        for i in (i for i in range(2) if mask[i]):
+            assert torch.isfinite(got[i]).all(), "unwritten (NaN) gradient elements"
+            err = ((got[i].double() - want[i]).abs().max() / want[i].abs().max()).item()
+            assert err < 2e-5, f"gradient {i}: max error {err:.2e}"
+
+
 def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch):
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
     x = torch.randn(3, 200, 9, 10).contiguous(memory_format=torch.channels_last)
@@ -823,7 +848,9 @@ def test_channels_last_direct_rule(monkeypatch):
     assert bwi((8, 64, 56, 56), (256, 64, 1, 1), p=0) == "channels-last-direct"
     assert bwi((8, 256, 14, 14), (1024, 256, 1, 1), p=0) != "channels-last-direct"
     assert bwi((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) != "channels-last-direct"
-    assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) != "channels-last-direct"
+    assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) == "channels-last-direct"  # strided 1x1
+    assert bwi((8, 512, 28, 28), (1024, 512, 1, 1), s=2, p=0) != "channels-last-direct"
+    assert bwi((8, 64, 56, 56), (128, 64, 3, 3), s=2, p=1) != "channels-last-direct"
     with fastconv.conv_algorithm("gemm"):
         assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "im2col+gemm"
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")

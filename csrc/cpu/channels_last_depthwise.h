@@ -30,6 +30,7 @@
 
 #include "conv_params.h"
 #include "cpu/conv2d_avx512.h"
+#include "cpu/depthwise_conv2d.h"
 #include "cpu/flipped_conv.h"
 
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -56,26 +57,26 @@ inline const float* dw_weights_by_tap(const float* weight, const Conv2dParams& p
 }
 
 // out[0, 16 NV) = bias + sum over the `count` taps j of src[j][...] * w[j][...] (w aligned), the last
-// vector's lanes under `last`; ReLU on request.
+// vector's lanes under `last`; ReLU on request. bias: never null (zeros for none); no branches around
+// the loop (see dw_tile).
 template <int NV>
 FASTCONV_AVX512 void dw_sum_taps(const float* const* src, const float* const* w, int64_t count, const float* bias,
                                  __mmask16 last, bool relu, float* out) {
   __m512 acc[NV];
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
-    acc[v] = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * v) : _mm512_setzero_ps();
+  _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
+    acc[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), bias + 16 * v);
   }
   for (int64_t j = 0; j < count; ++j) {
     const float* s = src[j];
     const float* wj = w[j];
-    for (int v = 0; v < NV; ++v) {
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
       acc[v] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, s + 16 * v), _mm512_load_ps(wj + 16 * v), acc[v]);
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
-    _mm512_mask_storeu_ps(out + 16 * v, m, relu ? _mm512_max_ps(acc[v], _mm512_setzero_ps()) : acc[v]);
+  const __m512 floor = _mm512_set1_ps(relu ? 0.0f : -std::numeric_limits<float>::infinity());
+  _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
+    _mm512_mask_storeu_ps(out + 16 * v, v == NV - 1 ? last : __mmask16(0xFFFF), _mm512_max_ps(floor, acc[v]));
   }
 }
 
@@ -215,12 +216,50 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
             w[count++] = wt + (kh * KW + kw) * cb.Cv + c0;
           }
         }
-        sum(src.data(), w.data(), count, bias ? bias + c0 : nullptr, last, relu, orow + ow * C);
+        sum(src.data(), w.data(), count, tile_bias + c0, last, relu, orow + ow * C);
       };
       for (int64_t ow = 0; ow < in_lo; ++ow) border(ow);
       for (int64_t ow = in_hi; ow < OW; ++ow) border(ow);
     }
   });
+}
+
+// For each input position q < in of one dimension, the kernel positions k that read it and the output
+// position each reads it for (q + pad - k*dilation = out * stride): entries [start[q], start[q + 1]).
+struct DwTapList {
+  std::vector<int64_t> start, k, out;
+  DwTapList(int64_t in, int64_t out_size, int64_t K, int64_t stride, int64_t pad, int64_t dilation) : start(in + 1, 0) {
+    for (int64_t q = 0; q < in; ++q) {
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const int64_t y = q + pad - kk * dilation;
+        if (y < 0 || y % stride != 0 || y / stride >= out_size) continue;
+        k.push_back(kk);
+        out.push_back(y / stride);
+      }
+      start[q + 1] = static_cast<int64_t>(k.size());
+    }
+  }
+};
+
+// The forward of a channels_last depthwise layer: stride-1 kernels of 20+ taps (5x5, 7x7) on the lane
+// kernel over NHWC slab copies (depthwise_conv2d.h: each input row's vectors loaded once for a row of
+// taps, where the tiles here load a vector per tap and pixel), the rest on the tiles here. Measured, 2
+// threads, Zen 4, batch 8, against torch's channels_last (suite rows, lanes / tiles): ConvNeXt's 7x7
+// at 56x56 1.07 / 1.59, 28x28 0.85 / 1.96, 14x14 0.83 / 1.85, 7x7 0.87 / 2.04, EfficientNet's 5x5 at
+// 14x14 1.26 / 1.74; strided: 5x5/2 from 56x56 1.59 / 1.25, from 14x14 1.11 / 1.25.
+inline void depthwise_forward_nhwc(const float* input, const float* weight, const float* bias, float* out,
+                                   const Conv2dParams& p, bool relu) {
+  if (p.kernel_h * p.kernel_w >= 20 && p.stride_h == 1 && p.stride_w == 1) {
+    forward_channel_lanes(input, weight, bias, out, p, /*channels_last=*/true);
+    if (relu) {
+      const int64_t n = p.batch * p.out_channels * p.out_plane();
+      at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) out[i] = out[i] > 0.0f || out[i] != out[i] ? out[i] : 0.0f;
+      });
+    }
+    return;
+  }
+  depthwise_forward_channels_last(input, weight, bias, out, p, relu);
 }
 
 // Backward-input: at stride 1 the forward of grad_output with the flipped weights (flipped_conv.h);
@@ -230,7 +269,7 @@ inline void depthwise_backward_input_channels_last(const float* grad_output, con
                                                    const Conv2dParams& p) {
   if (backward_input_as_forward(p)) {
     const std::vector<float> flipped = flipped_transposed_weight(weight, p);
-    depthwise_forward_channels_last(grad_output, flipped.data(), nullptr, grad_input, backward_input_params(p), false);
+    depthwise_forward_nhwc(grad_output, flipped.data(), nullptr, grad_input, backward_input_params(p), false);
     return;
   }
   const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
@@ -238,6 +277,11 @@ inline void depthwise_backward_input_channels_last(const float* grad_output, con
   const DwChannelBlocks cb(C);
   engine::AlignedBuffer wbuf(false);
   const float* wt = dw_weights_by_tap(weight, p, wbuf);
+  const std::vector<float> zeros(cb.Cv, 0.0f);
+  // per input row and column, the kernel rows / columns that reach it and the output row / column they
+  // come from (divisions once per call, not per pixel and tap)
+  const DwTapList rows_of(H, OH, KH, p.stride_h, p.pad_h, p.dilation_h);
+  const DwTapList cols_of(W, OW, KW, p.stride_w, p.pad_w, p.dilation_w);
   at::parallel_for(0, p.batch * H * cb.count, engine::grain_for(W * KH * KW * 16), [&](int64_t b0, int64_t b1) {
     std::vector<const float*> src(KH * KW), w(KH * KW);
     for (int64_t item = b0; item < b1; ++item) {
@@ -248,18 +292,15 @@ inline void depthwise_backward_input_channels_last(const float* grad_output, con
       float* grow = grad_input + ((n * H + ih) * W) * C + c0;
       for (int64_t iw = 0; iw < W; ++iw) {
         int64_t count = 0;
-        for (int64_t kh = 0; kh < KH; ++kh) {
-          const int64_t y = ih + p.pad_h - kh * p.dilation_h;
-          if (y < 0 || y % p.stride_h != 0 || y / p.stride_h >= OH) continue;
-          const float* row = grad_output + ((n * OH + y / p.stride_h) * OW) * C + c0;
-          for (int64_t kw = 0; kw < KW; ++kw) {
-            const int64_t x = iw + p.pad_w - kw * p.dilation_w;
-            if (x < 0 || x % p.stride_w != 0 || x / p.stride_w >= OW) continue;
-            src[count] = row + (x / p.stride_w) * C;
-            w[count++] = wt + (kh * KW + kw) * cb.Cv + c0;
+        for (int64_t r = rows_of.start[ih]; r < rows_of.start[ih + 1]; ++r) {
+          const float* row = grad_output + ((n * OH + rows_of.out[r]) * OW) * C + c0;
+          const float* wrow = wt + rows_of.k[r] * KW * cb.Cv + c0;
+          for (int64_t q = cols_of.start[iw]; q < cols_of.start[iw + 1]; ++q) {
+            src[count] = row + cols_of.out[q] * C;
+            w[count++] = wrow + cols_of.k[q] * cb.Cv;
           }
         }
-        sum(src.data(), w.data(), count, nullptr, last, false, grow + iw * C);
+        sum(src.data(), w.data(), count, zeros.data(), last, false, grow + iw * C);
       }
     }
   });

@@ -652,6 +652,23 @@ struct LaneBuffer {
       }
     }
   }
+  // From a channels_last image (its pixels C floats apart, `image` at its first channel): each pixel's
+  // nc channels one masked load, no transposes.
+  FASTCONV_AVX512 void fill_channels_last(const float* image, int64_t C, int64_t nc, int64_t r_lo, int64_t rows,
+                                          float* buf, bool zero_too) const {
+    if (zero_too) zero(buf, r_lo, rows);
+    int64_t r0, r1;
+    input_rows(r_lo, rows, r0, r1);
+    const __mmask16 m = lane_mask(0, nc);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = image + ((r_lo + r) * W + in_lo + c_lo) * C;
+      float* dst = buf + r * row_floats + in_lo * 16;
+      for (int64_t w = in_lo; w < in_hi; ++w, src += C, dst += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + 8 * C), _MM_HINT_T0);  // pixels C floats apart
+        _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m, src));
+      }
+    }
+  }
 };
 
 // Whether this thread must write a LaneBuffer's zeros for run `run` of call `call` (a new call, or
@@ -670,10 +687,22 @@ inline uint64_t lane_call_id() {
   return ++calls;
 }
 
-// out = conv2d(input, weight) + bias for one channel per group and one output channel per group (NCHW;
-// channels_last tensors run on cpu/channels_last_depthwise.h).
+// Pixel-major rows [px][16] (`count` pixels) into a channels_last output (pixels C floats apart, `out` at
+// channel c0), + bias.
+FASTCONV_AVX512 inline void store_to_channels_last(const float* rows, int64_t count, int64_t C, int64_t nc,
+                                                   const float* bias, float* out) {
+  const __mmask16 m = lane_mask(0, nc);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+  for (int64_t px = 0; px < count; ++px) {
+    _mm_prefetch(reinterpret_cast<const char*>(out + (px + 8) * C), _MM_HINT_T0);
+    _mm512_mask_storeu_ps(out + px * C, m, _mm512_add_ps(_mm512_load_ps(rows + px * 16), b));
+  }
+}
+
+// out = conv2d(input, weight) + bias for one channel per group and one output channel per group; with
+// `channels_last`, input and output are NHWC in memory (no transposes at all).
 inline void forward_channel_lanes(const float* input, const float* weight, const float* bias, float* output,
-                                  const Conv2dParams& p) {
+                                  const Conv2dParams& p, bool channels_last = false) {
   const int64_t C = p.out_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w, L = p.out_plane();
   const int64_t KH = p.kernel_h, KW = p.kernel_w, KK = KH * KW;
   const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
@@ -694,7 +723,11 @@ inline void forward_channel_lanes(const float* input, const float* weight, const
       const int64_t oh0 = run * lr.run_rows, oh1 = std::min(OH, oh0 + lr.run_rows);
       const int64_t ih0 = oh0 * sh - p.pad_h, rows = (oh1 - 1 - oh0) * sh + (KH - 1) * dh + 1;
       float* buf = in_buf.get(rows * lb.row_floats);
-      lb.fill(input + (n * C + c0) * H * W, H * W, nc, ih0, rows, buf, lane_zeros_needed(call, run));
+      if (channels_last) {
+        lb.fill_channels_last(input + n * H * W * C + c0, C, nc, ih0, rows, buf, lane_zeros_needed(call, run));
+      } else {
+        lb.fill(input + (n * C + c0) * H * W, H * W, nc, ih0, rows, buf, lane_zeros_needed(call, run));
+      }
       const float* wb = wt + b * KK * 16;
       for (int64_t f0 = oh0; f0 < oh1; f0 += lr.flush_rows) {
         const int64_t f1 = std::min(oh1, f0 + lr.flush_rows);
@@ -708,8 +741,13 @@ inline void forward_channel_lanes(const float* input, const float* weight, const
             x0 += npx;
           }
         }
-        engine::store_row_to_planes<1>(out_rows, (f1 - f0) * OW, nc, bias ? bias + c0 : nullptr, false,
-                                       output + (n * C + c0) * L + f0 * OW, L);
+        if (channels_last) {
+          store_to_channels_last(out_rows, (f1 - f0) * OW, C, nc, bias ? bias + c0 : nullptr,
+                                 output + (n * L + f0 * OW) * C + c0);
+        } else {
+          engine::store_row_to_planes<1>(out_rows, (f1 - f0) * OW, nc, bias ? bias + c0 : nullptr, false,
+                                         output + (n * C + c0) * L + f0 * OW, L);
+        }
       }
     }
   });
