@@ -12,7 +12,9 @@
 //                     (a gather: per input pixel q, the taps whose output pixel exists at this stride)
 //   backward-weight:  gw[c][t] = sum over pixels px of gy[px][c] * x[px + t][c]
 // The forward and backward-input list each pixel's taps that exist (padding and stride skip the rest:
-// no FMAs on zeros) and sum them per channel in registers. Backward-weight runs per tap over whole
+// no FMAs on zeros) and sum them per channel in registers; stride-1 kernels of 20+ taps (5x5, 7x7) keep
+// the lane kernel of depthwise_conv2d.h on NHWC slab copies (depthwise_forward_nhwc), whose rows of
+// vectors in registers serve a row of taps. Backward-weight runs per tap over whole
 // output rows (the columns inside the input are one range per tap), into partial sums per block of
 // rows; the blocks are fixed by the shape and added in order, so the result is the same at any thread
 // count.

@@ -604,8 +604,9 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
 
 #if FASTCONV_HAVE_AVX512_KERNELS
 // Whether a channels_last float32 depthwise layer runs its three passes on the NHWC depthwise kernels
-// (cpu/channels_last_depthwise.h) rather than on the NCHW direct kernels between transposes (the
-// forward: the lane kernel on NHWC slab copies). Always: measured in-process, 2 threads, Zen 4, batch 8,
+// (cpu/channels_last_depthwise.h; its 5x5/7x7 stride-1 forwards on the lane kernel's NHWC slab copies)
+// rather than on the NCHW direct kernels between transposes (the forward: the lane kernel's slab copies
+// for every depthwise layer). Always: measured in-process, 2 threads, Zen 4, batch 8,
 // time against that path (forward / backward-input / backward-weight): MobileNetV2's 3x3 144 at 56x56
 // 0.32/0.24/0.49, 576 at 14x14 0.46/0.35/0.24, 960 at 7x7 0.46/0.50/0.62, 3x3/2 144 from 56x56
 // 0.17/0.21/0.19, 96 from 112x112 0.28/0.19/0.34, EfficientNet's 5x5 672 at 14x14 0.96/0.70/0.91.
