@@ -40,7 +40,7 @@ namespace fastconv {
 namespace cpu {
 namespace direct {
 
-constexpr int kDwVectors = 8;  // vectors of 16 channels a pixel's sums hold in registers
+constexpr int kDwVectors = 16;  // vectors of 16 channels a pixel's sums hold in registers (per-pixel sums)
 
 // Whether a layer is depthwise in the sense of these kernels.
 inline bool is_depthwise(const Conv2dParams& p) {
@@ -65,28 +65,32 @@ template <int NV>
 FASTCONV_AVX512 void dw_sum_taps(const float* const* src, const float* const* w, int64_t count, const float* bias,
                                  __mmask16 last, bool relu, float* out) {
   __m512 acc[NV];
-  _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
+  _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) {
     acc[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), bias + 16 * v);
   }
   for (int64_t j = 0; j < count; ++j) {
     const float* s = src[j];
     const float* wj = w[j];
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
       acc[v] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, s + 16 * v), _mm512_load_ps(wj + 16 * v), acc[v]);
     }
   }
   const __m512 floor = _mm512_set1_ps(relu ? 0.0f : -std::numeric_limits<float>::infinity());
-  _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
+  _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) {
     _mm512_mask_storeu_ps(out + 16 * v, v == NV - 1 ? last : __mmask16(0xFFFF), _mm512_max_ps(floor, acc[v]));
   }
 }
 
 using DwSumTaps = void (*)(const float* const*, const float* const*, int64_t, const float*, __mmask16, bool, float*);
 
+template <int... N>
+constexpr std::array<DwSumTaps, sizeof...(N)> dw_sums(std::integer_sequence<int, N...>) {
+  return {&dw_sum_taps<N + 1>...};
+}
+
 inline DwSumTaps dw_sum_taps_for(int64_t nv) {
-  static const DwSumTaps table[kDwVectors] = {&dw_sum_taps<1>, &dw_sum_taps<2>, &dw_sum_taps<3>, &dw_sum_taps<4>,
-                                              &dw_sum_taps<5>, &dw_sum_taps<6>, &dw_sum_taps<7>, &dw_sum_taps<8>};
+  static const auto table = dw_sums(std::make_integer_sequence<int, kDwVectors>());
   return table[nv - 1];
 }
 
@@ -147,13 +151,19 @@ inline DwTile dw_tile_for(int64_t npx, int64_t nv) {
   return table[nv - 1][npx - 1];
 }
 
-// Blocks of channels: up to kDwVectors vectors each, the last vector's lanes masked past C.
+// Blocks of channels: the vectors split evenly into blocks of at most `most` (9 vectors in 2 blocks:
+// 5 + 4, not 8 + 1, whose 1-vector block pays a pixel's overhead for 16 channels), the last vector's
+// lanes masked past C.
 struct DwChannelBlocks {
-  int64_t C, Cv, count;
-  explicit DwChannelBlocks(int64_t C_)
-      : C(C_), Cv(engine::ceil_div(C_, 16) * 16), count(engine::ceil_div(Cv, 16 * kDwVectors)) {}
-  int64_t first(int64_t b) const { return b * 16 * kDwVectors; }
-  int64_t vectors(int64_t b) const { return std::min<int64_t>(kDwVectors, (Cv - first(b)) / 16); }
+  int64_t C, Cv, count, base, extra;
+  DwChannelBlocks(int64_t C_, int64_t most) : C(C_), Cv(engine::ceil_div(C_, 16) * 16) {
+    const int64_t v = Cv / 16;
+    count = engine::ceil_div(v, most);
+    base = v / count;
+    extra = v % count;
+  }
+  int64_t first(int64_t b) const { return 16 * (b * base + std::min(b, extra)); }
+  int64_t vectors(int64_t b) const { return base + (b < extra); }
   __mmask16 last(int64_t b) const {
     const int64_t tail = C - (first(b) + 16 * (vectors(b) - 1));
     return lane_mask(0, std::min<int64_t>(16, tail));
@@ -165,7 +175,7 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
                                             const Conv2dParams& p, bool relu) {
   const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
   const int64_t KH = p.kernel_h, KW = p.kernel_w;
-  const DwChannelBlocks cb(C);
+  const DwChannelBlocks cb(C, kDwVectors);
   engine::AlignedBuffer wbuf(false);  // written in full
   const float* wt = dw_weights_by_tap(weight, p, wbuf);
   const std::vector<float> zeros(bias ? 0 : cb.Cv, 0.0f);
@@ -194,8 +204,10 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
           row_w[taps++] = wt + (kh * KW + kw) * cb.Cv + c0;
         }
       }
-      for (int64_t v0 = 0; v0 < nv; v0 += kDwTileVectors) {
-        const int64_t tv = std::min<int64_t>(kDwTileVectors, nv - v0);
+      // the block's vectors in near-equal tile widths of at most kDwTileVectors
+      const int64_t parts = engine::ceil_div(nv, kDwTileVectors);
+      for (int64_t part = 0, v0 = 0; part < parts; ++part) {
+        const int64_t tv = nv / parts + (part < nv % parts);
         const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
         for (int64_t j = 0; j < taps; ++j) tile_w[j] = row_w[j] + 16 * v0;
         for (int64_t ow = in_lo; ow < in_hi; ow += kDwTilePixels) {
@@ -203,6 +215,7 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
           dw_tile_for(npx, tv)(image + ow * sw * C + 16 * v0, sw * C, tap_off.data(), tile_w.data(), taps,
                                tile_bias + c0 + 16 * v0, tile_last, relu, orow + ow * C + 16 * v0, C);
         }
+        v0 += tv;
       }
       // border columns: each pixel's taps inside the input, all the block's vectors at once
       const DwSumTaps sum = dw_sum_taps_for(nv);
@@ -276,7 +289,7 @@ inline void depthwise_backward_input_channels_last(const float* grad_output, con
   }
   const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
   const int64_t KH = p.kernel_h, KW = p.kernel_w;
-  const DwChannelBlocks cb(C);
+  const DwChannelBlocks cb(C, kDwVectors);
   engine::AlignedBuffer wbuf(false);
   const float* wt = dw_weights_by_tap(weight, p, wbuf);
   const std::vector<float> zeros(cb.Cv, 0.0f);
@@ -339,10 +352,12 @@ FASTCONV_AVX512 void dw_dot_pixels(const float* a, int64_t lda, const float* b, 
 
 using DwDotPixels = void (*)(const float*, int64_t, const float*, int64_t, int64_t, __mmask16, float*);
 
+constexpr int kDwDotVectors = 8;  // two sets of sums of up to 8 vectors
+
 inline DwDotPixels dw_dot_pixels_for(int64_t nv) {
-  static const DwDotPixels table[kDwVectors] = {&dw_dot_pixels<1>, &dw_dot_pixels<2>, &dw_dot_pixels<3>,
-                                                &dw_dot_pixels<4>, &dw_dot_pixels<5>, &dw_dot_pixels<6>,
-                                                &dw_dot_pixels<7>, &dw_dot_pixels<8>};
+  static const DwDotPixels table[kDwDotVectors] = {&dw_dot_pixels<1>, &dw_dot_pixels<2>, &dw_dot_pixels<3>,
+                                                   &dw_dot_pixels<4>, &dw_dot_pixels<5>, &dw_dot_pixels<6>,
+                                                   &dw_dot_pixels<7>, &dw_dot_pixels<8>};
   return table[nv - 1];
 }
 
@@ -359,7 +374,7 @@ inline void depthwise_backward_weight_channels_last(const float* grad_output, co
                                                     const Conv2dParams& p) {
   const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
   const int64_t KH = p.kernel_h, KW = p.kernel_w, KK = KH * KW;
-  const DwChannelBlocks cb(C);
+  const DwChannelBlocks cb(C, kDwDotVectors);
   // rows per block: about 512 output pixels (fixed by the shape, never by the thread count)
   const int64_t rows = std::clamp<int64_t>(512 / std::max<int64_t>(1, OW), 1, OH);
   const int64_t row_blocks = engine::ceil_div(OH, rows), blocks = p.batch * row_blocks;
