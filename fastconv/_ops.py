@@ -9,6 +9,7 @@ gets (``fastconv.functional``, the modules and ``torch.ops.fastconv.*`` alike):
   ONNX ``Conv`` and ``MaxPool`` nodes. Eager calls, autograd and torch.compile keep fastconv's kernels.
 """
 import torch
+from torch._prims_common import suggest_memory_format
 
 from ._extension import has_cuda_kernels
 
@@ -49,7 +50,7 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
 def _suggests_channels_last(t):
     """Whether t's strides suggest channels_last (C++'s Tensor::suggest_memory_format: a channels_last
     tensor, a slice of one, or one that is both layouts with channels_last strides)."""
-    return t.dim() == 4 and torch._prims_common.suggest_memory_format(t) == torch.channels_last
+    return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
 
 
 def _output_like(input, shape, dtype=None, weight=None):
