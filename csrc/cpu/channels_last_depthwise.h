@@ -265,13 +265,7 @@ struct DwTapList {
 inline void depthwise_forward_nhwc(const float* input, const float* weight, const float* bias, float* out,
                                    const Conv2dParams& p, bool relu) {
   if (p.kernel_h * p.kernel_w >= 20 && p.stride_h == 1 && p.stride_w == 1) {
-    forward_channel_lanes(input, weight, bias, out, p, /*channels_last=*/true);
-    if (relu) {
-      const int64_t n = p.batch * p.out_channels * p.out_plane();
-      at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) out[i] = out[i] > 0.0f || out[i] != out[i] ? out[i] : 0.0f;
-      });
-    }
+    forward_channel_lanes(input, weight, bias, out, p, /*channels_last=*/true, relu);
     return;
   }
   depthwise_forward_channels_last(input, weight, bias, out, p, relu);

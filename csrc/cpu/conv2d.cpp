@@ -843,26 +843,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   }
   const bool nhwc_input =
       nchw_mask[0] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input);
-  if (nhwc_input && channels_last_backward_input(p)) {
-    // NHWC grad_output in, NHWC grad_input out: the direct forward with the flipped, transposed weights
-    grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const bool stride1_nhwc = nhwc_input && channels_last_backward_input(p);
+  const bool shortcut_nhwc = nhwc_input && !stride1_nhwc && channels_last_strided_pointwise_backward_input(p);
+  if (stride1_nhwc || shortcut_nhwc) {
+    // NHWC grad_output in, NHWC grad_input out, on the direct forward kernel with the flipped, transposed
+    // weights: at stride 1 straight into grad_input; for a strided 1x1 layer (a ResNet shortcut) the
+    // dense 1x1 product, scattered into a zeroed grad_input at the stride's pixels
     const at::Tensor go_nhwc = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
     const std::vector<float> w_t = cpu::flipped_transposed_weight(weight.contiguous().const_data_ptr<float>(), p);
-    cpu::engine::forward_channels_last(go_nhwc.const_data_ptr<float>(), w_t.data(), nullptr,
-                                       grad_input.data_ptr<float>(), cpu::backward_input_params(p), false);
-    nchw_mask[0] = false;
-  } else if (nhwc_input && channels_last_strided_pointwise_backward_input(p)) {
-    // a strided 1x1 layer (a ResNet shortcut): the dense 1x1 backward-input on the NHWC direct kernel
-    // (grad_output by the transposed weights), scattered into a zeroed grad_input at the stride's pixels
-    const Conv2dParams q = strided_pointwise_dense_params(p);
-    const at::Tensor go_nhwc = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
-    const std::vector<float> w_t = cpu::flipped_transposed_weight(weight.contiguous().const_data_ptr<float>(), p);
-    const at::Tensor dense = at::empty({p.batch, p.in_channels, p.out_h, p.out_w},
-                                       input.options().memory_format(at::MemoryFormat::ChannelsLast));
-    cpu::engine::forward_channels_last(go_nhwc.const_data_ptr<float>(), w_t.data(), nullptr, dense.data_ptr<float>(), q,
-                                       false);
-    grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
-    scatter_strided_pixels(dense.const_data_ptr<float>(), p, grad_input.data_ptr<float>());
+    const auto cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
+    grad_input = at::empty(input.sizes(), cl);
+    if (stride1_nhwc) {
+      cpu::engine::forward_channels_last(go_nhwc.const_data_ptr<float>(), w_t.data(), nullptr,
+                                         grad_input.data_ptr<float>(), cpu::backward_input_params(p), false);
+    } else {
+      const at::Tensor dense = at::empty({p.batch, p.in_channels, p.out_h, p.out_w}, cl);
+      cpu::engine::forward_channels_last(go_nhwc.const_data_ptr<float>(), w_t.data(), nullptr, dense.data_ptr<float>(),
+                                         strided_pointwise_dense_params(p), false);
+      scatter_strided_pixels(dense.const_data_ptr<float>(), p, grad_input.data_ptr<float>());
+    }
     nchw_mask[0] = false;
   }
 #endif

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <utility>
@@ -688,21 +689,24 @@ inline uint64_t lane_call_id() {
 }
 
 // Pixel-major rows [px][16] (`count` pixels) into a channels_last output (pixels C floats apart, `out` at
-// channel c0), + bias.
+// channel c0), + bias, then ReLU on request (max(floor, x) with floor 0 or -inf: NaN stays NaN).
 FASTCONV_AVX512 inline void store_to_channels_last(const float* rows, int64_t count, int64_t C, int64_t nc,
-                                                   const float* bias, float* out) {
+                                                   const float* bias, bool relu, float* out) {
   const __mmask16 m = lane_mask(0, nc);
   const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+  const __m512 floor = _mm512_set1_ps(relu ? 0.0f : -std::numeric_limits<float>::infinity());
   for (int64_t px = 0; px < count; ++px) {
     _mm_prefetch(reinterpret_cast<const char*>(out + (px + 8) * C), _MM_HINT_T0);
-    _mm512_mask_storeu_ps(out + px * C, m, _mm512_add_ps(_mm512_load_ps(rows + px * 16), b));
+    _mm512_mask_storeu_ps(out + px * C, m, _mm512_max_ps(floor, _mm512_add_ps(_mm512_load_ps(rows + px * 16), b)));
   }
 }
 
 // out = conv2d(input, weight) + bias for one channel per group and one output channel per group; with
-// `channels_last`, input and output are NHWC in memory (no transposes at all).
+// `channels_last`, input and output are NHWC in memory (no transposes at all), and `relu` applies ReLU
+// as the output is stored (NHWC only).
 inline void forward_channel_lanes(const float* input, const float* weight, const float* bias, float* output,
-                                  const Conv2dParams& p, bool channels_last = false) {
+                                  const Conv2dParams& p, bool channels_last = false, bool relu = false) {
+  TORCH_INTERNAL_ASSERT(channels_last || !relu, "forward_channel_lanes: ReLU is fused into the NHWC store only");
   const int64_t C = p.out_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w, L = p.out_plane();
   const int64_t KH = p.kernel_h, KW = p.kernel_w, KK = KH * KW;
   const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
@@ -742,7 +746,7 @@ inline void forward_channel_lanes(const float* input, const float* weight, const
           }
         }
         if (channels_last) {
-          store_to_channels_last(out_rows, (f1 - f0) * OW, C, nc, bias ? bias + c0 : nullptr,
+          store_to_channels_last(out_rows, (f1 - f0) * OW, C, nc, bias ? bias + c0 : nullptr, relu,
                                  output + (n * L + f0 * OW) * C + c0);
         } else {
           engine::store_row_to_planes<1>(out_rows, (f1 - f0) * OW, nc, bias ? bias + c0 : nullptr, false,
