@@ -604,6 +604,24 @@ def test_depthwise_channel_lanes_match_torch(case, lanes, monkeypatch, poison):
         run_case(*case, bias=False)
 
 
+def pairs(*values):
+    """int-or-pair conv arguments (stride, padding, dilation) as pairs."""
+    return tuple((v, v) if isinstance(v, int) else tuple(v) for v in values)
+
+
+def op_args(s, p, d, g):
+    """stride, padding and dilation as the ops' int lists, then groups."""
+    return tuple(list(v) for v in pairs(s, p, d)) + (g,)
+
+
+def assert_written_and_close(got, want, what):
+    """Every element written (poisoned allocations show as NaN) and within 2e-5 of want, relative to
+    want's largest element."""
+    assert torch.isfinite(got).all(), f"{what}: unwritten (NaN) elements"
+    err = ((got.double() - want).abs().max() / want.abs().max()).item()
+    assert err < 2e-5, f"{what}: max error {err:.2e}"
+
+
 # A channels_last input runs the lane forward in place (NHWC in, NHWC out: no transposes); every
 # other kernel on an NCHW copy. Either way the output is channels_last, as torch's, and the fake
 # kernel (torch.compile / export tracing) gives the same strides.
@@ -629,7 +647,7 @@ def test_channels_last_conv_matches_torch(case, lanes, monkeypatch, poison):
     for name, got, want in (("output", out, ref), ("grad_input", xf.grad, xr.grad), ("grad_weight", wf.grad, wr.grad)):
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err < 2e-5, f"{name}: max error {err:.2e}"
-    args = tuple(list(v) if isinstance(v, tuple) else [v, v] for v in (s, p, d)) + (g,)
+    args = op_args(s, p, d, g)
     xd, wd = xf.detach(), wf.detach()
     real = torch.ops.fastconv.conv2d(xd, wd, None, *args)
     mode = FakeTensorMode()
@@ -666,15 +684,13 @@ def test_channels_last_direct_forward_matches_torch(case, monkeypatch, poison):
     if fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/")[0] != "channels-last-direct":
         pytest.skip("no AVX-512 engine on this CPU")
     ref = F.conv2d(x, wt, b, s, p, d, g)
-    args = tuple(list(v) if isinstance(v, tuple) else [v, v] for v in (s, p, d)) + (g,)
+    args = op_args(s, p, d, g)
     for bias in (b, None):
         want = ref if bias is not None else ref - b.view(1, -1, 1, 1)
         for op, expect in ((torch.ops.fastconv.conv2d, want), (torch.ops.fastconv.conv2d_relu, want.relu())):
             out = op(x.float(), wt.float(), None if bias is None else bias.float(), *args)
             assert out.is_contiguous(memory_format=torch.channels_last)
-            assert torch.isfinite(out).all(), "unwritten (NaN) output elements"
-            err = ((out.double() - expect).abs().max() / expect.abs().max()).item()
-            assert err < 2e-5, f"{op}: max error {err:.2e}"
+            assert_written_and_close(out, expect, str(op))
     # float16 in, float16 out, through the same kernel in float32
     half = FC.conv2d(x.half(), wt.half(), b.half(), s, p, d, g)
     assert half.dtype == torch.float16 and half.is_contiguous(memory_format=torch.channels_last)
@@ -694,18 +710,15 @@ def test_channels_last_direct_backward_input_matches_torch(case, monkeypatch, po
     if fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/")[1] != "channels-last-direct":
         pytest.skip("strided or cropping (not a forward of grad_output), or no AVX-512 engine on this CPU")
     go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64)
-    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *((v, v) if isinstance(v, int) else v for v in (s, p, d)),
-                                               False, [0, 0], g, [True, True, True])
-    args = tuple(list(v) if isinstance(v, tuple) else [v, v] for v in (s, p, d)) + (g,)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g, [True, True, True])
+    args = op_args(s, p, d, g)
     for layout in (torch.channels_last, torch.contiguous_format):  # grad_output of either layout
         go_f = go.float().contiguous(memory_format=layout)
         for mask in ([True, False, False], [True, True, True]):
             got = torch.ops.fastconv._conv2d_backward(go_f, x.float(), wt.float(), *args, mask)
             assert got[0].is_contiguous(memory_format=torch.channels_last)
             for i in (i for i in range(3) if mask[i]):
-                assert torch.isfinite(got[i]).all(), "unwritten (NaN) gradient elements"
-                err = ((got[i].double() - want[i]).abs().max() / want[i].abs().max()).item()
-                assert err < 2e-5, f"gradient {i}, mask {mask}: max error {err:.2e}"
+                assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}")
 
 
 # The NHWC depthwise kernels (cpu/channels_last_depthwise.h): channel counts off the 16-lane vector and
@@ -733,26 +746,20 @@ def test_channels_last_depthwise_matches_torch(case, poison):
         pytest.skip("no AVX-512 engine on this CPU")
     ref = F.conv2d(x, wt, b, s, p, d, c)
     go = torch.randn(ref.shape, dtype=torch.float64)
-    pairs = tuple((v, v) if isinstance(v, int) else v for v in (s, p, d))
-    want = torch.ops.aten.convolution_backward(go, x, wt, [c], *pairs, False, [0, 0], c, [True, True, True])
-    args = [list(v) for v in pairs] + [c]
+    want = torch.ops.aten.convolution_backward(go, x, wt, [c], *pairs(s, p, d), False, [0, 0], c, [True, True, True])
+    args = op_args(s, p, d, c)
     xf = x.float().contiguous(memory_format=torch.channels_last)
-
-    def check(got, expect, what):
-        assert torch.isfinite(got).all(), f"{what}: unwritten (NaN) elements"
-        err = ((got.double() - expect).abs().max() / expect.abs().max()).item()
-        assert err < 2e-5, f"{what}: max error {err:.2e}"
     for op, expect in ((torch.ops.fastconv.conv2d, ref), (torch.ops.fastconv.conv2d_relu, ref.relu())):
         out = op(xf, wt.float(), b.float(), *args)
         assert out.is_contiguous(memory_format=torch.channels_last)
-        check(out, expect, str(op))
-    check(torch.ops.fastconv.conv2d(xf, wt.float(), None, *args), ref - b.view(1, -1, 1, 1), "no bias")
+        assert_written_and_close(out, expect, str(op))
+    assert_written_and_close(torch.ops.fastconv.conv2d(xf, wt.float(), None, *args), ref - b.view(1, -1, 1, 1), "no bias")
     for layout in (torch.channels_last, torch.contiguous_format):  # grad_output of either layout
         go_f = go.float().contiguous(memory_format=layout)
         for mask in ([True, False, False], [False, True, False], [True, True, True]):
             got = torch.ops.fastconv._conv2d_backward(go_f, xf, wt.float(), *args, mask)
             for i in (i for i in range(3) if mask[i]):
-                check(got[i], want[i], f"gradient {i}, mask {mask}")
+                assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}")
             if mask[0]:
                 assert got[0].is_contiguous(memory_format=torch.channels_last)
 
@@ -789,7 +796,7 @@ def test_channels_last_strided_pointwise_backward_input_matches_torch(case, monk
     wt = torch.randn(oc, shape[1], 1, 1, dtype=torch.float64)
     if fastconv.conv2d_algorithm(x.float(), wt.float(), s).split("/")[1] != "channels-last-direct":
         pytest.skip("no AVX-512 engine on this CPU")
-    stride = (s, s) if isinstance(s, int) else s
+    (stride,) = pairs(s)
     go = torch.randn(F.conv2d(x, wt, None, stride).shape, dtype=torch.float64)
     want = torch.ops.aten.convolution_backward(go, x, wt, [oc], stride, (0, 0), (1, 1), False, [0, 0], 1,
                                                [True, True, False])
@@ -798,9 +805,7 @@ def test_channels_last_strided_pointwise_backward_input_matches_torch(case, monk
                                                   mask)
         assert got[0].is_contiguous(memory_format=torch.channels_last)
         for i in (i for i in range(2) if mask[i]):
-            assert torch.isfinite(got[i]).all(), "unwritten (NaN) gradient elements"
-            err = ((got[i].double() - want[i]).abs().max() / want[i].abs().max()).item()
-            assert err < 2e-5, f"gradient {i}: max error {err:.2e}"
+            assert_written_and_close(got[i], want[i], f"gradient {i}")
 
 
 def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch):
