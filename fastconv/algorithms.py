@@ -73,8 +73,8 @@ def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1):
     """The CPU algorithm(s) a conv2d with these arguments runs under the current setting: one name
     when all three passes agree, else ``"forward/backward-input/backward-weight"``. Under
     ``"benchmark"``: the measured choice of a pass once that shape has run, the rule's before. Only shapes and
-    dtypes are read (meta tensors work), and whether the input is channels_last (whose forward may run
-    on the NHWC direct kernel). ``padding`` may be an int, a pair or 'valid'/'same'."""
+    dtypes are read (meta tensors work), and whether the input and the weight are channels_last (the
+    NHWC kernels' layouts). ``padding`` may be an int, a pair or 'valid'/'same'."""
     stride, dilation = _pair(stride), _pair(dilation)
     if padding == "valid":
         padding = (0, 0)
@@ -85,5 +85,5 @@ def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1):
     if input.dim() == 3:
         input = input.unsqueeze(0)
     meta_in = torch.empty_strided(input.shape, input.stride(), dtype=input.dtype, device="meta")
-    meta_w = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+    meta_w = torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype, device="meta")
     return torch.ops.fastconv._cpu_conv_algorithm(meta_in, meta_w, list(stride), list(padding), list(dilation), groups)

@@ -707,7 +707,7 @@ def test_channels_last_direct_backward_input_matches_torch(case, monkeypatch, po
     n, c, h, w, oc, k, s, p, d, g = case
     x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     wt = torch.randn(oc, c // g, *k, dtype=torch.float64)
-    if fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/")[1] != "channels-last-direct":
+    if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[1] != "channels-last-direct":
         pytest.skip("strided or cropping (not a forward of grad_output), or no AVX-512 engine on this CPU")
     go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64)
     want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g, [True, True, True])
@@ -719,6 +719,72 @@ def test_channels_last_direct_backward_input_matches_torch(case, monkeypatch, po
             assert got[0].is_contiguous(memory_format=torch.channels_last)
             for i in (i for i in range(3) if mask[i]):
                 assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}")
+
+
+# The in-place channels_last backward-weight (cpu/channels_last_weight_grad_in_place.h), forced on: output
+# channels 1, 6, 17, 30, 48, 64, 70, 130 (1-4 vectors, masked last vectors, column blocks of 4 vectors
+# and their remainders), rows C*KH*KW of 1, 9, 13 (row tiles 7 + 6), 25, 27, 75, 147 (6-row tiles of 4
+# vectors), stride 2, 3 and (2, 1), dilation 2, asymmetric padding and padding past the kernel's reach,
+# unpadded layers read in place, batch 1, 1200+ pixels (several blocks, the last one short).
+CHANNELS_LAST_WEIGHT_GRAD_IN_PLACE_CASES = [
+    (3, 1, 20, 21, 32, (3, 3), 1, 1, 1),
+    (1, 1, 12, 11, 6, (5, 5), 1, 0, 1),
+    (2, 1, 13, 12, 30, (5, 5), 1, 0, 1),
+    (2, 3, 17, 16, 64, (7, 7), 2, 3, 1),
+    (2, 3, 9, 10, 17, (3, 3), (2, 1), (0, 2), (1, 2)),
+    (1, 13, 7, 9, 70, (1, 1), 2, 0, 1),
+    (2, 3, 11, 11, 48, (5, 5), 3, 2, 2),
+    (2, 4, 6, 6, 130, (3, 3), 1, 4, 1),
+    (2, 1, 5, 5, 1, (1, 1), 1, 0, 1),
+    (1, 64, 8, 8, 33, (1, 1), 2, 0, 1),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_WEIGHT_GRAD_IN_PLACE_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_channels_last_weight_grad_in_place_matches_torch(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", "1")
+    n, c, h, w, oc, k, s, p, d = case
+    # .to gives channels_last strides to one-channel tensors too (.contiguous keeps NCHW ones)
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(memory_format=torch.channels_last)
+    wt = torch.randn(oc, c, *k, dtype=torch.float64)
+    if fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d).split("/")[-1] != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    go = torch.randn(F.conv2d(x, wt, None, s, p, d).shape, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], 1, [True, True, True])
+    args = op_args(s, p, d, 1)
+    for layout in (torch.channels_last, torch.contiguous_format):  # grad_output of either layout
+        go_f = go.float().contiguous(memory_format=layout)
+        for mask in ([False, True, False], [True, True, True], [False, True, True]):
+            got = torch.ops.fastconv._conv2d_backward(go_f, x.float(), wt.float(), *args, mask)
+            assert got[1].shape == wt.shape
+            for i in (i for i in range(3) if mask[i]):
+                assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}")
+    # 1500 pixels at 1-3 threads: partials per block of pixels, a count set by the layer, added in order
+    xb = torch.randn(5, 3, 30, 10).to(memory_format=torch.channels_last)
+    gob = torch.randn(5, 20, 30, 10).to(memory_format=torch.channels_last)
+    assert_weight_grad_same_bits_at_1_2_3_threads(gob, xb, torch.randn(20, 3, 3, 3), 1, 1, 1)
+
+
+def test_channels_last_weight_grad_in_place_rule():
+    """By rule on channels_last layers of few FLOPs an element (first layers, 1x1 layers), not on wide
+    3x3 layers, grouped layers, NCHW inputs or under the "gemm" setting."""
+    def bww(xs, ws, s=1, p=1, g=1, layout=torch.channels_last):
+        x, w = torch.empty(xs).to(memory_format=layout), torch.empty(ws).to(memory_format=layout)
+        return fastconv.conv2d_algorithm(x, w, s, p, 1, g).split("/")[-1]
+    if bww((8, 64, 7, 7), (64, 64, 3, 3)) == "im2col+gemm-aten":
+        pytest.skip("no AVX-512 engine on this CPU")
+    assert bww((512, 1, 28, 28), (32, 1, 3, 3)) == "channels-last-direct"
+    assert bww((4, 3, 224, 224), (64, 3, 7, 7), 2, 3) == "channels-last-direct"
+    assert bww((8, 64, 56, 56), (128, 64, 1, 1), 2, 0) == "channels-last-direct"
+    assert bww((8, 64, 56, 56), (64, 64, 3, 3)) != "channels-last-direct"
+    assert bww((8, 512, 7, 7), (2048, 512, 1, 1), 1, 0) != "channels-last-direct"
+    assert bww((8, 64, 56, 56), (64, 2, 3, 3), g=32) != "channels-last-direct"
+    assert bww((512, 2, 28, 28), (32, 2, 3, 3), layout=torch.contiguous_format) != "channels-last-direct"
+    # an NCHW image into a channels_last model: channels_last results, grad_output read in place
+    x, w = torch.empty(512, 1, 28, 28), torch.empty(32, 1, 3, 3).to(memory_format=torch.channels_last)
+    assert fastconv.conv2d_algorithm(x, w, 1, 1).split("/")[-1] == "channels-last-direct"
+    with fastconv.conv_algorithm("gemm"):
+        assert bww((512, 1, 28, 28), (32, 1, 3, 3)) != "channels-last-direct"
 
 
 # The NHWC depthwise kernels (cpu/channels_last_depthwise.h): channel counts off the 16-lane vector and
@@ -794,7 +860,7 @@ def test_channels_last_strided_pointwise_backward_input_matches_torch(case, monk
     shape, oc, s = case
     x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     wt = torch.randn(oc, shape[1], 1, 1, dtype=torch.float64)
-    if fastconv.conv2d_algorithm(x.float(), wt.float(), s).split("/")[1] != "channels-last-direct":
+    if (fastconv.conv2d_algorithm(x.float(), wt.float(), s).split("/") * 3)[1] != "channels-last-direct":
         pytest.skip("no AVX-512 engine on this CPU")
     (stride,) = pairs(s)
     go = torch.randn(F.conv2d(x, wt, None, stride).shape, dtype=torch.float64)
@@ -847,7 +913,7 @@ def test_channels_last_direct_rule(monkeypatch):
 
     def bwi(xs, ws, s=1, p=1, g=1):
         x = torch.empty(xs, device="meta").contiguous(memory_format=torch.channels_last)
-        return fastconv.conv2d_algorithm(x, torch.empty(ws, device="meta"), s, p, 1, g).split("/")[1]
+        return (fastconv.conv2d_algorithm(x, torch.empty(ws, device="meta"), s, p, 1, g).split("/") * 3)[1]
     # backward-input: stride 1, ungrouped, few FLOPs an element (grad_output into the wide side)
     assert bwi((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
     assert bwi((8, 64, 56, 56), (256, 64, 1, 1), p=0) == "channels-last-direct"

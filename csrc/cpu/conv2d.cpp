@@ -32,6 +32,7 @@
 #include "cpu/channels_last_conv2d.h"
 #include "cpu/channels_last_depthwise.h"
 #include "cpu/channels_last_weight_grad.h"
+#include "cpu/channels_last_weight_grad_in_place.h"
 #include "cpu/conv2d_avx512.h"
 #include "cpu/depthwise_conv2d.h"
 #include "cpu/gemm.h"
@@ -415,11 +416,14 @@ BackwardInputRoute backward_input_route(const Conv2dParams& p) {
 bool channels_last_direct(const Conv2dParams& p);
 bool channels_last_backward_input(const Conv2dParams& p);
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
+bool channels_last_weight_grad_in_place(const Conv2dParams& p);
 
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
 // "forward/backward-input/backward-weight", or one name when all three agree. channels_last: of a
-// channels_last input (its forward and backward-input may run on the NHWC direct kernel).
-std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last) {
+// channels_last input (its forward and backward-input may run on the NHWC direct kernel);
+// channels_last_result: the results are channels_last (the input's or the weight's layout suggests it:
+// backward-weight may read grad_output in place).
+std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last, bool channels_last_result) {
   if (float32 ? run_direct<float>(p) : run_direct<double>(p)) return "direct";
   if (!float32 || !use_engine<float>()) return "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -444,9 +448,10 @@ std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_la
                                                                         : "im2col+gemm+col2im";
   const int bww_measured = measured ? measured_choice(choice_key(p, 2)) : -1;
   const int bww_algo = bww_measured >= 0 ? bww_measured : engine_rule(p, true);
-  const std::string bww = bww_algo == kGemm && cpu::engine::grouped_weight_grad_wanted(p)
-                              ? std::string("grouped-direct")
-                              : kEngineKernelNames[bww_algo];
+  const std::string bww =
+      channels_last_result && float32 && channels_last_weight_grad_in_place(p) ? "channels-last-direct"
+      : bww_algo == kGemm && cpu::engine::grouped_weight_grad_wanted(p)        ? std::string("grouped-direct")
+                                                                               : kEngineKernelNames[bww_algo];
   if (fwd == bwi && bwi == bww) return fwd;
   return fwd + "/" + bwi + "/" + bww;
 #else
@@ -626,6 +631,28 @@ bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 double flops_per_element(const Conv2dParams& p) {
   const double flops = 2.0 * p.batch * p.out_plane() * p.out_channels * p.col_rows_per_group();
   return flops / (double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane()));
+}
+
+// Whether a channels_last float32 layer's backward-weight runs on the in-place kernel
+// (cpu/channels_last_weight_grad_in_place.h) rather than on the NCHW kernels after transposes of
+// grad_output and the input: ungrouped layers of at most 420 FLOPs an element of input and output, with
+// a grad_weight of at most 2^16 elements. Measured in-process, 2 threads, Zen 4, time against those NCHW
+// kernels (FLOPs an element): the MNIST CNN's conv1 at batch 512 (17) 0.16, at batch 100 0.32, LeNet's
+// conv1 (batch 100) 0.85, SimpleConvNet's 5x5 1->30 (batch 512) 0.37, 3x3 3->64 at 32x32 (batch 128)
+// 0.41, the ResNet stem (247) 0.81, AlexNet's conv1 (408) 0.94, 1x1 64->128/2 from 56x56 (43) 0.52,
+// 128->256/2 (85) 0.85, 1x1 64->256 at 56x56 (102) 0.75, 256->128 at 28x28 (170) 0.84, 3x3 32->64 at
+// 56x56 (384) 0.91, the MNIST CNN's conv2 (384) 0.96. Not taken: 1x1 256->512/2 from 14x14 (170, 2^17
+// elements: 392 pixels make 2 blocks, and each 6-row tile re-reads the input's pixels from L2) 1.17,
+// 512->1024/2 (341) 1.09, 512->2048 at 7x7 (819) 1.60, 3x3 64->64 at 56x56 (576, Winograd) 1.69; 3x3/2
+// 64->128 from 56x56 (384, 2^16 + 2^13 elements) 0.94.
+// Not under the "gemm" setting. FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD=0/1 forces it off/on where it
+// applies (tests, comparisons).
+bool channels_last_weight_grad_in_place(const Conv2dParams& p) {
+  if (!use_engine<float>() || run_direct<float>(p) || !cpu::engine::weight_grad_in_place_applicable(p)) return false;
+  const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", '0', '1');
+  if (f >= 0) return f == 1;
+  return g_algorithm_setting.load() != kSettingGemm && flops_per_element(p) <= 420.0 &&
+         p.out_channels * p.col_rows_per_group() <= (int64_t(1) << 16);
 }
 
 // Whether a channels_last float32 layer's forward runs on the NHWC direct kernel
@@ -841,6 +868,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
     }
     nchw_mask[0] = nchw_mask[1] = false;
   }
+  if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat && channels_last &&
+      channels_last_weight_grad_in_place(p)) {
+    // NHWC grad_output (and input: a copy where only the weight is channels_last) read in place
+    const at::Tensor go_nhwc = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
+    grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
+    cpu::engine::backward_weight_channels_last_in_place(
+        go_nhwc.const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(), grad_weight_nhwc.data_ptr<float>(), p);
+    nchw_mask[1] = false;
+  }
   const bool nhwc_input =
       nchw_mask[0] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input);
   const bool stride1_nhwc = nhwc_input && channels_last_backward_input(p);
@@ -915,7 +952,8 @@ std::string cpu_conv_algorithm(const at::Tensor& input, const at::Tensor& weight
   const Conv2dParams p =
       check_conv2d(input, weight, c10::nullopt, stride, padding, dilation, groups, "fastconv.conv2d_algorithm");
   const auto t = input.scalar_type();
-  return algorithm_name(p, t == at::kFloat || t == at::kHalf || t == at::kBFloat16, suggests_channels_last(input));
+  return algorithm_name(p, t == at::kFloat || t == at::kHalf || t == at::kBFloat16, suggests_channels_last(input),
+                        conv2d_channels_last(input, weight));
 }
 
 TORCH_LIBRARY_FRAGMENT(fastconv, m) {

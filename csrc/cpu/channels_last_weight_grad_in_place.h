@@ -1,0 +1,244 @@
+// Backward-weight of channels_last layers, float32 on AVX-512, reading the NHWC grad_output and input
+// in place (cpu/channels_last_weight_grad.h, by contrast, serves NCHW tensors through a channels-last copy
+// of the input and a transposed grad_output):
+//
+//   grad_W[o][c][t] = sum over pixels px of grad_output[px][o] * x[px's input position + tap t][c]
+//
+// The output channels are the vector lanes (blocks of 1-4 vectors of 16), the rows r = t*C + c
+// (tap-major: a tap's channels are consecutive floats of the NHWC input) are the broadcast operand and
+// the pixels the reduction: per pixel, its grad_output vectors are loaded once and each row's input
+// float is broadcast against them. A register tile is up to 12 rows x 1-2 vectors, 8 x 3 or 6 x 4 (24
+// accumulators). The input is read through a zero-padded NHWC copy where the layer pads, else in place.
+//
+// The NCHW kernels first transpose grad_output and the input: where a layer does few FLOPs an element
+// (first layers: 18 for the MNIST CNN's conv1; 1x1 layers) the transposes cost more than the arithmetic
+// (the MNIST CNN's conv1 at batch 512: 3.4-4.2x torch's channels_last time that way). Work is cut into
+// blocks of pixels whose count depends on the layer only, each summed into a partial grad_W of its
+// own, the partials added in block order: the same bits at any thread count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "conv_params.h"
+#include "cpu/conv2d_avx512.h"
+#include "cpu/gemm.h"
+
+#if FASTCONV_HAVE_AVX512_KERNELS
+namespace fastconv {
+namespace cpu {
+namespace engine {
+
+// The rows and columns of the input the taps reach (the padded copy's height and width).
+inline int64_t reach_rows(const Conv2dParams& p) {
+  return (p.out_h - 1) * p.stride_h + (p.kernel_h - 1) * p.dilation_h + 1;
+}
+inline int64_t reach_cols(const Conv2dParams& p) {
+  return (p.out_w - 1) * p.stride_w + (p.kernel_w - 1) * p.dilation_w + 1;
+}
+
+// The layers it serves: ungrouped, with a padded copy (where one is made) within the engine's copy budget.
+inline bool weight_grad_in_place_applicable(const Conv2dParams& p) {
+  const bool padded = p.pad_h > 0 || p.pad_w > 0;
+  return p.groups == 1 &&
+         (!padded || p.batch * reach_rows(p) * reach_cols(p) * p.in_channels * 4 <= kMaxPaddedCopyBytes);
+}
+
+// The input as read by the kernel: image n's pixel (y, x) (in padded coordinates: input row y - pad_h)
+// at base + n*image + y*row + x*C.
+struct InPlaceInput {
+  const float* base;
+  int64_t image, row;
+};
+
+// A zero-padded NHWC copy of the rows and columns the taps reach (dst sized n * Hp * Wp * C), or the
+// input itself where there is no padding.
+inline InPlaceInput in_place_input(const float* input, const Conv2dParams& p, AlignedBuffer& buf) {
+  const int64_t C = p.in_channels, H = p.in_h, W = p.in_w;
+  if (p.pad_h == 0 && p.pad_w == 0) return {input, H * W * C, W * C};
+  const int64_t Hp = reach_rows(p), Wp = reach_cols(p);
+  float* dst = buf.get(p.batch * Hp * Wp * C);
+  // input columns [w0, w1) land at [w0 + pad_w, w1 + pad_w) of the copy
+  const int64_t w0 = std::max<int64_t>(0, -p.pad_w), w1 = std::min<int64_t>(W, Wp - p.pad_w);
+  const int64_t x0 = w0 + p.pad_w, x1 = std::max(x0, w1 + p.pad_w);
+  at::parallel_for(0, p.batch * Hp, grain_for(Wp * C), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / Hp, ih = b % Hp - p.pad_h;
+      float* row = dst + b * Wp * C;
+      if (ih < 0 || ih >= H || x1 == x0) {
+        std::memset(row, 0, sizeof(float) * Wp * C);
+        continue;
+      }
+      std::memset(row, 0, sizeof(float) * x0 * C);
+      std::memcpy(row + x0 * C, input + ((n * H + ih) * W + w0) * C, sizeof(float) * (x1 - x0) * C);
+      std::memset(row + x1 * C, 0, sizeof(float) * (Wp - x1) * C);
+    }
+  });
+  return {dst, Hp * Wp * C, Wp * C};
+}
+
+// A run of consecutive output pixels of one output row: its first pixel's top-left tap at x + off, the
+// next ones `step` floats apart (stride_w * C).
+struct PixelRun {
+  int64_t off, len;
+};
+
+// part[r][16v + lane] (+)= sum over the runs' pixels i (in order) of go[i*OC + 16v + lane] *
+// x[(pixel i's top-left tap) + roff[r]], for RB rows and NV vectors (the last one's lanes under `last`);
+// init: start from zero.
+template <int RB, int NV>
+FASTCONV_AVX512 void weight_grad_rows(const float* go, int64_t OC, const float* x, const PixelRun* runs, int64_t nruns,
+                                      int64_t step, const int64_t* roff, __mmask16 last, float* part, int64_t ldp,
+                                      bool init) {
+  __m512 acc[RB][NV];
+  int64_t ro[RB];
+  _Pragma("GCC unroll 12") for (int r = 0; r < RB; ++r) {
+    ro[r] = roff[r];
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {
+      acc[r][v] = init ? _mm512_setzero_ps() : _mm512_load_ps(part + r * ldp + 16 * v);
+    }
+  }
+  for (int64_t j = 0; j < nruns; ++j) {
+    const float* xp = x + runs[j].off;
+    for (int64_t i = 0; i < runs[j].len; ++i, xp += step, go += OC) {
+      __m512 g[NV];
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {
+        g[v] = v + 1 < NV ? _mm512_loadu_ps(go + 16 * v) : _mm512_maskz_loadu_ps(last, go + 16 * v);
+      }
+      _Pragma("GCC unroll 12") for (int r = 0; r < RB; ++r) {
+        const __m512 b = _mm512_set1_ps(xp[ro[r]]);
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(b, g[v], acc[r][v]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 12") for (int r = 0; r < RB; ++r) {
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) _mm512_store_ps(part + r * ldp + 16 * v, acc[r][v]);
+  }
+}
+
+// Most rows of a register tile for NV vectors: 24 accumulators (12 rows for one vector: its loads,
+// two per row and pixel, are the limit there).
+constexpr int weight_grad_tile_rows(int nv) { return nv <= 2 ? 12 : 24 / nv; }
+
+template <int NV>
+FASTCONV_AVX512 void run_weight_grad_rows(int rb, const float* go, int64_t OC, const float* x, const PixelRun* runs,
+                                          int64_t nruns, int64_t step, const int64_t* roff, __mmask16 last, float* part,
+                                          int64_t ldp, bool init) {
+  switch (rb) {
+#define FASTCONV_WEIGHT_GRAD_ROWS_CASE(R)                                                        \
+  case R:                                                                                        \
+    if constexpr (R <= weight_grad_tile_rows(NV))                                                \
+      return weight_grad_rows<R, NV>(go, OC, x, runs, nruns, step, roff, last, part, ldp, init); \
+    break;
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(1)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(2)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(3)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(4)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(5)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(6)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(7)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(8)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(9)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(10)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(11)
+    FASTCONV_WEIGHT_GRAD_ROWS_CASE(12)
+#undef FASTCONV_WEIGHT_GRAD_ROWS_CASE
+  }
+  TORCH_CHECK(false, "fastconv: internal error, in-place backward-weight tile of ", rb, " rows x ", NV, " vectors");
+}
+
+// sum[0, n) += src[0, n), 16 floats at a time (n a multiple of 16, both 64-byte aligned).
+FASTCONV_AVX512 inline void add_vectors(const float* src, int64_t n, float* sum) {
+  for (int64_t o = 0; o < n; o += 16)
+    _mm512_store_ps(sum + o, _mm512_add_ps(_mm512_load_ps(sum + o), _mm512_load_ps(src + o)));
+}
+
+// grad_weight (NCHW-contiguous [OC][C][KH][KW]) of a channels_last layer from NHWC grad_output and
+// NHWC input (weight_grad_in_place_applicable).
+inline void backward_weight_channels_last_in_place(const float* grad_output, const float* input, float* grad_weight,
+                                                   const Conv2dParams& p) {
+  const int64_t C = p.in_channels, OC = p.out_channels, KK = p.kernel_h * p.kernel_w, R = C * KK;
+  const int64_t OW = p.out_w, L = p.out_plane(), NL = p.batch * L, step = p.stride_w * C;
+  thread_local AlignedBuffer copy_buf(false), part_buf(false);
+  const InPlaceInput in = in_place_input(input, p, copy_buf);
+  // row r = t*C + c reads the pixel's top-left tap + roff[r]
+  std::vector<int64_t> roff(R);
+  for (int64_t t = 0; t < KK; ++t) {
+    const int64_t kh = t / p.kernel_w, kw = t % p.kernel_w;
+    for (int64_t c = 0; c < C; ++c) roff[t * C + c] = kh * p.dilation_h * in.row + kw * p.dilation_w * C + c;
+  }
+  // column blocks of at most 4 vectors of output channels; OCp floats a partial row
+  const int64_t OCv = ceil_div(OC, 16), OCp = OCv * 16;
+  // blocks of pixels, their count set by the layer alone (64 where there are 16K+ pixels: work for as
+  // many threads), at least 256 pixels each
+  const int64_t block = std::clamp<int64_t>(ceil_div(ceil_div(NL, 64), 64) * 64, 256, 4096);
+  const int64_t blocks = ceil_div(NL, block);
+  float* parts = part_buf.get(blocks * R * OCp);
+  // tasks: (block of pixels, block of at most 4 vectors of output channels), each writing its own part
+  const int64_t cblocks = ceil_div(OCv, 4);
+  // pixels per pass over the rows: their grad_output vectors (at most 16 KiB) stay in L1 across the row tiles
+  const int64_t chunk = std::clamp<int64_t>(4096 / std::min<int64_t>(OCp, 64) / 8 * 8, 16, 256);
+  at::parallel_for(0, blocks * cblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<PixelRun> runs;
+    for (int64_t task = b0; task < b1; ++task) {
+      const int64_t b = task / cblocks, v0 = task % cblocks * 4;
+      const int nv = static_cast<int>(std::min<int64_t>(4, OCv - v0));
+      const __mmask16 last = lane_mask(0, OC - 16 * (v0 + nv - 1));
+      const int most = weight_grad_tile_rows(nv);
+      const int64_t tiles = ceil_div(R, most);
+      float* part = parts + b * R * OCp + 16 * v0;
+      const int64_t g0 = b * block, g1 = std::min(NL, g0 + block);
+      for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
+        const int64_t npx = std::min(chunk, g1 - c0);
+        // the chunk's runs of pixels along output rows
+        runs.clear();
+        for (int64_t g = c0; g < c0 + npx;) {
+          const int64_t n = g / L, oh = g % L / OW, ow = g % OW, len = std::min(OW - ow, c0 + npx - g);
+          runs.push_back({n * in.image + oh * p.stride_h * in.row + ow * step, len});
+          g += len;
+        }
+        const float* gv = grad_output + c0 * OC + 16 * v0;
+        const int64_t nr = static_cast<int64_t>(runs.size());
+        for (int64_t t = 0; t < tiles; ++t) {  // near-equal row tiles
+          const int64_t r0 = t * R / tiles, r1 = (t + 1) * R / tiles;
+          const int rb = static_cast<int>(r1 - r0);
+          float* dst = part + r0 * OCp;
+          const bool init = c0 == g0;
+          const int64_t* ro = roff.data() + r0;
+          switch (nv) {
+            case 1:
+              run_weight_grad_rows<1>(rb, gv, OC, in.base, runs.data(), nr, step, ro, last, dst, OCp, init);
+              break;
+            case 2:
+              run_weight_grad_rows<2>(rb, gv, OC, in.base, runs.data(), nr, step, ro, last, dst, OCp, init);
+              break;
+            case 3:
+              run_weight_grad_rows<3>(rb, gv, OC, in.base, runs.data(), nr, step, ro, last, dst, OCp, init);
+              break;
+            default:
+              run_weight_grad_rows<4>(rb, gv, OC, in.base, runs.data(), nr, step, ro, last, dst, OCp, init);
+          }
+        }
+      }
+    }
+  });
+  // grad_weight[o][c][t] = sum over blocks in order of part[b][t*C + c][o]: the blocks added into block
+  // 0's partial row by row, 16 lanes at a time, then transposed out
+  at::parallel_for(0, R, grain_for(blocks * OCp), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* sum = parts + r * OCp;
+      for (int64_t b = 1; b < blocks; ++b) add_vectors(parts + (b * R + r) * OCp, OCp, sum);
+      for (int64_t o = 0; o < OC; ++o) grad_weight[(o * C + r % C) * KK + r / C] = sum[o];
+    }
+  });
+}
+
+}  // namespace engine
+}  // namespace cpu
+}  // namespace fastconv
+#endif  // FASTCONV_HAVE_AVX512_KERNELS
