@@ -264,12 +264,13 @@ def test_channels_last_cpu_bitwise_like_torch(dtype, threads, poison):
         torch.set_num_threads(old)
 
 
-# The channels_last backward (per pixel from 16 channels, the per-channel scatter below) drops indices
-# outside their window, as the NCHW one.
+# The channels_last backward (overlapping windows: the scatter; others: dense rows) drops indices outside
+# their window, as the NCHW one, and gives +0 where a -0 gradient lands (torch adds into zeros).
 @pytest.mark.parametrize("channels", [20, 5])
-def test_channels_last_backward_drops_indices_outside_their_window(channels, poison):
+@pytest.mark.parametrize("args", [[[3, 3], [2, 2], [1, 1], [1, 1], True], [[2, 2], [2, 2], [0, 0], [1, 1], False],
+                                  [[2, 3], [3, 3], [1, 1], [1, 1], True]], ids=["overlapping", "2x2", "gaps"])
+def test_channels_last_backward_drops_indices_outside_their_window(channels, args, poison):
     x = distinct_input(2, channels, 15, 17, torch.float32, "cpu").contiguous(memory_format=torch.channels_last)
-    args = [[3, 3], [2, 2], [1, 1], [1, 1], True]
     vals, idx = torch.ops.fastconv.max_pool2d(x, *args)
     bad = idx.clone()
     flat = bad.permute(0, 2, 3, 1).view(-1)  # memory order: channels innermost
@@ -277,8 +278,13 @@ def test_channels_last_backward_drops_indices_outside_their_window(channels, poi
     flat[1::7] = -3
     flat[2::11] = 15 * 17 + 1
     flat[3::13] = flat[3::13] + (1 << 33)
-    go = torch.randn(vals.shape).contiguous(memory_format=torch.channels_last)
+    go = torch.randn(vals.shape)
+    go.view(-1)[::3] = -0.0
+    go = go.contiguous(memory_format=torch.channels_last)
     got = torch.ops.fastconv._max_pool2d_backward(go, x, bad, *args)
     want = torch.ops.fastconv._max_pool2d_backward(go.contiguous(), x.contiguous(), bad.contiguous(), *args)
     assert got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got, want)
+    assert torch.equal(got.contiguous().view(torch.int32), want.view(torch.int32))  # bits: +0, not -0
+    ref = torch.ops.aten.max_pool2d_with_indices_backward(go, x, *args, idx)
+    assert torch.equal(torch.ops.fastconv._max_pool2d_backward(go, x, idx, *args).contiguous().view(torch.int32),
+                       ref.contiguous().view(torch.int32))

@@ -419,7 +419,8 @@ FASTCONV_AVX512 void max_pool2d_backward_plane_tiled(const float* src, const int
       for (int64_t ih = oh * kh; ih < ih_end; ++ih) {
         const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(ih * W + iw0)), iota);
         const __mmask16 hit = _mm512_cmpeq_epi32_mask(at_lanes, pos);
-        _mm512_mask_storeu_ps(dst + ih * W + iw0, lanes, _mm512_maskz_mov_ps(hit, g_lanes));
+        // added to +0, as torch's scatter into a zeroed grad_input: a -0 gradient lands as +0
+        _mm512_mask_storeu_ps(dst + ih * W + iw0, lanes, _mm512_maskz_add_ps(hit, _mm512_setzero_ps(), g_lanes));
       }
     }
     for (int64_t ih = oh * kh; ih < ih_end; ++ih) std::fill(dst + ih * W + covered_w, dst + (ih + 1) * W, 0.f);
@@ -596,6 +597,16 @@ FASTCONV_AVX512 void max_pool2d_backward_pixel_channels_last(const float* go, co
 #endif
 
 #if FASTCONV_HAVE_AVX512_KERNELS
+// Channels [c0, c1) of the `pixels` pixels of a channels_last float32 image set to zero, 16 a vector.
+FASTCONV_AVX512 void zero_channels_channels_last(float* image, int64_t pixels, int64_t C, int64_t c0, int64_t c1) {
+  if (c1 - c0 == C) return (void)std::memset(image, 0, sizeof(float) * pixels * C);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < pixels; ++i) {
+    float* px = image + i * C;
+    for (int64_t c = c0; c < c1; c += 16) _mm512_mask_storeu_ps(px + c, cpu::lane_mask(0, c1 - c), zero);
+  }
+}
+
 // Overlapping windows (stride below the kernel), float32, no dilation: torch's scatter, outputs in order,
 // image[at][c] += grad_output[o][c] for the channels [c0, c1) of image n (grad_input zeroed first), each
 // index checked against its window 16 channels at a time (the window is the pixel's, the same for
@@ -640,11 +651,68 @@ FASTCONV_AVX512 void max_pool2d_backward_scatter_channels_last(const float* go, 
 }
 #endif
 
-// grad_input written densely, one input pixel at a time (float32 windows that do not overlap, or
-// dilated; every other dtype): per channel, the sum of the gradients of the windows that cover the pixel
-// and whose index is its position, in output order, from +0 (torch's scatter gives the same bits; an
-// index outside its window matches no pixel the window covers). No zero fill, no scatter, no two
-// threads on one element: rows of pixels split over the threads.
+#if FASTCONV_HAVE_AVX512_KERNELS
+// Row ih of one image's channels_last grad_input for max_pool2d_backward_tiled_channels_last below: its
+// window row oh (-1: none) and each column's window column (col_win, -1: none).
+FASTCONV_AVX512 void max_pool2d_backward_tiled_row(const float* go, const int64_t* idx, float* dst,
+                                                   const Pool2dParams& p, int64_t ih, int64_t oh,
+                                                   const std::vector<int64_t>& col_win) {
+  const int64_t C = p.channels, W = p.in_w;
+  if (oh < 0) return (void)std::memset(dst, 0, sizeof(float) * W * C);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t iw = 0; iw < W; ++iw, dst += C) {
+    const int64_t ow = col_win[iw];
+    if (ow < 0) {
+      std::memset(dst, 0, sizeof(float) * C);
+      continue;
+    }
+    const int64_t o = (oh * p.out_w + ow) * C;
+    const __m512i pos = _mm512_set1_epi64(ih * W + iw);
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 m = cpu::lane_mask(0, C - c);
+      const __mmask8 m_lo = static_cast<__mmask8>(m), m_hi = static_cast<__mmask8>(m >> 8);
+      const __mmask8 lo = _mm512_mask_cmpeq_epi64_mask(m_lo, _mm512_maskz_loadu_epi64(m_lo, idx + o + c), pos);
+      const __mmask8 hi = _mm512_mask_cmpeq_epi64_mask(m_hi, _mm512_maskz_loadu_epi64(m_hi, idx + o + c + 8), pos);
+      const __mmask16 hit = static_cast<__mmask16>(lo | (static_cast<unsigned>(hi) << 8));
+      _mm512_mask_storeu_ps(dst + c, m, _mm512_maskz_add_ps(hit, zero, _mm512_maskz_loadu_ps(hit, go + o + c)));
+    }
+  }
+}
+
+// Windows that do not overlap (stride >= kernel, no dilation), float32: every input pixel
+// lies in at most one window, so grad_input is written densely, row by row: a pixel takes its window's
+// gradient in the channels whose index is its position, +0 elsewhere and outside every window (added to
+// +0, as torch's scatter into a zeroed grad_input rounds a -0 gradient). No zero fill, no scatter; the
+// window's indices and gradients are read once per pixel it covers, from L1.
+void max_pool2d_backward_tiled_channels_last(const float* go, const int64_t* idx, float* gi, const Pool2dParams& p) {
+  const int64_t C = p.channels, H = p.in_h, W = p.in_w, OW = p.out_w, L = p.out_h * OW;
+  // the window (output row / column) each input row / column lies in, -1 for none
+  std::vector<int64_t> row_win(H, -1), col_win(W, -1);
+  for (int64_t o = 0; o < p.out_h; ++o) {
+    for (int64_t r = 0; r < p.kernel_h; ++r) {
+      const int64_t i = o * p.stride_h - p.pad_h + r;
+      if (i >= 0 && i < H) row_win[i] = o;
+    }
+  }
+  for (int64_t o = 0; o < OW; ++o) {
+    for (int64_t q = 0; q < p.kernel_w; ++q) {
+      const int64_t i = o * p.stride_w - p.pad_w + q;
+      if (i >= 0 && i < W) col_win[i] = o;
+    }
+  }
+  at::parallel_for(0, p.batch * H, std::max<int64_t>(1, 8192 / (W * C)), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / H, ih = row % H;
+      max_pool2d_backward_tiled_row(go + n * L * C, idx + n * L * C, gi + row * W * C, p, ih, row_win[ih], col_win);
+    }
+  });
+}
+#endif
+
+// grad_input written densely, one input pixel at a time (dilated float32 windows, every other dtype): per channel, the
+// sum of the gradients of the windows that cover the pixel and whose index is its position, in output order, from +0
+// (torch's scatter gives the same bits; an index outside its window matches no pixel the window covers). No zero fill,
+// no scatter, no two threads on one element: rows of pixels split over the threads.
 template <typename T>
 void max_pool2d_backward_channels_last(const T* go, const int64_t* idx, T* gi, const Pool2dParams& p) {
   const int64_t C = p.channels, H = p.in_h, W = p.in_w, L = p.out_h * p.out_w;
@@ -689,7 +757,8 @@ void max_pool2d_backward_channels_last(const T* go, const int64_t* idx, T* gi, c
 // scatter, per image and channel, outputs in order, each index checked against its window (an index
 // outside matches nothing, as everywhere here): each grad_input element sums its windows' gradients in
 // output order from +0, as the dense form does. float32 without dilation on AVX-512 runs
-// max_pool2d_backward_scatter_channels_last (a masked vector of the C channels); this is the rest.
+// max_pool2d_backward_scatter_channels_last (overlapping windows: a masked vector of the C channels) or
+// max_pool2d_backward_tiled_channels_last; this is the rest.
 template <typename T>
 void max_pool2d_backward_scatter_channels_last_few(const T* go, const int64_t* idx, T* gi, const Pool2dParams& p) {
   const int64_t C = p.channels, HW = p.in_h * p.in_w, L = p.out_h * p.out_w;
@@ -739,12 +808,13 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
   const Pool2dParams p =
       check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, "fastconv._max_pool2d_backward");
   check_max_pool2d_backward(grad_output, input, indices, p);
-  // grad_input in the input's layout, as torch's, computed in place; below 16 channels by the scatter
-  // (float32: one masked vector of the C channels per output pixel). Measured, 2 threads, Zen 4, against
-  // the NCHW copies and scatter it replaces: (8,3,224,224) 2x2 1.0x the time, (8,8,112,112) 3x3/2 p1
-  // 0.52x, (100,6,24,24) 2x2 0.66x, batch 1 0.61x, (8,12,56,56) 2x2/1 0.47x, (8,8,56,56) 3x3/1 0.69x,
-  // (8,3,112,112) 3x3/2 0.83x, but (8,3,56,56) 3x3/1 1.5x (3 of 16 lanes, an output per input pixel);
-  // still 1.2-3.2x torch's scatter.
+  // grad_input in the input's layout, as torch's, computed in place. float32 on AVX-512: overlapping
+  // windows by the scatter (one masked vector of up to 16 channels per output pixel), the others written
+  // densely row by row (max_pool2d_backward_tiled_channels_last). Measured, 2 threads, Zen 4, the dense
+  // rows against the per-pixel form they replace (16+ channels; separate runs): LeNet's pool2
+  // (512,16,8,8) 0.38x the time, the MNIST CNN's pool1 (100,32,28,28) 0.51x, SimpleConvNet's
+  // (100,30,24,24) 0.48x; against the scatter (below 16 channels, in-process): (8,3,224,224) 0.77x,
+  // (100,6,24,24) 0.87x (those stay 1.6-2.9x torch's scalar scatter: 3-6 of 16 lanes busy).
   if (suggests_channels_last(input)) {
     at::Tensor grad_input =
         at::empty({p.batch, p.channels, p.in_h, p.in_w}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -753,22 +823,29 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
     const at::Tensor idx_c = indices.contiguous(at::MemoryFormat::ChannelsLast);
     const bool few = p.channels < 16;
 #if FASTCONV_HAVE_AVX512_KERNELS
-    // The scatter for overlapping windows, and below 16 channels for any (one item per image there).
     const bool overlapping = p.stride_h < p.kernel_h || p.stride_w < p.kernel_w;
-    if (input.scalar_type() == at::kFloat && cpu::has_avx512() && (overlapping || few) && p.dilation_h == 1 &&
-        p.dilation_w == 1) {
-      grad_input.zero_();
+    const bool vector =
+        input.scalar_type() == at::kFloat && cpu::has_avx512() && p.dilation_h == 1 && p.dilation_w == 1;
+    if (vector && !overlapping) {
+      max_pool2d_backward_tiled_channels_last(go_c.const_data_ptr<float>(), idx_c.const_data_ptr<int64_t>(),
+                                              grad_input.data_ptr<float>(), p);
+      return grad_input;
+    }
+    if (vector) {
       // channels per item, so that no two items write one element: 64, or 16 (one cache line) where
       // that leaves threads idle (batch 1). (16 always: 2.6x the time at (8,64,112,112), each item
-      // walking the whole image for one line per pixel.)
+      // walking the whole image for one line per pixel.) Each item zeroes its own part of grad_input
+      // right before its scatter, which then finds it in cache (measured, 2 threads, Zen 4, against a zero
+      // fill of the whole tensor first: AlexNet's 3x3/2 pools 0.93-0.95x the time, ResNet's 3x3/2 p1 1.01x)
       const int64_t wide = (p.channels + 63) / 64, block = p.batch * wide >= at::get_num_threads() ? 64 : 16;
-      const int64_t blocks = (p.channels + block - 1) / block;
+      const int64_t blocks = (p.channels + block - 1) / block, HW = p.in_h * p.in_w;
       at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t n = item / blocks, c0 = item % blocks * block;
+          const int64_t n = item / blocks, c0 = item % blocks * block, c1 = std::min(p.channels, c0 + block);
+          float* image = grad_input.data_ptr<float>() + n * HW * p.channels;
+          zero_channels_channels_last(image, HW, p.channels, c0, c1);
           max_pool2d_backward_scatter_channels_last(go_c.const_data_ptr<float>(), idx_c.const_data_ptr<int64_t>(),
-                                                    grad_input.data_ptr<float>(), p, n, c0,
-                                                    std::min(p.channels, c0 + block));
+                                                    grad_input.data_ptr<float>(), p, n, c0, c1);
         }
       });
       return grad_input;
