@@ -658,9 +658,10 @@ def test_channels_last_conv_matches_torch(case, lanes, monkeypatch, poison):
 
 
 # The NHWC direct forward (cpu/channels_last_conv2d.h), forced on: output channels 1-256 (blocks of
-# 1-3 vectors: 17 = 2 vectors, 64 = 2+2, 80 = 3+2, 256 = 3+3+3+3+2+2), input channels 3-200 (200 with 3x3:
-# three reduction blocks), pixel counts off the 8-pixel tile (tiles across rows and images), stride,
-# dilation, asymmetric and cropping padding, groups, batch 1, unpadded layers read in place.
+# 1-3 vectors: 17 = 2 vectors, 64 = 2+2, 80 = 3+2, 256 = 3+3+3+3+2+2), input channels 1-200 (200 with 3x3:
+# three reduction blocks; below 16 a group the flat tile), pixel counts off the 8-pixel tile (tiles
+# across rows and images), stride, dilation, asymmetric and cropping padding, groups, batch 1,
+# unpadded layers read in place.
 CHANNELS_LAST_DIRECT_CASES = [
     (2, 16, 9, 11, 17, (3, 3), 1, 1, 1, 1),
     (1, 200, 7, 6, 64, (3, 3), 1, 1, 1, 1),
@@ -672,6 +673,8 @@ CHANNELS_LAST_DIRECT_CASES = [
     (2, 48, 9, 9, 96, (3, 3), 1, 1, 1, 3),
     (1, 24, 12, 12, 40, (5, 5), 3, (2, 1), 2, 2),
     (2, 32, 14, 14, 48, (3, 3), 2, 0, 1, 1),
+    (3, 1, 9, 8, 33, (3, 2), 1, (1, 0), (2, 1), 1),
+    (2, 5, 11, 10, 20, (5, 5), 1, 2, 1, 1),
 ]
 
 
