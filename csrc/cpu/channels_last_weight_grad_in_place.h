@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "cpu/channels_last_conv2d.h"
 #include "cpu/conv2d_avx512.h"
 #include "cpu/gemm.h"
 
@@ -34,52 +35,14 @@ namespace fastconv {
 namespace cpu {
 namespace engine {
 
-// The rows and columns of the input the taps reach (the padded copy's height and width).
-inline int64_t reach_rows(const Conv2dParams& p) {
-  return (p.out_h - 1) * p.stride_h + (p.kernel_h - 1) * p.dilation_h + 1;
-}
-inline int64_t reach_cols(const Conv2dParams& p) {
-  return (p.out_w - 1) * p.stride_w + (p.kernel_w - 1) * p.dilation_w + 1;
-}
-
-// The layers it serves: ungrouped, with a padded copy (where one is made) within the engine's copy budget.
+// The layers it serves: ungrouped, with the padded copy (channels_last_input's, where the layer pads)
+// within the engine's copy budget.
 inline bool weight_grad_in_place_applicable(const Conv2dParams& p) {
-  const bool padded = p.pad_h > 0 || p.pad_w > 0;
-  return p.groups == 1 &&
-         (!padded || p.batch * reach_rows(p) * reach_cols(p) * p.in_channels * 4 <= kMaxPaddedCopyBytes);
-}
-
-// The input as read by the kernel: image n's pixel (y, x) (in padded coordinates: input row y - pad_h)
-// at base + n*image + y*row + x*C.
-struct InPlaceInput {
-  const float* base;
-  int64_t image, row;
-};
-
-// A zero-padded NHWC copy of the rows and columns the taps reach (dst sized n * Hp * Wp * C), or the
-// input itself where there is no padding.
-inline InPlaceInput in_place_input(const float* input, const Conv2dParams& p, AlignedBuffer& buf) {
-  const int64_t C = p.in_channels, H = p.in_h, W = p.in_w;
-  if (p.pad_h == 0 && p.pad_w == 0) return {input, H * W * C, W * C};
-  const int64_t Hp = reach_rows(p), Wp = reach_cols(p);
-  float* dst = buf.get(p.batch * Hp * Wp * C);
-  // input columns [w0, w1) land at [w0 + pad_w, w1 + pad_w) of the copy
-  const int64_t w0 = std::max<int64_t>(0, -p.pad_w), w1 = std::min<int64_t>(W, Wp - p.pad_w);
-  const int64_t x0 = w0 + p.pad_w, x1 = std::max(x0, w1 + p.pad_w);
-  at::parallel_for(0, p.batch * Hp, grain_for(Wp * C), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / Hp, ih = b % Hp - p.pad_h;
-      float* row = dst + b * Wp * C;
-      if (ih < 0 || ih >= H || x1 == x0) {
-        std::memset(row, 0, sizeof(float) * Wp * C);
-        continue;
-      }
-      std::memset(row, 0, sizeof(float) * x0 * C);
-      std::memcpy(row + x0 * C, input + ((n * H + ih) * W + w0) * C, sizeof(float) * (x1 - x0) * C);
-      std::memset(row + x1 * C, 0, sizeof(float) * (Wp - x1) * C);
-    }
-  });
-  return {dst, Hp * Wp * C, Wp * C};
+  if (p.groups != 1) return false;
+  if (p.pad_h == 0 && p.pad_w == 0) return true;
+  const int64_t Hp = std::max(p.in_h + p.pad_h, (p.out_h - 1) * p.stride_h + (p.kernel_h - 1) * p.dilation_h + 1);
+  const int64_t Wp = std::max(p.in_w + p.pad_w, (p.out_w - 1) * p.stride_w + (p.kernel_w - 1) * p.dilation_w + 1);
+  return p.batch * Hp * Wp * p.in_channels * 4 <= kMaxPaddedCopyBytes;
 }
 
 // A run of consecutive output pixels of one output row: its first pixel's top-left tap at x + off, the
@@ -165,12 +128,15 @@ inline void backward_weight_channels_last_in_place(const float* grad_output, con
   const int64_t C = p.in_channels, OC = p.out_channels, KK = p.kernel_h * p.kernel_w, R = C * KK;
   const int64_t OW = p.out_w, L = p.out_plane(), NL = p.batch * L, step = p.stride_w * C;
   thread_local AlignedBuffer copy_buf(false), part_buf(false);
-  const InPlaceInput in = in_place_input(input, p, copy_buf);
+  // the input in place, or a zero-padded NHWC copy (channels_last_conv2d.h): pixel (n, y, x) at
+  // base + n*image + y*row + x*C
+  const ClInput x = channels_last_input(input, p, copy_buf);
+  const int64_t image = x.Hp * x.Wp * C, row = x.Wp * C;
   // row r = t*C + c reads the pixel's top-left tap + roff[r]
   std::vector<int64_t> roff(R);
   for (int64_t t = 0; t < KK; ++t) {
     const int64_t kh = t / p.kernel_w, kw = t % p.kernel_w;
-    for (int64_t c = 0; c < C; ++c) roff[t * C + c] = kh * p.dilation_h * in.row + kw * p.dilation_w * C + c;
+    for (int64_t c = 0; c < C; ++c) roff[t * C + c] = kh * p.dilation_h * row + kw * p.dilation_w * C + c;
   }
   // column blocks of at most 4 vectors of output channels; OCp floats a partial row
   const int64_t OCv = ceil_div(OC, 16), OCp = OCv * 16;
@@ -199,7 +165,7 @@ inline void backward_weight_channels_last_in_place(const float* grad_output, con
         runs.clear();
         for (int64_t g = c0; g < c0 + npx;) {
           const int64_t n = g / L, oh = g % L / OW, ow = g % OW, len = std::min(OW - ow, c0 + npx - g);
-          runs.push_back({n * in.image + oh * p.stride_h * in.row + ow * step, len});
+          runs.push_back({n * image + oh * p.stride_h * row + ow * step, len});
           g += len;
         }
         const float* gv = grad_output + c0 * OC + 16 * v0;
@@ -212,16 +178,16 @@ inline void backward_weight_channels_last_in_place(const float* grad_output, con
           const int64_t* ro = roff.data() + r0;
           switch (nv) {
             case 1:
-              run_weight_grad_rows<1>(rb, gv, OC, in.base, runs.data(), nr, step, ro, last, dst, OCp, init);
+              run_weight_grad_rows<1>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp, init);
               break;
             case 2:
-              run_weight_grad_rows<2>(rb, gv, OC, in.base, runs.data(), nr, step, ro, last, dst, OCp, init);
+              run_weight_grad_rows<2>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp, init);
               break;
             case 3:
-              run_weight_grad_rows<3>(rb, gv, OC, in.base, runs.data(), nr, step, ro, last, dst, OCp, init);
+              run_weight_grad_rows<3>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp, init);
               break;
             default:
-              run_weight_grad_rows<4>(rb, gv, OC, in.base, runs.data(), nr, step, ro, last, dst, OCp, init);
+              run_weight_grad_rows<4>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp, init);
           }
         }
       }

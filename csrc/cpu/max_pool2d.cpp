@@ -597,16 +597,6 @@ FASTCONV_AVX512 void max_pool2d_backward_pixel_channels_last(const float* go, co
 #endif
 
 #if FASTCONV_HAVE_AVX512_KERNELS
-// Channels [c0, c1) of the `pixels` pixels of a channels_last float32 image set to zero, 16 a vector.
-FASTCONV_AVX512 void zero_channels_channels_last(float* image, int64_t pixels, int64_t C, int64_t c0, int64_t c1) {
-  if (c1 - c0 == C) return (void)std::memset(image, 0, sizeof(float) * pixels * C);
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t i = 0; i < pixels; ++i) {
-    float* px = image + i * C;
-    for (int64_t c = c0; c < c1; c += 16) _mm512_mask_storeu_ps(px + c, cpu::lane_mask(0, c1 - c), zero);
-  }
-}
-
 // Overlapping windows (stride below the kernel), float32, no dilation: torch's scatter, outputs in order,
 // image[at][c] += grad_output[o][c] for the channels [c0, c1) of image n (grad_input zeroed first), each
 // index checked against its window 16 channels at a time (the window is the pixel's, the same for
@@ -832,20 +822,18 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
       return grad_input;
     }
     if (vector) {
+      grad_input.zero_();
       // channels per item, so that no two items write one element: 64, or 16 (one cache line) where
       // that leaves threads idle (batch 1). (16 always: 2.6x the time at (8,64,112,112), each item
-      // walking the whole image for one line per pixel.) Each item zeroes its own part of grad_input
-      // right before its scatter, which then finds it in cache (measured, 2 threads, Zen 4, against a zero
-      // fill of the whole tensor first: AlexNet's 3x3/2 pools 0.93-0.95x the time, ResNet's 3x3/2 p1 1.01x)
+      // walking the whole image for one line per pixel.)
       const int64_t wide = (p.channels + 63) / 64, block = p.batch * wide >= at::get_num_threads() ? 64 : 16;
-      const int64_t blocks = (p.channels + block - 1) / block, HW = p.in_h * p.in_w;
+      const int64_t blocks = (p.channels + block - 1) / block;
       at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t n = item / blocks, c0 = item % blocks * block, c1 = std::min(p.channels, c0 + block);
-          float* image = grad_input.data_ptr<float>() + n * HW * p.channels;
-          zero_channels_channels_last(image, HW, p.channels, c0, c1);
+          const int64_t n = item / blocks, c0 = item % blocks * block;
           max_pool2d_backward_scatter_channels_last(go_c.const_data_ptr<float>(), idx_c.const_data_ptr<int64_t>(),
-                                                    grad_input.data_ptr<float>(), p, n, c0, c1);
+                                                    grad_input.data_ptr<float>(), p, n, c0,
+                                                    std::min(p.channels, c0 + block));
         }
       });
       return grad_input;
