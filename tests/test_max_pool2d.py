@@ -264,6 +264,18 @@ def test_channels_last_cpu_bitwise_like_torch(dtype, threads, poison):
         torch.set_num_threads(old)
 
 
+# The autograd node passes the gradient on as it comes (expanded, channels_last or not): the kernels lay
+# it out, as torch's gives it back.
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_backward_takes_expanded_and_channels_last_gradients(layout):
+    x = torch.randn(2, 20, 9, 9).contiguous(memory_format=layout)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = FC.max_pool2d(a, 2), F.max_pool2d(b, 2)
+    for g in (torch.randn(2, 20, 1, 4).expand(ya.shape), torch.randn(ya.shape).contiguous(memory_format=layout)):
+        (ga,), (gb,) = torch.autograd.grad(ya, a, g, retain_graph=True), torch.autograd.grad(yb, b, g, retain_graph=True)
+        assert torch.equal(ga, gb) and ga.stride() == gb.stride()
+
+
 # The channels_last backward (overlapping windows: the scatter; others: dense rows) drops indices outside
 # their window, as the NCHW one, and gives +0 where a -0 gradient lands (torch adds into zeros).
 @pytest.mark.parametrize("channels", [20, 5])
