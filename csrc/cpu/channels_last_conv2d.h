@@ -204,11 +204,19 @@ struct ClInput {
 };
 
 // The input in place where nothing is padded, else a zero-padded NHWC copy (rows the taps reach).
+// The padded copy's rows and columns (channels_last_input): the input's and its padding before, or as far
+// as the taps reach if that is further.
+inline int64_t channels_last_padded_rows(const Conv2dParams& q) {
+  return std::max(q.in_h + q.pad_h, (q.out_h - 1) * q.stride_h + (q.kernel_h - 1) * q.dilation_h + 1);
+}
+inline int64_t channels_last_padded_cols(const Conv2dParams& q) {
+  return std::max(q.in_w + q.pad_w, (q.out_w - 1) * q.stride_w + (q.kernel_w - 1) * q.dilation_w + 1);
+}
+
 inline ClInput channels_last_input(const float* input, const Conv2dParams& q, AlignedBuffer& buf) {
   const int64_t C = q.in_channels, H = q.in_h, W = q.in_w;
   if (q.pad_h == 0 && q.pad_w == 0) return {input, H, W, C};
-  const int64_t Hp = std::max(H + q.pad_h, (q.out_h - 1) * q.stride_h + (q.kernel_h - 1) * q.dilation_h + 1);
-  const int64_t Wp = std::max(W + q.pad_w, (q.out_w - 1) * q.stride_w + (q.kernel_w - 1) * q.dilation_w + 1);
+  const int64_t Hp = channels_last_padded_rows(q), Wp = channels_last_padded_cols(q);
   float* dst = buf.get(q.batch * Hp * Wp * C);
   at::parallel_for(0, q.batch * Hp, grain_for(Wp * C), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

@@ -40,9 +40,8 @@ namespace engine {
 inline bool weight_grad_in_place_applicable(const Conv2dParams& p) {
   if (p.groups != 1) return false;
   if (p.pad_h == 0 && p.pad_w == 0) return true;
-  const int64_t Hp = std::max(p.in_h + p.pad_h, (p.out_h - 1) * p.stride_h + (p.kernel_h - 1) * p.dilation_h + 1);
-  const int64_t Wp = std::max(p.in_w + p.pad_w, (p.out_w - 1) * p.stride_w + (p.kernel_w - 1) * p.dilation_w + 1);
-  return p.batch * Hp * Wp * p.in_channels * 4 <= kMaxPaddedCopyBytes;
+  return p.batch * channels_last_padded_rows(p) * channels_last_padded_cols(p) * p.in_channels * 4 <=
+         kMaxPaddedCopyBytes;
 }
 
 // A run of consecutive output pixels of one output row: its first pixel's top-left tap at x + off, the
@@ -133,10 +132,10 @@ inline void backward_weight_channels_last_in_place(const float* grad_output, con
   const ClInput x = channels_last_input(input, p, copy_buf);
   const int64_t image = x.Hp * x.Wp * C, row = x.Wp * C;
   // row r = t*C + c reads the pixel's top-left tap + roff[r]
+  const std::vector<int64_t> tap_off = nhwc_tap_offsets(p, x.Wp, C);
   std::vector<int64_t> roff(R);
   for (int64_t t = 0; t < KK; ++t) {
-    const int64_t kh = t / p.kernel_w, kw = t % p.kernel_w;
-    for (int64_t c = 0; c < C; ++c) roff[t * C + c] = kh * p.dilation_h * row + kw * p.dilation_w * C + c;
+    for (int64_t c = 0; c < C; ++c) roff[t * C + c] = tap_off[t] + c;
   }
   // column blocks of at most 4 vectors of output channels; OCp floats a partial row
   const int64_t OCv = ceil_div(OC, 16), OCp = OCv * 16;

@@ -850,32 +850,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   std::array<bool, 3> nchw_mask = output_mask;  // the gradients the NCHW kernels below compute
   at::Tensor grad_weight_nhwc;
 #if FASTCONV_HAVE_AVX512_KERNELS
+  // grad_output as NHWC for the NHWC kernels below, laid out once however many of them run (a copy only
+  // where it comes NCHW)
+  at::Tensor go_nhwc_once;
+  const auto go_nhwc = [&]() -> const at::Tensor& {
+    if (!go_nhwc_once.defined()) go_nhwc_once = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    return go_nhwc_once;
+  };
   if ((output_mask[0] || output_mask[1]) && p.batch > 0 && input.scalar_type() == at::kFloat &&
       suggests_channels_last(input) && channels_last_depthwise(p)) {
     // depthwise: both gradients on the NHWC kernels, from NHWC grad_output and input in place
-    const at::Tensor go_nhwc = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor weight_c = weight.contiguous();
     if (output_mask[0]) {
       grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
       cpu::direct::depthwise_backward_input_channels_last(
-          go_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), grad_input.data_ptr<float>(), p);
+          go_nhwc().const_data_ptr<float>(), weight_c.const_data_ptr<float>(), grad_input.data_ptr<float>(), p);
     }
     if (output_mask[1]) {
       const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
       grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
       cpu::direct::depthwise_backward_weight_channels_last(
-          go_nhwc.const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(), grad_weight_nhwc.data_ptr<float>(), p);
+          go_nhwc().const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(), grad_weight_nhwc.data_ptr<float>(), p);
     }
     nchw_mask[0] = nchw_mask[1] = false;
   }
   if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat && channels_last &&
       channels_last_weight_grad_in_place(p)) {
     // NHWC grad_output (and input: a copy where only the weight is channels_last) read in place
-    const at::Tensor go_nhwc = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
     grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
     cpu::engine::backward_weight_channels_last_in_place(
-        go_nhwc.const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(), grad_weight_nhwc.data_ptr<float>(), p);
+        go_nhwc().const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(), grad_weight_nhwc.data_ptr<float>(), p);
     nchw_mask[1] = false;
   }
   const bool nhwc_input =
@@ -886,17 +891,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
     // NHWC grad_output in, NHWC grad_input out, on the direct forward kernel with the flipped, transposed
     // weights: at stride 1 straight into grad_input; for a strided 1x1 layer (a ResNet shortcut) the
     // dense 1x1 product, scattered into a zeroed grad_input at the stride's pixels
-    const at::Tensor go_nhwc = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
     const std::vector<float> w_t = cpu::flipped_transposed_weight(weight.contiguous().const_data_ptr<float>(), p);
     const auto cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
     grad_input = at::empty(input.sizes(), cl);
     if (stride1_nhwc) {
-      cpu::engine::forward_channels_last(go_nhwc.const_data_ptr<float>(), w_t.data(), nullptr,
+      cpu::engine::forward_channels_last(go_nhwc().const_data_ptr<float>(), w_t.data(), nullptr,
                                          grad_input.data_ptr<float>(), cpu::backward_input_params(p), false);
     } else {
       const at::Tensor dense = at::empty({p.batch, p.in_channels, p.out_h, p.out_w}, cl);
-      cpu::engine::forward_channels_last(go_nhwc.const_data_ptr<float>(), w_t.data(), nullptr, dense.data_ptr<float>(),
-                                         strided_pointwise_dense_params(p), false);
+      cpu::engine::forward_channels_last(go_nhwc().const_data_ptr<float>(), w_t.data(), nullptr,
+                                         dense.data_ptr<float>(), strided_pointwise_dense_params(p), false);
       scatter_strided_pixels(dense.const_data_ptr<float>(), p, grad_input.data_ptr<float>());
     }
     nchw_mask[0] = false;

@@ -676,20 +676,17 @@ FASTCONV_AVX512 void max_pool2d_backward_tiled_row(const float* go, const int64_
 // window's indices and gradients are read once per pixel it covers, from L1.
 void max_pool2d_backward_tiled_channels_last(const float* go, const int64_t* idx, float* gi, const Pool2dParams& p) {
   const int64_t C = p.channels, H = p.in_h, W = p.in_w, OW = p.out_w, L = p.out_h * OW;
-  // the window (output row / column) each input row / column lies in, -1 for none
-  std::vector<int64_t> row_win(H, -1), col_win(W, -1);
-  for (int64_t o = 0; o < p.out_h; ++o) {
-    for (int64_t r = 0; r < p.kernel_h; ++r) {
-      const int64_t i = o * p.stride_h - p.pad_h + r;
-      if (i >= 0 && i < H) row_win[i] = o;
+  // the window (output row / column) each input row / column lies in, -1 for none (at most one: the
+  // windows do not overlap)
+  const auto only_window = [](const CoveringWindows& w, int64_t size) {
+    std::vector<int64_t> win(size, -1);
+    for (int64_t i = 0; i < size; ++i) {
+      if (w.first[i] < w.first[i + 1]) win[i] = w.list[w.first[i]];
     }
-  }
-  for (int64_t o = 0; o < OW; ++o) {
-    for (int64_t q = 0; q < p.kernel_w; ++q) {
-      const int64_t i = o * p.stride_w - p.pad_w + q;
-      if (i >= 0 && i < W) col_win[i] = o;
-    }
-  }
+    return win;
+  };
+  const std::vector<int64_t> row_win = only_window(CoveringWindows(H, p.out_h, p.kernel_h, p.stride_h, p.pad_h, 1), H);
+  const std::vector<int64_t> col_win = only_window(CoveringWindows(W, OW, p.kernel_w, p.stride_w, p.pad_w, 1), W);
   at::parallel_for(0, p.batch * H, std::max<int64_t>(1, 8192 / (W * C)), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / H, ih = row % H;
