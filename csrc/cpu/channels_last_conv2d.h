@@ -14,11 +14,11 @@
 // channels_last time that way, the transposes more than the GEMM).
 //
 // Padding: a zero-padded NHWC copy of the input (rows copied whole, borders zeroed: no transposes);
-// unpadded layers read the input in place. Tasks are (group, block of about 96 pixels); inside one,
-// the reduction runs in blocks of `kc` channels x every tap (their packed weights for all the group's
-// output channels in L2) and each output-channel block over the pixel block's tiles (its input rows in
-// L1/L2), the tiles' partial sums kept in the output in between. The sums run in a fixed order: the
-// same bits at any thread count.
+// unpadded layers read the input in place. Tasks are (group, block of about 96 pixels, balanced over the
+// threads); inside one, the reduction runs in blocks of `kc` channels x every tap (their packed weights for all the
+// group's output channels in L2) and each output-channel block over the pixel block's tiles (its input rows in L1/L2),
+// the tiles' partial sums kept in the output in between. The sums run in a fixed order: the same bits at any thread
+// count.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -252,8 +252,11 @@ inline void forward_channels_last(const float* input, const float* weight, const
   const std::vector<int64_t> tap_off = nhwc_tap_offsets(q, x.Wp, x.C);
   std::vector<int64_t> pixel_off;  // each output pixel's top-left tap in the input
   nhwc_pixel_offsets(q, x.Hp, x.Wp, x.C, pixel_off);
-  // pixel blocks of about 96 (12 tiles of 8)
-  const int64_t pb = ceil_div(ceil_div(NL, ceil_div(NL, 96)), kClRows) * kClRows, np = ceil_div(NL, pb);
+  // pixel blocks of about 96 (12 tiles of 8), as many as a multiple of the threads: 17 blocks of 96 on 2
+  // threads had one wait for the other (measured, 2 threads, Zen 4: 1x1 1024->256 at 14x14, batch 8,
+  // and 256->144 at 28x28, batch 1: 0.90x the time of blocks of 96 and a short last one)
+  const BalancedItems pixel_blocks(NL, 96, kClRows);
+  const int64_t np = pixel_blocks.count;
   // Tasks (group, pixel block): the block's input rows stay in L1/L2 across the output channel blocks
   // while a reduction block's weights for all of them (OCg x taps x kc floats) sit in L2
   // one reduction block of fewer than 16 channels a group: a flat list of (tap, channel) offsets
@@ -267,7 +270,7 @@ inline void forward_channels_last(const float* input, const float* weight, const
     float* dst[kClRows];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t g = b / np, pi = b % np;
-      const int64_t q0 = pi * pb, q1 = std::min(NL, q0 + pb);
+      const int64_t q0 = pixel_blocks.begin(pi), q1 = pixel_blocks.end(pi);
       for (int64_t cb = 0; cb < cbs; ++cb) {
         const int64_t c0 = cb * kc, len = std::min(kc, Cg - c0);
         if (flat) {
