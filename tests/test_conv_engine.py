@@ -701,6 +701,24 @@ def test_channels_last_direct_forward_matches_torch(case, monkeypatch, poison):
                                                        d, g), rtol=2e-3, atol=2e-3 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("oc", [256, 200])
+def test_channels_last_direct_forward_streamed_output_matches_torch(oc, monkeypatch, poison):
+    """Input and output together past 32 MiB: the NHWC forward stores whole, aligned vectors
+    non-temporally (200 channels: pixels whose channel rows are not 64-byte aligned and a partial last
+    vector take ordinary stores), with bias and ReLU."""
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
+    x = torch.randn(2, 64, 128, 128).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(oc, 64, 1, 1), torch.randn(oc)
+    if fastconv.conv2d_algorithm(x, wt).split("/")[0] != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    assert 4 * (x.numel() + 2 * oc * 128 * 128) > 32 << 20
+    ref = F.conv2d(x.double(), wt.double(), b.double())
+    for op, want in ((torch.ops.fastconv.conv2d, ref), (torch.ops.fastconv.conv2d_relu, ref.relu())):
+        out = op(x, wt, b, *op_args(1, 0, 1, 1))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_written_and_close(out, want, str(op))
+
+
 @pytest.mark.parametrize("case", CHANNELS_LAST_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-g{c[9]}")
 def test_channels_last_direct_backward_input_matches_torch(case, monkeypatch, poison):
     """The stride-1 backward-input of a channels_last input on the same kernel (grad_output convolved
