@@ -41,11 +41,11 @@ namespace engine {
 constexpr int kClRows = 8;     // pixels a tile broadcasts
 constexpr int kClVectors = 3;  // vectors of 16 output channels a tile holds
 constexpr int64_t kClWidth = 16 * kClVectors;
-// Input and output together past this (the L3 of a Zen 4 CCD): an output written in one reduction block
-// is stored non-temporally, without reading its lines in first (measured, 2 threads, Zen 4, batch 8: 1x1
-// 64->256 at 56x56, a 25.7 MB output, 0.75x the time; 256->128 at 56x56 0.95x; 256->64 at 28x28, which
-// stays below, 0.99x).
-constexpr int64_t kClStreamBytes = int64_t(32) << 20;
+// Input and output together past this (half the L3 of a Zen 4 CCD): an output written in one reduction
+// block is stored non-temporally, without reading its lines in first (measured in-process, 2 threads, Zen 4,
+// batch 8: 1x1 64->256 at 56x56, 32 MB together, 0.83x the time; 256->128 at 56x56, 38 MB, 0.95x; 128->512
+// at 28x28, 16 MB, 0.97x; 256->64 at 28x28 and 64->64 at 56x56, 8 MB, 1.00x with a 4 MiB threshold).
+constexpr int64_t kClStreamBytes = int64_t(16) << 20;
 
 // Where a tile's results go: pixel i's channels at out + i*ldc (pointers per pixel: tiles cross rows and
 // images), the last vector's lanes under `last`; init: zero, or the bias, or what is there (accumulate);
