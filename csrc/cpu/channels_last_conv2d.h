@@ -44,7 +44,9 @@ constexpr int64_t kClWidth = 16 * kClVectors;
 // Input and output together past this (half the L3 of a Zen 4 CCD): an output written in one reduction
 // block is stored non-temporally, without reading its lines in first (measured in-process, 2 threads, Zen 4,
 // batch 8: 1x1 64->256 at 56x56, 32 MB together, 0.83x the time; 256->128 at 56x56, 38 MB, 0.95x; 128->512
-// at 28x28, 16 MB, 0.97x; 256->64 at 28x28 and 64->64 at 56x56, 8 MB, 1.00x with a 4 MiB threshold).
+// at 28x28, 16 MB, 0.97x; 256->64 at 28x28 and 64->64 at 56x56, 8 MB, 1.00x with a 4 MiB threshold). With
+// the next op reading the output (a ReLU, a second 1x1 conv): 0.87-0.88x and 0.94x for the first two,
+// 0.99-1.03x for the 16 MB one, which stays below.
 constexpr int64_t kClStreamBytes = int64_t(16) << 20;
 
 // Where a tile's results go: pixel i's channels at out + i*ldc (pointers per pixel: tiles cross rows and
