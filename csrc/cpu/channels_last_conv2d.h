@@ -14,11 +14,12 @@
 // channels_last time that way, the transposes more than the GEMM).
 //
 // Padding: a zero-padded NHWC copy of the input (rows copied whole, borders zeroed: no transposes);
-// unpadded layers read the input in place. Tasks are (group, block of about 96 pixels, balanced over the
-// threads); inside one, the reduction runs in blocks of `kc` channels x every tap (their packed weights for all the
-// group's output channels in L2) and each output-channel block over the pixel block's tiles (its input rows in L1/L2),
-// the tiles' partial sums kept in the output in between. The sums run in a fixed order: the same bits at any thread
-// count.
+// unpadded layers read the input in place. Tasks are (group, block of about 96 pixels, balanced over
+// the threads); inside one, the reduction runs in blocks of `kc` channels x every tap (their packed
+// weights for all the group's output channels in L2) and each output-channel block over the pixel
+// block's tiles (its input rows in L1/L2), the tiles' partial sums kept in the output in between. The
+// sums run in a fixed order: the same bits at any thread count. Large outputs written in one reduction
+// block are stored non-temporally (kClStreamBytes).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,12 +42,13 @@ namespace engine {
 constexpr int kClRows = 8;     // pixels a tile broadcasts
 constexpr int kClVectors = 3;  // vectors of 16 output channels a tile holds
 constexpr int64_t kClWidth = 16 * kClVectors;
-// Input and output together past this (half the L3 of a Zen 4 CCD): an output written in one reduction
-// block is stored non-temporally, without reading its lines in first (measured in-process, 2 threads, Zen 4,
-// batch 8: 1x1 64->256 at 56x56, 32 MB together, 0.83x the time; 256->128 at 56x56, 38 MB, 0.95x; 128->512
-// at 28x28, 16 MB, 0.97x; 256->64 at 28x28 and 64->64 at 56x56, 8 MB, 1.00x with a 4 MiB threshold). With
-// the next op reading the output (a ReLU, a second 1x1 conv): 0.87-0.88x and 0.94x for the first two,
-// 0.99-1.03x for the 16 MB one, which stays below.
+// Input and output together past this (half the L3 of a Zen 4 CCD): an output written in one
+// reduction block is stored non-temporally, without reading its lines in first. Measured in-process,
+// 2 threads, Zen 4, batch 8, the conv alone: 1x1 64->256 at 56x56 (32 MB together) 0.83x the time,
+// 256->128 at 56x56 (38 MB) 0.95x, 128->512 at 28x28 (16 MB) 0.97x; 256->64 at 28x28 and 64->64 at
+// 56x56 (8 MB, streamed under a 4 MiB threshold) 1.00x. With the next op reading the output (a ReLU,
+// a second 1x1 conv): 0.87-0.88x and 0.94x for the first two, 0.99-1.03x for the 16 MB one, which
+// stays below.
 constexpr int64_t kClStreamBytes = int64_t(16) << 20;
 
 // Where a tile's results go: pixel i's channels at out + i*ldc (pointers per pixel: tiles cross rows and
