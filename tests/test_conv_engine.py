@@ -675,6 +675,7 @@ CHANNELS_LAST_DIRECT_CASES = [
     (2, 32, 14, 14, 48, (3, 3), 2, 0, 1, 1),
     (3, 1, 9, 8, 33, (3, 2), 1, (1, 0), (2, 1), 1),
     (2, 5, 11, 10, 20, (5, 5), 1, 2, 1, 1),
+    (2, 3, 27, 25, 20, (11, 11), 4, 2, 1, 1),  # AlexNet's conv1 in small: 363 flat rows
 ]
 
 
@@ -914,8 +915,8 @@ def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch)
 
 def test_channels_last_direct_rule(monkeypatch):
     """channels_last inputs take the NHWC direct forward where the transposes weigh (1x1 at few output
-    channels, grouped, strided from large planes), not on Winograd's or the narrow kernels' layers nor on
-    layers of much work per element; NCHW inputs never; the "gemm" setting and
+    channels, grouped, strided from large planes, the narrow kernel's first layers), not on Winograd's
+    layers nor on layers of much work per element; NCHW inputs never; the "gemm" setting and
     FASTCONV_CPU_CHANNELS_LAST=0 turn it off."""
     def fwd(xs, ws, s=1, p=1, g=1, cl=True):
         x = torch.empty(xs, device="meta")
@@ -931,6 +932,9 @@ def test_channels_last_direct_rule(monkeypatch):
     assert fwd((8, 512, 7, 7), (2048, 512, 1, 1), p=0) != "channels-last-direct"
     assert fwd((1, 384, 13, 13), (256, 384, 3, 3)) != "channels-last-direct"
     assert fwd((8, 128, 56, 56), (128, 4, 3, 3), g=32) != "channels-last-direct"  # 4 of 16 lanes
+    assert fwd((4, 3, 224, 224), (64, 3, 7, 7), s=2, p=3) == "channels-last-direct"  # ResNet's stem
+    assert fwd((4, 3, 224, 224), (64, 3, 7, 7), s=2, p=3, cl=False) == "narrow-direct"
+    assert fwd((8, 3, 224, 224), (64, 3, 11, 11), s=4, p=2) == "channels-last-direct"  # AlexNet's conv1
 
     def bwi(xs, ws, s=1, p=1, g=1):
         x = torch.empty(xs, device="meta").contiguous(memory_format=torch.channels_last)

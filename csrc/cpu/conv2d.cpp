@@ -662,13 +662,16 @@ bool channels_last_weight_grad_in_place(const Conv2dParams& p) {
 // (102 FLOPs an element) 1.06 / 1.70, ResNeXt's 32 groups of 32 at 7x7 (288) 1.13 / 1.41, 3x3/2
 // 64->128 from 56x56 (385) 1.06 / 1.23; behind at 1x1 512->2048 at 7x7 (822) 1.04 / 0.95, 3x3/2
 // 256->512 from 14x14 (1540) 1.27 / 1.14, AlexNet conv4 at batch 1 (2770) 1.21 / 1.07), and not where
-// Winograd or the narrow kernels take the layer (3x3 64-512 at batch 8: 1.11-1.19 / 0.65-0.95), nor
-// under the "gemm" setting. FASTCONV_CPU_CHANNELS_LAST=0/1 forces it off/on (tests, comparisons).
+// Winograd takes the layer (3x3 64-512 at batch 8: 1.11-1.19 / 0.65-0.95), nor under the "gemm"
+// setting. The narrow kernel's strided layers of few output channels run here too (time against it
+// between the transposes, in-process: the ResNet stem 0.86, AlexNet's conv1 at batch 1/8/32
+// 0.86/0.95/0.87, 3x3/2 16->32, 32->64, 8->16 and 64->64 0.72-0.76). FASTCONV_CPU_CHANNELS_LAST=0/1
+// forces it off/on (tests, comparisons).
 bool channels_last_direct(const Conv2dParams& p) {
   if (!use_engine<float>() || run_direct<float>(p)) return false;
   const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1');
   if (f >= 0) return f == 1;
-  if (g_algorithm_setting.load() == kSettingGemm || winograd_wanted(p) || narrow_wanted(p)) return false;
+  if (g_algorithm_setting.load() == kSettingGemm || winograd_wanted(p)) return false;
   // at most a quarter of the vector lanes idle: output channels in the lanes, no group shares a vector
   // (ResNeXt-50's groups of 4 and 8 took 1.23x torch's channels_last time through it)
   const int64_t OCg = p.out_channels_per_group();
