@@ -818,32 +818,24 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
                                               grad_input.data_ptr<float>(), p);
       return grad_input;
     }
-    if (vector && p.batch >= at::get_num_threads()) {
-      // an image per item, zeroed right before its scatter: its grad_input stays in L2 between the two,
-      // where one zero fill of the whole grad_input first went out to memory and the scatter read it back
-      // (measured in-process, 2 threads, Zen 4: AlexNet's 3x3/2 pools at batch 32, (32,192,27,27) 0.47x
-      // the time, (32,64,55,55) 0.80x, (32,256,13,13) 0.73x; at batch 8 0.69-0.90x; ResNet's 3x3/2 p1 at
-      // (8,64,112,112) 0.90x)
-      at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          float* image = grad_input.data_ptr<float>() + n * p.in_h * p.in_w * p.channels;
-          std::memset(image, 0, sizeof(float) * p.in_h * p.in_w * p.channels);
-          max_pool2d_backward_scatter_channels_last(go_c.const_data_ptr<float>(), idx_c.const_data_ptr<int64_t>(),
-                                                    grad_input.data_ptr<float>(), p, n, 0, p.channels);
-        }
-      });
-      return grad_input;
-    }
     if (vector) {
-      // fewer images than threads: one zero fill, then channels per item, so that no two items write one
-      // element: 64, or 16 (one cache line) where that leaves threads idle (batch 1). (16 always: 2.6x
-      // the time at (8,64,112,112), each item walking the whole image for one line per pixel.)
-      grad_input.zero_();
-      const int64_t wide = (p.channels + 63) / 64, block = p.batch * wide >= at::get_num_threads() ? 64 : 16;
-      const int64_t blocks = (p.channels + block - 1) / block;
+      // Items of channels of one image, so that no two items write one element. As many images as threads:
+      // whole images, each zeroed right before its scatter, which then finds it in L2, where one zero fill
+      // of the whole grad_input first went out to memory and the scatter read it back (measured
+      // in-process, 2 threads, Zen 4: AlexNet's 3x3/2 pools at batch 32, (32,192,27,27) 0.47x the time,
+      // (32,64,55,55) 0.80x, (32,256,13,13) 0.73x; at batch 8 0.69-0.90x; ResNet's 3x3/2 p1 at
+      // (8,64,112,112) 0.90x). Fewer: one zero fill, then 64 channels an item, or 16 (one cache line)
+      // where that leaves threads idle (batch 1). (16 always: 2.6x the time at (8,64,112,112), each item
+      // walking the whole image for one line per pixel.)
+      const int64_t threads = at::get_num_threads(), wide = (p.channels + 63) / 64;
+      const bool whole = p.batch >= threads;
+      const int64_t block = whole ? p.channels : p.batch * wide >= threads ? 64 : 16;
+      const int64_t blocks = (p.channels + block - 1) / block, image_floats = p.in_h * p.in_w * p.channels;
+      if (!whole) grad_input.zero_();
       at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t n = item / blocks, c0 = item % blocks * block;
+          if (whole) std::memset(grad_input.data_ptr<float>() + n * image_floats, 0, sizeof(float) * image_floats);
           max_pool2d_backward_scatter_channels_last(go_c.const_data_ptr<float>(), idx_c.const_data_ptr<int64_t>(),
                                                     grad_input.data_ptr<float>(), p, n, c0,
                                                     std::min(p.channels, c0 + block));
