@@ -39,7 +39,19 @@ def _input(kind, device):
 
 
 INPUT_KINDS = ["nchw", "channels_last", "channel_slice", "one_channel", "one_pixel", "permuted"]
-CONV_CASES = list(itertools.product(INPUT_KINDS, ["nchw", "channels_last"], [(16, 3, 1), (24, 1, 0), (40, 3, 2)]))
+WEIGHT_KINDS = ["nchw", "channels_last", "channel_slice"]
+CONV_CASES = list(itertools.product(INPUT_KINDS, WEIGHT_KINDS, [(16, 3, 1), (24, 1, 0), (40, 3, 2)]))
+
+
+def _weight(kind, out_channels, in_channels, k, device):
+    """A weight of the given layout kind (as _input's kinds), fresh random values."""
+    if kind == "nchw":
+        return torch.randn(out_channels, in_channels, k, k, device=device)
+    if kind == "channels_last":
+        return torch.randn(out_channels, in_channels, k, k, device=device).to(memory_format=CL)
+    if kind == "channel_slice":  # a channels_last weight's first input channels: not contiguous either way
+        return torch.randn(out_channels, 2 * in_channels, k, k, device=device).to(memory_format=CL)[:, :in_channels]
+    raise ValueError(kind)
 
 
 def _strides(*tensors):
@@ -52,10 +64,7 @@ def _strides(*tensors):
 def test_conv2d_results_laid_out_as_torch(device, input_kind, weight_kind, layer):
     out_channels, k, pad = layer
     x = _input(input_kind, device).requires_grad_()
-    w = torch.randn(out_channels, x.shape[1], k, k, device=device)
-    if weight_kind == "channels_last":
-        w = w.to(memory_format=CL)
-    w.requires_grad_()
+    w = _weight(weight_kind, out_channels, x.shape[1], k, device).requires_grad_()
     b = torch.randn(out_channels, device=device, requires_grad=True)
     y = FF.conv2d(x, w, b, 1, pad)
     ref = F.conv2d(x, w, b, 1, pad)
@@ -90,9 +99,7 @@ def test_fake_kernels_lay_out_as_the_cpu_kernels(input_kind, weight_kind, layer)
     """The fake (meta) kernels, which torch.compile traces with, say the layouts the kernels give."""
     out_channels, k, pad = layer
     x = _input(input_kind, "cpu")
-    w = torch.randn(out_channels, x.shape[1], k, k)
-    if weight_kind == "channels_last":
-        w = w.to(memory_format=CL)
+    w = _weight(weight_kind, out_channels, x.shape[1], k, "cpu")
 
     def meta(t):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
