@@ -327,6 +327,54 @@ def test_grouped_direct_matches_torch(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 0, "grouped-direct", both_biases=True)
 
 
+
+# channels_last grouped layers run the grouped kernel's NHWC form (each item's planes transposed from
+# the input's pixels, each tile's pixels stored as NHWC vectors), forward and stride-1 backward-input,
+# on the same cases: channels_last results within tolerance of torch in float64, and the same bits as
+# the NCHW grouped kernel between transposes (FASTCONV_CPU_CHANNELS_LAST_GROUPED=0 and
+# FASTCONV_CPU_CHANNELS_LAST=0: the same sums in the same order), at 1, 2 and 3 threads.
+@pytest.mark.parametrize("case", GROUPED_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def test_channels_last_grouped_matches_torch_and_nchw_kernel(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    n, c, h, w, oc, k, s, p, d, g = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(oc, c // g, *k, dtype=torch.float64), torch.randn(oc, dtype=torch.float64)
+    names = fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3
+    if names[0] != "channels-last-grouped":
+        pytest.skip("no AVX-512 engine on this CPU")
+    go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    ref = F.conv2d(x, wt, b, s, p, d, g)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g, [True, True, True])
+    args = op_args(s, p, d, g)
+    xf, wf, bf, gof = x.float(), wt.float(), b.float(), go.float()
+
+    def passes():
+        outs = [torch.ops.fastconv.conv2d(xf, wf, bf, *args), torch.ops.fastconv.conv2d(xf, wf, None, *args),
+                torch.ops.fastconv.conv2d_relu(xf, wf, bf, *args)]
+        return outs + [torch.ops.fastconv._conv2d_backward(gof, xf, wf, *args, [True, False, False])[0]]
+
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(passes())
+        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_GROUPED", "0")
+        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")  # nor the NHWC direct kernel
+        assert fastconv.conv2d_algorithm(xf, wf, s, p, d, g).split("/")[0] == "grouped-direct"
+        nchw = passes()
+    finally:
+        torch.set_num_threads(old)
+    expected = [ref, ref - b.view(1, -1, 1, 1), ref.relu(), want[0]]
+    for i, (got, exp) in enumerate(zip(results[0], expected)):
+        if i == 3 and names[1] != "channels-last-grouped":
+            continue  # a strided backward-input: not this kernel
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert_written_and_close(got, exp, f"pass {i}")
+        for other in results[1:] + [nchw]:
+            assert torch.equal(got, other[i]), f"pass {i}: not the same bits"
+
 # Groups of 8 or 4 output channels sharing the direct kernel's vectors (2 or 4 groups a vector, the
 # input interleaved), forced on: forward, stride-1 backward-input (groups of 8 or 4 input channels) and
 # the strided backward-input's phases: stride 1 and 2, (2, 1), a last set with fewer groups (3 groups of
@@ -915,7 +963,8 @@ def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch)
 
 def test_channels_last_direct_rule(monkeypatch):
     """channels_last inputs take the NHWC direct forward where the transposes weigh (1x1 at few output
-    channels, grouped, strided from large planes, the narrow kernel's first layers), not on Winograd's
+    channels, strided from large planes, the narrow kernel's first layers; grouped layers of 16+ channels a
+    group the grouped kernel's NHWC form, forward and stride-1 backward-input), not on Winograd's
     layers nor on layers of much work per element; NCHW inputs never; the "gemm" setting and
     FASTCONV_CPU_CHANNELS_LAST=0 turn it off."""
     def fwd(xs, ws, s=1, p=1, g=1, cl=True):
@@ -925,7 +974,8 @@ def test_channels_last_direct_rule(monkeypatch):
     if fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "im2col+gemm-aten":
         pytest.skip("no AVX-512 engine on this CPU")
     assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
-    assert fwd((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-direct"
+    assert fwd((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-grouped"  # ResNeXt's 32 a group
+    assert fwd((8, 512, 14, 14), (512, 16, 3, 3), g=32) == "channels-last-grouped"
     assert fwd((8, 64, 56, 56), (128, 64, 3, 3), s=2) == "channels-last-direct"
     assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0, cl=False) != "channels-last-direct"
     assert fwd((8, 64, 56, 56), (64, 64, 3, 3)) == "winograd"
@@ -943,7 +993,7 @@ def test_channels_last_direct_rule(monkeypatch):
     assert bwi((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
     assert bwi((8, 64, 56, 56), (256, 64, 1, 1), p=0) == "channels-last-direct"
     assert bwi((8, 256, 14, 14), (1024, 256, 1, 1), p=0) != "channels-last-direct"
-    assert bwi((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) != "channels-last-direct"
+    assert bwi((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-grouped"
     assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) == "channels-last-direct"  # strided 1x1
     assert bwi((8, 512, 28, 28), (1024, 512, 1, 1), s=2, p=0) != "channels-last-direct"
     assert bwi((8, 64, 56, 56), (128, 64, 3, 3), s=2, p=1) != "channels-last-direct"

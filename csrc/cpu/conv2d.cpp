@@ -414,6 +414,8 @@ BackwardInputRoute backward_input_route(const Conv2dParams& p) {
 }
 
 bool channels_last_direct(const Conv2dParams& p);
+bool channels_last_grouped_forward(const Conv2dParams& p);
+bool channels_last_grouped_backward_input(const Conv2dParams& p);
 bool channels_last_backward_input(const Conv2dParams& p);
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 bool channels_last_weight_grad_in_place(const Conv2dParams& p);
@@ -435,12 +437,15 @@ std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_la
   const bool measured = g_algorithm_setting.load() == kSettingBenchmark;
   const int fwd_measured = measured ? measured_choice(choice_key(p, 0)) : -1;
   const int fwd_algo = fwd_measured >= 0 ? fwd_measured : engine_rule(p, false);
-  const std::string fwd = channels_last && float32 && channels_last_direct(p) ? "channels-last-direct"
-                          : fwd_algo == kGemm                                 ? gemm_name(p)
-                                                                              : kEngineKernelNames[fwd_algo];
+  const std::string fwd = channels_last && float32 && channels_last_grouped_forward(p) ? "channels-last-grouped"
+                          : channels_last && float32 && channels_last_direct(p)        ? "channels-last-direct"
+                          : fwd_algo == kGemm                                          ? gemm_name(p)
+                                                                                       : kEngineKernelNames[fwd_algo];
   const BackwardInputRoute route = backward_input_route(p);
   const bool bwi_nhwc = channels_last_backward_input(p) || channels_last_strided_pointwise_backward_input(p);
-  const std::string bwi = channels_last && float32 && bwi_nhwc          ? "channels-last-direct"
+  const std::string bwi = channels_last && float32 && bwi_nhwc ? "channels-last-direct"
+                          : channels_last && float32 && channels_last_grouped_backward_input(p)
+                              ? "channels-last-grouped"
                           : route == BackwardInputRoute::kWinograd      ? "winograd"
                           : route == BackwardInputRoute::kForwardEngine ? gemm_name(cpu::backward_input_params(p))
                           : route == BackwardInputRoute::kPhases        ? "stride-phases"
@@ -679,6 +684,30 @@ bool channels_last_direct(const Conv2dParams& p) {
   return flops_per_element(p) <= 600.0;
 }
 
+// Whether a channels_last float32 grouped layer's forward runs on the grouped direct kernel's NHWC form
+// (cpu/grouped_conv2d.h: each item's planes transposed from the input's pixels, the output stored as
+// NHWC pixels) rather than on the NHWC direct kernel or on the NCHW grouped kernel between transposes
+// of the whole tensors: wherever the NCHW grouped kernel takes the layer with one group a vector.
+// FASTCONV_CPU_CHANNELS_LAST_GROUPED=0 turns it off (comparisons), FASTCONV_CPU_CHANNELS_LAST=1 too.
+// Measured in-process, 2 threads, Zen 4, batch 8 (time against torch's channels_last): see
+// benchmarks/README.md.
+bool channels_last_grouped_forward(const Conv2dParams& p) {
+  if (!use_engine<float>() || run_direct<float>(p) || p.groups == 1 || engine_rule(p, false) != kGemm) return false;
+  if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST_GROUPED", '0', '1') == 0) return false;
+  if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1') == 1) return false;  // the NHWC direct kernel forced
+  return cpu::engine::use_grouped_direct(p) && cpu::engine::forward_groups_per_vector(p) == 1;
+}
+
+// The same for a stride-1 backward-input (the forward over grad_output with the flipped weights), where
+// the NCHW route runs it on the grouped kernel.
+bool channels_last_grouped_backward_input(const Conv2dParams& p) {
+  if (!use_engine<float>() || run_direct<float>(p) || p.groups == 1) return false;
+  if (backward_input_route(p) != BackwardInputRoute::kForwardEngine) return false;
+  if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST_GROUPED", '0', '1') == 0) return false;
+  const Conv2dParams q = cpu::backward_input_params(p);
+  return cpu::engine::use_grouped_direct(q) && cpu::engine::forward_groups_per_vector(q) == 1;
+}
+
 // Whether a channels_last float32 layer's backward-input runs on the NHWC direct kernel, as the forward
 // of grad_output with the flipped, transposed weights (flipped_conv.h; stride 1; the grad_input is
 // channels_last, as torch's): where the forward's rule takes that convolution, ungrouped, at most 300
@@ -793,7 +822,8 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
 #if FASTCONV_HAVE_AVX512_KERNELS
   const bool fp32_nhwc = suggests_channels_last(input) && input.scalar_type() == at::kFloat;
   const bool depthwise = fp32_nhwc && channels_last_depthwise(p);
-  if (depthwise || (fp32_nhwc && channels_last_direct(p))) {  // NHWC in, NHWC out
+  const bool grouped = fp32_nhwc && !depthwise && channels_last_grouped_forward(p);
+  if (depthwise || grouped || (fp32_nhwc && channels_last_direct(p))) {  // NHWC in, NHWC out
     at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w},
                                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (p.batch == 0) return output;
@@ -802,6 +832,9 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
     if (depthwise) {
       cpu::direct::depthwise_forward_nhwc(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
                                           output.data_ptr<float>(), p, relu);
+    } else if (grouped) {
+      cpu::engine::grouped_forward(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
+                                   output.data_ptr<float>(), p, relu, true);
     } else {
       cpu::engine::forward_channels_last(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
                                          output.data_ptr<float>(), p, relu);
@@ -907,6 +940,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
                                          dense.data_ptr<float>(), strided_pointwise_dense_params(p), false);
       scatter_strided_pixels(dense.const_data_ptr<float>(), p, grad_input.data_ptr<float>());
     }
+    nchw_mask[0] = false;
+  }
+  if (nhwc_input && !stride1_nhwc && !shortcut_nhwc && channels_last_grouped_backward_input(p)) {
+    // the grouped kernel's NHWC form over NHWC grad_output, into NHWC grad_input
+    grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    cpu::engine::grouped_backward_input_stride1(go_nhwc().const_data_ptr<float>(),
+                                                contiguous_nchw(weight).const_data_ptr<float>(),
+                                                grad_input.data_ptr<float>(), p, true);
     nchw_mask[0] = false;
   }
 #endif

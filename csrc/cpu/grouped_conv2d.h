@@ -213,11 +213,12 @@ constexpr int64_t channel_of_lane(int64_t l) {
   return GI == 1 ? l : (l % GI) * (16 / GI) + l / GI;
 }
 
-template <int NV, int R, int P, int SW, int GI = 1>
+template <int NV, int R, int P, int SW, int GI = 1, bool NHWC = false>
 FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int64_t* koff, int64_t K, const float* w,
                                   const float* bias, bool relu, float* out, int64_t out_w, int64_t out_plane,
                                   int64_t channels, const float* acc_in, float* acc_out) {
   static_assert(GI == 1 || NV == 1, "groups share one vector");
+  static_assert(GI == 1 || !NHWC, "groups share vectors in NCHW planes only");
   constexpr int PX = R * P;
   __m512 acc[PX][NV];
   for (int v = 0; v < NV; ++v) {
@@ -247,6 +248,18 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
   if (acc_out) {  // a partial sum over some of the taps, kept as it is for the next ones
     for (int px = 0; px < PX; ++px)
       for (int v = 0; v < NV; ++v) _mm512_store_ps(acc_out + (px * NV + v) * 16, acc[px][v]);
+    return;
+  }
+  if constexpr (NHWC) {  // each pixel's channels are consecutive: its vectors stored as they are
+    for (int r = 0; r < R; ++r) {
+      for (int i = 0; i < P; ++i) {
+        float* o = out + (r * out_w + i) * out_plane;
+        for (int v = 0; v < NV; ++v) {
+          const __m512 y = relu ? _mm512_max_ps(_mm512_setzero_ps(), acc[r * P + i][v]) : acc[r * P + i][v];
+          _mm512_mask_storeu_ps(o + 16 * v, lane_mask(0, channels - 16 * v), y);
+        }
+      }
+    }
     return;
   }
   for (int v = 0; v < NV; ++v) {
@@ -279,33 +292,39 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
 using GroupedTileFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, const float*, bool, float*,
                                int64_t, int64_t, int64_t, const float*, float*);
 
-template <int NV, int R, int SW, int GI, int... Ps>
+template <int NV, int R, int SW, int GI, bool NHWC, int... Ps>
 constexpr std::array<GroupedTileFn, sizeof...(Ps)> grouped_tiles(std::integer_sequence<int, Ps...>) {
-  return {&grouped_tile<NV, R, Ps + 1, SW, GI>...};
+  return {&grouped_tile<NV, R, Ps + 1, SW, GI, NHWC>...};
 }
 
 // The kernel for nv vectors, r rows of p pixels (p <= grouped_max_pixels(nv) / r, r <= 2), stride sw <= 2,
 // GI groups a vector.
-template <int NV, int SW, int GI = 1>
+template <int NV, int SW, int GI = 1, bool NHWC = false>
 GroupedTileFn grouped_tile_for(int r, int p) {
   constexpr int Pm = grouped_max_pixels(NV);
-  static constexpr auto one = grouped_tiles<NV, 1, SW, GI>(std::make_integer_sequence<int, Pm>());
-  static constexpr auto two = grouped_tiles<NV, 2, SW, GI>(std::make_integer_sequence<int, Pm / 2>());
+  static constexpr auto one = grouped_tiles<NV, 1, SW, GI, NHWC>(std::make_integer_sequence<int, Pm>());
+  static constexpr auto two = grouped_tiles<NV, 2, SW, GI, NHWC>(std::make_integer_sequence<int, Pm / 2>());
   return r == 1 ? one[p - 1] : two[p - 1];
 }
 
-template <int SW>
-GroupedTileFn grouped_tile_for(int nv, int r, int p, int64_t gi) {
-  if (gi == 2) return grouped_tile_for<1, SW, 2>(r, p);
-  if (gi == 4) return grouped_tile_for<1, SW, 4>(r, p);
+template <int SW, bool NHWC>
+GroupedTileFn grouped_tile_for(int nv, int r, int p) {
   switch (nv) {
     case 1:
-      return grouped_tile_for<1, SW>(r, p);
+      return grouped_tile_for<1, SW, 1, NHWC>(r, p);
     case 2:
-      return grouped_tile_for<2, SW>(r, p);
+      return grouped_tile_for<2, SW, 1, NHWC>(r, p);
     default:
-      return grouped_tile_for<3, SW>(r, p);
+      return grouped_tile_for<3, SW, 1, NHWC>(r, p);
   }
+}
+
+// nhwc: the tiles store NHWC pixels (gi 1) rather than NCHW planes.
+template <int SW>
+GroupedTileFn grouped_tile_for(int nv, int r, int p, int64_t gi, bool nhwc) {
+  if (gi == 2) return grouped_tile_for<1, SW, 2>(r, p);
+  if (gi == 4) return grouped_tile_for<1, SW, 4>(r, p);
+  return nhwc ? grouped_tile_for<SW, true>(nv, r, p) : grouped_tile_for<SW, false>(nv, r, p);
 }
 
 // Zero-padded copies of `planes` H x W planes into Hp x Wp planes (input at row top, column left; H + top
@@ -331,6 +350,36 @@ FASTCONV_AVX512 inline void pad_planes(const float* src, int64_t planes, int64_t
   }
 }
 
+// pad_planes from NHWC pixels: `channels` consecutive channels (src: the first of them at pixel (0, 0);
+// pixels C floats apart) into zero-padded planes dst[channels][Hp][Wp] (the input at row top, column left),
+// every padded row written whole, 16 columns x 16 channels per register transpose. Exact stores.
+FASTCONV_AVX512 inline void pad_planes_from_nhwc(const float* src, int64_t C, int64_t channels, int64_t H, int64_t W,
+                                                 float* dst, int64_t Hp, int64_t Wp, int64_t top, int64_t left) {
+  const int64_t plane = Hp * Wp;
+  for (int64_t y = 0; y < Hp; ++y) {
+    const int64_t h = y - top;
+    const bool inside = h >= 0 && h < H;
+    for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, channels - c0);
+      const __mmask16 cm = lane_mask(0, nc);
+      float* d = dst + c0 * plane + y * Wp;
+      for (int64_t x0 = 0; x0 < Wp; x0 += 16) {
+        const __mmask16 xm = lane_mask(0, Wp - x0);
+        __m512 r[16];
+        bool any = false;
+        for (int j = 0; j < 16; ++j) {
+          const int64_t w = x0 + j - left;
+          const bool real = inside && w >= 0 && w < W;
+          r[j] = real ? _mm512_maskz_loadu_ps(cm, src + (h * W + w) * C + c0) : _mm512_setzero_ps();
+          any |= real;
+        }
+        if (any) transpose16(r);  // r[l]: channel c0 + l over the 16 columns
+        for (int64_t l = 0; l < nc; ++l) _mm512_mask_storeu_ps(d + l * plane + x0, xm, r[l]);
+      }
+    }
+  }
+}
+
 // How tiles cover an out_h x out_w plane for nv vectors of channels: rows of `segments` segments of p
 // pixels, or pairs of rows where a row is at most half a tile (an odd last row on its own: `one`, the
 // one-row kernel).
@@ -339,7 +388,8 @@ struct GroupedShape {
   int64_t rows, p, segments, row_tiles;
 };
 
-inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t stride_w, int64_t gi = 1) {
+inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t stride_w, int64_t gi = 1,
+                                  bool nhwc = false) {
   const int pm = grouped_max_pixels(nv);
   GroupedShape s;
   s.segments = ceil_div(out_w, pm);
@@ -347,7 +397,8 @@ inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t 
   s.rows = 2 * s.p <= pm && out_h >= 2 ? 2 : 1;
   s.row_tiles = ceil_div(out_h, s.rows);
   const auto pick = [&](int r) {
-    return stride_w == 1 ? grouped_tile_for<1>(nv, r, int(s.p), gi) : grouped_tile_for<2>(nv, r, int(s.p), gi);
+    return stride_w == 1 ? grouped_tile_for<1>(nv, r, int(s.p), gi, nhwc)
+                         : grouped_tile_for<2>(nv, r, int(s.p), gi, nhwc);
   };
   s.fn = pick(int(s.rows));
   s.one = pick(1);
@@ -356,12 +407,13 @@ inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t 
 
 // Row tiles [t0, t1) of one block of `channels` output channels over the taps koff[0, K) (weights w):
 // output pixel (oh, ow) reads the input at img + oh*row_stride + ow*stride_w (+ koff[k]); out: the block's
-// first plane (out_w x out_h planes, out_plane floats apart). With `partial` (a k-block of the taps), tile
-// i's accumulators start from partial[i] unless `first` and are kept there unless `last`.
+// first plane (out_w x out_h planes, out_plane floats apart; NHWC tiles: the block's first channel of pixel
+// (0, 0), pixels out_plane floats apart). With `partial` (a k-block of the taps), tile i's accumulators
+// start from partial[i] unless `first` and are kept there unless `last`.
 inline void grouped_row_tiles(const GroupedShape& s, int64_t t0, int64_t t1, const float* img, int64_t row_stride,
                               int64_t stride_w, const int64_t* koff, int64_t K, const float* w, const float* bias,
                               bool relu, float* out, int64_t out_h, int64_t out_w, int64_t out_plane, int64_t channels,
-                              float* partial = nullptr, bool first = true, bool last = true) {
+                              float* partial = nullptr, bool first = true, bool last = true, bool nhwc = false) {
   const int64_t tile_floats = s.rows * s.p * ceil_div(channels, 16) * 16;
   for (int64_t rt = t0; rt < t1; ++rt) {
     const int64_t oh = rt * s.rows;
@@ -369,8 +421,9 @@ inline void grouped_row_tiles(const GroupedShape& s, int64_t t0, int64_t t1, con
     for (int64_t seg = 0; seg < s.segments; ++seg) {
       const int64_t ow = std::min(seg * s.p, out_w - s.p);  // the last segment shifted back onto the row
       float* acc = partial ? partial + ((rt - t0) * s.segments + seg) * tile_floats : nullptr;
-      fn(img + oh * row_stride + ow * stride_w, row_stride, koff, K, w, bias, relu, out + oh * out_w + ow, out_w,
-         out_plane, channels, first ? nullptr : acc, last ? nullptr : acc);
+      fn(img + oh * row_stride + ow * stride_w, row_stride, koff, K, w, bias, relu,
+         out + (oh * out_w + ow) * (nhwc ? out_plane : 1), out_w, out_plane, channels, first ? nullptr : acc,
+         last ? nullptr : acc);
     }
   }
 }
@@ -448,37 +501,42 @@ inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64
 }
 
 // The forward convolution of p (any stride_h, stride_w <= 2, any dilation) with weights packed by
-// pack_grouped_weights (gi = forward_groups_per_vector(p)).
+// pack_grouped_weights (gi = forward_groups_per_vector(p)). nhwc (gi 1): input and output NHWC, each
+// item's padded planes transposed from the input's pixels (pad_planes_from_nhwc) and the tiles' pixels
+// stored as they are, where the NCHW route transposed the whole input in and the output back.
 inline void grouped_direct_forward(const float* input, const float* packed, const float* bias, float* out,
-                                   const Conv2dParams& p, bool relu) {
+                                   const Conv2dParams& p, bool relu, bool nhwc = false) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
   const int64_t C = p.in_channels, Cg = p.in_channels_per_group(), L = p.out_plane();
   const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
   // A set of gi groups shares the vectors (gi = 1: one group), its input read from an interleaved copy
   const int64_t gi = forward_groups_per_vector(p), sets = ceil_div(G, gi), OCs = gi * OCg;
+  TORCH_INTERNAL_ASSERT(gi == 1 || !nhwc, "grouped_direct_forward: NHWC with groups sharing vectors");
   std::vector<int64_t> koff = padded_tap_offsets(p, K, plane, Wp);
   for (int64_t& o : koff) o *= gi;
   const int64_t bc = grouped_block_channels(OCs), blocks = ceil_div(OCs, bc), per_set = grouped_weight_floats(OCs, K);
   std::array<GroupedShape, kGroupedMaxVectors + 1> shapes;
-  for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) shapes[nv] = grouped_shape(nv, p.out_h, p.out_w, p.stride_w, gi);
+  for (int nv = 1; nv <= kGroupedMaxVectors; ++nv)
+    shapes[nv] = grouped_shape(nv, p.out_h, p.out_w, p.stride_w, gi, nhwc);
   // Work items: (set, image, run of row tiles), the rows split where sets x images give fewer than 4
   // items a thread. An item of whole planes copies its set's planes, zero-padded, into a buffer of its
   // own, which the kernel then reads from L1/L2 (one padded copy of the whole input first: 1.2x the time
   // on ResNeXt's 7x7 planes); split rows read one shared padded copy.
   const int64_t units = sets * p.batch, max_tiles = shapes[1].row_tiles;
   const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), units), 1, max_tiles);
-  const bool padding = p.pad_h > 0 || p.pad_w > 0 || gi > 1, shared_copy = padding && splits > 1;
+  const bool padding = p.pad_h > 0 || p.pad_w > 0 || gi > 1 || nhwc, shared_copy = padding && splits > 1;
   const int64_t set_floats = Cg * plane * gi;  // a set's (interleaved) padded planes of one image
   thread_local AlignedBuffer pad_buf(false);   // written in full; kept (fresh buffers page-fault on every call)
   const float* padded = input;
   const auto pad_set = [&](int64_t set, int64_t n, float* dst) {
+    if (nhwc) return pad_planes_from_nhwc(input + n * H * W * C + set * Cg, C, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
     const float* src = input + (n * C + set * gi * Cg) * H * W;
     if (gi == 1) return pad_planes(src, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
     pad_planes_interleaved(src, Cg * H * W, std::min(gi, G - set * gi), gi, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
   };
   if (shared_copy) {  // [n][set][set_floats]
     float* copy = pad_buf.get(p.batch * sets * set_floats);
-    if (gi == 1) {
+    if (gi == 1 && !nhwc) {
       pad_planes_parallel(input, p.batch * C, H, W, copy, Hp, Wp, p.pad_h, p.pad_w);
     } else {
       at::parallel_for(0, p.batch * sets, grain_for(set_floats), [&](int64_t b0, int64_t b1) {
@@ -509,10 +567,11 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
         float* partial = kc < K ? partial_buf.get((t1 - t0) * s.segments * s.rows * s.p * nv * 16) : nullptr;
         const float* w = packed + set * per_set + b * bc * K;
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
-          grouped_row_tiles(s, t0, t1, img, p.stride_h * Wp * gi, p.stride_w * gi, koff.data() + k0,
-                            std::min(kc, K - k0), w + k0 * nv * 16, bias ? bias + g0 * OCg + ch0 : nullptr, relu,
-                            out + (n * p.out_channels + g0 * OCg + ch0) * L, p.out_h, p.out_w, L, channels, partial,
-                            k0 == 0, k0 + kc >= K);
+          grouped_row_tiles(
+              s, t0, t1, img, p.stride_h * Wp * gi, p.stride_w * gi, koff.data() + k0, std::min(kc, K - k0),
+              w + k0 * nv * 16, bias ? bias + g0 * OCg + ch0 : nullptr, relu,
+              nhwc ? out + n * L * p.out_channels + g0 * OCg + ch0 : out + (n * p.out_channels + g0 * OCg + ch0) * L,
+              p.out_h, p.out_w, nhwc ? p.out_channels : L, channels, partial, k0 == 0, k0 + kc >= K, nhwc);
         }
       }
     }
@@ -521,23 +580,23 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
 
 // Forward pass: weights packed, then the direct kernel.
 inline void grouped_forward(const float* input, const float* weight, const float* bias, float* out,
-                            const Conv2dParams& p, bool relu) {
+                            const Conv2dParams& p, bool relu, bool nhwc = false) {
   thread_local AlignedBuffer buf(false);  // every lane written (zero past OCg)
   grouped_direct_forward(input, pack_grouped_weights(weight, p, nullptr, {}, buf, forward_groups_per_vector(p)), bias,
-                         out, p, relu);
+                         out, p, relu, nhwc);
 }
 
 // Backward-input of a stride-1 grouped convolution p: the forward over grad_output with the flipped,
 // transposed weights.
 inline void grouped_backward_input_stride1(const float* grad_output, const float* weight, float* grad_input,
-                                           const Conv2dParams& p) {
+                                           const Conv2dParams& p, bool nhwc = false) {
   const Conv2dParams q = backward_input_params(p);
   const int64_t KK = p.kernel_h * p.kernel_w;
   std::vector<int64_t> reversed(KK);
   for (int64_t j = 0; j < KK; ++j) reversed[j] = KK - 1 - j;
   thread_local AlignedBuffer buf(false);
   grouped_direct_forward(grad_output, pack_grouped_weights(weight, q, &p, reversed, buf, forward_groups_per_vector(q)),
-                         nullptr, grad_input, q, false);
+                         nullptr, grad_input, q, false, nhwc);
 }
 
 // Whether backward-input of a strided grouped convolution runs here, one stride-1 correlation per phase
