@@ -328,12 +328,50 @@ def test_grouped_direct_matches_torch(case, monkeypatch, poison):
 
 
 
+# Groups of 8 or 4 output channels sharing the direct kernel's vectors (2 or 4 groups a vector, the
+# input interleaved), forced on: forward, stride-1 backward-input (groups of 8 or 4 input channels) and
+# the strided backward-input's phases: stride 1 and 2, (2, 1), a last set with fewer groups (3 groups of
+# 4, 5 of 8, 3 of 8), no padding (the interleaved copy still made), padding 2 with a 5x5 kernel,
+# dilation 2, k-blocks (48 input channels a group: 432 taps), batch 1 with rows split over items (one
+# shared interleaved copy), output planes of 1 row and of 1 pixel.
+INTERLEAVED_CASES = [
+    (2, 64, 9, 10, 64, (3, 3), 1, 1, 1, 8),
+    (2, 64, 11, 12, 64, (3, 3), 2, 1, 1, 8),
+    (2, 16, 10, 9, 16, (3, 3), 1, 0, 1, 4),
+    (2, 12, 13, 11, 12, (3, 3), 2, 1, 1, 3),
+    (2, 40, 6, 7, 40, (3, 3), 2, 1, 1, 5),
+    (2, 24, 9, 9, 24, (3, 3), (2, 1), 1, 1, 3),
+    (2, 24, 9, 10, 12, (5, 5), 1, 2, 1, 3),
+    (2, 32, 11, 11, 32, (3, 3), 1, 2, 2, 4),
+    (1, 96, 6, 6, 16, (3, 3), 1, 1, 1, 2),
+    (1, 64, 15, 13, 64, (3, 3), 1, 1, 1, 8),
+    (2, 32, 1, 9, 32, (1, 3), 1, (0, 1), 1, 4),
+    (2, 16, 3, 3, 16, (3, 3), 2, 0, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", INTERLEAVED_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
+def test_grouped_direct_groups_share_vectors(case, monkeypatch, poison):
+    run_grouped_case(case, monkeypatch, 0, "grouped-direct", both_biases=True)
+
+
 # channels_last grouped layers run the grouped kernel's NHWC form (each item's planes transposed from
-# the input's pixels, each tile's pixels stored as NHWC vectors), forward and stride-1 backward-input,
-# on the same cases: channels_last results within tolerance of torch in float64, and the same bits as
+# the input's pixels, interleaved where groups share the vectors, each tile's pixels stored as NHWC
+# vectors), forward and stride-1 backward-input, on the cases above where a set's input channels fit one
+# vector (not 2 groups of 48 input channels): channels_last results within tolerance of torch in float64, and the same bits as
 # the NCHW grouped kernel between transposes (FASTCONV_CPU_CHANNELS_LAST_GROUPED=0 and
 # FASTCONV_CPU_CHANNELS_LAST=0: the same sums in the same order), at 1, 2 and 3 threads.
-@pytest.mark.parametrize("case", GROUPED_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def _nhwc_groups_fit(case):
+    n, c, h, w, oc, k, s, p, d, g = case
+    gi = 16 // (oc // g) if g > 1 and oc // g in (4, 8) else 1
+    return gi == 1 or gi * (c // g) <= 16
+
+
+CHANNELS_LAST_GROUPED_CASES = [c for c in GROUPED_DIRECT_CASES + INTERLEAVED_CASES if _nhwc_groups_fit(c)]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_GROUPED_CASES,
+                         ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
 def test_channels_last_grouped_matches_torch_and_nchw_kernel(case, monkeypatch, poison):
     monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
     n, c, h, w, oc, k, s, p, d, g = case
@@ -374,33 +412,6 @@ def test_channels_last_grouped_matches_torch_and_nchw_kernel(case, monkeypatch, 
         assert_written_and_close(got, exp, f"pass {i}")
         for other in results[1:] + [nchw]:
             assert torch.equal(got, other[i]), f"pass {i}: not the same bits"
-
-# Groups of 8 or 4 output channels sharing the direct kernel's vectors (2 or 4 groups a vector, the
-# input interleaved), forced on: forward, stride-1 backward-input (groups of 8 or 4 input channels) and
-# the strided backward-input's phases: stride 1 and 2, (2, 1), a last set with fewer groups (3 groups of
-# 4, 5 of 8, 3 of 8), no padding (the interleaved copy still made), padding 2 with a 5x5 kernel,
-# dilation 2, k-blocks (48 input channels a group: 432 taps), batch 1 with rows split over items (one
-# shared interleaved copy), output planes of 1 row and of 1 pixel.
-INTERLEAVED_CASES = [
-    (2, 64, 9, 10, 64, (3, 3), 1, 1, 1, 8),
-    (2, 64, 11, 12, 64, (3, 3), 2, 1, 1, 8),
-    (2, 16, 10, 9, 16, (3, 3), 1, 0, 1, 4),
-    (2, 12, 13, 11, 12, (3, 3), 2, 1, 1, 3),
-    (2, 40, 6, 7, 40, (3, 3), 2, 1, 1, 5),
-    (2, 24, 9, 9, 24, (3, 3), (2, 1), 1, 1, 3),
-    (2, 24, 9, 10, 12, (5, 5), 1, 2, 1, 3),
-    (2, 32, 11, 11, 32, (3, 3), 1, 2, 2, 4),
-    (1, 96, 6, 6, 16, (3, 3), 1, 1, 1, 2),
-    (1, 64, 15, 13, 64, (3, 3), 1, 1, 1, 8),
-    (2, 32, 1, 9, 32, (1, 3), 1, (0, 1), 1, 4),
-    (2, 16, 3, 3, 16, (3, 3), 2, 0, 1, 2),
-]
-
-
-@pytest.mark.parametrize("case", INTERLEAVED_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
-def test_grouped_direct_groups_share_vectors(case, monkeypatch, poison):
-    run_grouped_case(case, monkeypatch, 0, "grouped-direct", both_biases=True)
-
 
 # Strided grouped backward-input on the same kernel, one stride-1 correlation per phase of grad_input
 # (8+ input channels per group): stride 2 (whole rows interleaved from two phases; odd and even widths),
@@ -976,6 +987,9 @@ def test_channels_last_direct_rule(monkeypatch):
     assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
     assert fwd((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-grouped"  # ResNeXt's 32 a group
     assert fwd((8, 512, 14, 14), (512, 16, 3, 3), g=32) == "channels-last-grouped"
+    assert fwd((8, 256, 28, 28), (256, 8, 3, 3), g=32) == "channels-last-grouped"  # the NCHW route's GEMM
+    assert fwd((8, 128, 56, 56), (128, 4, 3, 3), g=32) == "channels-last-grouped"
+    assert fwd((1, 96, 6, 6), (16, 48, 3, 3), g=2) != "channels-last-grouped"  # 2 x 48 channels: one vector no
     assert fwd((8, 64, 56, 56), (128, 64, 3, 3), s=2) == "channels-last-direct"
     assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0, cl=False) != "channels-last-direct"
     assert fwd((8, 64, 56, 56), (64, 64, 3, 3)) == "winograd"
@@ -994,6 +1008,7 @@ def test_channels_last_direct_rule(monkeypatch):
     assert bwi((8, 64, 56, 56), (256, 64, 1, 1), p=0) == "channels-last-direct"
     assert bwi((8, 256, 14, 14), (1024, 256, 1, 1), p=0) != "channels-last-direct"
     assert bwi((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-grouped"
+    assert bwi((8, 256, 28, 28), (256, 8, 3, 3), g=32) == "channels-last-grouped"  # 2 groups a vector
     assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) == "channels-last-direct"  # strided 1x1
     assert bwi((8, 512, 28, 28), (1024, 512, 1, 1), s=2, p=0) != "channels-last-direct"
     assert bwi((8, 64, 56, 56), (128, 64, 3, 3), s=2, p=1) != "channels-last-direct"

@@ -687,7 +687,7 @@ bool channels_last_direct(const Conv2dParams& p) {
 // Whether a channels_last float32 grouped layer's forward runs on the grouped direct kernel's NHWC form
 // (cpu/grouped_conv2d.h: each item's planes transposed from the input's pixels, the output stored as
 // NHWC pixels) rather than on the NHWC direct kernel or on the NCHW grouped kernel between transposes
-// of the whole tensors: wherever the NCHW grouped kernel takes the layer with one group a vector.
+// of the whole tensors (cpu::engine::use_grouped_direct_nhwc).
 // FASTCONV_CPU_CHANNELS_LAST_GROUPED=0 turns it off (comparisons), FASTCONV_CPU_CHANNELS_LAST=1 too.
 // Measured in-process, 2 threads, Zen 4, batch 8 (time against torch's channels_last): see
 // benchmarks/README.md.
@@ -695,7 +695,7 @@ bool channels_last_grouped_forward(const Conv2dParams& p) {
   if (!use_engine<float>() || run_direct<float>(p) || p.groups == 1 || engine_rule(p, false) != kGemm) return false;
   if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST_GROUPED", '0', '1') == 0) return false;
   if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1') == 1) return false;  // the NHWC direct kernel forced
-  return cpu::engine::use_grouped_direct(p) && cpu::engine::forward_groups_per_vector(p) == 1;
+  return cpu::engine::use_grouped_direct_nhwc(p);
 }
 
 // The same for a stride-1 backward-input (the forward over grad_output with the flipped weights), where
@@ -705,7 +705,7 @@ bool channels_last_grouped_backward_input(const Conv2dParams& p) {
   if (backward_input_route(p) != BackwardInputRoute::kForwardEngine) return false;
   if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST_GROUPED", '0', '1') == 0) return false;
   const Conv2dParams q = cpu::backward_input_params(p);
-  return cpu::engine::use_grouped_direct(q) && cpu::engine::forward_groups_per_vector(q) == 1;
+  return cpu::engine::use_grouped_direct_nhwc(q);
 }
 
 // Whether a channels_last float32 layer's backward-input runs on the NHWC direct kernel, as the forward

@@ -213,12 +213,11 @@ constexpr int64_t channel_of_lane(int64_t l) {
   return GI == 1 ? l : (l % GI) * (16 / GI) + l / GI;
 }
 
-template <int NV, int R, int P, int SW, int GI = 1, bool NHWC = false>
+template <int NV, int R, int P, int SW, int GI = 1, bool NHWC = false, int PS = 0>
 FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int64_t* koff, int64_t K, const float* w,
                                   const float* bias, bool relu, float* out, int64_t out_w, int64_t out_plane,
                                   int64_t channels, const float* acc_in, float* acc_out) {
   static_assert(GI == 1 || NV == 1, "groups share one vector");
-  static_assert(GI == 1 || !NHWC, "groups share vectors in NCHW planes only");
   constexpr int PX = R * P;
   __m512 acc[PX][NV];
   for (int v = 0; v < NV; ++v) {
@@ -240,7 +239,7 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
     for (int r = 0; r < R; ++r) {
       const float* qr = q + r * row_stride;
       for (int i = 0; i < P; ++i) {
-        const __m512 x = broadcast_lanes<GI>(qr + i * SW * GI);
+        const __m512 x = broadcast_lanes<GI>(qr + i * SW * (PS > 0 ? PS : GI));
         for (int v = 0; v < NV; ++v) acc[r * P + i][v] = _mm512_fmadd_ps(x, wv[v], acc[r * P + i][v]);
       }
     }
@@ -251,11 +250,16 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
     return;
   }
   if constexpr (NHWC) {  // each pixel's channels are consecutive: its vectors stored as they are
+    // (groups sharing the vector: lane l holds channel channel_of_lane(l), permuted into lane order)
+    alignas(64) int32_t order[16];
+    for (int j = 0; j < 16; ++j) order[j] = (j % (16 / GI)) * GI + j / (16 / GI);
+    const __m512i perm = _mm512_load_si512(order);
     for (int r = 0; r < R; ++r) {
       for (int i = 0; i < P; ++i) {
         float* o = out + (r * out_w + i) * out_plane;
         for (int v = 0; v < NV; ++v) {
-          const __m512 y = relu ? _mm512_max_ps(_mm512_setzero_ps(), acc[r * P + i][v]) : acc[r * P + i][v];
+          __m512 y = relu ? _mm512_max_ps(_mm512_setzero_ps(), acc[r * P + i][v]) : acc[r * P + i][v];
+          if (GI > 1) y = _mm512_permutexvar_ps(perm, y);
           _mm512_mask_storeu_ps(o + 16 * v, lane_mask(0, channels - 16 * v), y);
         }
       }
@@ -292,39 +296,50 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
 using GroupedTileFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, const float*, bool, float*,
                                int64_t, int64_t, int64_t, const float*, float*);
 
-template <int NV, int R, int SW, int GI, bool NHWC, int... Ps>
+template <int NV, int R, int SW, int GI, bool NHWC, int PS, int... Ps>
 constexpr std::array<GroupedTileFn, sizeof...(Ps)> grouped_tiles(std::integer_sequence<int, Ps...>) {
-  return {&grouped_tile<NV, R, Ps + 1, SW, GI, NHWC>...};
+  return {&grouped_tile<NV, R, Ps + 1, SW, GI, NHWC, PS>...};
 }
 
 // The kernel for nv vectors, r rows of p pixels (p <= grouped_max_pixels(nv) / r, r <= 2), stride sw <= 2,
 // GI groups a vector.
-template <int NV, int SW, int GI = 1, bool NHWC = false>
+template <int NV, int SW, int GI, bool NHWC, int PS>
 GroupedTileFn grouped_tile_for(int r, int p) {
   constexpr int Pm = grouped_max_pixels(NV);
-  static constexpr auto one = grouped_tiles<NV, 1, SW, GI, NHWC>(std::make_integer_sequence<int, Pm>());
-  static constexpr auto two = grouped_tiles<NV, 2, SW, GI, NHWC>(std::make_integer_sequence<int, Pm / 2>());
+  static constexpr auto one = grouped_tiles<NV, 1, SW, GI, NHWC, PS>(std::make_integer_sequence<int, Pm>());
+  static constexpr auto two = grouped_tiles<NV, 2, SW, GI, NHWC, PS>(std::make_integer_sequence<int, Pm / 2>());
   return r == 1 ? one[p - 1] : two[p - 1];
 }
 
-template <int SW, bool NHWC>
+template <int SW, int GI, bool NHWC, int PS>
 GroupedTileFn grouped_tile_for(int nv, int r, int p) {
-  switch (nv) {
-    case 1:
-      return grouped_tile_for<1, SW, 1, NHWC>(r, p);
-    case 2:
-      return grouped_tile_for<2, SW, 1, NHWC>(r, p);
-    default:
-      return grouped_tile_for<3, SW, 1, NHWC>(r, p);
+  if constexpr (GI > 1) {
+    return grouped_tile_for<1, SW, GI, NHWC, PS>(r, p);
+  } else {
+    switch (nv) {
+      case 1:
+        return grouped_tile_for<1, SW, 1, NHWC, PS>(r, p);
+      case 2:
+        return grouped_tile_for<2, SW, 1, NHWC, PS>(r, p);
+      default:
+        return grouped_tile_for<3, SW, 1, NHWC, PS>(r, p);
+    }
   }
 }
 
-// nhwc: the tiles store NHWC pixels (gi 1) rather than NCHW planes.
+// nhwc: the tiles store NHWC pixels rather than NCHW planes; ps > 0: they read pixel-major padded copies,
+// a pixel's floats ps apart (grouped_pixel_stride), rather than planes.
 template <int SW>
-GroupedTileFn grouped_tile_for(int nv, int r, int p, int64_t gi, bool nhwc) {
-  if (gi == 2) return grouped_tile_for<1, SW, 2>(r, p);
-  if (gi == 4) return grouped_tile_for<1, SW, 4>(r, p);
-  return nhwc ? grouped_tile_for<SW, true>(nv, r, p) : grouped_tile_for<SW, false>(nv, r, p);
+GroupedTileFn grouped_tile_for(int nv, int r, int p, int64_t gi, bool nhwc, int64_t ps) {
+  if (ps == 32) return grouped_tile_for<SW, 1, true, 32>(nv, r, p);
+  if (ps == 16) {
+    return gi == 2   ? grouped_tile_for<SW, 2, true, 16>(nv, r, p)
+           : gi == 4 ? grouped_tile_for<SW, 4, true, 16>(nv, r, p)
+                     : grouped_tile_for<SW, 1, true, 16>(nv, r, p);
+  }
+  if (gi == 2) return nhwc ? grouped_tile_for<SW, 2, true, 0>(nv, r, p) : grouped_tile_for<SW, 2, false, 0>(nv, r, p);
+  if (gi == 4) return nhwc ? grouped_tile_for<SW, 4, true, 0>(nv, r, p) : grouped_tile_for<SW, 4, false, 0>(nv, r, p);
+  return nhwc ? grouped_tile_for<SW, 1, true, 0>(nv, r, p) : grouped_tile_for<SW, 1, false, 0>(nv, r, p);
 }
 
 // Zero-padded copies of `planes` H x W planes into Hp x Wp planes (input at row top, column left; H + top
@@ -389,7 +404,7 @@ struct GroupedShape {
 };
 
 inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t stride_w, int64_t gi = 1,
-                                  bool nhwc = false) {
+                                  bool nhwc = false, int64_t ps = 0) {
   const int pm = grouped_max_pixels(nv);
   GroupedShape s;
   s.segments = ceil_div(out_w, pm);
@@ -397,8 +412,8 @@ inline GroupedShape grouped_shape(int nv, int64_t out_h, int64_t out_w, int64_t 
   s.rows = 2 * s.p <= pm && out_h >= 2 ? 2 : 1;
   s.row_tiles = ceil_div(out_h, s.rows);
   const auto pick = [&](int r) {
-    return stride_w == 1 ? grouped_tile_for<1>(nv, r, int(s.p), gi, nhwc)
-                         : grouped_tile_for<2>(nv, r, int(s.p), gi, nhwc);
+    return stride_w == 1 ? grouped_tile_for<1>(nv, r, int(s.p), gi, nhwc, ps)
+                         : grouped_tile_for<2>(nv, r, int(s.p), gi, nhwc, ps);
   };
   s.fn = pick(int(s.rows));
   s.one = pick(1);
@@ -490,6 +505,102 @@ FASTCONV_AVX512 void pad_planes_interleaved(const float* src, int64_t group_stri
   }
 }
 
+// pad_planes_interleaved from NHWC pixels: the `present` groups' `channels` channels each (src: the first
+// group's first channel at pixel (0, 0); pixels C floats apart; GI * channels <= 16, one masked load a
+// pixel), 16 columns per register transpose, every padded row written whole. Exact stores.
+template <int GI>
+FASTCONV_AVX512 void pad_planes_interleaved_from_nhwc(const float* src, int64_t C, int64_t present, int64_t channels,
+                                                      int64_t H, int64_t W, float* dst, int64_t Hp, int64_t Wp,
+                                                      int64_t top, int64_t left) {
+  const int64_t row_floats = Wp * GI;
+  const __mmask16 cm = lane_mask(0, present * channels);
+  for (int64_t hp = 0; hp < Hp; ++hp) {
+    const int64_t h = hp - top;
+    const bool inside = h >= 0 && h < H;
+    for (int64_t j = 0; j < Wp; j += 16) {  // padded columns j..j+15: input columns j - left..
+      __m512 r[16];
+      bool any = false;
+      for (int x = 0; x < 16; ++x) {
+        const int64_t w = j + x - left;
+        const bool real = inside && w >= 0 && w < W;
+        r[x] = real ? _mm512_maskz_loadu_ps(cm, src + (h * W + w) * C) : _mm512_setzero_ps();
+        any |= real;
+      }
+      if (any) transpose16(r);  // r[i * channels + c]: group i's channel c over the 16 columns
+      const int64_t floats = std::min<int64_t>(16, Wp - j) * GI;
+      for (int64_t c = 0; c < channels; ++c) {
+        __m512 v[GI], out[GI];
+        for (int64_t i = 0; i < GI; ++i) v[i] = r[i * channels + c];
+        interleave_vectors<GI>(v, out);
+        float* d = dst + (c * Hp + hp) * row_floats + j * GI;
+        for (int64_t q = 0; q < GI; ++q) _mm512_mask_storeu_ps(d + 16 * q, lane_mask(0, floats - 16 * q), out[q]);
+      }
+    }
+  }
+}
+
+// The pixel stride of grouped_direct_forward's pixel-major padded copies for NHWC tensors (the set's input
+// channels, GI * in_channels_per_group: 16, or 32 with one group a vector), else 0 (planes, transposed).
+inline int64_t grouped_pixel_stride(const Conv2dParams& p, int64_t gi) {
+  const int64_t floats = gi * p.in_channels_per_group();
+  return floats == 16 || (floats == 32 && gi == 1) ? floats : 0;
+}
+
+// A zero-padded pixel-major copy of a set's channels from NHWC pixels: dst[hp][wp][c][i] (the input at row
+// top, column left; PS = GI * channels floats a pixel) = channel c of group i of the `present` groups at
+// src (the first group's first channel of pixel (0, 0); groups `channels` floats apart, pixels C floats
+// apart). One group: the pixel's floats copied; GI groups: their lanes (i, c) permuted to (c, i).
+template <int GI, int PS>
+FASTCONV_AVX512 void pad_pixels_from_nhwc(const float* src, int64_t C, int64_t present, int64_t channels, int64_t H,
+                                          int64_t W, float* dst, int64_t Hp, int64_t Wp, int64_t top, int64_t left) {
+  alignas(64) int32_t order[16];
+  for (int j = 0; j < 16; ++j) order[j] = static_cast<int32_t>((j % GI) * channels + j / GI);
+  const __m512i perm = _mm512_load_si512(order);
+  const __mmask16 real_lanes = lane_mask(0, present * channels);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t hp = 0; hp < Hp; ++hp) {
+    const int64_t h = hp - top;
+    float* d = dst + hp * Wp * PS;
+    if (h < 0 || h >= H) {
+      for (int64_t i = 0; i < Wp * PS; i += 16) _mm512_storeu_ps(d + i, zero);
+      continue;
+    }
+    for (int64_t wp = 0; wp < Wp; ++wp, d += PS) {
+      const int64_t w = wp - left;
+      if (w < 0 || w >= W) {
+        for (int q = 0; q < PS; q += 16) _mm512_storeu_ps(d + q, zero);
+        continue;
+      }
+      const float* s = src + (h * W + w) * C;
+      if constexpr (GI > 1) {
+        _mm512_storeu_ps(d, _mm512_permutexvar_ps(perm, _mm512_maskz_loadu_ps(real_lanes, s)));
+      } else {
+        for (int q = 0; q < PS; q += 16) _mm512_storeu_ps(d + q, _mm512_loadu_ps(s + q));
+      }
+    }
+  }
+}
+
+// Whether grouped_direct_forward's NHWC form applies to p: one group a vector, or GI groups sharing it
+// whose input channels fit one vector (GI * in_channels_per_group <= 16, as ResNeXt's).
+inline bool grouped_nhwc_applicable(const Conv2dParams& p) {
+  const int64_t gi = forward_groups_per_vector(p);
+  return p.groups > 1 && (gi == 1 || gi * p.in_channels_per_group() <= 16);
+}
+
+// Whether a channels_last grouped convolution (forward, or the forward of a stride-1 backward-input) runs
+// on grouped_direct_forward's NHWC form: wherever the NCHW rule takes the grouped kernel, and also for
+// groups that share the vectors (8 or 4 channels) at the plane sizes where the NCHW route's GEMM is as
+// fast as the grouped kernel, since there the GEMM pays the whole-tensor transposes and this does not
+// (measured in-process, 2 threads, Zen 4, batch 8, ResNeXt's 32 groups of 8 at 28x28: see
+// benchmarks/README.md). FASTCONV_GROUPED_DIRECT=0 turns it off with the NCHW kernel.
+inline bool use_grouped_direct_nhwc(const Conv2dParams& p) {
+  if (!grouped_nhwc_applicable(p)) return false;
+  if (use_grouped_direct(p)) return true;
+  return forward_groups_per_vector(p) > 1 && p.kernel_h * p.kernel_w > 1 && p.stride_w <= 2 &&
+         padded_input_bytes(p) <= kMaxPaddedCopyBytes && forced("FASTCONV_GROUPED_DIRECT", '0', '1') != 0;
+}
+
 // pad_planes_interleaved for gi = 2, 4 or 8.
 inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64_t present, int64_t gi,
                                    int64_t channels, int64_t H, int64_t W, float* dst, int64_t Hp, int64_t Wp,
@@ -501,9 +612,11 @@ inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64
 }
 
 // The forward convolution of p (any stride_h, stride_w <= 2, any dilation) with weights packed by
-// pack_grouped_weights (gi = forward_groups_per_vector(p)). nhwc (gi 1): input and output NHWC, each
-// item's padded planes transposed from the input's pixels (pad_planes_from_nhwc) and the tiles' pixels
-// stored as they are, where the NCHW route transposed the whole input in and the output back.
+// pack_grouped_weights (gi = forward_groups_per_vector(p)). nhwc (grouped_nhwc_applicable): input and
+// output NHWC, each item's padded planes transposed from the input's pixels (pad_planes_from_nhwc, or
+// interleaved for groups sharing the vectors) and the tiles' pixels stored as they are (lanes permuted
+// into channel order where groups share them), where the NCHW route transposed the whole input in and
+// the output back.
 inline void grouped_direct_forward(const float* input, const float* packed, const float* bias, float* out,
                                    const Conv2dParams& p, bool relu, bool nhwc = false) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
@@ -511,13 +624,22 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
   const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
   // A set of gi groups shares the vectors (gi = 1: one group), its input read from an interleaved copy
   const int64_t gi = forward_groups_per_vector(p), sets = ceil_div(G, gi), OCs = gi * OCg;
-  TORCH_INTERNAL_ASSERT(gi == 1 || !nhwc, "grouped_direct_forward: NHWC with groups sharing vectors");
+  TORCH_INTERNAL_ASSERT(!nhwc || grouped_nhwc_applicable(p), "grouped_direct_forward: no NHWC form for these groups");
+  // NHWC: a pixel-major padded copy where a set's input channels are 16 or 32 floats (ps), else planes
+  const int64_t ps = nhwc ? grouped_pixel_stride(p, gi) : 0, step = ps > 0 ? ps : gi;
   std::vector<int64_t> koff = padded_tap_offsets(p, K, plane, Wp);
   for (int64_t& o : koff) o *= gi;
+  if (ps > 0) {  // tap (c, kh, kw): pixel (kh, kw) of the window, then channel c's GI floats
+    const int64_t KK = p.kernel_h * p.kernel_w;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t t = k % KK;
+      koff[k] = ((t / p.kernel_w) * p.dilation_h * Wp + (t % p.kernel_w) * p.dilation_w) * ps + (k / KK) * gi;
+    }
+  }
   const int64_t bc = grouped_block_channels(OCs), blocks = ceil_div(OCs, bc), per_set = grouped_weight_floats(OCs, K);
   std::array<GroupedShape, kGroupedMaxVectors + 1> shapes;
   for (int nv = 1; nv <= kGroupedMaxVectors; ++nv)
-    shapes[nv] = grouped_shape(nv, p.out_h, p.out_w, p.stride_w, gi, nhwc);
+    shapes[nv] = grouped_shape(nv, p.out_h, p.out_w, p.stride_w, gi, nhwc, ps);
   // Work items: (set, image, run of row tiles), the rows split where sets x images give fewer than 4
   // items a thread. An item of whole planes copies its set's planes, zero-padded, into a buffer of its
   // own, which the kernel then reads from L1/L2 (one padded copy of the whole input first: 1.2x the time
@@ -529,7 +651,23 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
   thread_local AlignedBuffer pad_buf(false);   // written in full; kept (fresh buffers page-fault on every call)
   const float* padded = input;
   const auto pad_set = [&](int64_t set, int64_t n, float* dst) {
-    if (nhwc) return pad_planes_from_nhwc(input + n * H * W * C + set * Cg, C, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+    if (ps > 0) {
+      const float* s = input + n * H * W * C + set * gi * Cg;
+      const int64_t present = std::min(gi, G - set * gi);
+      const auto pad = ps == 32  ? &pad_pixels_from_nhwc<1, 32>
+                       : gi == 2 ? &pad_pixels_from_nhwc<2, 16>
+                       : gi == 4 ? &pad_pixels_from_nhwc<4, 16>
+                                 : &pad_pixels_from_nhwc<1, 16>;
+      return pad(s, C, present, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+    }
+    if (nhwc && gi == 1)
+      return pad_planes_from_nhwc(input + n * H * W * C + set * Cg, C, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+    if (nhwc) {
+      const float* s = input + n * H * W * C + set * gi * Cg;
+      const int64_t present = std::min(gi, G - set * gi);
+      return gi == 2 ? pad_planes_interleaved_from_nhwc<2>(s, C, present, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w)
+                     : pad_planes_interleaved_from_nhwc<4>(s, C, present, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+    }
     const float* src = input + (n * C + set * gi * Cg) * H * W;
     if (gi == 1) return pad_planes(src, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
     pad_planes_interleaved(src, Cg * H * W, std::min(gi, G - set * gi), gi, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
@@ -568,7 +706,7 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
         const float* w = packed + set * per_set + b * bc * K;
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
           grouped_row_tiles(
-              s, t0, t1, img, p.stride_h * Wp * gi, p.stride_w * gi, koff.data() + k0, std::min(kc, K - k0),
+              s, t0, t1, img, p.stride_h * Wp * step, p.stride_w * step, koff.data() + k0, std::min(kc, K - k0),
               w + k0 * nv * 16, bias ? bias + g0 * OCg + ch0 : nullptr, relu,
               nhwc ? out + n * L * p.out_channels + g0 * OCg + ch0 : out + (n * p.out_channels + g0 * OCg + ch0) * L,
               p.out_h, p.out_w, nhwc ? p.out_channels : L, channels, partial, k0 == 0, k0 + kc >= K, nhwc);
