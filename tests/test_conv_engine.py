@@ -440,6 +440,52 @@ def test_grouped_strided_backward_input_by_phases(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 1, "grouped-direct-phases")
 
 
+
+def _nhwc_phase_groups_fit(case):
+    """Whether the phases' convolutions (grad_output's channels per group in, the input's out) have an
+    NHWC form: one group a vector, or the groups sharing it fit their input channels in one."""
+    n, c, h, w, oc, k, s, p, d, g = case
+    gi = 16 // (c // g) if g > 1 and c // g in (4, 8) else 1
+    return g > 1 and (gi == 1 or gi * (oc // g) <= 16)
+
+
+# ... and on channels_last tensors its NHWC form (grad_output's pixels padded pixel-major or into planes,
+# each phase's tiles stored as NHWC pixels, copied into grad_input's): within tolerance of torch in
+# float64 and the same bits as the NCHW phases between transposes, at 1, 2 and 3 threads (rows split).
+@pytest.mark.parametrize("case", [c for c in GROUPED_PHASE_CASES if _nhwc_phase_groups_fit(c)],
+                         ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
+def test_channels_last_grouped_strided_backward_input(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    n, c, h, w, oc, k, s, p, d, g = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(oc, c // g, *k, dtype=torch.float64)
+    if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[1] != "channels-last-grouped":
+        pytest.skip("no AVX-512 engine on this CPU")
+    go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g,
+                                               [True, False, False])[0]
+    args = op_args(s, p, d, g)
+
+    def grad_input():
+        return torch.ops.fastconv._conv2d_backward(go.float(), x.float(), wt.float(), *args, [True, False, False])[0]
+
+    old = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(grad_input())
+        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_GROUPED", "0")
+        assert fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/")[1] == "grouped-direct-phases"
+        nchw = grad_input()
+    finally:
+        torch.set_num_threads(old)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert_written_and_close(got[0], want, "grad_input")
+    for other in got[1:] + [nchw]:
+        assert torch.equal(got[0], other)
+
 @pytest.mark.parametrize("threads", [2, 3, 5])
 def test_grouped_phases_split_rows_over_threads(threads, monkeypatch, poison):
     # fewer (group, image) items than threads: each item's phase rows split in pairs, odd row counts too

@@ -698,14 +698,19 @@ bool channels_last_grouped_forward(const Conv2dParams& p) {
   return cpu::engine::use_grouped_direct_nhwc(p);
 }
 
-// The same for a stride-1 backward-input (the forward over grad_output with the flipped weights), where
-// the NCHW route runs it on the grouped kernel.
+// The same for a backward-input: at stride 1 the forward over grad_output with the flipped weights, where
+// the NCHW route runs it on the grouped kernel; strided, the grouped kernel's phases of grad_input
+// (grouped_backward_input_phases), where the NCHW route takes them.
 bool channels_last_grouped_backward_input(const Conv2dParams& p) {
   if (!use_engine<float>() || run_direct<float>(p) || p.groups == 1) return false;
-  if (backward_input_route(p) != BackwardInputRoute::kForwardEngine) return false;
   if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST_GROUPED", '0', '1') == 0) return false;
-  const Conv2dParams q = cpu::backward_input_params(p);
-  return cpu::engine::use_grouped_direct_nhwc(q);
+  const BackwardInputRoute route = backward_input_route(p);
+  Conv2dParams q = cpu::backward_input_params(p);
+  if (route == BackwardInputRoute::kGroupedPhases) {
+    q.stride_h = q.stride_w = 1;  // the phases' convolutions (grouped_backward_input_phases)
+    return cpu::engine::grouped_nhwc_applicable(q);
+  }
+  return route == BackwardInputRoute::kForwardEngine && cpu::engine::use_grouped_direct_nhwc(q);
 }
 
 // Whether a channels_last float32 layer's backward-input runs on the NHWC direct kernel, as the forward
@@ -945,9 +950,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   if (nhwc_input && !stride1_nhwc && !shortcut_nhwc && channels_last_grouped_backward_input(p)) {
     // the grouped kernel's NHWC form over NHWC grad_output, into NHWC grad_input
     grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
-    cpu::engine::grouped_backward_input_stride1(go_nhwc().const_data_ptr<float>(),
-                                                contiguous_nchw(weight).const_data_ptr<float>(),
-                                                grad_input.data_ptr<float>(), p, true);
+    const at::Tensor weight_c = contiguous_nchw(weight);
+    const float* w = weight_c.const_data_ptr<float>();
+    if (backward_input_route(p) == BackwardInputRoute::kGroupedPhases) {
+      cpu::engine::grouped_backward_input_phases(go_nhwc().const_data_ptr<float>(), w, grad_input.data_ptr<float>(), p,
+                                                 true);
+    } else {
+      cpu::engine::grouped_backward_input_stride1(go_nhwc().const_data_ptr<float>(), w, grad_input.data_ptr<float>(), p,
+                                                  true);
+    }
     nchw_mask[0] = false;
   }
 #endif

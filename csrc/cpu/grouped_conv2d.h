@@ -779,6 +779,26 @@ FASTCONV_AVX512 inline void write_phase_rows(const float* const* plane, const in
   }
 }
 
+// write_phase_rows for NHWC: the phases' pixel-major results (plane[b]: ci x cj[b] pixels of `channels`
+// floats, null: zeros) into grad_input's pixels (a + SH i, b + SW j), i0 <= i < i1, `channels` floats
+// each at dst (pixels C floats apart, rows W pixels).
+FASTCONV_AVX512 inline void write_phase_pixels(const float* const* plane, const int64_t* cj, int64_t channels,
+                                               int64_t i0, int64_t i1, float* dst, int64_t W, int64_t C, int64_t a,
+                                               int64_t SH, int64_t SW) {
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t b = 0; b < SW; ++b) {
+      for (int64_t j = 0; j < cj[b]; ++j) {
+        float* d = dst + ((a + SH * i) * W + b + SW * j) * C;
+        const float* s = plane[b] ? plane[b] + (i * cj[b] + j) * channels : nullptr;
+        for (int64_t c = 0; c < channels; c += 16) {
+          const __mmask16 m = lane_mask(0, channels - c);
+          _mm512_mask_storeu_ps(d + c, m, s ? _mm512_maskz_loadu_ps(m, s + c) : _mm512_setzero_ps());
+        }
+      }
+    }
+  }
+}
+
 // Backward-input of a strided grouped convolution p (dilation 1): grad_input's phase (a, b), its rows
 // a + SH i and columns b + SW j, gets gradient only from the kernel taps r_a + SH t, r_b + SW u
 // (PhaseDim, phase_backward_input.h), a stride-1 correlation of grad_output with those taps reversed.
@@ -787,7 +807,7 @@ FASTCONV_AVX512 inline void write_phase_rows(const float* const* plane, const in
 // (col2im, which this replaces for these layers, reduced over a group's 16-32
 // output channels per GEMM: 1.8-2.2x torch's time.)
 inline void grouped_backward_input_phases(const float* grad_output, const float* weight, float* grad_input,
-                                          const Conv2dParams& p) {
+                                          const Conv2dParams& p, bool nhwc = false) {
   const int64_t N = p.batch, G = p.groups, C = p.in_channels, OC = p.out_channels, Cg = p.in_channels_per_group();
   const int64_t OCg = p.out_channels_per_group(), H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
   const int64_t SH = p.stride_h, SW = p.stride_w, KW = p.kernel_w;
@@ -806,6 +826,10 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
   Conv2dParams whole = backward_input_params(p);
   whole.stride_h = whole.stride_w = 1;
   const int64_t gi = forward_groups_per_vector(whole), sets = ceil_div(G, gi), Cs = gi * Cg;
+  // NHWC (grouped_nhwc_applicable(whole)): grad_output's pixels padded pixel-major where a set's channels
+  // are 16 or 32 floats, else into planes; each phase's tiles store NHWC pixels, copied into grad_input's
+  TORCH_INTERNAL_ASSERT(!nhwc || grouped_nhwc_applicable(whole), "grouped_backward_input_phases: no NHWC form");
+  const int64_t ps = nhwc ? grouped_pixel_stride(whole, gi) : 0, step = ps > 0 ? ps : gi;
   struct Phase {
     int64_t a, b, count_i, count_j, origin;  // origin: phase pixel (0, 0)'s window in the padded planes
     bool zero;                               // no tap reaches it
@@ -824,7 +848,7 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
       ph.a = a, ph.b = b, ph.count_i = dh.count, ph.count_j = dw.count;
       ph.zero = dh.taps == 0 || dw.taps == 0;
       if (ph.count_i == 0 || ph.count_j == 0 || ph.zero) continue;
-      ph.origin = ((dh.shift + top) * Wq + dw.shift + left) * gi;
+      ph.origin = ((dh.shift + top) * Wq + dw.shift + left) * step;
       Conv2dParams q{};
       q.batch = N, q.in_channels = OC, q.in_h = Hq, q.in_w = Wq, q.out_channels = C, q.groups = G;
       q.kernel_h = dh.taps, q.kernel_w = dw.taps, q.out_h = dh.count, q.out_w = dw.count;
@@ -836,7 +860,15 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
       ph.packed = pack_grouped_weights(weight, q, &p, taps, weight_bufs[a * SW + b], gi);
       ph.koff = padded_tap_offsets(q, q.col_rows_per_group(), plane, Wq);
       for (int64_t& o : ph.koff) o *= gi;
-      for (int nv = 1; nv <= kGroupedMaxVectors; ++nv) ph.shapes[nv] = grouped_shape(nv, dh.count, dw.count, 1, gi);
+      if (ps > 0) {  // tap (c, u, v): pixel (u, v) of the window, then channel c's GI floats
+        const int64_t KKq = dh.taps * dw.taps;
+        for (int64_t k = 0; k < static_cast<int64_t>(ph.koff.size()); ++k) {
+          const int64_t t = k % KKq;
+          ph.koff[k] = ((t / dw.taps) * Wq + t % dw.taps) * ps + (k / KKq) * gi;
+        }
+      }
+      for (int nv = 1; nv <= kGroupedMaxVectors; ++nv)
+        ph.shapes[nv] = grouped_shape(nv, dh.count, dw.count, 1, gi, nhwc, ps);
       scratch = std::max(scratch, dh.count * dw.count);
     }
   }
@@ -856,7 +888,20 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
     for (int64_t item = begin; item < end; ++item) {
       const int64_t set = item / (N * parts), n = (item / parts) % N, part = item % parts, g0 = set * gi;
       const float* src = grad_output + (n * OC + g0 * OCg) * OH * OW;
-      if (gi == 1) {
+      const int64_t present = std::min(gi, G - g0);
+      const float* src_nhwc = grad_output + n * OH * OW * OC + g0 * OCg;
+      if (ps > 0) {
+        const auto pad = ps == 32  ? &pad_pixels_from_nhwc<1, 32>
+                         : gi == 2 ? &pad_pixels_from_nhwc<2, 16>
+                         : gi == 4 ? &pad_pixels_from_nhwc<4, 16>
+                                   : &pad_pixels_from_nhwc<1, 16>;
+        pad(src_nhwc, OC, present, OCg, OH, OW, padded, Hq, Wq, top, left);
+      } else if (nhwc && gi == 1) {
+        pad_planes_from_nhwc(src_nhwc, OC, OCg, OH, OW, padded, Hq, Wq, top, left);
+      } else if (nhwc) {
+        (gi == 2 ? &pad_planes_interleaved_from_nhwc<2>
+                 : &pad_planes_interleaved_from_nhwc<4>)(src_nhwc, OC, present, OCg, OH, OW, padded, Hq, Wq, top, left);
+      } else if (gi == 1) {
         pad_planes(src, OCg, OH, OW, padded, Hq, Wq, top, left);
       } else {
         pad_planes_interleaved(src, OCg * OH * OW, std::min(gi, G - g0), gi, OCg, OH, OW, padded, Hq, Wq, top, left);
@@ -877,13 +922,18 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
             const int64_t K = static_cast<int64_t>(ph.koff.size()), L = ph.count_i * ph.count_j;
             float* o = out + bb * block_scratch;
             const GroupedShape& s = ph.shapes[ceil_div(channels, 16)];
-            grouped_row_tiles(s, i0 / s.rows, ceil_div(i1, s.rows), padded + ph.origin, Wq * gi, gi, ph.koff.data(), K,
-                              ph.packed + set * grouped_weight_floats(Cs, K) + b * bc * K, nullptr, false, o,
-                              ph.count_i, ph.count_j, L, channels);
+            grouped_row_tiles(s, i0 / s.rows, ceil_div(i1, s.rows), padded + ph.origin, Wq * step, step, ph.koff.data(),
+                              K, ph.packed + set * grouped_weight_floats(Cs, K) + b * bc * K, nullptr, false, o,
+                              ph.count_i, ph.count_j, nhwc ? channels : L, channels, nullptr, true, true, nhwc);
             planes[bb] = o;
           }
-          write_phase_rows(planes.data(), cj.data(), channels, rows[a].count, i0, i1, gi_planes + ch0 * H * W, H, W, a,
-                           SH, SW);
+          if (nhwc) {
+            write_phase_pixels(planes.data(), cj.data(), channels, i0, i1, grad_input + n * H * W * C + g0 * Cg + ch0,
+                               W, C, a, SH, SW);
+          } else {
+            write_phase_rows(planes.data(), cj.data(), channels, rows[a].count, i0, i1, gi_planes + ch0 * H * W, H, W,
+                             a, SH, SW);
+          }
         }
       }
     }
