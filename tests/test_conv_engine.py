@@ -556,6 +556,57 @@ def test_grouped_weight_grad_matches_torch(case, monkeypatch, poison):
     run_grouped_case(case, monkeypatch, 2, "grouped-direct")
 
 
+def _nhwc_weight_grad_groups_fit(case):
+    """Input channels in the lanes (at most 16 input and output channels a group), the set's grad_output
+    channels in one vector too."""
+    n, c, h, w, oc, k, s, p, d, g = case
+    cg, ocg = c // g, oc // g
+    gi = 1
+    while gi < 8 and 2 * gi * cg <= 16 and gi < g:
+        gi *= 2
+    return cg <= 16 and ocg <= 16 and gi * ocg <= 16
+
+
+# ... and on channels_last tensors its NHWC form (each item's padded input pixels and grad_output planes
+# made from their pixels): within tolerance of torch in float64 and the same bits as the NCHW kernel
+# between transposes, at 1, 2 and 3 threads.
+@pytest.mark.parametrize("case", [c for c in GROUPED_WEIGHT_GRAD_CASES if _nhwc_weight_grad_groups_fit(c)],
+                         ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def test_channels_last_grouped_weight_grad(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "gemm")
+    n, c, h, w, oc, k, s, p, d, g = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(oc, c // g, *k, dtype=torch.float64)
+    if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[2] != "channels-last-grouped":
+        pytest.skip("no AVX-512 engine on this CPU")
+    go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g,
+                                               [False, True, False])[1]
+    args = op_args(s, p, d, g)
+
+    def grad_weight():
+        return torch.ops.fastconv._conv2d_backward(go.float(), x.float(), wt.float(), *args, [False, True, False])[1]
+
+    old = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(grad_weight())
+        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_GROUPED", "0")
+        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", "0")
+        assert (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[2] == "grouped-direct"
+        nchw = grad_weight()
+    finally:
+        torch.set_num_threads(old)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert_written_and_close(got[0], want, "grad_weight")
+    for other in got[1:] + [nchw]:
+        assert torch.equal(got[0], other)
+
+
 def test_grouped_weight_grad_chunks_same_bits_at_any_thread_count():
     # partial grad_weights per chunk of images, added in order: independent of the threads
     x, w = torch.randn(5, 64, 20, 20), torch.randn(64, 8, 3, 3)

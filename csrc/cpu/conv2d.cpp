@@ -416,6 +416,7 @@ BackwardInputRoute backward_input_route(const Conv2dParams& p) {
 bool channels_last_direct(const Conv2dParams& p);
 bool channels_last_grouped_forward(const Conv2dParams& p);
 bool channels_last_grouped_backward_input(const Conv2dParams& p);
+bool channels_last_grouped_weight_grad(const Conv2dParams& p);
 bool channels_last_backward_input(const Conv2dParams& p);
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 bool channels_last_weight_grad_in_place(const Conv2dParams& p);
@@ -455,6 +456,7 @@ std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_la
   const int bww_algo = bww_measured >= 0 ? bww_measured : engine_rule(p, true);
   const std::string bww =
       channels_last_result && float32 && channels_last_weight_grad_in_place(p) ? "channels-last-direct"
+      : channels_last && float32 && channels_last_grouped_weight_grad(p)       ? "channels-last-grouped"
       : bww_algo == kGemm && cpu::engine::grouped_weight_grad_wanted(p)        ? std::string("grouped-direct")
                                                                                : kEngineKernelNames[bww_algo];
   if (fwd == bwi && bwi == bww) return fwd;
@@ -713,6 +715,15 @@ bool channels_last_grouped_backward_input(const Conv2dParams& p) {
   return route == BackwardInputRoute::kForwardEngine && cpu::engine::use_grouped_direct_nhwc(q);
 }
 
+// The same for a backward-weight that the NCHW route runs on the grouped kernel with the input channels in
+// the lanes (grouped_weight_grad_nhwc_applicable: groups of at most 16 channels, ResNeXt's 4, 8 and 16).
+bool channels_last_grouped_weight_grad(const Conv2dParams& p) {
+  if (!use_engine<float>() || run_direct<float>(p) || p.groups == 1) return false;
+  if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST_GROUPED", '0', '1') == 0) return false;
+  return engine_rule(p, true) == kGemm && cpu::engine::grouped_weight_grad_wanted(p) &&
+         cpu::engine::grouped_weight_grad_nhwc_applicable(p);
+}
+
 // Whether a channels_last float32 layer's backward-input runs on the NHWC direct kernel, as the forward
 // of grad_output with the flipped, transposed weights (flipped_conv.h; stride 1; the grad_input is
 // channels_last, as torch's): where the forward's rule takes that convolution, ungrouped, at most 300
@@ -923,6 +934,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
     grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
     cpu::engine::backward_weight_channels_last_in_place(
         go_nhwc().const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(), grad_weight_nhwc.data_ptr<float>(), p);
+    nchw_mask[1] = false;
+  }
+  if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input) &&
+      channels_last_grouped_weight_grad(p)) {
+    // the grouped kernel's NHWC form: each item's input and grad_output from their pixels
+    const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
+    grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
+    cpu::engine::grouped_backward_weight(go_nhwc().const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(),
+                                         grad_weight_nhwc.data_ptr<float>(), p, true);
     nchw_mask[1] = false;
   }
   const bool nhwc_input =

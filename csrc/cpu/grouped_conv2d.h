@@ -549,12 +549,13 @@ inline int64_t grouped_pixel_stride(const Conv2dParams& p, int64_t gi) {
 // A zero-padded pixel-major copy of a set's channels from NHWC pixels: dst[hp][wp][c][i] (the input at row
 // top, column left; PS = GI * channels floats a pixel) = channel c of group i of the `present` groups at
 // src (the first group's first channel of pixel (0, 0); groups `channels` floats apart, pixels C floats
-// apart). One group: the pixel's floats copied; GI groups: their lanes (i, c) permuted to (c, i).
+// apart). One group: the pixel's floats copied; GI groups: their lanes (i, c) permuted to (c, i). Lanes
+// past GI * channels (at most PS) are zero.
 template <int GI, int PS>
 FASTCONV_AVX512 void pad_pixels_from_nhwc(const float* src, int64_t C, int64_t present, int64_t channels, int64_t H,
                                           int64_t W, float* dst, int64_t Hp, int64_t Wp, int64_t top, int64_t left) {
-  alignas(64) int32_t order[16];
-  for (int j = 0; j < 16; ++j) order[j] = static_cast<int32_t>((j % GI) * channels + j / GI);
+  alignas(64) int32_t order[16];  // lane 15 is zero where GI * channels < 16 (the load's mask)
+  for (int j = 0; j < 16; ++j) order[j] = static_cast<int32_t>(j < GI * channels ? (j % GI) * channels + j / GI : 15);
   const __m512i perm = _mm512_load_si512(order);
   const __mmask16 real_lanes = lane_mask(0, present * channels);
   const __m512 zero = _mm512_setzero_ps();
@@ -575,7 +576,8 @@ FASTCONV_AVX512 void pad_pixels_from_nhwc(const float* src, int64_t C, int64_t p
       if constexpr (GI > 1) {
         _mm512_storeu_ps(d, _mm512_permutexvar_ps(perm, _mm512_maskz_loadu_ps(real_lanes, s)));
       } else {
-        for (int q = 0; q < PS; q += 16) _mm512_storeu_ps(d + q, _mm512_loadu_ps(s + q));
+        for (int q = 0; q < PS; q += 16)
+          _mm512_storeu_ps(d + q, _mm512_maskz_loadu_ps(lane_mask(0, channels - q), s + q));
       }
     }
   }
@@ -1124,8 +1126,18 @@ FASTCONV_AVX512 inline void transpose_group_input_padded(const float* input, con
   }
 }
 
+// Whether grouped_backward_weight's NHWC form applies: the input channels in the lanes, the set's grad_output
+// channels in one vector too (GI * out_channels_per_group <= 16: ResNeXt's 4, 8 and 16 a group).
+inline bool grouped_weight_grad_nhwc_applicable(const Conv2dParams& p) {
+  const int64_t OCg = p.out_channels_per_group(), Cg = p.in_channels_per_group();
+  return OCg <= 16 && Cg <= 16 && groups_per_vector(Cg, p.groups) * OCg <= 16;
+}
+
+// nhwc (grouped_weight_grad_nhwc_applicable): grad_output and the input NHWC, each item's padded input
+// pixels and its grad_output planes made from their pixels (no whole-tensor transposes).
 inline void grouped_backward_weight(const float* grad_output, const float* input, float* grad_weight,
-                                    const Conv2dParams& p) {
+                                    const Conv2dParams& p, bool nhwc = false) {
+  TORCH_INTERNAL_ASSERT(!nhwc || grouped_weight_grad_nhwc_applicable(p), "grouped_backward_weight: no NHWC form");
   const int64_t N = p.batch, G = p.groups, C = p.in_channels, Cg = p.in_channels_per_group();
   const int64_t OCg = p.out_channels_per_group(), L = p.out_plane();
   const int64_t H = p.in_h, W = p.in_w, Hp = H + 2 * p.pad_h, Wp = W + 2 * p.pad_w, plane = Hp * Wp;
@@ -1145,12 +1157,34 @@ inline void grouped_backward_weight(const float* grad_output, const float* input
       for (int64_t t = b0; t < b1; ++t) {
         const int64_t set = t / chunks, part = t % chunks, n0 = part * chunk, images = std::min(chunk, N - n0);
         const int64_t g0 = set * gi, present = std::min(gi, G - g0);
-        for (int64_t i = 0; i < images; ++i)
-          transpose_group_input_padded(input, p, g0, gi, n0 + i, xt + i * plane * 16);
-        // grad_output: the set's [o][pixel] planes, or with gi > 1 interleaved [n][o][pixel][gi]
+        for (int64_t i = 0; i < images; ++i) {
+          float* x = xt + i * plane * 16;
+          if (nhwc) {
+            const float* src = input + (n0 + i) * H * W * C + g0 * Cg;
+            const auto pad = gi == 1   ? &pad_pixels_from_nhwc<1, 16>
+                             : gi == 2 ? &pad_pixels_from_nhwc<2, 16>
+                             : gi == 4 ? &pad_pixels_from_nhwc<4, 16>
+                                       : &pad_pixels_from_nhwc<8, 16>;
+            pad(src, C, present, Cg, H, W, x, Hp, Wp, p.pad_h, p.pad_w);
+          } else {
+            transpose_group_input_padded(input, p, g0, gi, n0 + i, x);
+          }
+        }
+        // grad_output: the set's [o][pixel] planes, or with gi > 1 (or NHWC) interleaved [n][o][pixel][gi]
         const float* go = grad_output + (n0 * p.out_channels + g0 * OCg) * L;
         int64_t go_o = L, go_image = p.out_channels * L;
-        if (gi > 1) {
+        if (nhwc) {
+          float* dst = go_set_buf.get(images * OCg * L * gi);
+          const auto interleave = gi == 1   ? &pad_planes_interleaved_from_nhwc<1>
+                                  : gi == 2 ? &pad_planes_interleaved_from_nhwc<2>
+                                  : gi == 4 ? &pad_planes_interleaved_from_nhwc<4>
+                                            : &pad_planes_interleaved_from_nhwc<8>;
+          for (int64_t i = 0; i < images; ++i) {  // each image's pixels as rows of L pixels
+            interleave(grad_output + ((n0 + i) * L * p.out_channels + g0 * OCg), p.out_channels, present, OCg, 1, L,
+                       dst + i * OCg * L * gi, 1, L, 0, 0);
+          }
+          go = dst, go_o = L * gi, go_image = OCg * L * gi;
+        } else if (gi > 1) {
           float* dst = go_set_buf.get(images * OCg * L * gi);
           for (int64_t i = 0; i < images; ++i) {  // each image's OCg planes of the set's groups: rows of L pixels
             pad_planes_interleaved(grad_output + ((n0 + i) * p.out_channels + g0 * OCg) * L, OCg * L, present, gi, OCg,
