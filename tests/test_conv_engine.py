@@ -967,8 +967,13 @@ def test_channels_last_weight_grad_in_place_rule():
 
 # The NHWC depthwise kernels (cpu/channels_last_depthwise.h): channel counts off the 16-lane vector and
 # the 128-channel block (17, 130, 300), border columns and interior 2-pixel tiles with a tail, stride,
-# dilation, asymmetric kernels and padding, padding past the kernel's reach, 1x1, batch 1.
+# dilation, asymmetric kernels and padding, padding past the kernel's reach, 1x1, batch 1; 3x3
+# backward-weight's register blocks of 1-3 vectors (200 channels: 3+3+3+2+2), planes narrower than the
+# taps' reach, and a plane past 28x28 (the per-tap dots).
 CHANNELS_LAST_DEPTHWISE_CASES = [
+    (2, 200, 6, 7, (3, 3), 1, 1, 1),
+    (2, 40, 3, 2, (3, 3), (2, 1), 1, 1),
+    (1, 64, 30, 29, (3, 3), 1, 1, 1),
     (2, 17, 9, 11, (3, 3), 1, 1, 1),
     (1, 144, 14, 14, (3, 3), 2, 1, 1),
     (2, 40, 13, 12, (5, 5), 2, 2, 1),
