@@ -646,6 +646,31 @@ def test_channels_last_weight_grad_matches_torch(case, monkeypatch, poison):
     run_case(*case)
 
 
+
+# ... on channels_last tensors straight from their pixels (the padded copy by row copies, grad_output's
+# rows by one transpose): within tolerance of torch in float64, the same bits as from NCHW tensors.
+@pytest.mark.parametrize("case", CHANNELS_LAST_WEIGHT_GRAD_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-g{c[9]}")
+def test_channels_last_weight_grad_from_nhwc_tensors(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "channels-last")
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", "0")  # not the in-place kernel
+    n, c, h, w, oc, k, s, p, d, g = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    wt = torch.randn(oc, c // g, *k, dtype=torch.float64)
+    xc = x.float().contiguous(memory_format=torch.channels_last)
+    if (fastconv.conv2d_algorithm(xc, wt.float(), s, p, d, g).split("/") * 3)[2] != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g,
+                                               [False, True, False])[1]
+    args = op_args(s, p, d, g)
+    mask = [False, True, False]
+    got = torch.ops.fastconv._conv2d_backward(go.float().contiguous(memory_format=torch.channels_last), xc,
+                                              wt.float(), *args, mask)[1]
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_written_and_close(got, want, "grad_weight")
+    nchw = torch.ops.fastconv._conv2d_backward(go.float(), x.float(), wt.float(), *args, mask)[1]
+    assert torch.equal(got, nchw)
+
 def test_channels_last_weight_grad_same_bits_at_any_thread_count(monkeypatch):
     # every grad_weight element is one task's fixed-order sum over the whole batch: no partials
     monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "channels-last")

@@ -77,8 +77,40 @@ inline void copy_channels_last(const float* input, const Conv2dParams& p, const 
   });
 }
 
+// copy_channels_last from an NHWC input: each pixel's group channels copied as they are (whole rows where
+// one group fills the vectors), no transposes.
+inline void copy_channels_last_from_nhwc(const float* input, const Conv2dParams& p, const ChannelsLastCopy& s,
+                                         float* dst) {
+  const int64_t G = p.groups, N = p.batch, C = p.in_channels, Cg = p.in_channels_per_group(), H = p.in_h, W = p.in_w;
+  at::parallel_for(0, G * N * s.Hp, grain_for(s.Wp * s.Cv), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t g = b / (N * s.Hp), n = (b / s.Hp) % N, y = b % s.Hp, ih = y - p.pad_h;
+      float* row = dst + b * s.Wp * s.Cv;
+      if (ih < 0 || ih >= H) {
+        std::memset(row, 0, sizeof(float) * s.Wp * s.Cv);
+        continue;
+      }
+      const int64_t w0 = std::max<int64_t>(0, -p.pad_w), w1 = std::min<int64_t>(W, s.Wp - p.pad_w);
+      const int64_t x0 = w0 + p.pad_w, x1 = std::max(x0, w1 + p.pad_w);
+      std::memset(row, 0, sizeof(float) * x0 * s.Cv);
+      std::memset(row + x1 * s.Cv, 0, sizeof(float) * (s.Wp - x1) * s.Cv);
+      const float* src = input + ((n * H + ih) * W + w0) * C + g * Cg;
+      if (G == 1 && Cg == s.Cv) {
+        std::memcpy(row + x0 * s.Cv, src, sizeof(float) * (x1 - x0) * C);
+        continue;
+      }
+      for (int64_t x = x0; x < x1; ++x, src += C) {
+        std::memcpy(row + x * s.Cv, src, sizeof(float) * Cg);
+        std::memset(row + x * s.Cv + Cg, 0, sizeof(float) * (s.Cv - Cg));
+      }
+    }
+  });
+}
+
+// nhwc: grad_output and the input NHWC (the copy made from the input's pixels, grad_output's rows by one
+// transpose), where the NCHW route transposed both in and the copy transposed the input back.
 inline void backward_weight_channels_last(const float* grad_output, const float* input, float* grad_weight,
-                                          const Conv2dParams& p) {
+                                          const Conv2dParams& p, bool nhwc = false) {
   const ChannelsLastCopy s(p);
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), Cg = p.in_channels_per_group();
   const int64_t N = p.batch, L = p.out_plane(), NL = N * L, KK = p.kernel_h * p.kernel_w;
@@ -88,10 +120,18 @@ inline void backward_weight_channels_last(const float* grad_output, const float*
   thread_local AlignedBuffer copy_buf(false), go_buf(false);
   thread_local std::vector<int64_t> koff;
   float* x = copy_buf.get(G * N * s.image());
-  copy_channels_last(input, p, s, x);
+  if (nhwc) {
+    copy_channels_last_from_nhwc(input, p, s, x);
+  } else {
+    copy_channels_last(input, p, s, x);
+  }
   // grad_output as rows of the batch's pixels: [oc][n*L + q] (in place at batch 1)
   const float* go = grad_output;
-  if (N > 1) {
+  if (nhwc) {
+    float* t = go_buf.get(p.out_channels * NL);
+    transpose_batch(grad_output, 1, NL, p.out_channels, t);
+    go = t;
+  } else if (N > 1) {
     float* t = go_buf.get(p.out_channels * NL);
     at::parallel_for(0, p.out_channels, grain_for(NL), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {

@@ -937,6 +937,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
     nchw_mask[1] = false;
   }
   if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input) &&
+      use_engine<float>() && !run_direct<float>(p) && g_algorithm_setting.load() != kSettingBenchmark &&
+      engine_rule(p, true) == kChannelsLast) {
+    // the channels-last backward-weight kernel straight from the NHWC tensors (its padded copy made from
+    // the input's pixels)
+    const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
+    grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
+    cpu::engine::backward_weight_channels_last(go_nhwc().const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(),
+                                               grad_weight_nhwc.data_ptr<float>(), p, true);
+    nchw_mask[1] = false;
+  }
+  if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input) &&
       channels_last_grouped_weight_grad(p)) {
     // the grouped kernel's NHWC form: each item's input and grad_output from their pixels
     const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
