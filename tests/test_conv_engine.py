@@ -361,6 +361,19 @@ def test_grouped_direct_groups_share_vectors(case, monkeypatch, poison):
 # vector (not 2 groups of 48 input channels): channels_last results within tolerance of torch in float64, and the same bits as
 # the NCHW grouped kernel between transposes (FASTCONV_CPU_CHANNELS_LAST_GROUPED=0 and
 # FASTCONV_CPU_CHANNELS_LAST=0: the same sums in the same order), at 1, 2 and 3 threads.
+def at_1_2_3_threads(fn):
+    """fn() at 1, 2 and 3 threads, the thread count restored after."""
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(old)
+
+
 def _nhwc_groups_fit(case):
     n, c, h, w, oc, k, s, p, d, g = case
     gi = 16 // (oc // g) if g > 1 and oc // g in (4, 8) else 1
@@ -392,18 +405,11 @@ def test_channels_last_grouped_matches_torch_and_nchw_kernel(case, monkeypatch, 
                 torch.ops.fastconv.conv2d_relu(xf, wf, bf, *args)]
         return outs + [torch.ops.fastconv._conv2d_backward(gof, xf, wf, *args, [True, False, False])[0]]
 
-    old = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(passes())
-        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_GROUPED", "0")
-        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")  # nor the NHWC direct kernel
-        assert fastconv.conv2d_algorithm(xf, wf, s, p, d, g).split("/")[0] == "grouped-direct"
-        nchw = passes()
-    finally:
-        torch.set_num_threads(old)
+    results = at_1_2_3_threads(passes)
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_GROUPED", "0")
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")  # nor the NHWC direct kernel
+    assert fastconv.conv2d_algorithm(xf, wf, s, p, d, g).split("/")[0] == "grouped-direct"
+    nchw = passes()
     expected = [ref, ref - b.view(1, -1, 1, 1), ref.relu(), want[0]]
     for i, (got, exp) in enumerate(zip(results[0], expected)):
         if i == 3 and names[1] != "channels-last-grouped":
@@ -455,47 +461,41 @@ def _nhwc_phase_groups_fit(case):
 @pytest.mark.parametrize("case", [c for c in GROUPED_PHASE_CASES if _nhwc_phase_groups_fit(c)],
                          ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[6]}-g{c[9]}")
 def test_channels_last_grouped_strided_backward_input(case, monkeypatch, poison):
+    run_channels_last_grouped_gradient(case, monkeypatch, 0, "grouped-direct-phases")
+
+
+def run_channels_last_grouped_gradient(case, monkeypatch, i, nchw_name):
+    """Gradient i (0: input, 1: weight) of a channels_last grouped layer on the grouped kernel's NHWC form
+    (skipped without the AVX-512 engine): within tolerance of torch in float64, the same bits at 1, 2 and
+    3 threads and as the NCHW kernel `nchw_name` between transposes."""
     monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
+    monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "gemm")  # groups of 32+: not the channels-last kernel
     n, c, h, w, oc, k, s, p, d, g = case
     x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     wt = torch.randn(oc, c // g, *k, dtype=torch.float64)
-    if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[1] != "channels-last-grouped":
+
+    def name():
+        return (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[i + 1]
+    if name() != "channels-last-grouped":
         pytest.skip("no AVX-512 engine on this CPU")
     go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64).contiguous(
         memory_format=torch.channels_last)
-    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g,
-                                               [True, False, False])[0]
+    mask = [i == 0, i == 1, False]
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g, mask)[i]
     args = op_args(s, p, d, g)
 
-    def grad_input():
-        return torch.ops.fastconv._conv2d_backward(go.float(), x.float(), wt.float(), *args, [True, False, False])[0]
+    def gradient():
+        return torch.ops.fastconv._conv2d_backward(go.float(), x.float(), wt.float(), *args, mask)[i]
 
-    old = torch.get_num_threads()
-    try:
-        got = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            got.append(grad_input())
-        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_GROUPED", "0")
-        assert fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/")[1] == "grouped-direct-phases"
-        nchw = grad_input()
-    finally:
-        torch.set_num_threads(old)
+    got = at_1_2_3_threads(gradient)
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_GROUPED", "0")
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", "0")
+    assert name() == nchw_name
+    nchw = gradient()
     assert got[0].is_contiguous(memory_format=torch.channels_last)
-    assert_written_and_close(got[0], want, "grad_input")
+    assert_written_and_close(got[0], want, f"gradient {i}")
     for other in got[1:] + [nchw]:
         assert torch.equal(got[0], other)
-
-@pytest.mark.parametrize("threads", [2, 3, 5])
-def test_grouped_phases_split_rows_over_threads(threads, monkeypatch, poison):
-    # fewer (group, image) items than threads: each item's phase rows split in pairs, odd row counts too
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        run_grouped_case((1, 64, 15, 13, 64, (3, 3), 2, 1, 1, 2), monkeypatch, 1, "grouped-direct-phases")
-        run_grouped_case((1, 32, 11, 9, 32, (3, 3), (2, 1), 1, 1, 1), monkeypatch, 1, "grouped-direct-phases")
-    finally:
-        torch.set_num_threads(old)
 
 
 # Grouped 3x3 backward-weight on the channel-lane kernels: output channels in the lanes (1-3 vectors a
@@ -573,38 +573,7 @@ def _nhwc_weight_grad_groups_fit(case):
 @pytest.mark.parametrize("case", [c for c in GROUPED_WEIGHT_GRAD_CASES if _nhwc_weight_grad_groups_fit(c)],
                          ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
 def test_channels_last_grouped_weight_grad(case, monkeypatch, poison):
-    monkeypatch.setenv("FASTCONV_GROUPED_DIRECT", "1")
-    monkeypatch.setenv("FASTCONV_CPU_WEIGHT_GRAD", "gemm")
-    n, c, h, w, oc, k, s, p, d, g = case
-    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    wt = torch.randn(oc, c // g, *k, dtype=torch.float64)
-    if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[2] != "channels-last-grouped":
-        pytest.skip("no AVX-512 engine on this CPU")
-    go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last)
-    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g,
-                                               [False, True, False])[1]
-    args = op_args(s, p, d, g)
-
-    def grad_weight():
-        return torch.ops.fastconv._conv2d_backward(go.float(), x.float(), wt.float(), *args, [False, True, False])[1]
-
-    old = torch.get_num_threads()
-    try:
-        got = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            got.append(grad_weight())
-        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_GROUPED", "0")
-        monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", "0")
-        assert (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[2] == "grouped-direct"
-        nchw = grad_weight()
-    finally:
-        torch.set_num_threads(old)
-    assert got[0].is_contiguous(memory_format=torch.channels_last)
-    assert_written_and_close(got[0], want, "grad_weight")
-    for other in got[1:] + [nchw]:
-        assert torch.equal(got[0], other)
+    run_channels_last_grouped_gradient(case, monkeypatch, 1, "grouped-direct")
 
 
 def test_grouped_weight_grad_chunks_same_bits_at_any_thread_count():

@@ -48,9 +48,12 @@ struct ChannelsLastCopy {
   int64_t image() const { return Hp * Wp * Cv; }
 };
 
-// dst[g][n][y][x][c] = input[n][g*Cg + c][y - pad_h][x - pad_w] (zero outside the input and for c >= Cg).
-inline void copy_channels_last(const float* input, const Conv2dParams& p, const ChannelsLastCopy& s, float* dst) {
-  const int64_t G = p.groups, N = p.batch, Cg = p.in_channels_per_group(), H = p.in_h, W = p.in_w;
+// dst[g][n][y][x][c] = input[n][g*Cg + c][y - pad_h][x - pad_w] (zero outside the input and for c >= Cg):
+// from an NCHW input by register transposes; from an NHWC one (nhwc) each pixel's group channels copied
+// as they are (whole rows where one group fills the vectors).
+inline void copy_channels_last(const float* input, const Conv2dParams& p, const ChannelsLastCopy& s, float* dst,
+                               bool nhwc = false) {
+  const int64_t G = p.groups, N = p.batch, C = p.in_channels, Cg = p.in_channels_per_group(), H = p.in_h, W = p.in_w;
   const int64_t plane = H * W, vectors = s.Cv / 16;
   at::parallel_for(0, G * N * s.Hp, grain_for(s.Wp * s.Cv), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -66,42 +69,24 @@ inline void copy_channels_last(const float* input, const Conv2dParams& p, const 
       std::memset(row, 0, sizeof(float) * x0 * s.Cv);
       std::memset(row + x1 * s.Cv, 0, sizeof(float) * (s.Wp - x1) * s.Cv);
       if (x1 == x0) continue;
+      if (nhwc) {
+        const float* src = input + ((n * H + ih) * W + w0) * C + g * Cg;
+        if (G == 1 && Cg == s.Cv) {
+          std::memcpy(row + x0 * s.Cv, src, sizeof(float) * (x1 - x0) * C);
+          continue;
+        }
+        for (int64_t x = x0; x < x1; ++x, src += C) {
+          std::memcpy(row + x * s.Cv, src, sizeof(float) * Cg);
+          std::memset(row + x * s.Cv + Cg, 0, sizeof(float) * (s.Cv - Cg));
+        }
+        continue;
+      }
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t c0 = 16 * v;
-        const float* src = input + ((n * p.in_channels + g * Cg + c0) * H + ih) * W + w0;
+        const float* src = input + ((n * C + g * Cg + c0) * H + ih) * W + w0;
         float* d = row + x0 * s.Cv + c0;
         transpose_columns(src, plane, std::min<int64_t>(16, Cg - c0), w1 - w0,
                           [&](int64_t i, __m512 col) FASTCONV_AVX512 { _mm512_store_ps(d + i * s.Cv, col); });
-      }
-    }
-  });
-}
-
-// copy_channels_last from an NHWC input: each pixel's group channels copied as they are (whole rows where
-// one group fills the vectors), no transposes.
-inline void copy_channels_last_from_nhwc(const float* input, const Conv2dParams& p, const ChannelsLastCopy& s,
-                                         float* dst) {
-  const int64_t G = p.groups, N = p.batch, C = p.in_channels, Cg = p.in_channels_per_group(), H = p.in_h, W = p.in_w;
-  at::parallel_for(0, G * N * s.Hp, grain_for(s.Wp * s.Cv), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t g = b / (N * s.Hp), n = (b / s.Hp) % N, y = b % s.Hp, ih = y - p.pad_h;
-      float* row = dst + b * s.Wp * s.Cv;
-      if (ih < 0 || ih >= H) {
-        std::memset(row, 0, sizeof(float) * s.Wp * s.Cv);
-        continue;
-      }
-      const int64_t w0 = std::max<int64_t>(0, -p.pad_w), w1 = std::min<int64_t>(W, s.Wp - p.pad_w);
-      const int64_t x0 = w0 + p.pad_w, x1 = std::max(x0, w1 + p.pad_w);
-      std::memset(row, 0, sizeof(float) * x0 * s.Cv);
-      std::memset(row + x1 * s.Cv, 0, sizeof(float) * (s.Wp - x1) * s.Cv);
-      const float* src = input + ((n * H + ih) * W + w0) * C + g * Cg;
-      if (G == 1 && Cg == s.Cv) {
-        std::memcpy(row + x0 * s.Cv, src, sizeof(float) * (x1 - x0) * C);
-        continue;
-      }
-      for (int64_t x = x0; x < x1; ++x, src += C) {
-        std::memcpy(row + x * s.Cv, src, sizeof(float) * Cg);
-        std::memset(row + x * s.Cv + Cg, 0, sizeof(float) * (s.Cv - Cg));
       }
     }
   });
@@ -120,11 +105,7 @@ inline void backward_weight_channels_last(const float* grad_output, const float*
   thread_local AlignedBuffer copy_buf(false), go_buf(false);
   thread_local std::vector<int64_t> koff;
   float* x = copy_buf.get(G * N * s.image());
-  if (nhwc) {
-    copy_channels_last_from_nhwc(input, p, s, x);
-  } else {
-    copy_channels_last(input, p, s, x);
-  }
+  copy_channels_last(input, p, s, x, nhwc);
   // grad_output as rows of the batch's pixels: [oc][n*L + q] (in place at batch 1)
   const float* go = grad_output;
   if (nhwc) {
