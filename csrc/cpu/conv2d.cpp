@@ -687,8 +687,8 @@ bool channels_last_direct(const Conv2dParams& p) {
 }
 
 // Whether a channels_last float32 grouped layer's forward runs on the grouped direct kernel's NHWC form
-// (cpu/grouped_conv2d.h: each item's planes transposed from the input's pixels, the output stored as
-// NHWC pixels) rather than on the NHWC direct kernel or on the NCHW grouped kernel between transposes
+// (cpu/grouped_conv2d.h: each item's zero-padded input made from the input's pixels, the output stored
+// as NHWC pixels) rather than on the NHWC direct kernel or on the NCHW grouped kernel between transposes
 // of the whole tensors (cpu::engine::use_grouped_direct_nhwc).
 // FASTCONV_CPU_CHANNELS_LAST_GROUPED=0 turns it off (comparisons), FASTCONV_CPU_CHANNELS_LAST=1 too.
 // Measured in-process, 2 threads, Zen 4, batch 8 (time against torch's channels_last): see

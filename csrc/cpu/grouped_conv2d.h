@@ -590,6 +590,24 @@ inline bool grouped_nhwc_applicable(const Conv2dParams& p) {
   return p.groups > 1 && (gi == 1 || gi * p.in_channels_per_group() <= 16);
 }
 
+// A set's zero-padded input in the layout grouped_direct_forward's NHWC form reads, from NHWC pixels (src:
+// the set's first channel at pixel (0, 0), pixels C floats apart; `present` of its gi groups of
+// `channels` channels): pixel-major with ps floats a pixel (grouped_pixel_stride), else planes,
+// interleaved where groups share the vectors.
+inline void pad_set_from_nhwc(const float* src, int64_t C, int64_t present, int64_t gi, int64_t ps, int64_t channels,
+                              int64_t H, int64_t W, float* dst, int64_t Hp, int64_t Wp, int64_t top, int64_t left) {
+  if (ps > 0) {
+    const auto pad = ps == 32  ? &pad_pixels_from_nhwc<1, 32>
+                     : gi == 2 ? &pad_pixels_from_nhwc<2, 16>
+                     : gi == 4 ? &pad_pixels_from_nhwc<4, 16>
+                               : &pad_pixels_from_nhwc<1, 16>;
+    return pad(src, C, present, channels, H, W, dst, Hp, Wp, top, left);
+  }
+  if (gi == 1) return pad_planes_from_nhwc(src, C, channels, H, W, dst, Hp, Wp, top, left);
+  (gi == 2 ? &pad_planes_interleaved_from_nhwc<2> : &pad_planes_interleaved_from_nhwc<4>)(src, C, present, channels, H,
+                                                                                          W, dst, Hp, Wp, top, left);
+}
+
 // Whether a channels_last grouped convolution (forward, or the forward of a stride-1 backward-input) runs
 // on grouped_direct_forward's NHWC form: wherever the NCHW rule takes the grouped kernel, and also for
 // groups that share the vectors (8 or 4 channels) at the plane sizes where the NCHW route's GEMM is as
@@ -615,10 +633,9 @@ inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64
 
 // The forward convolution of p (any stride_h, stride_w <= 2, any dilation) with weights packed by
 // pack_grouped_weights (gi = forward_groups_per_vector(p)). nhwc (grouped_nhwc_applicable): input and
-// output NHWC, each item's padded planes transposed from the input's pixels (pad_planes_from_nhwc, or
-// interleaved for groups sharing the vectors) and the tiles' pixels stored as they are (lanes permuted
-// into channel order where groups share them), where the NCHW route transposed the whole input in and
-// the output back.
+// output NHWC, each item's zero-padded input made from the input's pixels (pad_set_from_nhwc) and the
+// tiles' pixels stored as they are (lanes permuted into channel order where groups share them), where
+// the NCHW route transposed the whole input in and the output back.
 inline void grouped_direct_forward(const float* input, const float* packed, const float* bias, float* out,
                                    const Conv2dParams& p, bool relu, bool nhwc = false) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();
@@ -653,22 +670,9 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
   thread_local AlignedBuffer pad_buf(false);   // written in full; kept (fresh buffers page-fault on every call)
   const float* padded = input;
   const auto pad_set = [&](int64_t set, int64_t n, float* dst) {
-    if (ps > 0) {
-      const float* s = input + n * H * W * C + set * gi * Cg;
-      const int64_t present = std::min(gi, G - set * gi);
-      const auto pad = ps == 32  ? &pad_pixels_from_nhwc<1, 32>
-                       : gi == 2 ? &pad_pixels_from_nhwc<2, 16>
-                       : gi == 4 ? &pad_pixels_from_nhwc<4, 16>
-                                 : &pad_pixels_from_nhwc<1, 16>;
-      return pad(s, C, present, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
-    }
-    if (nhwc && gi == 1)
-      return pad_planes_from_nhwc(input + n * H * W * C + set * Cg, C, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
     if (nhwc) {
-      const float* s = input + n * H * W * C + set * gi * Cg;
-      const int64_t present = std::min(gi, G - set * gi);
-      return gi == 2 ? pad_planes_interleaved_from_nhwc<2>(s, C, present, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w)
-                     : pad_planes_interleaved_from_nhwc<4>(s, C, present, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
+      return pad_set_from_nhwc(input + n * H * W * C + set * gi * Cg, C, std::min(gi, G - set * gi), gi, ps, Cg, H, W,
+                               dst, Hp, Wp, p.pad_h, p.pad_w);
     }
     const float* src = input + (n * C + set * gi * Cg) * H * W;
     if (gi == 1) return pad_planes(src, Cg, H, W, dst, Hp, Wp, p.pad_h, p.pad_w);
@@ -890,19 +894,9 @@ inline void grouped_backward_input_phases(const float* grad_output, const float*
     for (int64_t item = begin; item < end; ++item) {
       const int64_t set = item / (N * parts), n = (item / parts) % N, part = item % parts, g0 = set * gi;
       const float* src = grad_output + (n * OC + g0 * OCg) * OH * OW;
-      const int64_t present = std::min(gi, G - g0);
-      const float* src_nhwc = grad_output + n * OH * OW * OC + g0 * OCg;
-      if (ps > 0) {
-        const auto pad = ps == 32  ? &pad_pixels_from_nhwc<1, 32>
-                         : gi == 2 ? &pad_pixels_from_nhwc<2, 16>
-                         : gi == 4 ? &pad_pixels_from_nhwc<4, 16>
-                                   : &pad_pixels_from_nhwc<1, 16>;
-        pad(src_nhwc, OC, present, OCg, OH, OW, padded, Hq, Wq, top, left);
-      } else if (nhwc && gi == 1) {
-        pad_planes_from_nhwc(src_nhwc, OC, OCg, OH, OW, padded, Hq, Wq, top, left);
-      } else if (nhwc) {
-        (gi == 2 ? &pad_planes_interleaved_from_nhwc<2>
-                 : &pad_planes_interleaved_from_nhwc<4>)(src_nhwc, OC, present, OCg, OH, OW, padded, Hq, Wq, top, left);
+      if (nhwc) {
+        pad_set_from_nhwc(grad_output + n * OH * OW * OC + g0 * OCg, OC, std::min(gi, G - g0), gi, ps, OCg, OH, OW,
+                          padded, Hq, Wq, top, left);
       } else if (gi == 1) {
         pad_planes(src, OCg, OH, OW, padded, Hq, Wq, top, left);
       } else {
