@@ -1002,7 +1002,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
                                                         : at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_bias = output_mask[2] ? go_c.sum({0, 2, 3}) : empty();
   if (p.batch > 0 && (nchw_mask[0] || nchw_mask[1])) {
-    const at::Tensor input_c = contiguous_nchw(input);
+    // the input only for grad_weight (no transposed copy of a channels_last input for grad_input alone)
+    const at::Tensor input_c = nchw_mask[1] ? contiguous_nchw(input) : input;
     const at::Tensor weight_c = contiguous_nchw(weight);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastconv_conv2d_backward_cpu", [&] {
       conv2d_backward_kernel<scalar_t>(go_c.const_data_ptr<scalar_t>(), input_c.const_data_ptr<scalar_t>(),
