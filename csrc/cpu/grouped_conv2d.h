@@ -365,36 +365,6 @@ FASTCONV_AVX512 inline void pad_planes(const float* src, int64_t planes, int64_t
   }
 }
 
-// pad_planes from NHWC pixels: `channels` consecutive channels (src: the first of them at pixel (0, 0);
-// pixels C floats apart) into zero-padded planes dst[channels][Hp][Wp] (the input at row top, column left),
-// every padded row written whole, 16 columns x 16 channels per register transpose. Exact stores.
-FASTCONV_AVX512 inline void pad_planes_from_nhwc(const float* src, int64_t C, int64_t channels, int64_t H, int64_t W,
-                                                 float* dst, int64_t Hp, int64_t Wp, int64_t top, int64_t left) {
-  const int64_t plane = Hp * Wp;
-  for (int64_t y = 0; y < Hp; ++y) {
-    const int64_t h = y - top;
-    const bool inside = h >= 0 && h < H;
-    for (int64_t c0 = 0; c0 < channels; c0 += 16) {
-      const int64_t nc = std::min<int64_t>(16, channels - c0);
-      const __mmask16 cm = lane_mask(0, nc);
-      float* d = dst + c0 * plane + y * Wp;
-      for (int64_t x0 = 0; x0 < Wp; x0 += 16) {
-        const __mmask16 xm = lane_mask(0, Wp - x0);
-        __m512 r[16];
-        bool any = false;
-        for (int j = 0; j < 16; ++j) {
-          const int64_t w = x0 + j - left;
-          const bool real = inside && w >= 0 && w < W;
-          r[j] = real ? _mm512_maskz_loadu_ps(cm, src + (h * W + w) * C + c0) : _mm512_setzero_ps();
-          any |= real;
-        }
-        if (any) transpose16(r);  // r[l]: channel c0 + l over the 16 columns
-        for (int64_t l = 0; l < nc; ++l) _mm512_mask_storeu_ps(d + l * plane + x0, xm, r[l]);
-      }
-    }
-  }
-}
-
 // How tiles cover an out_h x out_w plane for nv vectors of channels: rows of `segments` segments of p
 // pixels, or pairs of rows where a row is at most half a tile (an odd last row on its own: `one`, the
 // one-row kernel).
@@ -505,35 +475,40 @@ FASTCONV_AVX512 void pad_planes_interleaved(const float* src, int64_t group_stri
   }
 }
 
-// pad_planes_interleaved from NHWC pixels: the `present` groups' `channels` channels each (src: the first
-// group's first channel at pixel (0, 0); pixels C floats apart; GI * channels <= 16, one masked load a
-// pixel), 16 columns per register transpose, every padded row written whole. Exact stores.
+// Zero-padded planes from NHWC pixels, as pad_planes (GI = 1) and pad_planes_interleaved (GI > 1) make
+// them from NCHW planes: dst[c][hp][wp][i] = channel c of group i of the `present` groups at src (the
+// first group's first channel at pixel (0, 0); groups `channels` floats apart, pixels C floats apart;
+// the input at row top, column left). GI = 1: any channel count, 16 channels a load; GI > 1: GI *
+// channels <= 16, one masked load a pixel. 16 columns per register transpose, every padded row written
+// whole; exact stores.
 template <int GI>
-FASTCONV_AVX512 void pad_planes_interleaved_from_nhwc(const float* src, int64_t C, int64_t present, int64_t channels,
-                                                      int64_t H, int64_t W, float* dst, int64_t Hp, int64_t Wp,
-                                                      int64_t top, int64_t left) {
-  const int64_t row_floats = Wp * GI;
-  const __mmask16 cm = lane_mask(0, present * channels);
-  for (int64_t hp = 0; hp < Hp; ++hp) {
-    const int64_t h = hp - top;
-    const bool inside = h >= 0 && h < H;
-    for (int64_t j = 0; j < Wp; j += 16) {  // padded columns j..j+15: input columns j - left..
-      __m512 r[16];
-      bool any = false;
-      for (int x = 0; x < 16; ++x) {
-        const int64_t w = j + x - left;
-        const bool real = inside && w >= 0 && w < W;
-        r[x] = real ? _mm512_maskz_loadu_ps(cm, src + (h * W + w) * C) : _mm512_setzero_ps();
-        any |= real;
-      }
-      if (any) transpose16(r);  // r[i * channels + c]: group i's channel c over the 16 columns
-      const int64_t floats = std::min<int64_t>(16, Wp - j) * GI;
-      for (int64_t c = 0; c < channels; ++c) {
-        __m512 v[GI], out[GI];
-        for (int64_t i = 0; i < GI; ++i) v[i] = r[i * channels + c];
-        interleave_vectors<GI>(v, out);
-        float* d = dst + (c * Hp + hp) * row_floats + j * GI;
-        for (int64_t q = 0; q < GI; ++q) _mm512_mask_storeu_ps(d + 16 * q, lane_mask(0, floats - 16 * q), out[q]);
+FASTCONV_AVX512 void pad_planes_from_nhwc(const float* src, int64_t C, int64_t present, int64_t channels, int64_t H,
+                                          int64_t W, float* dst, int64_t Hp, int64_t Wp, int64_t top, int64_t left) {
+  const int64_t row_floats = Wp * GI, block = GI == 1 ? 16 : channels;  // channels a load
+  for (int64_t c0 = 0; c0 < channels; c0 += block) {
+    const int64_t nc = std::min(block, channels - c0);
+    const __mmask16 cm = lane_mask(0, GI == 1 ? nc : present * channels);
+    for (int64_t hp = 0; hp < Hp; ++hp) {
+      const int64_t h = hp - top;
+      const bool inside = h >= 0 && h < H;
+      for (int64_t j = 0; j < Wp; j += 16) {  // padded columns j..j+15: input columns j - left..
+        __m512 r[16];
+        bool any = false;
+        for (int x = 0; x < 16; ++x) {
+          const int64_t w = j + x - left;
+          const bool real = inside && w >= 0 && w < W;
+          r[x] = real ? _mm512_maskz_loadu_ps(cm, src + (h * W + w) * C + c0) : _mm512_setzero_ps();
+          any |= real;
+        }
+        if (any) transpose16(r);  // r[i * channels + c]: group i's channel c0 + c over the 16 columns
+        const int64_t floats = std::min<int64_t>(16, Wp - j) * GI;
+        for (int64_t c = 0; c < nc; ++c) {
+          __m512 v[GI], out[GI];
+          for (int64_t i = 0; i < GI; ++i) v[i] = r[i * channels + c];
+          interleave_vectors<GI>(v, out);
+          float* d = dst + ((c0 + c) * Hp + hp) * row_floats + j * GI;
+          for (int64_t q = 0; q < GI; ++q) _mm512_mask_storeu_ps(d + 16 * q, lane_mask(0, floats - 16 * q), out[q]);
+        }
       }
     }
   }
@@ -603,9 +578,9 @@ inline void pad_set_from_nhwc(const float* src, int64_t C, int64_t present, int6
                                : &pad_pixels_from_nhwc<1, 16>;
     return pad(src, C, present, channels, H, W, dst, Hp, Wp, top, left);
   }
-  if (gi == 1) return pad_planes_from_nhwc(src, C, channels, H, W, dst, Hp, Wp, top, left);
-  (gi == 2 ? &pad_planes_interleaved_from_nhwc<2> : &pad_planes_interleaved_from_nhwc<4>)(src, C, present, channels, H,
-                                                                                          W, dst, Hp, Wp, top, left);
+  (gi == 1   ? &pad_planes_from_nhwc<1>
+   : gi == 2 ? &pad_planes_from_nhwc<2>
+             : &pad_planes_from_nhwc<4>)(src, C, present, channels, H, W, dst, Hp, Wp, top, left);
 }
 
 // Whether a channels_last grouped convolution (forward, or the forward of a stride-1 backward-input) runs
@@ -1169,10 +1144,10 @@ inline void grouped_backward_weight(const float* grad_output, const float* input
         int64_t go_o = L, go_image = p.out_channels * L;
         if (nhwc) {
           float* dst = go_set_buf.get(images * OCg * L * gi);
-          const auto interleave = gi == 1   ? &pad_planes_interleaved_from_nhwc<1>
-                                  : gi == 2 ? &pad_planes_interleaved_from_nhwc<2>
-                                  : gi == 4 ? &pad_planes_interleaved_from_nhwc<4>
-                                            : &pad_planes_interleaved_from_nhwc<8>;
+          const auto interleave = gi == 1   ? &pad_planes_from_nhwc<1>
+                                  : gi == 2 ? &pad_planes_from_nhwc<2>
+                                  : gi == 4 ? &pad_planes_from_nhwc<4>
+                                            : &pad_planes_from_nhwc<8>;
           for (int64_t i = 0; i < images; ++i) {  // each image's pixels as rows of L pixels
             interleave(grad_output + ((n0 + i) * L * p.out_channels + g0 * OCg), p.out_channels, present, OCg, 1, L,
                        dst + i * OCg * L * gi, 1, L, 0, 0);
