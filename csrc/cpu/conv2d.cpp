@@ -417,6 +417,7 @@ bool channels_last_direct(const Conv2dParams& p);
 bool channels_last_grouped_forward(const Conv2dParams& p);
 bool channels_last_grouped_backward_input(const Conv2dParams& p);
 bool channels_last_grouped_weight_grad(const Conv2dParams& p);
+bool channels_last_weight_grad_from_nhwc(const Conv2dParams& p);
 bool channels_last_backward_input(const Conv2dParams& p);
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 bool channels_last_weight_grad_in_place(const Conv2dParams& p);
@@ -715,6 +716,13 @@ bool channels_last_grouped_backward_input(const Conv2dParams& p) {
   return route == BackwardInputRoute::kForwardEngine && cpu::engine::use_grouped_direct_nhwc(q);
 }
 
+// Whether the backward-weight of a channels_last input runs the channels-last kernel straight from the
+// NHWC tensors: where the NCHW route's rule takes that kernel (cpu/channels_last_weight_grad.h).
+bool channels_last_weight_grad_from_nhwc(const Conv2dParams& p) {
+  return use_engine<float>() && !run_direct<float>(p) && g_algorithm_setting.load() != kSettingBenchmark &&
+         engine_rule(p, true) == kChannelsLast;
+}
+
 // The same for a backward-weight that the NCHW route runs on the grouped kernel with the input channels in
 // the lanes (grouped_weight_grad_nhwc_applicable: groups of at most 16 channels, ResNeXt's 4, 8 and 16).
 bool channels_last_grouped_weight_grad(const Conv2dParams& p) {
@@ -927,34 +935,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
     }
     nchw_mask[0] = nchw_mask[1] = false;
   }
-  if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat && channels_last &&
-      channels_last_weight_grad_in_place(p)) {
-    // NHWC grad_output (and input: a copy where only the weight is channels_last) read in place
-    const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
-    grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
-    cpu::engine::backward_weight_channels_last_in_place(
-        go_nhwc().const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(), grad_weight_nhwc.data_ptr<float>(), p);
-    nchw_mask[1] = false;
-  }
-  if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input) &&
-      use_engine<float>() && !run_direct<float>(p) && g_algorithm_setting.load() != kSettingBenchmark &&
-      engine_rule(p, true) == kChannelsLast) {
-    // the channels-last backward-weight kernel straight from the NHWC tensors (its padded copy made from
-    // the input's pixels)
-    const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
-    grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
-    cpu::engine::backward_weight_channels_last(go_nhwc().const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(),
-                                               grad_weight_nhwc.data_ptr<float>(), p, true);
-    nchw_mask[1] = false;
-  }
-  if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input) &&
-      channels_last_grouped_weight_grad(p)) {
-    // the grouped kernel's NHWC form: each item's input and grad_output from their pixels
-    const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
-    grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
-    cpu::engine::grouped_backward_weight(go_nhwc().const_data_ptr<float>(), input_nhwc.const_data_ptr<float>(),
-                                         grad_weight_nhwc.data_ptr<float>(), p, true);
-    nchw_mask[1] = false;
+  // backward-weight on a kernel that reads NHWC tensors: the in-place kernel (input: a copy where only the
+  // weight is channels_last), the channels-last kernel (its padded copy made from the input's pixels),
+  // the grouped kernel's NHWC form (each item's input and grad_output from their pixels)
+  if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat) {
+    const bool nhwc = suggests_channels_last(input);
+    const bool in_place = channels_last && channels_last_weight_grad_in_place(p);
+    const bool channels_last_kernel = !in_place && nhwc && channels_last_weight_grad_from_nhwc(p);
+    const bool grouped = !in_place && !channels_last_kernel && nhwc && channels_last_grouped_weight_grad(p);
+    if (in_place || channels_last_kernel || grouped) {
+      const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
+      grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
+      const float *go = go_nhwc().const_data_ptr<float>(), *x = input_nhwc.const_data_ptr<float>();
+      float* gw = grad_weight_nhwc.data_ptr<float>();
+      if (in_place) {
+        cpu::engine::backward_weight_channels_last_in_place(go, x, gw, p);
+      } else if (channels_last_kernel) {
+        cpu::engine::backward_weight_channels_last(go, x, gw, p, true);
+      } else {
+        cpu::engine::grouped_backward_weight(go, x, gw, p, true);
+      }
+      nchw_mask[1] = false;
+    }
   }
   const bool nhwc_input =
       nchw_mask[0] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input);
