@@ -811,7 +811,8 @@ def test_channels_last_conv_matches_torch(case, lanes, monkeypatch, poison):
 # 1-3 vectors: 17 = 2 vectors, 64 = 2+2, 80 = 3+2, 256 = 3+3+3+3+2+2), input channels 1-200 (200 with 3x3:
 # three reduction blocks; below 16 a group the flat tile), pixel counts off the 8-pixel tile (tiles
 # across rows and images), stride, dilation, asymmetric and cropping padding, groups, batch 1,
-# unpadded layers read in place.
+# unpadded layers read in place. The tests run each with NCHW and with channels_last weights (read in
+# place: their rows in (tap, channel) order, and for backward-input 16 consecutive channels a vector).
 CHANNELS_LAST_DIRECT_CASES = [
     (2, 16, 9, 11, 17, (3, 3), 1, 1, 1, 1),
     (1, 200, 7, 6, 64, (3, 3), 1, 1, 1, 1),
@@ -829,12 +830,17 @@ CHANNELS_LAST_DIRECT_CASES = [
 ]
 
 
+WEIGHT_LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS, ids=["weight-nchw", "weight-nhwc"])
 @pytest.mark.parametrize("case", CHANNELS_LAST_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-g{c[9]}")
-def test_channels_last_direct_forward_matches_torch(case, monkeypatch, poison):
+def test_channels_last_direct_forward_matches_torch(case, weight_layout, monkeypatch, poison):
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
     n, c, h, w, oc, k, s, p, d, g = case
     x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     wt, b = torch.randn(oc, c // g, *k, dtype=torch.float64), torch.randn(oc, dtype=torch.float64)
+    wt = wt.contiguous(memory_format=weight_layout)
     if fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/")[0] != "channels-last-direct":
         pytest.skip("no AVX-512 engine on this CPU")
     ref = F.conv2d(x, wt, b, s, p, d, g)
@@ -870,15 +876,16 @@ def test_channels_last_direct_forward_streamed_output_matches_torch(oc, monkeypa
         assert_written_and_close(out, want, str(op))
 
 
+@pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS, ids=["weight-nchw", "weight-nhwc"])
 @pytest.mark.parametrize("case", CHANNELS_LAST_DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-g{c[9]}")
-def test_channels_last_direct_backward_input_matches_torch(case, monkeypatch, poison):
+def test_channels_last_direct_backward_input_matches_torch(case, weight_layout, monkeypatch, poison):
     """The stride-1 backward-input of a channels_last input on the same kernel (grad_output convolved
     with the flipped, transposed weights): channels_last grad_input, alone or with the weight and bias
     gradients the NCHW kernels compute beside it."""
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
     n, c, h, w, oc, k, s, p, d, g = case
     x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    wt = torch.randn(oc, c // g, *k, dtype=torch.float64)
+    wt = torch.randn(oc, c // g, *k, dtype=torch.float64).contiguous(memory_format=weight_layout)
     if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[1] != "channels-last-direct":
         pytest.skip("strided or cropping (not a forward of grad_output), or no AVX-512 engine on this CPU")
     go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64)
@@ -1074,10 +1081,12 @@ def test_channels_last_direct_rule(monkeypatch):
     group the grouped kernel's NHWC form, forward and stride-1 backward-input), not on Winograd's
     layers nor on layers of much work per element; NCHW inputs never; the "gemm" setting and
     FASTCONV_CPU_CHANNELS_LAST=0 turn it off."""
-    def fwd(xs, ws, s=1, p=1, g=1, cl=True):
+    def fwd(xs, ws, s=1, p=1, g=1, cl=True, wcl=False):
         x = torch.empty(xs, device="meta")
         x = x.contiguous(memory_format=torch.channels_last) if cl else x
-        return fastconv.conv2d_algorithm(x, torch.empty(ws, device="meta"), s, p, 1, g).split("/")[0]
+        w = torch.empty(ws, device="meta")
+        w = w.contiguous(memory_format=torch.channels_last) if wcl else w
+        return fastconv.conv2d_algorithm(x, w, s, p, 1, g).split("/")[0]
     if fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "im2col+gemm-aten":
         pytest.skip("no AVX-512 engine on this CPU")
     assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
@@ -1091,14 +1100,19 @@ def test_channels_last_direct_rule(monkeypatch):
     assert fwd((8, 64, 56, 56), (64, 64, 3, 3)) == "winograd"
     assert fwd((8, 512, 7, 7), (2048, 512, 1, 1), p=0) != "channels-last-direct"
     assert fwd((1, 384, 13, 13), (256, 384, 3, 3)) != "channels-last-direct"
+    # ... unless the weights are channels_last, which the NCHW route would copy: AlexNet conv4 at batch 1
+    assert fwd((1, 384, 13, 13), (256, 384, 3, 3), wcl=True) == "channels-last-direct"
+    assert fwd((8, 384, 13, 13), (256, 384, 3, 3), wcl=True) == "winograd"
     assert fwd((8, 128, 56, 56), (128, 4, 3, 3), g=32) != "channels-last-direct"  # 4 of 16 lanes
     assert fwd((4, 3, 224, 224), (64, 3, 7, 7), s=2, p=3) == "channels-last-direct"  # ResNet's stem
     assert fwd((4, 3, 224, 224), (64, 3, 7, 7), s=2, p=3, cl=False) == "narrow-direct"
     assert fwd((8, 3, 224, 224), (64, 3, 11, 11), s=4, p=2) == "channels-last-direct"  # AlexNet's conv1
 
-    def bwi(xs, ws, s=1, p=1, g=1):
+    def bwi(xs, ws, s=1, p=1, g=1, wcl=False):
         x = torch.empty(xs, device="meta").contiguous(memory_format=torch.channels_last)
-        return (fastconv.conv2d_algorithm(x, torch.empty(ws, device="meta"), s, p, 1, g).split("/") * 3)[1]
+        w = torch.empty(ws, device="meta")
+        w = w.contiguous(memory_format=torch.channels_last) if wcl else w
+        return (fastconv.conv2d_algorithm(x, w, s, p, 1, g).split("/") * 3)[1]
     # backward-input: stride 1, ungrouped, few FLOPs an element (grad_output into the wide side)
     assert bwi((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
     assert bwi((8, 64, 56, 56), (256, 64, 1, 1), p=0) == "channels-last-direct"
@@ -1108,6 +1122,8 @@ def test_channels_last_direct_rule(monkeypatch):
     assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) == "channels-last-direct"  # strided 1x1
     assert bwi((8, 512, 28, 28), (1024, 512, 1, 1), s=2, p=0) != "channels-last-direct"
     assert bwi((8, 64, 56, 56), (128, 64, 3, 3), s=2, p=1) != "channels-last-direct"
+    assert bwi((1, 192, 13, 13), (384, 192, 3, 3)) != "channels-last-direct"
+    assert bwi((1, 192, 13, 13), (384, 192, 3, 3), wcl=True) == "channels-last-direct"
     with fastconv.conv_algorithm("gemm"):
         assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "im2col+gemm"
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")

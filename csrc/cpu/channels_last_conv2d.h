@@ -183,18 +183,44 @@ struct ClBlocks {
   int64_t first(int64_t j) const { return vectors * j / count; }
 };
 
+// How forward_channels_last finds element (o, c, t) of group g's weights (o < OCg, c < Cg, tap t < KK of
+// the convolution q it computes):
+//   kOIT: [g*OCg + o][c][t], NCHW-contiguous weights;
+//   kOTI: [g*OCg + o][t][c], channels_last weights as they are;
+//   kFlippedOTI: q is a stride-1 backward-input as a forward (flipped_conv.h) and the weights are the
+//     original convolution's, channels_last: [g*Cg + c][KK-1-t][o] (its output channels are q's input
+//     channels, its input channels q's output channels). No transposed copy is made: the lanes (q's
+//     output channels) are consecutive floats.
+enum class ClWeights { kOIT, kOTI, kFlippedOTI };
+
+// dst[off[c*KK + t], + 16) = the `on` (<= 16) floats at src[(c*KK + KK-1-t)*ld], zeros after them, for c < C,
+// t < KK: kFlippedOTI's vectors of one group's 16 output channels.
+FASTCONV_AVX512 inline void copy_flipped_lanes(const float* src, int64_t C, int64_t KK, int64_t ld, int64_t on,
+                                               const int64_t* off, float* dst) {
+  const __mmask16 m = lane_mask(0, on);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < KK; ++t)
+      _mm512_store_ps(dst + off[c * KK + t], _mm512_maskz_loadu_ps(m, src + (c * KK + KK - 1 - t) * ld));
+  }
+}
+
 // The weights as [g][o block][c block][tap][c][48] (o block: ClBlocks' vectors of output channels, zero
-// past the group's last; c block: kc channels), from weight[o][c][tap]: 16x16 register transposes.
-inline void pack_channels_last_weights(const float* weight, const Conv2dParams& q, int64_t kc, float* packed) {
+// past the group's last; c block: kc channels): 16x16 register transposes of 16 weight rows (kOIT, kOTI),
+// or loads of 16 consecutive output channels (kFlippedOTI).
+inline void pack_channels_last_weights(const float* weight, const Conv2dParams& q, int64_t kc, float* packed,
+                                       ClWeights order = ClWeights::kOIT) {
   const int64_t G = q.groups, OCg = q.out_channels_per_group(), Cg = q.in_channels_per_group();
   const int64_t KK = q.kernel_h * q.kernel_w, block = Cg * KK * kClWidth;
   const ClBlocks blocks(OCg);
   const int64_t obs = blocks.count;
-  std::vector<int64_t> dst_off(Cg * KK);  // where (c, t)'s 48 floats start within a block, at c*KK + t
+  // where (c, t)'s 48 floats start within a block, at the position of (c, t) in a weight row ([c][t] or
+  // [t][c]; kFlippedOTI: at c*KK + t)
+  std::vector<int64_t> dst_off(Cg * KK);
   for (int64_t c0 = 0; c0 < Cg; c0 += kc) {
     const int64_t len = std::min(kc, Cg - c0);
     for (int64_t c = c0; c < c0 + len; ++c) {
-      for (int64_t t = 0; t < KK; ++t) dst_off[c * KK + t] = (c0 * KK + t * len + (c - c0)) * kClWidth;
+      for (int64_t t = 0; t < KK; ++t)
+        dst_off[order == ClWeights::kOTI ? t * Cg + c : c * KK + t] = (c0 * KK + t * len + (c - c0)) * kClWidth;
     }
   }
   const int64_t* off = dst_off.data();
@@ -204,7 +230,11 @@ inline void pack_channels_last_weights(const float* weight, const Conv2dParams& 
       if (blocks.first(ob) + v >= blocks.first(ob + 1)) continue;  // (past the block's vectors: never read)
       const int64_t o0 = 16 * (blocks.first(ob) + v), on = std::min<int64_t>(16, OCg - o0);
       float* dst = packed + (g * obs + ob) * block + 16 * v;
-      // 16 rows o of [c][t], transposed: column c*KK + t is (c, t)'s vector
+      if (order == ClWeights::kFlippedOTI) {
+        copy_flipped_lanes(weight + g * Cg * KK * OCg + o0, Cg, KK, OCg, on, off, dst);
+        continue;
+      }
+      // 16 rows o of [c][t] or [t][c], transposed: column i is the vector of (c, t) at off[i]
       transpose_columns(weight + (g * OCg + o0) * Cg * KK, Cg * KK, on, Cg * KK,
                         [&](int64_t i, __m512 col) FASTCONV_AVX512 { _mm512_store_ps(dst + off[i], col); });
     }
@@ -251,9 +281,9 @@ inline ClInput channels_last_input(const float* input, const Conv2dParams& q, Al
   return {dst, Hp, Wp, C};
 }
 
-// out (NHWC) = conv(input (NHWC), weight) + bias (ReLU).
+// out (NHWC) = conv(input (NHWC), weight) + bias (ReLU); the weights in the order `order` says.
 inline void forward_channels_last(const float* input, const float* weight, const float* bias, float* out,
-                                  const Conv2dParams& q, bool relu) {
+                                  const Conv2dParams& q, bool relu, ClWeights order = ClWeights::kOIT) {
   const int64_t G = q.groups, OC = q.out_channels, OCg = q.out_channels_per_group(), Cg = q.in_channels_per_group();
   const int64_t NL = q.batch * q.out_plane(), KK = q.kernel_h * q.kernel_w;
   const int64_t kc = channels_last_kc(q), cbs = ceil_div(Cg, kc);
@@ -263,7 +293,7 @@ inline void forward_channels_last(const float* input, const float* weight, const
   thread_local AlignedBuffer copy_buf(false), w_buf(false);
   const ClInput x = channels_last_input(input, q, copy_buf);
   float* wp = w_buf.get(G * obs * Cg * KK * kClWidth);
-  pack_channels_last_weights(weight, q, kc, wp);
+  pack_channels_last_weights(weight, q, kc, wp, order);
   const std::vector<int64_t> tap_off = nhwc_tap_offsets(q, x.Wp, x.C);
   std::vector<int64_t> pixel_off;  // each output pixel's top-left tap in the input
   nhwc_pixel_offsets(q, x.Hp, x.Wp, x.C, pixel_off);

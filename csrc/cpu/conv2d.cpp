@@ -413,12 +413,12 @@ BackwardInputRoute backward_input_route(const Conv2dParams& p) {
   return backward_input_rule(p);
 }
 
-bool channels_last_direct(const Conv2dParams& p);
+bool channels_last_direct(const Conv2dParams& p, bool weight_nhwc = false);
 bool channels_last_grouped_forward(const Conv2dParams& p);
 bool channels_last_grouped_backward_input(const Conv2dParams& p);
 bool channels_last_grouped_weight_grad(const Conv2dParams& p);
 bool channels_last_weight_grad_from_nhwc(const Conv2dParams& p);
-bool channels_last_backward_input(const Conv2dParams& p);
+bool channels_last_backward_input(const Conv2dParams& p, bool weight_nhwc = false);
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 bool channels_last_weight_grad_in_place(const Conv2dParams& p);
 
@@ -426,8 +426,10 @@ bool channels_last_weight_grad_in_place(const Conv2dParams& p);
 // "forward/backward-input/backward-weight", or one name when all three agree. channels_last: of a
 // channels_last input (its forward and backward-input may run on the NHWC direct kernel);
 // channels_last_result: the results are channels_last (the input's or the weight's layout suggests it:
-// backward-weight may read grad_output in place).
-std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last, bool channels_last_result) {
+// backward-weight may read grad_output in place); weight_nhwc: the weight is channels_last (and not also
+// NCHW-contiguous, weight_is_nhwc).
+std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last, bool channels_last_result,
+                           bool weight_nhwc) {
   if (float32 ? run_direct<float>(p) : run_direct<double>(p)) return "direct";
   if (!float32 || !use_engine<float>()) return "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -439,12 +441,13 @@ std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_la
   const bool measured = g_algorithm_setting.load() == kSettingBenchmark;
   const int fwd_measured = measured ? measured_choice(choice_key(p, 0)) : -1;
   const int fwd_algo = fwd_measured >= 0 ? fwd_measured : engine_rule(p, false);
-  const std::string fwd = channels_last && float32 && channels_last_grouped_forward(p) ? "channels-last-grouped"
-                          : channels_last && float32 && channels_last_direct(p)        ? "channels-last-direct"
-                          : fwd_algo == kGemm                                          ? gemm_name(p)
-                                                                                       : kEngineKernelNames[fwd_algo];
+  const std::string fwd = channels_last && float32 && channels_last_grouped_forward(p)       ? "channels-last-grouped"
+                          : channels_last && float32 && channels_last_direct(p, weight_nhwc) ? "channels-last-direct"
+                          : fwd_algo == kGemm ? gemm_name(p)
+                                              : kEngineKernelNames[fwd_algo];
   const BackwardInputRoute route = backward_input_route(p);
-  const bool bwi_nhwc = channels_last_backward_input(p) || channels_last_strided_pointwise_backward_input(p);
+  const bool bwi_nhwc =
+      channels_last_backward_input(p, weight_nhwc) || channels_last_strided_pointwise_backward_input(p);
   const std::string bwi = channels_last && float32 && bwi_nhwc ? "channels-last-direct"
                           : channels_last && float32 && channels_last_grouped_backward_input(p)
                               ? "channels-last-grouped"
@@ -636,9 +639,12 @@ bool channels_last_depthwise(const Conv2dParams& p) {
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 
 // FLOPs per element of a layer's input and output: what its transposes weigh against its arithmetic.
-double flops_per_element(const Conv2dParams& p) {
+// FLOPs per element of input and output, and of the weight where `weight` (a channels_last weight that
+// the NCHW route copies to NCHW).
+double flops_per_element(const Conv2dParams& p, bool weight = false) {
   const double flops = 2.0 * p.batch * p.out_plane() * p.out_channels * p.col_rows_per_group();
-  return flops / (double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane()));
+  const double weight_elements = weight ? double(p.out_channels) * p.col_rows_per_group() : 0.0;
+  return flops / (double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane()) + weight_elements);
 }
 
 // Whether a channels_last float32 layer's backward-weight runs on the in-place kernel
@@ -674,8 +680,12 @@ bool channels_last_weight_grad_in_place(const Conv2dParams& p) {
 // setting. The narrow kernel's strided layers of few output channels run here too (time against it
 // between the transposes, in-process: the ResNet stem 0.86, AlexNet's conv1 at batch 1/8/32
 // 0.86/0.95/0.87, 3x3/2 16->32, 32->64, 8->16 and 64->64 0.72-0.76). FASTCONV_CPU_CHANNELS_LAST=0/1
-// forces it off/on (tests, comparisons).
-bool channels_last_direct(const Conv2dParams& p) {
+// forces it off/on (tests, comparisons). A channels_last weight (weight_nhwc) counts among the elements:
+// the NCHW route copies it to NCHW, the direct kernel packs it as it is. Measured in-process, 2 threads,
+// Zen 4, channels_last weights, direct / NCHW route: batch 1 AlexNet conv3 (295 FLOPs an element with the
+// weight) 0.92, conv5 0.86-0.90, conv4 (301) 1.00, 3x3 512->512 at 7x7 (96) 0.74-0.82, 3x3/2 256->512 from
+// 14x14 0.83; at batch 8 (519) 0.83.
+bool channels_last_direct(const Conv2dParams& p, bool weight_nhwc) {
   if (!use_engine<float>() || run_direct<float>(p)) return false;
   const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1');
   if (f >= 0) return f == 1;
@@ -684,7 +694,7 @@ bool channels_last_direct(const Conv2dParams& p) {
   // (ResNeXt-50's groups of 4 and 8 took 1.23x torch's channels_last time through it)
   const int64_t OCg = p.out_channels_per_group();
   if (4 * OCg < 3 * cpu::engine::ceil_div(OCg, 16) * 16) return false;
-  return flops_per_element(p) <= 600.0;
+  return flops_per_element(p, weight_nhwc) <= 600.0;
 }
 
 // Whether a channels_last float32 grouped layer's forward runs on the grouped direct kernel's NHWC form
@@ -734,19 +744,22 @@ bool channels_last_grouped_weight_grad(const Conv2dParams& p) {
 
 // Whether a channels_last float32 layer's backward-input runs on the NHWC direct kernel, as the forward
 // of grad_output with the flipped, transposed weights (flipped_conv.h; stride 1; the grad_input is
-// channels_last, as torch's): where the forward's rule takes that convolution, ungrouped, at most 300
+// channels_last, as torch's): where the forward's rule takes that convolution, ungrouped, at most 320
 // FLOPs an element. Measured in-process, 2 threads, Zen 4, batch 8, the whole backward (input, weight
 // and bias gradients; backward-weight still transposes grad_output), NHWC / NCHW kernels between
 // transposes: 1x1 256->64 and 64->256 at 56x56 (102 FLOPs an element) 0.89, 0.94 (backward-input
 // alone 0.54, 0.57), 64->64 0.84, 512->128 and 128->512 at 28x28 (204) 0.96, 0.99; 1024->256 and
 // 256->1024 at 14x14 (409) 0.98, 1.08; ResNeXt's 32 groups of 32 at 7x7 1.18 (its grouped kernel).
-// FASTCONV_CPU_CHANNELS_LAST forces it as the forward's.
-bool channels_last_backward_input(const Conv2dParams& p) {
+// FASTCONV_CPU_CHANNELS_LAST forces it as the forward's. With a channels_last weight (counted as in
+// channels_last_direct, and read in place: its 16 consecutive input channels are a vector of the flipped
+// weights), batch 1 (FLOPs an element with the weight): AlexNet conv3 (295) 0.84, conv5 0.86, 3x3 512->512
+// at 7x7 0.61 against the NCHW route; conv4 (301) 0.93, hence 320 here.
+bool channels_last_backward_input(const Conv2dParams& p, bool weight_nhwc) {
   if (!cpu::backward_input_as_forward(p)) return false;
   const Conv2dParams q = cpu::backward_input_params(p);
-  if (!channels_last_direct(q)) return false;
+  if (!channels_last_direct(q, weight_nhwc)) return false;
   if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1') == 1) return true;
-  return p.groups == 1 && flops_per_element(q) <= 300.0;
+  return p.groups == 1 && flops_per_element(q, weight_nhwc) <= 320.0;
 }
 
 // The dense convolution of a strided 1x1 backward-input: grad_output (out_h x out_w, out_channels) by the
@@ -798,6 +811,12 @@ void scatter_strided_pixels(const float* dense, const Conv2dParams& p, float* gr
 // channels_last; float32 on AVX-512 by 16x16 register transposes (engine::transpose_batch), else ATen's
 // copy. Weights too: ATen's copy of AlexNet conv4's channels_last weight (3.5 MB) was 10% of its
 // forward at batch 1 (perf, 2 threads, Zen 4; time against torch's channels_last 1.22 -> 1.03 with this).
+// A channels_last weight that is not also NCHW-contiguous (as 1x1 and one-channel weights are): the NCHW
+// route copies it (contiguous_nchw), the NHWC direct kernel reads it in place.
+bool weight_is_nhwc(const at::Tensor& w) {
+  return !w.is_contiguous() && w.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 at::Tensor contiguous_nchw(const at::Tensor& t) {
   if (t.is_contiguous()) return t;
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -841,32 +860,39 @@ at::Tensor conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight, co
   // weight's strides suggest it; fastconv/_ops.py's fake kernel says the same). The kernels that read
   // NHWC run on a channels_last input in place, the others on an NCHW copy.
   const bool channels_last = conv2d_channels_last(input, weight);
-  const at::Tensor weight_c = contiguous_nchw(weight);
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
 #if FASTCONV_HAVE_AVX512_KERNELS
   const bool fp32_nhwc = suggests_channels_last(input) && input.scalar_type() == at::kFloat;
   const bool depthwise = fp32_nhwc && channels_last_depthwise(p);
   const bool grouped = fp32_nhwc && !depthwise && channels_last_grouped_forward(p);
-  if (depthwise || grouped || (fp32_nhwc && channels_last_direct(p))) {  // NHWC in, NHWC out
+  const bool weight_nhwc = weight_is_nhwc(weight);
+  if (depthwise || grouped || (fp32_nhwc && channels_last_direct(p, weight_nhwc))) {  // NHWC in, NHWC out
     at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w},
                                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (p.batch == 0) return output;
     const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
     const float* b = has_bias ? bias_c.const_data_ptr<float>() : nullptr;
     if (depthwise) {
-      cpu::direct::depthwise_forward_nhwc(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
-                                          output.data_ptr<float>(), p, relu);
+      cpu::direct::depthwise_forward_nhwc(input_nhwc.const_data_ptr<float>(),
+                                          contiguous_nchw(weight).const_data_ptr<float>(), b, output.data_ptr<float>(),
+                                          p, relu);
     } else if (grouped) {
-      cpu::engine::grouped_forward(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
-                                   output.data_ptr<float>(), p, relu, true);
+      cpu::engine::grouped_forward(input_nhwc.const_data_ptr<float>(), contiguous_nchw(weight).const_data_ptr<float>(),
+                                   b, output.data_ptr<float>(), p, relu, true);
+    } else if (weight_nhwc) {
+      // channels_last weights as they are (an NCHW copy first had been 9% of AlexNet conv5's batch-1 time)
+      cpu::engine::forward_channels_last(input_nhwc.const_data_ptr<float>(), weight.const_data_ptr<float>(), b,
+                                         output.data_ptr<float>(), p, relu, cpu::engine::ClWeights::kOTI);
     } else {
-      cpu::engine::forward_channels_last(input_nhwc.const_data_ptr<float>(), weight_c.const_data_ptr<float>(), b,
-                                         output.data_ptr<float>(), p, relu);
+      cpu::engine::forward_channels_last(input_nhwc.const_data_ptr<float>(),
+                                         contiguous_nchw(weight).const_data_ptr<float>(), b, output.data_ptr<float>(),
+                                         p, relu);
     }
     return output;
   }
 #endif
   const at::Tensor input_c = contiguous_nchw(input);
+  const at::Tensor weight_c = contiguous_nchw(weight);
   at::Tensor output = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, input.options());
   if (p.batch == 0) return channels_last ? copy_channels_last(output) : output;
   bool relu_done = false;
@@ -960,22 +986,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   }
   const bool nhwc_input =
       nchw_mask[0] && p.batch > 0 && input.scalar_type() == at::kFloat && suggests_channels_last(input);
-  const bool stride1_nhwc = nhwc_input && channels_last_backward_input(p);
+  const bool stride1_nhwc = nhwc_input && channels_last_backward_input(p, weight_is_nhwc(weight));
   const bool shortcut_nhwc = nhwc_input && !stride1_nhwc && channels_last_strided_pointwise_backward_input(p);
   if (stride1_nhwc || shortcut_nhwc) {
     // NHWC grad_output in, NHWC grad_input out, on the direct forward kernel with the flipped, transposed
     // weights: at stride 1 straight into grad_input; for a strided 1x1 layer (a ResNet shortcut) the
     // dense 1x1 product, scattered into a zeroed grad_input at the stride's pixels
-    const std::vector<float> w_t = cpu::flipped_transposed_weight(contiguous_nchw(weight).const_data_ptr<float>(), p);
+    // channels_last (or 1x1) weights read as they are, the lanes being consecutive floats of them
+    // (ClWeights::kFlippedOTI); others through a flipped, transposed NCHW copy
+    const bool weight_cl = weight.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const std::vector<float> w_t =
+        weight_cl ? std::vector<float>()
+                  : cpu::flipped_transposed_weight(contiguous_nchw(weight).const_data_ptr<float>(), p);
+    const float* wq = weight_cl ? weight.const_data_ptr<float>() : w_t.data();
+    const auto order = weight_cl ? cpu::engine::ClWeights::kFlippedOTI : cpu::engine::ClWeights::kOIT;
     const auto cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
     grad_input = at::empty(input.sizes(), cl);
     if (stride1_nhwc) {
-      cpu::engine::forward_channels_last(go_nhwc().const_data_ptr<float>(), w_t.data(), nullptr,
-                                         grad_input.data_ptr<float>(), cpu::backward_input_params(p), false);
+      cpu::engine::forward_channels_last(go_nhwc().const_data_ptr<float>(), wq, nullptr, grad_input.data_ptr<float>(),
+                                         cpu::backward_input_params(p), false, order);
     } else {
       const at::Tensor dense = at::empty({p.batch, p.in_channels, p.out_h, p.out_w}, cl);
-      cpu::engine::forward_channels_last(go_nhwc().const_data_ptr<float>(), w_t.data(), nullptr,
-                                         dense.data_ptr<float>(), strided_pointwise_dense_params(p), false);
+      cpu::engine::forward_channels_last(go_nhwc().const_data_ptr<float>(), wq, nullptr, dense.data_ptr<float>(),
+                                         strided_pointwise_dense_params(p), false, order);
       scatter_strided_pixels(dense.const_data_ptr<float>(), p, grad_input.data_ptr<float>());
     }
     nchw_mask[0] = false;
@@ -1047,7 +1080,7 @@ std::string cpu_conv_algorithm(const at::Tensor& input, const at::Tensor& weight
       check_conv2d(input, weight, c10::nullopt, stride, padding, dilation, groups, "fastconv.conv2d_algorithm");
   const auto t = input.scalar_type();
   return algorithm_name(p, t == at::kFloat || t == at::kHalf || t == at::kBFloat16, suggests_channels_last(input),
-                        conv2d_channels_last(input, weight));
+                        conv2d_channels_last(input, weight), weight_is_nhwc(weight));
 }
 
 TORCH_LIBRARY_FRAGMENT(fastconv, m) {
