@@ -1014,6 +1014,29 @@ def test_channels_last_depthwise_matches_torch(case, poison):
                 assert got[0].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("case", [(2, 144, 120, 120, 1), (2, 144, 121, 119, 2), (1, 136, 160, 161, 1)], ids=str)
+def test_channels_last_depthwise_streamed_outputs_match_torch(case, poison):
+    """Input and output together past 16 MiB: the NHWC depthwise forward and backward-input (stride 1 as
+    a forward, strided per input pixel) store whole, aligned vectors non-temporally; 136 channels: pixels
+    whose channel rows are not 64-byte aligned and a partial last vector take ordinary stores."""
+    n, c, h, w, s = case
+    x = torch.randn(n, c, h, w)
+    wt, b = torch.randn(c, 1, 3, 3), torch.randn(c)
+    if fastconv.conv2d_algorithm(x, wt, s, 1, 1, c) != "direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    ref = F.conv2d(x.double(), wt.double(), b.double(), s, 1, 1, c)
+    assert 4 * (x.numel() + ref.numel()) > 16 << 20
+    go = torch.randn(ref.shape)
+    want = torch.ops.aten.convolution_backward(go.double(), x.double(), wt.double(), [c], [s, s], [1, 1], [1, 1], False,
+                                               [0, 0], c, [True, False, False])[0]
+    xf = x.contiguous(memory_format=torch.channels_last)
+    assert_written_and_close(torch.ops.fastconv.conv2d(xf, wt, b, *op_args(s, 1, 1, c)), ref, "forward")
+    got = torch.ops.fastconv._conv2d_backward(go.contiguous(memory_format=torch.channels_last), xf, wt,
+                                              *op_args(s, 1, 1, c), [True, False, False])[0]
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_written_and_close(got, want, "grad_input")
+
+
 def test_channels_last_depthwise_same_bits_at_any_thread_count():
     x = torch.randn(3, 200, 13, 11).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(200, 1, 3, 3), torch.randn(200)

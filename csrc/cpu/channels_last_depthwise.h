@@ -58,12 +58,29 @@ inline const float* dw_weights_by_tap(const float* weight, const Conv2dParams& p
   return wt;
 }
 
+// Outputs whose input and output together pass this are stored non-temporally (whole, 64-byte aligned
+// vectors: channel counts of multiples of 16), without reading their lines in first: depthwise layers
+// move a few bytes per FMA, and the lines' reads had been a third of the traffic. Measured in-process, 2
+// threads, Zen 4, batch 8, channels_last, against ordinary stores: MobileNetV2's 3x3 144 at 56x56 (29 MB)
+// forward 0.58, backward-input 0.49; 3x3/2 144 from 56x56 0.64 / 0.72, 3x3/2 96 from 112x112 0.98 / 0.64;
+// 3x3 32 at 112x112 0.87 / 0.84.
+constexpr int64_t kDwStreamBytes = int64_t(16) << 20;
+
+// One output vector: non-temporal where `stream` and the vector is whole and aligned.
+FASTCONV_AVX512 __attribute__((always_inline)) inline void dw_store(float* out, __mmask16 m, __m512 v, bool stream) {
+  if (stream && m == __mmask16(0xFFFF) && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
+    _mm512_stream_ps(out, v);
+  } else {
+    _mm512_mask_storeu_ps(out, m, v);
+  }
+}
+
 // out[0, 16 NV) = bias + sum over the `count` taps j of src[j][...] * w[j][...] (w aligned), the last
-// vector's lanes under `last`; ReLU on request. bias: never null (zeros for none); no branches around
-// the loop (see dw_tile).
+// vector's lanes under `last`; ReLU on request; stream: dw_store. bias: never null (zeros for none); no
+// branches around the loop (see dw_tile).
 template <int NV>
 FASTCONV_AVX512 void dw_sum_taps(const float* const* src, const float* const* w, int64_t count, const float* bias,
-                                 __mmask16 last, bool relu, float* out) {
+                                 __mmask16 last, bool relu, float* out, bool stream) {
   __m512 acc[NV];
   _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) {
     acc[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), bias + 16 * v);
@@ -78,11 +95,12 @@ FASTCONV_AVX512 void dw_sum_taps(const float* const* src, const float* const* w,
   }
   const __m512 floor = _mm512_set1_ps(relu ? 0.0f : -std::numeric_limits<float>::infinity());
   _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) {
-    _mm512_mask_storeu_ps(out + 16 * v, v == NV - 1 ? last : __mmask16(0xFFFF), _mm512_max_ps(floor, acc[v]));
+    dw_store(out + 16 * v, v == NV - 1 ? last : __mmask16(0xFFFF), _mm512_max_ps(floor, acc[v]), stream);
   }
 }
 
-using DwSumTaps = void (*)(const float* const*, const float* const*, int64_t, const float*, __mmask16, bool, float*);
+using DwSumTaps = void (*)(const float* const*, const float* const*, int64_t, const float*, __mmask16, bool, float*,
+                           bool);
 
 template <int... N>
 constexpr std::array<DwSumTaps, sizeof...(N)> dw_sums(std::integer_sequence<int, N...>) {
@@ -100,8 +118,8 @@ inline DwSumTaps dw_sum_taps_for(int64_t nv) {
 // bias: never null (zeros for none).
 template <int NPX, int NV>
 FASTCONV_AVX512 void dw_tile(const float* src, int64_t px_step, const int64_t* tap_off, const float* const* w,
-                             int64_t count, const float* bias, __mmask16 last, bool relu, float* out,
-                             int64_t out_step) {
+                             int64_t count, const float* bias, __mmask16 last, bool relu, float* out, int64_t out_step,
+                             bool stream) {
   __m512 acc[NPX * NV];  // [pixel][vector]
   _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
     const __m512 b = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), bias + 16 * v);
@@ -125,7 +143,7 @@ FASTCONV_AVX512 void dw_tile(const float* src, int64_t px_step, const int64_t* t
   _Pragma("GCC unroll 8") for (int i = 0; i < NPX; ++i) {
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
-      _mm512_mask_storeu_ps(out + i * out_step + 16 * v, m, _mm512_max_ps(floor, acc[i * NV + v]));
+      dw_store(out + i * out_step + 16 * v, m, _mm512_max_ps(floor, acc[i * NV + v]), stream);
     }
   }
 }
@@ -136,7 +154,7 @@ FASTCONV_AVX512 void dw_tile(const float* src, int64_t px_step, const int64_t* t
 constexpr int kDwTilePixels = 2, kDwTileVectors = 8;
 
 using DwTile = void (*)(const float*, int64_t, const int64_t*, const float* const*, int64_t, const float*, __mmask16,
-                        bool, float*, int64_t);
+                        bool, float*, int64_t, bool);
 
 template <int NV, int... N>
 constexpr std::array<DwTile, sizeof...(N)> dw_tiles(std::integer_sequence<int, N...>) {
@@ -185,6 +203,7 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
   const int64_t in_lo = std::min(OW, engine::ceil_div(p.pad_w, sw));
   const int64_t in_hi =
       std::max(in_lo, std::min(OW, W - 1 + p.pad_w - reach >= 0 ? (W - 1 + p.pad_w - reach) / sw + 1 : 0));
+  const bool stream = 4 * p.batch * C * (H * W + OH * OW) > kDwStreamBytes;
   at::parallel_for(0, p.batch * OH * cb.count, engine::grain_for(OW * KH * KW * 16), [&](int64_t b0, int64_t b1) {
     std::vector<const float*> src(KH * KW), w(KH * KW), row_w(KH * KW), tile_w(KH * KW);
     std::vector<int64_t> tap_off(KH * KW);
@@ -213,7 +232,7 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
         for (int64_t ow = in_lo; ow < in_hi; ow += kDwTilePixels) {
           const int64_t npx = std::min<int64_t>(kDwTilePixels, in_hi - ow);
           dw_tile_for(npx, tv)(image + ow * sw * C + 16 * v0, sw * C, tap_off.data(), tile_w.data(), taps,
-                               tile_bias + c0 + 16 * v0, tile_last, relu, orow + ow * C + 16 * v0, C);
+                               tile_bias + c0 + 16 * v0, tile_last, relu, orow + ow * C + 16 * v0, C, stream);
         }
         v0 += tv;
       }
@@ -231,11 +250,12 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
             w[count++] = wt + (kh * KW + kw) * cb.Cv + c0;
           }
         }
-        sum(src.data(), w.data(), count, tile_bias + c0, last, relu, orow + ow * C);
+        sum(src.data(), w.data(), count, tile_bias + c0, last, relu, orow + ow * C, stream);
       };
       for (int64_t ow = 0; ow < in_lo; ++ow) border(ow);
       for (int64_t ow = in_hi; ow < OW; ++ow) border(ow);
     }
+    if (stream) _mm_sfence();  // the non-temporal stores visible before the threads join
   });
 }
 
@@ -291,6 +311,7 @@ inline void depthwise_backward_input_channels_last(const float* grad_output, con
   // come from (divisions once per call, not per pixel and tap)
   const DwTapList rows_of(H, OH, KH, p.stride_h, p.pad_h, p.dilation_h);
   const DwTapList cols_of(W, OW, KW, p.stride_w, p.pad_w, p.dilation_w);
+  const bool stream = 4 * p.batch * C * (H * W + OH * OW) > kDwStreamBytes;
   at::parallel_for(0, p.batch * H * cb.count, engine::grain_for(W * KH * KW * 16), [&](int64_t b0, int64_t b1) {
     std::vector<const float*> src(KH * KW), w(KH * KW);
     for (int64_t item = b0; item < b1; ++item) {
@@ -309,9 +330,10 @@ inline void depthwise_backward_input_channels_last(const float* grad_output, con
             w[count++] = wrow + cols_of.k[q] * cb.Cv;
           }
         }
-        sum(src.data(), w.data(), count, zeros.data(), last, false, grow + iw * C);
+        sum(src.data(), w.data(), count, zeros.data(), last, false, grow + iw * C, stream);
       }
     }
+    if (stream) _mm_sfence();
   });
 }
 
