@@ -1081,6 +1081,43 @@ def test_channels_last_strided_pointwise_backward_input_matches_torch(case, monk
             assert_written_and_close(got[i], want[i], f"gradient {i}")
 
 
+# Strided backward-input of channels_last tensors by phases (cpu/phase_backward_input.h), forced on: one NHWC
+# direct forward a phase storing into grad_input's pixels; stride 2, 3 and 4 and (2, 3), kernels 2x2 to 11x11
+# and 3x5, phases reading past grad_output's last row and column (zeros) and with padding of their own,
+# odd and even sizes (phases of unequal sizes), channel counts on and off the vector, batch 1.
+CHANNELS_LAST_PHASES_CASES = [
+    (2, 64, 14, 14, 128, (3, 3), 2, 1),
+    (1, 48, 15, 13, 40, (3, 3), 2, 1),
+    (2, 32, 17, 16, 64, (7, 7), 2, 3),
+    (2, 24, 23, 23, 48, (11, 11), 4, 2),
+    (3, 40, 9, 10, 33, (3, 5), (2, 3), (1, 2)),
+    (1, 16, 11, 11, 20, (5, 5), 2, 2),
+    (2, 64, 8, 8, 64, (4, 4), 2, 1),
+    (2, 30, 10, 11, 16, (5, 5), 3, 2),
+]
+
+
+@pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS, ids=["weight-nchw", "weight-nhwc"])
+@pytest.mark.parametrize("case", CHANNELS_LAST_PHASES_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-s{c[6]}")
+def test_channels_last_phases_backward_input_matches_torch(case, weight_layout, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_PHASES", "1")
+    n, c, h, w, oc, k, s, p = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(oc, c, *k, dtype=torch.float64).contiguous(memory_format=weight_layout)
+    if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p).split("/") * 3)[1] != "channels-last-phases":
+        pytest.skip("no AVX-512 engine on this CPU")
+    go = torch.randn(F.conv2d(x, wt, None, s, p).shape, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, 1), False, [0, 0], 1, [True, True, True])
+    args = op_args(s, p, 1, 1)
+    for layout in (torch.channels_last, torch.contiguous_format):  # grad_output of either layout
+        go_f = go.float().contiguous(memory_format=layout)
+        for mask in ([True, False, False], [True, True, True]):
+            got = torch.ops.fastconv._conv2d_backward(go_f, x.float(), wt.float(), *args, mask)
+            assert got[0].is_contiguous(memory_format=torch.channels_last)
+            for i in (i for i in range(3) if mask[i]):
+                assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}")
+
+
 def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch):
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
     x = torch.randn(3, 200, 9, 10).contiguous(memory_format=torch.channels_last)
@@ -1144,7 +1181,8 @@ def test_channels_last_direct_rule(monkeypatch):
     assert bwi((8, 256, 28, 28), (256, 8, 3, 3), g=32) == "channels-last-grouped"  # 2 groups a vector
     assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) == "channels-last-direct"  # strided 1x1
     assert bwi((8, 512, 28, 28), (1024, 512, 1, 1), s=2, p=0) != "channels-last-direct"
-    assert bwi((8, 64, 56, 56), (128, 64, 3, 3), s=2, p=1) != "channels-last-direct"
+    assert bwi((8, 64, 56, 56), (128, 64, 3, 3), s=2, p=1) == "channels-last-phases"  # ResNet's 3x3/2
+    assert bwi((4, 3, 224, 224), (64, 3, 7, 7), s=2, p=3) != "channels-last-phases"  # 3 of 16 lanes
     assert bwi((1, 192, 13, 13), (384, 192, 3, 3)) != "channels-last-direct"
     assert bwi((1, 192, 13, 13), (384, 192, 3, 3), wcl=True) == "channels-last-direct"
     with fastconv.conv_algorithm("gemm"):

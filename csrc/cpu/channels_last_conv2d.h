@@ -187,20 +187,28 @@ struct ClBlocks {
 // the convolution q it computes):
 //   kOIT: [g*OCg + o][c][t], NCHW-contiguous weights;
 //   kOTI: [g*OCg + o][t][c], channels_last weights as they are;
-//   kFlippedOTI: q is a stride-1 backward-input as a forward (flipped_conv.h) and the weights are the
-//     original convolution's, channels_last: [g*Cg + c][KK-1-t][o] (its output channels are q's input
-//     channels, its input channels q's output channels). No transposed copy is made: the lanes (q's
-//     output channels) are consecutive floats.
+//   kFlippedOTI: q is a backward-input as a forward (flipped_conv.h, or one phase of a strided one) and
+//     the weights are the original convolution's, channels_last: [g*Cg + c][tap][o] (its output channels
+//     are q's input channels, its input channels q's output channels), q's tap t being its tap
+//     ClTaps::of[t] (stride 1: KK-1-t, the flip). No transposed copy is made: the lanes (q's output
+//     channels) are consecutive floats.
 enum class ClWeights { kOIT, kOTI, kFlippedOTI };
 
-// dst[off[c*KK + t], + 16) = the `on` (<= 16) floats at src[(c*KK + KK-1-t)*ld], zeros after them, for c < C,
-// t < KK: kFlippedOTI's vectors of one group's 16 output channels.
+// kFlippedOTI's taps: q's tap t is tap of[t] of the original convolution's `count` (empty: the flip of
+// q's own KK taps).
+struct ClTaps {
+  std::vector<int64_t> of;
+  int64_t count = 0;
+};
+
+// dst[off[c*KK + t], + 16) = the `on` (<= 16) floats at src[(c*taps.count + taps.of[t])*ld], zeros after them,
+// for c < C, t < KK: kFlippedOTI's vectors of one group's 16 output channels.
 FASTCONV_AVX512 inline void copy_flipped_lanes(const float* src, int64_t C, int64_t KK, int64_t ld, int64_t on,
-                                               const int64_t* off, float* dst) {
+                                               const int64_t* off, const ClTaps& taps, float* dst) {
   const __mmask16 m = lane_mask(0, on);
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t t = 0; t < KK; ++t)
-      _mm512_store_ps(dst + off[c * KK + t], _mm512_maskz_loadu_ps(m, src + (c * KK + KK - 1 - t) * ld));
+      _mm512_store_ps(dst + off[c * KK + t], _mm512_maskz_loadu_ps(m, src + (c * taps.count + taps.of[t]) * ld));
   }
 }
 
@@ -208,7 +216,7 @@ FASTCONV_AVX512 inline void copy_flipped_lanes(const float* src, int64_t C, int6
 // past the group's last; c block: kc channels): 16x16 register transposes of 16 weight rows (kOIT, kOTI),
 // or loads of 16 consecutive output channels (kFlippedOTI).
 inline void pack_channels_last_weights(const float* weight, const Conv2dParams& q, int64_t kc, float* packed,
-                                       ClWeights order = ClWeights::kOIT) {
+                                       ClWeights order = ClWeights::kOIT, const ClTaps* source_taps = nullptr) {
   const int64_t G = q.groups, OCg = q.out_channels_per_group(), Cg = q.in_channels_per_group();
   const int64_t KK = q.kernel_h * q.kernel_w, block = Cg * KK * kClWidth;
   const ClBlocks blocks(OCg);
@@ -224,6 +232,12 @@ inline void pack_channels_last_weights(const float* weight, const Conv2dParams& 
     }
   }
   const int64_t* off = dst_off.data();
+  ClTaps flip;
+  if (order == ClWeights::kFlippedOTI && !source_taps) {
+    flip.count = KK;
+    for (int64_t t = 0; t < KK; ++t) flip.of.push_back(KK - 1 - t);
+  }
+  const ClTaps& taps = source_taps ? *source_taps : flip;
   at::parallel_for(0, G * obs * kClVectors, grain_for(Cg * KK * 16), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t g = b / (obs * kClVectors), ob = (b / kClVectors) % obs, v = b % kClVectors;
@@ -231,7 +245,7 @@ inline void pack_channels_last_weights(const float* weight, const Conv2dParams& 
       const int64_t o0 = 16 * (blocks.first(ob) + v), on = std::min<int64_t>(16, OCg - o0);
       float* dst = packed + (g * obs + ob) * block + 16 * v;
       if (order == ClWeights::kFlippedOTI) {
-        copy_flipped_lanes(weight + g * Cg * KK * OCg + o0, Cg, KK, OCg, on, off, dst);
+        copy_flipped_lanes(weight + g * Cg * taps.count * OCg + o0, Cg, KK, OCg, on, off, taps, dst);
         continue;
       }
       // 16 rows o of [c][t] or [t][c], transposed: column i is the vector of (c, t) at off[i]
@@ -248,7 +262,8 @@ struct ClInput {
   int64_t Hp, Wp, C;
 };
 
-// The input in place where nothing is padded, else a zero-padded NHWC copy (rows the taps reach).
+// The input in place where nothing is padded and the taps stay inside, else a zero-padded NHWC copy (rows
+// the taps reach).
 // The padded copy's rows and columns (channels_last_input): the input's and its padding before, or as far
 // as the taps reach if that is further.
 inline int64_t channels_last_padded_rows(const Conv2dParams& q) {
@@ -260,8 +275,10 @@ inline int64_t channels_last_padded_cols(const Conv2dParams& q) {
 
 inline ClInput channels_last_input(const float* input, const Conv2dParams& q, AlignedBuffer& buf) {
   const int64_t C = q.in_channels, H = q.in_h, W = q.in_w;
-  if (q.pad_h == 0 && q.pad_w == 0) return {input, H, W, C};
   const int64_t Hp = channels_last_padded_rows(q), Wp = channels_last_padded_cols(q);
+  // in place where nothing is padded and the taps stay inside (a phase of a strided backward-input may
+  // read past the last row or column: zeros)
+  if (q.pad_h == 0 && q.pad_w == 0 && Hp == H && Wp == W) return {input, H, W, C};
   float* dst = buf.get(q.batch * Hp * Wp * C);
   at::parallel_for(0, q.batch * Hp, grain_for(Wp * C), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -281,9 +298,12 @@ inline ClInput channels_last_input(const float* input, const Conv2dParams& q, Al
   return {dst, Hp, Wp, C};
 }
 
-// out (NHWC) = conv(input (NHWC), weight) + bias (ReLU); the weights in the order `order` says.
+// out (NHWC) = conv(input (NHWC), weight) + bias (ReLU); the weights in the order `order` says (and for
+// kFlippedOTI, source_taps: the taps that q's are, default the flip); output pixel r's channels at
+// out + out_pixels[r] (default r * out_channels: out_pixels places a phase's pixels in grad_input).
 inline void forward_channels_last(const float* input, const float* weight, const float* bias, float* out,
-                                  const Conv2dParams& q, bool relu, ClWeights order = ClWeights::kOIT) {
+                                  const Conv2dParams& q, bool relu, ClWeights order = ClWeights::kOIT,
+                                  const ClTaps* source_taps = nullptr, const int64_t* out_pixels = nullptr) {
   const int64_t G = q.groups, OC = q.out_channels, OCg = q.out_channels_per_group(), Cg = q.in_channels_per_group();
   const int64_t NL = q.batch * q.out_plane(), KK = q.kernel_h * q.kernel_w;
   const int64_t kc = channels_last_kc(q), cbs = ceil_div(Cg, kc);
@@ -293,7 +313,7 @@ inline void forward_channels_last(const float* input, const float* weight, const
   thread_local AlignedBuffer copy_buf(false), w_buf(false);
   const ClInput x = channels_last_input(input, q, copy_buf);
   float* wp = w_buf.get(G * obs * Cg * KK * kClWidth);
-  pack_channels_last_weights(weight, q, kc, wp, order);
+  pack_channels_last_weights(weight, q, kc, wp, order, source_taps);
   const std::vector<int64_t> tap_off = nhwc_tap_offsets(q, x.Wp, x.C);
   std::vector<int64_t> pixel_off;  // each output pixel's top-left tap in the input
   nhwc_pixel_offsets(q, x.Hp, x.Wp, x.C, pixel_off);
@@ -344,7 +364,7 @@ inline void forward_channels_last(const float* input, const float* weight, const
             for (int i = 0; i < kClRows; ++i) {
               const int64_t r = r0 + std::min(i, mr - 1);
               src[i] = x.base + pixel_off[r];
-              dst[i] = out + r * OC + g * OCg + o0;
+              dst[i] = out + (out_pixels ? out_pixels[r] : r * OC) + g * OCg + o0;
             }
             run_channels_last_tile(mr, nv, src, aoff.data(), flat ? KK * Cg : KK, len, wb, d, flat);
           }

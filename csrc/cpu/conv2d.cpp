@@ -420,6 +420,7 @@ bool channels_last_grouped_weight_grad(const Conv2dParams& p);
 bool channels_last_weight_grad_from_nhwc(const Conv2dParams& p);
 bool channels_last_backward_input(const Conv2dParams& p, bool weight_nhwc = false);
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
+bool channels_last_phases_backward_input(const Conv2dParams& p);
 bool channels_last_weight_grad_in_place(const Conv2dParams& p);
 
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
@@ -448,7 +449,8 @@ std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_la
   const BackwardInputRoute route = backward_input_route(p);
   const bool bwi_nhwc =
       channels_last_backward_input(p, weight_nhwc) || channels_last_strided_pointwise_backward_input(p);
-  const std::string bwi = channels_last && float32 && bwi_nhwc ? "channels-last-direct"
+  const std::string bwi = channels_last && float32 && bwi_nhwc                                 ? "channels-last-direct"
+                          : channels_last && float32 && channels_last_phases_backward_input(p) ? "channels-last-phases"
                           : channels_last && float32 && channels_last_grouped_backward_input(p)
                               ? "channels-last-grouped"
                           : route == BackwardInputRoute::kWinograd      ? "winograd"
@@ -774,6 +776,24 @@ Conv2dParams strided_pointwise_dense_params(const Conv2dParams& p) {
   return q;
 }
 
+// Whether a channels_last float32 layer's strided backward-input runs as one NHWC direct forward a phase of
+// grad_input (cpu/phase_backward_input.h, backward_input_by_phases_channels_last) rather than on the NCHW
+// route between transposes of grad_output and grad_input: strided, dilation 1, ungrouped, kernel at least
+// the stride, not 1x1 (channels_last_strided_pointwise_backward_input), at most a quarter of the lanes
+// idle. Measured in-process, 2 threads, Zen 4, against that route: ResNet's 3x3/2 64->128 from 56x56,
+// 128->256 from 28x28, 256->512 from 14x14 at batch 8 0.86, 0.86, 0.82 (1.10, 1.07, 1.05 of torch's
+// channels_last time), at batch 1 0.89 and 0.76; ResNet-50's 3x3/2 128 from 56x56 0.83.
+// FASTCONV_CPU_CHANNELS_LAST_PHASES=0/1 forces it off/on where it applies.
+bool channels_last_phases_backward_input(const Conv2dParams& p) {
+  if (!use_engine<float>() || run_direct<float>(p) || !cpu::backward_input_by_phases_applicable(p) ||
+      !cpu::phases_are_padded_forwards(p) || (p.kernel_h == 1 && p.kernel_w == 1))
+    return false;
+  const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST_PHASES", '0', '1');
+  if (f >= 0) return f == 1;
+  if (g_algorithm_setting.load() == kSettingGemm) return false;
+  return 4 * p.in_channels >= 3 * cpu::engine::ceil_div(p.in_channels, 16) * 16;
+}
+
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p) {
   const bool strided = p.stride_h > 1 || p.stride_w > 1;
   return strided && p.kernel_h == 1 && p.kernel_w == 1 && p.pad_h == 0 && p.pad_w == 0 && p.groups == 1 &&
@@ -1013,7 +1033,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
     }
     nchw_mask[0] = false;
   }
-  if (nhwc_input && !stride1_nhwc && !shortcut_nhwc && channels_last_grouped_backward_input(p)) {
+  if (nhwc_input && !stride1_nhwc && !shortcut_nhwc && channels_last_phases_backward_input(p)) {
+    // one NHWC direct forward a phase, into grad_input's pixels of that phase
+    const at::Tensor weight_nhwc = weight.contiguous(at::MemoryFormat::ChannelsLast);
+    grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    cpu::backward_input_by_phases_channels_last(go_nhwc().const_data_ptr<float>(), weight_nhwc.const_data_ptr<float>(),
+                                                grad_input.data_ptr<float>(), p);
+    nchw_mask[0] = false;
+  }
+  if (nchw_mask[0] && nhwc_input && !stride1_nhwc && !shortcut_nhwc && channels_last_grouped_backward_input(p)) {
     // the grouped kernel's NHWC form over NHWC grad_output, into NHWC grad_input
     grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
     const at::Tensor weight_c = contiguous_nchw(weight);

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "cpu/channels_last_conv2d.h"
 #include "cpu/conv2d_avx512.h"
 
 namespace fastconv {
@@ -49,6 +50,20 @@ struct PhaseDim {
   }
   int64_t span() const { return count + taps - 1; }  // grad_output rows the phase reads (padded)
 };
+
+// Whether every phase with pixels has taps (kernel >= stride) and reads grad_output from its first row and
+// column on (shift <= 0): then each phase is a stride-1 forward of grad_output itself with padding -shift.
+inline bool phases_are_padded_forwards(const Conv2dParams& p) {
+  for (int64_t a = 0; a < p.stride_h; ++a) {
+    const PhaseDim d(a, p.in_h, p.kernel_h, p.stride_h, p.pad_h);
+    if (d.count > 0 && (d.taps == 0 || d.shift > 0)) return false;
+  }
+  for (int64_t b = 0; b < p.stride_w; ++b) {
+    const PhaseDim d(b, p.in_w, p.kernel_w, p.stride_w, p.pad_w);
+    if (d.count > 0 && (d.taps == 0 || d.shift > 0)) return false;
+  }
+  return true;
+}
 
 #if FASTCONV_HAVE_AVX512_KERNELS
 // grad_input (written whole) from grad_output and weight (OIHW). `forward(input, weight, bias,
@@ -151,6 +166,51 @@ void backward_input_by_phases(const float* grad_output, const float* weight, flo
             for (int64_t j = 0; j < nj; ++j) row[SW * j] = src[j];
           }
       });
+    }
+  }
+}
+
+// The same for channels_last tensors (backward_input_by_phases_applicable and phases_are_padded_forwards
+// hold): grad_input (NHWC, written whole) from NHWC grad_output and channels_last weights, each phase one
+// NHWC direct forward of grad_output (engine::forward_channels_last, padding -shift) with its taps of the
+// weights read in place (ClWeights::kFlippedOTI) and its pixels stored straight into grad_input's. No
+// transposes of grad_output or grad_input, no copies of the weights or of phase planes.
+inline void backward_input_by_phases_channels_last(const float* grad_output, const float* weight, float* grad_input,
+                                                   const Conv2dParams& p) {
+  const int64_t N = p.batch, C = p.in_channels, H = p.in_h, W = p.in_w, KW = p.kernel_w;
+  for (int64_t a = 0; a < p.stride_h; ++a) {
+    const PhaseDim dh(a, H, p.kernel_h, p.stride_h, p.pad_h);
+    for (int64_t b = 0; b < p.stride_w; ++b) {
+      const PhaseDim dw(b, W, KW, p.stride_w, p.pad_w);
+      if (dh.count == 0 || dw.count == 0) continue;
+      Conv2dParams q{};
+      q.batch = N;
+      q.in_channels = p.out_channels;
+      q.in_h = p.out_h;
+      q.in_w = p.out_w;
+      q.out_channels = C;
+      q.kernel_h = dh.taps;
+      q.kernel_w = dw.taps;
+      q.out_h = dh.count;
+      q.out_w = dw.count;
+      q.stride_h = q.stride_w = q.dilation_h = q.dilation_w = q.groups = 1;
+      q.pad_h = -dh.shift;
+      q.pad_w = -dw.shift;
+      engine::ClTaps taps;  // flipped tap (u, v) is kernel tap (r_h + s_h (T_h-1-u), r_w + s_w (T_w-1-v))
+      taps.count = p.kernel_h * KW;
+      for (int64_t u = 0; u < dh.taps; ++u) {
+        for (int64_t v = 0; v < dw.taps; ++v)
+          taps.of.push_back((dh.r + p.stride_h * (dh.taps - 1 - u)) * KW + dw.r + p.stride_w * (dw.taps - 1 - v));
+      }
+      std::vector<int64_t> pixels(N * dh.count * dw.count);  // phase pixel (n, i, j) in grad_input
+      for (int64_t n = 0, r = 0; n < N; ++n) {
+        for (int64_t i = 0; i < dh.count; ++i) {
+          for (int64_t j = 0; j < dw.count; ++j, ++r)
+            pixels[r] = ((n * H + a + p.stride_h * i) * W + b + p.stride_w * j) * C;
+        }
+      }
+      engine::forward_channels_last(grad_output, weight, nullptr, grad_input, q, false, engine::ClWeights::kFlippedOTI,
+                                    &taps, pixels.data());
     }
   }
 }
