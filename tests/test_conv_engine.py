@@ -1118,6 +1118,51 @@ def test_channels_last_phases_backward_input_matches_torch(case, weight_layout, 
                 assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}")
 
 
+# A channels_last 1x1 layer's backward-weight as the GEMM of the NHWC tensors (channels_last_weight_grad.h,
+# backward_weight_pointwise_channels_last), forced on: strides 1, 2 and (2, 3) (the stride's pixels by
+# offsets), input channels 16 to 256 (1-3 vectors a tile: 80 = 48 + 32), output channels off the 8-row
+# tile (9, 70), two chunks of pixels (32 -> 40 channels at 30x31, batch 2: 1860 pixels, chunks of 1820),
+# batch 1.
+CHANNELS_LAST_POINTWISE_CASES = [
+    ((2, 64, 14, 14), 128, 2),
+    ((1, 48, 15, 13), 40, 1),
+    ((3, 32, 9, 10), 70, (2, 3)),
+    ((2, 256, 7, 7), 512, 1),
+    ((1, 16, 5, 5), 9, 2),
+    ((2, 80, 11, 11), 24, 1),
+    ((2, 32, 30, 31), 40, 1),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_POINTWISE_CASES, ids=str)
+def test_channels_last_pointwise_weight_grad_matches_torch(case, monkeypatch, poison):
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST_POINTWISE", "1")
+    shape, oc, s = case
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(oc, shape[1], 1, 1, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, 0).split("/") * 3)[2] != "channels-last-pointwise":
+        pytest.skip("no AVX-512 engine on this CPU")
+    (stride,) = pairs(s)
+    go = torch.randn(F.conv2d(x, wt, None, stride).shape, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], stride, (0, 0), (1, 1), False, [0, 0], 1,
+                                               [True, True, True])
+    go_f = go.float().contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            for mask in ([False, True, False], [True, True, True]):
+                got = torch.ops.fastconv._conv2d_backward(go_f, x.float(), wt.float(), list(stride), [0, 0], [1, 1], 1,
+                                                          mask)
+                for i in (i for i in range(3) if mask[i]):
+                    assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}, {t} threads")
+                results.append(got[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])  # the same bits at any thread count
+
+
 def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch):
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
     x = torch.randn(3, 200, 9, 10).contiguous(memory_format=torch.channels_last)
@@ -1185,6 +1230,10 @@ def test_channels_last_direct_rule(monkeypatch):
     assert bwi((4, 3, 224, 224), (64, 3, 7, 7), s=2, p=3) != "channels-last-phases"  # 3 of 16 lanes
     assert bwi((1, 192, 13, 13), (384, 192, 3, 3)) != "channels-last-direct"
     assert bwi((1, 192, 13, 13), (384, 192, 3, 3), wcl=True) == "channels-last-direct"
+    # backward-weight of 1x1 layers too wide for the in-place kernel: the GEMM of the NHWC tensors
+    x = torch.empty(8, 256, 14, 14, device="meta").contiguous(memory_format=torch.channels_last)
+    assert fastconv.conv2d_algorithm(x, torch.empty(512, 256, 1, 1, device="meta"), 2, 0).split("/")[2] == (
+        "channels-last-pointwise")
     with fastconv.conv_algorithm("gemm"):
         assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "im2col+gemm"
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "0")

@@ -174,6 +174,50 @@ inline void backward_weight_channels_last(const float* grad_output, const float*
   });
 }
 
+// A 1x1 layer's backward-weight straight from NHWC tensors: grad_W[o][c] = sum over pixels px of
+// grad_output[px][o] * x[px's input pixel][c], a GEMM whose two operands are both pixel-major: the
+// micro-kernel's 8 rows broadcast grad_output's 8 consecutive channels of a pixel, its 3 vectors load 48
+// consecutive input channels of the pixel's input position (OffsetB: the stride's pixels by a table of
+// offsets, no copy of the input). The pixels run in chunks whose rows of both tensors stay in L2; each
+// thread owns blocks of 8 output channels (every input channel of them), so each element of grad_weight
+// is summed by one thread in pixel order: the same bits at any thread count. Needs padding 0 and input
+// channels a multiple of 16 (whole vectors: unmasked loads).
+inline bool pointwise_weight_grad_applicable(const Conv2dParams& p) {
+  return p.kernel_h == 1 && p.kernel_w == 1 && p.pad_h == 0 && p.pad_w == 0 && p.groups == 1 && p.in_channels % 16 == 0;
+}
+
+inline void backward_weight_pointwise_channels_last(const float* grad_output, const float* input, float* grad_weight,
+                                                    const Conv2dParams& p) {
+  const int64_t C = p.in_channels, OC = p.out_channels, P = p.batch * p.out_plane();
+  std::vector<int64_t> pixel_off;  // each output pixel's input pixel
+  nhwc_pixel_offsets(p, p.in_h, p.in_w, C, pixel_off);
+  // pixels a chunk: both tensors' rows of the chunk within 512 KiB
+  const int64_t chunk = std::max<int64_t>(64, (int64_t(512) << 10) / (4 * (C + OC)));
+  const int64_t o_blocks = ceil_div(OC, kTileRows), c_tiles = ceil_div(C, kTileCols);
+  at::parallel_for(0, o_blocks, 1, [&](int64_t ob0, int64_t ob1) {
+    for (int64_t p0 = 0; p0 < P; p0 += chunk) {
+      const int64_t kc = std::min(chunk, P - p0);
+      for (int64_t ob = ob0; ob < ob1; ++ob) {
+        const int64_t o0 = ob * kTileRows, mr = std::min<int64_t>(kTileRows, OC - o0);
+        for (int64_t ct = 0; ct < c_tiles; ++ct) {
+          const int64_t c0 = ct * kTileCols, nv = std::min<int64_t>(kTileVectors, (C - c0) / 16);
+          OffsetB bs{};
+          TileDest d{};
+          for (int64_t v = 0; v < nv; ++v) {
+            bs.base[v] = input + c0 + 16 * v;
+            d.ptr[v][0] = d.ptr[v][1] = grad_weight + o0 * C + c0 + 16 * v;
+            d.mask[v][0] = __mmask16(0xFFFF);
+          }
+          bs.koff = pixel_off.data() + p0;
+          d.ldc = C;
+          run_micro_kernel(static_cast<int>(mr), static_cast<int>(nv), kc, grad_output + p0 * OC + o0, 1, OC, bs, d,
+                           p0 == 0 ? Init::kZero : Init::kAccumulate, nullptr);
+        }
+      }
+    }
+  });
+}
+
 // Whether the padded copy stays within the engine's copy budget (any float32 layer otherwise).
 inline bool channels_last_weight_grad_applicable(const Conv2dParams& p) {
   const ChannelsLastCopy s(p);

@@ -422,6 +422,7 @@ bool channels_last_backward_input(const Conv2dParams& p, bool weight_nhwc = fals
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 bool channels_last_phases_backward_input(const Conv2dParams& p);
 bool channels_last_weight_grad_in_place(const Conv2dParams& p);
+bool channels_last_pointwise_weight_grad(const Conv2dParams& p);
 
 // Which kernel each CPU pass runs for these arguments (what conv2d_algorithm() reports):
 // "forward/backward-input/backward-weight", or one name when all three agree. channels_last: of a
@@ -462,6 +463,7 @@ std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_la
   const int bww_algo = bww_measured >= 0 ? bww_measured : engine_rule(p, true);
   const std::string bww =
       channels_last_result && float32 && channels_last_weight_grad_in_place(p) ? "channels-last-direct"
+      : channels_last && float32 && channels_last_pointwise_weight_grad(p)     ? "channels-last-pointwise"
       : channels_last && float32 && channels_last_grouped_weight_grad(p)       ? "channels-last-grouped"
       : bww_algo == kGemm && cpu::engine::grouped_weight_grad_wanted(p)        ? std::string("grouped-direct")
                                                                                : kEngineKernelNames[bww_algo];
@@ -665,6 +667,9 @@ double flops_per_element(const Conv2dParams& p, bool weight = false) {
 // applies (tests, comparisons).
 bool channels_last_weight_grad_in_place(const Conv2dParams& p) {
   if (!use_engine<float>() || run_direct<float>(p) || !cpu::engine::weight_grad_in_place_applicable(p)) return false;
+  if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST_POINTWISE", '0', '1') == 1 &&
+      cpu::engine::pointwise_weight_grad_applicable(p))
+    return false;  // channels_last_pointwise_weight_grad forced on
   const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", '0', '1');
   if (f >= 0) return f == 1;
   return g_algorithm_setting.load() != kSettingGemm && flops_per_element(p) <= 420.0 &&
@@ -733,6 +738,21 @@ bool channels_last_grouped_backward_input(const Conv2dParams& p) {
 bool channels_last_weight_grad_from_nhwc(const Conv2dParams& p) {
   return use_engine<float>() && !run_direct<float>(p) && g_algorithm_setting.load() != kSettingBenchmark &&
          engine_rule(p, true) == kChannelsLast;
+}
+
+// Whether the backward-weight of a channels_last 1x1 layer (padding 0, ungrouped, input channels a multiple of
+// 16) runs as the GEMM of the NHWC tensors themselves (backward_weight_pointwise_channels_last) rather than
+// on the NCHW kernels after transposes of grad_output and the whole input (a strided layer reads a quarter
+// of it), where the in-place kernel does not take it. Measured in-process, 2 threads, Zen 4, batch 8,
+// against that route: ResNet's strided 1x1 256->512 from 14x14 0.71, 256->512 from 56x56 0.64, 512->1024
+// from 28x28 0.69, 1x1 1024->256 at 14x14 0.80 (0.95-1.03 of torch's channels_last time after); 512->2048
+// at 7x7, 128->512 at 28x28, 256->64 at 56x56 0.95-0.98.
+// FASTCONV_CPU_CHANNELS_LAST_POINTWISE=0/1 forces it off/on where it applies.
+bool channels_last_pointwise_weight_grad(const Conv2dParams& p) {
+  if (!use_engine<float>() || run_direct<float>(p) || !cpu::engine::pointwise_weight_grad_applicable(p)) return false;
+  const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST_POINTWISE", '0', '1');
+  if (f >= 0) return f == 1;
+  return g_algorithm_setting.load() != kSettingGemm;
 }
 
 // The same for a backward-weight that the NCHW route runs on the grouped kernel with the input channels in
@@ -987,15 +1007,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   if (nchw_mask[1] && p.batch > 0 && input.scalar_type() == at::kFloat) {
     const bool nhwc = suggests_channels_last(input);
     const bool in_place = channels_last && channels_last_weight_grad_in_place(p);
-    const bool channels_last_kernel = !in_place && nhwc && channels_last_weight_grad_from_nhwc(p);
-    const bool grouped = !in_place && !channels_last_kernel && nhwc && channels_last_grouped_weight_grad(p);
-    if (in_place || channels_last_kernel || grouped) {
+    const bool pointwise = !in_place && nhwc && channels_last_pointwise_weight_grad(p);
+    const bool channels_last_kernel = !in_place && !pointwise && nhwc && channels_last_weight_grad_from_nhwc(p);
+    const bool grouped =
+        !in_place && !pointwise && !channels_last_kernel && nhwc && channels_last_grouped_weight_grad(p);
+    if (in_place || pointwise || channels_last_kernel || grouped) {
       const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);  // itself, unless a slice
       grad_weight_nhwc = at::empty(weight.sizes(), weight.options());
       const float *go = go_nhwc().const_data_ptr<float>(), *x = input_nhwc.const_data_ptr<float>();
       float* gw = grad_weight_nhwc.data_ptr<float>();
       if (in_place) {
         cpu::engine::backward_weight_channels_last_in_place(go, x, gw, p);
+      } else if (pointwise) {
+        cpu::engine::backward_weight_pointwise_channels_last(go, x, gw, p);
       } else if (channels_last_kernel) {
         cpu::engine::backward_weight_channels_last(go, x, gw, p, true);
       } else {
