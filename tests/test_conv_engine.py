@@ -1163,6 +1163,36 @@ def test_channels_last_pointwise_weight_grad_matches_torch(case, monkeypatch, po
     assert all(torch.equal(results[0], r) for r in results[1:])  # the same bits at any thread count
 
 
+@pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS, ids=["weight-nchw", "weight-nhwc"])
+def test_channels_last_direct_channel_blocks_match_pixel_blocks(weight_layout, monkeypatch, poison):
+    """Batch 1 of a 13x13 plane: one pixel block a thread, so the NHWC forward's tasks are blocks of
+    output channels (each packing its own weights); four copies of the image run as pixel blocks. The
+    same sums in the same order: the same bits, forward and backward-input, at 1-3 threads."""
+    monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
+    x1 = torch.randn(1, 64, 13, 13).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(200, 64, 3, 3).contiguous(memory_format=weight_layout)
+    b = torch.randn(200)
+    if fastconv.conv2d_algorithm(x1, w, 1, 1) != "channels-last-direct":
+        pytest.skip("no AVX-512 engine on this CPU")
+    x4 = torch.cat([x1] * 4).contiguous(memory_format=torch.channels_last)
+    go1 = torch.randn(1, 200, 13, 13).contiguous(memory_format=torch.channels_last)
+    go4 = torch.cat([go1] * 4).contiguous(memory_format=torch.channels_last)
+    args = ([1, 1], [1, 1], [1, 1], 1, [True, False, False])
+    ref = F.conv2d(x1.double(), w.double(), b.double(), 1, 1)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            y1, y4 = FC.conv2d(x1, w, b, 1, 1), FC.conv2d(x4, w, b, 1, 1)
+            assert_written_and_close(y1, ref, f"forward, {t} threads")
+            assert torch.equal(y1[0], y4[3])
+            g1 = torch.ops.fastconv._conv2d_backward(go1, x1, w, *args)[0]
+            g4 = torch.ops.fastconv._conv2d_backward(go4, x4, w, *args)[0]
+            assert torch.isfinite(g1).all() and torch.equal(g1[0], g4[2])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_channels_last_direct_forward_same_bits_at_any_thread_count(monkeypatch):
     monkeypatch.setenv("FASTCONV_CPU_CHANNELS_LAST", "1")
     x = torch.randn(3, 200, 9, 10).contiguous(memory_format=torch.channels_last)

@@ -214,44 +214,63 @@ FASTCONV_AVX512 inline void copy_flipped_lanes(const float* src, int64_t C, int6
 
 // The weights as [g][o block][c block][tap][c][48] (o block: ClBlocks' vectors of output channels, zero
 // past the group's last; c block: kc channels): 16x16 register transposes of 16 weight rows (kOIT, kOTI),
-// or loads of 16 consecutive output channels (kFlippedOTI).
-inline void pack_channels_last_weights(const float* weight, const Conv2dParams& q, int64_t kc, float* packed,
-                                       ClWeights order = ClWeights::kOIT, const ClTaps* source_taps = nullptr) {
-  const int64_t G = q.groups, OCg = q.out_channels_per_group(), Cg = q.in_channels_per_group();
-  const int64_t KK = q.kernel_h * q.kernel_w, block = Cg * KK * kClWidth;
-  const ClBlocks blocks(OCg);
-  const int64_t obs = blocks.count;
-  // where (c, t)'s 48 floats start within a block, at the position of (c, t) in a weight row ([c][t] or
-  // [t][c]; kFlippedOTI: at c*KK + t)
-  std::vector<int64_t> dst_off(Cg * KK);
-  for (int64_t c0 = 0; c0 < Cg; c0 += kc) {
-    const int64_t len = std::min(kc, Cg - c0);
-    for (int64_t c = c0; c < c0 + len; ++c) {
-      for (int64_t t = 0; t < KK; ++t)
-        dst_off[order == ClWeights::kOTI ? t * Cg + c : c * KK + t] = (c0 * KK + t * len + (c - c0)) * kClWidth;
-    }
-  }
-  const int64_t* off = dst_off.data();
-  ClTaps flip;
-  if (order == ClWeights::kFlippedOTI && !source_taps) {
-    flip.count = KK;
-    for (int64_t t = 0; t < KK; ++t) flip.of.push_back(KK - 1 - t);
-  }
-  const ClTaps& taps = source_taps ? *source_taps : flip;
-  at::parallel_for(0, G * obs * kClVectors, grain_for(Cg * KK * 16), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t g = b / (obs * kClVectors), ob = (b / kClVectors) % obs, v = b % kClVectors;
-      if (blocks.first(ob) + v >= blocks.first(ob + 1)) continue;  // (past the block's vectors: never read)
-      const int64_t o0 = 16 * (blocks.first(ob) + v), on = std::min<int64_t>(16, OCg - o0);
-      float* dst = packed + (g * obs + ob) * block + 16 * v;
-      if (order == ClWeights::kFlippedOTI) {
-        copy_flipped_lanes(weight + g * Cg * taps.count * OCg + o0, Cg, KK, OCg, on, off, taps, dst);
-        continue;
+// or loads of 16 consecutive output channels (kFlippedOTI). One block of output channels at a time
+// (pack_block), or all of them over the threads (pack_channels_last_weights).
+struct ClWeightPacker {
+  const float* weight;
+  int64_t OCg, Cg, KK, block;
+  ClBlocks blocks;
+  ClWeights order;
+  std::vector<int64_t> dst_off;  // where (c, t)'s 48 floats start within a block, at (c, t)'s place in a row
+  ClTaps taps;                   // kFlippedOTI's
+  ClWeightPacker(const float* weight_, const Conv2dParams& q, int64_t kc, ClWeights order_, const ClTaps* source_taps)
+      : weight(weight_),
+        OCg(q.out_channels_per_group()),
+        Cg(q.in_channels_per_group()),
+        KK(q.kernel_h * q.kernel_w),
+        block(Cg * KK * kClWidth),
+        blocks(OCg),
+        order(order_),
+        dst_off(Cg * KK) {
+    // a weight row's (c, t) at c*KK + t ([c][t], and kFlippedOTI's walk) or t*Cg + c ([t][c])
+    for (int64_t c0 = 0; c0 < Cg; c0 += kc) {
+      const int64_t len = std::min(kc, Cg - c0);
+      for (int64_t c = c0; c < c0 + len; ++c) {
+        for (int64_t t = 0; t < KK; ++t)
+          dst_off[order == ClWeights::kOTI ? t * Cg + c : c * KK + t] = (c0 * KK + t * len + (c - c0)) * kClWidth;
       }
-      // 16 rows o of [c][t] or [t][c], transposed: column i is the vector of (c, t) at off[i]
-      transpose_columns(weight + (g * OCg + o0) * Cg * KK, Cg * KK, on, Cg * KK,
-                        [&](int64_t i, __m512 col) FASTCONV_AVX512 { _mm512_store_ps(dst + off[i], col); });
     }
+    if (source_taps) {
+      taps = *source_taps;
+    } else if (order == ClWeights::kFlippedOTI) {
+      taps.count = KK;
+      for (int64_t t = 0; t < KK; ++t) taps.of.push_back(KK - 1 - t);
+    }
+  }
+  // vector v of block ob of group g (nothing past the block's vectors: never read)
+  void pack_vector(float* packed, int64_t g, int64_t ob, int64_t v) const {
+    if (blocks.first(ob) + v >= blocks.first(ob + 1)) return;
+    const int64_t o0 = 16 * (blocks.first(ob) + v), on = std::min<int64_t>(16, OCg - o0);
+    float* dst = packed + (g * blocks.count + ob) * block + 16 * v;
+    const int64_t* off = dst_off.data();
+    if (order == ClWeights::kFlippedOTI) {
+      copy_flipped_lanes(weight + g * Cg * taps.count * OCg + o0, Cg, KK, OCg, on, off, taps, dst);
+      return;
+    }
+    // 16 rows o of [c][t] or [t][c], transposed: column i is the vector of (c, t) at off[i]
+    transpose_columns(weight + (g * OCg + o0) * Cg * KK, Cg * KK, on, Cg * KK,
+                      [&](int64_t i, __m512 col) FASTCONV_AVX512 { _mm512_store_ps(dst + off[i], col); });
+  }
+  void pack_block(float* packed, int64_t g, int64_t ob) const {
+    for (int64_t v = 0; v < kClVectors; ++v) pack_vector(packed, g, ob, v);
+  }
+};
+
+inline void pack_channels_last_weights(const ClWeightPacker& packer, int64_t G, float* packed) {
+  const int64_t obs = packer.blocks.count;
+  at::parallel_for(0, G * obs * kClVectors, grain_for(packer.Cg * packer.KK * 16), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      packer.pack_vector(packed, b / (obs * kClVectors), (b / kClVectors) % obs, b % kClVectors);
   });
 }
 
@@ -313,7 +332,7 @@ inline void forward_channels_last(const float* input, const float* weight, const
   thread_local AlignedBuffer copy_buf(false), w_buf(false);
   const ClInput x = channels_last_input(input, q, copy_buf);
   float* wp = w_buf.get(G * obs * Cg * KK * kClWidth);
-  pack_channels_last_weights(weight, q, kc, wp, order, source_taps);
+  const ClWeightPacker packer(weight, q, kc, order, source_taps);
   const std::vector<int64_t> tap_off = nhwc_tap_offsets(q, x.Wp, x.C);
   std::vector<int64_t> pixel_off;  // each output pixel's top-left tap in the input
   nhwc_pixel_offsets(q, x.Hp, x.Wp, x.C, pixel_off);
@@ -321,54 +340,89 @@ inline void forward_channels_last(const float* input, const float* weight, const
   // threads had one wait for the other (measured, 2 threads, Zen 4: 1x1 1024->256 at 14x14, batch 8,
   // and 256->144 at 28x28, batch 1: 0.90x the time of blocks of 96 and a short last one)
   const BalancedItems pixel_blocks(NL, 96, kClRows);
-  const int64_t np = pixel_blocks.count;
+  const int64_t np = pixel_blocks.count, threads = at::get_num_threads();
   // Tasks (group, pixel block): the block's input rows stay in L1/L2 across the output channel blocks
-  // while a reduction block's weights for all of them (OCg x taps x kc floats) sit in L2
+  // while a reduction block's weights for all of them (OCg x taps x kc floats) sit in L2.
+  // With one pixel block a thread (batch 1, small planes) the tasks are (group, block of output channels)
+  // over every pixel instead, each packing its own block's weights: a thread reads only weights it
+  // packed. Pixel blocks read every block's weights, packed by both threads: on this host that ran at
+  // two speeds from one minute to the next (AlexNet conv5 at batch 1: 1.02 or 1.5 ms; 1.9-2.3 ms with the
+  // weights packed by one thread), as if the other core's writes had to travel; torch's did not. This
+  // way: 0.95-0.98 ms, steady; in-process against the pixel blocks, batch 1: AlexNet conv3-5 forward
+  // 0.93-0.98, backward-input 0.71-0.98, 3x3 512 at 7x7 0.96 / 0.90, ResNet's 3x3/2 256->512 phases of
+  // grad_input 0.59, 1x1 1024->2048 at 7x7 1.02 / 1.04.
+  const bool by_channels = np <= threads && G * obs >= threads;
   // one reduction block of fewer than 16 channels a group: a flat list of (tap, channel) offsets
   // (channels_last_tile_flat). Measured in-process, 2 threads, Zen 4, against the per-tap tile: the
   // MNIST CNN's conv1 at batch 100/512 0.82/0.81x the time, SimpleConvNet's 5x5 conv1 0.79x, 3x3 3->64
   // 0.88x, 3x3/2 3->32 0.89x, 3x3 8->32 0.90x; from 16 channels within noise (0.96-1.02x).
   const bool flat = cbs == 1 && Cg < 16;
   const bool stream = cbs == 1 && 4 * (NL * OC + q.batch * q.in_plane() * q.in_channels) > kClStreamBytes;
-  at::parallel_for(0, G * np, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> aoff(flat ? KK * Cg : KK);
+  // group g's (tap, channel) offsets of reduction block cb into aoff
+  const auto set_offsets = [&](int64_t g, int64_t cb, std::vector<int64_t>& aoff) {
+    const int64_t c0 = cb * kc;
+    if (flat) {
+      for (int64_t t = 0; t < KK; ++t) {
+        for (int64_t c = 0; c < Cg; ++c) aoff[t * Cg + c] = tap_off[t] + g * Cg + c;
+      }
+    } else {
+      for (int64_t t = 0; t < KK; ++t) aoff[t] = tap_off[t] + g * Cg + c0;
+    }
+  };
+  // output-channel block ob of group g, reduction block cb, over the pixels [q0, q1)
+  const auto run_block = [&](int64_t g, int64_t ob, int64_t cb, int64_t q0, int64_t q1, const int64_t* aoff) {
     const float* src[kClRows];
     float* dst[kClRows];
+    const int64_t c0 = cb * kc, len = std::min(kc, Cg - c0);
+    const int64_t o0 = 16 * blocks.first(ob);
+    const int nv = static_cast<int>(blocks.first(ob + 1) - blocks.first(ob));
+    const int64_t on = std::min<int64_t>(16 * nv, OCg - o0);
+    const float* wb = wp + (g * obs + ob) * Cg * KK * kClWidth + c0 * KK * kClWidth;
+    ClTileDest d{dst,
+                 lane_mask(0, on - 16 * (nv - 1)),
+                 cb > 0 ? Init::kAccumulate
+                 : bias ? Init::kBias
+                        : Init::kZero,
+                 bias ? bias + g * OCg + o0 : nullptr,
+                 relu && cb == cbs - 1,
+                 stream};
+    for (int64_t r0 = q0; r0 < q1; r0 += kClRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kClRows, q1 - r0));
+      for (int i = 0; i < kClRows; ++i) {
+        const int64_t r = r0 + std::min(i, mr - 1);
+        src[i] = x.base + pixel_off[r];
+        dst[i] = out + (out_pixels ? out_pixels[r] : r * OC) + g * OCg + o0;
+      }
+      run_channels_last_tile(mr, nv, src, aoff, flat ? KK * Cg : KK, len, wb, d, flat);
+    }
+  };
+  if (by_channels) {
+    // thread t takes the blocks t, t + threads, ...: 6 blocks of 3,3,3,3,2,2 vectors split 8 / 8
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<int64_t> aoff(flat ? KK * Cg : KK);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t j = t; j < G * obs; j += threads) {
+          const int64_t g = j / obs, ob = j % obs;
+          packer.pack_block(wp, g, ob);
+          for (int64_t cb = 0; cb < cbs; ++cb) {
+            set_offsets(g, cb, aoff);
+            run_block(g, ob, cb, 0, NL, aoff.data());
+          }
+        }
+      }
+      if (stream) _mm_sfence();  // the non-temporal stores visible before the threads join
+    });
+    return;
+  }
+  pack_channels_last_weights(packer, G, wp);
+  at::parallel_for(0, G * np, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> aoff(flat ? KK * Cg : KK);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t g = b / np, pi = b % np;
       const int64_t q0 = pixel_blocks.begin(pi), q1 = pixel_blocks.end(pi);
       for (int64_t cb = 0; cb < cbs; ++cb) {
-        const int64_t c0 = cb * kc, len = std::min(kc, Cg - c0);
-        if (flat) {
-          for (int64_t t = 0; t < KK; ++t) {
-            for (int64_t c = 0; c < Cg; ++c) aoff[t * Cg + c] = tap_off[t] + g * Cg + c;
-          }
-        } else {
-          for (int64_t t = 0; t < KK; ++t) aoff[t] = tap_off[t] + g * Cg + c0;
-        }
-        for (int64_t ob = 0; ob < obs; ++ob) {
-          const int64_t o0 = 16 * blocks.first(ob);
-          const int nv = static_cast<int>(blocks.first(ob + 1) - blocks.first(ob));
-          const int64_t on = std::min<int64_t>(16 * nv, OCg - o0);
-          const float* wb = wp + (g * obs + ob) * Cg * KK * kClWidth + c0 * KK * kClWidth;
-          ClTileDest d{dst,
-                       lane_mask(0, on - 16 * (nv - 1)),
-                       cb > 0 ? Init::kAccumulate
-                       : bias ? Init::kBias
-                              : Init::kZero,
-                       bias ? bias + g * OCg + o0 : nullptr,
-                       relu && cb == cbs - 1,
-                       stream};
-          for (int64_t r0 = q0; r0 < q1; r0 += kClRows) {
-            const int mr = static_cast<int>(std::min<int64_t>(kClRows, q1 - r0));
-            for (int i = 0; i < kClRows; ++i) {
-              const int64_t r = r0 + std::min(i, mr - 1);
-              src[i] = x.base + pixel_off[r];
-              dst[i] = out + (out_pixels ? out_pixels[r] : r * OC) + g * OCg + o0;
-            }
-            run_channels_last_tile(mr, nv, src, aoff.data(), flat ? KK * Cg : KK, len, wb, d, flat);
-          }
-        }
+        set_offsets(g, cb, aoff);
+        for (int64_t ob = 0; ob < obs; ++ob) run_block(g, ob, cb, q0, q1, aoff.data());
       }
     }
     if (stream) _mm_sfence();  // the non-temporal stores visible before the threads join
