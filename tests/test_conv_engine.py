@@ -888,10 +888,18 @@ def test_channels_last_direct_backward_input_matches_torch(case, weight_layout, 
     wt = torch.randn(oc, c // g, *k, dtype=torch.float64).contiguous(memory_format=weight_layout)
     if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p, d, g).split("/") * 3)[1] != "channels-last-direct":
         pytest.skip("strided or cropping (not a forward of grad_output), or no AVX-512 engine on this CPU")
+    check_channels_last_backward_input(x, wt, s, p, d, g)
+
+
+def check_channels_last_backward_input(x, wt, s, p, d, g):
+    """fastconv's backward of float64 channels_last x and weights wt (in float32) against torch's in
+    float64: channels_last grad_input alone, or with the weight and bias gradients; grad_output of either
+    layout."""
     go = torch.randn(F.conv2d(x, wt, None, s, p, d, g).shape, dtype=torch.float64)
-    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, d), False, [0, 0], g, [True, True, True])
+    want = torch.ops.aten.convolution_backward(go, x, wt, [wt.shape[0]], *pairs(s, p, d), False, [0, 0], g,
+                                               [True, True, True])
     args = op_args(s, p, d, g)
-    for layout in (torch.channels_last, torch.contiguous_format):  # grad_output of either layout
+    for layout in (torch.channels_last, torch.contiguous_format):
         go_f = go.float().contiguous(memory_format=layout)
         for mask in ([True, False, False], [True, True, True]):
             got = torch.ops.fastconv._conv2d_backward(go_f, x.float(), wt.float(), *args, mask)
@@ -1106,16 +1114,7 @@ def test_channels_last_phases_backward_input_matches_torch(case, weight_layout, 
     wt = torch.randn(oc, c, *k, dtype=torch.float64).contiguous(memory_format=weight_layout)
     if (fastconv.conv2d_algorithm(x.float(), wt.float(), s, p).split("/") * 3)[1] != "channels-last-phases":
         pytest.skip("no AVX-512 engine on this CPU")
-    go = torch.randn(F.conv2d(x, wt, None, s, p).shape, dtype=torch.float64)
-    want = torch.ops.aten.convolution_backward(go, x, wt, [oc], *pairs(s, p, 1), False, [0, 0], 1, [True, True, True])
-    args = op_args(s, p, 1, 1)
-    for layout in (torch.channels_last, torch.contiguous_format):  # grad_output of either layout
-        go_f = go.float().contiguous(memory_format=layout)
-        for mask in ([True, False, False], [True, True, True]):
-            got = torch.ops.fastconv._conv2d_backward(go_f, x.float(), wt.float(), *args, mask)
-            assert got[0].is_contiguous(memory_format=torch.channels_last)
-            for i in (i for i in range(3) if mask[i]):
-                assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}")
+    check_channels_last_backward_input(x, wt, s, p, 1, 1)
 
 
 # A channels_last 1x1 layer's backward-weight as the GEMM of the NHWC tensors (channels_last_weight_grad.h,
