@@ -642,9 +642,8 @@ bool channels_last_depthwise(const Conv2dParams& p) {
 // 256->512 from 56x56 0.61 / 0.92 (the denser ones, 822+ FLOPs an element, stay on the NCHW kernels).
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 
-// FLOPs per element of a layer's input and output: what its transposes weigh against its arithmetic.
-// FLOPs per element of input and output, and of the weight where `weight` (a channels_last weight that
-// the NCHW route copies to NCHW).
+// FLOPs per element of a layer's input and output: what its transposes weigh against its arithmetic; and
+// of the weight too where `weight` (a channels_last weight, which the NCHW route copies to NCHW).
 double flops_per_element(const Conv2dParams& p, bool weight = false) {
   const double flops = 2.0 * p.batch * p.out_plane() * p.out_channels * p.col_rows_per_group();
   const double weight_elements = weight ? double(p.out_channels) * p.col_rows_per_group() : 0.0;
