@@ -978,7 +978,8 @@ def test_channels_last_weight_grad_in_place_rule():
 # the 128-channel block (17, 130, 300), border columns and interior 2-pixel tiles with a tail, stride,
 # dilation, asymmetric kernels and padding, padding past the kernel's reach, 1x1, batch 1; 3x3
 # backward-weight's register blocks of 1-3 vectors (200 channels: 3+3+3+2+2), planes narrower than the
-# taps' reach, and a plane past 28x28 (the per-tap dots).
+# taps' reach, and a plane past 28x28 (the per-tap dots); strided backward-input by phases (up to 128
+# channels: 40, 64, 100 at strides 2, (2, 1) and 3, a 4x4 kernel) and per pixel (130, 144).
 CHANNELS_LAST_DEPTHWISE_CASES = [
     (2, 200, 6, 7, (3, 3), 1, 1, 1),
     (2, 40, 3, 2, (3, 3), (2, 1), 1, 1),
@@ -992,6 +993,8 @@ CHANNELS_LAST_DEPTHWISE_CASES = [
     (2, 8, 6, 6, (3, 5), (1, 2), (0, 2), (2, 1)),
     (1, 300, 4, 4, (1, 1), 1, 0, 1),
     (2, 33, 8, 8, (3, 3), 1, 5, 1),
+    (2, 64, 11, 13, (4, 4), 2, 1, 1),
+    (1, 100, 10, 9, (5, 5), 3, 2, 1),
 ]
 
 
