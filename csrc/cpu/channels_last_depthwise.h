@@ -316,23 +316,12 @@ inline void depthwise_backward_input_phases_channels_last(const float* grad_outp
     for (int64_t b = 0; b < p.stride_w; ++b) {
       const PhaseDim dw(b, p.in_w, p.kernel_w, p.stride_w, p.pad_w);
       if (dh.count == 0 || dw.count == 0) continue;
-      Conv2dParams q = p;
-      q.in_h = p.out_h;
-      q.in_w = p.out_w;
-      q.kernel_h = dh.taps;
-      q.kernel_w = dw.taps;
-      q.out_h = dh.count;
-      q.out_w = dw.count;
-      q.stride_h = q.stride_w = 1;
-      q.pad_h = -dh.shift;
-      q.pad_w = -dw.shift;
-      // the phase's taps, flipped, in dw_weights_by_tap's layout: tap (u, v) is kernel tap
-      // (r_h + s_h (T_h-1-u), r_w + s_w (T_w-1-v))
+      const Conv2dParams q = phase_forward_params(p, dh, dw);
+      // the phase's taps, flipped, in dw_weights_by_tap's layout
       float* wt = wbuf.get(dh.taps * dw.taps * Cv);
       for (int64_t u = 0; u < dh.taps; ++u) {
         for (int64_t v = 0; v < dw.taps; ++v) {
-          const int64_t k =
-              (dh.r + p.stride_h * (dh.taps - 1 - u)) * p.kernel_w + dw.r + p.stride_w * (dw.taps - 1 - v);
+          const int64_t k = phase_tap(p, dh, dw, u, v);
           float* row = wt + (u * dw.taps + v) * Cv;
           for (int64_t c = 0; c < Cv; ++c) row[c] = c < C ? weight[c * KK + k] : 0.0f;
         }

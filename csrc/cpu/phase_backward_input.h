@@ -29,6 +29,7 @@
 #include "conv_params.h"
 #include "cpu/channels_last_conv2d.h"
 #include "cpu/conv2d_avx512.h"
+#include "cpu/flipped_conv.h"
 
 namespace fastconv {
 namespace cpu {
@@ -50,6 +51,25 @@ struct PhaseDim {
   }
   int64_t span() const { return count + taps - 1; }  // grad_output rows the phase reads (padded)
 };
+
+// A phase (rows dh, columns dw) of grad_input as a stride-1 forward of grad_output itself (its padding -shift,
+// phases_are_padded_forwards): input and output channels swapped as in backward_input_params.
+inline Conv2dParams phase_forward_params(const Conv2dParams& p, const PhaseDim& dh, const PhaseDim& dw) {
+  Conv2dParams q = backward_input_params(p);  // grad_output in, the channels swapped
+  q.kernel_h = dh.taps;
+  q.kernel_w = dw.taps;
+  q.out_h = dh.count;
+  q.out_w = dw.count;
+  q.stride_h = q.stride_w = q.dilation_h = q.dilation_w = 1;
+  q.pad_h = -dh.shift;
+  q.pad_w = -dw.shift;
+  return q;
+}
+
+// The kernel tap (kh*KW + kw) that the phase's flipped tap (u, v) is: (r_h + s_h (T_h-1-u), r_w + s_w (T_w-1-v)).
+inline int64_t phase_tap(const Conv2dParams& p, const PhaseDim& dh, const PhaseDim& dw, int64_t u, int64_t v) {
+  return (dh.r + p.stride_h * (dh.taps - 1 - u)) * p.kernel_w + dw.r + p.stride_w * (dw.taps - 1 - v);
+}
 
 // Whether every phase with pixels has taps (kernel >= stride) and reads grad_output from its first row and
 // column on (shift <= 0): then each phase is a stride-1 forward of grad_output itself with padding -shift.
@@ -183,24 +203,11 @@ inline void backward_input_by_phases_channels_last(const float* grad_output, con
     for (int64_t b = 0; b < p.stride_w; ++b) {
       const PhaseDim dw(b, W, KW, p.stride_w, p.pad_w);
       if (dh.count == 0 || dw.count == 0) continue;
-      Conv2dParams q{};
-      q.batch = N;
-      q.in_channels = p.out_channels;
-      q.in_h = p.out_h;
-      q.in_w = p.out_w;
-      q.out_channels = C;
-      q.kernel_h = dh.taps;
-      q.kernel_w = dw.taps;
-      q.out_h = dh.count;
-      q.out_w = dw.count;
-      q.stride_h = q.stride_w = q.dilation_h = q.dilation_w = q.groups = 1;
-      q.pad_h = -dh.shift;
-      q.pad_w = -dw.shift;
-      engine::ClTaps taps;  // flipped tap (u, v) is kernel tap (r_h + s_h (T_h-1-u), r_w + s_w (T_w-1-v))
+      const Conv2dParams q = phase_forward_params(p, dh, dw);
+      engine::ClTaps taps;
       taps.count = p.kernel_h * KW;
       for (int64_t u = 0; u < dh.taps; ++u) {
-        for (int64_t v = 0; v < dw.taps; ++v)
-          taps.of.push_back((dh.r + p.stride_h * (dh.taps - 1 - u)) * KW + dw.r + p.stride_w * (dw.taps - 1 - v));
+        for (int64_t v = 0; v < dw.taps; ++v) taps.of.push_back(phase_tap(p, dh, dw, u, v));
       }
       std::vector<int64_t> pixels(N * dh.count * dw.count);  // phase pixel (n, i, j) in grad_input
       for (int64_t n = 0, r = 0; n < N; ++n) {
