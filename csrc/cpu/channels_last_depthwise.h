@@ -318,13 +318,10 @@ inline void depthwise_backward_input_phases_channels_last(const float* grad_outp
       if (dh.count == 0 || dw.count == 0) continue;
       const Conv2dParams q = phase_forward_params(p, dh, dw);
       // the phase's taps, flipped, in dw_weights_by_tap's layout
-      float* wt = wbuf.get(dh.taps * dw.taps * Cv);
-      for (int64_t u = 0; u < dh.taps; ++u) {
-        for (int64_t v = 0; v < dw.taps; ++v) {
-          const int64_t k = phase_tap(p, dh, dw, u, v);
-          float* row = wt + (u * dw.taps + v) * Cv;
-          for (int64_t c = 0; c < Cv; ++c) row[c] = c < C ? weight[c * KK + k] : 0.0f;
-        }
+      const std::vector<int64_t> taps = phase_taps(p, dh, dw);
+      float* wt = wbuf.get(static_cast<int64_t>(taps.size()) * Cv);
+      for (size_t t = 0; t < taps.size(); ++t) {
+        for (int64_t c = 0; c < Cv; ++c) wt[t * Cv + c] = c < C ? weight[c * KK + taps[t]] : 0.0f;
       }
       const DwPlacement place{p.in_h, p.in_w, a, b, p.stride_h, p.stride_w};
       depthwise_forward_channels_last(grad_output, nullptr, nullptr, grad_input, q, false, wt, &place);

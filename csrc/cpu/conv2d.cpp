@@ -642,6 +642,10 @@ bool channels_last_depthwise(const Conv2dParams& p) {
 // 256->512 from 56x56 0.61 / 0.92 (the denser ones, 822+ FLOPs an element, stay on the NCHW kernels).
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 
+// Whether `channels` output channels in 16-lane vectors leave at most a quarter of the lanes idle (the NHWC
+// direct kernel's lanes).
+bool few_idle_lanes(int64_t channels) { return 4 * channels >= 3 * cpu::engine::ceil_div(channels, 16) * 16; }
+
 // FLOPs per element of a layer's input and output: what its transposes weigh against its arithmetic; and
 // of the weight too where `weight` (a channels_last weight, which the NCHW route copies to NCHW).
 double flops_per_element(const Conv2dParams& p, bool weight = false) {
@@ -699,7 +703,7 @@ bool channels_last_direct(const Conv2dParams& p, bool weight_nhwc) {
   // at most a quarter of the vector lanes idle: output channels in the lanes, no group shares a vector
   // (ResNeXt-50's groups of 4 and 8 took 1.23x torch's channels_last time through it)
   const int64_t OCg = p.out_channels_per_group();
-  if (4 * OCg < 3 * cpu::engine::ceil_div(OCg, 16) * 16) return false;
+  if (!few_idle_lanes(OCg)) return false;
   return flops_per_element(p, weight_nhwc) <= 600.0;
 }
 
@@ -810,7 +814,7 @@ bool channels_last_phases_backward_input(const Conv2dParams& p) {
   const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST_PHASES", '0', '1');
   if (f >= 0) return f == 1;
   if (g_algorithm_setting.load() == kSettingGemm) return false;
-  return 4 * p.in_channels >= 3 * cpu::engine::ceil_div(p.in_channels, 16) * 16;
+  return few_idle_lanes(p.in_channels);  // grad_input's channels are the phases' output lanes
 }
 
 bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p) {

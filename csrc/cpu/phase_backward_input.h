@@ -66,9 +66,15 @@ inline Conv2dParams phase_forward_params(const Conv2dParams& p, const PhaseDim& 
   return q;
 }
 
-// The kernel tap (kh*KW + kw) that the phase's flipped tap (u, v) is: (r_h + s_h (T_h-1-u), r_w + s_w (T_w-1-v)).
-inline int64_t phase_tap(const Conv2dParams& p, const PhaseDim& dh, const PhaseDim& dw, int64_t u, int64_t v) {
-  return (dh.r + p.stride_h * (dh.taps - 1 - u)) * p.kernel_w + dw.r + p.stride_w * (dw.taps - 1 - v);
+// The kernel tap (kh*KW + kw) that each of the phase's flipped taps (u, v) is, in (u, v) order:
+// (r_h + s_h (T_h-1-u), r_w + s_w (T_w-1-v)).
+inline std::vector<int64_t> phase_taps(const Conv2dParams& p, const PhaseDim& dh, const PhaseDim& dw) {
+  std::vector<int64_t> taps;
+  for (int64_t u = 0; u < dh.taps; ++u) {
+    for (int64_t v = 0; v < dw.taps; ++v)
+      taps.push_back((dh.r + p.stride_h * (dh.taps - 1 - u)) * p.kernel_w + dw.r + p.stride_w * (dw.taps - 1 - v));
+  }
+  return taps;
 }
 
 // Whether every phase with pixels has taps (kernel >= stride) and reads grad_output from its first row and
@@ -204,11 +210,7 @@ inline void backward_input_by_phases_channels_last(const float* grad_output, con
       const PhaseDim dw(b, W, KW, p.stride_w, p.pad_w);
       if (dh.count == 0 || dw.count == 0) continue;
       const Conv2dParams q = phase_forward_params(p, dh, dw);
-      engine::ClTaps taps;
-      taps.count = p.kernel_h * KW;
-      for (int64_t u = 0; u < dh.taps; ++u) {
-        for (int64_t v = 0; v < dw.taps; ++v) taps.of.push_back(phase_tap(p, dh, dw, u, v));
-      }
+      const engine::ClTaps taps{phase_taps(p, dh, dw), p.kernel_h * KW};
       std::vector<int64_t> pixels(N * dh.count * dw.count);  // phase pixel (n, i, j) in grad_input
       for (int64_t n = 0, r = 0; n < N; ++n) {
         for (int64_t i = 0; i < dh.count; ++i) {
