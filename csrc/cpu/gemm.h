@@ -36,15 +36,15 @@ inline int forced(const char* name, char off, char on) {
   return e[0] == on;
 }
 
-// FASTCONV_CPU_GEMM=aten turns every AVX-512 kernel off (the conv engine and the stride-2 max-pool),
-// to compare against or to test the portable paths.
+// FASTCONV_CPU_GEMM=aten (or =avx2, cpu/gemm_avx2.h) turns every AVX-512 kernel off (the conv engine and
+// the stride-2 max-pool), to compare against or to test the portable paths.
 inline bool has_avx512() {
 #if FASTCONV_HAVE_AVX512_KERNELS
   static const bool yes = [] {
     const char* env = std::getenv("FASTCONV_CPU_GEMM");
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2") &&
-           !(env && std::string(env) == "aten");
+           !(env && (std::string(env) == "aten" || std::string(env) == "avx2"));
   }();
   return yes;
 #else
