@@ -191,6 +191,38 @@ def test_functional_return_indices_and_gradient_match_torch(device):
     torch.testing.assert_close(x.grad.cpu(), xr.grad)
 
 
+# Windows that tile the plane (stride == kernel, no padding): grad_input written densely (the portable
+# kernels: every dtype but float32 on AVX-512; float32's 2-wide windows four at a time on AVX2), bit for
+# bit torch's: -0 gradients come out +0 as from torch's scatter into zeros, rows and columns no window
+# covers are 0, ceil_mode's cut windows, row widths around the four-window steps, indices outside their
+# window (another pixel of the plane, negative) matched by no pixel.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kernel,shape,ceil", [((2, 2), (2, 3, 9, 17), False), ((2, 2), (1, 2, 8, 8), True),
+                                               ((2, 2), (2, 2, 7, 31), True), ((2, 2), (1, 3, 6, 2), False),
+                                               ((3, 3), (2, 2, 11, 13), True), ((2, 3), (1, 2, 9, 20), False),
+                                               ((1, 1), (1, 2, 5, 7), False), ((3, 2), (2, 1, 10, 9), True)])
+def test_tiling_windows_backward_bitwise_like_torch(kernel, shape, ceil, dtype, poison):
+    x = distinct_input(*shape, dtype, "cpu")
+    args = [list(kernel), list(kernel), [0, 0], [1, 1], ceil]
+    vals, idx = torch.ops.fastconv.max_pool2d(x, *args)
+    ref_vals, ref_idx = torch.ops.aten.max_pool2d_with_indices(x, *args)
+    assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
+    go = torch.randn(vals.shape).to(dtype)
+    go.view(-1)[::3] = -0.0
+    for bad in (idx, idx.flip(-1), torch.where(torch.rand(idx.shape) < 0.3, -1, idx)):
+        want = torch.ops.aten.max_pool2d_with_indices_backward(go, x, *args, bad.clamp_min(0))
+        if bad.min() < 0:  # torch cannot take the negative indices: their gradients zeroed instead
+            want = torch.ops.aten.max_pool2d_with_indices_backward(go.masked_fill(bad < 0, 0), x, *args, bad.clamp_min(0))
+        got = torch.ops.fastconv._max_pool2d_backward(go, x, bad, *args)
+        if bad is idx:
+            assert torch.equal(got, want) and not torch.signbit(got).logical_and(got == 0).any()
+        elif bad.min() < 0:
+            assert torch.equal(got, want)
+        else:  # flipped indices lie outside their windows but the middle ones: compare the pixels they pick
+            inside = got != 0
+            assert torch.equal(got[inside], want[inside])
+
+
 # float32 backward against torch's own, bit for bit: random geometries (overlapping windows, padding,
 # ceil mode, kernels past the stride and not), inputs with ties, so elements that several windows
 # pick sum their gradients in torch's order.

@@ -29,6 +29,7 @@
 #include "cpu/conv2d_avx512.h"
 #include "cpu/flipped_conv.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_avx2.h"
 
 namespace fastconv {
 namespace cpu {
@@ -855,12 +856,41 @@ inline void backward_input_channel_lanes(const float* grad_output, const float* 
 }
 #endif
 
+#if FASTCONV_HAVE_AVX512_KERNELS
+// The stride-1 rows below on AVX2 + FMA (CPUs without AVX-512; cpu/gemm_avx2.h's available()).
+__attribute__((target("avx2,fma"))) inline void axpy_row_avx2(float* acc, const float* src, float w, int64_t lo,
+                                                              int64_t hi) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t o = lo;
+  for (; o + 8 <= hi; o += 8) {
+    _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(wv, _mm256_loadu_ps(src + o), _mm256_loadu_ps(acc + o)));
+  }
+  for (; o < hi; ++o) acc[o] += w * src[o];
+}
+
+__attribute__((target("avx2,fma"))) inline float dot_row_avx2(const float* a, const float* b, int64_t lo, int64_t hi) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t o = lo;
+  for (; o + 16 <= hi; o += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + o), _mm256_loadu_ps(b + o), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + o + 8), _mm256_loadu_ps(b + o + 8), s1);
+  }
+  for (; o + 8 <= hi; o += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + o), _mm256_loadu_ps(b + o), s0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(s0, s1));
+  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; o < hi; ++o) s += a[o] * b[o];
+  return s;
+}
+#endif
+
 // acc[o] += w * src[o * stride] for o in [lo, hi)
 template <typename T>
 inline void axpy_row(T* acc, const T* src, T w, int64_t lo, int64_t hi, int64_t stride) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
     if (stride == 1 && has_avx512()) return axpy_row_avx512(acc, src, w, lo, hi);
+    if (stride == 1 && avx2::available()) return axpy_row_avx2(acc, src, w, lo, hi);
   }
 #endif
   for (int64_t o = lo; o < hi; ++o) acc[o] += w * src[o * stride];
@@ -872,6 +902,7 @@ inline T dot_row(const T* a, const T* b, int64_t lo, int64_t hi, int64_t stride)
 #if FASTCONV_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<T, float>) {
     if (stride == 1 && has_avx512()) return dot_row_avx512(a, b, lo, hi);
+    if (stride == 1 && avx2::available()) return dot_row_avx2(a, b, lo, hi);
   }
 #endif
   T s = T(0);
