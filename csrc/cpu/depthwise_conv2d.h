@@ -1001,6 +1001,77 @@ inline bool use_channel_lanes_weight(const Conv2dParams& p) {
 }
 #endif
 
+// Stride 1 off the AVX-512 kernels: each input plane copied into a zero-padded plane of Wp = W + 2*pad_w
+// columns (and (KW-1)*dw zeros past its end), and the output computed on that padded grid: output
+// (oh, ow) at oh*Wp + ow, tap (kh, kw) reading the padded plane at the same place plus kh*dh*Wp + kw*dw.
+// Every tap is then one contiguous axpy (forward) or dot (backward-weight) over the whole plane, not a
+// call per row and tap (rows of 7-14 pixels made those calls the cost: 3-10x torch's time on
+// ConvNeXt's and MobileNetV2's small planes); the Wp - OW columns past each row are computed and dropped.
+template <typename T>
+struct PaddedGrid {
+  int64_t Wp, Hp, size, taps_span;
+  explicit PaddedGrid(const Conv2dParams& p)
+      : Wp(p.in_w + 2 * p.pad_w),
+        Hp(p.in_h + 2 * p.pad_h),
+        size(Hp * Wp + (p.kernel_w - 1) * p.dilation_w),
+        taps_span(p.out_h * Wp) {}
+  // Returns whether every value is finite (0 * x is 0 then, which backward-weight's extra columns rely on).
+  bool fill(const T* plane, const Conv2dParams& p, T* dst) const {
+    std::fill(dst, dst + size, T(0));
+    T zero = T(0);
+    for (int64_t ih = 0; ih < p.in_h; ++ih) {
+      const T* src = plane + ih * p.in_w;
+      T* d = dst + (ih + p.pad_h) * Wp + p.pad_w;
+      for (int64_t iw = 0; iw < p.in_w; ++iw) {
+        d[iw] = src[iw];
+        zero += src[iw] * T(0);  // NaN once any value is NaN or infinite
+      }
+    }
+    return zero == T(0);
+  }
+  int64_t offset(const Conv2dParams& p, int64_t kh, int64_t kw) const {
+    return kh * p.dilation_h * Wp + kw * p.dilation_w;
+  }
+};
+
+template <typename T>
+bool padded_grid_applies(const Conv2dParams& p) {
+  bool avx512 = false;
+#if FASTCONV_HAVE_AVX512_KERNELS
+  avx512 = std::is_same_v<T, float> && has_avx512();
+#endif
+  return !avx512 && p.stride_h == 1 && p.stride_w == 1;
+}
+
+template <typename T>
+void forward_padded_grid(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
+  const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group(), KK = p.kernel_h * p.kernel_w;
+  const PaddedGrid<T> grid(p);
+  at::parallel_for(0, p.batch * p.out_channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> padded(grid.size), acc(grid.taps_span);
+    int64_t filled = -1;  // the input plane in `padded` (consecutive output channels may share it)
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / p.out_channels, oc = plane % p.out_channels, c0 = (oc / OCg) * Cg;
+      std::fill(acc.begin(), acc.end(), bias ? bias[oc] : T(0));
+      for (int64_t c = 0; c < Cg; ++c) {
+        const int64_t in_plane = n * p.in_channels + c0 + c;
+        if (filled != in_plane) grid.fill(input + in_plane * p.in_h * p.in_w, p, padded.data());
+        filled = in_plane;
+        const T* w = weight + (oc * Cg + c) * KK;
+        for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+          for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+            axpy_row(acc.data(), padded.data() + grid.offset(p, kh, kw), w[kh * p.kernel_w + kw], 0, grid.taps_span, 1);
+          }
+        }
+      }
+      T* out = output + plane * p.out_plane();
+      for (int64_t oh = 0; oh < p.out_h; ++oh) {
+        std::copy(acc.data() + oh * grid.Wp, acc.data() + oh * grid.Wp + p.out_w, out + oh * p.out_w);
+      }
+    }
+  });
+}
+
 // out[n][oc] = bias[oc] + sum over the group's input channels c of conv(in[n][c], w[oc][c]).
 template <typename T>
 void forward(const T* input, const T* weight, const T* bias, T* output, const Conv2dParams& p) {
@@ -1010,6 +1081,14 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
     if (use_phase_planes(p)) return forward_phases(input, weight, bias, output, p);
   }
 #endif
+  if (padded_grid_applies<T>(p)) {
+    // (an infinite or NaN weight times a padding zero would be NaN where the row kernels skip the tap)
+    T zero = T(0);
+    for (int64_t i = 0; i < p.out_channels * p.in_channels_per_group() * p.kernel_h * p.kernel_w; ++i) {
+      zero += weight[i] * T(0);
+    }
+    if (zero == T(0)) return forward_padded_grid(input, weight, bias, output, p);
+  }
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
   std::vector<int64_t> lo(KW), hi(KW);
@@ -1142,6 +1221,46 @@ void backward_weight(const T* grad_output, const T* input, T* grad_weight, const
 #endif
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
+  if (padded_grid_applies<T>(p)) {  // (see PaddedGrid) grad_output on the padded grid, 0 past each row
+    const PaddedGrid<T> grid(p);
+    at::parallel_for(0, p.out_channels, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> padded(grid.size), go_grid(grid.taps_span, T(0)), sums(KH * KW);
+      for (int64_t oc = begin; oc < end; ++oc) {
+        const int64_t c0 = (oc / OCg) * Cg;
+        for (int64_t c = 0; c < Cg; ++c) {
+          std::fill(sums.begin(), sums.end(), T(0));
+          for (int64_t n = 0; n < p.batch; ++n) {
+            const T* go = grad_output + (n * p.out_channels + oc) * p.out_plane();
+            const T* in = input + (n * p.in_channels + c0 + c) * H * W;
+            if (!grid.fill(in, p, padded.data())) {  // a NaN or infinity: only its own taps may see it
+              for (int64_t kh = 0; kh < KH; ++kh) {
+                for (int64_t kw = 0; kw < KW; ++kw) {
+                  for (int64_t oh = 0; oh < p.out_h; ++oh) {
+                    const int64_t ih = oh - p.pad_h + kh * p.dilation_h;
+                    if (ih < 0 || ih >= H) continue;
+                    for (int64_t ow = 0; ow < OW; ++ow) {
+                      const int64_t iw = ow - p.pad_w + kw * p.dilation_w;
+                      if (iw >= 0 && iw < W) sums[kh * KW + kw] += go[oh * OW + ow] * in[ih * W + iw];
+                    }
+                  }
+                }
+              }
+              continue;
+            }
+            for (int64_t oh = 0; oh < p.out_h; ++oh) std::copy(go + oh * OW, go + (oh + 1) * OW, &go_grid[oh * grid.Wp]);
+            for (int64_t kh = 0; kh < KH; ++kh) {
+              for (int64_t kw = 0; kw < KW; ++kw) {
+                sums[kh * KW + kw] +=
+                    dot_row(go_grid.data(), padded.data() + grid.offset(p, kh, kw), int64_t(0), grid.taps_span, 1);
+              }
+            }
+          }
+          std::copy(sums.begin(), sums.end(), grad_weight + (oc * Cg + c) * KH * KW);
+        }
+      }
+    });
+    return;
+  }
   std::vector<int64_t> lo(KW), hi(KW);
   for (int64_t kw = 0; kw < KW; ++kw) column_range(kw * p.dilation_w - p.pad_w, p.stride_w, W, OW, lo[kw], hi[kw]);
   at::parallel_for(0, p.out_channels, 1, [&](int64_t begin, int64_t end) {
