@@ -1001,36 +1001,47 @@ inline bool use_channel_lanes_weight(const Conv2dParams& p) {
 }
 #endif
 
-// Stride 1 off the AVX-512 kernels: each input plane copied into a zero-padded plane of Wp = W + 2*pad_w
-// columns (and (KW-1)*dw zeros past its end), and the output computed on that padded grid: output
-// (oh, ow) at oh*Wp + ow, tap (kh, kw) reading the padded plane at the same place plus kh*dh*Wp + kw*dw.
-// Every tap is then one contiguous axpy (forward) or dot (backward-weight) over the whole plane, not a
-// call per row and tap (rows of 7-14 pixels made those calls the cost: 3-10x torch's time on
-// ConvNeXt's and MobileNetV2's small planes); the Wp - OW columns past each row are computed and dropped.
+// Off the AVX-512 kernels: each input plane copied into zero padding and split into its stride phases
+// (sh x sw planes of Hq x Wq, phase (a, b) holding padded pixels (sh*r + a, sw*c + b); stride 1: one plane
+// of the padded width), with ((KW-1)*dw)/sw + 9 zeros past each, and the output computed on the phases'
+// grid: output (oh, ow) at oh*Wq + ow, tap (kh, kw) reading its phase at the same place plus
+// (kh*dh/sh)*Wq + (kw*dw)/sw. Every tap is then one contiguous axpy (forward) or dot (backward-weight)
+// over the whole plane, not a call per row and tap (rows of 7-14 pixels made those calls the cost:
+// 3-10x torch's time on ConvNeXt's and MobileNetV2's small planes); the Wq - OW columns past each row
+// are computed and dropped.
 template <typename T>
 struct PaddedGrid {
-  int64_t Wp, Hp, size, taps_span;
+  int64_t sh, sw, Hq, Wq, phase_size, size, taps_span;
   explicit PaddedGrid(const Conv2dParams& p)
-      : Wp(p.in_w + 2 * p.pad_w),
-        Hp(p.in_h + 2 * p.pad_h),
-        size(Hp * Wp + (p.kernel_w - 1) * p.dilation_w),
-        taps_span(p.out_h * Wp) {}
+      : sh(p.stride_h),
+        sw(p.stride_w),
+        Hq((p.in_h + 2 * p.pad_h + sh - 1) / sh),
+        Wq((p.in_w + 2 * p.pad_w + sw - 1) / sw),
+        phase_size(Hq * Wq + (p.kernel_w - 1) * p.dilation_w / sw + 9),
+        size(sh * sw * phase_size),
+        taps_span((p.out_h * Wq + 7) / 8 * 8) {}  // whole 8-float vectors (the last few columns dropped too)
   // Returns whether every value is finite (0 * x is 0 then, which backward-weight's extra columns rely on).
   bool fill(const T* plane, const Conv2dParams& p, T* dst) const {
     std::fill(dst, dst + size, T(0));
     T zero = T(0);
     for (int64_t ih = 0; ih < p.in_h; ++ih) {
       const T* src = plane + ih * p.in_w;
-      T* d = dst + (ih + p.pad_h) * Wp + p.pad_w;
-      for (int64_t iw = 0; iw < p.in_w; ++iw) {
-        d[iw] = src[iw];
-        zero += src[iw] * T(0);  // NaN once any value is NaN or infinite
+      const int64_t y = ih + p.pad_h;
+      T* row = dst + (y % sh) * sw * phase_size + (y / sh) * Wq;
+      for (int64_t b = 0; b < sw; ++b) {  // phase b: the columns iw0, iw0 + sw, ... (no division per pixel)
+        const int64_t iw0 = ((b - p.pad_w) % sw + sw) % sw;
+        T* d = row + b * phase_size + (iw0 + p.pad_w) / sw;
+        for (int64_t iw = iw0, j = 0; iw < p.in_w; iw += sw, ++j) {
+          d[j] = src[iw];
+          zero += src[iw] * T(0);  // NaN once any value is NaN or infinite
+        }
       }
     }
     return zero == T(0);
   }
   int64_t offset(const Conv2dParams& p, int64_t kh, int64_t kw) const {
-    return kh * p.dilation_h * Wp + kw * p.dilation_w;
+    const int64_t y = kh * p.dilation_h, x = kw * p.dilation_w;
+    return ((y % sh) * sw + x % sw) * phase_size + (y / sh) * Wq + x / sw;
   }
 };
 
@@ -1040,7 +1051,7 @@ bool padded_grid_applies(const Conv2dParams& p) {
 #if FASTCONV_HAVE_AVX512_KERNELS
   avx512 = std::is_same_v<T, float> && has_avx512();
 #endif
-  return !avx512 && p.stride_h == 1 && p.stride_w == 1;
+  return !avx512;
 }
 
 template <typename T>
@@ -1066,7 +1077,7 @@ void forward_padded_grid(const T* input, const T* weight, const T* bias, T* outp
       }
       T* out = output + plane * p.out_plane();
       for (int64_t oh = 0; oh < p.out_h; ++oh) {
-        std::copy(acc.data() + oh * grid.Wp, acc.data() + oh * grid.Wp + p.out_w, out + oh * p.out_w);
+        std::copy(acc.data() + oh * grid.Wq, acc.data() + oh * grid.Wq + p.out_w, out + oh * p.out_w);
       }
     }
   });
@@ -1236,10 +1247,10 @@ void backward_weight(const T* grad_output, const T* input, T* grad_weight, const
               for (int64_t kh = 0; kh < KH; ++kh) {
                 for (int64_t kw = 0; kw < KW; ++kw) {
                   for (int64_t oh = 0; oh < p.out_h; ++oh) {
-                    const int64_t ih = oh - p.pad_h + kh * p.dilation_h;
+                    const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
                     if (ih < 0 || ih >= H) continue;
                     for (int64_t ow = 0; ow < OW; ++ow) {
-                      const int64_t iw = ow - p.pad_w + kw * p.dilation_w;
+                      const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dilation_w;
                       if (iw >= 0 && iw < W) sums[kh * KW + kw] += go[oh * OW + ow] * in[ih * W + iw];
                     }
                   }
@@ -1247,7 +1258,8 @@ void backward_weight(const T* grad_output, const T* input, T* grad_weight, const
               }
               continue;
             }
-            for (int64_t oh = 0; oh < p.out_h; ++oh) std::copy(go + oh * OW, go + (oh + 1) * OW, &go_grid[oh * grid.Wp]);
+            for (int64_t oh = 0; oh < p.out_h; ++oh)
+              std::copy(go + oh * OW, go + (oh + 1) * OW, &go_grid[oh * grid.Wq]);
             for (int64_t kh = 0; kh < KH; ++kh) {
               for (int64_t kw = 0; kw < KW; ++kw) {
                 sums[kh * KW + kw] +=
