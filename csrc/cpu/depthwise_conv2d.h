@@ -1010,6 +1010,13 @@ inline bool use_channel_lanes_weight(const Conv2dParams& p) {
 // 3-10x torch's time on ConvNeXt's and MobileNetV2's small planes); the Wq - OW columns past each row
 // are computed and dropped.
 template <typename T>
+bool all_finite(const T* v, int64_t count) {
+  T zero = T(0);
+  for (int64_t i = 0; i < count; ++i) zero += v[i] * T(0);  // NaN once any value is NaN or infinite
+  return zero == T(0);
+}
+
+template <typename T>
 struct PaddedGrid {
   int64_t sh, sw, Hq, Wq, phase_size, size, taps_span;
   explicit PaddedGrid(const Conv2dParams& p)
@@ -1038,6 +1045,19 @@ struct PaddedGrid {
       }
     }
     return zero == T(0);
+  }
+  // The inverse of fill: the plane's pixels out of the padded phases.
+  void gather(const T* src, const Conv2dParams& p, T* plane) const {
+    for (int64_t ih = 0; ih < p.in_h; ++ih) {
+      T* dst = plane + ih * p.in_w;
+      const int64_t y = ih + p.pad_h;
+      const T* row = src + (y % sh) * sw * phase_size + (y / sh) * Wq;
+      for (int64_t b = 0; b < sw; ++b) {
+        const int64_t iw0 = ((b - p.pad_w) % sw + sw) % sw;
+        const T* s = row + b * phase_size + (iw0 + p.pad_w) / sw;
+        for (int64_t iw = iw0, j = 0; iw < p.in_w; iw += sw, ++j) dst[iw] = s[j];
+      }
+    }
   }
   int64_t offset(const Conv2dParams& p, int64_t kh, int64_t kw) const {
     const int64_t y = kh * p.dilation_h, x = kw * p.dilation_w;
@@ -1094,11 +1114,9 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
 #endif
   if (padded_grid_applies<T>(p)) {
     // (an infinite or NaN weight times a padding zero would be NaN where the row kernels skip the tap)
-    T zero = T(0);
-    for (int64_t i = 0; i < p.out_channels * p.in_channels_per_group() * p.kernel_h * p.kernel_w; ++i) {
-      zero += weight[i] * T(0);
+    if (all_finite(weight, p.out_channels * p.in_channels_per_group() * p.kernel_h * p.kernel_w)) {
+      return forward_padded_grid(input, weight, bias, output, p);
     }
-    if (zero == T(0)) return forward_padded_grid(input, weight, bias, output, p);
   }
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
@@ -1143,6 +1161,37 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
   });
 }
 
+// grad_input on the padded grid (see PaddedGrid; strides past 1, padding past the reach): per input
+// plane, each tap one contiguous axpy of grad_output (laid on the grid, 0 past each row) into the padded
+// plane's phases, then the plane gathered out of the padding. Needs finite weights (the grid's extra
+// columns add w * 0).
+template <typename T>
+void backward_input_padded_grid(const T* grad_output, const T* weight, T* grad_input, const Conv2dParams& p) {
+  const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group(), KK = p.kernel_h * p.kernel_w;
+  const PaddedGrid<T> grid(p);
+  at::parallel_for(0, p.batch * p.in_channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> padded(grid.size), go_grid(grid.taps_span, T(0));
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / p.in_channels, c = plane % p.in_channels, g = c / Cg;
+      std::fill(padded.begin(), padded.end(), T(0));
+      for (int64_t oc = g * OCg; oc < (g + 1) * OCg; ++oc) {
+        const T* go = grad_output + (n * p.out_channels + oc) * p.out_plane();
+        for (int64_t oh = 0; oh < p.out_h; ++oh) {
+          std::copy(go + oh * p.out_w, go + (oh + 1) * p.out_w, &go_grid[oh * grid.Wq]);
+        }
+        const T* w = weight + (oc * Cg + c % Cg) * KK;
+        for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+          for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+            axpy_row(padded.data() + grid.offset(p, kh, kw), go_grid.data(), w[kh * p.kernel_w + kw], 0, grid.taps_span,
+                     1);
+          }
+        }
+      }
+      grid.gather(padded.data(), p, grad_input + plane * p.in_h * p.in_w);
+    }
+  });
+}
+
 // grad_input: a stride-1 conv is undone by the same kernel on grad_output (channels swap roles
 // within each group) with flipped weights and padding dilation*(K-1) - pad; other strides scatter.
 template <typename T>
@@ -1164,6 +1213,9 @@ void backward_input(const T* grad_output, const T* weight, T* grad_input, const 
     if (use_phase_planes(p)) return backward_input_phases(grad_output, weight, grad_input, p);
   }
 #endif
+  if (padded_grid_applies<T>(p) && all_finite(weight, p.out_channels * Cg * KH * KW)) {
+    return backward_input_padded_grid(grad_output, weight, grad_input, p);
+  }
   // scatter, one input plane per task: every contribution to it comes from this task
   at::parallel_for(0, p.batch * p.in_channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
