@@ -23,7 +23,9 @@ On float32 and an AVX-512 CPU each conv pass picks one of:
   (``FASTCONV_CPU_WEIGHT_GRAD=channels-last`` or ``gemm`` forces either);
 - ``direct``: depthwise convolutions (one input channel per group); on the portable path also groups of
   2-4 channels, which run on the engine otherwise;
-- ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX-512, ``FASTCONV_CPU_GEMM=aten``).
+- ``im2col+gemm-avx2``: float32 on CPUs with AVX2 + FMA but without AVX-512: im2col tiles multiplied by
+  fastconv's packed 6x16 AVX2 GEMM (``FASTCONV_CPU_GEMM=avx2`` forces it on AVX-512 CPUs too);
+- ``im2col+gemm-aten``: the portable path (float64, CPUs without AVX2, ``FASTCONV_CPU_GEMM=aten``).
 
 ``"auto"`` (the default) decides per pass from the layer's shape (rules measured on the benchmark
 layers, see benchmarks/README.md); ``"gemm"`` never uses Winograd, narrow-direct or channels-last-direct; ``"winograd"``
