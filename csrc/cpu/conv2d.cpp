@@ -72,7 +72,6 @@ bool avx2_gemm() {
 // more columns (measured, Zen 3, 2 threads, batch 8, time against 256 KiB: AlexNet conv2 forward 0.70,
 // backward-weight 0.76; conv3 0.84 / 0.98; ResNet's 3x3 128 at 28x28 0.83 / 1.15).
 constexpr int64_t kAvx2ColTileBytes = 1024 * 1024;
-int64_t avx2_tile_bytes() { return kAvx2ColTileBytes; }
 
 // The A operand of the AVX2 GEMM for each of the G groups, packed once per call: rows [g*rows, (g+1)*rows)
 // of A(i, k) = a[i*a_rs + k*a_cs] (K per group). Empty where the AVX2 GEMM does not run.
@@ -93,7 +92,6 @@ struct GroupedA {
     }
 #endif
   }
-  bool empty() const { return data.empty(); }
 #if FASTCONV_HAVE_AVX2_GEMM
   cpu::avx2::PackedA group(int64_t g) const { return {data.data() + g * per_group, rows, K}; }
 #endif
@@ -537,7 +535,7 @@ bool conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* ou
   const int64_t OCg = p.out_channels_per_group(), CKKg = p.col_rows_per_group();
   const bool avx2 = avx2_gemm<T>();
   const GroupedA<T> packed_weight(avx2, G, OCg, CKKg, weight, CKKg, 1, OCg * CKKg);
-  int64_t rows = band_rows(p, sizeof(T), avx2 ? avx2_tile_bytes() : kColTileBytes);
+  int64_t rows = band_rows(p, sizeof(T), avx2 ? kAvx2ColTileBytes : kColTileBytes);
   int64_t bands = (p.out_h + rows - 1) / rows;
   // AVX2: bands of equal height, and where images x bands are too few to keep the threads busy (batch 1),
   // the output channels split into chunks of whole micro-panels too (each builds its own column tile).
@@ -601,7 +599,7 @@ void conv2d_backward_avx2(const float* grad_output, const float* input, const fl
   const int64_t OCg = p.out_channels_per_group(), Cg = p.in_channels_per_group(), CKKg = p.col_rows_per_group();
   const bool pointwise = p.is_pointwise();
   const int64_t threads = at::get_num_threads();
-  int64_t rows = band_rows(p, sizeof(float), avx2_tile_bytes());
+  int64_t rows = band_rows(p, sizeof(float), kAvx2ColTileBytes);
   const int64_t bands = (p.out_h + rows - 1) / rows;
   rows = (p.out_h + bands - 1) / bands;
   const auto chunks_for = [&](int64_t outer) {  // channel chunks per group for `outer` x G other items
