@@ -1001,6 +1001,13 @@ inline bool use_channel_lanes_weight(const Conv2dParams& p) {
 }
 #endif
 
+template <typename T>
+bool all_finite(const T* v, int64_t count) {
+  T zero = T(0);
+  for (int64_t i = 0; i < count; ++i) zero += v[i] * T(0);  // NaN once any value is NaN or infinite
+  return zero == T(0);
+}
+
 // Off the AVX-512 kernels: each input plane copied into zero padding and split into its stride phases
 // (sh x sw planes of Hq x Wq, phase (a, b) holding padded pixels (sh*r + a, sw*c + b); stride 1: one plane
 // of the padded width), with ((KW-1)*dw)/sw + 9 zeros past each, and the output computed on the phases'
@@ -1009,13 +1016,6 @@ inline bool use_channel_lanes_weight(const Conv2dParams& p) {
 // over the whole plane, not a call per row and tap (rows of 7-14 pixels made those calls the cost:
 // 3-10x torch's time on ConvNeXt's and MobileNetV2's small planes); the Wq - OW columns past each row
 // are computed and dropped.
-template <typename T>
-bool all_finite(const T* v, int64_t count) {
-  T zero = T(0);
-  for (int64_t i = 0; i < count; ++i) zero += v[i] * T(0);  // NaN once any value is NaN or infinite
-  return zero == T(0);
-}
-
 template <typename T>
 struct PaddedGrid {
   int64_t sh, sw, Hq, Wq, phase_size, size, taps_span;
@@ -1027,37 +1027,38 @@ struct PaddedGrid {
         phase_size(Hq * Wq + (p.kernel_w - 1) * p.dilation_w / sw + 9),
         size(sh * sw * phase_size),
         taps_span((p.out_h * Wq + 7) / 8 * 8) {}  // whole 8-float vectors (the last few columns dropped too)
+  // f(first, run, count) for each run of one input row's pixels that land in one phase: the `count`
+  // pixels first, first + sw, ... of the plane, at grid places run, run + 1, ... (no division per pixel).
+  template <typename Run>
+  void for_each_run(const Conv2dParams& p, Run f) const {
+    for (int64_t ih = 0; ih < p.in_h; ++ih) {
+      const int64_t y = ih + p.pad_h;
+      const int64_t row = (y % sh) * sw * phase_size + (y / sh) * Wq;
+      for (int64_t b = 0; b < sw; ++b) {
+        const int64_t iw0 = ((b - p.pad_w) % sw + sw) % sw;
+        if (iw0 < p.in_w)
+          f(ih * p.in_w + iw0, row + b * phase_size + (iw0 + p.pad_w) / sw, (p.in_w - iw0 + sw - 1) / sw);
+      }
+    }
+  }
   // Returns whether every value is finite (0 * x is 0 then, which backward-weight's extra columns rely on).
   bool fill(const T* plane, const Conv2dParams& p, T* dst) const {
     std::fill(dst, dst + size, T(0));
     T zero = T(0);
-    for (int64_t ih = 0; ih < p.in_h; ++ih) {
-      const T* src = plane + ih * p.in_w;
-      const int64_t y = ih + p.pad_h;
-      T* row = dst + (y % sh) * sw * phase_size + (y / sh) * Wq;
-      for (int64_t b = 0; b < sw; ++b) {  // phase b: the columns iw0, iw0 + sw, ... (no division per pixel)
-        const int64_t iw0 = ((b - p.pad_w) % sw + sw) % sw;
-        T* d = row + b * phase_size + (iw0 + p.pad_w) / sw;
-        for (int64_t iw = iw0, j = 0; iw < p.in_w; iw += sw, ++j) {
-          d[j] = src[iw];
-          zero += src[iw] * T(0);  // NaN once any value is NaN or infinite
-        }
+    for_each_run(p, [&](int64_t first, int64_t run, int64_t count) {
+      for (int64_t j = 0; j < count; ++j) {
+        const T v = plane[first + j * sw];
+        dst[run + j] = v;
+        zero += v * T(0);  // NaN once any value is NaN or infinite
       }
-    }
+    });
     return zero == T(0);
   }
   // The inverse of fill: the plane's pixels out of the padded phases.
   void gather(const T* src, const Conv2dParams& p, T* plane) const {
-    for (int64_t ih = 0; ih < p.in_h; ++ih) {
-      T* dst = plane + ih * p.in_w;
-      const int64_t y = ih + p.pad_h;
-      const T* row = src + (y % sh) * sw * phase_size + (y / sh) * Wq;
-      for (int64_t b = 0; b < sw; ++b) {
-        const int64_t iw0 = ((b - p.pad_w) % sw + sw) % sw;
-        const T* s = row + b * phase_size + (iw0 + p.pad_w) / sw;
-        for (int64_t iw = iw0, j = 0; iw < p.in_w; iw += sw, ++j) dst[iw] = s[j];
-      }
-    }
+    for_each_run(p, [&](int64_t first, int64_t run, int64_t count) {
+      for (int64_t j = 0; j < count; ++j) plane[first + j * sw] = src[run + j];
+    });
   }
   int64_t offset(const Conv2dParams& p, int64_t kh, int64_t kw) const {
     const int64_t y = kh * p.dilation_h, x = kw * p.dilation_w;

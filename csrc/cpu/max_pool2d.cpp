@@ -509,30 +509,16 @@ void max_pool2d_backward_plane_dense(const T* src, const int64_t* ind, T* dst, c
       const T* s = src + oh * OW;
       const int64_t* at = ind + oh * OW;
       const int64_t full = std::min(OW, W / KW);  // windows whose columns all lie inside the row
-      if (KW == 2) {
-        int64_t ow = 0;
+      int64_t ow = 0;
 #if FASTCONV_HAVE_AVX512_KERNELS
-        if constexpr (std::is_same_v<T, float>) {
-          if (cpu::avx2::available()) {
-            ow = dense_pairs_avx2(s, at, first, full, row);
-            iw = 2 * ow;
-          }
-        }
-#endif
-        for (; ow < full; ++ow, iw += 2) {
-          const T g = T(0) + s[ow];
-          const int64_t a = at[ow] - first;
-          row[iw] = select_bits(a == iw, g, T(0));
-          row[iw + 1] = select_bits(a == iw + 1, g, T(0));
-        }
-      } else {
-        for (int64_t ow = 0; ow < full; ++ow) {
-          const T g = T(0) + s[ow];
-          const int64_t a = at[ow] - first;
-          for (int64_t j = 0; j < KW; ++j, ++iw) row[iw] = select_bits(a == iw, g, T(0));
+      if constexpr (std::is_same_v<T, float>) {
+        if (KW == 2 && cpu::avx2::available()) {
+          ow = dense_pairs_avx2(s, at, first, full, row);
+          iw = 2 * ow;
         }
       }
-      for (int64_t ow = full; ow < OW; ++ow) {  // ceil_mode's last window, cut by the row's end
+#endif
+      for (; ow < OW; ++ow) {  // (past `full`: ceil_mode's last window, cut by the row's end)
         const T g = T(0) + s[ow];
         const int64_t a = at[ow] - first;
         for (int64_t j = 0; j < KW && iw < W; ++j, ++iw) row[iw] = select_bits(a == iw, g, T(0));
