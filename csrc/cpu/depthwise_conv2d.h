@@ -1067,7 +1067,7 @@ struct PaddedGrid {
 };
 
 template <typename T>
-bool padded_grid_applies(const Conv2dParams& p) {
+bool padded_grid_applies() {
   bool avx512 = false;
 #if FASTCONV_HAVE_AVX512_KERNELS
   avx512 = std::is_same_v<T, float> && has_avx512();
@@ -1113,7 +1113,7 @@ void forward(const T* input, const T* weight, const T* bias, T* output, const Co
     if (use_phase_planes(p)) return forward_phases(input, weight, bias, output, p);
   }
 #endif
-  if (padded_grid_applies<T>(p)) {
+  if (padded_grid_applies<T>()) {
     // (an infinite or NaN weight times a padding zero would be NaN where the row kernels skip the tap)
     if (all_finite(weight, p.out_channels * p.in_channels_per_group() * p.kernel_h * p.kernel_w)) {
       return forward_padded_grid(input, weight, bias, output, p);
@@ -1214,7 +1214,7 @@ void backward_input(const T* grad_output, const T* weight, T* grad_input, const 
     if (use_phase_planes(p)) return backward_input_phases(grad_output, weight, grad_input, p);
   }
 #endif
-  if (padded_grid_applies<T>(p) && all_finite(weight, p.out_channels * Cg * KH * KW)) {
+  if (padded_grid_applies<T>() && all_finite(weight, p.out_channels * Cg * KH * KW)) {
     return backward_input_padded_grid(grad_output, weight, grad_input, p);
   }
   // scatter, one input plane per task: every contribution to it comes from this task
@@ -1285,7 +1285,9 @@ void backward_weight(const T* grad_output, const T* input, T* grad_weight, const
 #endif
   const int64_t Cg = p.in_channels_per_group(), OCg = p.out_channels_per_group();
   const int64_t KH = p.kernel_h, KW = p.kernel_w, OW = p.out_w, H = p.in_h, W = p.in_w;
-  if (padded_grid_applies<T>(p)) {  // (see PaddedGrid) grad_output on the padded grid, 0 past each row
+  std::vector<int64_t> lo(KW), hi(KW);
+  for (int64_t kw = 0; kw < KW; ++kw) column_range(kw * p.dilation_w - p.pad_w, p.stride_w, W, OW, lo[kw], hi[kw]);
+  if (padded_grid_applies<T>()) {  // (see PaddedGrid) grad_output on the padded grid, 0 past each row
     const PaddedGrid<T> grid(p);
     at::parallel_for(0, p.out_channels, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> padded(grid.size), go_grid(grid.taps_span, T(0)), sums(KH * KW);
@@ -1296,16 +1298,14 @@ void backward_weight(const T* grad_output, const T* input, T* grad_weight, const
           for (int64_t n = 0; n < p.batch; ++n) {
             const T* go = grad_output + (n * p.out_channels + oc) * p.out_plane();
             const T* in = input + (n * p.in_channels + c0 + c) * H * W;
-            if (!grid.fill(in, p, padded.data())) {  // a NaN or infinity: only its own taps may see it
+            if (!grid.fill(in, p, padded.data())) {  // a NaN or infinity: only its own taps may see it (per row)
               for (int64_t kh = 0; kh < KH; ++kh) {
                 for (int64_t kw = 0; kw < KW; ++kw) {
                   for (int64_t oh = 0; oh < p.out_h; ++oh) {
                     const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
                     if (ih < 0 || ih >= H) continue;
-                    for (int64_t ow = 0; ow < OW; ++ow) {
-                      const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dilation_w;
-                      if (iw >= 0 && iw < W) sums[kh * KW + kw] += go[oh * OW + ow] * in[ih * W + iw];
-                    }
+                    sums[kh * KW + kw] +=
+                        dot_row(go + oh * OW, in + ih * W + kw * p.dilation_w - p.pad_w, lo[kw], hi[kw], p.stride_w);
                   }
                 }
               }
@@ -1326,8 +1326,6 @@ void backward_weight(const T* grad_output, const T* input, T* grad_weight, const
     });
     return;
   }
-  std::vector<int64_t> lo(KW), hi(KW);
-  for (int64_t kw = 0; kw < KW; ++kw) column_range(kw * p.dilation_w - p.pad_w, p.stride_w, W, OW, lo[kw], hi[kw]);
   at::parallel_for(0, p.out_channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t oc = begin; oc < end; ++oc) {
       const int64_t c0 = (oc / OCg) * Cg;
