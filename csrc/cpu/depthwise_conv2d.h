@@ -1060,6 +1060,11 @@ struct PaddedGrid {
       for (int64_t j = 0; j < count; ++j) plane[first + j * sw] = src[run + j];
     });
   }
+  // An output-sized plane (grad_output) laid on the grid, row oh at oh * Wq; the columns past each row
+  // are left as they are (zeros in the callers' buffers).
+  void lay_output(const T* plane, const Conv2dParams& p, T* dst) const {
+    for (int64_t oh = 0; oh < p.out_h; ++oh) std::copy(plane + oh * p.out_w, plane + (oh + 1) * p.out_w, dst + oh * Wq);
+  }
   int64_t offset(const Conv2dParams& p, int64_t kh, int64_t kw) const {
     const int64_t y = kh * p.dilation_h, x = kw * p.dilation_w;
     return ((y % sh) * sw + x % sw) * phase_size + (y / sh) * Wq + x / sw;
@@ -1177,9 +1182,7 @@ void backward_input_padded_grid(const T* grad_output, const T* weight, T* grad_i
       std::fill(padded.begin(), padded.end(), T(0));
       for (int64_t oc = g * OCg; oc < (g + 1) * OCg; ++oc) {
         const T* go = grad_output + (n * p.out_channels + oc) * p.out_plane();
-        for (int64_t oh = 0; oh < p.out_h; ++oh) {
-          std::copy(go + oh * p.out_w, go + (oh + 1) * p.out_w, &go_grid[oh * grid.Wq]);
-        }
+        grid.lay_output(go, p, go_grid.data());
         const T* w = weight + (oc * Cg + c % Cg) * KK;
         for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
           for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
@@ -1311,8 +1314,7 @@ void backward_weight(const T* grad_output, const T* input, T* grad_weight, const
               }
               continue;
             }
-            for (int64_t oh = 0; oh < p.out_h; ++oh)
-              std::copy(go + oh * OW, go + (oh + 1) * OW, &go_grid[oh * grid.Wq]);
+            grid.lay_output(go, p, go_grid.data());
             for (int64_t kh = 0; kh < KH; ++kh) {
               for (int64_t kw = 0; kw < KW; ++kw) {
                 sums[kh * KW + kw] +=
