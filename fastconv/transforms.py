@@ -1,5 +1,6 @@
 """The ops' autograd for ``torch.func`` transforms: ``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``,
-``hessian``, ``vmap`` of any of them (per-sample gradients), and gradients of gradients.
+``hessian``, ``vmap`` of any of them (per-sample gradients), gradients of gradients, and forward-mode
+AD with dual tensors (``torch.autograd.forward_ad``).
 
 The ops' own autograd is C++ (csrc/autograd.cpp: a Python autograd would cost every call
 microseconds), and functorch cannot transform a C++ ``torch::autograd::Function``. While a transform
@@ -10,15 +11,21 @@ written with these Functions again, so gradients of any order work, as in csrc/a
 without a batching rule). Outside transforms nothing here runs.
 """
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 ops = torch.ops.fastconv
 
 __all__ = ["active", "conv2d", "max_pool2d"]
 
 
-# active(): whether a torch.func transform is active (then the calls below must be used); the C
-# function itself, as the check runs on every call of the functional API (40 ns, not a Python frame's 80)
-active = torch._C._are_functorch_transforms_active
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def active():
+    """Whether the calls below must be used: a torch.func transform is active, or a forward-mode AD level
+    is open (``torch.autograd.forward_ad.dual_level``: dual tensors need a jvp, which a C++
+    ``torch::autograd::Function`` cannot have). Checked on every call of the functional API (about 90 ns)."""
+    return _functorch_active() or _forward_ad._current_level >= 0
 
 
 def _given(t):

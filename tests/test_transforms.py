@@ -142,3 +142,33 @@ def test_forward_mode_in_the_bias_alone(relu):
     tangent = torch.cos(b)
     close(jvp(lambda b: fc(x, w, b), (b,), (tangent,)), jvp(lambda b: th(x, w, b), (b,), (tangent,)))
     close(jacfwd(lambda b: fc(x[:1], w, b))(b), jacfwd(lambda b: th(x[:1], w, b))(b))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", CONVS, ids=["plain", "strided-grouped", "pointwise"])
+def test_forward_mode_ad_with_dual_tensors(case, relu):
+    """torch.autograd.forward_ad (dual tensors, no torch.func): the ops take the Python Functions' jvp,
+    tangents in every input at once, against torch's forward-mode AD of torch.nn.functional; the pool
+    after the conv, and the module path."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b, fc, th = conv_case(case, relu=relu)
+    tangents = (torch.sin(x), torch.cos(w), torch.sin(b) if b is not None else None)
+    results = []
+    for f in (fc, th):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p, t) if p is not None else None for p, t in zip((x, w, b), tangents)]
+            y = f(*duals)
+            pooled = (FC.max_pool2d if f is fc else F.max_pool2d)(y, 2, 1)
+            results.append(tuple(t for d in (y, pooled) for t in fwAD.unpack_dual(d)))
+        assert not fastconv.transforms.active()
+    close(results[0], results[1])
+    # the module's forward takes the same route
+    conv = fastconv.Conv2d(x.shape[1], w.shape[0], tuple(w.shape[2:]), bias=False).double()
+    ref = torch.nn.Conv2d(x.shape[1], w.shape[0], tuple(w.shape[2:]), bias=False).double()
+    ref.weight.data.copy_(conv.weight.data)
+    outs = []
+    for m in (conv, ref):
+        with fwAD.dual_level():
+            outs.append(fwAD.unpack_dual(m(fwAD.make_dual(x, tangents[0]))).tangent)
+    close(outs[0], outs[1])
