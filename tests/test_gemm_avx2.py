@@ -51,9 +51,10 @@ def case_id(c):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("case", AVX2_CASES, ids=case_id)
-def test_avx2_gemm_matches_torch(case, threads, poison):
+def test_avx2_gemm_matches_torch(case, threads, poison, monkeypatch):
     if not on_avx2_gemm():
         pytest.skip("the AVX2 GEMM does not run on this CPU (see test_avx2_gemm_in_a_subprocess)")
+    monkeypatch.setenv("FASTCONV_AVX2_WINOGRAD", "0")  # the GEMM's forward too (Winograd: below)
     n, c, h, w, oc, k, s, p, d, g = case
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -87,6 +88,49 @@ def test_avx2_gemm_gradients_have_the_same_bits_at_any_thread_count(case):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+# Winograd F(2x2, 3x3) on AVX2 (cpu/winograd_avx2.h), forced on: output widths of 1-40 pixels (tile rows
+# of 1-20 tiles: vectors of 8 tiles, the last partial; odd widths end in a half tile), odd heights, blocks
+# of tile rows that span images (9 + 7 rows of 16 tiles, then 2) or cut one (20 rows of 24 tiles: 10 a
+# block), padding 0, 1, 2 and unequal, one input or output channel, reductions past 256 channels (the
+# GEMM's reduction blocks), batch 1; threads 1-3; fused ReLU.
+WINOGRAD_CASES = [
+    (2, 16, 9, 11, 24, 1, 1),
+    (1, 3, 3, 3, 5, 1, 1),
+    (3, 8, 14, 14, 16, 1, 1),
+    (1, 20, 13, 13, 33, 1, 1),
+    (2, 5, 19, 34, 7, 0, 0),
+    (1, 7, 40, 40, 9, 1, 1),
+    (2, 1, 12, 17, 6, 2, 2),
+    (1, 300, 6, 7, 20, 1, 1),
+    (2, 9, 8, 9, 1, 2, 0),
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-p{c[5]}{c[6]}")
+def test_avx2_winograd_matches_torch(case, poison, monkeypatch):
+    if not on_avx2_gemm():
+        pytest.skip("the AVX2 GEMM does not run on this CPU (see test_avx2_gemm_in_a_subprocess)")
+    monkeypatch.setenv("FASTCONV_AVX2_WINOGRAD", "1")
+    n, c, h, w, oc, ph, pw = case
+    padding = (ph, pw)
+    x, wt, b = torch.randn(n, c, h, w), torch.randn(oc, c, 3, 3), torch.randn(oc)
+    assert fastconv.conv2d_algorithm(x, wt, 1, padding).split("/")[0] == "winograd-avx2"
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            run_case(n, c, h, w, oc, (3, 3), 1, padding, 1, 1, bias=threads != 2)
+    finally:
+        torch.set_num_threads(old)
+    conv = fastconv.Conv2dReLU(c, oc, 3, padding=padding)
+    with torch.no_grad():
+        conv.weight.copy_(wt)
+        conv.bias.copy_(b)
+        want = torch.relu(torch.nn.functional.conv2d(x.double(), wt.double(), b.double(), 1, padding))
+        err = ((conv(x).double() - want).abs().max() / want.abs().max()).item()
+    assert err < 2e-5
 
 
 def test_avx2_gemm_in_a_subprocess():

@@ -41,6 +41,7 @@
 #include "cpu/im2col.h"
 #include "cpu/narrow_conv2d.h"
 #include "cpu/phase_backward_input.h"
+#include "cpu/winograd_avx2.h"
 #include "cpu/winograd_conv2d.h"
 
 namespace fastconv {
@@ -67,6 +68,11 @@ bool avx2_gemm() {
   return false;
 #endif
 }
+
+// Winograd F(2x2, 3x3) for the float32 forward on the AVX2 path (cpu/winograd_avx2.h): under "winograd"
+// wherever it applies, never under "gemm"; FASTCONV_AVX2_WINOGRAD=1 / =0 (read per call) forces it on /
+// off (tests, comparisons).
+bool avx2_winograd_wanted(const Conv2dParams& p);
 
 // The AVX2 GEMM's column tiles: larger than at::mm's, so that each packed weight block read from L3 feeds
 // more columns (measured, Zen 3, 2 threads, batch 8, time against 256 KiB: AlexNet conv2 forward 0.70,
@@ -216,6 +222,29 @@ int benchmark_choice(const ChoiceKey& key, Candidates&& make_candidates, Run&& r
   }
   std::lock_guard<std::mutex> lock(g_choices_mutex);
   return g_choices.emplace(key, choice).first->second;
+}
+
+bool avx2_winograd_wanted(const Conv2dParams& p) {
+#if FASTCONV_HAVE_AVX2_GEMM
+  const int setting = g_algorithm_setting.load();
+  if (setting == kSettingGemm || !cpu::avx2::winograd_applicable(p)) return false;
+  if (const int f = cpu::forced("FASTCONV_AVX2_WINOGRAD", '0', '1'); f >= 0) return f == 1;
+  if (setting == kSettingWinograd) return true;
+  // 16+ channels each way with 2048+ channel pairs (the transforms cost about as much as 16 channels of
+  // products), rows of 6+ tiles (each row is padded to a multiple of 8: 7x7 outputs left half the lanes
+  // idle, 1.4-1.6x the GEMM's time) and 256+ tiles (the weight transform costs as much as ~40 tiles of
+  // products: AlexNet conv3 at batch 1, 49 tiles, 2.2-2.3x). Measured (Zen 4 under FASTCONV_CPU_GEMM=avx2,
+  // 256-bit FMAs as on Zen 2/3, in one process alternated with the AVX2 GEMM; one thread in CPU time / two
+  // threads): 3x3 64 at 56x56 0.75 / 0.78x the time at batch 8 and 0.73 / 0.84x at batch 1, 128 at 28x28
+  // 0.63 / 0.65x, 256 at 14x14 0.67 / 0.77x, MNIST conv2 at batch 100 0.82 / 0.75x, AlexNet conv3 and conv4
+  // at batch 8 0.85 / 0.82x and 0.93 / 0.85x; not taken: 16->32 at 28x28 0.97x, 512 at 7x7 1.42x.
+  const int64_t tiles = p.batch * ((p.out_h + 1) / 2) * ((p.out_w + 1) / 2);
+  return p.in_channels >= 16 && p.out_channels >= 16 && p.in_channels * p.out_channels >= 2048 && p.out_w >= 11 &&
+         tiles >= 256;
+#else
+  (void)p;
+  return false;
+#endif
 }
 
 // Winograd for the forward pass (and backward-input, a forward pass itself) / backward-weight.
@@ -474,6 +503,8 @@ bool channels_last_pointwise_weight_grad(const Conv2dParams& p);
 std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last, bool channels_last_result,
                            bool weight_nhwc) {
   if (float32 ? run_direct<float>(p) : run_direct<double>(p)) return "direct";
+  if (float32 && avx2_gemm<float>() && avx2_winograd_wanted(p))
+    return "winograd-avx2/im2col+gemm-avx2/im2col+gemm-avx2";
   if (!float32 || !use_engine<float>()) return float32 && avx2_gemm<float>() ? "im2col+gemm-avx2" : "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
   const auto gemm_name = [](const Conv2dParams& q) {
@@ -527,6 +558,14 @@ bool conv2d_forward_kernel(const T* input, const T* weight, const T* bias, T* ou
   if constexpr (std::is_same_v<T, float>) {
     if (use_engine<T>()) {
       engine_forward(input, weight, bias, output, p, relu);
+      return relu;
+    }
+  }
+#endif
+#if FASTCONV_HAVE_AVX2_GEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2_gemm<T>() && avx2_winograd_wanted(p)) {
+      cpu::avx2::winograd_forward(input, weight, bias, output, p, relu);
       return relu;
     }
   }
