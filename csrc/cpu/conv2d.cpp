@@ -247,6 +247,19 @@ bool avx2_winograd_wanted(const Conv2dParams& p) {
 #endif
 }
 
+// The same for a stride-1 backward-input, as the forward convolution of grad_output (flipped weights), by
+// the forward's rule on that convolution and, unless forced, on planes 14+ wide. Measured as the forward's
+// rule (Zen 4 under FASTCONV_CPU_GEMM=avx2, against the AVX2 GEMM's col2im route; one thread in CPU time
+// / two threads): 3x3 64 at 56x56 0.83 / 0.82x at batch 8, 0.83 / 0.95x at batch 1, 128 at 28x28 0.75 /
+// 0.69x, 256 at 14x14 0.69 / 0.76x, MNIST conv2 0.90-0.92 / 0.89x; AlexNet conv3 and conv4 at batch 8
+// (13x13: 7 tiles a row padded to 8) 0.94-1.05 / 1.03x and 0.93 / 1.25x, not taken.
+bool avx2_winograd_backward_input(const Conv2dParams& p) {
+  if (!cpu::backward_input_as_forward(p)) return false;
+  const bool forced =
+      cpu::forced("FASTCONV_AVX2_WINOGRAD", '0', '1') >= 0 || g_algorithm_setting.load() == kSettingWinograd;
+  return (forced || p.in_w >= 14) && avx2_winograd_wanted(cpu::backward_input_params(p));
+}
+
 // Winograd for the forward pass (and backward-input, a forward pass itself) / backward-weight.
 // auto: measured on Zen 4 and on the Intel host (benchmarks/README.md): the transforms cost about as
 // much as 8-16 channels of products, so narrow layers keep GEMM; the transformed weight matrices
@@ -503,8 +516,11 @@ bool channels_last_pointwise_weight_grad(const Conv2dParams& p);
 std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last, bool channels_last_result,
                            bool weight_nhwc) {
   if (float32 ? run_direct<float>(p) : run_direct<double>(p)) return "direct";
-  if (float32 && avx2_gemm<float>() && avx2_winograd_wanted(p))
-    return "winograd-avx2/im2col+gemm-avx2/im2col+gemm-avx2";
+  if (float32 && avx2_gemm<float>() && (avx2_winograd_wanted(p) || avx2_winograd_backward_input(p))) {
+    const char* gemm = "im2col+gemm-avx2";
+    return std::string(avx2_winograd_wanted(p) ? "winograd-avx2" : gemm) + "/" +
+           (avx2_winograd_backward_input(p) ? "winograd-avx2" : gemm) + "/" + gemm;
+  }
   if (!float32 || !use_engine<float>()) return float32 && avx2_gemm<float>() ? "im2col+gemm-avx2" : "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
   const auto gemm_name = [](const Conv2dParams& q) {
@@ -758,7 +774,16 @@ void conv2d_backward_kernel(const T* grad_output, const T* input, const T* weigh
 #endif
 #if FASTCONV_HAVE_AVX2_GEMM
   if constexpr (std::is_same_v<T, float>) {
-    if (avx2_gemm<T>()) return conv2d_backward_avx2(grad_output, input, weight, grad_input, grad_weight, p);
+    if (avx2_gemm<T>()) {
+      // a stride-1 backward-input is the forward convolution of grad_output with the flipped weights
+      if (grad_input && avx2_winograd_backward_input(p)) {
+        cpu::avx2::winograd_forward(grad_output, weight, nullptr, grad_input, cpu::backward_input_params(p), false,
+                                    true);
+        grad_input = nullptr;
+        if (!grad_weight) return;
+      }
+      return conv2d_backward_avx2(grad_output, input, weight, grad_input, grad_weight, p);
+    }
   }
 #endif
   const int64_t G = p.groups, L = p.out_plane(), C = p.in_channels;
