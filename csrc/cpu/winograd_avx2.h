@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "conv_params.h"
 #include "cpu/gemm_avx2.h"
@@ -135,13 +134,15 @@ inline void winograd_forward(const float* input, const float* w, const float* bi
   const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
   const int64_t TH = (OH + 1) / 2, TW = (OW + 1) / 2, TWp = (TW + 7) / 8 * 8;
   const int64_t Wp = 2 * TWp + 8;  // a padded row: the patches of TWp tiles read columns up to 2 TWp + 1
-  // U, packed as 16 A operands
-  std::vector<float> U(16 * OC * C);
-  winograd_weights(w, OC, C, flipped, U.data());
+  // U, packed as 16 A operands (both written in full; per calling thread, kept across calls: no zero fill
+  // and no fresh pages on every call, 2 x 16 MB for 512 channels each way)
+  thread_local Scratch u_buf, packed_buf;
+  float* U = u_buf.get(16 * OC * C);
+  winograd_weights(w, OC, C, flipped, U);
   const int64_t per_xi = packed_a_floats(OC, C);
-  std::vector<float> packed(16 * per_xi);
+  float* packed = packed_buf.get(16 * per_xi);
   at::parallel_for(0, 16, 1, [&](int64_t x0, int64_t x1) {
-    for (int64_t xi = x0; xi < x1; ++xi) pack_a(OC, C, U.data() + xi * OC * C, C, 1, packed.data() + xi * per_xi);
+    for (int64_t xi = x0; xi < x1; ++xi) pack_a(OC, C, U + xi * OC * C, C, 1, packed + xi * per_xi);
   });
   // items: blocks of whole tile rows of the batch (an image's last rows and the next one's first may share
   // a block), about 128 tiles (measured, one thread, Zen 4 under FASTCONV_CPU_GEMM=avx2, blocks of 32 to
@@ -179,8 +180,7 @@ inline void winograd_forward(const float* input, const float* w, const float* bi
       }
       float* Mbuf = m_buf.get(16 * OC * T);
       for (int64_t xi = 0; xi < 16; ++xi) {
-        gemm(PackedA{packed.data() + xi * per_xi, OC, C}, T, RowsB{V + xi * C * T, T}, Mbuf + xi * OC * T, T, nullptr,
-             false);
+        gemm(PackedA{packed + xi * per_xi, OC, C}, T, RowsB{V + xi * C * T, T}, Mbuf + xi * OC * T, T, nullptr, false);
       }
       for (int64_t tr = 0; tr < rows; ++tr) {
         const int64_t n = (r0 + tr) / TH, oh = 2 * ((r0 + tr) % TH);
