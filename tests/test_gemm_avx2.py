@@ -131,7 +131,12 @@ def test_avx2_winograd_matches_torch(case, poison, monkeypatch):
         conv.bias.copy_(b)
         want = torch.relu(torch.nn.functional.conv2d(x.double(), wt.double(), b.double(), 1, padding))
         err = ((conv(x).double() - want).abs().max() / want.abs().max()).item()
-    assert err < 2e-5
+        assert err < 2e-5
+        # NaN passes the fused ReLU, as torch.relu lets it
+        x[0, c // 2, h // 2, w // 2] = float("nan")
+        fused, plain = conv(x), torch.ops.fastconv.conv2d(x, wt, b, [1, 1], list(padding), [1, 1], 1)
+        assert torch.isnan(fused).any()
+        torch.testing.assert_close(fused, plain.relu(), rtol=0, atol=0, equal_nan=True)
 
 
 def test_avx2_gemm_in_a_subprocess():

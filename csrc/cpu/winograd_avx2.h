@@ -118,7 +118,8 @@ FASTCONV_AVX2 inline void output_transform(const float* M, int64_t plane, float 
     if (!y) break;
     __m256 left = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(r[a][0], r[a][1]), r[a][2]), b);
     __m256 right = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(r[a][1], r[a][2]), r[a][3]), b);
-    if (relu) left = _mm256_max_ps(left, zero), right = _mm256_max_ps(right, zero);
+    // ReLU as max(0, y): maxps returns its second operand where one is NaN, so NaN passes, as in torch.relu
+    if (relu) left = _mm256_max_ps(zero, left), right = _mm256_max_ps(zero, right);
     // interleave: tiles 0-3 into columns 0-7, tiles 4-7 into 8-15
     const __m256 lo = _mm256_unpacklo_ps(left, right), hi = _mm256_unpackhi_ps(left, right);
     const __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20), second = _mm256_permute2f128_ps(lo, hi, 0x31);
