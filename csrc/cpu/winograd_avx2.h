@@ -31,28 +31,39 @@ inline bool winograd_applicable(const Conv2dParams& p) {
          p.dilation_w == 1 && p.groups == 1 && p.pad_h <= 2 && p.pad_w <= 2;
 }
 
-// U[xi][o][c] = (G g G^T)[xi] for g the 3x3 kernel w[o][c] (flipped: w[c][o] rotated by 180 degrees, for
-// the stride-1 backward-input as a forward convolution), G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
-inline void winograd_weights(const float* w, int64_t OC, int64_t C, bool flipped, float* U) {
-  at::parallel_for(0, OC, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C)), [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
+// The 16 GEMMs' A operands straight in pack_a's layout: for each xi, the OC x C matrix U_xi[o][c] =
+// (G g G^T)[xi] of the 3x3 kernel g = w[o][c] (flipped: w[c][o] rotated by 180 degrees, for the stride-1
+// backward-input as a forward convolution), G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], in 6-row
+// micro-panels (element (o, c) at packed[xi*per_xi + (o/6)*C*6 + c*6 + o%6], rows past OC zero).
+inline void winograd_weights(const float* w, int64_t OC, int64_t C, bool flipped, float* packed, int64_t per_xi) {
+  const int64_t panels = ceil_div(OC, kMR);
+  at::parallel_for(0, panels, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, C)), [&](int64_t p0, int64_t p1) {
+    for (int64_t pn = p0; pn < p1; ++pn) {
       for (int64_t c = 0; c < C; ++c) {
-        float g[3][3];
-        for (int i = 0; i < 3; ++i) {
-          for (int j = 0; j < 3; ++j)
-            g[i][j] = flipped ? w[((c * OC + o) * 3 + 2 - i) * 3 + 2 - j] : w[((o * C + c) * 3 + i) * 3 + j];
-        }
-        float t[4][3];
-        for (int j = 0; j < 3; ++j) {
-          t[0][j] = g[0][j];
-          t[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
-          t[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]);
-          t[3][j] = g[2][j];
-        }
-        for (int i = 0; i < 4; ++i) {
-          const float u[4] = {t[i][0], 0.5f * (t[i][0] + t[i][1] + t[i][2]), 0.5f * (t[i][0] - t[i][1] + t[i][2]),
-                              t[i][2]};
-          for (int l = 0; l < 4; ++l) U[((i * 4 + l) * OC + o) * C + c] = u[l];
+        float* dst = packed + (pn * C + c) * kMR;
+        for (int64_t r = 0; r < kMR; ++r) {
+          const int64_t o = pn * kMR + r;
+          if (o >= OC) {
+            for (int xi = 0; xi < 16; ++xi) dst[xi * per_xi + r] = 0.f;
+            continue;
+          }
+          float g[3][3];
+          for (int i = 0; i < 3; ++i) {
+            for (int j = 0; j < 3; ++j)
+              g[i][j] = flipped ? w[((c * OC + o) * 3 + 2 - i) * 3 + 2 - j] : w[((o * C + c) * 3 + i) * 3 + j];
+          }
+          float t[4][3];
+          for (int j = 0; j < 3; ++j) {
+            t[0][j] = g[0][j];
+            t[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
+            t[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]);
+            t[3][j] = g[2][j];
+          }
+          for (int i = 0; i < 4; ++i) {
+            const float u[4] = {t[i][0], 0.5f * (t[i][0] + t[i][1] + t[i][2]), 0.5f * (t[i][0] - t[i][1] + t[i][2]),
+                                t[i][2]};
+            for (int l = 0; l < 4; ++l) dst[(i * 4 + l) * per_xi + r] = u[l];
+          }
         }
       }
     }
@@ -135,16 +146,12 @@ inline void winograd_forward(const float* input, const float* w, const float* bi
   const int64_t C = p.in_channels, OC = p.out_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
   const int64_t TH = (OH + 1) / 2, TW = (OW + 1) / 2, TWp = (TW + 7) / 8 * 8;
   const int64_t Wp = 2 * TWp + 8;  // a padded row: the patches of TWp tiles read columns up to 2 TWp + 1
-  // U, packed as 16 A operands (both written in full; per calling thread, kept across calls: no zero fill
-  // and no fresh pages on every call, 2 x 16 MB for 512 channels each way)
-  thread_local Scratch u_buf, packed_buf;
-  float* U = u_buf.get(16 * OC * C);
-  winograd_weights(w, OC, C, flipped, U);
+  // U as 16 packed A operands (written in full; per calling thread, kept across calls: no zero fill and no
+  // fresh pages on every call, 16 MB for 512 channels each way)
+  thread_local Scratch packed_buf;
   const int64_t per_xi = packed_a_floats(OC, C);
   float* packed = packed_buf.get(16 * per_xi);
-  at::parallel_for(0, 16, 1, [&](int64_t x0, int64_t x1) {
-    for (int64_t xi = x0; xi < x1; ++xi) pack_a(OC, C, U + xi * OC * C, C, 1, packed + xi * per_xi);
-  });
+  winograd_weights(w, OC, C, flipped, packed, per_xi);
   // items: blocks of whole tile rows of the batch (an image's last rows and the next one's first may share
   // a block), about 128 tiles (measured, one thread, Zen 4 under FASTCONV_CPU_GEMM=avx2, blocks of 32 to
   // 256 tiles: MNIST conv2 0.77-0.85x the GEMM's time, 64 channels at 56x56 0.76-0.80x, AlexNet conv4 at
