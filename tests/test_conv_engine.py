@@ -920,9 +920,11 @@ def check_channels_last_backward_input(x, wt, s, p, d, g):
 # channels 1, 6, 17, 30, 48, 64, 70, 130 (1-4 vectors, masked last vectors, column blocks of 4 vectors
 # and their remainders), rows C*KH*KW of 1, 9, 13 (row tiles 7 + 6), 25, 27, 75, 147 (6-row tiles of 4
 # vectors), stride 2, 3 and (2, 1), dilation 2, asymmetric padding and padding past the kernel's reach,
-# unpadded layers read in place, batch 1, 1200+ pixels (several blocks, the last one short).
+# unpadded layers read in place, batch 1, 3280 pixels of 16 input channels (blocks of at most 2688
+# pixels: two of 1640).
 CHANNELS_LAST_WEIGHT_GRAD_IN_PLACE_CASES = [
     (3, 1, 20, 21, 32, (3, 3), 1, 1, 1),
+    (2, 16, 40, 41, 24, (3, 3), 1, 1, 1),
     (1, 1, 12, 11, 6, (5, 5), 1, 0, 1),
     (2, 1, 13, 12, 30, (5, 5), 1, 0, 1),
     (2, 3, 17, 16, 64, (7, 7), 2, 3, 1),
@@ -954,9 +956,10 @@ def test_channels_last_weight_grad_in_place_matches_torch(case, monkeypatch, poi
             assert got[1].shape == wt.shape
             for i in (i for i in range(3) if mask[i]):
                 assert_written_and_close(got[i], want[i], f"gradient {i}, mask {mask}")
-    # 1500 pixels at 1-3 threads: partials per block of pixels, a count set by the layer, added in order
-    xb = torch.randn(5, 3, 30, 10).to(memory_format=torch.channels_last)
-    gob = torch.randn(5, 20, 30, 10).to(memory_format=torch.channels_last)
+    # 4500 pixels at 1-3 threads: partials per block of pixels (at most 3712 here: two of 2250), a size set
+    # by the layer, added in order; the threads split each block's row tiles too
+    xb = torch.randn(5, 3, 30, 30).to(memory_format=torch.channels_last)
+    gob = torch.randn(5, 20, 30, 30).to(memory_format=torch.channels_last)
     assert_weight_grad_same_bits_at_1_2_3_threads(gob, xb, torch.randn(20, 3, 3, 3), 1, 1, 1)
 
 

@@ -13,8 +13,9 @@
 // The NCHW kernels first transpose grad_output and the input: where a layer does few FLOPs an element
 // (first layers: 18 for the MNIST CNN's conv1; 1x1 layers) the transposes cost more than the arithmetic
 // (the MNIST CNN's conv1 at batch 512: 3.4-4.2x torch's channels_last time that way). Work is cut into
-// blocks of pixels whose count depends on the layer only, each summed into a partial grad_W of its
-// own, the partials added in block order: the same bits at any thread count.
+// blocks of pixels whose size depends on the layer only (their data in L2), each summed into a partial
+// grad_W of its own, each register tile's accumulators kept over the whole block, the partials added in
+// block order: the same bits at any thread count.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,20 +51,16 @@ struct PixelRun {
   int64_t off, len;
 };
 
-// part[r][16v + lane] (+)= sum over the runs' pixels i (in order) of go[i*OC + 16v + lane] *
-// x[(pixel i's top-left tap) + roff[r]], for RB rows and NV vectors (the last one's lanes under `last`);
-// init: start from zero.
+// part[r][16v + lane] = sum over the runs' pixels i (in order) of go[i*OC + 16v + lane] *
+// x[(pixel i's top-left tap) + roff[r]], for RB rows and NV vectors (the last one's lanes under `last`).
 template <int RB, int NV>
 FASTCONV_AVX512 void weight_grad_rows(const float* go, int64_t OC, const float* x, const PixelRun* runs, int64_t nruns,
-                                      int64_t step, const int64_t* roff, __mmask16 last, float* part, int64_t ldp,
-                                      bool init) {
+                                      int64_t step, const int64_t* roff, __mmask16 last, float* part, int64_t ldp) {
   __m512 acc[RB][NV];
   int64_t ro[RB];
   _Pragma("GCC unroll 12") for (int r = 0; r < RB; ++r) {
     ro[r] = roff[r];
-    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {
-      acc[r][v] = init ? _mm512_setzero_ps() : _mm512_load_ps(part + r * ldp + 16 * v);
-    }
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) { acc[r][v] = _mm512_setzero_ps(); }
   }
   for (int64_t j = 0; j < nruns; ++j) {
     const float* xp = x + runs[j].off;
@@ -90,12 +87,12 @@ constexpr int weight_grad_tile_rows(int nv) { return nv <= 2 ? 12 : 24 / nv; }
 template <int NV>
 FASTCONV_AVX512 void run_weight_grad_rows(int rb, const float* go, int64_t OC, const float* x, const PixelRun* runs,
                                           int64_t nruns, int64_t step, const int64_t* roff, __mmask16 last, float* part,
-                                          int64_t ldp, bool init) {
+                                          int64_t ldp) {
   switch (rb) {
-#define FASTCONV_WEIGHT_GRAD_ROWS_CASE(R)                                                        \
-  case R:                                                                                        \
-    if constexpr (R <= weight_grad_tile_rows(NV))                                                \
-      return weight_grad_rows<R, NV>(go, OC, x, runs, nruns, step, roff, last, part, ldp, init); \
+#define FASTCONV_WEIGHT_GRAD_ROWS_CASE(R)                                                  \
+  case R:                                                                                  \
+    if constexpr (R <= weight_grad_tile_rows(NV))                                          \
+      return weight_grad_rows<R, NV>(go, OC, x, runs, nruns, step, roff, last, part, ldp); \
     break;
     FASTCONV_WEIGHT_GRAD_ROWS_CASE(1)
     FASTCONV_WEIGHT_GRAD_ROWS_CASE(2)
@@ -139,55 +136,60 @@ inline void backward_weight_channels_last_in_place(const float* grad_output, con
   }
   // column blocks of at most 4 vectors of output channels; OCp floats a partial row
   const int64_t OCv = ceil_div(OC, 16), OCp = OCv * 16;
-  // blocks of pixels, their count set by the layer alone (64 where there are 16K+ pixels: work for as
-  // many threads), at least 256 pixels each
-  const int64_t block = std::clamp<int64_t>(ceil_div(ceil_div(NL, 64), 64) * 64, 256, 4096);
-  const int64_t blocks = ceil_div(NL, block);
+  // blocks of pixels, their size set by the layer alone (so the partials, and the bits, are the same at
+  // any thread count): a block's grad_output vectors (up to 4 of a pixel) and input pixels within about
+  // 512 KiB of L2, where the row tiles re-read them. Measured, one thread, Zen 4, against blocks of 256+
+  // (64 of them from 16K pixels) each cut into 64-pixel chunks (the grad_output vectors of a chunk in L1
+  // across the row tiles, each tile's accumulators loaded and stored per chunk): the MNIST CNN's conv2 at
+  // batch 100 0.88x, its conv1 0.96-0.99x, the ResNet stem 0.90x, AlexNet's conv1 0.88x, 1x1 layers at
+  // 28x28-56x56 0.92-0.96x, SimpleConvNet's conv1 0.85x.
+  const int64_t most_block =
+      std::clamp<int64_t>((int64_t(512) << 10) / (4 * (std::min<int64_t>(OCp, 64) + C)) / 64 * 64, 512, 4096);
+  // near-equal blocks (a short last one left a thread idle: 1x1 64->128/2 at batch 8, 6 x 1024 + 128)
+  const int64_t blocks = ceil_div(NL, most_block), block = ceil_div(NL, blocks);
   float* parts = part_buf.get(blocks * R * OCp);
-  // tasks: (block of pixels, block of at most 4 vectors of output channels), each writing its own part
+  // tasks: (block of pixels, block of at most 4 vectors of output channels, group of row tiles), each
+  // writing its own rows of its block's partial; row groups give every thread work where blocks are few
+  // (batch 1: one block); they do not change any sum.
   const int64_t cblocks = ceil_div(OCv, 4);
-  // pixels per pass over the rows: their grad_output vectors (at most 16 KiB) stay in L1 across the row tiles
-  const int64_t chunk = std::clamp<int64_t>(4096 / std::min<int64_t>(OCp, 64) / 8 * 8, 16, 256);
-  at::parallel_for(0, blocks * cblocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t most_tiles = ceil_div(R, weight_grad_tile_rows(std::min<int64_t>(4, OCv)));
+  const int64_t rgroups = std::clamp<int64_t>(ceil_div(8 * at::get_num_threads(), blocks * cblocks), 1, most_tiles);
+  at::parallel_for(0, blocks * cblocks * rgroups, 1, [&](int64_t b0, int64_t b1) {
     std::vector<PixelRun> runs;
     for (int64_t task = b0; task < b1; ++task) {
-      const int64_t b = task / cblocks, v0 = task % cblocks * 4;
+      const int64_t rg = task % rgroups, b = task / rgroups / cblocks, v0 = task / rgroups % cblocks * 4;
       const int nv = static_cast<int>(std::min<int64_t>(4, OCv - v0));
       const __mmask16 last = lane_mask(0, OC - 16 * (v0 + nv - 1));
       const int most = weight_grad_tile_rows(nv);
       const int64_t tiles = ceil_div(R, most);
       float* part = parts + b * R * OCp + 16 * v0;
+      // the block's runs of pixels along output rows
       const int64_t g0 = b * block, g1 = std::min(NL, g0 + block);
-      for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
-        const int64_t npx = std::min(chunk, g1 - c0);
-        // the chunk's runs of pixels along output rows
-        runs.clear();
-        for (int64_t g = c0; g < c0 + npx;) {
-          const int64_t n = g / L, oh = g % L / OW, ow = g % OW, len = std::min(OW - ow, c0 + npx - g);
-          runs.push_back({n * image + oh * p.stride_h * row + ow * step, len});
-          g += len;
-        }
-        const float* gv = grad_output + c0 * OC + 16 * v0;
-        const int64_t nr = static_cast<int64_t>(runs.size());
-        for (int64_t t = 0; t < tiles; ++t) {  // near-equal row tiles
-          const int64_t r0 = t * R / tiles, r1 = (t + 1) * R / tiles;
-          const int rb = static_cast<int>(r1 - r0);
-          float* dst = part + r0 * OCp;
-          const bool init = c0 == g0;
-          const int64_t* ro = roff.data() + r0;
-          switch (nv) {
-            case 1:
-              run_weight_grad_rows<1>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp, init);
-              break;
-            case 2:
-              run_weight_grad_rows<2>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp, init);
-              break;
-            case 3:
-              run_weight_grad_rows<3>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp, init);
-              break;
-            default:
-              run_weight_grad_rows<4>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp, init);
-          }
+      runs.clear();
+      for (int64_t g = g0; g < g1;) {
+        const int64_t n = g / L, oh = g % L / OW, ow = g % OW, len = std::min(OW - ow, g1 - g);
+        runs.push_back({n * image + oh * p.stride_h * row + ow * step, len});
+        g += len;
+      }
+      const float* gv = grad_output + g0 * OC + 16 * v0;
+      const int64_t nr = static_cast<int64_t>(runs.size());
+      for (int64_t t = rg * tiles / rgroups; t < (rg + 1) * tiles / rgroups; ++t) {  // near-equal row tiles
+        const int64_t r0 = t * R / tiles, r1 = (t + 1) * R / tiles;
+        const int rb = static_cast<int>(r1 - r0);
+        float* dst = part + r0 * OCp;
+        const int64_t* ro = roff.data() + r0;
+        switch (nv) {
+          case 1:
+            run_weight_grad_rows<1>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp);
+            break;
+          case 2:
+            run_weight_grad_rows<2>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp);
+            break;
+          case 3:
+            run_weight_grad_rows<3>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp);
+            break;
+          default:
+            run_weight_grad_rows<4>(rb, gv, OC, x.base, runs.data(), nr, step, ro, last, dst, OCp);
         }
       }
     }
