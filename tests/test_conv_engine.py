@@ -1246,7 +1246,11 @@ def test_channels_last_direct_rule(monkeypatch):
     assert fwd((8, 64, 56, 56), (128, 64, 3, 3), s=2) == "channels-last-direct"
     assert fwd((8, 256, 56, 56), (64, 256, 1, 1), p=0, cl=False) != "channels-last-direct"
     assert fwd((8, 64, 56, 56), (64, 64, 3, 3)) == "winograd"
-    assert fwd((8, 512, 7, 7), (2048, 512, 1, 1), p=0) != "channels-last-direct"
+    # up to 1300 FLOPs an element where the weight is at most twice the input and output (822 here)
+    assert fwd((8, 512, 7, 7), (2048, 512, 1, 1), p=0) == "channels-last-direct"
+    assert fwd((8, 128, 28, 28), (256, 128, 3, 3), s=2) == "channels-last-direct"  # 770
+    assert fwd((8, 512, 14, 14), (512, 512, 3, 3), s=2) != "channels-last-direct"  # 1843
+    assert fwd((1, 512, 7, 7), (2048, 512, 1, 1), p=0) != "channels-last-direct"  # 822, a weight 8x larger
     assert fwd((1, 384, 13, 13), (256, 384, 3, 3)) != "channels-last-direct"
     # ... unless the weights are channels_last, which the NCHW route would copy: AlexNet conv4 at batch 1
     assert fwd((1, 384, 13, 13), (256, 384, 3, 3), wcl=True) == "channels-last-direct"
@@ -1268,7 +1272,8 @@ def test_channels_last_direct_rule(monkeypatch):
     assert bwi((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-grouped"
     assert bwi((8, 256, 28, 28), (256, 8, 3, 3), g=32) == "channels-last-grouped"  # 2 groups a vector
     assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) == "channels-last-direct"  # strided 1x1
-    assert bwi((8, 512, 28, 28), (1024, 512, 1, 1), s=2, p=0) != "channels-last-direct"
+    assert bwi((8, 512, 28, 28), (1024, 512, 1, 1), s=2, p=0) == "channels-last-direct"  # 683 FLOPs an element
+    assert bwi((8, 1024, 14, 14), (2048, 1024, 1, 1), s=2, p=0) != "channels-last-direct"  # 1365
     assert bwi((8, 64, 56, 56), (128, 64, 3, 3), s=2, p=1) == "channels-last-phases"  # ResNet's 3x3/2
     assert bwi((4, 3, 224, 224), (64, 3, 7, 7), s=2, p=3) != "channels-last-phases"  # 3 of 16 lanes
     assert bwi((1, 192, 13, 13), (384, 192, 3, 3)) != "channels-last-direct"

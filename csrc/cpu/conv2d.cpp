@@ -924,20 +924,24 @@ bool channels_last_weight_grad_in_place(const Conv2dParams& p) {
 
 // Whether a channels_last float32 layer's forward runs on the NHWC direct kernel
 // (cpu/channels_last_conv2d.h) rather than on an NCHW kernel between two transposes. By rule where the
-// transposes weigh: at most 600 FLOPs per element of input and output (measured in-process, 2 threads,
-// Zen 4, time against torch's channels_last conv, direct / transposed, batch 8: 1x1 256->64 at 56x56
-// (102 FLOPs an element) 1.06 / 1.70, ResNeXt's 32 groups of 32 at 7x7 (288) 1.13 / 1.41, 3x3/2
-// 64->128 from 56x56 (385) 1.06 / 1.23; behind at 1x1 512->2048 at 7x7 (822) 1.04 / 0.95, 3x3/2
-// 256->512 from 14x14 (1540) 1.27 / 1.14, AlexNet conv4 at batch 1 (2770) 1.21 / 1.07), and not where
-// Winograd takes the layer (3x3 64-512 at batch 8: 1.11-1.19 / 0.65-0.95), nor under the "gemm"
-// setting. The narrow kernel's strided layers of few output channels run here too (time against it
-// between the transposes, in-process: the ResNet stem 0.86, AlexNet's conv1 at batch 1/8/32
-// 0.86/0.95/0.87, 3x3/2 16->32, 32->64, 8->16 and 64->64 0.72-0.76). FASTCONV_CPU_CHANNELS_LAST=0/1
-// forces it off/on (tests, comparisons). A channels_last weight (weight_nhwc) counts among the elements:
-// the NCHW route copies it to NCHW, the direct kernel packs it as it is. Measured in-process, 2 threads,
-// Zen 4, channels_last weights, direct / NCHW route: batch 1 AlexNet conv3 (295 FLOPs an element with the
-// weight) 0.92, conv5 0.86-0.90, conv4 (301) 1.00, 3x3 512->512 at 7x7 (96) 0.74-0.82, 3x3/2 256->512 from
-// 14x14 0.83; at batch 8 (519) 0.83.
+// transposes weigh: at most 600 FLOPs per element of input and output (1300 since session 27, below) (measured
+// in-process, 2 threads, Zen 4, time against torch's channels_last conv, direct / transposed, batch 8: 1x1 256->64 at
+// 56x56 (102 FLOPs an element) 1.06 / 1.70, ResNeXt's 32 groups of 32 at 7x7 (288) 1.13 / 1.41, 3x3/2 64->128 from
+// 56x56 (385) 1.06 / 1.23; behind at 1x1 512->2048 at 7x7 (822) 1.04 / 0.95, 3x3/2 256->512 from 14x14 (1540) 1.27
+// / 1.14, AlexNet conv4 at batch 1 (2770) 1.21 / 1.07), and not where Winograd takes the layer (3x3 64-512 at batch
+// 8: 1.11-1.19 / 0.65-0.95), nor under the "gemm" setting. The narrow kernel's strided layers of few output channels
+// run here too (time against it between the transposes, in-process: the ResNet stem 0.86, AlexNet's conv1 at batch
+// 1/8/32 0.86/0.95/0.87, 3x3/2 16->32, 32->64, 8->16 and 64->64 0.72-0.76). FASTCONV_CPU_CHANNELS_LAST=0/1 forces it
+// off/on (tests, comparisons). A channels_last weight (weight_nhwc) counts among the elements: the NCHW route copies it
+// to NCHW, the direct kernel packs it as it is. Measured in-process, 2 threads, Zen 4, channels_last weights, direct /
+// NCHW route: batch 1 AlexNet conv3 (295 FLOPs an element with the weight) 0.92, conv5 0.86-0.90, conv4 (301) 1.00, 3x3
+// 512->512 at 7x7 (96) 0.74-0.82, 3x3/2 256->512 from 14x14 0.83; at batch 8 (519) 0.83. Session 27 (Zen 4, one thread,
+// thread CPU time, in-process, direct / NCHW route, NCHW and channels_last weights): from 600 to 1300 FLOPs an element
+// the direct kernel is ahead where the weight is at most twice the input and output: 3x3/2 128->256 from 28x28 at batch
+// 8 (616 with the weight, 770 without) 0.85-0.92, at batch 32 0.85-0.88, 3x3/2 256->256 from 28x28 0.85-0.91, 5x5/2
+// 64->192 from 56x56 (1240) 0.93, 1x1 512->2048 at 7x7 (822) 0.90 (batch 32: 0.93), 2048->512 0.91, 1x1/2 1024->2048
+// 0.83; even at 1535 (3x3/2 256->512 from 14x14, batch 8 and 32) 0.93-1.0; behind where the weight is larger: batch 1,
+// 1x1 512->2048 at 7x7 (822) 1.17, 3x3/2 512->512 from 14x14 (1843) 1.52.
 bool channels_last_direct(const Conv2dParams& p, bool weight_nhwc) {
   if (!use_engine<float>() || run_direct<float>(p)) return false;
   const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1');
@@ -947,7 +951,11 @@ bool channels_last_direct(const Conv2dParams& p, bool weight_nhwc) {
   // (ResNeXt-50's groups of 4 and 8 took 1.23x torch's channels_last time through it)
   const int64_t OCg = p.out_channels_per_group();
   if (!few_idle_lanes(OCg)) return false;
-  return flops_per_element(p, weight_nhwc) <= 600.0;
+  // up to 1300 where the weight, which the direct kernel packs on every call, is at most twice the input
+  // and output together; 600 where it is larger (batch-1 layers of big weights)
+  const double activations = double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane());
+  const double weight_elements = double(p.out_channels) * p.col_rows_per_group();
+  return flops_per_element(p, weight_nhwc) <= (weight_elements <= 2.0 * activations ? 1300.0 : 600.0);
 }
 
 // Whether a channels_last float32 grouped layer's forward runs on the grouped direct kernel's NHWC form
