@@ -1268,7 +1268,8 @@ def test_channels_last_direct_rule(monkeypatch):
     # backward-input: stride 1, ungrouped, few FLOPs an element (grad_output into the wide side)
     assert bwi((8, 256, 56, 56), (64, 256, 1, 1), p=0) == "channels-last-direct"
     assert bwi((8, 64, 56, 56), (256, 64, 1, 1), p=0) == "channels-last-direct"
-    assert bwi((8, 256, 14, 14), (1024, 256, 1, 1), p=0) != "channels-last-direct"
+    assert bwi((8, 256, 14, 14), (1024, 256, 1, 1), p=0) == "channels-last-direct"  # 409 FLOPs an element
+    assert bwi((1, 2048, 7, 7), (512, 2048, 1, 1), p=0) != "channels-last-direct"  # 819, a weight 8x larger
     assert bwi((8, 1024, 7, 7), (1024, 32, 3, 3), g=32) == "channels-last-grouped"
     assert bwi((8, 256, 28, 28), (256, 8, 3, 3), g=32) == "channels-last-grouped"  # 2 groups a vector
     assert bwi((8, 64, 56, 56), (128, 64, 1, 1), s=2, p=0) == "channels-last-direct"  # strided 1x1

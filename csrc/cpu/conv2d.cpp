@@ -1020,22 +1020,26 @@ bool channels_last_grouped_weight_grad(const Conv2dParams& p) {
 
 // Whether a channels_last float32 layer's backward-input runs on the NHWC direct kernel, as the forward
 // of grad_output with the flipped, transposed weights (flipped_conv.h; stride 1; the grad_input is
-// channels_last, as torch's): where the forward's rule takes that convolution, ungrouped, at most 320
-// FLOPs an element. Measured in-process, 2 threads, Zen 4, batch 8, the whole backward (input, weight
-// and bias gradients; backward-weight still transposes grad_output), NHWC / NCHW kernels between
-// transposes: 1x1 256->64 and 64->256 at 56x56 (102 FLOPs an element) 0.89, 0.94 (backward-input
-// alone 0.54, 0.57), 64->64 0.84, 512->128 and 128->512 at 28x28 (204) 0.96, 0.99; 1024->256 and
+// channels_last, as torch's): where the forward's rule takes that convolution, ungrouped. Measured in-process, 2
+// threads, Zen 4, batch 8, the whole backward (input, weight and bias gradients; backward-weight still transposes
+// grad_output), NHWC / NCHW kernels between transposes: 1x1 256->64 and 64->256 at 56x56 (102 FLOPs an element) 0.89,
+// 0.94 (backward-input alone 0.54, 0.57), 64->64 0.84, 512->128 and 128->512 at 28x28 (204) 0.96, 0.99; 1024->256 and
 // 256->1024 at 14x14 (409) 0.98, 1.08; ResNeXt's 32 groups of 32 at 7x7 1.18 (its grouped kernel).
 // FASTCONV_CPU_CHANNELS_LAST forces it as the forward's. With a channels_last weight (counted as in
 // channels_last_direct, and read in place: its 16 consecutive input channels are a vector of the flipped
 // weights), batch 1 (FLOPs an element with the weight): AlexNet conv3 (295) 0.84, conv5 0.86, 3x3 512->512
-// at 7x7 0.61 against the NCHW route; conv4 (301) 0.93, hence 320 here.
+// at 7x7 0.61 against the NCHW route; conv4 (301) 0.93, hence 320 here until session 27, which measured
+// (in-process, 2 threads, Zen 4, backward-input alone, direct / NCHW route) 1x1 layers at batch 8 of 409
+// (1024->256 and 256->1024 at 14x14) 0.84, 0.76, 512 (512->512) 0.79, 819 (512<->2048 at 7x7) 0.83-0.85,
+// 1024 (1024->1024 at 14x14) 0.89, at batch 32 0.77, at batch 1 0.83-0.91, and a dilated 3x3 256->256 at
+// 28x28 (2304) 0.96: now the forward's rule for the convolution it runs (up to 1300, or 600 where the
+// weight is more than twice the input and output).
 bool channels_last_backward_input(const Conv2dParams& p, bool weight_nhwc) {
   if (!cpu::backward_input_as_forward(p)) return false;
   const Conv2dParams q = cpu::backward_input_params(p);
   if (!channels_last_direct(q, weight_nhwc)) return false;
   if (cpu::forced("FASTCONV_CPU_CHANNELS_LAST", '0', '1') == 1) return true;
-  return p.groups == 1 && flops_per_element(q, weight_nhwc) <= 320.0;
+  return p.groups == 1;
 }
 
 // The dense convolution of a strided 1x1 backward-input: grad_output (out_h x out_w, out_channels) by the
