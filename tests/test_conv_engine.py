@@ -964,8 +964,8 @@ def test_channels_last_weight_grad_in_place_matches_torch(case, monkeypatch, poi
 
 
 def test_channels_last_weight_grad_in_place_rule():
-    """By rule on channels_last layers of few FLOPs an element (first layers, 1x1 layers), not on wide
-    3x3 layers, grouped layers, NCHW inputs or under the "gemm" setting."""
+    """By rule on channels_last layers of few FLOPs an element (first layers, 1x1 layers) and strided
+    layers of small partial sums, not on wide 3x3 layers, grouped layers, NCHW inputs or under the "gemm" setting."""
     def bww(xs, ws, s=1, p=1, g=1, layout=torch.channels_last):
         x, w = torch.empty(xs).to(memory_format=layout), torch.empty(ws).to(memory_format=layout)
         return fastconv.conv2d_algorithm(x, w, s, p, 1, g).split("/")[-1]
@@ -976,6 +976,10 @@ def test_channels_last_weight_grad_in_place_rule():
     assert bww((8, 64, 56, 56), (128, 64, 1, 1), 2, 0) == "channels-last-direct"
     assert bww((8, 64, 56, 56), (64, 64, 3, 3)) != "channels-last-direct"
     assert bww((8, 512, 7, 7), (2048, 512, 1, 1), 1, 0) != "channels-last-direct"
+    # strided layers of 2+ taps whose blocks' partial sums stay within 6 MB (2.1 MB), each block 128+ pixels
+    assert bww((8, 64, 56, 56), (128, 64, 3, 3), 2, 1) == "channels-last-direct"
+    assert bww((32, 128, 28, 28), (256, 128, 3, 3), 2, 1) != "channels-last-direct"  # 11.8 MB
+    assert bww((1, 256, 14, 14), (512, 256, 3, 3), 2, 1) != "channels-last-direct"  # 49 pixels
     assert bww((8, 64, 56, 56), (64, 2, 3, 3), g=32) != "channels-last-direct"
     assert bww((512, 2, 28, 28), (32, 2, 3, 3), layout=torch.contiguous_format) != "channels-last-direct"
     # an NCHW image into a channels_last model: channels_last results, grad_output read in place

@@ -45,6 +45,16 @@ inline bool weight_grad_in_place_applicable(const Conv2dParams& p) {
          kMaxPaddedCopyBytes;
 }
 
+// How many blocks of pixels the kernel sums separately (backward_weight_channels_last_in_place): blocks
+// of near-equal size (a short last one left a thread idle: 1x1 64->128/2 at batch 8, 6 x 1024 + 128),
+// at most about 512 KiB of grad_output vectors (up to 4 of a pixel) and input pixels each.
+inline int64_t weight_grad_in_place_blocks(const Conv2dParams& p) {
+  const int64_t OCp = ceil_div(p.out_channels, 16) * 16;
+  const int64_t most_block = std::clamp<int64_t>(
+      (int64_t(512) << 10) / (4 * (std::min<int64_t>(OCp, 64) + p.in_channels)) / 64 * 64, 512, 4096);
+  return ceil_div(p.batch * p.out_plane(), most_block);
+}
+
 // A run of consecutive output pixels of one output row: its first pixel's top-left tap at x + off, the
 // next ones `step` floats apart (stride_w * C).
 struct PixelRun {
@@ -137,16 +147,13 @@ inline void backward_weight_channels_last_in_place(const float* grad_output, con
   // column blocks of at most 4 vectors of output channels; OCp floats a partial row
   const int64_t OCv = ceil_div(OC, 16), OCp = OCv * 16;
   // blocks of pixels, their size set by the layer alone (so the partials, and the bits, are the same at
-  // any thread count): a block's grad_output vectors (up to 4 of a pixel) and input pixels within about
-  // 512 KiB of L2, where the row tiles re-read them. Measured, one thread, Zen 4, against blocks of 256+
+  // any thread count): a block's grad_output vectors and input pixels in L2, where the row tiles re-read
+  // them. Measured, one thread, Zen 4, against blocks of 256+
   // (64 of them from 16K pixels) each cut into 64-pixel chunks (the grad_output vectors of a chunk in L1
   // across the row tiles, each tile's accumulators loaded and stored per chunk): the MNIST CNN's conv2 at
   // batch 100 0.88x, its conv1 0.96-0.99x, the ResNet stem 0.90x, AlexNet's conv1 0.88x, 1x1 layers at
   // 28x28-56x56 0.92-0.96x, SimpleConvNet's conv1 0.85x.
-  const int64_t most_block =
-      std::clamp<int64_t>((int64_t(512) << 10) / (4 * (std::min<int64_t>(OCp, 64) + C)) / 64 * 64, 512, 4096);
-  // near-equal blocks (a short last one left a thread idle: 1x1 64->128/2 at batch 8, 6 x 1024 + 128)
-  const int64_t blocks = ceil_div(NL, most_block), block = ceil_div(NL, blocks);
+  const int64_t blocks = weight_grad_in_place_blocks(p), block = ceil_div(NL, blocks);
   float* parts = part_buf.get(blocks * R * OCp);
   // tasks: (block of pixels, block of at most 4 vectors of output channels, group of row tiles), each
   // writing its own rows of its block's partial; row groups give every thread work where blocks are few

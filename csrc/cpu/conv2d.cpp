@@ -909,6 +909,12 @@ double flops_per_element(const Conv2dParams& p, bool weight = false) {
 // elements: 392 pixels make 2 blocks, and each 6-row tile re-reads the input's pixels from L2) 1.17,
 // 512->1024/2 (341) 1.09, 512->2048 at 7x7 (819) 1.60, 3x3 64->64 at 56x56 (576, Winograd) 1.69; 3x3/2
 // 64->128 from 56x56 (384, 2^16 + 2^13 elements) 0.94.
+// Session 27 (2 threads, Zen 4, in-process, in-place / the NCHW route's im2col+GEMM between transposes),
+// strided layers by the size of the blocks' partial sums: ResNet-18's 3x3/2 64->128 at batch 8 (2.1 MB)
+// 0.82, at batch 1 0.94, 128->256 (3.5 MB) 0.96, 256->512 (4.7 MB) 0.97, ResNet-50's 3x3/2 128 (5.9 MB)
+// 0.88, 3x3/2 32->64 from 112x112 (1.4 MB) 0.95; behind past 6 MB: ResNet-50's 3x3/2 256 (9.4 MB) 1.09,
+// 512 (9.4 MB) 1.02, ResNet-18's 128->256 at batch 32 (11.8 MB) 1.11, 5x5/2 64->192 (8.6 MB) 1.05, and on
+// 49 pixels (256->512 at batch 1) 1.14.
 // Not under the "gemm" setting. FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD=0/1 forces it off/on where it
 // applies (tests, comparisons).
 bool channels_last_weight_grad_in_place(const Conv2dParams& p) {
@@ -918,8 +924,15 @@ bool channels_last_weight_grad_in_place(const Conv2dParams& p) {
     return false;  // channels_last_pointwise_weight_grad forced on
   const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", '0', '1');
   if (f >= 0) return f == 1;
-  return g_algorithm_setting.load() != kSettingGemm && flops_per_element(p) <= 420.0 &&
-         p.out_channels * p.col_rows_per_group() <= (int64_t(1) << 16);
+  if (g_algorithm_setting.load() == kSettingGemm) return false;
+  if (flops_per_element(p) <= 420.0 && p.out_channels * p.col_rows_per_group() <= (int64_t(1) << 16)) return true;
+  // strided layers of 2+ taps (which the NCHW route runs on im2col+GEMM between transposes) where the
+  // blocks' partial sums stay within 6 MB and each block sums 128+ pixels
+  const int64_t blocks = cpu::engine::weight_grad_in_place_blocks(p);
+  const double partial_floats =
+      double(blocks) * p.col_rows_per_group() * cpu::engine::ceil_div(p.out_channels, 16) * 16;
+  return (p.stride_h > 1 || p.stride_w > 1) && p.kernel_h * p.kernel_w >= 2 && partial_floats * 4 <= 6e6 &&
+         p.batch * p.out_plane() >= 128 * blocks;
 }
 
 // Whether a channels_last float32 layer's forward runs on the NHWC direct kernel
