@@ -994,9 +994,17 @@ def test_channels_last_weight_grad_in_place_rule():
 # dilation, asymmetric kernels and padding, padding past the kernel's reach, 1x1, batch 1; 3x3
 # backward-weight's register blocks of 1-3 vectors (200 channels: 3+3+3+2+2), planes narrower than the
 # taps' reach, and a plane past 28x28 (the per-tap dots); strided backward-input by phases (up to 128
-# channels: 40, 64, 100 at strides 2, (2, 1) and 3, a 4x4 kernel) and per pixel (130, 144).
+# channels: 40, 64, 100 at strides 2, (2, 1) and 3, a 4x4 kernel) and per pixel (130, 144). Stride-1
+# kernel rows of 3 taps run on 8-pixel x 1-2 vector tiles: interior rows of 1-10 pixels (every tile
+# remainder), 1-9 vectors (odd counts: a last 1-vector part; masked last vectors), a 5x3 kernel.
 CHANNELS_LAST_DEPTHWISE_CASES = [
     (2, 200, 6, 7, (3, 3), 1, 1, 1),
+    (1, 40, 4, 4, (3, 3), 1, 1, 1),
+    (1, 48, 5, 6, (3, 3), 1, 1, 1),
+    (2, 24, 5, 8, (3, 3), 1, 1, 1),
+    (1, 50, 4, 9, (3, 3), 1, 1, 1),
+    (1, 130, 3, 10, (3, 3), 1, 1, 1),
+    (2, 20, 9, 12, (5, 3), 1, (2, 1), 1),
     (2, 40, 3, 2, (3, 3), (2, 1), 1, 1),
     (1, 64, 30, 29, (3, 3), 1, 1, 1),
     (2, 17, 9, 11, (3, 3), 1, 1, 1),
