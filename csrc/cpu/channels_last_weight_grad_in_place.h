@@ -148,11 +148,11 @@ inline void backward_weight_channels_last_in_place(const float* grad_output, con
   const int64_t OCv = ceil_div(OC, 16), OCp = OCv * 16;
   // blocks of pixels, their size set by the layer alone (so the partials, and the bits, are the same at
   // any thread count): a block's grad_output vectors and input pixels in L2, where the row tiles re-read
-  // them. Measured, one thread, Zen 4, against blocks of 256+
-  // (64 of them from 16K pixels) each cut into 64-pixel chunks (the grad_output vectors of a chunk in L1
-  // across the row tiles, each tile's accumulators loaded and stored per chunk): the MNIST CNN's conv2 at
-  // batch 100 0.88x, its conv1 0.96-0.99x, the ResNet stem 0.90x, AlexNet's conv1 0.88x, 1x1 layers at
-  // 28x28-56x56 0.92-0.96x, SimpleConvNet's conv1 0.85x.
+  // them. Measured, one thread, Zen 4, against blocks of 256+ (64 of them from 16K pixels) each cut into
+  // 64-pixel chunks (the grad_output vectors of a chunk in L1 across the row tiles, each tile's
+  // accumulators loaded and stored per chunk): the MNIST CNN's conv2 at batch 100 0.88x, its conv1
+  // 0.96-0.99x, the ResNet stem 0.90x, AlexNet's conv1 0.88x, 1x1 layers at 28x28-56x56 0.92-0.96x,
+  // SimpleConvNet's conv1 0.85x.
   const int64_t blocks = weight_grad_in_place_blocks(p), block = ceil_div(NL, blocks);
   float* parts = part_buf.get(blocks * R * OCp);
   // tasks: (block of pixels, block of at most 4 vectors of output channels, group of row tiles), each
