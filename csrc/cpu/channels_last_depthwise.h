@@ -292,37 +292,31 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
           row_w[taps++] = wt + (kh * KW + kw) * cb.Cv + c0;
         }
       }
+      // the block's vectors in near-equal tile widths; at stride 1 with kernel rows of 3 taps each row's
+      // input vectors are loaded once for its 3 taps (dw_row3_tile), else a vector per tap (dw_tile)
+      const int64_t rows = taps / 3;
       if (row3) {
-        // kernel rows of 3 taps at stride 1: each row's input vectors loaded once for its 3 taps
-        const int64_t rows = taps / 3;
         for (int64_t r = 0; r < rows; ++r) row_off[r] = tap_off[3 * r];
-        const int64_t parts = engine::ceil_div(nv, kDwRowVectors);
-        for (int64_t part = 0, v0 = 0; part < parts; ++part) {
-          const int64_t tv = nv / parts + (part < nv % parts);
-          const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
-          for (int64_t j = 0; j < taps; ++j) tile_w[j] = row_w[j] + 16 * v0;
-          for (int64_t ow = in_lo; ow < in_hi; ow += kDwRowPixels) {
-            const int64_t npx = std::min<int64_t>(kDwRowPixels, in_hi - ow);
-            dw_row3_tile_for(npx, tv)(image + ow * C + 16 * v0, C, row_off.data(), tile_w.data(), rows,
-                                      tile_bias + c0 + 16 * v0, tile_last, relu, orow + ow * px_out + 16 * v0, stream);
+      }
+      const int64_t most_v = row3 ? kDwRowVectors : kDwTileVectors, most_px = row3 ? kDwRowPixels : kDwTilePixels;
+      const int64_t parts = engine::ceil_div(nv, most_v);
+      for (int64_t part = 0, v0 = 0; part < parts; ++part) {
+        const int64_t tv = nv / parts + (part < nv % parts);
+        const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
+        for (int64_t j = 0; j < taps; ++j) tile_w[j] = row_w[j] + 16 * v0;
+        const float* tb = tile_bias + c0 + 16 * v0;
+        for (int64_t ow = in_lo; ow < in_hi; ow += most_px) {
+          const int64_t npx = std::min(most_px, in_hi - ow);
+          float* o = orow + ow * px_out + 16 * v0;
+          if (row3) {
+            dw_row3_tile_for(npx, tv)(image + ow * C + 16 * v0, C, row_off.data(), tile_w.data(), rows, tb, tile_last,
+                                      relu, o, stream);
+          } else {
+            dw_tile_for(npx, tv)(image + ow * sw * C + 16 * v0, sw * C, tap_off.data(), tile_w.data(), taps, tb,
+                                 tile_last, relu, o, px_out, stream);
           }
-          v0 += tv;
         }
-      } else {
-        // the block's vectors in near-equal tile widths of at most kDwTileVectors
-        const int64_t parts = engine::ceil_div(nv, kDwTileVectors);
-        for (int64_t part = 0, v0 = 0; part < parts; ++part) {
-          const int64_t tv = nv / parts + (part < nv % parts);
-          const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
-          for (int64_t j = 0; j < taps; ++j) tile_w[j] = row_w[j] + 16 * v0;
-          for (int64_t ow = in_lo; ow < in_hi; ow += kDwTilePixels) {
-            const int64_t npx = std::min<int64_t>(kDwTilePixels, in_hi - ow);
-            dw_tile_for(npx, tv)(image + ow * sw * C + 16 * v0, sw * C, tap_off.data(), tile_w.data(), taps,
-                                 tile_bias + c0 + 16 * v0, tile_last, relu, orow + ow * px_out + 16 * v0, px_out,
-                                 stream);
-          }
-          v0 += tv;
-        }
+        v0 += tv;
       }
       // border columns: each pixel's taps inside the input, all the block's vectors at once
       const DwSumTaps sum = dw_sum_taps_for(nv);
