@@ -517,10 +517,12 @@ bool channels_last_pointwise_weight_grad(const Conv2dParams& p);
 std::string algorithm_name(const Conv2dParams& p, bool float32, bool channels_last, bool channels_last_result,
                            bool weight_nhwc) {
   if (float32 ? run_direct<float>(p) : run_direct<double>(p)) return "direct";
-  if (float32 && avx2_gemm<float>() && (avx2_winograd_wanted(p) || avx2_winograd_backward_input(p))) {
-    const char* gemm = "im2col+gemm-avx2";
-    return std::string(avx2_winograd_wanted(p) ? "winograd-avx2" : gemm) + "/" +
-           (avx2_winograd_backward_input(p) ? "winograd-avx2" : gemm) + "/" + gemm;
+  if (float32 && avx2_gemm<float>()) {
+    const bool fwd = avx2_winograd_wanted(p), bwi = avx2_winograd_backward_input(p);
+    if (fwd || bwi) {
+      const char* gemm = "im2col+gemm-avx2";
+      return std::string(fwd ? "winograd-avx2" : gemm) + "/" + (bwi ? "winograd-avx2" : gemm) + "/" + gemm;
+    }
   }
   if (!float32 || !use_engine<float>()) return float32 && avx2_gemm<float>() ? "im2col+gemm-avx2" : "im2col+gemm-aten";
 #if FASTCONV_HAVE_AVX512_KERNELS
@@ -890,12 +892,17 @@ bool channels_last_strided_pointwise_backward_input(const Conv2dParams& p);
 // direct kernel's lanes).
 bool few_idle_lanes(int64_t channels) { return 4 * channels >= 3 * cpu::engine::ceil_div(channels, 16) * 16; }
 
+// Elements of a layer's input and output together, and of its weight.
+double activation_elements(const Conv2dParams& p) {
+  return double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane());
+}
+double weight_elements(const Conv2dParams& p) { return double(p.out_channels) * p.col_rows_per_group(); }
+
 // FLOPs per element of a layer's input and output: what its transposes weigh against its arithmetic; and
 // of the weight too where `weight` (a channels_last weight, which the NCHW route copies to NCHW).
 double flops_per_element(const Conv2dParams& p, bool weight = false) {
   const double flops = 2.0 * p.batch * p.out_plane() * p.out_channels * p.col_rows_per_group();
-  const double weight_elements = weight ? double(p.out_channels) * p.col_rows_per_group() : 0.0;
-  return flops / (double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane()) + weight_elements);
+  return flops / (activation_elements(p) + (weight ? weight_elements(p) : 0.0));
 }
 
 // Whether a channels_last float32 layer's backward-weight runs on the in-place kernel
@@ -926,7 +933,7 @@ bool channels_last_weight_grad_in_place(const Conv2dParams& p) {
   const int f = cpu::forced("FASTCONV_CPU_CHANNELS_LAST_WEIGHT_GRAD", '0', '1');
   if (f >= 0) return f == 1;
   if (g_algorithm_setting.load() == kSettingGemm) return false;
-  if (flops_per_element(p) <= 420.0 && p.out_channels * p.col_rows_per_group() <= (int64_t(1) << 16)) return true;
+  if (flops_per_element(p) <= 420.0 && weight_elements(p) <= double(int64_t(1) << 16)) return true;
   // strided layers of 2+ taps (which the NCHW route runs on im2col+GEMM between transposes) where the
   // blocks' partial sums stay within 6 MB and each block sums 128+ pixels
   const int64_t blocks = cpu::engine::weight_grad_in_place_blocks(p);
@@ -967,9 +974,7 @@ bool channels_last_direct(const Conv2dParams& p, bool weight_nhwc) {
   if (!few_idle_lanes(OCg)) return false;
   // up to 1300 where the weight, which the direct kernel packs on every call, is at most twice the input
   // and output together; 600 where it is larger (batch-1 layers of big weights)
-  const double activations = double(p.batch) * (p.in_channels * p.in_plane() + p.out_channels * p.out_plane());
-  const double weight_elements = double(p.out_channels) * p.col_rows_per_group();
-  return flops_per_element(p, weight_nhwc) <= (weight_elements <= 2.0 * activations ? 1300.0 : 600.0);
+  return flops_per_element(p, weight_nhwc) <= (weight_elements(p) <= 2.0 * activation_elements(p) ? 1300.0 : 600.0);
 }
 
 // Whether a channels_last float32 grouped layer's forward runs on the grouped direct kernel's NHWC form
@@ -1144,15 +1149,6 @@ at::Tensor contiguous_nchw(const at::Tensor& t) {
 }
 
 at::Tensor to_channels_last(const at::Tensor& t) {  // t NCHW-contiguous
-  // one channel, or planes of one pixel (a depthwise or 1x1 layer's grad_weight, a one-channel image's
-  // grad_input): both layouts order the elements the same, so one memcpy (the transposes of a depthwise
-  // grad_weight, 960 "images" of one channel, were 11% of MobileNetV2's 960 at 7x7 backward-weight, perf,
-  // one thread)
-  if (t.dim() == 4 && t.is_contiguous() && (t.size(1) == 1 || t.size(2) * t.size(3) == 1)) {
-    at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
-    if (t.numel() > 0) std::memcpy(out.data_ptr(), t.const_data_ptr(), t.numel() * t.element_size());
-    return out;
-  }
 #if FASTCONV_HAVE_AVX512_KERNELS
   if (t.scalar_type() == at::kFloat && t.dim() == 4 && t.is_contiguous() && use_engine<float>()) {
     at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
