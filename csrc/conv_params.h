@@ -82,6 +82,19 @@ inline void check_float_tensor(const at::Tensor& t, const char* op, const char* 
               " to be a floating-point tensor (float32, float64, float16 or bfloat16), got ", st);
 }
 
+// max_pool2d's forward also takes the integer dtypes (label maps, masks, quantised images), as torch's CPU
+// kernel does (its CUDA kernel takes floating point only; fastconv's takes both); bool is rejected, as
+// torch does. Its backward stays floating-point only.
+inline void check_pool_input_dtype(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": input is undefined");
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16 || st == at::kByte ||
+                  st == at::kChar || st == at::kShort || st == at::kInt || st == at::kLong,
+              op,
+              ": expected input to be a floating-point tensor (float32, float64, float16 or bfloat16) or an integer ",
+              "tensor (uint8, int8, int16, int32 or int64), got ", st);
+}
+
 // Bound on stride, padding and dilation (and dilation * (kernel - 1)), so that the output-size
 // arithmetic below cannot overflow int64. torch accepts larger values; none describes a tensor
 // that fits in memory.
@@ -203,9 +216,12 @@ inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weig
 
 inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,
-                                     const char* op = "fastconv.max_pool2d") {
+                                     const char* op = "fastconv.max_pool2d", bool backward = false) {
   using detail::shape_str;
-  detail::check_float_tensor(input, op, "input");
+  if (backward)
+    detail::check_float_tensor(input, op, "input");
+  else
+    detail::check_pool_input_dtype(input, op);
   TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(), "-D input of size ",
               shape_str(input.sizes()));
   detail::check_pair(kernel_size, op, "kernel_size");

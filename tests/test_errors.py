@@ -50,7 +50,12 @@ POOL_ERRORS = [
     (lambda: FC.max_pool2d(x4, 3, padding=2), RuntimeError, r"pad should be at most half"),
     (lambda: FC.max_pool2d(x4, 3, padding=(0, 2), dilation=2), RuntimeError, r"pad should be at most half"),
     (lambda: FC.max_pool2d(torch.randn(1, 1, 2, 2), 3), RuntimeError, r"output size .* too small"),
-    (lambda: FC.max_pool2d(x4.long(), 2), RuntimeError, r"floating-point tensor.*got Long"),
+    (lambda: FC.max_pool2d(x4 > 0, 2), RuntimeError, r"floating-point tensor .* or an integer tensor .*got Bool"),
+    (lambda: FC.max_pool2d(x4.to(torch.complex64), 2), RuntimeError, r"or an integer tensor .*got ComplexFloat"),
+    # integer inputs pool (as torch's), but the backward op takes only floating-point tensors
+    (lambda: ops._max_pool2d_backward(torch.ones(2, 4, 4, 4, dtype=torch.long), x4.long(),
+                                      torch.zeros(2, 4, 4, 4, dtype=torch.long), [2, 2], [2, 2], [0, 0], [1, 1], False),
+     RuntimeError, r"_max_pool2d_backward: expected input to be a floating-point tensor.*got Long"),
     (lambda: FC.max_pool2d(torch.randn(1, 1, 1, 1), (2, 1), 1, (1, 0), (2, 1)), RuntimeError,
      r"window of output row 0 lies entirely in the padding"),
     (lambda: FC.max_pool2d(torch.randn(2, 0, 4, 4), 2), RuntimeError, r"non-zero channels, height and width"),

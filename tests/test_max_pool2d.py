@@ -116,6 +116,32 @@ def test_half_types(dtype, device):
 
 
 @pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_integer_types_like_torch(case, dtype, device, channels_last):
+    # torch's max_pool2d takes integer tensors too (masks, label maps): values, indices and layout as its,
+    # ties included (few distinct values) and windows of only the type's lowest value (its padding
+    # never wins: the first in-bounds tap is reported)
+    n, c, h, w, k, s, p, d, ceil = case
+    info = torch.iinfo(dtype)
+    x = torch.randint(max(info.min, -6), min(info.max, 6) + 1, (n, c, h, w), dtype=dtype)
+    x[:, :, : h // 2, : w // 2] = info.min
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # torch's own channels_last integer kernel refuses planes of more elements than int8/int16 can
+    # count; values and indices do not depend on the layout, so its NCHW result is the reference, and
+    # the layout is the one torch gives a float tensor of these strides
+    ref, ref_idx = F.max_pool2d(x.contiguous(), k, s, p, d, ceil_mode=ceil, return_indices=True)
+    layout = F.max_pool2d(x.float(), k, s, p, d, ceil_mode=ceil)
+    out, idx = FC.max_pool2d(x.to(device), k, s, p, d, ceil_mode=ceil, return_indices=True)
+    assert out.dtype == dtype and torch.equal(out.cpu(), ref) and torch.equal(idx.cpu(), ref_idx)
+    assert out.is_contiguous(memory_format=torch.channels_last) == layout.is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(fastconv.MaxPool2d(k, s, p, d, ceil_mode=ceil)(x.to(device)).cpu(), ref)
+
+
+@pytest.mark.parametrize("device", cpu_emulated_and_cuda(), indirect=True)
 def test_gradcheck_and_gradgradcheck(device):
     x = distinct_input(2, 2, 7, 6, torch.float64, device).requires_grad_()
     for args in ((3, 2, 1, 1, True), ((2, 3), (1, 2), (1, 0), (2, 1), False), (3, 2, 1, 1, False), (3, 2, 1, 1, True),

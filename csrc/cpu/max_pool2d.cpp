@@ -25,8 +25,10 @@ namespace {
 // mispredicts it half the time, which made this kernel twice as slow).
 template <typename V>
 inline V select_bits(bool take, V a, V b) {
-  using U = std::conditional_t<sizeof(V) == 8, uint64_t, std::conditional_t<sizeof(V) == 4, uint32_t, uint16_t>>;
-  static_assert(sizeof(V) == sizeof(U), "2-, 4- or 8-byte values only");
+  using U = std::conditional_t<
+      sizeof(V) == 8, uint64_t,
+      std::conditional_t<sizeof(V) == 4, uint32_t, std::conditional_t<sizeof(V) == 2, uint16_t, uint8_t>>>;
+  static_assert(sizeof(V) == sizeof(U), "1-, 2-, 4- or 8-byte values only");
   U ua, ub;
   std::memcpy(&ua, &a, sizeof(V));
   std::memcpy(&ub, &b, sizeof(V));
@@ -35,6 +37,13 @@ inline V select_bits(bool take, V a, V b) {
   V out;
   std::memcpy(&out, &r, sizeof(V));
   return out;
+}
+
+// Below every value of type V: -inf for floating types (a window of only -inf still reports its first
+// tap), the lowest value for integers (a window of only that value too: ties keep the first).
+template <typename V>
+constexpr V below_all() {
+  return std::numeric_limits<V>::has_infinity ? -std::numeric_limits<V>::infinity() : std::numeric_limits<V>::lowest();
 }
 
 // One output row at a time, window offset (kh, kw) outer and output column inner: the inner loop
@@ -267,7 +276,7 @@ void max_pool2d_forward_kernel(const T* in, T* out, int64_t* idx, const Pool2dPa
         for (int64_t ow = 0; ow < OW; ++ow) {
           int64_t iw_first = ow * p.stride_w - p.pad_w;
           while (iw_first < 0) iw_first += p.dilation_w;
-          best[ow] = -std::numeric_limits<acc_t>::infinity();
+          best[ow] = below_all<acc_t>();
           where[ow] = ih_first * p.in_w + iw_first;
         }
         for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
@@ -607,7 +616,7 @@ void max_pool2d_forward_channels_last(const T* in, T* out, int64_t* idx, const P
                          }
                        }
 #endif
-                       std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
+                       std::fill(best.begin(), best.end(), below_all<acc_t>());
                        std::fill(where.begin(), where.end(), first);
                        for (int64_t e = 0; e < count; ++e) {
                          const T* src = image + pos[e] * C;
@@ -840,7 +849,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
     at::Tensor idx = at::empty({p.batch, p.channels, p.out_h, p.out_w}, cl.dtype(at::kLong));
     if (out.numel() == 0) return {out, idx};
     const at::Tensor input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_cpu", [&] {
+    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_cpu", [&] {
       max_pool2d_forward_channels_last<scalar_t>(input_nhwc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                                  idx.data_ptr<int64_t>(), p);
     });
@@ -850,7 +859,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
   at::Tensor out = at::empty({p.batch, p.channels, p.out_h, p.out_w}, input.options());
   at::Tensor idx = at::empty({p.batch, p.channels, p.out_h, p.out_w}, input.options().dtype(at::kLong));
   if (out.numel() == 0) return {out, idx};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_cpu", [&] {
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_cpu", [&] {
     max_pool2d_forward_kernel<scalar_t>(input_c.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                         idx.data_ptr<int64_t>(), p);
   });
@@ -861,7 +870,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, bool ceil_mode) {
   const Pool2dParams p =
-      check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, "fastconv._max_pool2d_backward");
+      check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, "fastconv._max_pool2d_backward", true);
   check_max_pool2d_backward(grad_output, input, indices, p);
   // grad_input in the input's layout, as torch's, computed in place. float32 on AVX-512: overlapping
   // windows by the scatter (one masked vector of up to 16 channels per output pixel), the others written

@@ -46,8 +46,8 @@ __global__ void max_pool2d_forward_kernel(const index_t n_total, const scalar_t*
       wstart += (-wstart + dilation_w - 1) / dilation_w * dilation_w;
     }
     const scalar_t* plane = input + nc * height * width;
-    opmath_t maxval = at::numeric_limits<opmath_t>::lower_bound();  // -inf
-    // As torch: a window of only -inf reports its first in-bounds tap.
+    opmath_t maxval = at::numeric_limits<opmath_t>::lower_bound();  // -inf (integers: their lowest value)
+    // As torch: a window of only -inf (or an integer's lowest) reports its first in-bounds tap.
     index_t maxidx = hstart * width + wstart;
     for (index_t h = hstart; h < hend; h += dilation_h) {
       for (index_t w = wstart; w < wend; w += dilation_w) {
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input, at::
   const cudaStream_t stream = backend::current_stream();
   const unsigned int blocks = blocks_for(n);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_cuda", [&] {
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastconv_max_pool2d_cuda", [&] {
     const scalar_t* in_ptr = input_c.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
     int64_t* idx_ptr = indices.mutable_data_ptr<int64_t>();
@@ -152,7 +152,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "fastconv._max_pool2d_backward";
-  const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, op);
+  const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, op, true);
   check_max_pool2d_backward(grad_output, input, indices, p, op);
   TORCH_INTERNAL_ASSERT(backend::on_backend(input), op, " (" FASTCONV_BACKEND_NAME " kernel): got input on ",
                         input.device());
