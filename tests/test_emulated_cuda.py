@@ -269,7 +269,7 @@ def test_float8_is_rejected_by_name(which, dtype, batch):
     name = str(dtype).replace("torch.", "")
     with pytest.raises(RuntimeError, match=rf"float32, float64, float16 or bfloat16\), got Float8_{name[7:]}"):
         o.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1)
-    with pytest.raises(RuntimeError, match=r"float32, float64, float16 or bfloat16\), got Float8"):
+    with pytest.raises(RuntimeError, match=r"float32, float64, float16 or bfloat16\) or an integer tensor .*got Float8"):
         o.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
     with pytest.raises(RuntimeError, match=r"float32, float64, float16 or bfloat16\), got Float8"):
         o._conv2d_backward(torch.zeros(batch, 3, 6, 6).to(dtype), x, w, [1, 1], [1, 1], [1, 1], 1,
