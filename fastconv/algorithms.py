@@ -2,8 +2,10 @@
 
 On float32 and an AVX-512 CPU each conv pass picks one of:
 
-- ``winograd``: Winograd F(2x2, 3x3) (3x3, stride 1, dilation 1, one group): 2.25x fewer
-  multiplications; float32 results within about 1e-6 relative of an exact convolution;
+- ``winograd``: Winograd F(2x2, 3x3) or F(4x4, 3x3) (3x3, stride 1, dilation 1, one group; 5x5 on
+  F(2x2, 5x5), other kernels as sums of sub-kernels): 2.25-4x fewer multiplications; float32 results
+  within about 5e-7 (F(2x2, 3x3)) to 3e-5 (the larger tiles) of an exact convolution, relative to the
+  largest element (README.md: the measured bounds);
 - ``implicit-gemm``: stride-1 convolutions read straight from a zero-padded copy of the input;
 - ``narrow-direct``: layers with at most 64 output channels (forward of strided ones such as ResNet's
   stem and AlexNet's conv1; backward-weight): register tiles over all channels, broadcasts straight
