@@ -237,7 +237,7 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
     __m512 wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(wk + 16 * v);
     for (int r = 0; r < R; ++r) {
-      const float* qr = q + r * row_stride;
+      const float* qr = in_register(q + r * row_stride);  // each pixel's broadcast one uop on Intel cores
       for (int i = 0; i < P; ++i) {
         const __m512 x = broadcast_lanes<GI>(qr + i * SW * (PS > 0 ? PS : GI));
         for (int v = 0; v < NV; ++v) acc[r * P + i][v] = _mm512_fmadd_ps(x, wv[v], acc[r * P + i][v]);
