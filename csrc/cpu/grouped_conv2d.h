@@ -943,8 +943,9 @@ FASTCONV_AVX512 void grouped_weight_grad_block(const float* x, int64_t x_channel
         const float* px = row + ow * SW;
         for (int cb = 0; cb < CB; ++cb) {
           for (int kh = 0; kh < 3; ++kh) {
+            const float* tap_row = in_register(px + cb * x_channel + kh * Wp);  // base + displacement loads
             for (int kw = 0; kw < 3; ++kw) {
-              const __m512 b = _mm512_set1_ps(px[cb * x_channel + kh * Wp + kw]);
+              const __m512 b = _mm512_set1_ps(tap_row[kw]);
               for (int v = 0; v < NV; ++v) acc[cb][kh * 3 + kw][v] = _mm512_fmadd_ps(b, gv[v], acc[cb][kh * 3 + kw][v]);
             }
           }
