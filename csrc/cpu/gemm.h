@@ -36,18 +36,6 @@ inline int forced(const char* name, char off, char on) {
   return e[0] == on;
 }
 
-// `p` held in one register, for a run of loads from it. Intel cores split a load folded into an FMA
-// whose address has an index register (base + index*scale: the compiler's choice for p = base +
-// offset[k]) into two uops at rename, where base + displacement stays one: on an Emerald Rapids core
-// the grouped kernel's loop (14 broadcast-FMAs a step, data in L1) ran at 64 GFLOP/s with the index
-// folded into every load and 104 with the pointer held, alternated in one process. The empty asm makes
-// the compiler materialise the pointer (no instruction is emitted); AMD cores run either form alike.
-template <typename T>
-inline T* in_register(T* p) {
-  __asm__("" : "+r"(p));
-  return p;
-}
-
 // FASTCONV_CPU_GEMM=aten (or =avx2, cpu/gemm_avx2.h) turns every AVX-512 kernel off (the conv engine and
 // the stride-2 max-pool), to compare against or to test the portable paths.
 inline bool has_avx512() {
@@ -78,6 +66,19 @@ inline bool intel_avx512() {
 
 #if FASTCONV_HAVE_AVX512_KERNELS
 #define FASTCONV_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,bmi2")))
+
+// `p` held in one register, for a run of loads from it. Intel cores split a load folded into an FMA
+// whose address has an index register (base + index*scale: the compiler's choice for p = base +
+// offset[k]) into two uops at rename, where base + displacement stays one: on an Emerald Rapids core
+// the grouped kernel's loop (14 broadcast-FMAs a step, data in L1) ran at 64 GFLOP/s with the index
+// folded into every load and 104 with the pointer held, alternated in one process. The empty asm makes
+// the compiler materialise the pointer (no instruction is emitted). (AMD Zen cores keep both forms one
+// macro-op; not measured here.)
+template <typename T>
+inline T* in_register(T* p) {
+  __asm__("" : "+r"(p));
+  return p;
+}
 
 constexpr int kTileRows = 8;     // MR: rows of A broadcast per step
 constexpr int kTileVectors = 3;  // NV: zmm vectors of B per step
