@@ -84,7 +84,7 @@ inline void check_float_tensor(const at::Tensor& t, const char* op, const char* 
 
 // max_pool2d's forward also takes the integer dtypes (label maps, masks, quantised images), as torch's CPU
 // kernel does (its CUDA kernel takes floating point only; fastconv's takes both); bool is rejected, as
-// torch does. Its backward stays floating-point only.
+// torch does. The backward stays floating-point (check_max_pool2d_backward).
 inline void check_pool_input_dtype(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.defined(), op, ": input is undefined");
   const at::ScalarType st = t.scalar_type();
@@ -216,12 +216,9 @@ inline Conv2dParams check_conv2d(const at::Tensor& input, const at::Tensor& weig
 
 inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,
-                                     const char* op = "fastconv.max_pool2d", bool backward = false) {
+                                     const char* op = "fastconv.max_pool2d") {
   using detail::shape_str;
-  if (backward)
-    detail::check_float_tensor(input, op, "input");
-  else
-    detail::check_pool_input_dtype(input, op);
+  detail::check_pool_input_dtype(input, op);
   TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got ", input.dim(), "-D input of size ",
               shape_str(input.sizes()));
   detail::check_pair(kernel_size, op, "kernel_size");
@@ -277,6 +274,7 @@ inline Pool2dParams check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
 // own CUDA kernel behaves the same way.
 inline void check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
                                       const Pool2dParams& p, const char* op = "fastconv._max_pool2d_backward") {
+  detail::check_float_tensor(input, op, "input");  // the forward also pools integers; gradients are floating
   const std::vector<int64_t> expect{p.batch, p.channels, p.out_h, p.out_w};
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": expected grad_output of size ",
               detail::shape_str(expect), ", got ", detail::shape_str(grad_output.sizes()));

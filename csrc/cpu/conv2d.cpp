@@ -23,7 +23,6 @@
 #include <map>
 #include <mutex>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <tuple>
 #include <type_traits>

@@ -870,7 +870,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, bool ceil_mode) {
   const Pool2dParams p =
-      check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, "fastconv._max_pool2d_backward", true);
+      check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, "fastconv._max_pool2d_backward");
   check_max_pool2d_backward(grad_output, input, indices, p);
   // grad_input in the input's layout, as torch's, computed in place. float32 on AVX-512: overlapping
   // windows by the scatter (one masked vector of up to 16 channels per output pixel), the others written

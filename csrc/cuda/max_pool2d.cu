@@ -152,7 +152,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "fastconv._max_pool2d_backward";
-  const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, op, true);
+  const Pool2dParams p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, op);
   check_max_pool2d_backward(grad_output, input, indices, p, op);
   TORCH_INTERNAL_ASSERT(backend::on_backend(input), op, " (" FASTCONV_BACKEND_NAME " kernel): got input on ",
                         input.device());
