@@ -277,7 +277,8 @@ def test_float32_backward_bitwise_like_torch_on_random_geometries():
 # channels_last inputs on the CPU: values, indices and grad_input channels_last (as torch's) and bit for
 # bit torch's, on random geometries (overlapping and padded windows, dilation, ceil mode, stride 1 with
 # many windows over one pixel), channel counts around the 16-lane vectors (the backward: per pixel
-# from 16 channels, a per-channel scatter below), inputs with ties and a NaN, at 1-3 threads; the fake
+# from 16 channels, below that a per-channel scatter, or up to 8 channels rows of several pixels a
+# vector), inputs with ties and a NaN, at 1-3 threads; the fake
 # kernels give the same strides.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -295,7 +296,7 @@ def test_channels_last_cpu_bitwise_like_torch(dtype, threads, poison):
             pw = int(torch.randint(0, kw // 2 + 1, (1,), generator=gen))
             h = (kh - 1) * dh + 1 + int(torch.randint(0, 14, (1,), generator=gen))
             w = (kw - 1) * dw + 1 + int(torch.randint(0, 14, (1,), generator=gen))
-            n, c = int(torch.randint(1, 3, (1,), generator=gen)), (3, 16, 17, 40)[trial % 4]
+            n, c = int(torch.randint(1, 3, (1,), generator=gen)), (3, 16, 6, 17, 8, 40, 1, 9)[trial % 8]
             ceil = bool(trial % 3 == 0)
             x = torch.randn(n, c, h, w, generator=gen).mul(2).round().to(dtype)  # many ties
             x.view(-1)[int(torch.randint(0, x.numel(), (1,), generator=gen))] = float("nan")
@@ -336,7 +337,7 @@ def test_backward_takes_expanded_and_channels_last_gradients(layout):
 
 # The channels_last backward (overlapping windows: the scatter; others: dense rows) drops indices outside
 # their window, as the NCHW one, and gives +0 where a -0 gradient lands (torch adds into zeros).
-@pytest.mark.parametrize("channels", [20, 5])
+@pytest.mark.parametrize("channels", [20, 11, 5])
 @pytest.mark.parametrize("args", [[[3, 3], [2, 2], [1, 1], [1, 1], True], [[2, 2], [2, 2], [0, 0], [1, 1], False],
                                   [[2, 3], [3, 3], [1, 1], [1, 1], True]], ids=["overlapping", "2x2", "gaps"])
 def test_channels_last_backward_drops_indices_outside_their_window(channels, args, poison):
