@@ -446,6 +446,7 @@ GROUPED_PHASE_CASES = [
     (2, 32, 11, 12, 32, (3, 3), 2, 1, 1, 4),  # 8 input channels per group: 2 groups a vector
     (1, 32, 9, 37, 32, (3, 3), 2, 1, 1, 4),   # rows of 37 and 21: 32 columns a step of the phase rows' write
     (2, 16, 6, 21, 16, (3, 3), 2, 1, 1, 2),
+    (2, 256, 48, 48, 256, (3, 3), 2, 1, 1, 32),  # 4.7 MB of grad_input: NHWC pixels stored non-temporally
 ]
 
 
