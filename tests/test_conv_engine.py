@@ -388,7 +388,12 @@ def _nhwc_groups_fit(case):
     return gi == 1 or gi * (c // g) <= 16
 
 
-CHANNELS_LAST_GROUPED_CASES = [c for c in GROUPED_DIRECT_CASES + INTERLEAVED_CASES if _nhwc_groups_fit(c)]
+# ... and outputs past 1 MiB, whose pixels the NHWC tiles store non-temporally (groups of 4 sharing the
+# vectors; one group of 16 a vector)
+CHANNELS_LAST_GROUPED_CASES = [c for c in GROUPED_DIRECT_CASES + INTERLEAVED_CASES if _nhwc_groups_fit(c)] + [
+    (2, 128, 40, 40, 128, (3, 3), 1, 1, 1, 32),
+    (2, 256, 32, 32, 256, (3, 3), 1, 1, 1, 16),
+]
 
 
 @pytest.mark.parametrize("case", CHANNELS_LAST_GROUPED_CASES,
