@@ -675,7 +675,7 @@ inline void grouped_direct_forward(const float* input, const float* packed, cons
   // output they are written whole and non-temporally. Measured in-process, 2 threads, Zen 4, channels_last,
   // ResNeXt-50's grouped 3x3 layers against ordinary stores, forward: 32 groups of 4 at 56x56, batch 8
   // (13 MB) 0.74x the time, 8 at 28x28 (6.4 MB) 0.78x, 8 at 3x3/2 0.86x, 16 at 14x14 (3.2 MB) 0.97x, 32 at
-  // 7x7 (1.6 MB) 0.92x; batch 1-2 (0.4-0.8 MB) 0.93-0.98x; backward-input (the same kernel) 0.87-0.93x.
+  // 7x7 (1.6 MB) 0.92x; batch 1-2 (0.4-1.6 MB) 0.93-0.98x; backward-input (the same kernel) 0.86-0.93x.
   // With an eval BatchNorm and a ReLU reading the output after it: 0.76x (13 MB), 0.81x (batch 2, 1.6 MB),
   // 0.89x (3.2 MB), 1.00x (1.6 MB at 7x7). Below the bound the output stays in cache for the layer after.
   const bool stream = nhwc && p.batch * L * p.out_channels * 4 >= kStreamGroupedOutputBytes;
