@@ -610,13 +610,14 @@ inline void pad_planes_interleaved(const float* src, int64_t group_stride, int64
   fn(src, group_stride, present, channels, H, W, dst, Hp, Wp, top, left);
 }
 
+// NHWC outputs from this size are stored non-temporally (grouped_direct_forward).
+constexpr int64_t kStreamGroupedOutputBytes = int64_t(1) << 20;
+
 // The forward convolution of p (any stride_h, stride_w <= 2, any dilation) with weights packed by
 // pack_grouped_weights (gi = forward_groups_per_vector(p)). nhwc (grouped_nhwc_applicable): input and
 // output NHWC, each item's zero-padded input made from the input's pixels (pad_set_from_nhwc) and the
 // tiles' pixels stored as they are (lanes permuted into channel order where groups share them), where
 // the NCHW route transposed the whole input in and the output back.
-constexpr int64_t kStreamGroupedOutputBytes = int64_t(1) << 20;
-
 inline void grouped_direct_forward(const float* input, const float* packed, const float* bias, float* out,
                                    const Conv2dParams& p, bool relu, bool nhwc = false) {
   const int64_t G = p.groups, OCg = p.out_channels_per_group(), K = p.col_rows_per_group();

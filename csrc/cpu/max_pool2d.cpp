@@ -719,16 +719,17 @@ FASTCONV_AVX512 void max_pool2d_backward_scatter_channels_last(const float* go, 
 #endif
 
 #if FASTCONV_HAVE_AVX512_KERNELS
-// The same rows for at most 8 channels, where a pixel's vector would leave most lanes idle (LeNet's 6
-// channels: 6 of 16): a row of grad_input is W*C consecutive floats, written 16 at a time. Lane e of a
-// chunk is channel e % C of pixel e / C, whose window column ow gives its gradient and index at offset
-// ow*C + e % C of the window row: with up to 8 channels a chunk's offsets span at most 16 floats (its
-// pixels lie in two or three neighbouring windows; checked when the chunks are made), so a load and a permute gather
-// them, the same for every row (FewChannelChunk, made once per call). Measured in-process against the per-pixel rows,
-// Zen 4, 2x2/2, time (2 threads / one): (100,6,24,24) 0.61 / 0.71, (512,6,24,24) 0.58 / 0.70, (8,3,224,224) 0.31 /
-// 0.35, (64,8,32,32) 0.88; from 10 channels the per-pixel rows are faster (10: 1.07, 12: 1.25, 15: 1.36 / 1.56), hence
-// kFewChannels. (torch's channels_last scatter still takes 0.65-0.8 of the time: about 20 cycles a
-// chunk of 16 here, ten 64-byte loads and three permutes.)
+// The dense rows of max_pool2d_backward_tiled_channels_last (below) for at most 8 channels, where one
+// pixel a vector leaves most lanes idle (LeNet's 6 channels: 6 of 16): a row of grad_input is W*C
+// consecutive floats, written 16 at a time. Lane e of a chunk is channel e % C of pixel e / C, whose
+// window column ow gives its gradient and index at offset ow*C + e % C of the window row: with up to 8
+// channels a chunk's offsets span at most 16 floats (its pixels lie in two or three neighbouring windows;
+// checked when the chunks are made), so one load and a permute gather them, the same for every row
+// (FewChannelChunk, made once per call). Measured in-process against one pixel a vector, Zen 4, 2x2/2,
+// time (2 threads / one): (100,6,24,24) 0.61 / 0.71, (512,6,24,24) 0.58 / 0.70, (8,3,224,224) 0.31 /
+// 0.35, (64,8,32,32) 0.88; from 10 channels one pixel a vector is faster (10: 1.07, 12: 1.25, 15: 1.36 /
+// 1.56), hence kFewChannels. (torch's channels_last scatter still takes 0.65-0.8 of the time: about 20
+// cycles a chunk of 16 here, ten 64-byte loads and three permutes.)
 constexpr int64_t kFewChannels = 8;
 struct FewChannelChunk {
   int32_t go_perm[16];                // lane -> offset from go_base
