@@ -723,8 +723,9 @@ FASTCONV_AVX512 void max_pool2d_backward_scatter_channels_last(const float* go, 
 // pixel a vector leaves most lanes idle (LeNet's 6 channels: 6 of 16): a row of grad_input is W*C
 // consecutive floats, written 16 at a time. Lane e of a chunk is channel e % C of pixel e / C, whose
 // window column ow gives its gradient and index at offset ow*C + e % C of the window row: with up to 8
-// channels a chunk's offsets span at most 16 floats (its pixels lie in two or three neighbouring windows;
-// checked when the chunks are made), so one load and a permute gather them, the same for every row
+// channels a chunk's offsets span at most 16 floats and each half's at most 8 (its pixels lie in two or
+// three neighbouring windows; checked when the chunks are made), so one load and a permute gather them
+// (gradients; indices: one a half), the same for every row
 // (FewChannelChunk, made once per call). Measured in-process against one pixel a vector, Zen 4, 2x2/2,
 // time (2 threads / one): (100,6,24,24) 0.61 / 0.71, (512,6,24,24) 0.58 / 0.70, (8,3,224,224) 0.31 /
 // 0.35, (64,8,32,32) 0.88; from 10 channels one pixel a vector is faster (10: 1.07, 12: 1.25, 15: 1.36 /
@@ -737,11 +738,11 @@ struct FewChannelChunk {
   int64_t go_base = 0, idx_base[2] = {0, 0};
   __mmask16 go_load = 0, store = 0;  // the lanes of the gradients' load; the lanes inside the row
   __mmask8 window[2] = {0, 0};       // per half, the lanes in a window
-  __mmask8 idx_load[2][2] = {};      // per half, the int64 lanes of its two loads
+  __mmask8 idx_load[2] = {0, 0};     // per half, the int64 lanes of its load
 };
 
 // The chunks of a row (W*C floats) for windows at col_win[iw] (-1: none); empty where some chunk's
-// offsets span more than a vector (then the per-pixel rows run).
+// offsets span more than a vector, or a half's more than 8 (then one pixel a vector runs).
 inline std::vector<FewChannelChunk> few_channel_chunks(int64_t C, int64_t W, const std::vector<int64_t>& col_win) {
   const int64_t n = W * C;
   std::vector<FewChannelChunk> chunks((n + 15) / 16);
@@ -769,11 +770,10 @@ inline std::vector<FewChannelChunk> few_channel_chunks(int64_t C, int64_t W, con
     ch.go_base = std::max<int64_t>(lo, 0);
     ch.go_load = lo < 0 ? 0 : cpu::lane_mask(0, hi - lo + 1);
     for (int h = 0; h < 2; ++h) {
-      if (half_lo[h] >= 0 && half_hi[h] - half_lo[h] >= 16) return {};
+      if (half_lo[h] >= 0 && half_hi[h] - half_lo[h] >= 8) return {};
       ch.idx_base[h] = std::max<int64_t>(half_lo[h], 0);
       const int64_t span = half_lo[h] < 0 ? 0 : half_hi[h] - half_lo[h] + 1;
-      ch.idx_load[h][0] = static_cast<__mmask8>(cpu::lane_mask(0, span));
-      ch.idx_load[h][1] = static_cast<__mmask8>(cpu::lane_mask(0, span) >> 8);
+      ch.idx_load[h] = static_cast<__mmask8>(cpu::lane_mask(0, span));
     }
     for (int e = 0; e < 16; ++e) {
       const bool in = (in_window >> e) & 1;
@@ -796,14 +796,13 @@ FASTCONV_AVX512 void max_pool2d_backward_few_channels_row(const float* go, const
   const __m512i row_start = _mm512_set1_epi64(ih * W);
   const __m512 zero = _mm512_setzero_ps();
   for (const FewChannelChunk& ch : chunks) {
-    // per half, its indices: up to 16 int64 from idx_base (two masked loads) permuted into its 8 lanes,
-    // compared with the lanes' positions
+    // per half, its indices: up to 8 int64 from idx_base (one masked load) permuted into its 8 lanes,
+    // compared with the lanes' positions (two loads a half and a two-source permute, for spans up to 16,
+    // took 1.14-1.19x the time)
     __mmask8 eq[2];
     for (int h = 0; h < 2; ++h) {
-      const int64_t* q = idx_row + ch.idx_base[h];
-      const __m512i a = _mm512_maskz_loadu_epi64(ch.idx_load[h][0], q);
-      const __m512i b = _mm512_maskz_loadu_epi64(ch.idx_load[h][1], q + 8);
-      const __m512i ind = _mm512_permutex2var_epi64(a, _mm512_loadu_si512(ch.idx_perm[h]), b);
+      const __m512i ind = _mm512_permutexvar_epi64(_mm512_loadu_si512(ch.idx_perm[h]),
+                                                   _mm512_maskz_loadu_epi64(ch.idx_load[h], idx_row + ch.idx_base[h]));
       eq[h] =
           _mm512_mask_cmpeq_epi64_mask(ch.window[h], ind, _mm512_add_epi64(row_start, _mm512_loadu_si512(ch.col[h])));
     }
