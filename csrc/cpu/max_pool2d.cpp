@@ -724,13 +724,13 @@ FASTCONV_AVX512 void max_pool2d_backward_scatter_channels_last(const float* go, 
 // consecutive floats, written 16 at a time. Lane e of a chunk is channel e % C of pixel e / C, whose
 // window column ow gives its gradient and index at offset ow*C + e % C of the window row: with up to 8
 // channels a chunk's offsets span at most 16 floats and each half's at most 8 (its pixels lie in two or
-// three neighbouring windows; checked when the chunks are made), so one load and a permute gather them
-// (gradients; indices: one a half), the same for every row
-// (FewChannelChunk, made once per call). Measured in-process against one pixel a vector, Zen 4, 2x2/2,
-// time (2 threads / one): (100,6,24,24) 0.61 / 0.71, (512,6,24,24) 0.58 / 0.70, (8,3,224,224) 0.31 /
-// 0.35, (64,8,32,32) 0.88; from 10 channels one pixel a vector is faster (10: 1.07, 12: 1.25, 15: 1.36 /
-// 1.56), hence kFewChannels. (torch's channels_last scatter still takes 0.65-0.8 of the time: about 20
-// cycles a chunk of 16 here, ten 64-byte loads and three permutes.)
+// three neighbouring windows; checked when the chunks are made), so one load and a permute gather the
+// gradients and one a half the indices, the same for every row (FewChannelChunk, made once per call).
+// Measured in-process against one pixel a vector, Zen 4, 2x2/2, time (2 threads / one), with two index
+// loads a half: (100,6,24,24) 0.61 / 0.71, (512,6,24,24) 0.58 / 0.70, (8,3,224,224) 0.31 / 0.35,
+// (64,8,32,32) 0.88; from 10 channels one pixel a vector is faster (10: 1.07, 12: 1.25, 15: 1.36 / 1.56),
+// hence kFewChannels. One index load a half: 0.84-0.88x that. Against torch's channels_last scatter:
+// 1.07-1.25x its time (2 threads, 3-8 channels).
 constexpr int64_t kFewChannels = 8;
 struct FewChannelChunk {
   int32_t go_perm[16];                // lane -> offset from go_base
