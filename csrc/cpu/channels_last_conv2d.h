@@ -75,11 +75,7 @@ FASTCONV_AVX512 __attribute__((always_inline)) inline void store_channels_last_t
       float* c = d.rows[i] + 16 * v;
       __m512 r = _mm512_add_ps(acc[i][v], d.init == Init::kAccumulate ? _mm512_maskz_loadu_ps(m, c) : bias);
       if (d.relu) r = _mm512_max_ps(_mm512_setzero_ps(), r);  // NaN (the second operand) stays NaN, as torch.relu
-      if (d.stream && m == __mmask16(0xFFFF) && (reinterpret_cast<uintptr_t>(c) & 63) == 0) {
-        _mm512_stream_ps(c, r);
-      } else {
-        _mm512_mask_storeu_ps(c, m, r);
-      }
+      store_vector(c, m, r, d.stream);
     }
   }
 }

@@ -67,17 +67,8 @@ inline const float* dw_weights_by_tap(const float* weight, const Conv2dParams& p
 // 3x3 32 at 112x112 0.87 / 0.84.
 constexpr int64_t kDwStreamBytes = int64_t(16) << 20;
 
-// One output vector: non-temporal where `stream` and the vector is whole and aligned.
-FASTCONV_AVX512 __attribute__((always_inline)) inline void dw_store(float* out, __mmask16 m, __m512 v, bool stream) {
-  if (stream && m == __mmask16(0xFFFF) && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
-    _mm512_stream_ps(out, v);
-  } else {
-    _mm512_mask_storeu_ps(out, m, v);
-  }
-}
-
 // out[0, 16 NV) = bias + sum over the `count` taps j of src[j][...] * w[j][...] (w aligned), the last
-// vector's lanes under `last`; ReLU on request; stream: dw_store. bias: never null (zeros for none); no
+// vector's lanes under `last`; ReLU on request; stream: store_vector (gemm.h). bias: never null (zeros for none); no
 // branches around the loop (see dw_tile).
 template <int NV>
 FASTCONV_AVX512 void dw_sum_taps(const float* const* src, const float* const* w, int64_t count, const float* bias,
@@ -96,7 +87,7 @@ FASTCONV_AVX512 void dw_sum_taps(const float* const* src, const float* const* w,
   }
   const __m512 floor = _mm512_set1_ps(relu ? 0.0f : -std::numeric_limits<float>::infinity());
   _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) {
-    dw_store(out + 16 * v, v == NV - 1 ? last : __mmask16(0xFFFF), _mm512_max_ps(floor, acc[v]), stream);
+    store_vector(out + 16 * v, v == NV - 1 ? last : __mmask16(0xFFFF), _mm512_max_ps(floor, acc[v]), stream);
   }
 }
 
@@ -144,7 +135,7 @@ FASTCONV_AVX512 void dw_tile(const float* src, int64_t px_step, const int64_t* t
   _Pragma("GCC unroll 8") for (int i = 0; i < NPX; ++i) {
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
-      dw_store(out + i * out_step + 16 * v, m, _mm512_max_ps(floor, acc[i * NV + v]), stream);
+      store_vector(out + i * out_step + 16 * v, m, _mm512_max_ps(floor, acc[i * NV + v]), stream);
     }
   }
 }
@@ -203,7 +194,7 @@ FASTCONV_AVX512 void dw_row3_tile(const float* src, int64_t C, const int64_t* ro
   _Pragma("GCC unroll 8") for (int i = 0; i < NPX; ++i) {
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
-      dw_store(out + i * C + 16 * v, m, _mm512_max_ps(floor, acc[i * NV + v]), stream);
+      store_vector(out + i * C + 16 * v, m, _mm512_max_ps(floor, acc[i * NV + v]), stream);
     }
   }
 }

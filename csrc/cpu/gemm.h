@@ -90,6 +90,17 @@ inline __mmask16 lane_mask(int64_t lo, int64_t hi) {  // lanes [lo, hi) of 16, c
   return __mmask16(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
+// One output vector under mask m: non-temporal (no read of its line first) where `stream` and the vector
+// is whole and 64-byte aligned; the caller fences (_mm_sfence) before its results are read elsewhere.
+FASTCONV_AVX512 __attribute__((always_inline)) inline void store_vector(float* out, __mmask16 m, __m512 v,
+                                                                        bool stream) {
+  if (stream && m == __mmask16(0xFFFF) && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
+    _mm512_stream_ps(out, v);
+  } else {
+    _mm512_mask_storeu_ps(out, m, v);
+  }
+}
+
 // Per vector of `vectors` 16-lane vectors, the mask of the lanes that keep(i) picks (i the flat lane
 // index over all vectors).
 template <typename Keep>

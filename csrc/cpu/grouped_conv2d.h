@@ -260,10 +260,7 @@ FASTCONV_AVX512 void grouped_tile(const float* in, int64_t row_stride, const int
         for (int v = 0; v < NV; ++v) {
           __m512 y = relu ? _mm512_max_ps(_mm512_setzero_ps(), acc[r * P + i][v]) : acc[r * P + i][v];
           if (GI > 1) y = _mm512_permutexvar_ps(perm, y);
-          if (stream && channels - 16 * v >= 16 && reinterpret_cast<uintptr_t>(o + 16 * v) % 64 == 0)
-            _mm512_stream_ps(o + 16 * v, y);  // a whole aligned vector: no read of its line first
-          else
-            _mm512_mask_storeu_ps(o + 16 * v, lane_mask(0, channels - 16 * v), y);
+          store_vector(o + 16 * v, lane_mask(0, channels - 16 * v), y, stream);
         }
       }
     }
@@ -792,14 +789,9 @@ FASTCONV_AVX512 inline void write_phase_pixels(const float* const* plane, const 
       for (int64_t j = 0; j < cj[b]; ++j) {
         float* d = dst + ((a + SH * i) * W + b + SW * j) * C;
         const float* s = plane[b] ? plane[b] + (i * cj[b] + j) * channels : nullptr;
-        if (stream) {
-          for (int64_t c = 0; c < channels; c += 16)
-            _mm512_stream_ps(d + c, s ? _mm512_loadu_ps(s + c) : _mm512_setzero_ps());
-          continue;
-        }
         for (int64_t c = 0; c < channels; c += 16) {
           const __mmask16 m = lane_mask(0, channels - c);
-          _mm512_mask_storeu_ps(d + c, m, s ? _mm512_maskz_loadu_ps(m, s + c) : _mm512_setzero_ps());
+          store_vector(d + c, m, s ? _mm512_maskz_loadu_ps(m, s + c) : _mm512_setzero_ps(), stream);
         }
       }
     }

@@ -750,7 +750,6 @@ inline std::vector<FewChannelChunk> few_channel_chunks(int64_t C, int64_t W, con
     FewChannelChunk& ch = chunks[j];
     int64_t off[16] = {}, col[16] = {};  // per lane: its element's offset in the window row; its column
     int64_t lo = -1, hi = -1, half_lo[2] = {-1, -1}, half_hi[2] = {-1, -1};
-    unsigned in_window = 0;
     for (int e = 0; e < 16; ++e) {
       const int64_t flat = 16 * static_cast<int64_t>(j) + e, iw = flat / C;
       if (flat >= n) break;
@@ -758,7 +757,6 @@ inline std::vector<FewChannelChunk> few_channel_chunks(int64_t C, int64_t W, con
       col[e] = iw;
       if (col_win[iw] < 0) continue;
       off[e] = col_win[iw] * C + flat % C;
-      in_window |= 1u << e;
       ch.window[e / 8] |= __mmask8(1u << (e % 8));
       lo = lo < 0 ? off[e] : std::min(lo, off[e]);
       hi = std::max(hi, off[e]);
@@ -776,7 +774,7 @@ inline std::vector<FewChannelChunk> few_channel_chunks(int64_t C, int64_t W, con
       ch.idx_load[h] = static_cast<__mmask8>(cpu::lane_mask(0, span));
     }
     for (int e = 0; e < 16; ++e) {
-      const bool in = (in_window >> e) & 1;
+      const bool in = (ch.window[e / 8] >> (e % 8)) & 1;
       ch.go_perm[e] = in ? static_cast<int32_t>(off[e] - ch.go_base) : 0;
       ch.idx_perm[e / 8][e % 8] = in ? off[e] - ch.idx_base[e / 8] : 0;
       ch.col[e / 8][e % 8] = col[e];
