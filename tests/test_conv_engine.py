@@ -1001,8 +1001,8 @@ def test_channels_last_weight_grad_in_place_rule():
 # the 128-channel block (17, 130, 300), border columns and interior 2-pixel tiles with a tail, stride,
 # dilation, asymmetric kernels and padding, padding past the kernel's reach, 1x1, batch 1; 3x3
 # backward-weight's register blocks of 1-3 vectors (200 channels: 3+3+3+2+2), planes narrower than the
-# taps' reach, and a plane past 28x28 (the per-tap dots); strided backward-input by phases (up to 128
-# channels: 40, 64, 100 at strides 2, (2, 1) and 3, a 4x4 kernel) and per pixel (130, 144). Stride-1
+# taps' reach, and a plane past 28x28 (the per-tap dots); strided backward-input by phases (40, 64,
+# 100, 130, 144 at strides 2, (2, 1) and 3, a 4x4 kernel) and per pixel (dilation 2). Stride-1
 # kernel rows of 3 taps run on 8-pixel x 1-2 vector tiles: interior rows of 1-10 pixels (every tile
 # remainder), 1-9 vectors (odd counts: a last 1-vector part; masked last vectors), a 5x3 kernel.
 CHANNELS_LAST_DEPTHWISE_CASES = [
@@ -1056,18 +1056,20 @@ def test_channels_last_depthwise_matches_torch(case, poison):
                 assert got[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("case", [(2, 144, 120, 120, 1), (2, 144, 121, 119, 2), (1, 136, 160, 161, 1)], ids=str)
+@pytest.mark.parametrize("case", [(2, 144, 120, 120, 1), (2, 144, 121, 119, 2), (1, 136, 160, 161, 1),
+                                  (1, 136, 80, 81, 2), (2, 64, 80, 81, 2)], ids=str)
 def test_channels_last_depthwise_streamed_outputs_match_torch(case, poison):
-    """Input and output together past 16 MiB: the NHWC depthwise forward and backward-input (stride 1 as
-    a forward, strided per input pixel) store whole, aligned vectors non-temporally; 136 channels: pixels
-    whose channel rows are not 64-byte aligned and a partial last vector take ordinary stores."""
+    """Input and output together past 16 MiB (stride 1), or grad_input past 3 MiB (stride 2, by phases):
+    the NHWC depthwise forward and backward-input store whole, aligned vectors non-temporally; 136
+    channels: pixels whose channel rows are not 64-byte aligned and a partial last vector take ordinary
+    stores."""
     n, c, h, w, s = case
     x = torch.randn(n, c, h, w)
     wt, b = torch.randn(c, 1, 3, 3), torch.randn(c)
     if fastconv.conv2d_algorithm(x, wt, s, 1, 1, c) != "direct":
         pytest.skip("no AVX-512 engine on this CPU")
     ref = F.conv2d(x.double(), wt.double(), b.double(), s, 1, 1, c)
-    assert 4 * (x.numel() + ref.numel()) > 16 << 20
+    assert 4 * (x.numel() + ref.numel()) > 16 << 20 if s == 1 else 4 * x.numel() >= 3 << 20
     go = torch.randn(ref.shape)
     want = torch.ops.aten.convolution_backward(go.double(), x.double(), wt.double(), [c], [s, s], [1, 1], [1, 1], False,
                                                [0, 0], c, [True, False, False])[0]
@@ -1077,6 +1079,28 @@ def test_channels_last_depthwise_streamed_outputs_match_torch(case, poison):
                                               *op_args(s, 1, 1, c), [True, False, False])[0]
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert_written_and_close(got, want, "grad_input")
+
+
+@pytest.mark.parametrize("k,c", [(3, 16), (3, 40), (5, 36), (5, 150)], ids=str)
+def test_channels_last_depthwise_strided_row_tiles_match_torch(k, c, poison):
+    """Strided NHWC depthwise layers on the row tiles (kernel rows of k taps at stride 2 in the forward;
+    the backward-input's phases are stride-1 rows of 1-3 taps): widths 5-24 give interior rows of 1 to
+    more than 8 pixels (every tile remainder), 1-10 vectors of channels (masked last vectors)."""
+    for w in range(5, 25):
+        x = torch.randn(2, c, 7, w, dtype=torch.float64)
+        wt = torch.randn(c, 1, k, k, dtype=torch.float64)
+        if fastconv.conv2d_algorithm(x.float(), wt.float(), 2, k // 2, 1, c) != "direct":
+            pytest.skip("no AVX-512 engine on this CPU")
+        ref = F.conv2d(x, wt, None, 2, k // 2, 1, c)
+        go = torch.randn(ref.shape, dtype=torch.float64)
+        want = torch.ops.aten.convolution_backward(go, x, wt, None, [2, 2], [k // 2] * 2, [1, 1], False, [0, 0], c,
+                                                   [True, False, False])[0]
+        xf = x.float().contiguous(memory_format=torch.channels_last)
+        args = op_args(2, k // 2, 1, c)
+        assert_written_and_close(torch.ops.fastconv.conv2d(xf, wt.float(), None, *args), ref, f"forward, width {w}")
+        got = torch.ops.fastconv._conv2d_backward(go.float().contiguous(memory_format=torch.channels_last), xf,
+                                                  wt.float(), *args, [True, False, False])[0]
+        assert_written_and_close(got, want, f"grad_input, width {w}")
 
 
 def test_channels_last_depthwise_same_bits_at_any_thread_count():

@@ -66,6 +66,7 @@ inline const float* dw_weights_by_tap(const float* weight, const Conv2dParams& p
 // forward 0.58, backward-input 0.49; 3x3/2 144 from 56x56 0.64 / 0.72, 3x3/2 96 from 112x112 0.98 / 0.64;
 // 3x3 32 at 112x112 0.87 / 0.84.
 constexpr int64_t kDwStreamBytes = int64_t(16) << 20;
+constexpr int64_t kDwStreamPhaseBytes = int64_t(3) << 20;  // see depthwise_backward_input_phases_channels_last
 
 // out[0, 16 NV) = bias + sum over the `count` taps j of src[j][...] * w[j][...] (w aligned), the last
 // vector's lanes under `last`; ReLU on request; stream: store_vector (gemm.h). bias: never null (zeros for none); no
@@ -161,18 +162,22 @@ inline DwTile dw_tile_for(int64_t npx, int64_t nv) {
   return table[nv - 1][npx - 1];
 }
 
-// Stride 1, dilation 1, kernel rows of 3 taps (3x3 and 3-wide kernels): a tile of NPX consecutive output
-// pixels x NV vectors where each kernel row loads its NPX + 2 input vectors once and each of them feeds up
-// to 3 FMAs (one per tap of the row), so a FMA costs about half a load instead of dw_tile's 1.5 (one
-// input load per FMA and a weight load per NPX FMAs). `row_off[r]` / `w[3 r + kw]`: kernel row r's first
-// tap and its three weight vectors; bias: never null. Measured against dw_tile (2 pixels x up to 8
-// vectors), one thread, Zen 4, batch 8, channels_last 3x3 stride 1: 576 at 14x14 0.81x (batch 1 0.81x),
-// 960 at 7x7 0.91x, 144 and 96 at 56x56 0.81x and 0.77x, 32 at 112x112 0.63x, 384 and 192 at 28x28 0.67x
-// and 0.77x; 8 pixels x 2 vectors against 4 x 4 (fewer passes over a row, 0.75 loads a FMA): 0.98-1.3x.
-template <int NPX, int NV>
-FASTCONV_AVX512 void dw_row3_tile(const float* src, int64_t C, const int64_t* row_off, const float* const* w,
-                                  int64_t rows, const float* bias, __mmask16 last, bool relu, float* out, bool stream) {
-  __m512 acc[NPX * NV];  // [pixel][vector]
+// Dilation 1, kernel rows of KW taps at column stride SW: a tile of NPX consecutive output pixels x NV
+// vectors where each kernel row loads its (NPX - 1) SW + KW input vectors once, each feeding every
+// (pixel, tap) of the row that reads it (up to ceil(KW / SW) FMAs), and each tap's weight vector once
+// for the NPX pixels: 3x3 at stride 1 costs about half a load a FMA, 5x5 at stride 2 two thirds, where
+// dw_tile (one input load a FMA and a weight load per NPX FMAs) costs 1.5. `row_off[r]` / `w[KW r +
+// kw]`: kernel row r's first tap and its weight vectors; outputs `out_step` floats apart; bias: never
+// null. Measured at (3, 1) against dw_tile (2 pixels x up to 8 vectors), one thread, Zen 4, batch 8,
+// channels_last 3x3 stride 1: 576 at 14x14 0.81x (batch 1 0.81x), 960 at 7x7 0.91x, 144 and 96 at 56x56
+// 0.81x and 0.77x, 32 at 112x112 0.63x, 384 and 192 at 28x28 0.67x and 0.77x; 8 pixels x 2 vectors
+// against 4 x 4 (fewer passes over a row, 0.75 loads a FMA): 0.98-1.3x.
+template <int KW, int SW, int NPX, int NV>
+FASTCONV_AVX512 void dw_row_tile(const float* src, int64_t C, const int64_t* row_off, const float* const* w,
+                                 int64_t rows, const float* bias, __mmask16 last, bool relu, float* out,
+                                 int64_t out_step, bool stream) {
+  constexpr int kInputs = (NPX - 1) * SW + KW;  // input vectors a kernel row reads
+  __m512 acc[NPX * NV];                         // [pixel][vector]
   _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
     const __m512 b = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), bias + 16 * v);
     _Pragma("GCC unroll 8") for (int i = 0; i < NPX; ++i) acc[i * NV + v] = b;
@@ -181,12 +186,16 @@ FASTCONV_AVX512 void dw_row3_tile(const float* src, int64_t C, const int64_t* ro
     const float* s = src + row_off[r];
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
-      __m512 in[NPX + 2];
-      _Pragma("GCC unroll 10") for (int i = 0; i < NPX + 2; ++i) in[i] = _mm512_maskz_loadu_ps(m, s + i * C + 16 * v);
-      _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {
-        const __m512 wv = _mm512_load_ps(w[3 * r + kw] + 16 * v);
-        _Pragma("GCC unroll 8") for (int i = 0; i < NPX; ++i) acc[i * NV + v] =
-            _mm512_fmadd_ps(in[i + kw], wv, acc[i * NV + v]);
+      __m512 wv[KW];
+      _Pragma("GCC unroll 8") for (int kw = 0; kw < KW; ++kw) wv[kw] = _mm512_load_ps(w[KW * r + kw] + 16 * v);
+      _Pragma("GCC unroll 32") for (int u = 0; u < kInputs; ++u) {
+        __m512 in = _mm512_maskz_loadu_ps(m, s + u * C + 16 * v);
+        __asm__("" : "+v"(in));  // one load, held in a register: GCC otherwise folds it into every FMA reading it
+        _Pragma("GCC unroll 8") for (int i = 0; i < NPX; ++i) {
+          const int kw = u - i * SW;
+          if (kw >= 0 && kw < KW)
+            acc[i * NV + v] = _mm512_fmadd_ps(in, wv[kw >= 0 && kw < KW ? kw : 0], acc[i * NV + v]);
+        }
       }
     }
   }
@@ -194,7 +203,7 @@ FASTCONV_AVX512 void dw_row3_tile(const float* src, int64_t C, const int64_t* ro
   _Pragma("GCC unroll 8") for (int i = 0; i < NPX; ++i) {
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
-      store_vector(out + i * C + 16 * v, m, _mm512_max_ps(floor, acc[i * NV + v]), stream);
+      store_vector(out + i * out_step + 16 * v, m, _mm512_max_ps(floor, acc[i * NV + v]), stream);
     }
   }
 }
@@ -202,18 +211,31 @@ FASTCONV_AVX512 void dw_row3_tile(const float* src, int64_t C, const int64_t* ro
 constexpr int kDwRowPixels = 8, kDwRowVectors = 2;
 
 using DwRowTile = void (*)(const float*, int64_t, const int64_t*, const float* const*, int64_t, const float*, __mmask16,
-                           bool, float*, bool);
+                           bool, float*, int64_t, bool);
+using DwRowTiles = std::array<std::array<DwRowTile, kDwRowPixels>, kDwRowVectors>;  // [NV - 1][NPX - 1]
 
-template <int NV, int... N>
-constexpr std::array<DwRowTile, sizeof...(N)> dw_row3_tiles(std::integer_sequence<int, N...>) {
-  return {&dw_row3_tile<N + 1, NV>...};
+template <int KW, int SW, int NV, int... N>
+constexpr std::array<DwRowTile, sizeof...(N)> dw_row_tiles(std::integer_sequence<int, N...>) {
+  return {&dw_row_tile<KW, SW, N + 1, NV>...};
 }
 
-inline DwRowTile dw_row3_tile_for(int64_t npx, int64_t nv) {
+template <int KW, int SW>
+const DwRowTiles* dw_row_table() {
   using Seq = std::make_integer_sequence<int, kDwRowPixels>;
-  static const std::array<std::array<DwRowTile, kDwRowPixels>, kDwRowVectors> table = {dw_row3_tiles<1>(Seq()),
-                                                                                       dw_row3_tiles<2>(Seq())};
-  return table[nv - 1][npx - 1];
+  static const DwRowTiles table = {dw_row_tiles<KW, SW, 1>(Seq()), dw_row_tiles<KW, SW, 2>(Seq())};
+  return &table;
+}
+
+// The row tiles for kernel rows of KW taps at column stride SW (dilation 1), or null where none is built:
+// 1-3 taps at stride 1 (3x3 and the phases of strided backward-inputs: 3x3/2's 1-2 taps, 5x5/2's 2-3)
+// and 3 or 5 taps at stride 2.
+inline const DwRowTiles* dw_row_tiles_for(int64_t KW, int64_t SW) {
+  if (SW == 1 && KW == 1) return dw_row_table<1, 1>();
+  if (SW == 1 && KW == 2) return dw_row_table<2, 1>();
+  if (SW == 1 && KW == 3) return dw_row_table<3, 1>();
+  if (SW == 2 && KW == 3) return dw_row_table<3, 2>();
+  if (SW == 2 && KW == 5) return dw_row_table<5, 2>();
+  return nullptr;
 }
 
 // Blocks of channels: the vectors split evenly into blocks of at most `most` (9 vectors in 2 blocks:
@@ -239,6 +261,7 @@ struct DwChannelBlocks {
 // col0 + ow*col_step)*C (a phase of a strided backward-input's grad_input: every stride-th pixel).
 struct DwPlacement {
   int64_t rows, cols, row0, col0, row_step, col_step;
+  bool stream;  // non-temporal stores (store_vector)
 };
 
 // Forward (and fused ReLU): items are (image, output row, channel block). by_tap: the weights already in
@@ -251,7 +274,7 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
   const DwChannelBlocks cb(C, kDwVectors);
   engine::AlignedBuffer wbuf(false);  // written in full
   const float* wt = by_tap ? by_tap : dw_weights_by_tap(weight, p, wbuf);
-  const DwPlacement dense{OH, OW, 0, 0, 1, 1};
+  const DwPlacement dense{OH, OW, 0, 0, 1, 1, false};
   const DwPlacement& to = place ? *place : dense;
   const int64_t px_out = to.col_step * C;  // floats between consecutive output pixels of a row
   const std::vector<float> zeros(bias ? 0 : cb.Cv, 0.0f);
@@ -261,11 +284,18 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
   const int64_t in_lo = std::min(OW, engine::ceil_div(p.pad_w, sw));
   const int64_t in_hi =
       std::max(in_lo, std::min(OW, W - 1 + p.pad_w - reach >= 0 ? (W - 1 + p.pad_w - reach) / sw + 1 : 0));
-  const bool stream = 4 * p.batch * C * (H * W + OH * OW) > kDwStreamBytes;
-  // dense stride-1 rows of 3 taps (px_out == C: not a phase of a strided backward-input)
-  const bool row3 = KW == 3 && sw == 1 && p.dilation_w == 1 && px_out == C;
+  const bool stream = place ? place->stream : 4 * p.batch * C * (H * W + OH * OW) > kDwStreamBytes;
+  // kernel rows whose input vectors the row tiles load once for all their taps; strided ones only on inputs
+  // that stay in the caches: a row tile of 2 vectors makes a pass over the row per 2 vectors, where dw_tile
+  // takes up to 8 in one, and an input streaming from memory pays for the passes (measured, one thread,
+  // Zen 4, batch 8, row tiles against dw_tile: 3x3/2 96 from 112x112, 38.5 MB, 1.47x the time; 144 from
+  // 56x56, 14.4 MB, 0.80-0.87x; 5x5/2 240 from 28x28 0.74-0.81x, 672 from 14x14 0.85-0.88x, 192 from 28x28
+  // 0.79x; 3x3/2 32 from 112x112, 64 from 56x56, 128 from 28x28 0.97-1.01x)
+  const bool cached = sw == 1 || 4 * p.batch * C * H * W <= kDwStreamBytes;
+  const DwRowTiles* row_tiles = p.dilation_w == 1 && cached ? dw_row_tiles_for(KW, sw) : nullptr;
+  const bool by_rows = row_tiles != nullptr;
   at::parallel_for(0, p.batch * OH * cb.count, engine::grain_for(OW * KH * KW * 16), [&](int64_t b0, int64_t b1) {
-    std::vector<const float*> src(KH * KW), w(KH * KW), row_w(KH * KW), tile_w(KH * KW);
+    std::vector<const float*> src(KH * KW), w(KH * KW), row_w(KH * KW), tile_w(kDwVectors * KH * KW);
     std::vector<int64_t> tap_off(KH * KW), row_off(KH);
     for (int64_t item = b0; item < b1; ++item) {
       const int64_t b = item % cb.count, oh = (item / cb.count) % OH, n = item / (cb.count * OH);
@@ -283,30 +313,35 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
           row_w[taps++] = wt + (kh * KW + kw) * cb.Cv + c0;
         }
       }
-      // the block's vectors in near-equal tile widths; at stride 1 with kernel rows of 3 taps each row's
-      // input vectors are loaded once for its 3 taps (dw_row3_tile), else a vector per tap (dw_tile)
-      const int64_t rows = taps / 3;
-      if (row3) {
-        for (int64_t r = 0; r < rows; ++r) row_off[r] = tap_off[3 * r];
+      // the block's vectors in near-equal tile widths; each kernel row's input vectors loaded once for all
+      // its taps (dw_row_tile) where such a tile is built, else a vector per tap (dw_tile)
+      const int64_t rows = taps / KW;
+      if (by_rows) {
+        for (int64_t r = 0; r < rows; ++r) row_off[r] = tap_off[KW * r];
       }
-      const int64_t most_v = row3 ? kDwRowVectors : kDwTileVectors, most_px = row3 ? kDwRowPixels : kDwTilePixels;
+      const int64_t most_v = by_rows ? kDwRowVectors : kDwTileVectors, most_px = by_rows ? kDwRowPixels : kDwTilePixels;
       const int64_t parts = engine::ceil_div(nv, most_v);
+      const auto tile = [&](int64_t ow, int64_t npx, int64_t v0, int64_t tv, const float* const* tw) {
+        const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
+        const float* tb = tile_bias + c0 + 16 * v0;
+        float* o = orow + ow * px_out + 16 * v0;
+        if (by_rows) {
+          (*row_tiles)[tv - 1][npx - 1](image + ow * sw * C + 16 * v0, C, row_off.data(), tw, rows, tb, tile_last, relu,
+                                        o, px_out, stream);
+        } else {
+          dw_tile_for(npx, tv)(image + ow * sw * C + 16 * v0, sw * C, tap_off.data(), tw, taps, tb, tile_last, relu, o,
+                               px_out, stream);
+        }
+      };
       for (int64_t part = 0, v0 = 0; part < parts; ++part) {
         const int64_t tv = nv / parts + (part < nv % parts);
-        const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
-        for (int64_t j = 0; j < taps; ++j) tile_w[j] = row_w[j] + 16 * v0;
-        const float* tb = tile_bias + c0 + 16 * v0;
-        for (int64_t ow = in_lo; ow < in_hi; ow += most_px) {
-          const int64_t npx = std::min(most_px, in_hi - ow);
-          float* o = orow + ow * px_out + 16 * v0;
-          if (row3) {
-            dw_row3_tile_for(npx, tv)(image + ow * C + 16 * v0, C, row_off.data(), tile_w.data(), rows, tb, tile_last,
-                                      relu, o, stream);
-          } else {
-            dw_tile_for(npx, tv)(image + ow * sw * C + 16 * v0, sw * C, tap_off.data(), tile_w.data(), taps, tb,
-                                 tile_last, relu, o, px_out, stream);
-          }
-        }
+        for (int64_t j = 0; j < taps; ++j) tile_w[part * taps + j] = row_w[j] + 16 * v0;
+        v0 += tv;
+      }
+      for (int64_t part = 0, v0 = 0; part < parts; ++part) {
+        const int64_t tv = nv / parts + (part < nv % parts);
+        for (int64_t ow = in_lo; ow < in_hi; ow += most_px)
+          tile(ow, std::min(most_px, in_hi - ow), v0, tv, tile_w.data() + part * taps);
         v0 += tv;
       }
       // border columns: each pixel's taps inside the input, all the block's vectors at once
@@ -366,12 +401,19 @@ inline void depthwise_forward_nhwc(const float* input, const float* weight, cons
 
 // Strided backward-input by phases of grad_input (phase_backward_input.h: each phase a stride-1
 // correlation of grad_output with its taps of the kernel, flipped), each phase on the forward above
-// (its interior as tiles of 2 pixels x 8 vectors, one weight load a tap for both) storing into every
-// stride-th pixel of grad_input. Needs dilation 1 and phases_are_padded_forwards.
+// (its interior on the row tiles: kernel rows of 1-3 taps) storing into every stride-th pixel of
+// grad_input. Needs dilation 1 and phases_are_padded_forwards.
+//
+// Each phase writes every stride-th pixel, so with ordinary stores the lines of a large grad_input are
+// read in and written out once per phase: from kDwStreamPhaseBytes of grad_input the stores are
+// non-temporal. Measured in-process, one thread, Zen 4, against ordinary stores, 3x3/2: 32 from 112x112
+// at batch 8 (12.8 MB) 0.46x the time, 96 from 112x112 (38.5 MB) 0.31-0.58x, 128 from 28x28 (3.2 MB)
+// 0.56x, 96 from 112x112 at batch 2 (9.6 MB) 0.95x; at batch 1 (2.4 MB) 1.07x.
 inline void depthwise_backward_input_phases_channels_last(const float* grad_output, const float* weight,
                                                           float* grad_input, const Conv2dParams& p) {
   const int64_t C = p.in_channels, KK = p.kernel_h * p.kernel_w, Cv = engine::ceil_div(C, 16) * 16;
   engine::AlignedBuffer wbuf(false);
+  const bool stream = 4 * p.batch * C * p.in_h * p.in_w >= kDwStreamPhaseBytes;
   for (int64_t a = 0; a < p.stride_h; ++a) {
     const PhaseDim dh(a, p.in_h, p.kernel_h, p.stride_h, p.pad_h);
     for (int64_t b = 0; b < p.stride_w; ++b) {
@@ -384,7 +426,7 @@ inline void depthwise_backward_input_phases_channels_last(const float* grad_outp
       for (size_t t = 0; t < taps.size(); ++t) {
         for (int64_t c = 0; c < Cv; ++c) wt[t * Cv + c] = c < C ? weight[c * KK + taps[t]] : 0.0f;
       }
-      const DwPlacement place{p.in_h, p.in_w, a, b, p.stride_h, p.stride_w};
+      const DwPlacement place{p.in_h, p.in_w, a, b, p.stride_h, p.stride_w, stream};
       depthwise_forward_channels_last(grad_output, nullptr, nullptr, grad_input, q, false, wt, &place);
     }
   }
@@ -400,12 +442,11 @@ inline void depthwise_backward_input_channels_last(const float* grad_output, con
     depthwise_forward_nhwc(grad_output, flipped.data(), nullptr, grad_input, backward_input_params(p), false);
     return;
   }
-  // by phases where a row's channels fit one tile (at most 128): measured in-process, 2 threads, Zen 4,
-  // against the per-pixel form below, batch 8: 3x3/2 32 from 56x56 0.46, 64 from 56x56 0.57, 96 from
-  // 112x112 0.65-0.92, 128 from 28x28 0.87; batch 1: 96 from 112x112 0.63, 64 from 28x28 0.75. With two
-  // tiles a row (144-672 channels) 0.85-1.30 either way.
-  if (p.dilation_h == 1 && p.dilation_w == 1 && phases_are_padded_forwards(p) &&
-      engine::ceil_div(p.in_channels, 16) <= kDwTileVectors) {
+  // by phases: measured in-process, 2 threads, Zen 4, against the per-pixel form below, batch 8: 3x3/2 32
+  // from 56x56 0.46, 64 from 56x56 0.57, 96 from 112x112 0.65-0.92, 128 from 28x28 0.87; batch 1: 96 from
+  // 112x112 0.63, 64 from 28x28 0.75. With the row tiles and streamed stores (one thread, batch 8): 5x5/2
+  // 672 from 14x14 0.74, 240 from 28x28 0.44; 3x3/2 144 from 56x56 0.79 (batch 2 0.74), 576 from 14x14 0.80.
+  if (p.dilation_h == 1 && p.dilation_w == 1 && phases_are_padded_forwards(p)) {
     depthwise_backward_input_phases_channels_last(grad_output, weight, grad_input, p);
     return;
   }
