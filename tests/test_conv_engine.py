@@ -1001,8 +1001,9 @@ def test_channels_last_weight_grad_in_place_rule():
 # the 128-channel block (17, 130, 300), border columns and interior 2-pixel tiles with a tail, stride,
 # dilation, asymmetric kernels and padding, padding past the kernel's reach, 1x1, batch 1; 3x3
 # backward-weight's register blocks of 1-3 vectors (200 channels: 3+3+3+2+2), planes narrower than the
-# taps' reach, and a plane past 28x28 (the per-tap dots); strided backward-input by phases (40, 64,
-# 100, 130, 144 at strides 2, (2, 1) and 3, a 4x4 kernel) and per pixel (dilation 2). Stride-1
+# taps' reach, and a plane past 28x28; the per-tap dots for other kernels (5x5, 7x7, 4x4, 5x3, 3x5, 1x1);
+# strided backward-input by phases (40, 64, 100, 130, 144 at strides 2, (2, 1) and 3, a 4x4 kernel) and
+# per pixel (dilation 2). Stride-1
 # kernel rows of 3 taps run on 8-pixel x 1-2 vector tiles: interior rows of 1-10 pixels (every tile
 # remainder), 1-9 vectors (odd counts: a last 1-vector part; masked last vectors), a 5x3 kernel.
 CHANNELS_LAST_DEPTHWISE_CASES = [

@@ -535,72 +535,115 @@ FASTCONV_AVX512 inline void dw_add_partials(const float* first, int64_t count, i
 
 // 3x3 backward-weight of one block of NV channel vectors over output rows [oh0, oh1) of image n, the nine
 // taps' sums in registers (9 NV accumulators): per output pixel one load of grad_output's vectors and one
-// of the input's per tap, where dw_dot_pixels, a tap at a time, loads both per FMA. Taps outside the input
-// are skipped (rows per row; columns only for the pixels outside [lo, hi), whose three columns are not
-// all inside). The sums are stored, not added, at part + t * Cv.
-template <int NV, bool CHECK>
-FASTCONV_AVX512 __attribute__((always_inline)) inline void dw_weight_grad_3x3_pixel(
-    __m512 (&acc)[9][NV], const float* gy, const float* const* xr, const bool* rv, int64_t iw0, int64_t W, int64_t C,
-    int64_t DW, __mmask16 last) {
-  __m512 g[NV];
-  for (int v = 0; v < NV; ++v) g[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), gy + 16 * v);
-  for (int kh = 0; kh < 3; ++kh) {
-    if (!rv[kh]) continue;
+// of the input's per tap, where dw_dot_pixels, a tap at a time, loads both per FMA. The pixels of columns
+// [lo, hi) (whose three input columns are all inside) only; the sums are stored, not added, at
+// part + t * Cv, and dw_weight_grad_3x3_border adds the other columns' terms. No branch in the loop over
+// pixels: kernel rows outside the input read `zeros` (at least W C + 48 zero floats). (Skipping them by a
+// test per row, GCC kept the 27 sums in memory, a store after every pixel: measured in-process against
+// that form, one thread, Zen 4, batch 8, channels_last: 576 at 14x14 0.75x the time, 576 at 3x3/2 0.82x,
+// 384 at 28x28 0.70x, 32 at 112x112 0.75x, 960 at 7x7 0.92x; 2 threads 0.69-0.84x.)
+template <int NV>
+FASTCONV_AVX512 void dw_weight_grad_3x3_rows(const float* grad_output, const float* input, const Conv2dParams& p,
+                                             int64_t n, int64_t oh0, int64_t oh1, int64_t c0, __mmask16 last,
+                                             int64_t lo, int64_t hi, float* part, int64_t Cv, const float* zeros) {
+  const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w, SW = p.stride_w;
+  const int64_t tap_step = p.dilation_w * C;
+  __m512 acc[9][NV];
+  _Pragma("GCC unroll 9") for (int t = 0; t < 9; ++t) {
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_ps();
+  }
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const float* gy = grad_output + ((n * OH + oh) * OW) * C + c0;
+    const float* xr[3];
+    for (int kh = 0; kh < 3; ++kh) {
+      const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
+      xr[kh] = ih >= 0 && ih < H ? input + ((n * H + ih) * W) * C + c0 : zeros;
+    }
+    for (int64_t ow = lo; ow < hi; ++ow) {
+      const int64_t off = (ow * SW - p.pad_w) * C;
+      __m512 g[NV];
+      _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) {
+        g[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), gy + ow * C + 16 * v);
+      }
+      _Pragma("GCC unroll 3") for (int kh = 0; kh < 3; ++kh) {
+        const float* x = xr[kh] + off;
+        _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {
+          _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) {
+            const __m512 xv = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), x + kw * tap_step + 16 * v);
+            acc[kh * 3 + kw][v] = _mm512_fmadd_ps(g[v], xv, acc[kh * 3 + kw][v]);
+          }
+        }
+      }
+    }
+  }
+  _Pragma("GCC unroll 9") for (int t = 0; t < 9; ++t) {
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) _mm512_store_ps(part + t * Cv + 16 * v, acc[t][v]);
+  }
+}
+
+// The border columns' terms of dw_weight_grad_3x3_rows (output columns outside [lo, hi)), added to the
+// stored sums: per column the nine sums in registers over the rows, taps outside the input reading `zeros`.
+template <int NV>
+FASTCONV_AVX512 void dw_weight_grad_3x3_border(const float* grad_output, const float* input, const Conv2dParams& p,
+                                               int64_t n, int64_t oh0, int64_t oh1, int64_t c0, __mmask16 last,
+                                               int64_t lo, int64_t hi, float* part, int64_t Cv, const float* zeros) {
+  const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    if (ow == lo) ow = hi;  // hi >= lo
+    if (ow >= OW) break;
+    __m512 acc[9][NV];
+    _Pragma("GCC unroll 9") for (int t = 0; t < 9; ++t) {
+      _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_ps();
+    }
+    bool col_in[3];
     for (int kw = 0; kw < 3; ++kw) {
-      const int64_t iw = iw0 + kw * DW;
-      if (CHECK && (iw < 0 || iw >= W)) continue;
-      const float* x = xr[kh] + iw * C;
-      for (int v = 0; v < NV; ++v) {
-        const __m512 xv = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), x + 16 * v);
-        acc[kh * 3 + kw][v] = _mm512_fmadd_ps(g[v], xv, acc[kh * 3 + kw][v]);
+      const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dilation_w;
+      col_in[kw] = iw >= 0 && iw < W;
+    }
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      const float* gy = grad_output + ((n * OH + oh) * OW + ow) * C + c0;
+      const float* x[9];
+      for (int kh = 0; kh < 3; ++kh) {
+        const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
+        for (int kw = 0; kw < 3; ++kw) {
+          const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dilation_w;
+          x[kh * 3 + kw] = ih >= 0 && ih < H && col_in[kw] ? input + ((n * H + ih) * W + iw) * C + c0 : zeros;
+        }
+      }
+      __m512 g[NV];
+      _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) {
+        g[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), gy + 16 * v);
+      }
+      _Pragma("GCC unroll 9") for (int t = 0; t < 9; ++t) {
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) {
+          const __m512 xv = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), x[t] + 16 * v);
+          acc[t][v] = _mm512_fmadd_ps(g[v], xv, acc[t][v]);
+        }
+      }
+    }
+    _Pragma("GCC unroll 9") for (int t = 0; t < 9; ++t) {
+      _Pragma("GCC unroll 3") for (int v = 0; v < NV; ++v) {
+        float* d = part + t * Cv + 16 * v;
+        _mm512_store_ps(d, _mm512_add_ps(_mm512_load_ps(d), acc[t][v]));
       }
     }
   }
 }
 
-template <int NV>
-FASTCONV_AVX512 void dw_weight_grad_3x3(const float* grad_output, const float* input, const Conv2dParams& p, int64_t n,
-                                        int64_t oh0, int64_t oh1, int64_t c0, __mmask16 last, int64_t lo, int64_t hi,
-                                        float* part, int64_t Cv) {
-  const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w, SW = p.stride_w;
-  __m512 acc[9][NV];
-  for (int t = 0; t < 9; ++t)
-    for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_ps();
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const float* gy = grad_output + ((n * OH + oh) * OW) * C + c0;
-    const float* xr[3];
-    bool rv[3];
-    for (int kh = 0; kh < 3; ++kh) {
-      const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dilation_h;
-      rv[kh] = ih >= 0 && ih < H;
-      xr[kh] = rv[kh] ? input + ((n * H + ih) * W) * C + c0 : input;
-    }
-    int64_t ow = 0;
-    for (; ow < lo; ++ow)
-      dw_weight_grad_3x3_pixel<NV, true>(acc, gy + ow * C, xr, rv, ow * SW - p.pad_w, W, C, p.dilation_w, last);
-    for (; ow < hi; ++ow)
-      dw_weight_grad_3x3_pixel<NV, false>(acc, gy + ow * C, xr, rv, ow * SW - p.pad_w, W, C, p.dilation_w, last);
-    for (; ow < OW; ++ow)
-      dw_weight_grad_3x3_pixel<NV, true>(acc, gy + ow * C, xr, rv, ow * SW - p.pad_w, W, C, p.dilation_w, last);
-  }
-  for (int t = 0; t < 9; ++t)
-    for (int v = 0; v < NV; ++v) _mm512_store_ps(part + t * Cv + 16 * v, acc[t][v]);
-}
-
 // Backward-weight: items are (block of output rows, channel block); each sums its rows per tap into its
 // own partial [tap][Cv], then the partials are added in block order per (tap, channel vector). 3x3
-// kernels: blocks of at most 3 vectors with the nine taps' sums in registers (dw_weight_grad_3x3).
+// kernels: blocks of at most 3 vectors with the nine taps' sums in registers (dw_weight_grad_3x3_rows).
 inline void depthwise_backward_weight_channels_last(const float* grad_output, const float* input, float* grad_weight,
                                                     const Conv2dParams& p) {
   const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, OH = p.out_h, OW = p.out_w;
   const int64_t KH = p.kernel_h, KW = p.kernel_w, KK = KH * KW;
-  // 3x3 on the register kernel where one block holds every channel or the input planes are at most 28x28:
-  // on larger planes with several blocks each block's pass re-reads the rows from memory (measured,
-  // 2 threads, Zen 4, batch 8, against the per-tap dots: MobileNetV2's 576 at 14x14 0.73x the time, 960
-  // at 7x7 0.70x, 576 at 3x3/2 0.72x, 384 at 14x14 0.70x, 192 at 28x28 0.78x, 32 at 112x112 0.91x; but 144
-  // at 56x56 1.08x, 144 at 3x3/2 from 56x56 1.15x, 96 at 3x3/2 from 112x112 1.20x)
-  const bool three = KH == 3 && KW == 3 && (C <= 48 || H * W <= 28 * 28);
+  // 3x3 on the register kernel (measured, 2 threads, Zen 4, batch 8, against the per-tap dots: 144 at
+  // 56x56 0.61x the time (batch 1 0.54x), 144 at 3x3/2 from 56x56 0.68x, 96 at 3x3/2 from 112x112 0.78x,
+  // 64 at 112x112 0.71x; the dots had been kept for planes past 28x28 with several channel blocks, where
+  // the form that kept its sums in memory measured 1.08-1.20x them)
+  const bool three = KH == 3 && KW == 3;
   const DwChannelBlocks cb(C, three ? 3 : kDwDotVectors);
+  const std::vector<float> zeros(three ? W * C + 48 : 0, 0.0f);  // dw_weight_grad_3x3_rows' rows outside the input
   // 3x3: the output columns whose three taps' input columns are all inside, [lo3, hi3)
   const int64_t lo3 = std::min(OW, engine::ceil_div(p.pad_w, p.stride_w));
   const int64_t last_w = W - 1 - 2 * p.dilation_w + p.pad_w;  // ow * stride_w <= last_w
@@ -626,9 +669,14 @@ inline void depthwise_backward_weight_channels_last(const float* grad_output, co
       const __mmask16 last = cb.last(b);
       float* part = partials + blk * KK * cb.Cv + c0;
       if (three) {
-        (nv == 1   ? &dw_weight_grad_3x3<1>
-         : nv == 2 ? &dw_weight_grad_3x3<2>
-                   : &dw_weight_grad_3x3<3>)(grad_output, input, p, n, oh0, oh1, c0, last, lo3, hi3, part, cb.Cv);
+        (nv == 1   ? &dw_weight_grad_3x3_rows<1>
+         : nv == 2 ? &dw_weight_grad_3x3_rows<2>
+                   : &dw_weight_grad_3x3_rows<3>)(grad_output, input, p, n, oh0, oh1, c0, last, lo3, hi3, part, cb.Cv,
+                                                  zeros.data());
+        (nv == 1   ? &dw_weight_grad_3x3_border<1>
+         : nv == 2 ? &dw_weight_grad_3x3_border<2>
+                   : &dw_weight_grad_3x3_border<3>)(grad_output, input, p, n, oh0, oh1, c0, last, lo3, hi3, part, cb.Cv,
+                                                    zeros.data());
         continue;
       }
       for (int64_t t = 0; t < KK; ++t) std::fill(part + t * cb.Cv, part + t * cb.Cv + 16 * nv, 0.0f);
