@@ -257,6 +257,17 @@ struct DwChannelBlocks {
   }
 };
 
+// The outputs [lo, hi) of one dimension (`out` of them, `in` inputs) whose taps all lie inside the input,
+// the last tap `reach` = (kernel - 1) * dilation past the first.
+struct TapsInside {
+  int64_t lo, hi;
+  TapsInside(int64_t out, int64_t in, int64_t pad, int64_t stride, int64_t reach)
+      : lo(std::min(out, engine::ceil_div(pad, stride))) {
+    const int64_t last = in - 1 + pad - reach;  // o * stride <= last
+    hi = std::clamp<int64_t>(last >= 0 ? last / stride + 1 : 0, lo, out);
+  }
+};
+
 // Where the forward's output pixel (n, oh, ow) goes: its channels at out + ((n*rows + row0 + oh*row_step)*cols +
 // col0 + ow*col_step)*C (a phase of a strided backward-input's grad_input: every stride-th pixel).
 struct DwPlacement {
@@ -280,10 +291,9 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
   const std::vector<float> zeros(bias ? 0 : cb.Cv, 0.0f);
   const float* tile_bias = bias ? bias : zeros.data();
   // the output columns whose taps all lie inside the input: [in_lo, in_hi)
-  const int64_t sw = p.stride_w, reach = (KW - 1) * p.dilation_w;
-  const int64_t in_lo = std::min(OW, engine::ceil_div(p.pad_w, sw));
-  const int64_t in_hi =
-      std::max(in_lo, std::min(OW, W - 1 + p.pad_w - reach >= 0 ? (W - 1 + p.pad_w - reach) / sw + 1 : 0));
+  const int64_t sw = p.stride_w, sh = p.stride_h;
+  const TapsInside inside_cols(OW, W, p.pad_w, sw, (KW - 1) * p.dilation_w);
+  const int64_t in_lo = inside_cols.lo, in_hi = inside_cols.hi;
   const bool stream = place ? place->stream : 4 * p.batch * C * (H * W + OH * OW) > kDwStreamBytes;
   // kernel rows whose input vectors the row tiles load once for all their taps; strided ones only on inputs
   // that stay in the caches: a row tile of 2 vectors makes a pass over the row per 2 vectors, where dw_tile
@@ -291,8 +301,8 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
   // Zen 4, batch 8, row tiles against dw_tile: 3x3/2 96 from 112x112, 38.5 MB, 1.47x the time; 144 from
   // 56x56, 14.4 MB, 0.80-0.87x; 5x5/2 240 from 28x28 0.74-0.81x, 672 from 14x14 0.85-0.88x, 192 from 28x28
   // 0.79x; 3x3/2 32 from 112x112, 64 from 56x56, 128 from 28x28 0.97-1.01x)
-  const bool cached = sw == 1 || 4 * p.batch * C * H * W <= kDwStreamBytes;
-  const DwRowTiles* row_tiles = p.dilation_w == 1 && cached ? dw_row_tiles_for(KW, sw) : nullptr;
+  const bool input_cached = 4 * p.batch * C * H * W <= kDwStreamBytes;
+  const DwRowTiles* row_tiles = p.dilation_w == 1 && (sw == 1 || input_cached) ? dw_row_tiles_for(KW, sw) : nullptr;
   const bool by_rows = row_tiles != nullptr;
   // the border columns down the output rows whose taps' rows all lie inside the input, [row_lo, row_hi), on
   // column tiles: the row tiles with kernel rows and columns swapped (each valid kernel column's KH taps
@@ -301,17 +311,15 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
   // per-pixel borders, in-process, Zen 4, batch 8: EfficientNet's 5x5/2 672 from 14x14 forward 0.89x the
   // time on one thread, 0.92x on two (two of its seven columns are borders), 240 from 28x28 0.84x,
   // MobileNetV2's 960 at 7x7 0.95x; backward-input (phases) 0.88-0.96x; wide planes level.
-  const int64_t sh = p.stride_h, reach_h = (KH - 1) * p.dilation_h;
-  const int64_t row_lo = std::min(OH, engine::ceil_div(p.pad_h, sh));
-  const int64_t row_hi =
-      std::max(row_lo, std::min(OH, H - 1 + p.pad_h - reach_h >= 0 ? (H - 1 + p.pad_h - reach_h) / sh + 1 : 0));
+  const TapsInside inside_rows(OH, H, p.pad_h, sh, (KH - 1) * p.dilation_h);
+  const int64_t row_lo = inside_rows.lo, row_hi = inside_rows.hi;
   const int64_t border_cols = in_lo + (OW - in_hi);
-  const bool cached_h = sh == 1 || 4 * p.batch * C * H * W <= kDwStreamBytes;
-  const DwRowTiles* col_tiles = by_rows && p.dilation_h == 1 && cached_h ? dw_row_tiles_for(KH, sh) : nullptr;
+  const DwRowTiles* col_tiles =
+      by_rows && p.dilation_h == 1 && (sh == 1 || input_cached) ? dw_row_tiles_for(KH, sh) : nullptr;
   const bool by_cols = col_tiles != nullptr && border_cols > 0 && row_hi > row_lo;
   const int64_t row_items = p.batch * OH * cb.count, col_items = by_cols ? p.batch * cb.count * border_cols : 0;
   at::parallel_for(0, row_items + col_items, engine::grain_for(OW * KH * KW * 16), [&](int64_t b0, int64_t b1) {
-    std::vector<const float*> src(KH * KW), w(KH * KW), row_w(KH * KW), tile_w(kDwVectors * KH * KW);
+    std::vector<const float*> src(KH * KW), w(KH * KW), row_w(KH * KW), tile_w(KH * KW);
     std::vector<int64_t> tap_off(KH * KW), row_off(std::max(KH, KW));
     for (int64_t item = b0; item < b1; ++item) {
       if (item >= row_items) {  // a border column on column tiles
@@ -369,29 +377,25 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
       }
       const int64_t most_v = by_rows ? kDwRowVectors : kDwTileVectors, most_px = by_rows ? kDwRowPixels : kDwTilePixels;
       const int64_t parts = engine::ceil_div(nv, most_v);
-      const auto tile = [&](int64_t ow, int64_t npx, int64_t v0, int64_t tv, const float* const* tw) {
+      for (int64_t part = 0, v0 = 0; part < parts; ++part) {
+        const int64_t tv = nv / parts + (part < nv % parts);
         const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
+        for (int64_t j = 0; j < taps; ++j) tile_w[j] = row_w[j] + 16 * v0;
         const float* tb = tile_bias + c0 + 16 * v0;
-        float* o = orow + ow * px_out + 16 * v0;
-        if (by_rows) {
-          (*row_tiles)[tv - 1][npx - 1](image + ow * sw * C + 16 * v0, C, row_off.data(), tw, rows, tb, tile_last, relu,
-                                        o, px_out, stream);
-        } else {
-          dw_tile_for(npx, tv)(image + ow * sw * C + 16 * v0, sw * C, tap_off.data(), tw, taps, tb, tile_last, relu, o,
-                               px_out, stream);
+        for (int64_t ow = in_lo; ow < in_hi; ow += most_px) {
+          const int64_t npx = std::min(most_px, in_hi - ow);
+          float* o = orow + ow * px_out + 16 * v0;
+          if (by_rows) {
+            (*row_tiles)[tv - 1][npx - 1](image + ow * sw * C + 16 * v0, C, row_off.data(), tile_w.data(), rows, tb,
+                                          tile_last, relu, o, px_out, stream);
+          } else {
+            dw_tile_for(npx, tv)(image + ow * sw * C + 16 * v0, sw * C, tap_off.data(), tile_w.data(), taps, tb,
+                                 tile_last, relu, o, px_out, stream);
+          }
         }
-      };
-      for (int64_t part = 0, v0 = 0; part < parts; ++part) {
-        const int64_t tv = nv / parts + (part < nv % parts);
-        for (int64_t j = 0; j < taps; ++j) tile_w[part * taps + j] = row_w[j] + 16 * v0;
         v0 += tv;
       }
-      for (int64_t part = 0, v0 = 0; part < parts; ++part) {
-        const int64_t tv = nv / parts + (part < nv % parts);
-        for (int64_t ow = in_lo; ow < in_hi; ow += most_px)
-          tile(ow, std::min(most_px, in_hi - ow), v0, tv, tile_w.data() + part * taps);
-        v0 += tv;
-      }
+      if (by_cols && oh >= row_lo && oh < row_hi) continue;  // its border columns are the column items'
       // border columns: each pixel's taps inside the input, all the block's vectors at once
       const DwSumTaps sum = dw_sum_taps_for(nv);
       const auto border = [&](int64_t ow) {
@@ -408,7 +412,6 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
         }
         sum(src.data(), w.data(), count, tile_bias + c0, last, relu, orow + ow * px_out, stream);
       };
-      if (by_cols && oh >= row_lo && oh < row_hi) continue;  // the column items' pixels
       for (int64_t ow = 0; ow < in_lo; ++ow) border(ow);
       for (int64_t ow = in_hi; ow < OW; ++ow) border(ow);
     }
@@ -694,9 +697,8 @@ inline void depthwise_backward_weight_channels_last(const float* grad_output, co
   const DwChannelBlocks cb(C, three ? 3 : kDwDotVectors);
   const std::vector<float> zeros(three ? W * C + 48 : 0, 0.0f);  // dw_weight_grad_3x3_rows' rows outside the input
   // 3x3: the output columns whose three taps' input columns are all inside, [lo3, hi3)
-  const int64_t lo3 = std::min(OW, engine::ceil_div(p.pad_w, p.stride_w));
-  const int64_t last_w = W - 1 - 2 * p.dilation_w + p.pad_w;  // ow * stride_w <= last_w
-  const int64_t hi3 = std::clamp<int64_t>(last_w >= 0 ? last_w / p.stride_w + 1 : 0, lo3, OW);
+  const TapsInside inside3(OW, W, p.pad_w, p.stride_w, 2 * p.dilation_w);
+  const int64_t lo3 = inside3.lo, hi3 = inside3.hi;
   // rows per block: about 512 output pixels (fixed by the shape, never by the thread count)
   const int64_t rows = std::clamp<int64_t>(512 / std::max<int64_t>(1, OW), 1, OH);
   const int64_t row_blocks = engine::ceil_div(OH, rows), blocks = p.batch * row_blocks;
