@@ -549,6 +549,7 @@ GROUPED_WEIGHT_GRAD_CASES = [
     (2, 24, 5, 8, 64, (3, 3), 1, 1, 1, 4),
     (2, 16, 32, 33, 16, (3, 3), 1, 1, 1, 2),
     (4, 32, 20, 20, 32, (3, 3), 1, 1, 1, 4),
+    (2, 64, 11, 9, 48, (3, 3), 2, 1, 1, 4),  # one group a vector, 12 output channels, stride 2: NHWC grad_output in place
 ]
 
 
