@@ -1022,7 +1022,9 @@ inline void transpose_group_grad_output(const float* go, const Conv2dParams& p, 
 // broadcasts OB grad_output floats. GI groups share the lanes where a group's channels fill at most
 // 16 / GI of them (ResNeXt's 8 a group: 2 groups a vector, not half-empty vectors): lane c*GI + i is
 // input channel c of group i of the set, and each broadcast puts the GI groups' grad_output floats, which
-// lie side by side ([o][pixel][GI], pad_planes_interleaved), in every GI lanes.
+// lie side by side ([o][pixel][GI], pad_planes_interleaved), in every GI lanes. grad_output's float of
+// output channel o and pixel p is at go + o go_o + p go_px (the set's planes: go_px = GI, go_o = GI
+// times the pixels; NHWC read in place, GI = 1: go_px = the channels, go_o = 1).
 
 template <int OB, int SW, int GI>
 FASTCONV_AVX512 void grouped_weight_grad_channel_lanes(const float* xt, int64_t x_image, int64_t Wp, int64_t row_step,
@@ -1184,8 +1186,7 @@ inline void grouped_backward_weight(const float* grad_output, const float* input
           go_o = 1, go_px = p.out_channels, go_image = L * p.out_channels;
         } else if (nhwc) {
           float* dst = go_set_buf.get(images * OCg * L * gi);
-          const auto interleave = gi == 1   ? &pad_planes_from_nhwc<1>
-                                  : gi == 2 ? &pad_planes_from_nhwc<2>
+          const auto interleave = gi == 2   ? &pad_planes_from_nhwc<2>
                                   : gi == 4 ? &pad_planes_from_nhwc<4>
                                             : &pad_planes_from_nhwc<8>;
           for (int64_t i = 0; i < images; ++i) {  // each image's pixels as rows of L pixels
