@@ -238,19 +238,26 @@ inline const DwRowTiles* dw_row_tiles_for(int64_t KW, int64_t SW) {
   return nullptr;
 }
 
-// Blocks of channels: the vectors split evenly into blocks of at most `most` (9 vectors in 2 blocks:
-// 5 + 4, not 8 + 1, whose 1-vector block pays a pixel's overhead for 16 channels), the last vector's
-// lanes masked past C.
+// `units` (>= 1) split into the fewest near-equal parts of at most `most` (9 in parts of at most 8: 5 + 4,
+// not 8 + 1, whose 1-vector part pays a pixel's overhead for 16 channels).
+struct EvenSplit {
+  int64_t count, base, extra;
+  EvenSplit(int64_t units, int64_t most)
+      : count(engine::ceil_div(units, most)), base(units / count), extra(units % count) {}
+  int64_t first(int64_t i) const { return i * base + std::min(i, extra); }
+  int64_t size(int64_t i) const { return base + (i < extra); }
+};
+
+// Blocks of channels: the vectors split evenly into blocks of at most `most`, the last vector's lanes
+// masked past C.
 struct DwChannelBlocks {
-  int64_t C, Cv, count, base, extra;
-  DwChannelBlocks(int64_t C_, int64_t most) : C(C_), Cv(engine::ceil_div(C_, 16) * 16) {
-    const int64_t v = Cv / 16;
-    count = engine::ceil_div(v, most);
-    base = v / count;
-    extra = v % count;
-  }
-  int64_t first(int64_t b) const { return 16 * (b * base + std::min(b, extra)); }
-  int64_t vectors(int64_t b) const { return base + (b < extra); }
+  int64_t C, Cv;
+  EvenSplit split;
+  int64_t count;
+  DwChannelBlocks(int64_t C_, int64_t most)
+      : C(C_), Cv(engine::ceil_div(C_, 16) * 16), split(Cv / 16, most), count(split.count) {}
+  int64_t first(int64_t b) const { return 16 * split.first(b); }
+  int64_t vectors(int64_t b) const { return split.size(b); }
   __mmask16 last(int64_t b) const {
     const int64_t tail = C - (first(b) + 16 * (vectors(b) - 1));
     return lane_mask(0, std::min<int64_t>(16, tail));
@@ -273,6 +280,9 @@ struct TapsInside {
 struct DwPlacement {
   int64_t rows, cols, row0, col0, row_step, col_step;
   bool stream;  // non-temporal stores (store_vector)
+  float* pixel(float* out, int64_t n, int64_t oh, int64_t ow, int64_t C) const {
+    return out + ((n * rows + row0 + oh * row_step) * cols + col0 + ow * col_step) * C;
+  }
 };
 
 // Forward (and fused ReLU): items are (image, output row, channel block). by_tap: the weights already in
@@ -337,20 +347,18 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
           ++cols;
         }
         const int64_t out_step = to.row_step * to.cols * C;
-        const int64_t parts = engine::ceil_div(nv, int64_t(kDwRowVectors));
-        for (int64_t part = 0, v0 = 0; part < parts; ++part) {
-          const int64_t tv = nv / parts + (part < nv % parts);
+        const EvenSplit parts(nv, kDwRowVectors);
+        for (int64_t part = 0; part < parts.count; ++part) {
+          const int64_t v0 = parts.first(part), tv = parts.size(part);
           const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
           for (int64_t t = 0; t < cols * KH; ++t) tile_w[t] = row_w[t] + 16 * v0;
           for (int64_t oh = row_lo; oh < row_hi; oh += kDwRowPixels) {
             const int64_t npx = std::min<int64_t>(kDwRowPixels, row_hi - oh);
-            float* o = out + ((n * to.rows + to.row0 + oh * to.row_step) * to.cols + to.col0 + ow * to.col_step) * C +
-                       c0 + 16 * v0;
+            float* o = to.pixel(out, n, oh, ow, C) + c0 + 16 * v0;
             (*col_tiles)[tv - 1][npx - 1](image + (oh * sh - p.pad_h) * W * C + 16 * v0, W * C, row_off.data(),
                                           tile_w.data(), cols, tile_bias + c0 + 16 * v0, tile_last, relu, o, out_step,
                                           stream);
           }
-          v0 += tv;
         }
         continue;
       }
@@ -358,7 +366,7 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
       const int64_t c0 = cb.first(b), nv = cb.vectors(b);
       const __mmask16 last = cb.last(b);
       const float* image = input + n * H * W * C + c0;
-      float* orow = out + ((n * to.rows + to.row0 + oh * to.row_step) * to.cols + to.col0) * C + c0;
+      float* orow = to.pixel(out, n, oh, 0, C) + c0;
       // interior columns: tiles of pixels x vectors over the row's taps (the kernel rows inside the input)
       int64_t taps = 0;
       for (int64_t kh = 0; kh < KH; ++kh) {
@@ -376,9 +384,9 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
         for (int64_t r = 0; r < rows; ++r) row_off[r] = tap_off[KW * r];
       }
       const int64_t most_v = by_rows ? kDwRowVectors : kDwTileVectors, most_px = by_rows ? kDwRowPixels : kDwTilePixels;
-      const int64_t parts = engine::ceil_div(nv, most_v);
-      for (int64_t part = 0, v0 = 0; part < parts; ++part) {
-        const int64_t tv = nv / parts + (part < nv % parts);
+      const EvenSplit parts(nv, most_v);
+      for (int64_t part = 0; part < parts.count; ++part) {
+        const int64_t v0 = parts.first(part), tv = parts.size(part);
         const __mmask16 tile_last = v0 + tv == nv ? last : __mmask16(0xFFFF);
         for (int64_t j = 0; j < taps; ++j) tile_w[j] = row_w[j] + 16 * v0;
         const float* tb = tile_bias + c0 + 16 * v0;
@@ -393,7 +401,6 @@ inline void depthwise_forward_channels_last(const float* input, const float* wei
                                  tile_last, relu, o, px_out, stream);
           }
         }
-        v0 += tv;
       }
       if (by_cols && oh >= row_lo && oh < row_hi) continue;  // its border columns are the column items'
       // border columns: each pixel's taps inside the input, all the block's vectors at once
